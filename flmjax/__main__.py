@@ -1,0 +1,5 @@
+import sys
+
+from flmjax.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+from flmjax.model.flm import FLMAudio, Output, abstract, create

@@ -1,0 +1,112 @@
+"""The temporal transformer: 17-stream embedding sum, Qwen2-style GQA decoder, text head.
+
+Layers are stacked on a leading 'layers' axis and run with `jax.lax.scan`, so compile time does
+not grow with depth and the KV cache is one array per tensor kind.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flmjax.config import ModelConfig
+from flmjax.model import layers
+from flmjax.model.params import param, values
+
+LAYER_PARAMS = ('input_norm', 'q', 'q_bias', 'k', 'k_bias', 'v', 'v_bias', 'o', 'post_norm',
+                'gate', 'up', 'down')
+
+Cache = dict  # {'k': [L,B,S,K,H], 'v': [L,B,S,K,H]}; slot s holds position s.
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> Cache:
+  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  dtype = dtype or cfg.compute_dtype
+  return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
+
+
+class Backbone(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    L, D, N, K, H, F = (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
+                        cfg.head_dim, cfg.intermediate_size)
+    C, A, V, dt, std = (cfg.num_codebooks, cfg.audio_vocab_size, cfg.vocab_size,
+                        cfg.weight_dtype, cfg.initializer_range)
+    p = lambda shape, axes, init='normal': param(rngs, shape, axes, dt, init, std)
+    self.text_embed = p((V, D), ('vocab', 'embed'))
+    self.speak_embed = p((C, A, D), ('codebook', 'audio_vocab', 'embed'))
+    self.listen_embed = p((C, A, D), ('codebook', 'audio_vocab', 'embed'))
+    self.input_norm = p((L, D), ('layers', 'norm'), 'ones')
+    self.q = p((L, D, N, H), ('layers', 'embed', 'q_heads', 'head_dim'))
+    self.q_bias = p((L, N, H), ('layers', 'q_heads', 'head_dim'), 'zeros')
+    self.k = p((L, D, K, H), ('layers', 'embed', 'kv_heads', 'head_dim'))
+    self.k_bias = p((L, K, H), ('layers', 'kv_heads', 'head_dim'), 'zeros')
+    self.v = p((L, D, K, H), ('layers', 'embed', 'kv_heads', 'head_dim'))
+    self.v_bias = p((L, K, H), ('layers', 'kv_heads', 'head_dim'), 'zeros')
+    self.o = p((L, N, H, D), ('layers', 'q_heads', 'head_dim', 'embed'))
+    self.post_norm = p((L, D), ('layers', 'norm'), 'ones')
+    self.gate = p((L, D, F), ('layers', 'embed', 'mlp'))
+    self.up = p((L, D, F), ('layers', 'embed', 'mlp'))
+    self.down = p((L, F, D), ('layers', 'mlp', 'embed'))
+    self.final_norm = p((D,), ('norm',), 'ones')
+    self.lm_head = p((D, V), ('embed', 'vocab'))
+
+  def embed(self, text: jax.Array, speak: jax.Array, listen: jax.Array) -> jax.Array:
+    """text [B,T], speak/listen [B,T,C] -> [B,T,D]: the sum of 1 + 2C embeddings, times muP."""
+    dt = self.cfg.compute_dtype
+    codebooks = jnp.arange(self.cfg.num_codebooks)
+    x = self.text_embed[...][text].astype(dt)
+    x = x + self.speak_embed[...][codebooks, speak].astype(dt).sum(axis=2)
+    x = x + self.listen_embed[...][codebooks, listen].astype(dt).sum(axis=2)
+    return x * jnp.asarray(self.cfg.embed_scale, dt)
+
+  def __call__(self, x: jax.Array, positions: jax.Array, cache: Cache | None = None,
+               remat_policy=None) -> tuple[jax.Array, Cache | None]:
+    """x [B,T,D] embedded frames, positions [B,T] -> final-normed hidden [B,T,D], new cache.
+
+    Without a cache attention is causal over `positions`. With one, the step's keys are written
+    at slots `positions` and every slot s <= position is attended.
+    """
+    cfg = self.cfg
+    stacked = values(self, LAYER_PARAMS, cfg.compute_dtype)
+    cos, sin = layers.rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.compute_dtype)
+    if cache is None:
+      mask = positions[:, None, :] <= positions[:, :, None]  # [B,T,S]
+    else:
+      slots = jnp.arange(cache['k'].shape[2])
+      mask = slots[None, None, :] <= positions[:, :, None]
+
+    def layer(x, xs):
+      p, ck, cv = xs
+      h = layers.rms_norm(x, p['input_norm'], cfg.rms_norm_eps)
+      q = jnp.einsum('BTD,DNH->BTNH', h, p['q']) + p['q_bias']
+      k = jnp.einsum('BTD,DKH->BTKH', h, p['k']) + p['k_bias']
+      v = jnp.einsum('BTD,DKH->BTKH', h, p['v']) + p['v_bias']
+      q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
+      if ck is not None:
+        ck, cv = _write(ck, k, positions), _write(cv, v, positions)
+        k, v = ck, cv
+      att = layers.gqa_attention(q, k, v, mask)
+      x = x + jnp.einsum('BTNH,NHD->BTD', att, p['o'])
+      h = layers.rms_norm(x, p['post_norm'], cfg.rms_norm_eps)
+      x = x + layers.swiglu(h, p['gate'], p['up'], p['down'])
+      return x, (ck, cv)
+
+    if remat_policy is not None:
+      layer = jax.checkpoint(layer, policy=remat_policy, prevent_cse=False)
+    xs = (stacked, None, None) if cache is None else (stacked, cache['k'], cache['v'])
+    x, (ck, cv) = jax.lax.scan(layer, x.astype(cfg.compute_dtype), xs)
+    h = layers.rms_norm(x, self.final_norm[...].astype(cfg.compute_dtype), cfg.rms_norm_eps)
+    return h, (None if cache is None else {'k': ck, 'v': cv})
+
+  def text_logits(self, h: jax.Array) -> jax.Array:
+    """h [B,T,D] -> [B,T,V], with the muP output scale."""
+    logits = jnp.einsum('BTD,DV->BTV', h, self.lm_head[...].astype(h.dtype))
+    return logits * jnp.asarray(self.cfg.text_logit_scale, logits.dtype)
+
+
+def _write(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
+  """cache [B,S,K,H], new [B,T,K,H] written at slots positions[b, 0] .. +T."""
+  return jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice_in_dim(c, u, i, axis=0))(
+      cache, new.astype(cache.dtype), positions[:, 0])

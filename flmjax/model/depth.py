@@ -1,0 +1,128 @@
+"""The depth transformer ("DepthGPT"): emits a frame's C speech codebooks one after another.
+
+Step c reads `wtes[c](prev) + wpe[c] + linear_in(h)[c]`, where prev is EMP at c = 0 and the code
+of codebook c-1 otherwise. Every step has its own SwiGLU MLP and output head.
+Shape letters: N rows (B*T or B), C codebooks, d depth dim, h heads, e head dim, f MLP dim, A audio
+vocab.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flmjax.config import ModelConfig
+from flmjax.model import layers
+from flmjax.model.params import param, values
+
+LAYER_PARAMS = ('ln_1', 'qkv', 'proj', 'ln_2', 'gate', 'up', 'down')
+
+
+def init_cache(cfg: ModelConfig, batch: int, dtype=None) -> dict:
+  """KV cache over the C depth positions: {'k','v'}: [Ld, B, C, h, e]."""
+  shape = (cfg.depth_layers, batch, cfg.num_codebooks, cfg.depth_heads, cfg.depth_head_dim)
+  dtype = dtype or cfg.compute_dtype
+  return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
+
+
+def layer_step(p: dict, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, c: jax.Array,
+               eps: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One depth layer at position c for B rows, with a KV cache over the C positions.
+
+  p: one layer's params ('ln_1' [d], 'qkv' [d,3,h,e], 'proj' [h,e,d], 'ln_2' [d],
+  'gate'/'up' [C,d,f], 'down' [C,f,d]); x [B,d]; k_cache/v_cache [B,C,h,e]; c scalar int.
+  Returns (x [B,d], k_cache, v_cache). This is the reference the Pallas kernel must match.
+  """
+  h = layers.rms_norm(x, p['ln_1'], eps)
+  q, k, v = jnp.einsum('Bd,dshe->sBhe', h, p['qkv'])  # each [B,h,e]
+  k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k[:, None].astype(k_cache.dtype), c, 1)
+  v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v[:, None].astype(v_cache.dtype), c, 1)
+  logits = jnp.einsum('Bhe,BChe->BhC', q, k_cache).astype(jnp.float32) * (q.shape[-1] ** -0.5)
+  visible = jnp.arange(k_cache.shape[1]) <= c
+  logits = jnp.where(visible[None, None, :], logits, -1e30)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v_cache.dtype)
+  att = jnp.einsum('BhC,BChe->Bhe', probs, v_cache)
+  x = x + jnp.einsum('Bhe,hed->Bd', att, p['proj'])
+  h = layers.rms_norm(x, p['ln_2'], eps)
+  mlp = lambda w: jax.lax.dynamic_index_in_dim(w, c, 0, keepdims=False)
+  x = x + layers.swiglu(h, mlp(p['gate']), mlp(p['up']), mlp(p['down']))
+  return x, k_cache, v_cache
+
+
+class DepthTransformer(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    L, C, D, d, h, e, f, A = (cfg.depth_layers, cfg.num_codebooks, cfg.hidden_size, cfg.depth_dim,
+                              cfg.depth_heads, cfg.depth_head_dim, cfg.depth_mlp_dim,
+                              cfg.audio_vocab_size)
+    p = lambda shape, axes, init='normal': param(rngs, shape, axes, cfg.weight_dtype, init,
+                                                 cfg.initializer_range)
+    self.linear_in = p((D, C, d), ('embed', 'codebook', 'depth_embed'))
+    self.wtes = p((C, A, d), ('codebook', 'audio_vocab', 'depth_embed'))
+    self.wpe = p((C, d), ('codebook', 'depth_embed'))
+    self.ln_1 = p((L, d), ('layers', 'norm'), 'ones')
+    self.qkv = p((L, d, 3, h, e), ('layers', 'depth_embed', 'qkv', 'depth_heads', 'head_dim'))
+    self.proj = p((L, h, e, d), ('layers', 'depth_heads', 'head_dim', 'depth_embed'))
+    self.ln_2 = p((L, d), ('layers', 'norm'), 'ones')
+    self.gate = p((L, C, d, f), ('layers', 'codebook', 'depth_embed', 'depth_mlp'))
+    self.up = p((L, C, d, f), ('layers', 'codebook', 'depth_embed', 'depth_mlp'))
+    self.down = p((L, C, f, d), ('layers', 'codebook', 'depth_mlp', 'depth_embed'))
+    self.ln_f = p((d,), ('norm',), 'ones')
+    self.heads = p((C, d, A), ('codebook', 'depth_embed', 'audio_vocab'))
+
+  def slots(self, h: jax.Array) -> jax.Array:
+    """h [..., D] -> [..., C, d]: slot c conditions depth step c."""
+    return jnp.einsum('...D,DCd->...Cd', h, self.linear_in[...].astype(h.dtype))
+
+  def __call__(self, h: jax.Array, prev: jax.Array, remat_policy=None) -> jax.Array:
+    """Teacher-forced: h [B,T,D], prev [B,T,C-1] (codes of codebooks 0..C-2) -> [B,T,C,A]."""
+    cfg, dt = self.cfg, h.dtype
+    b, t, _ = h.shape
+    C = cfg.num_codebooks
+    tokens = jnp.concatenate([jnp.full((b, t, 1), cfg.audio_emp_id, prev.dtype), prev], axis=-1)
+    x = self.wtes[...][jnp.arange(C), tokens].astype(dt) + self.wpe[...].astype(dt)
+    x = (x + self.slots(h)).reshape(b * t, C, cfg.depth_dim)  # [N,C,d]
+    causal = jnp.tril(jnp.ones((C, C), bool))
+
+    def layer(x, p):
+      y = layers.rms_norm(x, p['ln_1'], cfg.depth_rms_eps)
+      q, k, v = jnp.einsum('NCd,dshe->sNChe', y, p['qkv'])
+      logits = jnp.einsum('NChe,NKhe->NhCK', q, k).astype(jnp.float32) * (q.shape[-1] ** -0.5)
+      logits = jnp.where(causal, logits, -1e30)
+      probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+      att = jnp.einsum('NhCK,NKhe->NChe', probs, v)
+      x = x + jnp.einsum('NChe,hed->NCd', att, p['proj'])
+      y = layers.rms_norm(x, p['ln_2'], cfg.depth_rms_eps)
+      g = jnp.einsum('NCd,Cdf->NCf', y, p['gate'])
+      u = jnp.einsum('NCd,Cdf->NCf', y, p['up'])
+      return x + jnp.einsum('NCf,Cfd->NCd', jax.nn.silu(g) * u, p['down']), None
+
+    if remat_policy is not None:
+      layer = jax.checkpoint(layer, policy=remat_policy, prevent_cse=False)
+    x, _ = jax.lax.scan(layer, x, values(self, LAYER_PARAMS, dt))
+    x = layers.rms_norm(x, self.ln_f[...].astype(dt), cfg.depth_rms_eps)
+    logits = jnp.einsum('NCd,CdA->NCA', x, self.heads[...].astype(dt))
+    return logits.reshape(b, t, C, cfg.audio_vocab_size)
+
+  def step(self, slots: jax.Array, prev: jax.Array, c: jax.Array, cache: dict,
+           layer_fn=layer_step) -> tuple[jax.Array, dict]:
+    """One depth position for B rows: slots [B,C,d], prev [B] -> logits [B,A], new cache.
+
+    `layer_fn` has `layer_step`'s signature; the decoder passes a Pallas kernel here.
+    """
+    cfg = self.cfg
+    dt = slots.dtype
+    emb = jax.lax.dynamic_index_in_dim(self.wtes[...], c, 0, keepdims=False)[prev].astype(dt)
+    pos = jax.lax.dynamic_index_in_dim(self.wpe[...], c, 0, keepdims=False).astype(dt)
+    x = emb + pos + jax.lax.dynamic_index_in_dim(slots, c, 1, keepdims=False)
+
+    def layer(x, xs):
+      p, ck, cv = xs
+      x, ck, cv = layer_fn(p, x, ck, cv, c, cfg.depth_rms_eps)
+      return x, (ck, cv)
+
+    x, (ck, cv) = jax.lax.scan(layer, x, (values(self, LAYER_PARAMS, dt), cache['k'], cache['v']))
+    x = layers.rms_norm(x, self.ln_f[...].astype(dt), cfg.depth_rms_eps)
+    head = jax.lax.dynamic_index_in_dim(self.heads[...], c, 0, keepdims=False).astype(dt)
+    return jnp.einsum('Bd,dA->BA', x, head), {'k': ck, 'v': cv}

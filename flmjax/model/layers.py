@@ -1,0 +1,55 @@
+"""Pure functions shared by the model, the decoder and the kernels' references.
+
+Shape letters: B batch, T query time, S key time, D model dim, N query heads, K KV heads,
+G = N // K, H head dim, F MLP dim, C codebooks, V vocab.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_NEG_INF = -1e30  # finite, so fully masked rows stay NaN-free
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+  """x [..., D]. Normalised in float32, cast back, then scaled (the official order)."""
+  xf = x.astype(jnp.float32)
+  y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return y.astype(x.dtype) * weight.astype(x.dtype)
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float, dtype) -> tuple[jax.Array, jax.Array]:
+  """positions [B, T] -> cos, sin [B, T, H]; computed in float32, rotate-half layout."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """x [B, T, heads, H]; cos/sin [B, T, H]. The first half pairs with the second half."""
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """q [B,T,N,H], k/v [B,S,K,H], mask [B,T,S] (True = attend) -> [B,T,N,H].
+
+  Query head n reads KV head n // G, as HF's repeat_kv does. Softmax in float32.
+  """
+  b, t, n, h = q.shape
+  kv = k.shape[2]
+  q = q.reshape(b, t, kv, n // kv, h)
+  logits = jnp.einsum('BTKGH,BSKH->BKGTS', q, k).astype(jnp.float32) * (h ** -0.5)
+  logits = jnp.where(mask[:, None, None, :, :], logits, _NEG_INF)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum('BKGTS,BSKH->BTKGH', probs, v)
+  return out.reshape(b, t, n, h)
+
+
+def swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
+  """x [..., D], gate/up [D, F], down [F, D]: down(silu(gate x) * up x)."""
+  g = jnp.einsum('...D,DF->...F', x, gate)
+  u = jnp.einsum('...D,DF->...F', x, up)
+  return jnp.einsum('...F,FD->...D', jax.nn.silu(g) * u, down)
