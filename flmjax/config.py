@@ -99,6 +99,19 @@ class ModelConfig:
     return max(self.delays)
 
   @property
+  def grid_offsets(self) -> tuple[int, ...]:
+    """Column of frame 0 per channel on the delayed grid: frame f of channel c sits at column
+    f + grid_offsets[c].
+
+    The model's own channels (text, speak) carry one more column than their delay: what the
+    hidden state at column j predicts is written at j+1, after the initial column. The user's
+    channels are written at (offset + delay), as the official LMGen does, so the model hears the
+    user's frame f while it predicts its own frame f.
+    """
+    own = 1 + self.num_codebooks
+    return tuple(d + (1 if c < own else 0) for c, d in enumerate(self.delays))
+
+  @property
   def depth_head_dim(self) -> int:
     return self.depth_dim // self.depth_heads
 
