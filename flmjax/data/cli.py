@@ -1,0 +1,53 @@
+"""`flmjax data ...`: prepare a manifest into ArrayRecord shards, or write the synthetic corpus."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog='flmjax data')
+  sub = p.add_subparsers(dest='command', required=True)
+  prep = sub.add_parser('prepare', help='manifest (JSONL) -> ArrayRecord shards + summary.json')
+  prep.add_argument('manifest')
+  prep.add_argument('out_dir')
+  prep.add_argument('--tokenizer', required=True, help='SentencePiece .model or tokenizer.json')
+  prep.add_argument('--codec', choices=('none', 'toy'), default='none',
+                    help='codec for "audio" lines (Mimi in JAX is future work; "toy" reads the '
+                         'synthetic corpus\'s ToyCodec audio)')
+  prep.add_argument('--strict', action='store_true', help='stop at the first bad line')
+  prep.add_argument('--records-per-shard', type=int, default=4096)
+  prep.add_argument('--no-progress', action='store_true')
+  syn = sub.add_parser('synth', help='write the embedded synthetic corpus (manifests + codes)')
+  syn.add_argument('out_dir')
+  syn.add_argument('--seed', type=int, default=0)
+  syn.add_argument('--num-tts-asr', type=int, default=400)
+  syn.add_argument('--num-duplex', type=int, default=400)
+  syn.add_argument('--num-heldout', type=int, default=64)
+  syn.add_argument('--audio', action='store_true', help='write ToyCodec wav files, not .npy codes')
+  return p
+
+
+def main(argv: list[str]) -> int:
+  args = _parser().parse_args(argv)
+  if args.command == 'synth':
+    from flmjax.data import synthetic
+    paths = synthetic.generate(args.out_dir, seed=args.seed, num_tts_asr=args.num_tts_asr,
+                               num_duplex=args.num_duplex, num_heldout=args.num_heldout,
+                               write_audio=args.audio)
+    for name, path in paths.items():
+      print(f'{name}: {path}')
+    return 0
+  from flmjax.data.codec import ToyCodec
+  from flmjax.data.manifest import ManifestError
+  from flmjax.data.prepare import format_summary, prepare
+  from flmjax.data.tokenizer import load_tokenizer
+  try:
+    summary = prepare(args.manifest, args.out_dir, load_tokenizer(args.tokenizer),
+                      codec=ToyCodec() if args.codec == 'toy' else None, strict=args.strict,
+                      records_per_shard=args.records_per_shard, progress=not args.no_progress)
+  except (ManifestError, OSError, ValueError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  print(format_summary(summary))
+  return 0

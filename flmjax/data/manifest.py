@@ -1,0 +1,192 @@
+"""The dataset manifest (JSONL) and its validation. The format is documented in README "Data".
+
+One line per conversation (`duplex`) or single-speaker utterance (`tts_asr`):
+  {"id": "d0001", "kind": "duplex", "sample_rate": 24000,
+   "audio": "wav/d0001.wav",                       # stereo: ch 0 model, ch 1 user
+   "codes": {"model": "c/m.npy", "user": "c/u.npy"},  # or precomputed codes [n_codebooks, frames]
+   "segments": [{"speaker": "user", "start": 0.4, "end": 1.6, "text": "what is two plus three"}]}
+Exactly one of "audio" / "codes". Paths are relative to the manifest's folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Iterator
+
+import numpy as np
+
+from flmjax.data import audio as audio_lib
+from flmjax.data.codec import CODEBOOK_SIZE, FRAME_SIZE, NUM_CODEBOOKS, SAMPLE_RATE, Codec
+
+KINDS = ('tts_asr', 'duplex')
+SPEAKERS = ('model', 'user')
+FRAME_RATE = SAMPLE_RATE / FRAME_SIZE  # 12.5 Hz
+
+
+class ManifestError(ValueError):
+  """A manifest line is bad; the message names the file and line. `reason` is a short category."""
+
+  def __init__(self, where: str, message: str, reason: str):
+    super().__init__(f'{where}: {message}')
+    self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+  speaker: str
+  start: float  # seconds
+  end: float  # seconds, exclusive
+  text: str
+
+  @property
+  def start_frame(self) -> int:
+    return int(round(self.start * FRAME_RATE))
+
+  @property
+  def end_frame(self) -> int:
+    return int(round(self.end * FRAME_RATE))
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  where: str  # "path:line" for messages
+  id: str
+  kind: str
+  sample_rate: int | None
+  audio: str | None  # absolute path
+  codes: dict[str, str] | None  # speaker -> absolute .npy path
+  segments: tuple[Segment, ...]
+
+  @property
+  def speakers(self) -> tuple[str, ...]:
+    return tuple(sorted({s.speaker for s in self.segments}))
+
+
+def _need(ok: bool, where: str, message: str, reason: str):
+  if not ok:
+    raise ManifestError(where, message, reason)
+
+
+def parse_line(text: str, where: str, base_dir: str) -> Entry:
+  """Parses one JSONL line; raises ManifestError naming `where` ("file:line")."""
+  try:
+    obj = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ManifestError(where, f'not valid JSON ({e.msg} at column {e.colno})', 'bad_json') from e
+  _need(isinstance(obj, dict), where, 'a line must be a JSON object', 'bad_json')
+  missing = [k for k in ('id', 'kind', 'segments') if k not in obj]
+  _need(not missing, where, f'missing field(s) {missing}', 'missing_field')
+  _need(('audio' in obj) != ('codes' in obj), where,
+        'give exactly one of "audio" (a file) or "codes" (precomputed .npy per speaker)',
+        'missing_field')
+  kind = obj['kind']
+  _need(kind in KINDS, where, f'field "kind" is {kind!r}; use one of {list(KINDS)}', 'bad_field')
+  rate = obj.get('sample_rate')
+  if 'audio' in obj:
+    _need('sample_rate' in obj, where, 'missing field(s) [\'sample_rate\']', 'missing_field')
+  _need(rate is None or (isinstance(rate, int) and rate > 0), where,
+        f'field "sample_rate" is {rate!r}; need a positive integer (Hz)', 'bad_field')
+  _need(isinstance(obj['segments'], list) and obj['segments'], where,
+        'field "segments" must be a non-empty list', 'bad_field')
+  segments = []
+  for i, seg in enumerate(obj['segments']):
+    at = f'{where}: segment {i}'
+    _need(isinstance(seg, dict), at, 'must be an object', 'bad_field')
+    miss = [k for k in ('speaker', 'start', 'end', 'text') if k not in seg]
+    _need(not miss, at, f'missing field(s) {miss}', 'missing_field')
+    _need(seg['speaker'] in SPEAKERS, at,
+          f'speaker {seg["speaker"]!r} is not one of {list(SPEAKERS)}', 'bad_field')
+    _need(all(isinstance(seg[k], (int, float)) for k in ('start', 'end')), at,
+          'start and end must be numbers (seconds)', 'bad_field')
+    _need(isinstance(seg['text'], str) and seg['text'].strip() != '', at, 'empty text',
+          'empty_text')
+    segments.append(Segment(seg['speaker'], float(seg['start']), float(seg['end']), seg['text']))
+  audio = codes = None
+  if 'audio' in obj:
+    _need(isinstance(obj['audio'], str), where, 'field "audio" must be a path', 'bad_field')
+    audio = os.path.join(base_dir, obj['audio'])
+  else:
+    _need(isinstance(obj['codes'], dict) and obj['codes'] and set(obj['codes']) <= set(SPEAKERS),
+          where, f'field "codes" must map speakers {list(SPEAKERS)} to .npy paths', 'bad_field')
+    codes = {k: os.path.join(base_dir, v) for k, v in obj['codes'].items()}
+  entry = Entry(where, str(obj['id']), kind, rate, audio, codes, tuple(segments))
+  if kind == 'tts_asr':
+    _need(len(entry.speakers) == 1, where,
+          f'a tts_asr sample has one speaker; segments name {list(entry.speakers)}', 'bad_field')
+  return entry
+
+
+def read_manifest(path: str | os.PathLike) -> Iterator[Entry | ManifestError]:
+  """Yields one Entry, or the ManifestError that rejects it, per non-blank line."""
+  path = str(path)
+  base = os.path.dirname(os.path.abspath(path))
+  with open(path, encoding='utf-8') as f:
+    for n, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        yield parse_line(line, f'{path}:{n}', base)
+      except ManifestError as e:
+        yield e
+
+
+def _check_codes(codes: Any, where: str, name: str) -> np.ndarray:
+  _need(isinstance(codes, np.ndarray) and codes.ndim == 2 and codes.shape[0] >= NUM_CODEBOOKS,
+        where, f'codes {name!r} must be [n_codebooks >= {NUM_CODEBOOKS}, frames], got '
+        f'{getattr(codes, "shape", type(codes).__name__)}', 'bad_codes')
+  _need(np.issubdtype(codes.dtype, np.integer), where,
+        f'codes {name!r} have dtype {codes.dtype}; need integers', 'bad_codes')
+  codes = codes[:NUM_CODEBOOKS]  # FLM-Audio uses Mimi's first 8 codebooks
+  if codes.size and (codes.min() < 0 or codes.max() >= CODEBOOK_SIZE):
+    bad = codes[(codes < 0) | (codes >= CODEBOOK_SIZE)].ravel()[0]
+    raise ManifestError(where, f'codes {name!r} hold {int(bad)}, outside 0..{CODEBOOK_SIZE - 1}',
+                        'bad_codes')
+  return codes.astype(np.int16)
+
+
+def load_codes(entry: Entry, codec: Codec | None) -> dict[str, np.ndarray]:
+  """The sample's codes per speaker, int16 [8, frames]; a tts_asr sample has its one speaker."""
+  speakers = SPEAKERS if entry.kind == 'duplex' else entry.speakers
+  out = {}
+  if entry.codes is not None:
+    for s in speakers:
+      _need(s in entry.codes, entry.where, f'codes for speaker {s!r} are missing', 'missing_field')
+      try:
+        raw = np.load(entry.codes[s], allow_pickle=False)
+      except Exception as e:
+        raise ManifestError(entry.where, f'cannot read codes {entry.codes[s]!r}: {e}',
+                            'unreadable') from e
+      out[s] = _check_codes(raw, entry.where, entry.codes[s])
+  else:
+    _need(codec is not None, entry.where,
+          'audio needs a codec (Mimi in JAX is future work: give precomputed "codes")', 'no_codec')
+    try:
+      wave = audio_lib.read_audio(entry.audio, sample_rate=entry.sample_rate,
+                                  channels=len(speakers), target_rate=codec.sample_rate)
+    except audio_lib.AudioError as e:
+      reason = 'unreadable' if 'cannot read' in str(e) else 'bad_audio_format'
+      raise ManifestError(entry.where, str(e), reason) from e
+    for s, channel in zip(speakers, wave):  # duplex: ch 0 model, ch 1 user
+      out[s] = _check_codes(codec.encode(channel), entry.where, f'{entry.audio}[{s}]')
+  frames = {s: c.shape[1] for s, c in out.items()}
+  _need(len(set(frames.values())) == 1, entry.where,
+        f'speakers have different numbers of frames: {frames}', 'bad_codes')
+  return out
+
+
+def check_segments(entry: Entry, num_frames: int):
+  """Segments must be forward, inside the audio, and not overlap within a speaker."""
+  duration = num_frames / FRAME_RATE
+  for i, s in enumerate(entry.segments):
+    at = f'{entry.where}: segment {i}'
+    _need(s.end > s.start, at, f'reversed or empty: start {s.start} s, end {s.end} s',
+          'bad_segment')
+    _need(s.start >= 0 and s.end_frame <= num_frames, at,
+          f'[{s.start}, {s.end}] s lies outside the audio (0 to {duration:.2f} s)', 'bad_segment')
+  for speaker in SPEAKERS:
+    own = sorted((s.start, s.end, i) for i, s in enumerate(entry.segments) if s.speaker == speaker)
+    for (_, end_a, i), (start_b, _, j) in zip(own, own[1:]):
+      _need(start_b >= end_a, entry.where,
+            f'segments {i} and {j} of speaker {speaker!r} overlap ({start_b} s < {end_a} s)',
+            'bad_segment')

@@ -1,0 +1,179 @@
+"""The embedded synthetic corpus: a toy spoken language that trains and is judged on CPU offline.
+
+- Language: number words zero..twenty and a few others. Questions ("what is two plus three",
+  "what comes after nine") have one right answer ("it is five"): answering needs the question's
+  audio, so a model has to listen.
+- Toy speech: each word is 2-4 frames of semantic codes fixed per word; acoustic codes depend on
+  word, speaker and per-frame noise. Silence has its own codes. Codes lie in 0..2047.
+- Samples: single-speaker tts_asr utterances and duplex conversations (user asks, model answers
+  after a short gap), written in the manifest format with `.npy` codes (or, with write_audio, as
+  ToyCodec wav files), so they take exactly the real data's code path.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from flmjax.data.codec import CODEBOOK_SIZE, FRAME_SIZE, NUM_CODEBOOKS, SAMPLE_RATE, ToyCodec
+from flmjax.data.tokenizer import train_sentencepiece
+
+NUMBERS = ('zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen '
+           'fifteen sixteen seventeen eighteen nineteen twenty').split()
+FILLERS = ('hello there', 'good morning', 'thank you', 'i think so', 'okay', 'yes', 'no',
+           'the answer is easy', 'ask me a question', 'that is right')
+WORDS = tuple(sorted(set(NUMBERS) | set('what is plus minus comes after before it'.split()) |
+                     {w for s in FILLERS for w in s.split()}))
+MODEL_SPEAKER = 0  # the model speaks with one voice; users and tts_asr speakers vary
+NUM_SPEAKERS = 4
+FRAME_RATE = SAMPLE_RATE / FRAME_SIZE
+MAX_TEXT_ID = 316  # tiny config: BOS 316, WAIT 317, EOS 318 lie above the tokenizer's ids
+
+
+class ToySpeech:
+  """Deterministic word -> codes [8, frames]; fixed for every corpus seed (it is "the codec")."""
+
+  def __init__(self):
+    rng = np.random.default_rng(20250902)
+    n = len(WORDS) + 1  # the last entry is silence
+    self.lengths = rng.integers(2, 5, size=n)  # frames per word, 2..4
+    self.lengths[-1] = 1
+    self.semantic = rng.choice(np.arange(1, CODEBOOK_SIZE), size=(n, 4), replace=False)  # [n, 4]
+    self.acoustic = rng.integers(0, CODEBOOK_SIZE, size=(n, 4, NUM_CODEBOOKS - 1))  # [n, 4, 7]
+    self.voice = rng.integers(0, CODEBOOK_SIZE, size=(NUM_SPEAKERS, NUM_CODEBOOKS - 1))  # [S, 7]
+    self.index = {w: i for i, w in enumerate(WORDS)}
+
+  def _frames(self, units: list[tuple[int, int]], speaker: int, rng) -> np.ndarray:
+    """units: (word index, frame within word) per frame -> int32 [8, F]."""
+    w, i = np.array(units, np.int64).reshape(-1, 2).T
+    noise = rng.integers(-3, 4, size=(len(w), NUM_CODEBOOKS - 1))  # [F, 7]
+    acoustic = (self.acoustic[w, i] + self.voice[speaker] + noise) % CODEBOOK_SIZE  # [F, 7]
+    return np.concatenate([self.semantic[w, i][:, None], acoustic], 1).T.astype(np.int32)
+
+  def speak(self, text: str, speaker: int, rng) -> np.ndarray:
+    units = [(self.index[w], i) for w in text.split() for i in range(self.lengths[self.index[w]])]
+    return self._frames(units, speaker, rng)
+
+  def silence(self, num_frames: int, speaker: int, rng) -> np.ndarray:
+    return self._frames([(len(WORDS), 0)] * num_frames, speaker, rng)
+
+
+def question_answer(rng) -> tuple[str, str]:
+  """One question and its only right answer."""
+  kind = rng.integers(4)
+  if kind == 0:
+    a = int(rng.integers(0, 11)); b = int(rng.integers(0, 11))
+    return f'what is {NUMBERS[a]} plus {NUMBERS[b]}', f'it is {NUMBERS[a + b]}'
+  if kind == 1:
+    a = int(rng.integers(0, 21)); b = int(rng.integers(0, a + 1))
+    return f'what is {NUMBERS[a]} minus {NUMBERS[b]}', f'it is {NUMBERS[a - b]}'
+  if kind == 2:
+    a = int(rng.integers(0, 20))
+    return f'what comes after {NUMBERS[a]}', f'it is {NUMBERS[a + 1]}'
+  a = int(rng.integers(1, 21))
+  return f'what comes before {NUMBERS[a]}', f'it is {NUMBERS[a - 1]}'
+
+
+def _seconds(frame: int) -> float:
+  return round(frame / FRAME_RATE, 4)
+
+
+class _Track:
+  """Builds one sample's codes per speaker frame by frame, with sentence segments."""
+
+  def __init__(self, speech: ToySpeech, voices: dict[str, int], rng):
+    self.speech, self.voices, self.rng = speech, voices, rng
+    self.parts = {s: [] for s in voices}
+    self.segments, self.frames = [], 0
+
+  def pause(self, n: int):
+    for s, v in self.voices.items():
+      self.parts[s].append(self.speech.silence(n, v, self.rng))
+    self.frames += n
+
+  def say(self, speaker: str, text: str):
+    codes = self.speech.speak(text, self.voices[speaker], self.rng)  # [8, n]
+    n = codes.shape[1]
+    for s, v in self.voices.items():
+      self.parts[s].append(codes if s == speaker else self.speech.silence(n, v, self.rng))
+    self.segments.append({'speaker': speaker, 'start': _seconds(self.frames),
+                          'end': _seconds(self.frames + n), 'text': text})
+    self.frames += n
+
+  def codes(self) -> dict[str, np.ndarray]:
+    return {s: np.concatenate(p, axis=1) for s, p in self.parts.items()}
+
+
+def tts_asr_sample(speech: ToySpeech, rng) -> _Track:
+  track = _Track(speech, {'model': int(rng.integers(NUM_SPEAKERS))}, rng)
+  track.pause(int(rng.integers(1, 4)))
+  for k in range(int(rng.integers(1, 3))):
+    if k:
+      track.pause(int(rng.integers(2, 5)))
+    q, a = question_answer(rng)
+    track.say('model', [q, a, FILLERS[rng.integers(len(FILLERS))]][rng.integers(3)])
+  track.pause(12)  # room for a trailing (ASR-style) monologue
+  return track
+
+
+def duplex_sample(speech: ToySpeech, rng) -> _Track:
+  voices = {'model': MODEL_SPEAKER, 'user': int(rng.integers(1, NUM_SPEAKERS))}
+  track = _Track(speech, voices, rng)
+  track.pause(int(rng.integers(1, 4)))
+  for _ in range(int(rng.integers(1, 3))):
+    q, a = question_answer(rng)
+    track.say('user', q)
+    track.pause(int(rng.integers(2, 5)))  # the model answers after a short gap
+    track.say('model', a)
+    track.pause(int(rng.integers(3, 6)))
+  return track
+
+
+def _write(out_dir: str, name: str, kind: str, tracks: list[_Track], write_audio: bool,
+           codec: ToyCodec) -> str:
+  os.makedirs(os.path.join(out_dir, 'codes'), exist_ok=True)
+  path = os.path.join(out_dir, f'{name}.jsonl')
+  with open(path, 'w') as f:
+    for n, track in enumerate(tracks):
+      sid = f'{name}_{n:05d}'
+      line = {'id': sid, 'kind': kind, 'sample_rate': SAMPLE_RATE}
+      codes = track.codes()
+      if write_audio:
+        import soundfile
+        wave = np.stack([codec.decode(c) for c in codes.values()], axis=1)  # [S, C]
+        line['audio'] = f'codes/{sid}.wav'
+        soundfile.write(os.path.join(out_dir, line['audio']), wave, SAMPLE_RATE, subtype='FLOAT')
+      else:
+        line['codes'] = {}
+        for s, c in codes.items():
+          line['codes'][s] = f'codes/{sid}_{s}.npy'
+          np.save(os.path.join(out_dir, line['codes'][s]), c.astype(np.int16))
+      line['segments'] = track.segments
+      f.write(json.dumps(line) + '\n')
+  return path
+
+
+def generate(out_dir: str, *, seed: int = 0, num_tts_asr: int = 400, num_duplex: int = 400,
+             num_heldout: int = 64, write_audio: bool = False, vocab_size: int = 200) -> dict:
+  """Writes the corpus (manifests, codes, tokenizer.model) under out_dir; returns their paths."""
+  os.makedirs(out_dir, exist_ok=True)
+  rng = np.random.default_rng(seed)
+  speech, codec = ToySpeech(), ToyCodec()
+  make = {'tts_asr': tts_asr_sample, 'duplex': duplex_sample}
+  splits = {'tts_asr': ('tts_asr', num_tts_asr), 'duplex': ('duplex', num_duplex),
+            'heldout_tts_asr': ('tts_asr', num_heldout), 'heldout_duplex': ('duplex', num_heldout)}
+  splits = {name: (kind, [make[kind](speech, rng) for _ in range(n)])
+            for name, (kind, n) in splits.items()}
+  # the tokenizer learns from the training splits only (plus every word once, for coverage)
+  texts = [' '.join(WORDS)] + [s['text'] for name, (_, tracks) in splits.items()
+                               if not name.startswith('heldout')
+                               for t in tracks for s in t.segments]
+  paths = {'out_dir': out_dir, 'tokenizer': os.path.join(out_dir, 'tokenizer.model')}
+  tok = train_sentencepiece(texts, paths['tokenizer'], vocab_size)
+  if tok.vocab_size > MAX_TEXT_ID:
+    raise ValueError(f'synthetic tokenizer has {tok.vocab_size} ids; the tiny config allows '
+                     f'{MAX_TEXT_ID}')
+  for name, (kind, tracks) in splits.items():
+    paths[name] = _write(out_dir, name, kind, tracks, write_audio, codec)
+  return paths

@@ -1,0 +1,168 @@
+"""The embedded synthetic corpus, its tokenizer and the toy codec."""
+import json
+import os
+
+import numpy as np
+import pytest
+import soundfile
+
+from flmjax.data import cli, synthetic
+from flmjax.data import manifest as mf
+from flmjax.data.codec import ToyCodec
+from flmjax.data.monologue import layout_monologue
+from flmjax.data.prepare import prepare
+from flmjax.data.records import read_all
+from flmjax.data.tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer
+
+N = synthetic.NUMBERS
+
+
+@pytest.fixture(scope='module')
+def corpus(tmp_path_factory):
+  return synthetic.generate(str(tmp_path_factory.mktemp('syn')), seed=3, num_tts_asr=40,
+                            num_duplex=40, num_heldout=8)
+
+
+def entries(path):
+  out = list(mf.read_manifest(path))
+  assert not [e for e in out if isinstance(e, mf.ManifestError)]
+  return out
+
+
+def test_generation_is_deterministic(corpus, tmp_path):
+  again = synthetic.generate(str(tmp_path / 'a'), seed=3, num_tts_asr=40, num_duplex=40,
+                             num_heldout=8)
+  for name in ('tts_asr', 'duplex', 'heldout_duplex', 'tokenizer'):
+    with open(corpus[name], 'rb') as f, open(again[name], 'rb') as g:
+      assert f.read() == g.read(), name
+  e1, e2 = entries(corpus['duplex'])[5], entries(again['duplex'])[5]
+  np.testing.assert_array_equal(np.load(e1.codes['user']), np.load(e2.codes['user']))
+  other = synthetic.generate(str(tmp_path / 'b'), seed=4, num_tts_asr=4, num_duplex=4,
+                             num_heldout=1)
+  assert open(other['duplex']).readline() != open(corpus['duplex']).readline()
+
+
+def test_tokenizer_fits_tiny_and_round_trips(corpus):
+  tok = load_tokenizer(corpus['tokenizer'])
+  assert isinstance(tok, SentencePieceTokenizer) and tok.vocab_size <= synthetic.MAX_TEXT_ID
+  for name in ('tts_asr', 'duplex', 'heldout_duplex', 'heldout_tts_asr'):
+    for e in entries(corpus[name]):
+      for s in e.segments:
+        ids = tok.encode(s.text)
+        assert ids and max(ids) < synthetic.MAX_TEXT_ID and 0 not in ids  # 0 is unk
+        assert tok.decode(ids) == s.text
+  # one token per word keeps every sentence's text shorter than its speech
+  assert [len(tok.encode(w)) for w in synthetic.WORDS] == [1] * len(synthetic.WORDS)
+
+
+def _answer(question: str) -> str:
+  w = question.split()
+  if w[1] == 'comes':
+    return N[N.index(w[3]) + (1 if w[2] == 'after' else -1)]
+  a, b = N.index(w[2]), N.index(w[4])
+  return N[a + b if w[3] == 'plus' else a - b]
+
+
+def test_duplex_answers_need_the_question_audio(corpus):
+  speech = synthetic.ToySpeech()
+  silence = speech.semantic[-1, 0]
+  by_question = {}
+  for e in entries(corpus['duplex']):
+    codes = {s: np.load(p) for s, p in e.codes.items()}
+    assert all(c.min() >= 0 and c.max() < 2048 for c in codes.values())
+    segs = e.segments
+    assert [s.speaker for s in segs] == ['user', 'model'] * (len(segs) // 2)
+    for q, a in zip(segs[::2], segs[1::2]):
+      assert a.text == f'it is {_answer(q.text)}'
+      assert 2 <= a.start_frame - q.end_frame <= 4  # the model answers after a short gap
+      # the model is silent while the user asks: the answer's only source is the listen stream
+      assert (codes['model'][0, q.start_frame:q.end_frame] == silence).all()
+      user_sem = codes['user'][0, q.start_frame:q.end_frame]
+      by_question.setdefault(q.text, set()).add(user_sem.tobytes())
+  # one question -> one semantic sequence (any voice); different questions sound different
+  assert all(len(v) == 1 for v in by_question.values())
+  sems = [next(iter(v)) for v in by_question.values()]
+  assert len(set(sems)) == len(sems) > 20
+
+
+def test_acoustic_codes_depend_on_speaker_and_noise():
+  speech = synthetic.ToySpeech()
+  rng = np.random.default_rng(0)
+  a0, a0b, a1 = (speech.speak('what is two', s, rng) for s in (0, 0, 1))
+  np.testing.assert_array_equal(a0[0], a1[0])  # semantic: the word alone
+  assert not np.array_equal(a0[1:], a0b[1:])  # noise
+  assert np.abs((a0[1:] - a0b[1:] + 1024) % 2048 - 1024).max() <= 6  # ... but small
+  assert np.abs((a0[1:] - a1[1:] + 1024) % 2048 - 1024).mean() > 50  # voice
+
+
+def test_tts_asr_has_room_for_a_trailing_monologue(corpus):
+  tok = load_tokenizer(corpus['tokenizer'])
+  for e in entries(corpus['tts_asr']):
+    frames = np.load(e.codes['model']).shape[1]
+    sents = [(s.start_frame, s.end_frame, tok.encode(s.text)) for s in e.segments]
+    for offset in (0, 2):
+      assert layout_monologue(sents, frames, 'trail', offset, 317)[2] == 0
+
+
+def test_audio_manifest_matches_codes_manifest(tmp_path):
+  """ToyCodec wavs (stereo for duplex, one at 16 kHz) prepare to the same records as .npy codes."""
+  kw = dict(seed=7, num_tts_asr=3, num_duplex=3, num_heldout=1)
+  codes = synthetic.generate(str(tmp_path / 'codes'), **kw)
+  audio = synthetic.generate(str(tmp_path / 'audio'), write_audio=True, **kw)
+  tok = load_tokenizer(codes['tokenizer'])
+  # resample one duplex file to 16 kHz and say so in the manifest
+  lines = [json.loads(x) for x in open(audio['duplex'])]
+  wav = os.path.join(audio['out_dir'], lines[0]['audio'])
+  import soxr
+  wave, rate = soundfile.read(wav, dtype='float32')
+  soundfile.write(wav, soxr.resample(wave, rate, 16000), 16000, subtype='FLOAT')
+  lines[0]['sample_rate'] = 16000
+  with open(audio['duplex'], 'w') as f:
+    f.writelines(json.dumps(x) + '\n' for x in lines)
+  for name in ('tts_asr', 'duplex'):
+    prepare(codes[name], str(tmp_path / f'c_{name}'), tok, strict=True, progress=False)
+    prepare(audio[name], str(tmp_path / f'a_{name}'), tok, codec=ToyCodec(), strict=True,
+            progress=False)
+    for rc, ra in zip(read_all(tmp_path / f'c_{name}'), read_all(tmp_path / f'a_{name}')):
+      assert rc.sentences == ra.sentences and rc.codes.keys() == ra.codes.keys()
+      for s in rc.codes:
+        np.testing.assert_array_equal(rc.codes[s], ra.codes[s])
+
+
+def test_toy_codec_round_trip():
+  codec = ToyCodec()
+  codes = np.random.default_rng(1).integers(0, 2048, (8, 12))
+  wave = codec.decode(codes)
+  assert wave.shape == (12 * 1920,) and np.abs(wave).max() < 1
+  np.testing.assert_array_equal(codec.encode(wave), codes)
+  np.testing.assert_array_equal(codec.encode(wave[:-5]), codes[:, :11])  # partial frame dropped
+  with pytest.raises(ValueError, match=r'codes must be \[8, frames\]'):
+    codec.decode(codes[:3])
+  with pytest.raises(ValueError, match='wave must be mono'):
+    codec.encode(np.zeros((2, 1920)))
+
+
+def test_hf_tokenizer_json(tmp_path):
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator(['what is two plus three', 'it is five'] * 10,
+                          trainers.BpeTrainer(vocab_size=300, show_progress=False,
+                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  tok.save(str(tmp_path / 'tokenizer.json'))
+  hf = load_tokenizer(tmp_path / 'tokenizer.json')
+  assert isinstance(hf, HFTokenizer) and hf.vocab_size == tok.get_vocab_size()
+  assert hf.decode(hf.encode('it is two')) == 'it is two'
+  with pytest.raises(FileNotFoundError, match='no file at'):
+    load_tokenizer(tmp_path / 'absent.model')
+  (tmp_path / 'vocab.txt').write_text('x')
+  with pytest.raises(ValueError, match='neither a SentencePiece .model nor a tokenizer.json'):
+    load_tokenizer(tmp_path / 'vocab.txt')
+
+
+def test_cli_synth(tmp_path, capsys):
+  assert cli.main(['synth', str(tmp_path), '--num-tts-asr', '2', '--num-duplex', '2',
+                   '--num-heldout', '1']) == 0
+  assert f"duplex: {tmp_path / 'duplex.jsonl'}" in capsys.readouterr().out
+  assert len(open(tmp_path / 'duplex.jsonl').readlines()) == 2
