@@ -66,7 +66,7 @@ class Backbone(nnx.Module):
     """x [B,T,D] embedded frames, positions [B,T] -> final-normed hidden [B,T,D], new cache.
 
     Without a cache attention is causal over `positions`. With one, the step's keys are written
-    at slots `positions` and every slot s <= position is attended.
+    at slots `positions` (mod S) and every slot s <= position is attended.
     """
     cfg = self.cfg
     stacked = values(self, LAYER_PARAMS, cfg.compute_dtype)
@@ -77,26 +77,30 @@ class Backbone(nnx.Module):
       slots = jnp.arange(cache['k'].shape[2])
       mask = slots[None, None, :] <= positions[:, :, None]
 
-    def layer(x, xs):
-      p, ck, cv = xs
+    def layer(carry, xs):
+      # The whole cache [L,B,S,K,H] rides in the carry so each step updates it in place (as scan
+      # xs/ys, XLA copied the full cache several times per decoded frame).
+      x, ck, cv = carry
+      p, i = xs
       h = layers.rms_norm(x, p['input_norm'], cfg.rms_norm_eps)
       q = jnp.einsum('BTD,DNH->BTNH', h, p['q']) + p['q_bias']
       k = jnp.einsum('BTD,DKH->BTKH', h, p['k']) + p['k_bias']
       v = jnp.einsum('BTD,DKH->BTKH', h, p['v']) + p['v_bias']
       q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
       if ck is not None:
-        ck, cv = _write(ck, k, positions), _write(cv, v, positions)
-        k, v = ck, cv
+        ck, cv = _write(ck, k, i, positions), _write(cv, v, i, positions)
+        k, v = ck[i], cv[i]
       att = layers.gqa_attention(q, k, v, mask)
       x = x + jnp.einsum('BTNH,NHD->BTD', att, p['o'])
       h = layers.rms_norm(x, p['post_norm'], cfg.rms_norm_eps)
       x = x + layers.swiglu(h, p['gate'], p['up'], p['down'])
-      return x, (ck, cv)
+      return (x, ck, cv), None
 
     if remat_policy is not None:
       layer = jax.checkpoint(layer, policy=remat_policy, prevent_cse=False)
-    xs = (stacked, None, None) if cache is None else (stacked, cache['k'], cache['v'])
-    x, (ck, cv) = jax.lax.scan(layer, x.astype(cfg.compute_dtype), xs)
+    carry = (x.astype(cfg.compute_dtype),) + ((None, None) if cache is None else
+                                              (cache['k'], cache['v']))
+    (x, ck, cv), _ = jax.lax.scan(layer, carry, (stacked, jnp.arange(cfg.num_layers)))
     h = layers.rms_norm(x, self.final_norm[...].astype(cfg.compute_dtype), cfg.rms_norm_eps)
     return h, (None if cache is None else {'k': ck, 'v': cv})
 
@@ -106,7 +110,12 @@ class Backbone(nnx.Module):
     return logits * jnp.asarray(self.cfg.text_logit_scale, logits.dtype)
 
 
-def _write(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
-  """cache [B,S,K,H], new [B,T,K,H] written at slots positions[b, 0] .. +T."""
-  return jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice_in_dim(c, u, i, axis=0))(
-      cache, new.astype(cache.dtype), positions[:, 0])
+def _write(cache: jax.Array, new: jax.Array, layer: jax.Array, positions: jax.Array) -> jax.Array:
+  """cache [L,B,S,K,H]: new [B,T,K,H] written into layer `layer` at slots positions [B,T].
+
+  Slots are taken mod S, so a one-frame step past the end overwrites the oldest position: the
+  decoder's sliding-window policy (once position >= S - 1 the mask attends every slot).
+  """
+  slots = positions % cache.shape[2]
+  rows = jnp.arange(cache.shape[1])[:, None]
+  return cache.at[layer, rows, slots].set(new.astype(cache.dtype))

@@ -7,6 +7,8 @@ vocab.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -46,6 +48,18 @@ def layer_step(p: dict, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, c:
   h = layers.rms_norm(x, p['ln_2'], eps)
   mlp = lambda w: jax.lax.dynamic_index_in_dim(w, c, 0, keepdims=False)
   x = x + layers.swiglu(h, mlp(p['gate']), mlp(p['up']), mlp(p['down']))
+  return x, k_cache, v_cache
+
+
+def layers_step(p: dict, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, c: jax.Array,
+                eps: float, layer_fn=layer_step) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """All L layers at position c: p's leaves stacked [L,...], caches [L,B,C,h,e]; scans layer_fn."""
+  def layer(x, xs):
+    lp, ck, cv = xs
+    x, ck, cv = layer_fn(lp, x, ck, cv, c, eps)
+    return x, (ck, cv)
+
+  x, (k_cache, v_cache) = jax.lax.scan(layer, x, (p, k_cache, v_cache))
   return x, k_cache, v_cache
 
 
@@ -106,23 +120,21 @@ class DepthTransformer(nnx.Module):
     return logits.reshape(b, t, C, cfg.audio_vocab_size)
 
   def step(self, slots: jax.Array, prev: jax.Array, c: jax.Array, cache: dict,
-           layer_fn=layer_step) -> tuple[jax.Array, dict]:
+           layer_fn=layer_step, layers_fn=None) -> tuple[jax.Array, dict]:
     """One depth position for B rows: slots [B,C,d], prev [B] -> logits [B,A], new cache.
 
     `layer_fn` has `layer_step`'s signature; the decoder passes a Pallas kernel here.
+    `layers_fn`, if given, replaces the whole layer stack: it has `layers_step`'s signature
+    (stacked params, so a kernel can read each layer's weights in place).
     """
     cfg = self.cfg
     dt = slots.dtype
     emb = jax.lax.dynamic_index_in_dim(self.wtes[...], c, 0, keepdims=False)[prev].astype(dt)
     pos = jax.lax.dynamic_index_in_dim(self.wpe[...], c, 0, keepdims=False).astype(dt)
     x = emb + pos + jax.lax.dynamic_index_in_dim(slots, c, 1, keepdims=False)
-
-    def layer(x, xs):
-      p, ck, cv = xs
-      x, ck, cv = layer_fn(p, x, ck, cv, c, cfg.depth_rms_eps)
-      return x, (ck, cv)
-
-    x, (ck, cv) = jax.lax.scan(layer, x, (values(self, LAYER_PARAMS, dt), cache['k'], cache['v']))
+    layers_fn = layers_fn or functools.partial(layers_step, layer_fn=layer_fn)
+    x, ck, cv = layers_fn(values(self, LAYER_PARAMS, dt), x, cache['k'], cache['v'], c,
+                          cfg.depth_rms_eps)
     x = layers.rms_norm(x, self.ln_f[...].astype(dt), cfg.depth_rms_eps)
     head = jax.lax.dynamic_index_in_dim(self.heads[...], c, 0, keepdims=False).astype(dt)
     return jnp.einsum('Bd,dA->BA', x, head), {'k': ck, 'v': cv}

@@ -1,0 +1,188 @@
+"""StreamingDecoder: continuous-batching full-duplex decoding, one jitted function per frame."""
+from __future__ import annotations
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from flmjax import sharding as shd
+from flmjax.decode import state as st
+from flmjax.decode.frame import frame
+from flmjax.decode.sampling import SamplingConfig
+from flmjax.model import depth
+from flmjax.model.flm import FLMAudio
+
+OVERFLOW_POLICIES = ('error', 'slide')
+
+
+class SessionOverflowError(RuntimeError):
+  """A session reached the end of the decoder's KV cache under overflow='error'."""
+
+
+class StreamingDecoder:
+  """Streams B independent sessions through an FLMAudio, as the official LMGen does for one.
+
+  The state (see flmjax.decode.state) is a plain pytree; every method returns a new one. `step`
+  donates its input state, so keep only the returned one.
+
+  max_len: KV-cache slots per session (default cfg.max_position_embeddings). A session can run
+    max_len frames. Past that, overflow='error' raises SessionOverflowError from the host before
+    the step; overflow='slide' keeps attending to the last max_len frames (the cache is a ring,
+    RoPE positions keep counting), which is a sliding-window approximation of the official model.
+  mesh: sessions shard over the mesh's batch axes (data, fsdp), heads and the KV cache over
+    tensor, by flmjax.sharding.RULES. Load the model with load_official(..., mesh=mesh).
+  depth_layer_fn: a drop-in for flmjax.model.depth.layer_step; use_pallas=True takes it from
+    kernels.depth_step.select_depth_layer_fn instead (pallas_interpret=True: interpret mode).
+    depth_layers_fn: a drop-in for the whole depth layer stack (depth.layers_step's signature).
+  """
+
+  def __init__(self, model: FLMAudio, sampling: SamplingConfig | None = None, *,
+               max_len: int | None = None, mesh: jax.sharding.Mesh | None = None,
+               overflow: str = 'error', depth_layer_fn=None, depth_layers_fn=None,
+               use_pallas: bool = False, pallas_interpret: bool = False, rules=shd.RULES):
+    if overflow not in OVERFLOW_POLICIES:
+      raise ValueError(f'overflow={overflow!r}: use one of {OVERFLOW_POLICIES}')
+    self.cfg = cfg = model.cfg
+    self.sampling = sampling or SamplingConfig()
+    self.max_len = int(max_len or cfg.max_position_embeddings)
+    if self.max_len < 1:
+      raise ValueError(f'max_len={self.max_len}: a session needs at least one cache slot')
+    self.overflow, self.mesh, self.rules = overflow, mesh, rules
+    if use_pallas:
+      from kernels.depth_step import select_depth_layer_fn  # the kernel workstream's module
+      depth_layer_fn = (select_depth_layer_fn(interpret=True) if pallas_interpret
+                        else select_depth_layer_fn())
+    self.depth_layer_fn = depth_layer_fn or depth.layer_step
+    self.depth_layers_fn = depth_layers_fn
+    self.graphdef, params = nnx.split(model)
+    self.param_shardings = None if mesh is None else shd.state_shardings(params, mesh, rules)
+    self.params = params if mesh is None else jax.device_put(params, self.param_shardings)
+    self._seeds = itertools.count(1 << 20)  # default seeds for reset_slots, past init's
+    self._jits: dict[int, dict] = {}
+
+  # ---- compiled functions, one set per batch size ------------------------------------------
+  def _state_shardings(self, batch: int):
+    shape = jax.eval_shape(lambda: st.init(self.cfg, self.sampling, batch, self.max_len,
+                                           jnp.zeros((batch,), jnp.uint32)))
+    return st.shardings(shape, self.mesh, self.rules)
+
+  def _compiled(self, batch: int) -> dict:
+    if batch in self._jits:
+      return self._jits[batch]
+    cfg, sampling, max_len = self.cfg, self.sampling, self.max_len
+
+    def run_frame(params, state, user):
+      model = nnx.merge(self.graphdef, params)
+      return frame(model, state, user, penalized=sampling.penalized_codebooks,
+                   layer_fn=self.depth_layer_fn, layers_fn=self.depth_layers_fn)
+
+    make = lambda seeds: st.init(cfg, sampling, batch, max_len, seeds)
+    reset = functools.partial(st.reset, cfg)
+    if self.mesh is None:
+      fns = dict(frame=jax.jit(run_frame, donate_argnums=1), init=jax.jit(make),
+                 reset=jax.jit(reset, donate_argnums=0),
+                 release=jax.jit(st.release, donate_argnums=0))
+    else:
+      s = self._state_shardings(batch)
+      rows = lambda ndim: shd.named_sharding(('batch',) + (None,) * (ndim - 1),
+                                             (batch,) + (1,) * (ndim - 1), self.mesh, self.rules)
+      params = self.param_shardings
+      fns = dict(
+          frame=jax.jit(run_frame, in_shardings=(params, s, rows(2)),
+                        out_shardings=(s, rows(2), rows(1)), donate_argnums=1),
+          init=jax.jit(make, in_shardings=(rows(1),), out_shardings=s),
+          reset=jax.jit(reset, in_shardings=(s, rows(1), rows(1), s['text'], s['audio']),
+                        out_shardings=s, donate_argnums=0),
+          release=jax.jit(st.release, in_shardings=(s, rows(1)), out_shardings=s,
+                          donate_argnums=0))
+    self._jits[batch] = fns
+    return fns
+
+  # ---- public API --------------------------------------------------------------------------
+  def init(self, batch_size: int, seed: int = 0) -> dict:
+    """B fresh, active sessions; session b samples with the key of seed + b."""
+    if batch_size < 1:
+      raise ValueError(f'batch_size={batch_size}: need at least one session slot')
+    seeds = np.arange(batch_size, dtype=np.uint32) + np.uint32(seed)
+    return self._compiled(batch_size)['init'](seeds)
+
+  def step(self, state: dict, user_codes) -> tuple[dict, jax.Array, jax.Array]:
+    """One 80 ms frame: user_codes [B,C] (the user's codes of this frame, 0..PAD) ->
+    (state, out [B,1+C] = [text, C speak codes] un-delayed, valid [B])."""
+    batch = state['offset'].shape[0]
+    user = self._check_user(user_codes, batch)
+    if self.overflow == 'error':
+      offsets, active = np.asarray(state['offset']), np.asarray(state['active'])
+      full = np.flatnonzero(active & (offsets >= self.max_len))
+      if full.size:
+        raise SessionOverflowError(
+            f'session slot(s) {full.tolist()} reached max_len={self.max_len} frames: the KV cache '
+            f'is full. Release or reset them, build the decoder with a larger max_len, or use '
+            f"overflow='slide' to attend to the last max_len frames only")
+    return self._compiled(batch)['frame'](self.params, state, user)
+
+  def reset_slots(self, state: dict, mask, *, seeds=None,
+                  sampling: SamplingConfig | None = None) -> dict:
+    """Starts fresh sessions in the slots where mask [B] is True (continuous batching).
+
+    seeds: an int or [B] ints for the new sessions' PRNG keys (default: fresh ones). sampling:
+    the new sessions' parameters (default: the decoder's); other slots keep theirs.
+    """
+    batch = state['offset'].shape[0]
+    mask = self._check_mask(mask, batch)
+    sampling = sampling or self.sampling
+    for kind in ('text', 'audio'):
+      have, want = getattr(sampling, f'window_{kind}'), getattr(self.sampling, f'window_{kind}')
+      if have > want:
+        raise ValueError(f'reset_slots: sampling.window_{kind}={have} exceeds the decoder\'s '
+                         f'window buffer of {want}; build the decoder with the larger window')
+    if sampling.penalized_codebooks != self.sampling.penalized_codebooks:
+      raise ValueError(f'reset_slots: sampling.penalized_codebooks='
+                       f'{sampling.penalized_codebooks} must equal the decoder\'s '
+                       f'{self.sampling.penalized_codebooks} (it fixes the compiled frame)')
+    if seeds is None:
+      seeds = np.array([next(self._seeds) for _ in range(batch)], np.uint32)
+    seeds = np.broadcast_to(np.asarray(seeds, np.uint32), (batch,))
+    text, audio = (sampling.stream(k).per_row(batch) for k in ('text', 'audio'))
+    return self._compiled(batch)['reset'](state, mask, seeds, text, audio)
+
+  def release_slots(self, state: dict, mask) -> dict:
+    """Frees the slots where mask [B]: they stop advancing and return valid=False."""
+    batch = state['offset'].shape[0]
+    return self._compiled(batch)['release'](state, self._check_mask(mask, batch))
+
+  def input_column(self, state: dict) -> jax.Array:
+    """[B,Z]: the delayed-grid column each slot's backbone read in its latest step."""
+    ring = state['ring']
+    col = (state['offset'] - 1) % ring.shape[2]
+    return ring[jnp.arange(ring.shape[0]), :, col]
+
+  # ---- input checks ------------------------------------------------------------------------
+  def _check_user(self, user_codes, batch: int) -> np.ndarray:
+    cfg = self.cfg
+    user = np.asarray(user_codes)
+    want = (batch, cfg.num_codebooks)
+    if user.shape != want:
+      raise ValueError(f'user_codes: expected shape {want} ([batch, codebooks]) for this state, '
+                       f'got {user.shape}')
+    if not np.issubdtype(user.dtype, np.integer):
+      raise ValueError(f'user_codes: expected integer codes, got dtype {user.dtype}')
+    bad = (user < 0) | (user > cfg.audio_pad_id)
+    if bad.any():
+      b, c = np.argwhere(bad)[0]
+      raise ValueError(f'user_codes: code {int(user[b, c])} at [slot {b}, codebook {c}] is out of '
+                       f'range: expected 0..{cfg.audio_pad_id - 1}, or {cfg.audio_pad_id} (PAD)')
+    return user.astype(np.int32)
+
+  @staticmethod
+  def _check_mask(mask, batch: int) -> np.ndarray:
+    mask = np.asarray(mask)
+    if mask.shape != (batch,) or mask.dtype != bool:
+      raise ValueError(f'slot mask: expected a bool array of shape ({batch},), got '
+                       f'{mask.dtype} {mask.shape}')
+    return mask
+

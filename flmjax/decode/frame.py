@@ -1,0 +1,107 @@
+"""One 80 ms frame of full-duplex decoding for every slot: a pure function, jitted by the decoder.
+
+It follows the official LMGen.step:
+1. the user's codes go into the ring at column offset + delay (listen channels);
+2. the backbone reads column `offset` with its KV cache (RoPE position = offset);
+3. text is sampled (repetition penalty over the session's last text tokens);
+4. the depth transformer emits the 8 speak codes, one lax.scan step per codebook with a KV cache
+   over the depth positions (codebooks < P get the audio repetition penalty);
+5. text and speak codes are written at column offset + 1; offset += 1;
+6. once offset > max_delay the step returns [text, 8 speak] un-delayed: column
+   offset - max_delay + delay[k] for channel k (text/semantic from offset - 1, acoustic from
+   offset with the official delays).
+Shape letters: B slots, Z channels, R ring columns, C codebooks, V text vocab, A audio vocab.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from flmjax.decode.sampling import sample
+from flmjax.model import depth
+from flmjax.model.flm import FLMAudio
+
+
+def window_valid(offset: jax.Array, window: jax.Array, size: int) -> jax.Array:
+  """[B,W]: which ring slots of a penalty window hold one of the last `window` [B] tokens.
+
+  The token of step t sits at slot t mod W, so before step `offset` slot j holds the token of
+  (offset - 1 - j) mod W steps ago.
+  """
+  age = (offset[:, None] - 1 - jnp.arange(size)[None, :]) % size
+  return age < jnp.minimum(offset, window)[:, None]
+
+
+def frame(model: FLMAudio, state: dict, user: jax.Array, *, penalized: int,
+          layer_fn=depth.layer_step, layers_fn=None) -> tuple[dict, jax.Array, jax.Array]:
+  """state, user [B,C] int32 -> (state, out [B,1+C] int32, valid [B] bool)."""
+  cfg = model.cfg
+  C, Z, D = cfg.num_codebooks, cfg.num_channels, cfg.max_delay
+  delays = jnp.asarray(cfg.delays, jnp.int32)
+  ring, offset, active = state['ring'], state['offset'], state['active']
+  B, _, R = ring.shape
+  rows = jnp.arange(B)[:, None]
+  keep = lambda new, old: jnp.where(active.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+
+  # 1. The user's codes at column offset + delay.
+  listen = jnp.arange(1 + C, Z)[None, :]
+  cols = (offset[:, None] + delays[1 + C:][None, :]) % R  # [B,C]
+  ring = ring.at[rows, listen, cols].set(keep(user.astype(jnp.int32), ring[rows, listen, cols]))
+
+  # 2. The backbone on column `offset`.
+  column = ring[rows[:, 0], :, offset % R]  # [B,Z]
+  x = model.backbone.embed(column[:, None, 0], column[:, None, 1:1 + C], column[:, None, 1 + C:])
+  h, cache = model.backbone(x, offset[:, None], state['cache'])  # h [B,1,D]
+  text_logits = model.backbone.text_logits(h)[:, 0]  # [B,V]
+
+  keys = jax.random.wrap_key_data(state['keys'])  # [B] typed
+  next_keys, text_keys, audio_keys = jnp.moveaxis(jax.vmap(lambda k: jax.random.split(k, 3))(keys),
+                                                  1, 0)  # each [B]
+
+  # 3. Text.
+  text_win = state['text_window']
+  text = sample(text_keys, text_logits, state['text'], text_win,
+                window_valid(offset, state['text'].window, text_win.shape[1]))  # [B]
+
+  # 4. The depth transformer, one scan step per codebook.
+  slots = model.depth_transformer.slots(h[:, 0])  # [B,C,d]
+  audio_win = state['audio_window']  # [B,P,Wa]
+  audio_valid = window_valid(offset, state['audio'].window, audio_win.shape[2])  # [B,Wa]
+
+  def depth_step(carry, c):
+    prev, dcache = carry
+    kernel = {} if layers_fn is None else {'layers_fn': layers_fn}
+    logits, dcache = model.depth_transformer.step(slots, prev, c, dcache, layer_fn=layer_fn,
+                                                  **kernel)
+    win = jax.lax.dynamic_index_in_dim(audio_win, jnp.minimum(c, audio_win.shape[1] - 1), 1,
+                                       keepdims=False)  # [B,Wa]
+    code_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(audio_keys, c)
+    code = sample(code_keys, logits, state['audio'], win, audio_valid & (c < penalized))
+    return (code, dcache), code
+
+  start = (jnp.full((B,), cfg.audio_emp_id, jnp.int32), depth.init_cache(cfg, B, slots.dtype))
+  _, audio = jax.lax.scan(depth_step, start, jnp.arange(C))
+  audio = audio.T  # [B,C]
+
+  # 5. Text and speak at column offset + 1; the penalty windows; offset += 1.
+  own = jnp.arange(1 + C)[None, :]
+  nxt = jnp.broadcast_to(((offset + 1) % R)[:, None], (B, 1 + C))
+  ring = ring.at[rows, own, nxt].set(
+      keep(jnp.concatenate([text[:, None], audio], axis=1), ring[rows, own, nxt]))
+  t_slot = offset % text_win.shape[1]
+  text_win = text_win.at[rows[:, 0], t_slot].set(keep(text, text_win[rows[:, 0], t_slot]))
+  a_slot = offset % audio_win.shape[2]
+  pen = audio[:, :audio_win.shape[1]]  # [B,P]
+  audio_win = audio_win.at[rows[:, 0], :, a_slot].set(keep(pen, audio_win[rows[:, 0], :, a_slot]))
+  offset = offset + active.astype(jnp.int32)
+
+  # 6. The un-delayed output.
+  out_cols = (offset[:, None] - D + delays[None, :1 + C]) % R  # [B,1+C]
+  out = ring[rows, own, out_cols]
+  valid = active & (offset > D)
+  new_state = {
+      **state, 'cache': cache, 'ring': ring, 'offset': offset, 'text_window': text_win,
+      'audio_window': audio_win,
+      'keys': keep(jax.random.key_data(next_keys), state['keys']),
+  }
+  return new_state, out, valid

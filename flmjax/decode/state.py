@@ -1,0 +1,101 @@
+"""The streaming decoder's state: a plain pytree with one row per session slot.
+
+Shape letters: B slots, L layers, S cache slots, K KV heads, H head dim, R ring columns,
+Z channels (17), W penalty window, P penalized codebooks.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flmjax import sharding as shd
+from flmjax.config import ModelConfig
+from flmjax.decode.sampling import SamplingConfig, StreamParams
+from flmjax.model import backbone
+
+# Logical axes of the backbone KV cache [L,B,S,K,H]; every other leaf is ('batch', None...).
+CACHE_AXES = ('layers', 'batch', 'time', 'kv_heads', 'head_dim')
+
+
+def ring_size(cfg: ModelConfig) -> int:
+  """Ring columns: a step touches columns offset+1-max_delay .. offset+max_delay."""
+  return 2 * cfg.max_delay + 2
+
+
+def initial_column(cfg: ModelConfig) -> np.ndarray:
+  """The official initial tokens [Z]: text WAIT, every audio channel PAD."""
+  return np.array([cfg.text_wait_id] + [cfg.audio_pad_id] * (2 * cfg.num_codebooks), np.int32)
+
+
+def key_data(seeds: jax.Array) -> jax.Array:
+  """seeds [B] int -> raw PRNG key data [B, 2]; a session's key depends on its seed only."""
+  return jax.vmap(lambda s: jax.random.key_data(jax.random.key(s)))(seeds)
+
+
+def init(cfg: ModelConfig, sampling: SamplingConfig, batch: int, max_len: int,
+         seeds: jax.Array) -> dict:
+  """A state whose B slots are all fresh, active sessions. Pure; jit it for large caches.
+
+  Leaves:
+    cache: {'k','v'} [L,B,S,K,H], slot s holds position s (s mod S when sliding);
+    ring [B,Z,R] int32: the delayed token columns, column j at ring slot j mod R;
+    offset [B] int32: the column the next step reads, i.e. the frame index and RoPE position;
+    active [B] bool: slots that advance; a free slot's row is computed but never changes;
+    text_window [B,Wt], audio_window [B,P,Wa] int32: the last sampled tokens, token of step t at
+      slot t mod W;
+    keys [B,2] uint32: per-session PRNG key data;
+    text, audio: StreamParams of [B] arrays: per-session sampling parameters.
+  """
+  ring = jnp.broadcast_to(jnp.asarray(initial_column(cfg))[None, :, None],
+                          (batch, cfg.num_channels, ring_size(cfg)))
+  return {
+      'cache': backbone.init_cache(cfg, batch, max_len),
+      'ring': ring,
+      'offset': jnp.zeros((batch,), jnp.int32),
+      'active': jnp.ones((batch,), bool),
+      'text_window': jnp.zeros((batch, sampling.window_text), jnp.int32),
+      'audio_window': jnp.zeros((batch, max(sampling.penalized_codebooks, 1),
+                                 sampling.window_audio), jnp.int32),
+      'keys': key_data(jnp.asarray(seeds, jnp.uint32)),
+      'text': sampling.stream('text').per_row(batch),
+      'audio': sampling.stream('audio').per_row(batch),
+  }
+
+
+def reset(cfg: ModelConfig, state: dict, mask: jax.Array, seeds: jax.Array,
+          text: StreamParams, audio: StreamParams) -> dict:
+  """Restarts the slots where mask [B] as fresh, active sessions. Pure.
+
+  Their KV rows are zeroed too: attention masks stale slots anyway, but zeroing keeps even a
+  NaN from a previous session out of reach.
+  """
+  rows = lambda x, new: jnp.where(mask.reshape((-1,) + (1,) * (x.ndim - 1)), new, x)
+  kv = lambda x: jnp.where(mask[None, :, None, None, None], jnp.zeros((), x.dtype), x)
+  init_ring = jnp.asarray(initial_column(cfg))[None, :, None]
+  return {
+      'cache': {'k': kv(state['cache']['k']), 'v': kv(state['cache']['v'])},
+      'ring': rows(state['ring'], init_ring),
+      'offset': rows(state['offset'], 0),
+      'active': rows(state['active'], True),
+      'text_window': rows(state['text_window'], 0),
+      'audio_window': rows(state['audio_window'], 0),
+      'keys': rows(state['keys'], key_data(jnp.asarray(seeds, jnp.uint32))),
+      'text': jax.tree.map(rows, state['text'], text),
+      'audio': jax.tree.map(rows, state['audio'], audio),
+  }
+
+
+def release(state: dict, mask: jax.Array) -> dict:
+  """Marks the slots where mask [B] free: they stop advancing and return valid=False."""
+  return {**state, 'active': state['active'] & ~mask}
+
+
+def shardings(state, mesh: jax.sharding.Mesh, rules=shd.RULES):
+  """NamedShardings for a state (or its eval_shape): sessions over the batch axes, the KV cache's
+  heads over tensor, by the same rules table as the parameters."""
+  def one(path, x):
+    top = getattr(path[0], 'key', None)
+    axes = CACHE_AXES if top == 'cache' else ('batch',) + (None,) * (len(x.shape) - 1)
+    return shd.named_sharding(axes, x.shape, mesh, rules)
+  return jax.tree_util.tree_map_with_path(one, state)
