@@ -51,7 +51,8 @@ def maybe_initialize_distributed() -> bool:
   """Calls jax.distributed.initialize() when the environment describes a multi-host job."""
   markers = ('JAX_COORDINATOR_ADDRESS', 'COORDINATOR_ADDRESS', 'TPU_WORKER_HOSTNAMES',
              'SLURM_JOB_NUM_NODES', 'OMPI_COMM_WORLD_SIZE')
-  if any(os.environ.get(m) for m in markers) and jax.process_count() == 1:
+  # jax.process_count() would start the backends, after which initialize() must fail.
+  if any(os.environ.get(m) for m in markers) and not jax.distributed.is_initialized():
     try:
       jax.distributed.initialize()
       return True

@@ -1,0 +1,131 @@
+"""Train-step benchmark: step time, frames/s and achieved FLOP/s as a fraction of this machine's
+measured matmul FLOP/s (measured in the same run).
+
+  .venv/bin/python experiments/bench_train.py [--presets tiny,small] [--steps 5]
+
+FLOPs per step come from XLA's cost analysis of the compiled step (everything it executes) and,
+for comparison, the usual 6 * (matmul params) * tokens + attention estimate of the model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flmjax import sharding as shd
+from flmjax.config import ModelConfig
+from flmjax.train import data as data_lib
+from flmjax.train import state as st
+from flmjax.train import step as sp
+from flmjax.train.config import StageConfig, TrainConfig
+
+
+class MatmulPeak:
+  """FLOP/s of a big square matmul: the practical peak of this machine. Sampled right after each
+  timed step too, so a shared machine's changing load affects both sides of the ratio alike."""
+
+  def __init__(self, n: int = 2048, dtype=jnp.float32):
+    self.n = n
+    self.a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    self.b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+    self.f = jax.jit(lambda a, b: a @ b)
+    self.f(self.a, self.b).block_until_ready()
+
+  def sample(self, reps: int = 3) -> float:
+    times = []
+    for _ in range(reps):
+      t = time.perf_counter()
+      self.f(self.a, self.b).block_until_ready()
+      times.append(time.perf_counter() - t)
+    return 2 * self.n ** 3 / min(times)
+
+
+def model_flops(cfg: ModelConfig, batch: int, cols: int) -> float:
+  """6 * N_matmul * tokens for the backbone, heads and depth transformer, plus attention."""
+  D, L, F = cfg.hidden_size, cfg.num_layers, cfg.intermediate_size
+  NH, KH, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  backbone = L * (D * NH * H * 2 + 2 * D * KH * H + 3 * D * F)
+  head = D * cfg.vocab_size + D * cfg.num_codebooks * cfg.depth_dim
+  d, Ld, C = cfg.depth_dim, cfg.depth_layers, cfg.num_codebooks
+  depth = C * (Ld * (4 * d * d + 3 * d * cfg.depth_mlp_dim) + d * cfg.audio_vocab_size)
+  tokens = batch * cols
+  attn = 6 * 2 * L * NH * H * cols * cols / 2 * batch + 6 * 2 * Ld * d * C * C / 2 * tokens
+  return 6.0 * (backbone + head + depth) * tokens + attn
+
+
+def bench(name: str, cfg: ModelConfig, batch: int, window: int, steps: int, dtype: str,
+          remat: str, peak: MatmulPeak) -> dict:
+  tc = TrainConfig(model=cfg, stages=(StageConfig('bench', 10, random_data=True),),
+                   run_dir='/tmp/bench', window=window, batch_size=batch, compute_dtype=dtype,
+                   remat=remat)
+  mesh = shd.make_mesh(1, 1, 1)
+  spec = st.state_spec(tc, mesh)
+  state = st.init_state(spec, tc)
+  fn = sp.jit_train_step(spec, tc, mesh)
+  batch_arr = data_lib.to_global(next(data_lib.make_stage_loader(tc, 0)), sp.batch_shardings(mesh))
+  lr = jnp.float32(1e-4)
+  t = time.perf_counter()
+  compiled = fn.lower(state, batch_arr, lr).compile()
+  compile_s = time.perf_counter() - t
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  xla_flops = float(cost.get('flops', float('nan')))
+  state, m = fn(state, batch_arr, lr)
+  jax.block_until_ready(m)
+  times, peaks = [], []
+  for _ in range(steps):
+    t = time.perf_counter()
+    state, m = fn(state, batch_arr, lr)
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t)
+    peaks.append(peak.sample())
+  step_s = float(np.median(times))
+  mflops = model_flops(cfg, batch, window - 1)
+  return {'peak_flops': float(np.median(peaks)),
+          'model_frac_paired': float(np.median([mflops / t / p for t, p in zip(times, peaks)])),
+          'preset': name, 'params_M': st.num_params(state.params) / 1e6, 'batch': batch,
+          'window': window, 'dtype': dtype, 'remat': remat, 'compile_s': compile_s,
+          'step_s': step_s, 'frames_per_s': batch * (window - 1) / step_s,
+          'xla_flops': xla_flops, 'model_flops': model_flops(cfg, batch, window - 1)}
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument('--presets', default='tiny,small')
+  ap.add_argument('--steps', type=int, default=5)
+  ap.add_argument('--dtype', default='float32')
+  ap.add_argument('--remat', default='none')
+  ap.add_argument('--json', default=None)
+  args = ap.parse_args()
+  shapes = {'tiny': (ModelConfig.tiny(), 16, 64), 'small': (ModelConfig.small(), 8, 256),
+            'small_b16': (ModelConfig.small(), 16, 256)}
+  peak = MatmulPeak(dtype=jnp.dtype(args.dtype))
+  print(f'device: {jax.devices()[0].device_kind} x{jax.device_count()}; '
+        f'matmul peak ({args.dtype}, 2048^3) now: {peak.sample() / 1e9:.1f} GFLOP/s')
+  rows = []
+  for name in args.presets.split(','):
+    cfg, batch, window = shapes[name]
+    r = bench(name, cfg, batch, window, args.steps, args.dtype, args.remat, peak)
+    r['xla_frac'] = r['xla_flops'] / r['step_s'] / r['peak_flops']
+    rows.append(r)
+  print('XLA FLOPs come from cost_analysis, which counts a scan body once: an undercount.')
+  print('| preset | params | batch x window | dtype | step | frames/s | matmul peak '
+        '| model GFLOP/s | of peak (paired) | XLA-counted GFLOP/s | compile |')
+  print('|---|---|---|---|---|---|---|---|---|---|---|')
+  for r in rows:
+    print(f"| {r['preset']} | {r['params_M']:.1f}M | {r['batch']}x{r['window']} | {r['dtype']} "
+          f"| {r['step_s'] * 1e3:.0f} ms | {r['frames_per_s']:.0f} "
+          f"| {r['peak_flops'] / 1e9:.1f} GFLOP/s | {r['model_flops'] / r['step_s'] / 1e9:.1f} "
+          f"| {r['model_frac_paired']:.0%} | {r['xla_flops'] / r['step_s'] / 1e9:.1f} "
+          f"| {r['compile_s']:.0f} s |")
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(rows, f, indent=2)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,96 @@
+"""Per-stage batch iterators (per host) and their assembly into globally sharded arrays."""
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from flmjax.config import ModelConfig
+from flmjax.train.config import StageConfig, TrainConfig, TrainConfigError
+
+
+def _loss_weights(stage: StageConfig):
+  from flmjax.data.grid import LossWeights
+  return stage.loss_weights if stage.loss_weights is not None else LossWeights()
+
+
+class RandomGridIterator:
+  """Random samples laid out by flmjax.data.grid.build_grid (tests and benchmarks).
+
+  Sample n of this shard is drawn from a generator seeded with (seed, shard, n), so the state is
+  just the next sample index and restoring it resumes exactly.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, window: int, batch_size: int, seed: int, loss_weights,
+               shard_index: int = 0):
+    self.cfg, self.window, self.batch_size = cfg, window, batch_size
+    self.seed, self.shard, self.loss_weights = seed, shard_index, loss_weights
+    self.next_index = 0
+
+  def _sample(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+    from flmjax.data.grid import build_grid
+    cfg = self.cfg
+    rng = np.random.default_rng((self.seed, self.shard, n))
+    frames = self.window - max(cfg.grid_offsets)
+    text = rng.integers(0, min(cfg.vocab_size, cfg.text_bos_id), frames)
+    text = np.where(rng.random(frames) < 0.5, cfg.text_wait_id, text)
+    speak = rng.integers(0, cfg.audio_pad_id, (cfg.num_codebooks, frames))
+    listen = rng.integers(0, cfg.audio_pad_id, (cfg.num_codebooks, frames))
+    return build_grid(cfg, text, speak, listen, self.loss_weights, num_columns=self.window)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    samples = [self._sample(self.next_index + i) for i in range(self.batch_size)]
+    self.next_index += self.batch_size
+    return {'tokens': np.stack([s[0] for s in samples]),
+            'weights': np.stack([s[1] for s in samples])}
+
+  def get_state(self) -> dict:
+    return {'next_index': self.next_index}
+
+  def set_state(self, state: dict) -> None:
+    self.next_index = int(state['next_index'])
+
+
+def stage_seed(tc: TrainConfig, stage_index: int) -> int:
+  return tc.seed * 1009 + stage_index
+
+
+def make_stage_loader(tc: TrainConfig, stage_index: int, *, seed: int | None = None,
+                      sources=None, shard_index: int | None = None,
+                      shard_count: int | None = None):
+  """This host's iterator over stage `stage_index`'s data (its share of the global batch)."""
+  stage = tc.stages[stage_index]
+  shard_index = jax.process_index() if shard_index is None else shard_index
+  shard_count = jax.process_count() if shard_count is None else shard_count
+  if tc.batch_size % shard_count:
+    raise TrainConfigError(f'batch_size {tc.batch_size} is not a multiple of the '
+                           f'{shard_count} hosts')
+  local = tc.batch_size // shard_count
+  seed = stage_seed(tc, stage_index) if seed is None else seed
+  if stage.random_data and sources is None:
+    return RandomGridIterator(tc.model, window=tc.window, batch_size=local, seed=seed,
+                              loss_weights=_loss_weights(stage), shard_index=shard_index)
+  from flmjax.data.pipeline import make_loader
+  return make_loader(tc.model, tuple(sources if sources is not None else stage.sources),
+                     window=tc.window, batch_size=local, seed=seed,
+                     loss_weights=_loss_weights(stage), shard_index=shard_index,
+                     shard_count=shard_count)
+
+
+def check_batch(tc: TrainConfig, batch: dict, where: str) -> None:
+  """Fails early, naming the problem, when a loader yields the wrong shapes."""
+  want = (tc.batch_size // jax.process_count(), tc.model.num_channels, tc.window)
+  for key in ('tokens', 'weights'):
+    if key not in batch:
+      raise TrainConfigError(f'{where}: batch has no {key!r} (keys: {sorted(batch)})')
+    if tuple(batch[key].shape) != want:
+      raise TrainConfigError(f'{where}: batch[{key!r}] has shape {tuple(batch[key].shape)}, '
+                             f'expected {want} (local batch, channels, window)')
+
+
+def to_global(batch: dict, shardings: dict) -> dict[str, jax.Array]:
+  """This host's rows -> global arrays laid out by `shardings` (works single- and multi-host)."""
+  return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(batch[k]))
+          for k in ('tokens', 'weights')}

@@ -1,0 +1,123 @@
+"""The train state as plain pytrees: fp32 params (a pure dict), optimizer state, and their
+shardings from the params' logical `axes` metadata through flmjax.sharding's rules."""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from flmjax import sharding as shd
+from flmjax.config import ModelConfig
+from flmjax.model.flm import FLMAudio, abstract, create
+from flmjax.train.config import OptimConfig, TrainConfig
+
+Params = dict  # nested {'backbone': {...}, 'depth_transformer': {...}} of fp32 arrays
+
+
+class TrainState(NamedTuple):
+  params: Params
+  opt_state: Any
+
+
+def compute_model_config(tc: TrainConfig) -> ModelConfig:
+  """fp32 master params, compute in tc.compute_dtype (bf16 for real runs)."""
+  return tc.model.replace(param_dtype='float32', dtype=tc.compute_dtype)
+
+
+def _no_decay(name: str) -> bool:
+  return 'norm' in name or name.startswith('ln_') or 'bias' in name
+
+
+def decay_mask(params: Params):
+  """Weight decay on matrices and embeddings; none on norms and biases."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: not _no_decay(str(path[-1].key)), params)
+
+
+def make_optimizer(oc: OptimConfig) -> optax.GradientTransformation:
+  """AdamW direction without the lr: the step multiplies by -lr from the stage's schedule, so
+  the schedule lives outside the optimizer state and stages can change it."""
+  return optax.chain(
+      optax.clip_by_global_norm(oc.clip_norm),
+      optax.scale_by_adam(b1=oc.b1, b2=oc.b2, eps=oc.eps),
+      optax.add_decayed_weights(oc.weight_decay, mask=decay_mask),
+  )
+
+
+def graphdef_and_abstract(cfg: ModelConfig):
+  """(graphdef, abstract nnx.State with axes metadata) without allocating memory."""
+  return nnx.split(abstract(cfg))
+
+
+def param_shardings(abstract_state, mesh: Mesh) -> Params:
+  return nnx.to_pure_dict(shd.state_shardings(abstract_state, mesh))
+
+
+def opt_shardings(tx, abstract_params: Params, p_shardings: Params, mesh: Mesh):
+  """Optimizer-state shardings: moments follow their params; scalars are replicated."""
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  replicated = NamedSharding(mesh, P())
+  return optax.tree_map_params(
+      tx, lambda _, s: s, abstract_opt, p_shardings,
+      transform_non_params=lambda _: replicated)
+
+
+class StateSpec(NamedTuple):
+  """Everything static about the state: how to rebuild the model and where each array lives."""
+  graphdef: Any
+  tx: optax.GradientTransformation
+  abstract: TrainState  # ShapeDtypeStructs
+  shardings: TrainState  # NamedShardings
+
+
+def state_spec(tc: TrainConfig, mesh: Mesh) -> StateSpec:
+  cfg = compute_model_config(tc)
+  graphdef, abstract_state = graphdef_and_abstract(cfg)
+  a_params = nnx.to_pure_dict(abstract_state)
+  tx = make_optimizer(tc.optim)
+  p_sh = param_shardings(abstract_state, mesh)
+  o_sh = opt_shardings(tx, a_params, p_sh, mesh)
+  a_opt = jax.eval_shape(tx.init, a_params)
+  with_sh = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+  abstract_ts = TrainState(jax.tree.map(with_sh, a_params, p_sh),
+                           jax.tree.map(with_sh, a_opt, o_sh))
+  return StateSpec(graphdef, tx, abstract_ts, TrainState(p_sh, o_sh))
+
+
+_INIT: dict = {}  # jitted initialisers by (model, dtype, optimizer, seed, shardings)
+
+
+def init_state(spec: StateSpec, tc: TrainConfig, params: Params | None = None) -> TrainState:
+  """Fresh state from the seed (or from given params, e.g. an official checkpoint), sharded."""
+  cfg = compute_model_config(tc)
+
+  def build(params):
+    if params is None:
+      params = nnx.to_pure_dict(nnx.state(create(cfg, tc.seed)))
+    params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+    return TrainState(params, spec.tx.init(params))
+
+  if params is None:
+    mesh = jax.tree.leaves(spec.shardings)[0].mesh
+    key = (cfg, tc.optim, tc.seed, mesh)
+    if key not in _INIT:
+      _INIT[key] = jax.jit(lambda: build(None), out_shardings=spec.shardings)
+    return _INIT[key]()
+  params = jax.device_put(params, spec.shardings.params)
+  return jax.jit(build, in_shardings=(spec.shardings.params,), out_shardings=spec.shardings)(params)
+
+
+def params_from_model(model: FLMAudio) -> Params:
+  return nnx.to_pure_dict(nnx.state(model))
+
+
+def model_from_params(graphdef, params: Params) -> FLMAudio:
+  return nnx.merge(graphdef, params)
+
+
+def num_params(params: Params) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(params))

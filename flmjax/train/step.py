@@ -1,0 +1,118 @@
+"""The pure train step and eval step, jitted with explicit shardings and a donated state."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from flmjax import sharding as shd
+from flmjax.train.config import TrainConfig
+from flmjax.train.loss import loss_sums, metrics_from_sums, objective
+from flmjax.train.state import StateSpec, TrainState
+
+
+def remat_policy(name: str):
+  return {'none': None,
+          'full': jax.checkpoint_policies.nothing_saveable,
+          'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[name]
+
+
+def batch_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
+  """tokens/weights [B,K,T]: batch over (data, fsdp), channels and columns replicated."""
+  s = shd.batch_sharding(mesh, 3)
+  return {'tokens': s, 'weights': s}
+
+
+def activation_constraint(mesh: Mesh):
+  """x, logical axes -> x pinned to the rules table's sharding (batch over data+fsdp, vocab over
+  tensor), so the logits stay sharded instead of being gathered."""
+  return lambda x, axes: jax.lax.with_sharding_constraint(
+      x, shd.named_sharding(axes, x.shape, mesh))
+
+
+def _grads_and_sums(graphdef, params, tokens, weights, policy, constrain):
+  """Gradient of Σ w·ce (not yet divided by Σ w) and the loss sums of one micro-batch."""
+  def f(p):
+    s = loss_sums(nnx.merge(graphdef, p), tokens, weights, policy, constrain)
+    return objective(s)[0], s
+  (_, sums), grads = jax.value_and_grad(f, has_aux=True)(params)
+  return grads, sums
+
+
+def train_step_fn(spec: StateSpec, tc: TrainConfig, mesh: Mesh):
+  """The pure step: (state, batch, lr) -> (state, metrics). Gradients accumulate over
+  `tc.grad_accum` micro-batches as sums, so the update equals the one from the whole batch."""
+  A, policy, constrain = tc.grad_accum, remat_policy(tc.remat), activation_constraint(mesh)
+  batch_axes = shd.batch_sharding(mesh, 1).spec[0]
+
+  def step(state: TrainState, batch: dict, lr: jax.Array):
+    tokens, weights = batch['tokens'], batch['weights']  # [B,K,T]
+    if A == 1:
+      grads, sums = _grads_and_sums(spec.graphdef, state.params, tokens, weights, policy,
+                                     constrain)
+    else:
+      b = tokens.shape[0] // A
+      # Micro-batch a takes rows a, a+A, ...: each stays spread over the batch shards.
+      split = lambda x: jax.lax.with_sharding_constraint(
+          jnp.swapaxes(x.reshape(b, A, *x.shape[1:]), 0, 1),
+          NamedSharding(mesh, P(None, batch_axes, None, None)))
+      tok, wts = split(tokens), split(weights)  # [A,b,K,T]
+      first = _grads_and_sums(spec.graphdef, state.params, tok[0], wts[0], policy, constrain)
+
+      def body(acc, xs):
+        g, s = _grads_and_sums(spec.graphdef, state.params, xs[0], xs[1], policy, constrain)
+        return jax.tree.map(jnp.add, acc, (g, s)), None
+
+      (grads, sums), _ = jax.lax.scan(body, first, (tok[1:], wts[1:]))
+    total_w = jnp.maximum(objective(sums)[1], 1e-9)
+    grads = jax.tree.map(lambda g: g / total_w, grads)
+    updates, opt_state = spec.tx.update(grads, state.opt_state, state.params)
+    params = jax.tree.map(lambda p, u: p - lr * u.astype(p.dtype), state.params, updates)
+    metrics = metrics_from_sums(sums)
+    metrics['grad_norm'] = optax.tree.norm(grads)
+    metrics['lr'] = lr
+    return TrainState(params, opt_state), metrics
+
+  return step
+
+
+# Jitted steps keyed by what they depend on, so runs in one process (tests, resumes, main's
+# evaluation) share compilations.
+_COMPILED: dict = {}
+
+
+def _key(tc: TrainConfig, mesh: Mesh, kind: str):
+  return (kind, tc.model, tc.compute_dtype, tc.optim, tc.remat, tc.grad_accum, mesh)
+
+
+def jit_train_step(spec: StateSpec, tc: TrainConfig, mesh: Mesh):
+  key = _key(tc, mesh, 'train')
+  if key not in _COMPILED:
+    _COMPILED[key] = _jit_train_step(spec, tc, mesh)
+  return _COMPILED[key]
+
+
+def _jit_train_step(spec: StateSpec, tc: TrainConfig, mesh: Mesh):
+  replicated = NamedSharding(mesh, P())
+  return jax.jit(train_step_fn(spec, tc, mesh),
+                 in_shardings=(spec.shardings, batch_shardings(mesh), replicated),
+                 out_shardings=(spec.shardings, replicated),
+                 donate_argnums=(0,))
+
+
+def jit_eval_step(spec: StateSpec, tc: TrainConfig, mesh: Mesh):
+  """(params, batch) -> loss sums (add them over batches, then metrics_from_sums)."""
+  key = _key(tc, mesh, 'eval')
+  if key in _COMPILED:
+    return _COMPILED[key]
+  replicated = NamedSharding(mesh, P())
+
+  def evaluate(params, batch):
+    return loss_sums(nnx.merge(spec.graphdef, params), batch['tokens'], batch['weights'],
+                     constrain=activation_constraint(mesh))
+
+  _COMPILED[key] = jax.jit(evaluate, in_shardings=(spec.shardings.params, batch_shardings(mesh)),
+                           out_shardings=replicated)
+  return _COMPILED[key]

@@ -1,0 +1,185 @@
+"""The training loop: stage transitions, mid-stage resume (bit-identical), restore onto another
+mesh, NaN stop, init from an official checkpoint, export round trip."""
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from flmjax.config import ModelConfig
+from flmjax.train import data as data_lib
+from flmjax.train import observe
+from flmjax.train.checkpointing import Checkpointer
+from flmjax.train.config import MeshConfig, OptimConfig, StageConfig, TrainConfig, TrainConfigError
+from flmjax.train.loop import NonFiniteError, train
+from flmjax.train.schedule import learning_rate
+
+
+def _tc(run_dir, **kw):
+  # Same model, shapes and optimizer as test_train_step.py: the jitted step is shared.
+  stages = (StageConfig('a', 3, random_data=True, peak_lr=3e-3, warmup_steps=1),
+            StageConfig('b', 2, random_data=True, peak_lr=1e-3))
+  base = dict(model=ModelConfig.tiny(), stages=stages, run_dir=str(run_dir), window=12,
+              batch_size=8, compute_dtype='float32', optim=OptimConfig(eps=1e-3),
+              mesh=MeshConfig(2, 2, 2), checkpoint_every=2, log_every=1, progress_bar=False)
+  return TrainConfig(**{**base, **kw})
+
+
+def _leaves(tree):
+  return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
+
+
+@pytest.fixture(scope='module')
+def full_run(tmp_path_factory):
+  """An uninterrupted run: stage a (3 steps) then stage b (2 steps)."""
+  tc = _tc(tmp_path_factory.mktemp('full'))
+  return tc, train(tc, log=lambda *a: None)
+
+
+def test_stage_transitions(full_run):
+  tc, out = full_run
+  assert out['global_step'] == 5
+  hist = observe.history(tc.run_dir)
+  assert [r['stage'] for r in hist] == ['a', 'a', 'a', 'b', 'b']
+  want_lr = [learning_rate(tc.stages[0], k) for k in range(3)] + [
+      learning_rate(tc.stages[1], k) for k in range(2)]
+  np.testing.assert_allclose([r['lr'] for r in hist], want_lr, rtol=1e-6)
+  assert want_lr[3] == pytest.approx(1e-3)  # stage b restarts its own schedule at its peak
+  assert [s['stage'] for s in out['stages']] == ['a', 'b']
+  assert all(s['finished'] for s in out['stages'])
+  for stream in ('total', 'text', 'semantic', 'acoustic'):
+    assert os.path.getsize(os.path.join(tc.run_dir, f'loss_{stream}.png')) > 1000
+  assert os.listdir(os.path.join(tc.run_dir, 'tensorboard'))
+  meta = Checkpointer(os.path.join(tc.run_dir, 'checkpoints'), use_async=False).restore_meta()
+  assert (meta['global_step'], meta['stage_name']) == (5, 'done')
+
+
+def test_midstage_resume_is_bit_identical_and_restores_onto_another_mesh(full_run, tmp_path):
+  tc_full, full = full_run
+  tc = _tc(tmp_path / 'b')
+  first = train(tc, stop_after=2, log=lambda *a: None)
+  assert first['global_step'] == 2
+  ckpt = Checkpointer(os.path.join(tc.run_dir, 'checkpoints'), use_async=False)
+  meta = ckpt.restore_meta()
+  ckpt.close()
+  assert (meta['global_step'], meta['stage_name'], meta['step_in_stage']) == (2, 'a', 2)
+  assert meta['data_state'] == {'json': {'next_index': 16}}  # two local batches of 8 consumed
+  shutil.copytree(tc.run_dir, tmp_path / 'c')
+
+  resumed = train(tc, log=lambda *a: None)
+  assert resumed['global_step'] == 5
+  for a, b in zip(_leaves(resumed['state']), _leaves(full['state'])):
+    assert np.array_equal(a, b)  # params and optimizer state, bit for bit
+
+  other = train(_tc(tmp_path / 'c', mesh=MeshConfig(1, 1, 1)), log=lambda *a: None)
+  q = other['state'].params['backbone']['q']
+  assert dict(q.sharding.mesh.shape) == {'data': 1, 'fsdp': 1, 'tensor': 1}
+  # Another mesh sums in another order: equal within float32 noise after 3 more steps.
+  for a, b in zip(_leaves(other['state'].params), _leaves(full['state'].params)):
+    np.testing.assert_allclose(a, b, atol=5e-6, rtol=0)
+
+
+def test_resume_at_stage_boundary_starts_next_stage_fresh(full_run, tmp_path):
+  _, full = full_run
+  tc = _tc(tmp_path / 'd', checkpoint_every=3)
+  train(tc, stop_after=3, log=lambda *a: None)
+  ckpt = Checkpointer(os.path.join(tc.run_dir, 'checkpoints'), use_async=False)
+  meta = ckpt.restore_meta()
+  ckpt.close()
+  assert (meta['stage_name'], meta['step_in_stage'], meta['data_state']) == ('b', 0, None)
+  resumed = train(tc, log=lambda *a: None)
+  for a, b in zip(_leaves(resumed['state']), _leaves(full['state'])):
+    assert np.array_equal(a, b)
+
+
+def test_nan_stops_the_run_and_writes_no_checkpoint(tmp_path, monkeypatch):
+  make = data_lib.make_stage_loader
+
+  class Poisoned:
+    def __init__(self, inner):
+      self.inner, self.n = inner, 0
+    def __next__(self):
+      batch, self.n = next(self.inner), self.n + 1
+      if self.n == 3:
+        batch['weights'] = batch['weights'].copy()
+        batch['weights'][0, 0, 5] = np.nan
+      return batch
+    def get_state(self):
+      return self.inner.get_state()
+    def set_state(self, s):
+      self.inner.set_state(s)
+
+  monkeypatch.setattr(data_lib, 'make_stage_loader', lambda *a, **k: Poisoned(make(*a, **k)))
+  tc = _tc(tmp_path)
+  with pytest.raises(NonFiniteError, match=r"at step 3 \(stage 'a', step 3 of the stage\)"):
+    train(tc, log=lambda *a: None)
+  ckpt = Checkpointer(os.path.join(tc.run_dir, 'checkpoints'), use_async=False)
+  assert ckpt.all_steps()[-1] == 2 and 3 not in ckpt.all_steps()
+  ckpt.close()
+
+
+def test_init_from_official_checkpoint(tmp_path, tiny_dir, tiny_model):
+  out = train(_tc(tmp_path / 'ok', init_from=str(tiny_dir)), stop_after=0, log=lambda *a: None)
+  want = nnx.to_pure_dict(nnx.state(tiny_model))
+  for a, b in zip(_leaves(out['state'].params), _leaves(want)):
+    assert np.array_equal(a, b)
+  other = ModelConfig.tiny(hidden_size=32, head_dim=8)
+  with pytest.raises(TrainConfigError, match=r"differs from the training config in "
+                     r"\['head_dim', 'hidden_size'\]"):
+    train(_tc(tmp_path / 'bad', model=other, init_from=str(tiny_dir)), stop_after=0)
+
+
+def test_export_round_trip(full_run, tmp_path, capsys):
+  from flmjax.checkpoint import load_official
+  from flmjax.train import export as export_lib
+  tc, full = full_run
+  out_dir = str(tmp_path / 'official')
+  assert export_lib.main([tc.run_dir, out_dir, '--dtype', 'float32']) == 0
+  exported = load_official(out_dir, dtype='float32')
+  trained = nnx.merge(full['spec'].graphdef, jax.device_get(full['state'].params))
+  batch = next(data_lib.RandomGridIterator(tc.model, window=12, batch_size=2, seed=7,
+                                           loss_weights=data_lib._loss_weights(tc.stages[0])))
+  tok = batch['tokens']
+  args = (tok[:, 0, :-1], tok[:, 1:9, :-1].transpose(0, 2, 1), tok[:, 9:, :-1].transpose(0, 2, 1),
+          tok[:, 1:8, 1:].transpose(0, 2, 1))
+  a, b = exported(*args), trained(*args)
+  # float32 export of float32 params: the same numbers, so the same logits (atol 1e-6).
+  np.testing.assert_allclose(np.asarray(a.text_logits), np.asarray(b.text_logits), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(a.depth_logits), np.asarray(b.depth_logits), atol=1e-6)
+  assert export_lib.main([str(tmp_path / 'nothing'), out_dir]) == 1
+  assert 'no such checkpoint directory' in capsys.readouterr().out
+  assert export_lib.main([tc.run_dir, out_dir]) == 1  # exists; no --overwrite
+  assert 'exists' in capsys.readouterr().out
+
+
+def test_resume_with_another_model_config_is_refused(full_run, tmp_path):
+  tc, _ = full_run
+  shutil.copytree(os.path.join(tc.run_dir, 'checkpoints'), tmp_path / 'checkpoints')
+  other = _tc(tmp_path, model=ModelConfig.tiny(num_layers=3))
+  with pytest.raises(TrainConfigError, match=r'another model config \(num_layers=2\)'):
+    train(other, log=lambda *a: None)
+
+
+def test_grain_pipeline_resume_is_bit_identical(tmp_path_factory):
+  """The same with the real data path: synthetic corpus -> prepare -> grain loaders per stage."""
+  from flmjax.data.grid import LossWeights
+  from flmjax.data.pipeline import SourceSpec
+  from flmjax.train.corpus import ensure_synthetic_corpus
+  corpus = ensure_synthetic_corpus(str(tmp_path_factory.mktemp('corpus')), num_tts_asr=16,
+                                   num_duplex=16, num_heldout=4)
+  stages = (StageConfig('asr_tts', 3, sources=(
+      SourceSpec(corpus['tts_asr'], layout='lead', offset_frames=2),
+      SourceSpec(corpus['tts_asr'], layout='trail', speech_stream='listen')),
+                        loss_weights=LossWeights(acoustic=0.2), peak_lr=3e-3),
+            StageConfig('duplex', 2, sources=(SourceSpec(corpus['duplex'], offset_frames=2),),
+                        peak_lr=1e-3))
+  make = lambda d: _tc(tmp_path_factory.mktemp(d), stages=stages)
+  full = train(make('grain_full'), log=lambda *a: None)
+  tc = make('grain_resumed')
+  train(tc, stop_after=2, log=lambda *a: None)
+  resumed = train(tc, log=lambda *a: None)
+  for a, b in zip(_leaves(resumed['state']), _leaves(full['state'])):
+    assert np.array_equal(a, b)
+  assert [r['stage'] for r in observe.history(tc.run_dir)] == ['asr_tts'] * 3 + ['duplex'] * 2
