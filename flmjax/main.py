@@ -2,7 +2,8 @@
 
 Trains experiments/configs/tiny_dual.py (synthetic corpus, ASR+TTS stage then duplex stage) and
 shows what the trained model does: teacher-forced accuracies per stream on held-out samples,
-next to the untrained model's. `--parity` instead checks the forward against the golden fixtures.
+next to the untrained model's, then full-duplex streaming chat on held-out conversations.
+`--parity` instead checks the forward against the golden fixtures.
 """
 from __future__ import annotations
 
@@ -68,6 +69,29 @@ def show(tc, result, sets: dict) -> dict:
   return table
 
 
+def chat(tc, result, limit: int = 32) -> dict:
+  """Streams held-out conversations through the decoder; prints transcripts and turn accuracy."""
+  from flax import nnx
+  from flmjax.data.tokenizer import load_tokenizer
+  from flmjax.decode.heldout import chat_heldout
+  corpus = os.path.join(tc.run_dir, 'corpus')
+  with open(os.path.join(corpus, 'corpus.json')) as f:
+    tokenizer = load_tokenizer(json.load(f)['paths']['tokenizer'])
+  model = nnx.merge(result['spec'].graphdef, result['state'].params)
+  report = chat_heldout(model, os.path.join(corpus, 'raw', 'heldout_duplex.jsonl'), tokenizer,
+                        limit=limit)
+  print(f'\nfull-duplex chat, greedy, {limit} held-out conversations streamed as one batch:')
+  for conv in report['conversations'][:3]:
+    print(f'  [{conv["id"]}]')
+    for i, question in enumerate(conv['user']):
+      said = conv['said'][i] if i < len(conv['said']) else '(nothing)'
+      answer = conv['reference'][i] if i < len(conv['reference']) else ''
+      print(f'    user: {question:28s} model: {said:16s} (reference: {answer})')
+  print(f'  turns answered exactly right: {report["right"]}/{report["turns"]} '
+        f'({100 * report["turn_accuracy"]:.0f}%)')
+  return report
+
+
 def main(argv: list[str] | None = None) -> int:
   ap = argparse.ArgumentParser(prog='flmjax main')
   ap.add_argument('--config', default=DEFAULT_CONFIG)
@@ -93,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
   result = train(tc)
   train_s = time.time() - t0
   table = show(tc, result, heldout)
+  table['chat'] = chat(tc, result)
   with open(os.path.join(tc.run_dir, 'heldout.json'), 'w') as f:
     json.dump(table, f, indent=2)
   print(f'\ntrained in {train_s:.0f}s (total {time.time() - t0:.0f}s); loss curves: '

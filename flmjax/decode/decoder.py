@@ -35,9 +35,9 @@ class StreamingDecoder:
     RoPE positions keep counting), which is a sliding-window approximation of the official model.
   mesh: sessions shard over the mesh's batch axes (data, fsdp), heads and the KV cache over
     tensor, by flmjax.sharding.RULES. Load the model with load_official(..., mesh=mesh).
-  depth_layer_fn: a drop-in for flmjax.model.depth.layer_step; use_pallas=True takes it from
-    kernels.depth_step.select_depth_layer_fn instead (pallas_interpret=True: interpret mode).
-    depth_layers_fn: a drop-in for the whole depth layer stack (depth.layers_step's signature).
+  depth_layer_fn: a drop-in for flmjax.model.depth.layer_step. depth_layers_fn: a drop-in for
+    the whole depth layer stack (depth.layers_step's signature); use_pallas=True takes it from
+    kernels.depth_step.select_depth_layers_fn (pallas_interpret=True: interpret mode).
   """
 
   def __init__(self, model: FLMAudio, sampling: SamplingConfig | None = None, *,
@@ -53,9 +53,10 @@ class StreamingDecoder:
       raise ValueError(f'max_len={self.max_len}: a session needs at least one cache slot')
     self.overflow, self.mesh, self.rules = overflow, mesh, rules
     if use_pallas:
-      from kernels.depth_step import select_depth_layer_fn  # the kernel workstream's module
-      depth_layer_fn = (select_depth_layer_fn(interpret=True) if pallas_interpret
-                        else select_depth_layer_fn())
+      # The whole-stack entry: the kernels read each layer's weights from the stacked arrays in
+      # place, where a per-layer layer_fn under the scan would get sliced (copied) weights.
+      from kernels.depth_step import select_depth_layers_fn
+      depth_layers_fn = select_depth_layers_fn(interpret=pallas_interpret)
     self.depth_layer_fn = depth_layer_fn or depth.layer_step
     self.depth_layers_fn = depth_layers_fn
     self.graphdef, params = nnx.split(model)
