@@ -24,10 +24,13 @@ def _flags() -> flags.FlagValues:
 def main(argv: list[str]) -> int:
   from flmjax.train.config import TrainConfigError, load_config_file
   fv = _flags()
+  if any(a in ('-h', '--help', '-help', '--helpfull') for a in argv):
+    print(f'{__doc__.strip()}\n\nflags:\n{fv.get_help()}')
+    return 0
   try:
     fv(['flmjax train'] + list(argv))
   except flags.Error as e:
-    print(f'flmjax train: {e}\n\n{fv.main_module_help() if hasattr(fv, "main_module_help") else ""}')
+    print(f'flmjax train: {e}\n\nflags:\n{fv.get_help()}')
     return 2
   if not fv.config:
     print('flmjax train: --config is required (e.g. experiments/configs/tiny_dual.py)')
