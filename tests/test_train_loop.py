@@ -94,6 +94,33 @@ def test_resume_at_stage_boundary_starts_next_stage_fresh(full_run, tmp_path):
     assert np.array_equal(a, b)
 
 
+def test_stop_after_off_the_checkpoint_grid_loses_nothing(full_run, tmp_path):
+  _, full = full_run
+  tc = _tc(tmp_path / 'e', checkpoint_every=4)
+  train(tc, stop_after=3, log=lambda *a: None)  # 3 is not a multiple of checkpoint_every
+  ckpt = Checkpointer(os.path.join(tc.run_dir, 'checkpoints'), use_async=False)
+  assert ckpt.latest_step() == 3
+  ckpt.close()
+  resumed = train(tc, log=lambda *a: None)
+  for a, b in zip(_leaves(resumed['state']), _leaves(full['state'])):
+    assert np.array_equal(a, b)
+
+
+def test_resume_refuses_a_changed_schedule(tmp_path):
+  tc = _tc(tmp_path / 'f')
+  train(tc, stop_after=2, log=lambda *a: None)
+  stages = (StageConfig('a', 1, random_data=True), StageConfig('b', 4, random_data=True))
+  with pytest.raises(TrainConfigError, match=r"saved at stage 'a' step 2, but this config puts "
+                                             r"it at stage 'b' step 1: the schedule changed"):
+    train(tc.replace(stages=stages), log=lambda *a: None)
+
+
+def test_batch_must_split_over_the_mesh(tmp_path):
+  with pytest.raises(TrainConfigError, match=r'micro-batches of 6 rows, which must be a whole '
+                                             r'multiple of .* = 4'):
+    train(_tc(tmp_path, batch_size=12, grad_accum=2), log=lambda *a: None)
+
+
 def test_nan_stops_the_run_and_writes_no_checkpoint(tmp_path, monkeypatch):
   make = data_lib.make_stage_loader
 

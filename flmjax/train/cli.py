@@ -47,8 +47,9 @@ def main(argv: list[str]) -> int:
   from flmjax.train.loop import NonFiniteError, train
   try:
     out = train(tc, stop_after=fv.stop_after)
-  except (NonFiniteError, TrainConfigError) as e:
-    print(f'flmjax train: {e}')
+  except (NonFiniteError, TrainConfigError, OSError, ValueError) as e:
+    # ValueError covers CheckpointError (--init_from) and the data pipeline's input errors.
+    print(f'flmjax train: {type(e).__name__}: {e}')
     return 1
   summary = {'global_step': out['global_step'], 'stages': out['stages'], 'eval': out['eval']}
   with open(os.path.join(tc.run_dir, 'summary.json'), 'w') as f:

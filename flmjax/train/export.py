@@ -54,8 +54,8 @@ def main(argv: list[str]) -> int:
   try:
     path = export(args.ckpt_dir, args.out_dir, step=args.step, dtype=args.dtype,
                   overwrite=args.overwrite)
-  except (CheckpointMissingError, FileExistsError) as e:
-    print(f'flmjax export: {e}')
+  except (CheckpointMissingError, OSError, ValueError) as e:
+    print(f'flmjax export: {type(e).__name__}: {e}')
     return 1
   print(f'wrote {path}')
   return 0

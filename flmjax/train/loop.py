@@ -30,9 +30,10 @@ def make_mesh(tc: TrainConfig) -> jax.sharding.Mesh:
 _DTYPE_FIELDS = ('dtype', 'param_dtype', 'checkpoint_dtype')
 
 
-def _official_params(tc: TrainConfig):
+def _official_params(tc: TrainConfig, mesh: jax.sharding.Mesh):
   from flmjax.checkpoint import load_official
-  model = load_official(tc.init_from, dtype='float32')
+  # Read straight into the training shardings: the full fp32 model never sits on one device.
+  model = load_official(tc.init_from, dtype='float32', mesh=mesh)
   ours, theirs = dataclasses.asdict(tc.model), dataclasses.asdict(model.cfg)
   diff = sorted(k for k in ours if k not in _DTYPE_FIELDS and ours[k] != theirs[k])
   if diff:
@@ -40,6 +41,28 @@ def _official_params(tc: TrainConfig):
                            f'training config in {diff}: ' +
                            ', '.join(f'{k}={theirs[k]!r} vs {ours[k]!r}' for k in diff))
   return params_from_model(model)
+
+
+def _check_schedule(tc: TrainConfig, meta: dict, directory: str) -> None:
+  """A resumed step must sit at the same stage and step in stage as when it was saved: an edited
+  schedule would otherwise apply one stage's data-iterator state to another."""
+  pos = position(tc, int(meta['global_step']))
+  name = tc.stages[pos.stage].name if pos.stage < len(tc.stages) else 'done'
+  if (name, pos.step_in_stage) != (meta['stage_name'], int(meta['step_in_stage'])):
+    raise TrainConfigError(
+        f'{directory}: step {meta["global_step"]} was saved at stage {meta["stage_name"]!r} step '
+        f'{meta["step_in_stage"]}, but this config puts it at stage {name!r} step '
+        f'{pos.step_in_stage}: the schedule changed; use a new --run_dir')
+
+
+def _check_batch_fits_mesh(tc: TrainConfig, mesh: jax.sharding.Mesh) -> None:
+  ways = mesh.shape['data'] * mesh.shape['fsdp']
+  micro = tc.batch_size // max(tc.grad_accum, 1)
+  if tc.batch_size % max(tc.grad_accum, 1) or micro % ways:
+    raise TrainConfigError(
+        f'batch_size {tc.batch_size} with grad_accum {tc.grad_accum} gives micro-batches of '
+        f'{tc.batch_size / max(tc.grad_accum, 1):g} rows, which must be a whole multiple of the '
+        f'mesh\'s data x fsdp = {mesh.shape["data"]} x {mesh.shape["fsdp"]} = {ways}')
 
 
 def _meta(tc: TrainConfig, global_step: int, data_state) -> dict:
@@ -59,6 +82,7 @@ def train(tc: TrainConfig, *, mesh: jax.sharding.Mesh | None = None,
   """
   shd.maybe_initialize_distributed()
   mesh = mesh or make_mesh(tc)
+  _check_batch_fits_mesh(tc, mesh)
   primary = jax.process_index() == 0
   log = log if primary else (lambda *a, **k: None)
   os.makedirs(tc.run_dir, exist_ok=True)
@@ -77,12 +101,13 @@ def train(tc: TrainConfig, *, mesh: jax.sharding.Mesh | None = None,
                              f'use a new --run_dir')
     state, meta = ckpt.restore(spec.abstract)
     global_step = int(meta['global_step'])
+    _check_schedule(tc, meta, ckpt.directory)
     if meta.get('data_state') is not None:
       data_state = ckpt_lib.decode_data_state(meta['data_state'])
     log(f'resumed from {ckpt.directory} at step {global_step} '
         f'(stage {meta["stage_name"]!r}, step {meta["step_in_stage"]} in stage)')
   else:
-    state = init_state(spec, tc, _official_params(tc) if tc.init_from else None)
+    state = init_state(spec, tc, _official_params(tc, mesh) if tc.init_from else None)
     global_step = 0
   step_fn = jit_train_step(spec, tc, mesh)
   bsh = batch_shardings(mesh)
@@ -118,7 +143,7 @@ def train(tc: TrainConfig, *, mesh: jax.sharding.Mesh | None = None,
       nxt = position(tc, global_step)
       keep_data = nxt.stage == loader_stage  # a finished stage's iterator is not carried over
       ckpt.save(global_step, state, _meta(tc, global_step, loader.get_state() if keep_data else None),
-                force=global_step == tc.total_steps)
+                force=global_step in (end, tc.total_steps))  # a stop loses nothing
       if nxt.stage != loader_stage or global_step == end:
         obs.end_stage(pos.stage, log, finished=nxt.stage != loader_stage)
   finally:
