@@ -47,7 +47,7 @@ def main() -> None:
   print('\n| held-out metric | dual (lead + trail) | no trail (lead only) |\n|---|---|---|')
   for name in rows['dual']:
     if isinstance(rows['dual'][name], dict):
-      for k in ('acc_text', 'acc_semantic'):
+      for k in ('acc_text',) if name.startswith('ASR') else ('acc_text', 'acc_semantic'):
         print(f'| {name}: {k} | {rows["dual"][name][k]:.3f} | {rows["no_trail"][name][k]:.3f} |')
   for k in ('chat_turn_accuracy', 'train_s'):
     print(f'| {k} | {rows["dual"][k]:.3f} | {rows["no_trail"][k]:.3f} |')

@@ -41,7 +41,8 @@ def heldout_sets(tc) -> dict[str, tuple]:
   tts_asr = os.path.join(corpus, 'heldout_tts_asr')
   if os.path.isdir(tts_asr):
     sets['ASR (listen, trail)'] = (SourceSpec(tts_asr, layout='trail', speech_stream='listen'),)
-    sets['TTS (speak, lead)'] = (SourceSpec(tts_asr, layout='lead', offset_frames=2),)
+    lead = tc.eval_sources[0].offset_frames if tc.eval_sources else 0
+    sets['TTS (speak, lead)'] = (SourceSpec(tts_asr, layout='lead', offset_frames=lead),)
   return sets
 
 

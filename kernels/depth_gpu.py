@@ -25,7 +25,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from kernels.common import write_rows
 
-_NEG_INF = -1e30
+from flmjax.model.layers import NEG_INF as _NEG_INF  # the model's own mask value
 _F32 = jnp.float32
 
 

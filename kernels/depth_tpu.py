@@ -24,7 +24,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from kernels.common import write_rows
 
-_NEG_INF = -1e30  # as flmjax.model.layers: finite, so masked rows stay NaN-free
+from flmjax.model.layers import NEG_INF as _NEG_INF  # the model's own mask value
 _LANES = 128
 
 

@@ -57,7 +57,7 @@ def test_round_trip_is_bit_identical(tiny_model, tiny_dir, tmp_path):
 
 def test_export_loads_in_torch_with_the_official_keys(tiny_model, tiny_dir, tmp_path):
   """A strict load_state_dict needs exactly the official keys, shapes and dtypes."""
-  torch_st = pytest.importorskip('safetensors.torch')
+  import safetensors.torch as torch_st  # the [test] extra installs torch and safetensors
   out = flmjax.save_official(tiny_model, str(tmp_path / 'export'))
   ours = torch_st.load_file(os.path.join(out, 'model.safetensors'))
   ref = torch_st.load_file(str(tiny_dir / 'model.safetensors'))

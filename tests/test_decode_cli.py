@@ -53,6 +53,9 @@ def test_chat_rejects_bad_inputs(tiny_dir, tmp_path, capsys):
   with pytest.raises(SystemExit):
     cli.main(['chat', '--checkpoint', str(tmp_path / 'nope'), '--user', str(bad)])
   assert 'no such directory' in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    cli.main(['chat', '--checkpoint', str(tiny_dir), '--user', str(tmp_path / 'missing.wav')])
+  assert 'missing.wav: no such file' in capsys.readouterr().err
 
 
 def test_chat_reads_an_orbax_training_checkpoint(tiny_model, tiny_dir, tmp_path):

@@ -42,12 +42,16 @@ def test_greedy_golden_stream_matches_reference(tiny_model, golden, reference_to
     decoder = StreamingDecoder(tiny_model, GREEDY, max_len=32,
                                depth_layer_fn=select_depth_layer_fn(kernel='gpu', interpret=True))
   cfg = tiny_model.cfg
+  # use_pallas hands the decoder the whole-stack entry (stacked weights and caches, leading L).
+  stacked = kernel == 'tpu'
+  fn = decoder.depth_layers_fn if stacked else decoder.depth_layer_fn
+  lead = (cfg.depth_layers,) if stacked else ()
   x = jnp.zeros((1, cfg.depth_dim))
-  kc = jnp.zeros((1, cfg.num_codebooks, cfg.depth_heads, cfg.depth_head_dim))
-  p = {n: getattr(tiny_model.depth_transformer, n)[...][0] for n in ('ln_1', 'qkv', 'proj', 'ln_2',
-                                                                    'gate', 'up', 'down')}
-  traced = str(jax.make_jaxpr(functools.partial(decoder.depth_layer_fn, eps=1e-6))(
-      p, x, kc, kc, jnp.int32(0)))
+  kc = jnp.zeros(lead + (1, cfg.num_codebooks, cfg.depth_heads, cfg.depth_head_dim))
+  p = {n: getattr(tiny_model.depth_transformer, n)[...] if stacked else
+       getattr(tiny_model.depth_transformer, n)[...][0]
+       for n in ('ln_1', 'qkv', 'proj', 'ln_2', 'gate', 'up', 'down')}
+  traced = str(jax.make_jaxpr(functools.partial(fn, eps=1e-6))(p, x, kc, kc, jnp.int32(0)))
   assert 'pallas_call' in traced  # the decoder really runs the kernel
   tokens = decode(decoder, golden[0])
   np.testing.assert_array_equal(tokens, reference_tokens)

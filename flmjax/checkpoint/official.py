@@ -86,8 +86,8 @@ def _check(cfg: ModelConfig, infos: dict[str, st.TensorInfo], path: str) -> None
     listed = '; '.join(f'{k}: expected {e}, found {f}' for k, e, f in wrong)
     problems.append(f'shape mismatch ({len(wrong)}): {listed}')
   if problems:
-    hint = (' (config.json and the weights disagree)' if wrong or missing or unexpected else '')
-    raise CheckpointError(f'{path}: checkpoint does not match its config{hint}:\n  '
+    raise CheckpointError(f'{path}: checkpoint does not match its config (config.json and the '
+                          f'weights disagree):\n  '
                           + '\n  '.join(problems))
 
 

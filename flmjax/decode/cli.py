@@ -26,6 +26,8 @@ def _parser() -> argparse.ArgumentParser:
   ap.add_argument('--tokenizer', help='SentencePiece .model or tokenizer.json for the transcript')
   ap.add_argument('--greedy', action='store_true', help='argmax after the repetition penalty')
   ap.add_argument('--seed', type=int, default=0)
+  ap.add_argument('--dtype', choices=('float32', 'bfloat16', 'float16'), default=None,
+                  help="weights and compute dtype (default: the checkpoint's)")
   ap.add_argument('--max-len', type=int, default=None,
                   help='KV-cache frames (default: the session length)')
   ap.add_argument('--overflow', choices=('error', 'slide'), default='error')
@@ -41,13 +43,14 @@ def _parser() -> argparse.ArgumentParser:
   return ap
 
 
-def load_model(path: str):
-  """An official-layout dir through load_official, else an orbax training checkpoint."""
+def load_model(path: str, dtype: str | None = None):
+  """An official-layout dir through load_official (in `dtype`, default the checkpoint's), else an
+  orbax training checkpoint."""
   import flmjax
   if not os.path.isdir(path):
     raise FileNotFoundError(f'--checkpoint {path}: no such directory')
   if os.path.exists(os.path.join(path, 'config.json')):
-    return flmjax.load_official(path, dtype='float32')
+    return flmjax.load_official(path, dtype=dtype)
   try:
     from flmjax.train.export import restore_model
   except ImportError as e:
@@ -58,6 +61,8 @@ def load_model(path: str):
 
 def read_user(path: str, num_codebooks: int, pad_id: int) -> tuple[np.ndarray, object]:
   """-> (codes int32 [C, F], codec or None)."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'--user {path}: no such file')
   if path.endswith('.wav'):
     import soundfile
     import soxr
@@ -68,8 +73,6 @@ def read_user(path: str, num_codebooks: int, pad_id: int) -> tuple[np.ndarray, o
     if rate != codec.sample_rate:
       wave = soxr.resample(wave, rate, codec.sample_rate)
     return np.asarray(codec.encode(wave), np.int32), codec
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'--user {path}: no such file')
   codes = np.load(path)
   if codes.ndim == 3 and codes.shape[0] == 1:
     codes = codes[0]
@@ -141,7 +144,7 @@ def main(argv: list[str]) -> int:
   args = ap.parse_args(argv)
   from flmjax.decode import SamplingConfig
   try:
-    model = load_model(args.checkpoint)
+    model = load_model(args.checkpoint, args.dtype)
     cfg = model.cfg
     user, codec = read_user(args.user, cfg.num_codebooks, cfg.audio_pad_id)
     tokenizer = None

@@ -36,7 +36,7 @@ def frame(model: FLMAudio, state: dict, user: jax.Array, *, penalized: int,
           layer_fn=depth.layer_step, layers_fn=None) -> tuple[dict, jax.Array, jax.Array]:
   """state, user [B,C] int32 -> (state, out [B,1+C] int32, valid [B] bool)."""
   cfg = model.cfg
-  C, Z, D = cfg.num_codebooks, cfg.num_channels, cfg.max_delay
+  C, Z, max_delay = cfg.num_codebooks, cfg.num_channels, cfg.max_delay
   delays = jnp.asarray(cfg.delays, jnp.int32)
   ring, offset, active = state['ring'], state['offset'], state['active']
   B, _, R = ring.shape
@@ -96,9 +96,9 @@ def frame(model: FLMAudio, state: dict, user: jax.Array, *, penalized: int,
   offset = offset + active.astype(jnp.int32)
 
   # 6. The un-delayed output.
-  out_cols = (offset[:, None] - D + delays[None, :1 + C]) % R  # [B,1+C]
+  out_cols = (offset[:, None] - max_delay + delays[None, :1 + C]) % R  # [B,1+C]
   out = ring[rows, own, out_cols]
-  valid = active & (offset > D)
+  valid = active & (offset > max_delay)
   new_state = {
       **state, 'cache': cache, 'ring': ring, 'offset': offset, 'text_window': text_win,
       'audio_window': audio_win,

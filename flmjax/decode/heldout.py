@@ -11,7 +11,7 @@ from flmjax.decode.decoder import StreamingDecoder
 from flmjax.decode.sampling import SamplingConfig
 
 
-def monologue_sentences(text_ids, cfg) -> list[list[int]]:
+def split_on_wait(text_ids, cfg) -> list[list[int]]:
   """Splits a streamed monologue [F] into its sentences: the runs of tokens between WAITs."""
   sentences, current = [], []
   for t in list(text_ids) + [cfg.text_wait_id]:
@@ -24,8 +24,8 @@ def monologue_sentences(text_ids, cfg) -> list[list[int]]:
   return sentences
 
 
-def read_conversations(manifest: str, limit: int) -> list[dict]:
-  """The first `limit` duplex lines: user codes [8, F] and the reference model/user sentences."""
+def read_conversations(manifest: str, limit: int, num_codebooks: int) -> list[dict]:
+  """The first `limit` duplex lines: user codes [C, F] and the reference model/user sentences."""
   root = os.path.dirname(os.path.abspath(manifest))
   out = []
   with open(manifest) as f:
@@ -33,7 +33,8 @@ def read_conversations(manifest: str, limit: int) -> list[dict]:
       item = json.loads(line)
       if item.get('kind') != 'duplex' or 'codes' not in item:
         continue
-      user = np.load(os.path.join(root, item['codes']['user']))[:8].astype(np.int32)
+      user = np.load(os.path.join(root, item['codes']['user']))[:num_codebooks]
+      user = user.astype(np.int32)
       said = lambda who: [s['text'] for s in item['segments'] if s['speaker'] == who]
       out.append({'id': item['id'], 'user_codes': user, 'user': said('user'),
                   'reference': said('model')})
@@ -52,7 +53,7 @@ def chat_heldout(model, manifest: str, tokenizer, *, limit: int = 16, tail: int 
   answer exactly.
   """
   cfg = model.cfg
-  convs = read_conversations(manifest, limit)
+  convs = read_conversations(manifest, limit, cfg.num_codebooks)
   frames = max(c['user_codes'].shape[1] for c in convs) + tail
   user = np.full((len(convs), cfg.num_codebooks, frames), cfg.audio_pad_id, np.int32)
   for b, c in enumerate(convs):
@@ -69,7 +70,8 @@ def chat_heldout(model, manifest: str, tokenizer, *, limit: int = 16, tail: int 
       text[b].append(int(out[b, 0]))
   right = total = 0
   for c, ids in zip(convs, text):
-    c['said'] = [tokenizer.decode(s) for s in monologue_sentences(ids, cfg)]
+    c['said'] = [tokenizer.decode(s) for s in split_on_wait(ids, cfg)]
+    c['text_ids'] = ids
     total += len(c['reference'])
     right += sum(a == b for a, b in zip(c['said'], c['reference']))
     del c['user_codes']

@@ -41,7 +41,7 @@ def layer_step(p: dict, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, c:
   v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v[:, None].astype(v_cache.dtype), c, 1)
   logits = jnp.einsum('Bhe,BChe->BhC', q, k_cache).astype(jnp.float32) * (q.shape[-1] ** -0.5)
   visible = jnp.arange(k_cache.shape[1]) <= c
-  logits = jnp.where(visible[None, None, :], logits, -1e30)
+  logits = jnp.where(visible[None, None, :], logits, layers.NEG_INF)
   probs = jax.nn.softmax(logits, axis=-1).astype(v_cache.dtype)
   att = jnp.einsum('BhC,BChe->Bhe', probs, v_cache)
   x = x + jnp.einsum('Bhe,hed->Bd', att, p['proj'])
@@ -103,7 +103,7 @@ class DepthTransformer(nnx.Module):
       y = layers.rms_norm(x, p['ln_1'], cfg.depth_rms_eps)
       q, k, v = jnp.einsum('NCd,dshe->sNChe', y, p['qkv'])
       logits = jnp.einsum('NChe,NKhe->NhCK', q, k).astype(jnp.float32) * (q.shape[-1] ** -0.5)
-      logits = jnp.where(causal, logits, -1e30)
+      logits = jnp.where(causal, logits, layers.NEG_INF)
       probs = jax.nn.softmax(logits, axis=-1).astype(dt)
       att = jnp.einsum('NhCK,NKhe->NChe', probs, v)
       x = x + jnp.einsum('NChe,hed->NCd', att, p['proj'])

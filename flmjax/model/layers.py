@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-_NEG_INF = -1e30  # finite, so fully masked rows stay NaN-free
+NEG_INF = -1e30  # finite, so fully masked rows stay NaN-free
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -42,7 +42,7 @@ def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
   kv = k.shape[2]
   q = q.reshape(b, t, kv, n // kv, h)
   logits = jnp.einsum('BTKGH,BSKH->BKGTS', q, k).astype(jnp.float32) * (h ** -0.5)
-  logits = jnp.where(mask[:, None, None, :, :], logits, _NEG_INF)
+  logits = jnp.where(mask[:, None, None, :, :], logits, NEG_INF)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   out = jnp.einsum('BKGTS,BSKH->BTKGH', probs, v)
   return out.reshape(b, t, n, h)
