@@ -99,6 +99,12 @@ class ModelConfig:
     return max(self.delays)
 
   @property
+  def initial_column(self) -> tuple[int, ...]:
+    """The official initial tokens per channel: text WAIT, every audio channel PAD. Also what
+    fills a grid where a channel has no data."""
+    return (self.text_wait_id,) + (self.audio_pad_id,) * (2 * self.num_codebooks)
+
+  @property
   def grid_offsets(self) -> tuple[int, ...]:
     """Column of frame 0 per channel on the delayed grid: frame f of channel c sits at column
     f + grid_offsets[c].

@@ -30,6 +30,7 @@ def test_delays_and_grid_offsets():
   assert cfg.delays == (0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1)
   assert cfg.grid_offsets == (1, 1) + (2,) * 7 + (0,) + (1,) * 7
   assert cfg.num_channels == 17 and cfg.max_delay == 1
+  assert cfg.initial_column == (317,) + (2048,) * 16
   assert ModelConfig.flm_8b().text_logit_scale == 1.0 and cfg.text_logit_scale == 0.5
   assert ModelConfig.small().embed_scale == 1.0 and cfg.embed_scale == 1.5
 

@@ -22,6 +22,11 @@ class LossWeights:
   acoustic: float = 0.1
 
 
+def _blank(cfg: ModelConfig, num_columns: int) -> np.ndarray:
+  """int32 [17, num_columns] holding the initial column everywhere (WAIT text, PAD audio)."""
+  return np.repeat(np.asarray(cfg.initial_column, np.int32)[:, None], num_columns, axis=1)
+
+
 def _check_ids(name: str, ids: np.ndarray, upper: int):
   if ids.size and (ids.min() < 0 or ids.max() >= upper):
     bad = ids[(ids < 0) | (ids >= upper)].ravel()[0]
@@ -48,9 +53,7 @@ def _frames(cfg: ModelConfig, text_ids, speak, listen) -> tuple[np.ndarray, np.n
   if len(set(lengths.values())) != 1:
     raise ValueError(f'build_grid: streams disagree on the number of frames: {lengths}')
   num_frames = next(iter(lengths.values()))
-  frames = np.empty((cfg.num_channels, num_frames), np.int32)  # [17, F]
-  frames[0] = cfg.text_wait_id
-  frames[1:] = cfg.audio_pad_id
+  frames = _blank(cfg, num_frames)  # [17, F]
   has_data = np.zeros(cfg.num_channels, bool)
   if text_ids is not None:
     _check_ids('text_ids', text_ids, cfg.vocab_size)
@@ -79,9 +82,7 @@ def build_grid(cfg: ModelConfig, text_ids, speak, listen,
   offsets = np.asarray(cfg.grid_offsets)  # [17]
   if num_columns is None:
     num_columns = num_frames + int(offsets.max())
-  tokens = np.empty((cfg.num_channels, num_columns), np.int32)  # [17, T]
-  tokens[0] = cfg.text_wait_id
-  tokens[1:] = cfg.audio_pad_id
+  tokens = _blank(cfg, num_columns)  # [17, T]
   inside = np.zeros((cfg.num_channels, num_columns), bool)  # the column holds a frame of the sample
   for c, off in enumerate(offsets):
     n = max(0, min(num_frames, num_columns - off))
@@ -122,9 +123,7 @@ def pad_grid(cfg: ModelConfig, tokens: np.ndarray, weights: np.ndarray, start: i
 
   The window's first column has weight 0: no column inside the window predicts it.
   """
-  out_t = np.empty((cfg.num_channels, window), np.int32)  # [17, W]
-  out_t[0] = cfg.text_wait_id
-  out_t[1:] = cfg.audio_pad_id
+  out_t = _blank(cfg, window)  # [17, W]
   out_w = np.zeros((cfg.num_channels, window), np.float32)  # [17, W]
   part_t, part_w = tokens[:, start:start + window], weights[:, start:start + window]
   out_t[:, :part_t.shape[1]] = part_t

@@ -25,7 +25,7 @@ def ring_size(cfg: ModelConfig) -> int:
 
 def initial_column(cfg: ModelConfig) -> np.ndarray:
   """The official initial tokens [Z]: text WAIT, every audio channel PAD."""
-  return np.array([cfg.text_wait_id] + [cfg.audio_pad_id] * (2 * cfg.num_codebooks), np.int32)
+  return np.asarray(cfg.initial_column, np.int32)
 
 
 def key_data(seeds: jax.Array) -> jax.Array:
