@@ -16,6 +16,7 @@ import os
 
 import numpy as np
 
+from flmjax.config import ModelConfig
 from flmjax.data.codec import CODEBOOK_SIZE, FRAME_SIZE, NUM_CODEBOOKS, SAMPLE_RATE, ToyCodec
 from flmjax.data.tokenizer import train_sentencepiece
 
@@ -28,7 +29,8 @@ WORDS = tuple(sorted(set(NUMBERS) | set('what is plus minus comes after before i
 MODEL_SPEAKER = 0  # the model speaks with one voice; users and tts_asr speakers vary
 NUM_SPEAKERS = 4
 FRAME_RATE = SAMPLE_RATE / FRAME_SIZE
-MAX_TEXT_ID = 316  # tiny config: BOS 316, WAIT 317, EOS 318 lie above the tokenizer's ids
+# Text ids must stay below the tiny config's specials (BOS 316, WAIT 317, EOS 318).
+MAX_TEXT_ID = ModelConfig.tiny().text_bos_id
 
 
 class ToySpeech:
