@@ -32,6 +32,11 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ('qkv', None),
     ('time', None),
     ('channel', None),
+    ('conv_kernel', None),  # Mimi (flmjax.codec): small enough to replicate everywhere
+    ('conv_in', None),
+    ('conv_out', None),
+    ('codebook_entries', None),
+    ('codebook_dim', None),
 )
 
 

@@ -8,7 +8,7 @@ import pytest
 import soundfile
 
 from flmjax.data import cli
-from flmjax.data.codec import ToyCodec
+from flmjax.codec.toy import ToyCodec
 from flmjax.data.manifest import ManifestError
 from flmjax.data.prepare import prepare
 from flmjax.data.records import read_all

@@ -8,7 +8,7 @@ import soundfile
 
 from flmjax.data import cli, synthetic
 from flmjax.data import manifest as mf
-from flmjax.data.codec import ToyCodec
+from flmjax.codec.toy import ToyCodec
 from flmjax.data.monologue import layout_monologue
 from flmjax.data.prepare import prepare
 from flmjax.data.records import read_all

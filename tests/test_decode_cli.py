@@ -25,7 +25,7 @@ def test_chat_reproduces_the_golden_stream(tiny_dir, tmp_path, capsys):
 
 def test_chat_with_a_tokenizer_and_a_wav(tiny_dir, tmp_path, capsys):
   import soundfile
-  from flmjax.data.codec import ToyCodec
+  from flmjax.codec.toy import ToyCodec
   from flmjax.data.tokenizer import train_sentencepiece
   words = 'what is two plus three five seven hello there yes no'.split()
   texts = [' '.join(words[i:] + words[:i]) for i in range(len(words))] * 5

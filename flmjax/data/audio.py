@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 
-from flmjax.data.codec import SAMPLE_RATE
+from flmjax.codec.base import SAMPLE_RATE
 
 
 class AudioError(ValueError):

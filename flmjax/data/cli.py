@@ -38,7 +38,7 @@ def main(argv: list[str]) -> int:
     for name, path in paths.items():
       print(f'{name}: {path}')
     return 0
-  from flmjax.data.codec import ToyCodec
+  from flmjax.codec.toy import ToyCodec
   from flmjax.data.manifest import ManifestError
   from flmjax.data.prepare import format_summary, prepare
   from flmjax.data.tokenizer import load_tokenizer

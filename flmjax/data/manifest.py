@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from flmjax.data import audio as audio_lib
-from flmjax.data.codec import CODEBOOK_SIZE, FRAME_SIZE, NUM_CODEBOOKS, SAMPLE_RATE, Codec
+from flmjax.codec.base import CODEBOOK_SIZE, FRAME_SIZE, NUM_CODEBOOKS, SAMPLE_RATE, Codec
 
 KINDS = ('tts_asr', 'duplex')
 SPEAKERS = ('model', 'user')

@@ -11,7 +11,7 @@ import os
 import sys
 
 from flmjax.data import manifest as mf
-from flmjax.data.codec import Codec
+from flmjax.codec.base import Codec
 from flmjax.data.monologue import MODES, layout_monologue
 from flmjax.data.records import SUMMARY, Record, encode_record, monologue_sentences
 from flmjax.data.tokenizer import Tokenizer

@@ -9,7 +9,7 @@ import os
 import msgpack
 import numpy as np
 
-from flmjax.data.codec import NUM_CODEBOOKS
+from flmjax.codec.base import NUM_CODEBOOKS
 
 SUMMARY = 'summary.json'
 

@@ -17,7 +17,8 @@ import os
 import numpy as np
 
 from flmjax.config import ModelConfig
-from flmjax.data.codec import CODEBOOK_SIZE, FRAME_SIZE, NUM_CODEBOOKS, SAMPLE_RATE, ToyCodec
+from flmjax.codec.base import CODEBOOK_SIZE, FRAME_SIZE, NUM_CODEBOOKS, SAMPLE_RATE
+from flmjax.codec.toy import ToyCodec
 from flmjax.data.tokenizer import train_sentencepiece
 
 NUMBERS = ('zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen '

@@ -4,8 +4,8 @@
 
 The checkpoint is an official-layout directory (config.json + safetensors) or an orbax training
 run/checkpoint directory. The user's side is Mimi-style codes [8, frames] in a .npy, or a WAV
-encoded with the toy codec of the synthetic corpus (`flmjax.data.codec.ToyCodec`; Mimi in JAX
-does not exist yet). Writes model_codes.npy [8, F], text_ids.npy [F], transcript.txt (and
+encoded with the toy codec of the synthetic corpus (`flmjax.codec.toy.ToyCodec`; chat does
+not use Mimi yet). Writes model_codes.npy [8, F], text_ids.npy [F], transcript.txt (and
 model.wav through the same codec when the input was a WAV), and prints the transcript as it goes.
 """
 from __future__ import annotations
@@ -66,7 +66,7 @@ def read_user(path: str, num_codebooks: int, pad_id: int) -> tuple[np.ndarray, o
   if path.endswith('.wav'):
     import soundfile
     import soxr
-    from flmjax.data.codec import ToyCodec
+    from flmjax.codec.toy import ToyCodec
     codec = ToyCodec()
     wave, rate = soundfile.read(path, dtype='float32', always_2d=True)
     wave = wave.mean(axis=1)

@@ -1,39 +1,13 @@
-"""Speech codec interface: 24 kHz mono wave <-> 8 codebooks at 12.5 Hz (ARCHITECTURE.md §1, §8).
+"""`ToyCodec`: the embedded synthetic corpus's exact, deterministic stand-in for Mimi.
 
-Mimi in JAX is future work; until then real data comes as precomputed Mimi codes (`.npy`).
-`ToyCodec` is the embedded synthetic corpus's exact, deterministic stand-in: each code is written
-as 11 on/off sine tones on its own FFT bins of the frame, so encode(decode(codes)) == codes and
-audio manifests can run end to end without any model.
+Each code is written as 11 on/off sine tones on its own FFT bins of the frame, so
+encode(decode(codes)) == codes and audio manifests can run end to end without any model.
 """
 from __future__ import annotations
 
-import abc
-
 import numpy as np
 
-SAMPLE_RATE = 24000
-FRAME_SIZE = 1920  # samples per 80 ms frame
-NUM_CODEBOOKS = 8
-CODEBOOK_SIZE = 2048
-
-
-class Codec(abc.ABC):
-  sample_rate: int = SAMPLE_RATE
-  frame_size: int = FRAME_SIZE
-  num_codebooks: int = NUM_CODEBOOKS
-  codebook_size: int = CODEBOOK_SIZE
-
-  @property
-  def frame_rate(self) -> float:
-    return self.sample_rate / self.frame_size
-
-  @abc.abstractmethod
-  def encode(self, wave: np.ndarray) -> np.ndarray:
-    """float32 [samples] at `sample_rate` -> int32 [num_codebooks, frames]."""
-
-  @abc.abstractmethod
-  def decode(self, codes: np.ndarray) -> np.ndarray:
-    """int [num_codebooks, frames] -> float32 [frames * frame_size]."""
+from flmjax.codec.base import Codec
 
 
 class ToyCodec(Codec):

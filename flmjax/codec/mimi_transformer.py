@@ -1,0 +1,121 @@
+"""Mimi's encoder/decoder transformer: pre-LayerNorm, interleaved RoPE, layer-scale, GELU MLP,
+causal attention over a window of `context` 25 Hz steps.
+
+Two modes, each matching its official counterpart (golden/README.md, mimi_small):
+- `forward` (batch): query t sees keys t-context+1 .. t. Computed blockwise (blocks of `context`
+  queries against their own and the previous block's keys), so memory grows linearly with T.
+- `step` (streaming): a ring buffer of exactly `context` keys per layer, written T steps at a time.
+  Once full, a query that is not the last of its step sees fewer than `context` keys, as in
+  the official RingKVCache.
+
+Shapes: B batch, T query time, S key time, D model, N heads, H head dim, F feed-forward.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from flmjax.codec.mimi_config import MimiConfig
+
+NEG_INF = -1e30  # finite: a row with no visible key stays NaN-free
+
+
+def layer_norm(p, x, eps=1e-5):
+  mean = x.mean(-1, keepdims=True)
+  var = jnp.square(x - mean).mean(-1, keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + eps) * p['scale'] + p['bias']
+
+
+def rope(cfg: MimiConfig, x: jax.Array, positions: jax.Array) -> jax.Array:
+  """Rotates interleaved pairs (x[2i], x[2i+1]). x [B,T,N,H], positions [B,T] int."""
+  half = cfg.head_dim // 2
+  freqs = jnp.exp(jnp.arange(half, dtype=jnp.float32) * (-math.log(cfg.max_period) * 2 / cfg.head_dim))
+  angle = positions.astype(jnp.float32)[:, :, None, None] * freqs  # [B,T,1,H/2]
+  cos, sin = jnp.cos(angle), jnp.sin(angle)
+  xr, xi = x[..., 0::2], x[..., 1::2]  # [B,T,N,H/2]
+  out = jnp.stack([xr * cos - xi * sin, xr * sin + xi * cos], axis=-1)  # [B,T,N,H/2,2]
+  return out.reshape(x.shape)
+
+
+def _qkv(cfg, p, x, positions):
+  qkv = jnp.einsum('BTD,DPNH->PBTNH', layer_norm(p['norm1'], x), p['qkv'])  # [3,B,T,N,H]
+  return rope(cfg, qkv[0], positions), rope(cfg, qkv[1], positions), qkv[2]
+
+
+def _attend(q, k, v, visible):
+  """q [B,T,N,H], k/v [B,S,N,H], visible [B,T,S] bool -> [B,T,N,H]."""
+  logits = jnp.einsum('BTNH,BSNH->BNTS', q, k) / math.sqrt(q.shape[-1])
+  logits = jnp.where(visible[:, None], logits, NEG_INF)
+  return jnp.einsum('BNTS,BSNH->BTNH', jax.nn.softmax(logits, axis=-1), v)
+
+
+def _finish(cfg, p, x, attn):
+  """Residual attention output, then the residual MLP. x [B,T,D], attn [B,T,N,H]."""
+  x = x + p['layer_scale_1'] * jnp.einsum('BTNH,NHD->BTD', attn, p['out'])
+  h = jax.nn.gelu(jnp.einsum('BTD,DF->BTF', layer_norm(p['norm2'], x), p['linear1']),
+                  approximate=False)
+  return x + p['layer_scale_2'] * jnp.einsum('BTF,FD->BTD', h, p['linear2'])
+
+
+def forward(cfg: MimiConfig, params, x: jax.Array) -> jax.Array:
+  """Batch mode. x [B,T,D] -> [B,T,D]."""
+  B, T, _ = x.shape
+  C = cfg.context
+  nb = -(-T // C)  # query blocks of C steps
+  pad = nb * C - T
+  pos = jnp.arange(nb * C)
+  q_pos = pos.reshape(nb, C)  # [nb,C]
+  k_pos = jnp.concatenate([q_pos - C, q_pos], axis=1)  # [nb,2C]: previous block, this block
+  delta = q_pos[:, :, None] - k_pos[:, None, :]  # [nb,C,2C]
+  visible = (delta >= 0) & (delta < C) & (k_pos[:, None, :] >= 0)  # [nb,C,2C]
+  visible = jnp.broadcast_to(visible[None], (B, nb, C, 2 * C)).reshape(B * nb, C, 2 * C)
+  positions = jnp.broadcast_to(pos[:T], (B, T))
+  for p in params['layers']:
+    q, k, v = _qkv(cfg, p, x, positions)  # [B,T,N,H] each
+
+    def blocks(a):  # [B,T,N,H] -> [B*nb,C,N,H]
+      a = jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0)))
+      return a.reshape(B * nb, C, *a.shape[2:])
+
+    def with_previous(a):  # [B,T,N,H] -> [B*nb,2C,N,H]
+      a = jnp.pad(a, ((0, 0), (C, pad), (0, 0), (0, 0))).reshape(B, nb + 1, C, *a.shape[2:])
+      return jnp.concatenate([a[:, :-1], a[:, 1:]], axis=2).reshape(B * nb, 2 * C, *a.shape[3:])
+
+    attn = _attend(blocks(q), with_previous(k), with_previous(v), visible)  # [B*nb,C,N,H]
+    attn = attn.reshape(B, nb * C, *attn.shape[2:])[:, :T]
+    x = _finish(cfg, p, x, attn)
+  return x
+
+
+def init_state(cfg: MimiConfig, batch: int, dtype=jnp.float32):
+  """Ring KV cache per layer ([B, context, N, H]) and the stream offset [B] (steps written)."""
+  shape = (batch, cfg.context, cfg.num_heads, cfg.head_dim)
+  layers = [{'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
+            for _ in range(cfg.num_layers)]
+  return {'layers': layers, 'offset': jnp.zeros((batch,), jnp.int32)}
+
+
+def step(cfg: MimiConfig, params, state, x: jax.Array):
+  """Streaming mode. x [B,T,D] (T new steps, T <= context) -> (y [B,T,D], new state)."""
+  B, T, _ = x.shape
+  cap = cfg.context
+  offset = state['offset']  # [B]
+  positions = offset[:, None] + jnp.arange(T)  # [B,T]
+  write = positions % cap  # [B,T] ring slots written now
+  # Position held by each ring slot after the write (-1: never written), as RingKVCache computes.
+  last = offset + T - 1  # [B]
+  delta = jnp.arange(cap)[None, :] - (last % cap)[:, None]  # [B,cap]
+  k_pos = jnp.where(delta <= 0, last[:, None] + delta, last[:, None] + delta - cap)  # [B,cap]
+  k_pos = jnp.where(jnp.arange(cap)[None, :] >= (offset + T)[:, None], -1, k_pos)
+  d = positions[:, :, None] - k_pos[:, None, :]  # [B,T,cap]
+  visible = (k_pos[:, None, :] >= 0) & (d >= 0) & (d < cap)
+  rows = jnp.arange(B)[:, None]
+  layers = []
+  for p, kv in zip(params['layers'], state['layers']):
+    q, k, v = _qkv(cfg, p, x, positions)
+    kv = {'k': kv['k'].at[rows, write].set(k), 'v': kv['v'].at[rows, write].set(v)}
+    x = _finish(cfg, p, x, _attend(q, kv['k'], kv['v'], visible))
+    layers.append(kv)
+  return x, {'layers': layers, 'offset': offset + T}

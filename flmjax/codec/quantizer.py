@@ -1,0 +1,41 @@
+"""Mimi's split residual vector quantizer (official `SplitResidualVectorQuantizer`).
+
+Codebook 0 (semantic) quantizes its own 1x1 projection of the latent; codebooks 1.. (acoustic)
+quantize another projection residually. Both read the same latent. Decoding sums each group's
+centroids and projects it back; the two projections are added.
+
+Shapes: B batch, F frames, D latent, Q quantizer dim, V codebook entries, K codebooks.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def nearest(x: jax.Array, codebook: jax.Array) -> jax.Array:
+  """x [B,F,Q], codebook [V,Q] -> int32 [B,F]: the closest entry in Euclidean distance."""
+  dist = (jnp.sum(x * x, -1, keepdims=True) - 2 * jnp.einsum('BFQ,VQ->BFV', x, codebook)
+          + jnp.sum(codebook * codebook, -1))  # [B,F,V]
+  return jnp.argmin(dist, axis=-1).astype(jnp.int32)
+
+
+def encode(params, latent: jax.Array) -> jax.Array:
+  """latent [B,F,D] -> codes int32 [B,K,F]."""
+  books = params['codebooks']  # [K,V,Q]
+  first = jnp.einsum('BFD,DQ->BFQ', latent, params['first_in'])
+  codes = [nearest(first, books[0])]
+  residual = jnp.einsum('BFD,DQ->BFQ', latent, params['rest_in'])
+  for k in range(1, books.shape[0]):
+    codes.append(nearest(residual, books[k]))
+    residual = residual - books[k][codes[-1]]
+  return jnp.stack(codes, axis=1)
+
+
+def decode(params, codes: jax.Array) -> jax.Array:
+  """codes int [B,K,F] -> latent [B,F,D]."""
+  books = params['codebooks']  # [K,V,Q]
+  first = jnp.einsum('BFQ,QD->BFD', books[0][codes[:, 0]], params['first_out'])
+  if books.shape[0] == 1:
+    return first
+  rest = sum(books[k][codes[:, k]] for k in range(1, books.shape[0]))  # [B,F,Q]
+  return first + jnp.einsum('BFQ,QD->BFD', rest, params['rest_out'])

@@ -1,0 +1,140 @@
+"""SEANet encoder/decoder of Mimi: causal 1-D convolutions in NWC layout, batch and streaming alike.
+
+Every causal convolution keeps a left context ("tail") of `effective_kernel - stride` inputs, and
+every transposed convolution (kernel = 2 * stride) a right overhang ("partial") of `stride` outputs.
+A batch call is one streaming step from a fresh (zero) state, so the two modes share the code and
+agree exactly, as the official StreamingConv1d / StreamingConvTranspose1d do.
+
+Shapes: B batch, T time, C/I input channels, O output channels, K kernel taps, S stride.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from flmjax.codec.mimi_config import MimiConfig
+
+Params = dict
+State = dict
+
+
+# ---------------------------------------------------------------------------- layer geometry
+def encoder_convs(cfg: MimiConfig) -> list[tuple[str, int, int, int, int, int]]:
+  """(name, in, out, kernel, stride, dilation) of every encoder conv, in order."""
+  nf, convs = cfg.n_filters, [('conv_in', cfg.channels, cfg.n_filters, cfg.kernel_size, 1, 1)]
+  mult = 1
+  for i, ratio in enumerate(reversed(cfg.ratios)):
+    convs += _resblock_convs(cfg, f'blocks.{i}', mult * nf)
+    convs.append((f'blocks.{i}.down', mult * nf, 2 * mult * nf, 2 * ratio, ratio, 1))
+    mult *= 2
+  convs.append(('conv_out', mult * nf, cfg.dimension, cfg.last_kernel_size, 1, 1))
+  return convs
+
+
+def decoder_convs(cfg: MimiConfig) -> list[tuple[str, int, int, int, int, int]]:
+  """Same for the decoder; `up` entries are transposed convolutions."""
+  mult = 2 ** len(cfg.ratios)
+  nf, convs = cfg.n_filters, [('conv_in', cfg.dimension, mult * cfg.n_filters, cfg.kernel_size, 1, 1)]
+  for i, ratio in enumerate(cfg.ratios):
+    convs.append((f'blocks.{i}.up', mult * nf, mult * nf // 2, 2 * ratio, ratio, 1))
+    convs += _resblock_convs(cfg, f'blocks.{i}', mult * nf // 2)
+    mult //= 2
+  convs.append(('conv_out', nf, cfg.channels, cfg.last_kernel_size, 1, 1))
+  return convs
+
+
+def _resblock_convs(cfg: MimiConfig, prefix: str, dim: int):
+  hidden = dim // cfg.compress
+  out = []
+  for j in range(cfg.n_residual_layers):
+    out.append((f'{prefix}.res.{j}.conv1', dim, hidden, cfg.residual_kernel_size, 1,
+                cfg.dilation_base ** j))
+    out.append((f'{prefix}.res.{j}.conv2', hidden, dim, 1, 1, 1))
+  return out
+
+
+def get(tree, name: str):
+  for part in name.split('.'):
+    tree = tree[int(part)] if isinstance(tree, list) else tree[part]
+  return tree
+
+
+# ---------------------------------------------------------------------------- primitives
+def conv1d(p: Params, x: jax.Array, tail: jax.Array, stride: int = 1, dilation: int = 1):
+  """Causal conv. x [B,T,I], tail [B,P,I] (P = (K-1)*dilation + 1 - stride), w [K,I,O].
+
+  -> (y [B,T/S,O], new tail [B,P,I]).
+  """
+  xx = jnp.concatenate([tail, x], axis=1) if tail.shape[1] else x  # [B,P+T,I]
+  y = jax.lax.conv_general_dilated(xx, p['w'], (stride,), 'VALID', rhs_dilation=(dilation,),
+                                   dimension_numbers=('NWC', 'WIO', 'NWC'))  # [B,T/S,O]
+  if 'b' in p:
+    y = y + p['b']
+  return y, xx[:, xx.shape[1] - tail.shape[1]:]
+
+
+def conv_transpose1d(p: Params, x: jax.Array, partial: jax.Array, stride: int):
+  """Causal transposed conv with kernel 2S as matmul + overlap-add. x [B,T,I], w [I,K,O],
+  partial [B,S,O] (the previous step's overhang, bias excluded). -> (y [B,T*S,O], partial)."""
+  B, T, _ = x.shape
+  z = jnp.einsum('BTI,IKO->BTKO', x, p['w']).reshape(B, T, 2, stride, -1)  # [B,T,2,S,O]
+  over = jnp.concatenate([partial[:, None], z[:, :-1, 1]], axis=1)  # [B,T,S,O]
+  y = (z[:, :, 0] + over).reshape(B, T * stride, -1)  # [B,T*S,O]
+  if 'b' in p:
+    y = y + p['b']
+  return y, z[:, -1, 1]
+
+
+def depthwise_conv_transpose1d(w: jax.Array, x: jax.Array, partial: jax.Array, stride: int):
+  """The channel-wise upsampler (groups = channels, no bias). w [K,C], x [B,T,C]."""
+  B, T, C = x.shape
+  z = jnp.einsum('BTC,KC->BTKC', x, w).reshape(B, T, 2, stride, C)  # [B,T,2,S,C]
+  over = jnp.concatenate([partial[:, None], z[:, :-1, 1]], axis=1)  # [B,T,S,C]
+  return (z[:, :, 0] + over).reshape(B, T * stride, C), z[:, -1, 1]
+
+
+# ---------------------------------------------------------------------------- networks
+def init_state(cfg: MimiConfig, batch: int, decoder: bool, dtype=jnp.float32) -> State:
+  """Zero tails/partials of one SEANet, keyed by conv name. Leaves are [B, ...]."""
+  state = {}
+  for name, cin, cout, k, s, d in (decoder_convs if decoder else encoder_convs)(cfg):
+    if name.endswith('.up'):
+      state[name] = jnp.zeros((batch, s, cout), dtype)
+    else:
+      state[name] = jnp.zeros((batch, (k - 1) * d + 1 - s, cin), dtype)
+  return state
+
+
+def _resblocks(cfg, params, state, new, prefix, x):
+  for j in range(cfg.n_residual_layers):
+    name = f'{prefix}.res.{j}'
+    h, new[f'{name}.conv1'] = conv1d(get(params, f'{name}.conv1'), jax.nn.elu(x),
+                                     state[f'{name}.conv1'], dilation=cfg.dilation_base ** j)
+    h, new[f'{name}.conv2'] = conv1d(get(params, f'{name}.conv2'), jax.nn.elu(h),
+                                     state[f'{name}.conv2'])
+    x = x + h
+  return x
+
+
+def encode(cfg: MimiConfig, params: Params, state: State, x: jax.Array):
+  """x [B,T,channels] (T a multiple of hop_length) -> (h [B,T/hop,D], new state)."""
+  new = {}
+  h, new['conv_in'] = conv1d(params['conv_in'], x, state['conv_in'])
+  for i, ratio in enumerate(reversed(cfg.ratios)):
+    h = _resblocks(cfg, params, state, new, f'blocks.{i}', h)
+    h, new[f'blocks.{i}.down'] = conv1d(params['blocks'][i]['down'], jax.nn.elu(h),
+                                        state[f'blocks.{i}.down'], stride=ratio)
+  h, new['conv_out'] = conv1d(params['conv_out'], jax.nn.elu(h), state['conv_out'])
+  return h, new
+
+
+def decode(cfg: MimiConfig, params: Params, state: State, h: jax.Array):
+  """h [B,T,D] at 25 Hz -> (wave [B,T*hop,channels], new state)."""
+  new = {}
+  y, new['conv_in'] = conv1d(params['conv_in'], h, state['conv_in'])
+  for i, ratio in enumerate(cfg.ratios):
+    y, new[f'blocks.{i}.up'] = conv_transpose1d(params['blocks'][i]['up'], jax.nn.elu(y),
+                                                state[f'blocks.{i}.up'], ratio)
+    y = _resblocks(cfg, params, state, new, f'blocks.{i}', y)
+  y, new['conv_out'] = conv1d(params['conv_out'], jax.nn.elu(y), state['conv_out'])
+  return y, new
