@@ -1,7 +1,14 @@
-"""`flmjax` command line: dispatches to each subsystem's own entry point."""
+"""`flmjax` command line: dispatches to each subsystem's own entry point.
+
+Every subcommand reports a bad input the same way: one line `flmjax CMD: error: ...` on stderr and
+exit status 1 (`fail`, `ArgumentParser`). Set FLMJAX_TRACEBACK=1 to see the traceback instead.
+"""
 from __future__ import annotations
 
+import argparse
+import functools
 import importlib
+import os
 import sys
 
 # subcommand -> (module, function, help). Modules load lazily so `flmjax --help` is instant.
@@ -13,16 +20,61 @@ COMMANDS = {
     'chat': ('flmjax.decode.cli', 'main', 'offline full-duplex session: `flmjax chat --checkpoint DIR`'),
 }
 
+# What a user's input can raise: a message that names the file, field and fix, not a bug.
+INPUT_ERRORS = (OSError, ValueError)
+
+
+def fail(prog: str, message: str) -> int:
+  """Prints `prog: error: message` as one line on stderr; returns the exit status 1."""
+  message = ' '.join(str(message).split('\n'))
+  print(f'{prog}: error: {message}', file=sys.stderr)
+  return 1
+
+
+def command(prog: str):
+  """Decorates a subcommand's `main(argv) -> int`: input errors become `fail(prog, message)`, and
+  argparse's exits a return value, so callers in Python get the exit status too."""
+  def wrap(fn):
+    @functools.wraps(fn)
+    def run(argv: list[str]) -> int:
+      try:
+        return int(fn(argv) or 0)
+      except SystemExit as e:  # --help (0) and usage errors (1)
+        return e.code if isinstance(e.code, int) else int(e.code is not None)
+      except INPUT_ERRORS as e:
+        if os.environ.get('FLMJAX_TRACEBACK'):
+          raise
+        return fail(prog, str(e) or type(e).__name__)
+    return run
+  return wrap
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse whose usage errors are one stderr line and exit status 1, like every other error."""
+
+  def error(self, message: str):
+    self.exit(1, f'{self.prog}: error: {message} (see {self.prog} --help)\n')
+
 
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
-  if not argv or argv[0] in ('-h', '--help') or argv[0] not in COMMANDS:
+  if not argv or argv[0] in ('-h', '--help'):
     print('usage: flmjax COMMAND [ARGS]\n\ncommands:')
     for name, (_, _, text) in COMMANDS.items():
       print(f'  {name:8s} {text}')
-    return 0 if not argv or argv[0] in ('-h', '--help') else 2
+    return 0
+  if argv[0] not in COMMANDS:
+    return fail('flmjax', f'unknown command {argv[0]!r}; use one of {list(COMMANDS)} '
+                          '(see flmjax --help)')
   module, func, _ = COMMANDS[argv[0]]
-  result = getattr(importlib.import_module(module), func)(argv[1:])
+  try:
+    result = getattr(importlib.import_module(module), func)(argv[1:])
+  except SystemExit as e:  # argparse: --help (0) and usage errors (1)
+    return e.code if isinstance(e.code, int) else int(e.code is not None)
+  except INPUT_ERRORS as e:
+    if os.environ.get('FLMJAX_TRACEBACK'):
+      raise
+    return fail(f'flmjax {argv[0]}', str(e) or type(e).__name__)
   return int(result or 0)
 
 

@@ -183,6 +183,8 @@ class ModelConfig:
     return _render_official(self)
 
 
+# The official model class: transformers' from_pretrained reads it from config.json.
+ARCHITECTURE = 'FLMAudioForCausalLM'
 # Fields whose value must be exactly this for the official architecture to hold.
 _FIXED = {
     'attention_bias': True, 'attention_dropout': 0.0,
@@ -250,7 +252,7 @@ def _parse_official(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _render_official(c: ModelConfig) -> dict[str, Any]:
-  out: dict[str, Any] = {'_attn_implementation_autoset': True}
+  out: dict[str, Any] = {'_attn_implementation_autoset': True, 'architectures': [ARCHITECTURE]}
   out.update(_FIXED)
   out.update({theirs: getattr(c, ours) for theirs, ours in _MAPPED.items()})
   out['aud_vocab_size'] = c.audio_vocab_size

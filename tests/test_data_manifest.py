@@ -105,13 +105,14 @@ def test_bad_codes(tmp_path, tok):
   assert why == 'bad_codes' and 'm.jsonl:1: codes' in got and 'hold 2048, outside 0..2047' in got
   np.save(tmp_path / 'few.npy', bad[:4])
   got, _ = run(tmp_path, tok, [tts(tmp_path, codes={'model': 'few.npy'})])
-  assert 'must be [n_codebooks >= 8, frames], got (4, 20)' in got
+  assert 'must be [codebooks, frames] with 8 to 32 codebooks, got shape (4, 20)' in got
   np.save(tmp_path / 'float.npy', bad.astype(np.float32))
   got, _ = run(tmp_path, tok, [tts(tmp_path, codes={'model': 'float.npy'})])
   assert 'have dtype float32; need integers' in got
   (tmp_path / 'junk.npy').write_bytes(b'not numpy')
   got, why = run(tmp_path, tok, [tts(tmp_path, codes={'model': 'junk.npy'})])
-  assert why == 'unreadable' and 'm.jsonl:1: cannot read codes' in got and 'junk.npy' in got
+  assert why == 'unreadable' and 'm.jsonl:1: cannot read codes' in got and 'junk.npy: not a ' \
+      'readable .npy file' in got
   got, why = run(tmp_path, tok, [tts(tmp_path, codes={'model': 'absent.npy'})])
   assert why == 'unreadable' and 'absent.npy' in got
 
@@ -135,14 +136,15 @@ def test_bad_audio(tmp_path, tok):
   line = lambda audio, kind='tts_asr': {'id': 'a', 'kind': kind, 'sample_rate': 24000,
                                         'audio': audio, 'segments': [seg()]}
   got, why = run(tmp_path, tok, [line('corrupt.wav')], codec)
-  assert why == 'unreadable' and 'm.jsonl:1: cannot read audio' in got and 'corrupt.wav' in got
+  assert why == 'unreadable' and 'corrupt.wav: not a readable audio file' in got
+  assert got.startswith(str(tmp_path / 'm.jsonl') + ':1: ')
   got, why = run(tmp_path, tok, [line('missing.wav')], codec)
   assert why == 'unreadable' and 'missing.wav' in got
   got, why = run(tmp_path, tok, [line('mono16k.wav')], codec)
   assert why == 'bad_audio_format'
-  assert 'mono16k.wav\' has sample rate 16000 Hz; the manifest says 24000 Hz' in got
+  assert 'mono16k.wav: sample rate 16000 Hz, but the manifest says 24000 Hz' in got
   got, why = run(tmp_path, tok, [line('mono.wav', 'duplex')], codec)
-  assert why == 'bad_audio_format' and "mono.wav' has 1 channel(s); expected 2" in got
+  assert why == 'bad_audio_format' and 'mono.wav: 1 channel(s); expected 2' in got
   got, why = run(tmp_path, tok, [line('mono.wav')], None)
   assert why == 'no_codec' and 'audio needs a codec' in got
 

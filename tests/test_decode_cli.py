@@ -1,6 +1,5 @@
 """`flmjax chat` end to end on the golden tiny checkpoint."""
 import numpy as np
-import pytest
 
 from flmjax import cli
 
@@ -45,16 +44,15 @@ def test_chat_with_a_tokenizer_and_a_wav(tiny_dir, tmp_path, capsys):
 
 
 def test_chat_rejects_bad_inputs(tiny_dir, tmp_path, capsys):
+  """One stderr line and exit status 1 (tests/test_bad_input.py covers every case)."""
   bad = tmp_path / 'bad.npy'
   np.save(bad, np.zeros((4, 10), np.int32))
-  with pytest.raises(SystemExit):
-    cli.main(['chat', '--checkpoint', str(tiny_dir), '--user', str(bad)])
+  assert cli.main(['chat', '--checkpoint', str(tiny_dir), '--user', str(bad)]) == 1
   assert 'expected codes of shape [8, frames], got (4, 10)' in capsys.readouterr().err
-  with pytest.raises(SystemExit):
-    cli.main(['chat', '--checkpoint', str(tmp_path / 'nope'), '--user', str(bad)])
+  assert cli.main(['chat', '--checkpoint', str(tmp_path / 'nope'), '--user', str(bad)]) == 1
   assert 'no such directory' in capsys.readouterr().err
-  with pytest.raises(SystemExit):
-    cli.main(['chat', '--checkpoint', str(tiny_dir), '--user', str(tmp_path / 'missing.wav')])
+  assert cli.main(['chat', '--checkpoint', str(tiny_dir), '--user',
+                   str(tmp_path / 'missing.wav')]) == 1
   assert 'missing.wav: no such file' in capsys.readouterr().err
 
 

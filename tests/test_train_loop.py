@@ -176,9 +176,9 @@ def test_export_round_trip(full_run, tmp_path, capsys):
   np.testing.assert_allclose(np.asarray(a.text_logits), np.asarray(b.text_logits), atol=1e-6)
   np.testing.assert_allclose(np.asarray(a.depth_logits), np.asarray(b.depth_logits), atol=1e-6)
   assert export_lib.main([str(tmp_path / 'nothing'), out_dir]) == 1
-  assert 'no such checkpoint directory' in capsys.readouterr().out
+  assert 'no such checkpoint directory' in capsys.readouterr().err
   assert export_lib.main([tc.run_dir, out_dir]) == 1  # exists; no --overwrite
-  assert 'exists' in capsys.readouterr().out
+  assert 'exists; pass --overwrite' in capsys.readouterr().err
 
 
 def test_resume_with_another_model_config_is_refused(full_run, tmp_path):

@@ -148,19 +148,22 @@ def _host(value: jax.Array) -> np.ndarray:
 
 
 def save_official(model: FLMAudio, path: str, *, dtype: str | None = None,
-                  max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> str:
+                  max_shard_bytes: int = 5 * 2**30, overwrite: bool = False,
+                  extra_files=None) -> str:
   """Writes config.json and HF-style safetensors in the official key layout, atomically.
 
   Everything goes to a temporary directory beside `path`, renamed into place at the end, so a
-  crash never leaves a complete-looking checkpoint. Holds one parameter on the host at a time.
+  crash never leaves a complete-looking checkpoint. With overwrite=True an existing `path` gets
+  the new checkpoint files, loses its stale ones, and keeps every other file. `extra_files(dir)`
+  may add files (the tokenizer) to the new checkpoint before it is moved into place. Holds one
+  parameter on the host at a time.
   """
   cfg = model.cfg
   dtype = dtype or cfg.checkpoint_dtype
   if dtype not in _NP:
     raise ValueError(f'save_official: unknown dtype {dtype!r}; use one of {sorted(_NP)}')
   path = os.path.abspath(path)
-  if os.path.exists(path) and not overwrite:
-    raise FileExistsError(f'{path} exists; pass overwrite=True to replace it')
+  check_target(path, overwrite)
   np_dtype = _NP[dtype]
   params = _flat_params(nnx.state(model))
   all_entries = entries(cfg)
@@ -190,6 +193,7 @@ def save_official(model: FLMAudio, path: str, *, dtype: str | None = None,
   parent = os.path.dirname(path)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(path)}.tmp-', dir=parent)
+  os.chmod(tmp, 0o755)  # mkdtemp's 0700 would survive the rename
   try:
     with open(os.path.join(tmp, 'config.json'), 'w') as f:
       json.dump(cfg.replace(checkpoint_dtype=dtype).to_official(), f, indent=2)
@@ -204,14 +208,37 @@ def save_official(model: FLMAudio, path: str, *, dtype: str | None = None,
       with open(os.path.join(tmp, INDEX), 'w') as f:
         json.dump({'metadata': {'total_size': total}, 'weight_map': dict(sorted(weight_map.items()))},
                   f, indent=2)
+    if extra_files:
+      extra_files(tmp)
     if os.path.exists(path):
-      old = tempfile.mkdtemp(prefix=f'.{os.path.basename(path)}.old-', dir=parent)
-      os.rename(path, os.path.join(old, 'x'))
-      os.rename(tmp, path)
-      shutil.rmtree(old)
+      _replace_checkpoint_files(tmp, path)
     else:
       os.rename(tmp, path)
-  except BaseException:
+  finally:
     shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return path
+
+
+def _is_checkpoint_file(name: str) -> bool:
+  return name in ('config.json', SINGLE, INDEX) or (
+      name.startswith('model-') and name.endswith('.safetensors'))
+
+
+def check_target(path: str, overwrite: bool) -> None:
+  """A checkpoint goes into a new directory, or (with overwrite) replaces one's checkpoint files."""
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise FileExistsError(f'{path} is a file; give a directory for the checkpoint')
+  if os.path.exists(path) and not overwrite:
+    raise FileExistsError(f'{path} exists; pass overwrite=True to replace its checkpoint files')
+
+
+def _replace_checkpoint_files(new: str, path: str) -> None:
+  """Moves every file of `new` into the existing `path` (each os.replace is atomic), then removes
+  the old checkpoint's files the new one did not rewrite (stale shards, index). Files that are not
+  a checkpoint's (notes, tokenizer of another kind, anything else) stay."""
+  names = sorted(os.listdir(new), key=lambda n: n == 'config.json')  # config.json last
+  for name in names:
+    os.replace(os.path.join(new, name), os.path.join(path, name))
+  for name in os.listdir(path):
+    if _is_checkpoint_file(name) and name not in names:
+      os.remove(os.path.join(path, name))

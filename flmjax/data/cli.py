@@ -1,12 +1,13 @@
 """`flmjax data ...`: prepare a manifest into ArrayRecord shards, or write the synthetic corpus."""
 from __future__ import annotations
 
-import argparse
-import sys
+import os
+
+from flmjax.cli import ArgumentParser, command, fail
 
 
-def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog='flmjax data')
+def _parser() -> ArgumentParser:
+  p = ArgumentParser(prog='flmjax data')
   sub = p.add_subparsers(dest='command', required=True)
   prep = sub.add_parser('prepare', help='manifest (JSONL) -> ArrayRecord shards + summary.json')
   prep.add_argument('manifest')
@@ -16,6 +17,8 @@ def _parser() -> argparse.ArgumentParser:
                     help='codec for "audio" lines (Mimi in JAX is future work; "toy" reads the '
                          'synthetic corpus\'s ToyCodec audio)')
   prep.add_argument('--strict', action='store_true', help='stop at the first bad line')
+  prep.add_argument('--overwrite', action='store_true',
+                    help='replace OUT_DIR when it holds a dataset prepared before')
   prep.add_argument('--records-per-shard', type=int, default=4096)
   prep.add_argument('--no-progress', action='store_true')
   syn = sub.add_parser('synth', help='write the embedded synthetic corpus (manifests + codes)')
@@ -28,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
+@command('flmjax data')
 def main(argv: list[str]) -> int:
   args = _parser().parse_args(argv)
   if args.command == 'synth':
@@ -39,15 +43,17 @@ def main(argv: list[str]) -> int:
       print(f'{name}: {path}')
     return 0
   from flmjax.codec.toy import ToyCodec
-  from flmjax.data.manifest import ManifestError
-  from flmjax.data.prepare import format_summary, prepare
+  from flmjax.data.prepare import check_out_dir, format_summary, prepare
   from flmjax.data.tokenizer import load_tokenizer
+  if args.records_per_shard < 1:
+    return fail('flmjax data prepare', f'--records-per-shard {args.records_per_shard} must be >= 1')
   try:
+    check_out_dir(os.path.abspath(args.out_dir), args.overwrite)  # before the tokenizer loads
     summary = prepare(args.manifest, args.out_dir, load_tokenizer(args.tokenizer),
                       codec=ToyCodec() if args.codec == 'toy' else None, strict=args.strict,
-                      records_per_shard=args.records_per_shard, progress=not args.no_progress)
-  except (ManifestError, OSError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
+                      records_per_shard=args.records_per_shard, progress=not args.no_progress,
+                      overwrite=args.overwrite)
+  except (OSError, ValueError) as e:  # ManifestError is a ValueError
+    return fail('flmjax data prepare', str(e))
   print(format_summary(summary))
   return 0

@@ -121,28 +121,65 @@ def read_manifest(path: str | os.PathLike) -> Iterator[Entry | ManifestError]:
   """Yields one Entry, or the ManifestError that rejects it, per non-blank line."""
   path = str(path)
   base = os.path.dirname(os.path.abspath(path))
-  with open(path, encoding='utf-8') as f:
-    for n, line in enumerate(f, start=1):
+  with open(path, 'rb') as f:  # decoded line by line: one bad byte rejects one line, not all
+    for n, raw in enumerate(f, start=1):
+      where = f'{path}:{n}'
+      try:
+        line = raw.decode('utf-8')
+      except UnicodeDecodeError as e:
+        yield ManifestError(where, f'not UTF-8 text (byte 0x{raw[e.start]:02x} at column '
+                            f'{e.start + 1}); save the manifest as UTF-8', 'not_utf8')
+        continue
       if not line.strip():
         continue
       try:
-        yield parse_line(line, f'{path}:{n}', base)
+        yield parse_line(line, where, base)
       except ManifestError as e:
         yield e
 
 
+def count_lines(path: str | os.PathLike) -> int:
+  """Non-blank lines of a manifest (for progress), without decoding them."""
+  with open(path, 'rb') as f:
+    return sum(1 for line in f if line.strip())
+
+
+MAX_CODEBOOKS = 32  # Mimi's full residual quantizer; FLM-Audio reads the first 8
+
+
 def _check_codes(codes: Any, where: str, name: str) -> np.ndarray:
-  _need(isinstance(codes, np.ndarray) and codes.ndim == 2 and codes.shape[0] >= NUM_CODEBOOKS,
-        where, f'codes {name!r} must be [n_codebooks >= {NUM_CODEBOOKS}, frames], got '
-        f'{getattr(codes, "shape", type(codes).__name__)}', 'bad_codes')
+  shape = getattr(codes, 'shape', type(codes).__name__)
+  _need(isinstance(codes, np.ndarray) and codes.ndim == 2, where,
+        f'codes {name!r} must be a 2-D array [codebooks, frames], got shape {shape}', 'bad_codes')
+  rows, cols = codes.shape
+  if rows > MAX_CODEBOOKS and NUM_CODEBOOKS <= cols <= MAX_CODEBOOKS:
+    raise ManifestError(where, f'codes {name!r} have shape {shape}, which looks transposed '
+                        f'([frames, codebooks]); save them as [codebooks, frames] (codes.T)',
+                        'bad_codes')
+  _need(NUM_CODEBOOKS <= rows <= MAX_CODEBOOKS, where,
+        f'codes {name!r} must be [codebooks, frames] with {NUM_CODEBOOKS} to {MAX_CODEBOOKS} '
+        f'codebooks, got shape {shape}', 'bad_codes')
+  _need(cols > 0, where, f'codes {name!r} have 0 frames (shape {shape}); drop the sample or '
+        f're-encode its audio', 'bad_codes')
   _need(np.issubdtype(codes.dtype, np.integer), where,
         f'codes {name!r} have dtype {codes.dtype}; need integers', 'bad_codes')
   codes = codes[:NUM_CODEBOOKS]  # FLM-Audio uses Mimi's first 8 codebooks
-  if codes.size and (codes.min() < 0 or codes.max() >= CODEBOOK_SIZE):
+  if codes.min() < 0 or codes.max() >= CODEBOOK_SIZE:
     bad = codes[(codes < 0) | (codes >= CODEBOOK_SIZE)].ravel()[0]
     raise ManifestError(where, f'codes {name!r} hold {int(bad)}, outside 0..{CODEBOOK_SIZE - 1}',
                         'bad_codes')
   return codes.astype(np.int16)
+
+
+def read_npy(path: str) -> np.ndarray:
+  """np.load with errors that name the file: missing, truncated or not a .npy at all."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path}: no such file')
+  try:
+    return np.load(path, allow_pickle=False)
+  except (ValueError, OSError, EOFError) as e:
+    raise ValueError(f'{path}: not a readable .npy file (truncated or another format: {e})') \
+        from None
 
 
 def load_codes(entry: Entry, codec: Codec | None) -> dict[str, np.ndarray]:
@@ -153,10 +190,9 @@ def load_codes(entry: Entry, codec: Codec | None) -> dict[str, np.ndarray]:
     for s in speakers:
       _need(s in entry.codes, entry.where, f'codes for speaker {s!r} are missing', 'missing_field')
       try:
-        raw = np.load(entry.codes[s], allow_pickle=False)
-      except Exception as e:
-        raise ManifestError(entry.where, f'cannot read codes {entry.codes[s]!r}: {e}',
-                            'unreadable') from e
+        raw = read_npy(entry.codes[s])
+      except (OSError, ValueError) as e:
+        raise ManifestError(entry.where, f'cannot read codes: {e}', 'unreadable') from e
       out[s] = _check_codes(raw, entry.where, entry.codes[s])
   else:
     _need(codec is not None, entry.where,
@@ -165,8 +201,7 @@ def load_codes(entry: Entry, codec: Codec | None) -> dict[str, np.ndarray]:
       wave = audio_lib.read_audio(entry.audio, sample_rate=entry.sample_rate,
                                   channels=len(speakers), target_rate=codec.sample_rate)
     except audio_lib.AudioError as e:
-      reason = 'unreadable' if 'cannot read' in str(e) else 'bad_audio_format'
-      raise ManifestError(entry.where, str(e), reason) from e
+      raise ManifestError(entry.where, str(e), e.reason) from e
     for s, channel in zip(speakers, wave):  # duplex: ch 0 model, ch 1 user
       out[s] = _check_codes(codec.encode(channel), entry.where, f'{entry.audio}[{s}]')
   frames = {s: c.shape[1] for s, c in out.items()}

@@ -1,14 +1,18 @@
 """`flmjax data prepare`: manifest -> validated, tokenized ArrayRecord shards + summary.json.
 
 Bad lines are skipped and counted by reason (or, with strict=True, raise); nothing is dropped
-silently: summary.json and the printed summary list every skipped line and why.
+silently: summary.json and the printed summary list every skipped line and why. The dataset is
+written to a temporary folder beside OUT_DIR and renamed into place only when complete, so a
+failure leaves no partial output and an existing dataset is replaced only with overwrite=True.
 """
 from __future__ import annotations
 
 import collections
 import json
 import os
+import shutil
 import sys
+import tempfile
 
 from flmjax.data import manifest as mf
 from flmjax.codec.base import Codec
@@ -32,20 +36,65 @@ def entry_to_record(entry: mf.Entry, tokenizer: Tokenizer, codec: Codec | None) 
   return Record(entry.id, entry.kind, codes, sentences)
 
 
+def check_out_dir(out_dir: str, overwrite: bool) -> None:
+  """OUT_DIR must be new, or (with `overwrite`) a dataset `prepare` wrote: nothing else is replaced."""
+  if os.path.isfile(out_dir):
+    raise FileExistsError(f'OUT_DIR {out_dir} is a file; give a directory path')
+  if not os.path.isdir(out_dir) or not os.listdir(out_dir):
+    return
+  if not os.path.isfile(os.path.join(out_dir, SUMMARY)):
+    raise FileExistsError(f'OUT_DIR {out_dir} exists and is not a prepared dataset (no {SUMMARY}); '
+                          'choose a new directory')
+  if not overwrite:
+    raise FileExistsError(f'OUT_DIR {out_dir} already holds a prepared dataset; pass --overwrite '
+                          'to replace it')
+
+
+def _replace_dir(tmp: str, out_dir: str) -> None:
+  """Renames the finished `tmp` onto `out_dir`; an old `out_dir` is moved aside first, then removed."""
+  if not os.path.exists(out_dir):
+    os.rename(tmp, out_dir)
+    return
+  old = tempfile.mkdtemp(prefix=f'.{os.path.basename(out_dir)}.old-', dir=os.path.dirname(out_dir))
+  os.rename(out_dir, os.path.join(old, 'dataset'))
+  os.rename(tmp, out_dir)
+  shutil.rmtree(old)
+
+
 def prepare(manifest: str, out_dir: str, tokenizer: Tokenizer, *, codec: Codec | None = None,
-            strict: bool = False, records_per_shard: int = 4096, progress: bool = True) -> dict:
+            strict: bool = False, records_per_shard: int = 4096, progress: bool = True,
+            overwrite: bool = False) -> dict:
   """Writes `out_dir/records-NNNNN.array_record` and `out_dir/summary.json`; returns the summary."""
-  from array_record.python.array_record_module import ArrayRecordWriter
   from tqdm import tqdm
-  os.makedirs(out_dir, exist_ok=True)
-  with open(manifest, encoding='utf-8') as f:
-    total = sum(1 for line in f if line.strip())
+  out_dir = os.path.abspath(out_dir)
+  if not os.path.isfile(manifest):
+    raise FileNotFoundError(f'manifest {manifest}: no such file')
+  total = mf.count_lines(manifest)
+  if total == 0:
+    raise mf.ManifestError(manifest, 'the manifest is empty: one JSON object per line '
+                           '(see docs/data.md)', 'empty_manifest')
+  check_out_dir(out_dir, overwrite)
+  os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(out_dir)}.tmp-', dir=os.path.dirname(out_dir))
+  os.chmod(tmp, 0o755)  # mkdtemp's 0700 would survive the rename
+  entries = tqdm(mf.read_manifest(manifest), total=total, desc='prepare', unit='sample',
+                 disable=not progress, file=sys.stderr)
+  try:
+    summary = _write(entries, manifest, tmp, tokenizer, codec, strict, records_per_shard)
+    _replace_dir(tmp, out_dir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return summary
+
+
+def _write(entries, manifest: str, out_dir: str, tokenizer: Tokenizer, codec: Codec | None,
+           strict: bool, records_per_shard: int) -> dict:
+  from array_record.python.array_record_module import ArrayRecordWriter
   files, skipped, kinds = [], [], collections.Counter()
   layout = {m: collections.Counter() for m in MODES}  # pushes and cuts at offset 0, for the report
   num_frames = 0
   writer = None
-  entries = tqdm(mf.read_manifest(manifest), total=total, desc='prepare', unit='sample',
-                 disable=not progress, file=sys.stderr)
   try:
     for entry in entries:
       try:
@@ -73,11 +122,15 @@ def prepare(manifest: str, out_dir: str, tokenizer: Tokenizer, *, codec: Codec |
   finally:
     if writer is not None:
       writer.close()
+  reasons = dict(collections.Counter(s['reason'] for s in skipped))
+  if not kinds:
+    first = f'; first: {skipped[0]["message"]}' if skipped else ''
+    raise mf.ManifestError(manifest, f'no usable samples: all {len(skipped)} line(s) were '
+                           f'rejected {reasons}{first}', 'no_samples')
   summary = {
       'manifest': os.path.abspath(manifest), 'files': files, 'num_records': kinds.total(),
       'num_frames': num_frames, 'kinds': dict(kinds), 'num_skipped': len(skipped),
-      'skipped_by_reason': dict(collections.Counter(s['reason'] for s in skipped)),
-      'skipped': skipped,
+      'skipped_by_reason': reasons, 'skipped': skipped,
       'monologue_at_offset_0': {m: {'pushed_frames': c['pushed_frames'],
                                     'cut_tokens': c['cut_tokens']} for m, c in layout.items()},
   }

@@ -7,22 +7,33 @@ run/checkpoint directory. The user's side is Mimi-style codes [8, frames] in a .
 encoded with the toy codec of the synthetic corpus (`flmjax.codec.toy.ToyCodec`; chat does
 not use Mimi yet). Writes model_codes.npy [8, F], text_ids.npy [F], transcript.txt (and
 model.wav through the same codec when the input was a WAV), and prints the transcript as it goes.
+A WAV with several channels needs --channel; channels are never averaged. Everything about the
+inputs and --out is checked before decoding starts; a session that outgrows --max-len still writes
+what it decoded before it fails.
 """
 from __future__ import annotations
 
-import argparse
 import os
+import re
 import sys
 import time
 
 import numpy as np
 
+from flmjax.cli import ArgumentParser, command, fail
 
-def _parser() -> argparse.ArgumentParser:
-  ap = argparse.ArgumentParser(prog='flmjax chat', description=__doc__.split('\n\n')[0])
+OUTPUTS = ('model_codes.npy', 'text_ids.npy', 'transcript.txt', 'model.wav')
+
+
+def _parser() -> ArgumentParser:
+  ap = ArgumentParser(prog='flmjax chat', description=__doc__.split('\n\n')[0])
   ap.add_argument('--checkpoint', required=True, help='official-layout dir or orbax run dir')
   ap.add_argument('--user', required=True, help="the user's side: codes .npy [8, F] or a .wav")
   ap.add_argument('--out', help='directory for model_codes.npy, text_ids.npy, transcript.txt')
+  ap.add_argument('--overwrite', action='store_true',
+                  help='replace the outputs of an earlier session in --out')
+  ap.add_argument('--channel', type=int, default=None,
+                  help="the channel of a multi-channel --user WAV that holds the user's speech")
   ap.add_argument('--tokenizer', help='SentencePiece .model or tokenizer.json for the transcript')
   ap.add_argument('--greedy', action='store_true', help='argmax after the repetition penalty')
   ap.add_argument('--seed', type=int, default=0)
@@ -51,6 +62,9 @@ def load_model(path: str, dtype: str | None = None):
     raise FileNotFoundError(f'--checkpoint {path}: no such directory')
   if os.path.exists(os.path.join(path, 'config.json')):
     return flmjax.load_official(path, dtype=dtype)
+  if any(f.endswith('.safetensors') for f in os.listdir(path)):
+    raise FileNotFoundError(f'--checkpoint {path}: safetensors weights without config.json; put '
+                            'the config.json of the same release (or export) beside them')
   try:
     from flmjax.train.export import restore_model
   except ImportError as e:
@@ -59,30 +73,59 @@ def load_model(path: str, dtype: str | None = None):
   return restore_model(path)[0]
 
 
-def read_user(path: str, num_codebooks: int, pad_id: int) -> tuple[np.ndarray, object]:
-  """-> (codes int32 [C, F], codec or None)."""
+def read_user(path: str, num_codebooks: int, pad_id: int,
+              channel: int | None = None) -> tuple[np.ndarray, object]:
+  """-> (codes int32 [C, F], codec or None). A WAV goes through the toy codec."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f'--user {path}: no such file')
   if path.endswith('.wav'):
-    import soundfile
-    import soxr
     from flmjax.codec.toy import ToyCodec
+    from flmjax.data.audio import read_audio
     codec = ToyCodec()
-    wave, rate = soundfile.read(path, dtype='float32', always_2d=True)
-    wave = wave.mean(axis=1)
-    if rate != codec.sample_rate:
-      wave = soxr.resample(wave, rate, codec.sample_rate)
+    (wave,) = read_audio(path, channel=channel, target_rate=codec.sample_rate)  # [S]
+    if wave.shape[0] < codec.frame_size:
+      raise ValueError(f'--user {path}: {wave.shape[0]} samples at {codec.sample_rate} Hz, shorter '
+                       f'than one {1000 * codec.frame_size // codec.sample_rate} ms frame')
     return np.asarray(codec.encode(wave), np.int32), codec
-  codes = np.load(path)
+  if channel is not None:
+    raise ValueError(f'--channel applies to a WAV --user, not {path}')
+  from flmjax.data.manifest import read_npy
+  codes = read_npy(path)
   if codes.ndim == 3 and codes.shape[0] == 1:
     codes = codes[0]
+  if codes.ndim == 2 and codes.shape[1] == num_codebooks and codes.shape[0] != num_codebooks:
+    raise ValueError(f'--user {path}: codes of shape {codes.shape} look transposed; save them as '
+                     f'[{num_codebooks}, frames] (codes.T)')
   if codes.ndim != 2 or codes.shape[0] != num_codebooks:
     raise ValueError(f'--user {path}: expected codes of shape [{num_codebooks}, frames], '
                      f'got {codes.shape}')
+  if codes.shape[1] == 0:
+    raise ValueError(f'--user {path}: the codes hold 0 frames (shape {codes.shape})')
   if not np.issubdtype(codes.dtype, np.integer) or codes.min() < 0 or codes.max() > pad_id:
     raise ValueError(f'--user {path}: codes must be integers in 0..{pad_id} (PAD), got dtype '
                      f'{codes.dtype}, range {codes.min()}..{codes.max()}')
   return codes.astype(np.int32), None
+
+
+def check_out(out: str | None, overwrite: bool) -> None:
+  """--out must be a directory (or not exist yet) whose earlier outputs may only be replaced with
+  --overwrite: checked before decoding, so a long session never ends in a refused write."""
+  if out is None:
+    return
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise FileExistsError(f'--out {out} is a file; give a directory')
+  found = [f for f in OUTPUTS if os.path.exists(os.path.join(out, f))]
+  if found and not overwrite:
+    raise FileExistsError(f'--out {out} already holds {found}; pass --overwrite to replace them '
+                          'or choose another directory')
+
+
+class IncompleteSession(RuntimeError):
+  """A session stopped early; `out` and `transcript` hold what was decoded until then."""
+
+  def __init__(self, message: str, out: np.ndarray, transcript: str):
+    super().__init__(message)
+    self.out, self.transcript = out, transcript
 
 
 class Transcript:
@@ -116,7 +159,7 @@ def run_session(model, user: np.ndarray, sampling, *, seed: int = 0, max_len: in
                 stream=None) -> tuple[np.ndarray, str]:
   """One offline session: user codes [C, F] (+ `tail` PAD frames) -> (model frames [1+C, F'] =
   [text; speak codes], the transcript). Prints the transcript to `stream` as it goes."""
-  from flmjax.decode import StreamingDecoder
+  from flmjax.decode import SessionOverflowError, StreamingDecoder
   cfg = model.cfg
   frames = user.shape[1] + tail
   dec = StreamingDecoder(model, sampling, max_len=max_len or max(frames, 1), overflow=overflow)
@@ -124,50 +167,75 @@ def run_session(model, user: np.ndarray, sampling, *, seed: int = 0, max_len: in
   pad = np.full((cfg.num_codebooks,), cfg.audio_pad_id, np.int32)
   transcript = Transcript(cfg, tokenizer, stream)
   outputs, start = [], time.perf_counter()
+  stack = lambda: (np.stack(outputs, axis=1) if outputs else
+                   np.zeros((1 + cfg.num_codebooks, 0), np.int32))
   for t in range(frames):
     frame = user[:, t] if t < user.shape[1] else pad
-    state, out, valid = dec.step(state, frame[None])
+    try:
+      state, out, valid = dec.step(state, frame[None])
+    except SessionOverflowError:
+      transcript.stream.write('\n')
+      raise IncompleteSession(
+          f'the session reached --max-len {dec.max_len} frames at user frame {t} of {frames}; '
+          f'raise --max-len or pass --overflow slide', stack(), transcript.text()) from None
     if bool(valid[0]):
       row = np.asarray(out)[0]
       outputs.append(row)
       transcript.add(int(row[0]))
   elapsed = time.perf_counter() - start
-  out = np.stack(outputs, axis=1) if outputs else np.zeros((1 + cfg.num_codebooks, 0), np.int32)
+  out = stack()
   transcript.stream.write(f'\n[{frames} frames in {elapsed:.2f} s '
                           f'({1000 * elapsed / max(frames, 1):.1f} ms/frame incl. compile); '
                           f'{out.shape[1]} model frames]\n')
   return out, transcript.text()
 
 
+def write_outputs(out_dir: str, out: np.ndarray, transcript: str, codec) -> str:
+  os.makedirs(out_dir, exist_ok=True)
+  np.save(os.path.join(out_dir, 'model_codes.npy'), out[1:])
+  np.save(os.path.join(out_dir, 'text_ids.npy'), out[0])
+  with open(os.path.join(out_dir, 'transcript.txt'), 'w') as f:
+    f.write(transcript + '\n')
+  if codec is not None:
+    import soundfile
+    soundfile.write(os.path.join(out_dir, 'model.wav'), codec.decode(out[1:]), codec.sample_rate)
+  return (f'{out_dir}/model_codes.npy [{out.shape[0] - 1}, {out.shape[1]}], text_ids.npy, '
+          'transcript.txt' + (', model.wav' if codec is not None else ''))
+
+
+@command('flmjax chat')
 def main(argv: list[str]) -> int:
   ap = _parser()
   args = ap.parse_args(argv)
+  for flag, value, low in (('--tail', args.tail, 0), ('--max-len', args.max_len, 1),
+                           ('--channel', args.channel, 0)):
+    if value is not None and value < low:
+      ap.error(f'{flag} {value} must be >= {low}')
   from flmjax.decode import SamplingConfig
   try:
-    model = load_model(args.checkpoint, args.dtype)
-    cfg = model.cfg
-    user, codec = read_user(args.user, cfg.num_codebooks, cfg.audio_pad_id)
-    tokenizer = None
-    if args.tokenizer:
-      from flmjax.data.tokenizer import load_tokenizer
-      tokenizer = load_tokenizer(args.tokenizer)
     sampling = SamplingConfig(greedy=args.greedy, **{
         f'{f}_{k}': getattr(args, f'{f}_{k}') for f in ('temp', 'top_k', 'top_p',
                                                           'repetition_penalty')
         for k in ('text', 'audio')})
-  except (OSError, ValueError) as e:
-    ap.error(str(e))
-  out, transcript = run_session(model, user, sampling, seed=args.seed, max_len=args.max_len,
-                                overflow=args.overflow, tail=args.tail, tokenizer=tokenizer)
+  except ValueError as e:  # name the flag, not the dataclass field
+    ap.error(re.sub(r'SamplingConfig\.(\w+)=', lambda m: '--' + m[1].replace('_', '-') + ' ',
+                    str(e)))
+  check_out(args.out, args.overwrite)
+  model = load_model(args.checkpoint, args.dtype)
+  cfg = model.cfg
+  user, codec = read_user(args.user, cfg.num_codebooks, cfg.audio_pad_id, args.channel)
+  tokenizer = None
+  if args.tokenizer:
+    from flmjax.data.tokenizer import load_tokenizer
+    tokenizer = load_tokenizer(args.tokenizer)
+  try:
+    out, transcript = run_session(model, user, sampling, seed=args.seed, max_len=args.max_len,
+                                  overflow=args.overflow, tail=args.tail, tokenizer=tokenizer)
+  except IncompleteSession as e:
+    kept = (f'wrote the {e.out.shape[1]} model frames decoded so far to '
+            f'{write_outputs(args.out, e.out, e.transcript, codec)}' if args.out else
+            'the transcript so far is above')
+    return fail('flmjax chat', f'{e}; {kept}')
   if args.out:
-    os.makedirs(args.out, exist_ok=True)
-    np.save(os.path.join(args.out, 'model_codes.npy'), out[1:])
-    np.save(os.path.join(args.out, 'text_ids.npy'), out[0])
-    with open(os.path.join(args.out, 'transcript.txt'), 'w') as f:
-      f.write(transcript + '\n')
-    if codec is not None:
-      import soundfile
-      soundfile.write(os.path.join(args.out, 'model.wav'), codec.decode(out[1:]), codec.sample_rate)
-    print(f'wrote {args.out}/model_codes.npy [{cfg.num_codebooks}, {out.shape[1]}], '
-          f'text_ids.npy, transcript.txt' + (', model.wav' if codec is not None else ''))
+    print(f'wrote {write_outputs(args.out, out, transcript, codec)}')
   return 0

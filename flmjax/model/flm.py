@@ -18,6 +18,33 @@ class Output(NamedTuple):
   depth_logits: jax.Array | None  # [B,T,C,A]
 
 
+def check_inputs(cfg: ModelConfig, text, speak, listen, depth_prev) -> None:
+  """Shapes always; id ranges only of concrete arrays. An out-of-range id would index the
+  embeddings silently (gathers clamp under XLA), so the public call checks it; under jit (the
+  train step) the inputs are tracers and nothing is checked, at no cost."""
+  if text.ndim != 2:
+    raise ValueError(f'FLMAudio: text must be [B, T] ids, got shape {text.shape}')
+  b, t = text.shape
+  c = cfg.num_codebooks
+  want = {'speak': (b, t, c), 'listen': (b, t, c), 'depth_prev': (b, t, c - 1)}
+  ranges = {'text': cfg.vocab_size - 1, 'speak': cfg.audio_pad_id, 'listen': cfg.audio_pad_id,
+            'depth_prev': cfg.audio_vocab_size - 1}
+  for name, x in (('text', text), ('speak', speak), ('listen', listen), ('depth_prev', depth_prev)):
+    if x is None:
+      continue
+    if name in want and tuple(x.shape) != want[name]:
+      raise ValueError(f'FLMAudio: {name} must have shape {want[name]} (B, T, ...), '
+                       f'got {tuple(x.shape)}')
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+      raise ValueError(f'FLMAudio: {name} has dtype {x.dtype}; token ids must be integers')
+    if isinstance(x, jax.core.Tracer) or x.size == 0:
+      continue
+    lo, hi = int(jnp.min(x)), int(jnp.max(x))
+    if lo < 0 or hi > ranges[name]:
+      raise ValueError(f'FLMAudio: {name} holds id {lo if lo < 0 else hi}, outside '
+                       f'0..{ranges[name]}' + (' (PAD)' if name in ('speak', 'listen') else ''))
+
+
 class FLMAudio(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -28,7 +55,10 @@ class FLMAudio(nnx.Module):
   def __call__(self, text: jax.Array, speak: jax.Array, listen: jax.Array,
                depth_prev: jax.Array | None = None, positions: jax.Array | None = None,
                remat_policy=None) -> Output:
-    """text [B,T], speak/listen [B,T,C], depth_prev [B,T,C-1] or None."""
+    """text [B,T], speak/listen [B,T,C], depth_prev [B,T,C-1] or None (integer ids)."""
+    text, speak, listen = jnp.asarray(text), jnp.asarray(speak), jnp.asarray(listen)
+    depth_prev = None if depth_prev is None else jnp.asarray(depth_prev)
+    check_inputs(self.cfg, text, speak, listen, depth_prev)
     b, t = text.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))

@@ -6,8 +6,12 @@ A config file is a Python file with `get_config(run_dir: str) -> TrainConfig`
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.util
+import math
 import os
+import re
+import traceback
 from typing import Any
 
 from flmjax.config import ModelConfig
@@ -25,6 +29,13 @@ class OptimConfig:
   eps: float = 1e-8
   weight_decay: float = 0.1
   clip_norm: float = 1.0
+
+  def __post_init__(self):
+    for name, ok, why in (('b1', 0 <= self.b1 < 1, 'in [0, 1)'), ('b2', 0 <= self.b2 < 1, 'in [0, 1)'),
+                          ('eps', self.eps > 0, '> 0'), ('weight_decay', self.weight_decay >= 0, '>= 0'),
+                          ('clip_norm', self.clip_norm > 0, '> 0')):
+      if not ok:  # NaN fails every comparison, so it lands here too
+        raise TrainConfigError(f'OptimConfig.{name} is {getattr(self, name)!r}; it must be {why}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +77,12 @@ class StageConfig:
     if not 0 <= self.warmup_steps <= self.steps:
       raise TrainConfigError(f'stage {self.name!r}: warmup_steps {self.warmup_steps} must lie '
                              f'in [0, steps={self.steps}]')
+    if not (math.isfinite(self.peak_lr) and self.peak_lr > 0):
+      raise TrainConfigError(f'stage {self.name!r}: peak_lr {self.peak_lr!r} must be a positive '
+                             'number')
+    if not 0 <= self.end_lr_ratio <= 1:
+      raise TrainConfigError(f'stage {self.name!r}: end_lr_ratio {self.end_lr_ratio!r} must lie '
+                             'in [0, 1]')
     if not self.sources and not self.random_data:
       raise TrainConfigError(f'stage {self.name!r}: no data sources (set sources=... or '
                              f'random_data=True)')
@@ -95,10 +112,15 @@ class TrainConfig:
   eval_sources: tuple[Any, ...] = ()  # held-out sources for the end-of-run evaluation
   eval_batches: int = 4
   progress_bar: bool = True
+  tokenizer: str | None = None  # the text tokenizer of the data; export copies it beside the weights
 
   def __post_init__(self):
     if not self.stages:
       raise TrainConfigError('TrainConfig: stages is empty')
+    for name in ('batch_size', 'grad_accum', 'log_every', 'eval_batches'):
+      if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+        raise TrainConfigError(f'TrainConfig.{name} is {getattr(self, name)!r}; it must be an '
+                               'integer >= 1')
     names = [s.name for s in self.stages]
     if len(set(names)) != len(names):
       raise TrainConfigError(f'TrainConfig: stage names must be unique, got {names}')
@@ -141,18 +163,53 @@ def model_config_from_json(d: dict) -> ModelConfig:
   return ModelConfig(**kw)
 
 
+def _unknown_field(e: TypeError) -> str | None:
+  """'X.__init__() got an unexpected keyword argument 'y'' -> a message listing X's fields."""
+  m = re.search(r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'", str(e))
+  if not m:
+    return None
+  import flmjax.data.grid
+  import flmjax.data.pipeline
+  known = {c.__name__: c for c in (TrainConfig, StageConfig, OptimConfig, MeshConfig, ModelConfig,
+                                   flmjax.data.pipeline.SourceSpec, flmjax.data.grid.LossWeights)}
+  if m[1] not in known:
+    return None
+  fields = [f.name for f in dataclasses.fields(known[m[1]])]
+  close = difflib.get_close_matches(m[2], fields, n=1)
+  return (f'{m[1]} has no field {m[2]!r}' + (f' (did you mean {close[0]!r}?)' if close else '')
+          + f'; its fields: {", ".join(fields)}')
+
+
+def _where(path: str, e: BaseException) -> str:
+  """'path:line' of the deepest traceback frame inside the config file."""
+  lines = [f.lineno for f in traceback.extract_tb(e.__traceback__)
+           if os.path.abspath(f.filename) == os.path.abspath(path)]
+  return f'{path}:{lines[-1]}' if lines else path
+
+
 def load_config_file(path: str, run_dir: str | None = None) -> TrainConfig:
-  """Imports a config file and calls its `get_config(run_dir)`."""
+  """Imports a config file and calls its `get_config(run_dir)`. Any error in it becomes a
+  TrainConfigError naming the file and line."""
   if not os.path.isfile(path):
     raise TrainConfigError(f'config file {path} not found')
   spec = importlib.util.spec_from_file_location(
       f'_flmjax_cfg_{os.path.splitext(os.path.basename(path))[0]}', path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, 'get_config'):
-    raise TrainConfigError(f'{path}: defines no get_config(run_dir) function')
   default_dir = os.path.join('runs', os.path.splitext(os.path.basename(path))[0])
-  cfg = module.get_config(run_dir or default_dir)
+  try:
+    spec.loader.exec_module(module)
+    if not hasattr(module, 'get_config'):
+      raise TrainConfigError(f'{path}: defines no get_config(run_dir) function')
+    cfg = module.get_config(run_dir or default_dir)
+  except TrainConfigError as e:
+    where = _where(path, e)
+    raise TrainConfigError(str(e) if str(e).startswith(path) else f'{where}: {e}') from None
+  except SyntaxError as e:
+    raise TrainConfigError(f'{e.filename or path}:{e.lineno}: syntax error: {e.msg}') from None
+  except Exception as e:  # a config file is user code: name where it failed, not a traceback
+    message = (_unknown_field(e) if isinstance(e, TypeError) else None) or \
+        f'{type(e).__name__}: {e}'
+    raise TrainConfigError(f'{_where(path, e)}: {message}') from None
   if not isinstance(cfg, TrainConfig):
     raise TrainConfigError(f'{path}: get_config returned {type(cfg).__name__}, not TrainConfig')
   return cfg

@@ -79,6 +79,23 @@ def make_stage_loader(tc: TrainConfig, stage_index: int, *, seed: int | None = N
                      shard_count=shard_count)
 
 
+def check_sources(tc: TrainConfig) -> None:
+  """Every stage's sources (and the eval's) are prepared datasets with records. Checked before step
+  0, so that a missing stage-2 source cannot fail the run after stage 1 has trained."""
+  from flmjax.data.pipeline import SourceSpec
+  from flmjax.data.records import record_files
+  named = [(f'stage {s.name!r}', s.sources) for s in tc.stages if not s.random_data]
+  for where, sources in named + [('eval_sources', tc.eval_sources)]:
+    for i, spec in enumerate(sources):
+      if not isinstance(spec, SourceSpec):
+        raise TrainConfigError(f'{where}: source {i} is a {type(spec).__name__}; give a '
+                               'flmjax.data.pipeline.SourceSpec(path, ...)')
+      try:
+        record_files(spec.path)
+      except (OSError, ValueError) as e:
+        raise TrainConfigError(f'{where}: source {i}: {e}') from None
+
+
 def check_batch(tc: TrainConfig, batch: dict, where: str) -> None:
   """Fails early, naming the problem, when a loader yields the wrong shapes."""
   want = (tc.batch_size // jax.process_count(), tc.model.num_channels, tc.window)

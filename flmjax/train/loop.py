@@ -83,6 +83,7 @@ def train(tc: TrainConfig, *, mesh: jax.sharding.Mesh | None = None,
   shd.maybe_initialize_distributed()
   mesh = mesh or make_mesh(tc)
   _check_batch_fits_mesh(tc, mesh)
+  data_lib.check_sources(tc)
   primary = jax.process_index() == 0
   log = log if primary else (lambda *a, **k: None)
   os.makedirs(tc.run_dir, exist_ok=True)
