@@ -175,8 +175,11 @@ class ModelConfig:
   def from_official(cls, cfg: dict[str, Any] | str | os.PathLike, **kw) -> 'ModelConfig':
     """Parses an official config.json (a dict or a path). `kw` sets dtype/param_dtype."""
     if not isinstance(cfg, dict):
-      with open(cfg) as f:
-        cfg = json.load(f)
+      with open(cfg, 'rb') as f:
+        try:
+          cfg = json.loads(f.read())
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+          raise ConfigError(f'{cfg}: not a valid config.json ({e})') from None
     return cls(**_parse_official(cfg), **kw)
 
   def to_official(self) -> dict[str, Any]:

@@ -125,6 +125,10 @@ def test_prepare_bad_out_dir_and_flags(capsys, tmp_path, tok):
       capsys, tok, manifest, tmp_path / 'o', '--records-per-shard', '0')
   assert "tokenizer: no file at" in error_line(
       capsys, 'data', 'prepare', manifest, tmp_path / 'o', '--tokenizer', tmp_path / 'tok.model')
+  for name in ('bad.model', 'bad.json'):
+    (tmp_path / name).write_text('garbage')
+    assert f"bad.{name[4:]}' is not a readable" in error_line(
+        capsys, 'data', 'prepare', manifest, tmp_path / 'o', '--tokenizer', tmp_path / name)
   assert 'the following arguments are required: --tokenizer' in error_line(
       capsys, 'data', 'prepare', manifest, tmp_path / 'o')
   assert "invalid choice: 'mimix'" in prepare_error(capsys, tok, manifest, tmp_path / 'o',

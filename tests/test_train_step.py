@@ -158,12 +158,12 @@ def test_config_errors_name_the_problem(tmp_path):
 
 def test_train_cli_reports_bad_usage(tmp_path, capsys):
   from flmjax.train import cli
-  assert cli.main([]) == 2
-  assert '--config is required' in capsys.readouterr().out
-  assert cli.main(['--config', str(tmp_path / 'none.py')]) == 2
-  assert 'none.py not found' in capsys.readouterr().out
-  assert cli.main(['--bogus_flag=1']) == 2
-  assert 'bogus_flag' in capsys.readouterr().out
+  assert cli.main([]) == 1  # one stderr line, exit status 1, like every flmjax command
+  assert '--config is required' in capsys.readouterr().err
+  assert cli.main(['--config', str(tmp_path / 'none.py')]) == 1
+  assert 'none.py not found' in capsys.readouterr().err
+  assert cli.main(['--bogus_flag=1']) == 1
+  assert 'bogus_flag' in capsys.readouterr().err
 
 
 def test_schedule_positions_and_learning_rates():

@@ -35,4 +35,4 @@ def get_config(run_dir: str, *, steps=(250, 250), no_trail: bool = False) -> Tra
       model=ModelConfig.tiny(), stages=stages, run_dir=run_dir, window=64, batch_size=16,
       seed=0, compute_dtype='float32', optim=OptimConfig(weight_decay=0.01, clip_norm=1.0),
       checkpoint_every=100, keep_checkpoints=2, log_every=10, eval_sources=(heldout,),
-      eval_batches=8)
+      eval_batches=8, tokenizer=corpus['tokenizer'])

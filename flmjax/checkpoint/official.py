@@ -118,8 +118,11 @@ def load_official(path: str, *, dtype: str | None = None, param_dtype: str | Non
   its sharding, one tensor at a time.
   """
   config_file = os.path.join(path, 'config.json')
+  if not os.path.isdir(path):
+    raise CheckpointError(f'{path}: no such checkpoint directory')
   if not os.path.exists(config_file):
-    raise CheckpointError(f'{path}: config.json not found')
+    raise CheckpointError(f'{path}: config.json not found beside the weights; put the config.json '
+                          'of the same release (or of `flmjax export`) there')
   cfg = ModelConfig.from_official(config_file)
   dtype = dtype or cfg.checkpoint_dtype
   cfg = cfg.replace(dtype=dtype, param_dtype=param_dtype or dtype)

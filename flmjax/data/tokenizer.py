@@ -57,11 +57,14 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
   path = str(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f'tokenizer: no file at {path!r}')
-  if path.endswith('.model'):
-    return SentencePieceTokenizer(path)
-  if path.endswith('.json'):
-    return HFTokenizer(path)
-  raise ValueError(f'tokenizer: {path!r} is neither a SentencePiece .model nor a tokenizer.json')
+  if not path.endswith(('.model', '.json')):
+    raise ValueError(f'tokenizer: {path!r} is neither a SentencePiece .model nor a tokenizer.json')
+  try:
+    return SentencePieceTokenizer(path) if path.endswith('.model') else HFTokenizer(path)
+  except Exception as e:  # both libraries raise bare RuntimeError/Exception for a bad file
+    raise ValueError(f'tokenizer: {path!r} is not a readable '
+                     f'{"SentencePiece model" if path.endswith(".model") else "tokenizer.json"} '
+                     f'({str(e).splitlines()[0] if str(e) else type(e).__name__})') from None
 
 
 def train_sentencepiece(texts: Iterable[str], model_path: str | os.PathLike,

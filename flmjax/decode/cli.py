@@ -34,7 +34,8 @@ def _parser() -> ArgumentParser:
                   help='replace the outputs of an earlier session in --out')
   ap.add_argument('--channel', type=int, default=None,
                   help="the channel of a multi-channel --user WAV that holds the user's speech")
-  ap.add_argument('--tokenizer', help='SentencePiece .model or tokenizer.json for the transcript')
+  ap.add_argument('--tokenizer', help='SentencePiece .model or tokenizer.json for the transcript '
+                                      '(default: the one beside the checkpoint\'s weights, if any)')
   ap.add_argument('--greedy', action='store_true', help='argmax after the repetition penalty')
   ap.add_argument('--seed', type=int, default=0)
   ap.add_argument('--dtype', choices=('float32', 'bfloat16', 'float16'), default=None,
@@ -225,9 +226,11 @@ def main(argv: list[str]) -> int:
   cfg = model.cfg
   user, codec = read_user(args.user, cfg.num_codebooks, cfg.audio_pad_id, args.channel)
   tokenizer = None
-  if args.tokenizer:
+  beside = [os.path.join(args.checkpoint, n) for n in ('tokenizer.json', 'tokenizer.model')
+            if os.path.isfile(os.path.join(args.checkpoint, n))]  # as `flmjax export` writes it
+  if args.tokenizer or beside:
     from flmjax.data.tokenizer import load_tokenizer
-    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer = load_tokenizer(args.tokenizer or beside[0])
   try:
     out, transcript = run_session(model, user, sampling, seed=args.seed, max_len=args.max_len,
                                   overflow=args.overflow, tail=args.tail, tokenizer=tokenizer)
