@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from flmjax.data.codec import ToyCodec
+from flmjax.codec.toy import ToyCodec
 from flmjax.data.records import read_all
 from flmjax.data.tokenizer import train_sentencepiece
 from probe import codes_file, error_line, run, tts_line, write_manifest

@@ -102,6 +102,7 @@ def main(argv: list[str]) -> int:
   ap.add_argument('--overwrite', action='store_true',
                   help="replace OUT_DIR's checkpoint files (other files in it are kept)")
   args = ap.parse_args(argv)
+  checkpoint_dir(args.ckpt_dir)  # the input first, then where it goes
   out_dir = os.path.abspath(args.out_dir)
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     raise FileExistsError(f'OUT_DIR {args.out_dir} is a file; give a directory')
