@@ -67,7 +67,8 @@ def test_prepare_bad_codes(capsys, tmp_path, tok, kind, message):
 
 def test_prepare_non_utf8_line_is_named_and_skipped(capsys, tmp_path, tok):
   good = json.dumps(tts_line(codes_file(tmp_path / 'c.npy'))).encode()
-  bad = json.dumps(tts_line('c.npy', id='y', text='caf\u00e9')).encode().replace(b'\\u00e9', b'\xe9')
+  bad = json.dumps(tts_line('c.npy', id='y', text='caf\u00e9')).encode()
+  bad = bad.replace(b'\\u00e9', b'\xe9')  # Latin-1, not UTF-8
   (tmp_path / 'm.jsonl').write_bytes(good + b'\n' + bad + b'\n')
   manifest = str(tmp_path / 'm.jsonl')
   rc, out, _ = prepare(capsys, tok, manifest, tmp_path / 'out')
@@ -117,10 +118,14 @@ def test_prepare_bad_out_dir_and_flags(capsys, tmp_path, tok):
   (tmp_path / 'mine').mkdir()
   (tmp_path / 'mine' / 'notes.txt').write_text('keep me')
   line = prepare_error(capsys, tok, manifest, tmp_path / 'mine', '--overwrite')
-  assert 'mine exists and is not a prepared dataset (no summary.json); choose a new directory' in line
+  assert 'mine exists and is not a prepared dataset (no summary.json); choose a new directory' \
+      in line
   assert (tmp_path / 'mine' / 'notes.txt').read_text() == 'keep me'
   assert (tmp_path / 'afile').read_text() == 'keep me'
-  assert 'manifest' in prepare_error(capsys, tok, tmp_path / 'nope.jsonl', tmp_path / 'o')
+  assert 'nope.jsonl: no such file' in prepare_error(capsys, tok, tmp_path / 'nope.jsonl',
+                                                    tmp_path / 'o')
+  assert 'mine: is a directory; give the .jsonl file' in prepare_error(
+      capsys, tok, tmp_path / 'mine', tmp_path / 'o')
   assert '--records-per-shard 0 must be >= 1' in prepare_error(
       capsys, tok, manifest, tmp_path / 'o', '--records-per-shard', '0')
   assert "tokenizer: no file at" in error_line(
@@ -133,6 +138,19 @@ def test_prepare_bad_out_dir_and_flags(capsys, tmp_path, tok):
       capsys, 'data', 'prepare', manifest, tmp_path / 'o')
   assert "invalid choice: 'mimix'" in prepare_error(capsys, tok, manifest, tmp_path / 'o',
                                                     '--codec', 'mimix')
+
+
+def test_synth_bad_out_and_counts(capsys, tmp_path):
+  (tmp_path / 'afile').write_text('keep me')
+  assert 'OUT ' in error_line(capsys, 'data', 'synth', tmp_path / 'afile')
+  (tmp_path / 'mine').mkdir()
+  (tmp_path / 'mine' / 'notes.txt').write_text('keep me')
+  assert 'is a non-empty directory that holds no synthetic corpus; choose a new directory' in \
+      error_line(capsys, 'data', 'synth', tmp_path / 'mine')
+  assert '--num-duplex -3 must be >= 1' in error_line(capsys, 'data', 'synth', tmp_path / 'new',
+                                                      '--num-duplex', '-3')
+  assert (tmp_path / 'afile').read_text() == 'keep me' and os.listdir(tmp_path / 'mine') == [
+      'notes.txt'] and not (tmp_path / 'new').exists()
 
 
 def test_prepare_bad_audio(capsys, tmp_path, tok):
@@ -162,7 +180,8 @@ def wavs(tmp_path):
   soundfile.write(tmp_path / 'stereo.wav', np.stack([wave, np.zeros_like(wave)], 1), 24000)
   soundfile.write(tmp_path / 'empty.wav', np.zeros((0,), np.float32), 24000)
   soundfile.write(tmp_path / 'short.wav', wave[:1000], 24000)
-  (tmp_path / 'garbage.wav').write_bytes(os.urandom(300))
+  (tmp_path / 'garbage.wav').write_bytes(np.random.default_rng(0).bytes(300))
+  (tmp_path / 'song.mp3').write_bytes(b'ID3')
   return tmp_path
 
 
@@ -180,6 +199,7 @@ def wavs(tmp_path):
     ('stereo.wav', ('--top-p-audio', '2'), '--top-p-audio 2.0: top_p must lie in [0, 1]'),
     ('stereo.wav', ('--overflow', 'wrap'), "argument --overflow: invalid choice: 'wrap'"),
     ('missing.wav', (), 'missing.wav: no such file'),
+    ('song.mp3', (), "song.mp3: give codes as a .npy or audio as one of ('.wav', '.flac', '.ogg')"),
 ])
 def test_chat_bad_wav_and_flags(capsys, tiny_dir, wavs, name, flags, message):
   assert message in chat_error(capsys, tiny_dir, wavs / name, *flags)
@@ -206,7 +226,8 @@ def test_chat_bad_codes(capsys, tiny_dir, tmp_path, shape, message):
     np.save(user, np.zeros(shape, np.int32))
   line = chat_error(capsys, tiny_dir, user)
   assert str(user) in line and message in line
-  assert '--channel applies to a WAV --user' in chat_error(capsys, tiny_dir, user, '--channel', '0')
+  assert '--channel applies to an audio --user' in chat_error(capsys, tiny_dir, user, '--channel',
+                                                               '0')
 
 
 def test_chat_checkpoint_and_out_checked_before_decoding(capsys, tiny_dir, tmp_path):
@@ -217,6 +238,10 @@ def test_chat_checkpoint_and_out_checked_before_decoding(capsys, tiny_dir, tmp_p
                                                            .read_bytes())
   line = chat_error(capsys, tmp_path / 'weights', user)
   assert 'safetensors weights without config.json; put the config.json' in line
+  (tmp_path / 'empty').mkdir()
+  assert 'empty: neither an official checkpoint (config.json + safetensors) nor a training run' \
+      in chat_error(capsys, tmp_path / 'empty', user)
+  assert os.listdir(tmp_path / 'empty') == []
   (tmp_path / 'taken').write_text('keep me')
   rc, out, err = run(capsys, 'chat', '--checkpoint', tiny_dir, '--user', user, '--out',
                      tmp_path / 'taken')

@@ -77,7 +77,8 @@ def test_train_config_errors_name_file_and_line(capsys, tmp_path, body, line, me
 
 def test_train_checks_every_stage_source_before_step_0(capsys, tmp_path):
   body = edit(a=("  return TrainConfig(model=ModelConfig.tiny(), stages=(stage,)",
-                 "  two = StageConfig('two', steps=2, sources=(SourceSpec(run_dir + '/../nope'),))\n"
+                 "  two = StageConfig('two', steps=2,\n"
+                 "                    sources=(SourceSpec(run_dir + '/../nope'),))\n"
                  "  return TrainConfig(model=ModelConfig.tiny(), stages=(stage, two)"))
   got = error_line(capsys, 'train', '--config', config_file(tmp_path, body), '--run_dir',
                    tmp_path / 'run')
@@ -99,6 +100,9 @@ def test_train_flags(capsys, tmp_path):
       capsys, 'train', '--config', path, '--run_dir', tmp_path / 'afile')
   assert "flag --stop_after=x: invalid literal" in error_line(capsys, 'train', '--config', path,
                                                              '--stop_after', 'x')
+  assert 'nope: no such checkpoint directory' in error_line(
+      capsys, 'train', '--config', path, '--run_dir', tmp_path / 'run', '--init_from',
+      tmp_path / 'nope')
 
 
 def test_summary_keeps_every_stage_across_resumes(tmp_path):

@@ -36,6 +36,16 @@ def main(argv: list[str]) -> int:
   args = _parser().parse_args(argv)
   if args.command == 'synth':
     from flmjax.data import synthetic
+    for flag in ('num_tts_asr', 'num_duplex', 'num_heldout'):
+      if getattr(args, flag) < 1:
+        return fail('flmjax data synth', f'--{flag.replace("_", "-")} {getattr(args, flag)} must '
+                                         'be >= 1')
+    if os.path.isfile(args.out_dir):
+      return fail('flmjax data synth', f'OUT {args.out_dir} is a file; give a directory path')
+    if os.path.isdir(args.out_dir) and os.listdir(args.out_dir) and not os.path.isfile(
+        os.path.join(args.out_dir, 'tokenizer.model')):  # only an earlier corpus is rewritten
+      return fail('flmjax data synth', f'OUT {args.out_dir} is a non-empty directory that holds '
+                                       'no synthetic corpus; choose a new directory')
     paths = synthetic.generate(args.out_dir, seed=args.seed, num_tts_asr=args.num_tts_asr,
                                num_duplex=args.num_duplex, num_heldout=args.num_heldout,
                                write_audio=args.audio)

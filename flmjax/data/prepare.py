@@ -37,7 +37,8 @@ def entry_to_record(entry: mf.Entry, tokenizer: Tokenizer, codec: Codec | None) 
 
 
 def check_out_dir(out_dir: str, overwrite: bool) -> None:
-  """OUT_DIR must be new, or (with `overwrite`) a dataset `prepare` wrote: nothing else is replaced."""
+  """OUT_DIR must be new, or (with `overwrite`) a dataset `prepare` wrote: nothing else is
+  replaced."""
   if os.path.isfile(out_dir):
     raise FileExistsError(f'OUT_DIR {out_dir} is a file; give a directory path')
   if not os.path.isdir(out_dir) or not os.listdir(out_dir):
@@ -51,7 +52,8 @@ def check_out_dir(out_dir: str, overwrite: bool) -> None:
 
 
 def _replace_dir(tmp: str, out_dir: str) -> None:
-  """Renames the finished `tmp` onto `out_dir`; an old `out_dir` is moved aside first, then removed."""
+  """Renames the finished `tmp` onto `out_dir`; an old `out_dir` is moved aside first, then
+  removed."""
   if not os.path.exists(out_dir):
     os.rename(tmp, out_dir)
     return
@@ -68,7 +70,9 @@ def prepare(manifest: str, out_dir: str, tokenizer: Tokenizer, *, codec: Codec |
   from tqdm import tqdm
   out_dir = os.path.abspath(out_dir)
   if not os.path.isfile(manifest):
-    raise FileNotFoundError(f'manifest {manifest}: no such file')
+    raise FileNotFoundError(f'manifest {manifest}: ' + ('is a directory; give the .jsonl file'
+                                                        if os.path.isdir(manifest) else
+                                                        'no such file'))
   total = mf.count_lines(manifest)
   if total == 0:
     raise mf.ManifestError(manifest, 'the manifest is empty: one JSON object per line '

@@ -23,12 +23,14 @@ import numpy as np
 from flmjax.cli import ArgumentParser, command, fail
 
 OUTPUTS = ('model_codes.npy', 'text_ids.npy', 'transcript.txt', 'model.wav')
+AUDIO_EXTENSIONS = ('.wav', '.flac', '.ogg')  # read by soundfile
 
 
 def _parser() -> ArgumentParser:
   ap = ArgumentParser(prog='flmjax chat', description=__doc__.split('\n\n')[0])
   ap.add_argument('--checkpoint', required=True, help='official-layout dir or orbax run dir')
-  ap.add_argument('--user', required=True, help="the user's side: codes .npy [8, F] or a .wav")
+  ap.add_argument('--user', required=True,
+                  help="the user's side: codes .npy [8, F] or audio (.wav, .flac, .ogg)")
   ap.add_argument('--out', help='directory for model_codes.npy, text_ids.npy, transcript.txt')
   ap.add_argument('--overwrite', action='store_true',
                   help='replace the outputs of an earlier session in --out')
@@ -66,6 +68,10 @@ def load_model(path: str, dtype: str | None = None):
   if any(f.endswith('.safetensors') for f in os.listdir(path)):
     raise FileNotFoundError(f'--checkpoint {path}: safetensors weights without config.json; put '
                             'the config.json of the same release (or export) beside them')
+  if not (os.path.isdir(os.path.join(path, 'checkpoints')) or
+          any(name.isdigit() for name in os.listdir(path))):
+    raise FileNotFoundError(f'--checkpoint {path}: neither an official checkpoint (config.json + '
+                            'safetensors) nor a training run (orbax steps under checkpoints/)')
   try:
     from flmjax.train.export import restore_model
   except ImportError as e:
@@ -79,7 +85,10 @@ def read_user(path: str, num_codebooks: int, pad_id: int,
   """-> (codes int32 [C, F], codec or None). A WAV goes through the toy codec."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f'--user {path}: no such file')
-  if path.endswith('.wav'):
+  ext = os.path.splitext(path)[1].lower()
+  if ext not in AUDIO_EXTENSIONS + ('.npy',):
+    raise ValueError(f'--user {path}: give codes as a .npy or audio as one of {AUDIO_EXTENSIONS}')
+  if ext in AUDIO_EXTENSIONS:
     from flmjax.codec.toy import ToyCodec
     from flmjax.data.audio import read_audio
     codec = ToyCodec()
@@ -89,7 +98,7 @@ def read_user(path: str, num_codebooks: int, pad_id: int,
                        f'than one {1000 * codec.frame_size // codec.sample_rate} ms frame')
     return np.asarray(codec.encode(wave), np.int32), codec
   if channel is not None:
-    raise ValueError(f'--channel applies to a WAV --user, not {path}')
+    raise ValueError(f'--channel applies to an audio --user, not {path}')
   from flmjax.data.manifest import read_npy
   codes = read_npy(path)
   if codes.ndim == 3 and codes.shape[0] == 1:

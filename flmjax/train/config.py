@@ -31,8 +31,9 @@ class OptimConfig:
   clip_norm: float = 1.0
 
   def __post_init__(self):
-    for name, ok, why in (('b1', 0 <= self.b1 < 1, 'in [0, 1)'), ('b2', 0 <= self.b2 < 1, 'in [0, 1)'),
-                          ('eps', self.eps > 0, '> 0'), ('weight_decay', self.weight_decay >= 0, '>= 0'),
+    for name, ok, why in (('b1', 0 <= self.b1 < 1, 'in [0, 1)'),
+                          ('b2', 0 <= self.b2 < 1, 'in [0, 1)'), ('eps', self.eps > 0, '> 0'),
+                          ('weight_decay', self.weight_decay >= 0, '>= 0'),
                           ('clip_norm', self.clip_norm > 0, '> 0')):
       if not ok:  # NaN fails every comparison, so it lands here too
         raise TrainConfigError(f'OptimConfig.{name} is {getattr(self, name)!r}; it must be {why}')
@@ -112,7 +113,7 @@ class TrainConfig:
   eval_sources: tuple[Any, ...] = ()  # held-out sources for the end-of-run evaluation
   eval_batches: int = 4
   progress_bar: bool = True
-  tokenizer: str | None = None  # the text tokenizer of the data; export copies it beside the weights
+  tokenizer: str | None = None  # the data's text tokenizer; export copies it beside the weights
 
   def __post_init__(self):
     if not self.stages:
