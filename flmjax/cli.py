@@ -18,6 +18,8 @@ COMMANDS = {
     'train': ('flmjax.train.cli', 'main', 'train: `flmjax train --config CONFIG.py`'),
     'export': ('flmjax.train.export', 'main', 'orbax checkpoint -> official PyTorch layout'),
     'chat': ('flmjax.decode.cli', 'main', 'offline full-duplex session: `flmjax chat --checkpoint DIR`'),
+    'serve': ('flmjax.serve.cli', 'main', 'websocket server, many live sessions: `flmjax serve`'),
+    'client': ('flmjax.serve.client', 'main', 'talk to a server: `flmjax client --in user.wav`'),
 }
 
 # What a user's input can raise: a message that names the file, field and fix, not a bug.

@@ -1,0 +1,169 @@
+"""The one batched frame loop: every 80 ms it gathers a frame from each live session, runs the
+pipeline for all slots in a worker thread (jitted calls release the GIL, so sockets keep moving)
+and fans the replies out. Sessions join and leave between ticks by masking rows.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import time
+
+import numpy as np
+import prometheus_client as prom
+
+from flmjax.decode import SamplingConfig
+from flmjax.serve.pipeline import FramePipeline
+from flmjax.serve.session import Session, log
+
+LATENCY_BUCKETS = (.005, .01, .02, .03, .04, .05, .06, .08, .1, .15, .2, .4, .8)
+
+
+class Metrics:
+  """The server's Prometheus metrics, in a registry of its own (one per server)."""
+
+  def __init__(self, slots: int, recent_latencies):
+    self.registry = r = prom.CollectorRegistry()
+    self.live = prom.Gauge('flmjax_sessions_live', 'sessions holding a slot', registry=r)
+    prom.Gauge('flmjax_slots', 'session slots of the batched frame loop', registry=r).set(slots)
+    self.sessions = prom.Counter('flmjax_sessions', 'sessions accepted', registry=r)
+    self.refused = prom.Counter('flmjax_sessions_refused', 'sessions refused (all slots taken)',
+                                registry=r)
+    self.frames = prom.Counter('flmjax_frames', 'session frames computed', registry=r)
+    self.underruns = prom.Counter('flmjax_underruns', 'frames a client was late for (silence fed)',
+                                  registry=r)
+    self.late_ticks = prom.Counter('flmjax_late_ticks', 'ticks that started a frame late',
+                                   registry=r)
+    self.latency = prom.Histogram('flmjax_frame_loop_seconds', 'time of one tick: gather, '
+                                  'encode, LM step, decode, fan-out', buckets=LATENCY_BUCKETS,
+                                  registry=r)
+    quantiles = prom.Gauge('flmjax_frame_loop_recent_seconds', 'tick time quantiles over the '
+                           'last ticks', ['quantile'], registry=r)
+    for q in (0.5, 0.99):
+      quantiles.labels(str(q)).set_function(
+          lambda q=q: float(np.quantile(recent_latencies, q)) if recent_latencies else 0.0)
+
+  def text(self) -> bytes:
+    return prom.generate_latest(self.registry)
+
+
+class FrameLoop:
+
+  def __init__(self, pipeline: FramePipeline, *, period_s: float = 0.08, recent: int = 10000):
+    self.pipeline, self.period = pipeline, period_s
+    B = pipeline.slots
+    self.slots: list[Session | None] = [None] * B
+    self.leaving = np.zeros((B,), bool)
+    self.sampling_updates: dict[int, SamplingConfig] = {}
+    self.recent = collections.deque(maxlen=recent)  # tick seconds
+    self.metrics = Metrics(B, self.recent)
+    self.ticks = 0
+    self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='frame-loop')
+    self._task: asyncio.Task | None = None
+
+  # ---- slots --------------------------------------------------------------------------------
+  def claim(self) -> int | None:
+    """A free slot, or None when every slot is taken."""
+    for slot, s in enumerate(self.slots):
+      if s is None:
+        return slot
+    return None
+
+  def join(self, session: Session) -> None:
+    self.slots[session.slot] = session
+    self.metrics.sessions.inc()
+    self.metrics.live.inc()
+
+  def leave(self, session: Session) -> None:
+    """Frees the session's slot; its LM row is released at the next tick."""
+    if self.slots[session.slot] is session:
+      self.slots[session.slot] = None
+      self.leaving[session.slot] |= session.started
+      self.sampling_updates.pop(session.slot, None)
+      self.metrics.live.dec()
+
+  def update_sampling(self, session: Session, sampling: SamplingConfig) -> None:
+    """New sampling for a live session, from the next tick (or its start) on."""
+    self.pipeline.check_sampling(sampling)
+    session.sampling = sampling
+    if session.started:
+      self.sampling_updates[session.slot] = sampling
+
+  def find(self, sid: str) -> Session | None:
+    return next((s for s in self.slots if s is not None and s.sid == sid), None)
+
+  # ---- the loop -----------------------------------------------------------------------------
+  def start(self) -> None:
+    self._task = asyncio.get_running_loop().create_task(self.run())
+
+  async def stop(self) -> None:
+    if self._task is not None:
+      self._task.cancel()
+      try:
+        await self._task
+      except asyncio.CancelledError:
+        pass
+    self._worker.shutdown(wait=True)
+
+  async def run(self) -> None:
+    loop = asyncio.get_running_loop()
+    next_tick = loop.time()
+    while True:
+      await asyncio.sleep(max(0.0, next_tick - loop.time()))
+      start = time.perf_counter()
+      try:
+        await self.tick()
+      except Exception:  # a bug in one tick must not stop every session's loop
+        log.exception('frame loop tick failed')
+      took = time.perf_counter() - start
+      self.recent.append(took)
+      self.metrics.latency.observe(took)
+      next_tick += self.period
+      if loop.time() > next_tick + self.period:  # fell a whole frame behind: do not burst
+        self.metrics.late_ticks.inc()
+        next_tick = loop.time()
+
+  async def tick(self) -> None:
+    B, S = self.pipeline.slots, self.pipeline.frame_size
+    stop, self.leaving = self.leaving, np.zeros((B,), bool)
+    starts: dict[SamplingConfig, np.ndarray] = {}
+    pcm = np.zeros((B, S), np.float32)
+    live = []
+    for slot, s in enumerate(self.slots):
+      if s is None or s.closed.is_set():
+        continue
+      if not s.started:
+        if not s.has_frame():
+          continue  # the session's stream begins with its first full frame
+        s.started = True
+        starts.setdefault(s.sampling, np.zeros((B,), bool))[slot] = True
+      elif self.pipeline.frames[slot] >= self.pipeline.max_len:
+        s.end(f'session length limit: {self.pipeline.max_len} frames', code=1000)
+        continue
+      underruns = s.underruns
+      pcm[slot] = s.take_frame()
+      self.metrics.underruns.inc(s.underruns - underruns)
+      live.append(slot)
+    updates, self.sampling_updates = self.sampling_updates, {}
+    if not live and not stop.any():
+      return
+    out = await asyncio.get_running_loop().run_in_executor(
+        self._worker, self._compute, stop, starts, updates, pcm)
+    self.ticks += 1
+    self.metrics.frames.inc(len(live))
+    for slot in live:
+      s = self.slots[slot]
+      if s is not None and out.valid[slot] and not s.closed.is_set():
+        s.push(out.pcm[slot], int(out.text[slot]))
+
+  def _compute(self, stop, starts, updates, pcm):
+    """Runs in the worker thread: the only code that touches the pipeline while serving."""
+    p = self.pipeline
+    p.stop(stop)
+    for sampling, mask in starts.items():
+      p.start(mask, sampling)
+    for slot, sampling in updates.items():
+      mask = np.zeros((p.slots,), bool)
+      mask[slot] = True
+      p.set_sampling(mask, sampling)
+    return p.step(pcm)

@@ -1,0 +1,136 @@
+"""One websocket session: its Opus streams, input buffer, bounded output queue and counters.
+
+The frame loop never waits on a session: it takes a frame with `take_frame` (silence and an
+underrun when the client is late) and hands replies to `push` (a full queue means the client
+stopped reading: the session ends). A failure ends only its own session.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+
+import aiohttp
+import numpy as np
+
+from flmjax.decode import SamplingConfig
+from flmjax.serve import protocol
+
+log = logging.getLogger('flmjax.serve')
+
+
+@dataclasses.dataclass
+class Limits:
+  """Per-session limits. max_buffer_s: audio buffered ahead of the frame loop before the server
+  stops reading the socket (TCP back-pressure); max_queue_frames: unsent reply frames before a
+  client counts as a stalled reader; idle_s: how long a session may send no audio at all."""
+  max_message_bytes: int = 1 << 20
+  max_buffer_s: float = 30.0
+  max_queue_frames: int = 50
+  idle_s: float = 30.0
+
+
+class Session:
+
+  def __init__(self, sid: str, slot: int, ws, cfg, sampling: SamplingConfig, limits: Limits,
+               frame_size: int, peer: str = '?', tokenizer=None):
+    self.sid, self.slot, self.ws, self.peer = sid, slot, ws, peer
+    self.sampling, self.limits, self.frame_size = sampling, limits, frame_size
+    self.reader, self.writer = protocol.OpusReader(), protocol.OpusWriter()
+    self.text = protocol.TextStream(cfg, tokenizer)
+    self.chunks: list[np.ndarray] = []  # decoded input pcm not yet framed
+    self.buffered = 0
+    self.queue: asyncio.Queue = asyncio.Queue(limits.max_queue_frames)
+    self.room = asyncio.Event()
+    self.room.set()
+    self.started = False  # the LM slot is reset at the first tick with a full frame buffered
+    self.closed = asyncio.Event()
+    self.reason, self.close_code = '', 1000
+    self.frames_in = self.frames_out = self.underruns = 0
+    self.first_underrun = -1  # session frame index of the first underrun
+    self.start_time, self.last_audio = time.time(), time.monotonic()
+
+  # ---- called by the frame loop (never awaits) ----------------------------------------------
+  def has_frame(self) -> bool:
+    return self.buffered >= self.frame_size
+
+  def take_frame(self) -> np.ndarray:
+    """The next [S] input frame, or silence (an underrun) when the client is late."""
+    S = self.frame_size
+    if self.buffered < S:
+      if self.first_underrun < 0:
+        self.first_underrun = self.frames_in + self.underruns
+      self.underruns += 1
+      return np.zeros((S,), np.float32)
+    data = np.concatenate(self.chunks) if len(self.chunks) > 1 else self.chunks[0]
+    frame, rest = data[:S], data[S:]
+    self.chunks, self.buffered = ([rest] if rest.size else []), rest.size
+    self.frames_in += 1
+    if self.buffered < self.limits.max_buffer_s * protocol.SAMPLE_RATE:
+      self.room.set()
+    return frame
+
+  def push(self, pcm: np.ndarray, text_id: int) -> None:
+    """Queues one reply frame (Opus) and its text messages."""
+    messages = [bytes([protocol.AUDIO]) + self.writer.encode(pcm)] + self.text.add(text_id)
+    for message in messages:
+      if self.queue.full():
+        self.end(f'stalled reader: {self.queue.qsize()} reply messages unsent')
+        return
+      self.queue.put_nowait(message)
+    self.frames_out += 1
+
+  def end(self, reason: str, code: int = 1008) -> None:
+    """Ends the session (first reason wins); `code` is the websocket close code to send."""
+    if not self.closed.is_set():
+      self.reason, self.close_code = reason, code
+      self.closed.set()
+
+  # ---- the session's own tasks --------------------------------------------------------------
+  async def receive(self) -> None:
+    """Reads the client's messages into the input buffer until the socket or the session ends."""
+    ws = self.ws
+    while not self.closed.is_set():
+      await self.room.wait()  # back-pressure: stop reading while the buffer is full
+      try:
+        msg = await ws.receive(timeout=self.limits.idle_s)
+      except asyncio.TimeoutError:
+        return self.end(f'idle: no message for {self.limits.idle_s:g} s')
+      if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING,
+                      aiohttp.WSMsgType.CLOSED):
+        return self.end('client closed', 1000)
+      if msg.type == aiohttp.WSMsgType.ERROR:
+        return self.end(f'websocket error: {ws.exception()}', 1009 if
+                        'too big' in str(ws.exception()).lower() else 1002)
+      if msg.type != aiohttp.WSMsgType.BINARY:
+        return self.end(f'expected binary messages, got {msg.type.name}', 1003)
+      data = msg.data
+      if not data:
+        continue  # the official server skips empty messages too
+      if data[0] != protocol.AUDIO:
+        return self.end(f'unknown message kind {data[0]}', 1003)
+      try:
+        pcm = self.reader.decode(data[1:])
+      except Exception as e:  # sphn raises ValueError (and others) on a malformed stream
+        return self.end(f'malformed Opus: {e}', 1007)
+      if pcm.size:
+        self.chunks.append(pcm)
+        self.buffered += pcm.size
+        self.last_audio = time.monotonic()
+        if self.buffered >= self.limits.max_buffer_s * protocol.SAMPLE_RATE:
+          self.room.clear()
+
+  async def send(self) -> None:
+    """Drains the reply queue to the socket."""
+    while True:
+      message = await self.queue.get()
+      await self.ws.send_bytes(message)
+
+  def summary(self) -> str:
+    return (f'session {self.sid} slot {self.slot} peer {self.peer}: start '
+            f'{time.strftime("%H:%M:%S", time.gmtime(self.start_time))} end '
+            f'{time.strftime("%H:%M:%S", time.gmtime())} '
+            f'({time.time() - self.start_time:.1f} s), frames in {self.frames_in} '
+            f'out {self.frames_out}, underruns {self.underruns} (first at frame '
+            f'{self.first_underrun}), reason: {self.reason}')
