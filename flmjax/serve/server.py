@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import socket
 import uuid
 
 from aiohttp import web
@@ -71,11 +72,15 @@ class Server:
       loop.metrics.refused.inc()
       return web.json_response({'error': f'server full: all {len(loop.slots)} session slots are '
                                          f'busy; retry later'}, status=503)
+    sock = request.transport.get_extra_info('socket') if request.transport else None
+    if sock is not None:  # bounds what a client that stops reading can hold in the kernel
+      sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.limits.socket_send_buffer)
     sid = uuid.uuid4().hex[:12]
     ws = web.WebSocketResponse(max_msg_size=self.limits.max_message_bytes)
     ws.headers[SESSION_HEADER] = sid
     session = Session(sid, slot, ws, self.cfg, self.sampling, self.limits,
-                      self.pipeline.frame_size, peer=str(request.remote), tokenizer=self.tokenizer)
+                      self.pipeline.frame_size, peer=str(request.remote), tokenizer=self.tokenizer,
+                      transport=request.transport)
     loop.join(session)  # before the first await: the slot is ours
     tasks = []
     try:

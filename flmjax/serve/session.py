@@ -24,18 +24,22 @@ log = logging.getLogger('flmjax.serve')
 class Limits:
   """Per-session limits. max_buffer_s: audio buffered ahead of the frame loop before the server
   stops reading the socket (TCP back-pressure); max_queue_frames: unsent reply frames before a
-  client counts as a stalled reader; idle_s: how long a session may send no audio at all."""
+  client counts as a stalled reader, as do max_unsent_bytes waiting in the socket's
+  write buffer (the kernel's, socket_send_buffer bytes, is full: the client is not reading); idle_s: how long a session may send no audio at all."""
   max_message_bytes: int = 1 << 20
   max_buffer_s: float = 30.0
   max_queue_frames: int = 50
+  max_unsent_bytes: int = 1 << 15
+  socket_send_buffer: int = 1 << 16
   idle_s: float = 30.0
 
 
 class Session:
 
   def __init__(self, sid: str, slot: int, ws, cfg, sampling: SamplingConfig, limits: Limits,
-               frame_size: int, peer: str = '?', tokenizer=None):
+               frame_size: int, peer: str = '?', tokenizer=None, transport=None):
     self.sid, self.slot, self.ws, self.peer = sid, slot, ws, peer
+    self.transport = transport
     self.sampling, self.limits, self.frame_size = sampling, limits, frame_size
     self.reader, self.writer = protocol.OpusReader(), protocol.OpusWriter()
     self.text = protocol.TextStream(cfg, tokenizer)
@@ -74,6 +78,10 @@ class Session:
   def push(self, pcm: np.ndarray, text_id: int) -> None:
     """Queues one reply frame (Opus) and its text messages."""
     messages = [bytes([protocol.AUDIO]) + self.writer.encode(pcm)] + self.text.add(text_id)
+    unsent = self.transport.get_write_buffer_size() if self.transport is not None else 0
+    if unsent > self.limits.max_unsent_bytes:
+      self.end(f'stalled reader: {unsent} bytes unsent')
+      return
     for message in messages:
       if self.queue.full():
         self.end(f'stalled reader: {self.queue.qsize()} reply messages unsent')

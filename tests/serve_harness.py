@@ -1,0 +1,94 @@
+"""Helpers for the server tests: a live server on a free loopback port, speech-like input, a raw
+websocket client that can misbehave, and the offline cross-talk check."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import socket
+import struct
+
+import numpy as np
+from aiohttp import web
+
+from flmjax.serve.reference import mismatches, replay
+from flmjax.serve.server import Server
+
+FRAME = 1920
+
+
+@contextlib.asynccontextmanager
+async def running(server: Server):
+  """Serves `server` on 127.0.0.1 at a free port; yields 'host:port'."""
+  runner = web.AppRunner(server.app(), handle_signals=False)
+  await runner.setup()
+  site = web.TCPSite(runner, '127.0.0.1', 0)
+  await site.start()
+  port = site._server.sockets[0].getsockname()[1]
+  try:
+    yield f'127.0.0.1:{port}'
+  finally:
+    await runner.cleanup()
+
+
+def voice(seed: int, frames: int) -> np.ndarray:
+  """[frames*1920] float32: a vowel-like harmonic signal with a seed-dependent pitch and a
+  syllable envelope, so Opus keeps most of it and sessions differ."""
+  rng = np.random.default_rng(seed)
+  t = np.arange(frames * FRAME) / 24000
+  f0 = 110 + 40 * rng.random()
+  wave = sum(np.sin(2 * np.pi * k * f0 * t + rng.random() * 6) / k for k in range(1, 8))
+  envelope = 0.5 + 0.5 * np.sin(2 * np.pi * (2 + rng.random()) * t)
+  return (0.1 * wave * envelope + 0.003 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+def check_crosstalk(pipeline, cfg, convs: dict, frames: dict | None = None) -> dict:
+  """{slot: Conversation} -> {slot: mismatch list} against an offline replay of what the server
+  decoded; also confirms the check fails when two sessions' references are swapped."""
+  ref = replay(pipeline, {slot: c.sent_pcm for slot, c in convs.items()})
+  found = {slot: mismatches(c, cfg, *ref[slot], frames=(frames or {}).get(slot))
+           for slot, c in convs.items()}
+  slots = sorted(convs)
+  if len(slots) > 1:  # the check can fail: another slot's reference never matches
+    assert mismatches(convs[slots[0]], cfg, *ref[slots[1]]), 'swapped references matched'
+  return found
+
+
+class RawSocket:
+  """A websocket client on a plain socket: small receive buffer, never reads unless asked,
+  can send anything (client frames are masked with a zero key, as RFC 6455 requires)."""
+
+  def __init__(self, addr: str, path: str = '/api/chat', rcvbuf: int = 4096):
+    host, port = addr.split(':')
+    self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    self.sock.settimeout(10)
+    self.sock.connect((host, int(port)))
+    key = base64.b64encode(os.urandom(16)).decode()
+    self.sock.sendall((f'GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n'
+                       f'Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n'
+                       f'Sec-WebSocket-Version: 13\r\n\r\n').encode())
+    head = b''
+    while b'\r\n\r\n' not in head:
+      head += self.sock.recv(1)
+    self.status = int(head.split(b' ')[1])
+
+  def send(self, payload: bytes, opcode: int = 2) -> None:
+    n = len(payload)
+    size = bytes([0x80 | n]) if n < 126 else (bytes([0x80 | 126]) + struct.pack('!H', n) if
+                                              n < 65536 else bytes([0x80 | 127]) +
+                                              struct.pack('!Q', n))
+    self.sock.sendall(bytes([0x80 | opcode]) + size + b'\0\0\0\0' + payload)
+
+  def close(self) -> None:
+    self.sock.close()
+
+
+async def wait_for(predicate, timeout_s: float = 20.0, step_s: float = 0.05) -> bool:
+  """Polls predicate() until true or timeout (bounded)."""
+  for _ in range(int(timeout_s / step_s)):
+    if predicate():
+      return True
+    await asyncio.sleep(step_s)
+  return predicate()
