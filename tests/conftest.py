@@ -36,3 +36,16 @@ def tiny_model(tiny_dir):
 
 def pytest_configure(config):
   assert jax.device_count() == 8, 'tests expect 8 simulated CPU devices'
+
+
+@pytest.fixture(scope='session')
+def serve_pipeline(tiny_model, golden_dir):
+  """The server's batched frame computation on the tiny LM and golden mimi_small: 4 slots,
+  greedy (so every session's output is a function of its input), compiled once."""
+  from flmjax.codec import load_mimi
+  from flmjax.decode import SamplingConfig
+  from flmjax.serve.pipeline import FramePipeline
+  pipeline = FramePipeline(tiny_model, load_mimi(str(golden_dir / 'mimi_small')), 4,
+                           sampling=SamplingConfig(greedy=True), max_len=256)
+  pipeline.warmup()
+  return pipeline

@@ -110,24 +110,3 @@ class FramePipeline:
     self.frames[self.active] += 1
     return FrameOut(text=out[:, 0].astype(np.int32), pcm=np.asarray(reply, np.float32),
                     valid=valid & self.active)
-
-
-class ToyStreamCodec:
-  """The synthetic corpus's ToyCodec behind Mimi's streaming interface (it has no state)."""
-
-  def __init__(self):
-    from flmjax.data.codec import ToyCodec
-    self.toy = ToyCodec()
-    self.frame_size, self.sample_rate = self.toy.frame_size, self.toy.sample_rate
-
-  def init_stream(self, batch: int):
-    return {'batch': batch}
-
-  def reset_slots(self, state, mask):
-    return state
-
-  def encode_step(self, state, pcm):
-    return state, np.stack([self.toy.encode(np.asarray(row))[:, 0] for row in pcm])
-
-  def decode_step(self, state, codes):
-    return state, np.stack([self.toy.decode(np.asarray(c)[:, None]) for c in codes])

@@ -1,0 +1,174 @@
+"""`flmjax serve` against live loopback servers: the official protocol, settings, concurrent
+sessions without cross-talk, slot reuse, auth, refusal when full.
+
+One compiled pipeline (tiny LM, golden mimi_small, 4 slots, greedy) serves every test; clients
+send their audio up front (no pacing), so no frame of real input is ever an underrun and each
+session's replies must equal the offline replay exactly.
+"""
+import asyncio
+
+import aiohttp
+import numpy as np
+import pytest
+from serve_harness import FRAME, check_crosstalk, running, voice, wait_for
+
+from flmjax.decode import SamplingConfig
+from flmjax.serve import protocol
+from flmjax.serve.client import converse
+from flmjax.serve.server import SESSION_HEADER, Server
+
+GREEDY = SamplingConfig(greedy=True)
+
+
+def test_settings_keys_and_text_stream(tiny_model):
+  cfg = tiny_model.cfg
+  s = protocol.apply_settings(GREEDY, {'use_sampling': True, 'temp_text': 0.7,
+                                       'repetition_penalty_window_audio': 20})
+  assert (s.greedy, s.temp_text, s.window_audio) == (False, 0.7, 20)
+  assert protocol.settings_json(s)['use_sampling'] is True
+  for bad, word in (([1], 'JSON object'), ({'temp': 1}, "unknown setting 'temp'"),
+                    ({'top_k_text': 1.5}, 'integer'), ({'use_sampling': 1}, 'true or false'),
+                    ({'top_p_text': 2.0}, 'top_p')):
+    with pytest.raises(ValueError, match=word):
+      protocol.apply_settings(GREEDY, bad)
+  text = protocol.TextStream(cfg)
+  w = cfg.text_wait_id
+  sent = [m for t in (w, 5, 7, w, w, cfg.text_bos_id, 9) for m in text.add(t)]
+  assert sent == [b'\x02<5>', b'\x02<7>', protocol.SENTENCE_END, b'\x02<9>']
+
+
+def test_protocol_handshake_audio_text_settings(serve_pipeline, tiny_model):
+  cfg = tiny_model.cfg
+  server = Server(serve_pipeline, sampling=GREEDY)
+
+  async def scenario():
+    async with running(server) as addr, aiohttp.ClientSession() as http:
+      base = f'http://{addr}'
+      async with http.post(f'{base}/api/settings', data=b'{not json') as r:
+        assert r.status == 400 and (await r.json())['error'] == 'Invalid JSON'
+      async with http.post(f'{base}/api/settings', json={'temp_txt': 1}) as r:
+        assert r.status == 400 and 'temp_txt' in (await r.json())['error']
+      async with http.post(f'{base}/api/settings', json={'repetition_penalty_window_text': 99}) as r:
+        assert r.status == 400 and 'window buffer of 50' in (await r.json())['error']
+      # Server-wide (the official semantics): applies to sessions that start from now on.
+      async with http.post(f'{base}/api/settings', json={'use_sampling': False,
+                                                         'repetition_penalty_text': 1.05}) as r:
+        assert r.status == 200 and (await r.json())['settings']['repetition_penalty_text'] == 1.05
+      assert server.sampling == SamplingConfig(greedy=True, repetition_penalty_text=1.05)
+      async with http.post(f'{base}/api/settings?session=nope', json={}) as r:
+        assert r.status == 404
+
+      async def per_session(sid):  # ours: one live session's settings, by the id header
+        async with http.post(f'{base}/api/settings?session={sid}',
+                             json={'repetition_penalty_audio': 1.3}) as r:
+          assert r.status == 200
+        assert server.frame_loop.find(sid).sampling.repetition_penalty_audio == 1.3
+
+      conv = await converse(f'ws://{addr}/api/chat', voice(1, 12), pace=False,
+                            session_hook=per_session)
+      async with http.get(f'{base}/healthz') as r:
+        health = await r.json()
+      async with http.get(f'{base}/metrics') as r:
+        metrics = await r.text()
+      return conv, health, metrics
+
+  conv, health, metrics = asyncio.run(scenario())
+  assert conv.session and conv.close_code == 1000
+  assert conv.frames_sent == 12 and conv.frames_received == 11  # the first step returns nothing
+  assert conv.reply_pcm.size == 11 * FRAME and np.abs(conv.reply_pcm).max() > 0
+  assert conv.text and '\x02' not in conv.text and f'<{cfg.text_wait_id}>' not in conv.text
+  assert health['status'] == 'ok' and health['slots'] == 4
+  for name in ('flmjax_sessions_live', 'flmjax_frame_loop_seconds_bucket',
+               'flmjax_underruns_total', 'flmjax_frame_loop_recent_seconds{quantile="0.99"}'):
+    assert name in metrics, name
+  [done] = server.finished
+  assert (done.frames_in, done.frames_out, done.reason) == (12, 11, 'client closed')
+  # The session ran on the posted settings: the reference uses the same ones.
+  sampling = SamplingConfig(greedy=True, repetition_penalty_text=1.05,
+                            repetition_penalty_audio=1.3)
+  assert done.sampling == sampling
+  from flmjax.serve.reference import mismatches, replay
+  ref = replay(serve_pipeline, {0: conv.sent_pcm}, sampling=sampling)
+  assert mismatches(conv, cfg, *ref[0], frames=11) == []
+
+
+def test_four_sessions_no_crosstalk(serve_pipeline, tiny_model):
+  server = Server(serve_pipeline, sampling=GREEDY)
+  frames = {0: 20, 1: 14, 2: 24, 3: 17}  # different lengths: sessions end at different ticks
+
+  async def scenario():
+    async with running(server) as addr:
+      return await asyncio.gather(*[converse(f'ws://{addr}/api/chat', voice(10 + i, n),
+                                             pace=False) for i, n in frames.items()])
+
+  convs = asyncio.run(scenario())
+  by_slot = {next(s.slot for s in server.finished if s.sid == c.session): c for c in convs}
+  assert sorted(by_slot) == [0, 1, 2, 3]
+  assert all(s.underruns == 0 or s.first_underrun >= s.frames_in for s in server.finished)
+  found = check_crosstalk(serve_pipeline, tiny_model.cfg, by_slot)
+  assert found == {slot: [] for slot in by_slot}, found
+  assert all(c.frames_received == c.frames_sent - 1 for c in convs)
+
+
+def test_full_refuses_then_a_leaver_frees_its_slot(serve_pipeline, tiny_model):
+  server = Server(serve_pipeline, sampling=GREEDY)
+
+  async def scenario():
+    async with running(server) as addr:
+      url = f'ws://{addr}/api/chat'
+      # Three long sessions and one that leaves after 8 replies (mid-stream, input still queued).
+      stayers = [asyncio.create_task(converse(url, voice(20 + i, 40), pace=False))
+                 for i in range(3)]
+      leaver = asyncio.create_task(converse(url, voice(30, 40), pace=False, replies=8))
+      assert await wait_for(lambda: all(server.frame_loop.slots))
+      async with aiohttp.ClientSession() as http:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+          await http.ws_connect(url)
+        async with http.get(url) as r:
+          body = await r.json()
+      left = await leaver
+      assert await wait_for(lambda: not all(server.frame_loop.slots))
+      newcomer = await converse(url, voice(31, 10), pace=False)
+      return refused.value.status, body, left, newcomer, await asyncio.gather(*stayers)
+
+  status, body, left, newcomer, stayers = asyncio.run(scenario())
+  assert status == 503 and 'all 4 session slots are busy' in body['error']
+  assert left.frames_received >= 8
+  ended = {s.sid: s for s in server.finished}
+  assert ended[left.session].frames_in < 40  # it left with input still unsent to the model
+  assert ended[newcomer.session].slot == ended[left.session].slot
+  assert newcomer.frames_received == 9
+  convs = {ended[c.session].slot: c for c in stayers}
+  convs[ended[newcomer.session].slot] = newcomer
+  found = check_crosstalk(serve_pipeline, tiny_model.cfg, convs)
+  assert found == {slot: [] for slot in convs}, found
+  refused = server.frame_loop.metrics.registry.get_sample_value('flmjax_sessions_refused_total')
+  assert refused == 2  # the websocket attempt and the plain GET
+
+
+def test_auth_token_checked_before_upgrade(serve_pipeline):
+  server = Server(serve_pipeline, sampling=GREEDY, auth_token='s3cret')
+
+  async def scenario():
+    async with running(server) as addr, aiohttp.ClientSession() as http:
+      statuses = []
+      for url, headers in ((f'ws://{addr}/api/chat', {}),
+                           (f'ws://{addr}/api/chat?token=wrong', {}),
+                           (f'ws://{addr}/api/chat', {'Authorization': 'Bearer wrong'})):
+        with pytest.raises(aiohttp.WSServerHandshakeError) as e:
+          await http.ws_connect(url, headers=headers)
+        statuses.append(e.value.status)
+      async with http.post(f'http://{addr}/api/settings', json={}) as r:
+        statuses.append(r.status)
+      async with http.get(f'http://{addr}/healthz') as r:
+        statuses.append(r.status)  # open: a liveness probe carries no token
+      for url, headers in ((f'ws://{addr}/api/chat?token=s3cret', {}),
+                           (f'ws://{addr}/api/chat', {'Authorization': 'Bearer s3cret'})):
+        async with http.ws_connect(url, headers=headers) as ws:
+          msg = await ws.receive(timeout=10)
+          statuses.append(msg.data)
+          assert ws._response.headers[SESSION_HEADER]
+      return statuses
+
+  assert asyncio.run(scenario()) == [401, 401, 401, 401, 200, b'\x00', b'\x00']
+  assert not server.finished or all(s.frames_in == 0 for s in server.finished)
