@@ -74,7 +74,7 @@ def test_bad_clients_end_only_their_session(serve_pipeline, tiny_model):
     async with running(server) as addr:
       url = f'ws://{addr}/api/chat'
       # Good sessions, paced in real time with a 3-frame lead, for the whole scenario.
-      good = [asyncio.create_task(converse(url, voice(40 + i, 150), lead_frames=3))
+      good = [asyncio.create_task(converse(url, voice(40 + i, 250), lead_frames=3))
               for i in range(2)]
       assert await wait_for(lambda: sum(s is not None for s in server.frame_loop.slots) == 2)
       ends = {}
@@ -85,7 +85,7 @@ def test_bad_clients_end_only_their_session(serve_pipeline, tiny_model):
         assert await wait_for(lambda: len(server.finished) > before, 30), name
         ends[name] = server.finished[-1]
         raw.close()
-      assert not any(t.done() for t in good), 'a good session ended early'
+      assert not any(t.done() for t in good), [s.reason for s in server.finished]
       return ends, await asyncio.gather(*good)
 
   ends, good = asyncio.run(scenario())
@@ -100,8 +100,8 @@ def test_bad_clients_end_only_their_session(serve_pipeline, tiny_model):
   assert sorted(by_slot) == [0, 1]
   for s in server.finished:
     if s.slot in (0, 1):
-      assert s.frames_in == 150 and (s.underruns == 0 or s.first_underrun >= 150), s.summary()
+      assert s.frames_in == 250 and (s.underruns == 0 or s.first_underrun >= 250), s.summary()
   found = check_crosstalk(serve_pipeline, tiny_model.cfg, by_slot)
   assert found == {0: [], 1: []}, found
-  assert all(c.frames_received == 149 for c in good)
+  assert all(c.frames_received == 249 for c in good)
   assert np.isfinite(np.concatenate([c.reply_pcm for c in good])).all()

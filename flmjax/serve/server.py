@@ -100,6 +100,7 @@ class Server:
       loop.leave(session)
       for task in tasks:
         task.cancel()
+      await asyncio.gather(*tasks, return_exceptions=True)  # no receive() left behind
       await self._close(request, ws, session)
       self.finished.append(session)
       log.info(session.summary())
@@ -111,7 +112,7 @@ class Server:
       return
     try:
       await asyncio.wait_for(ws.close(code=session.close_code,
-                                      message=session.reason.encode()[:120]), 2.0)
+                                      message=session.reason.encode()[:120]), 1.0)
     except (asyncio.TimeoutError, ConnectionError, RuntimeError):
       if request.transport is not None:
         request.transport.abort()

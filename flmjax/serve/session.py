@@ -109,8 +109,9 @@ class Session:
                       aiohttp.WSMsgType.CLOSED):
         return self.end('client closed', 1000)
       if msg.type == aiohttp.WSMsgType.ERROR:
-        return self.end(f'websocket error: {ws.exception()}', 1009 if
-                        'too big' in str(ws.exception()).lower() else 1002)
+        # aiohttp's WebSocketError carries the close code (1009 for an oversized message).
+        return self.end(f'websocket error: {ws.exception()}',
+                        int(getattr(ws.exception(), 'code', 1002)))
       if msg.type != aiohttp.WSMsgType.BINARY:
         return self.end(f'expected binary messages, got {msg.type.name}', 1003)
       data = msg.data
