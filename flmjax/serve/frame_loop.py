@@ -112,18 +112,21 @@ class FrameLoop:
       await asyncio.sleep(max(0.0, next_tick - loop.time()))
       start = time.perf_counter()
       try:
-        await self.tick()
+        computed = await self.tick()
       except Exception:  # a bug in one tick must not stop every session's loop
         log.exception('frame loop tick failed')
-      took = time.perf_counter() - start
-      self.recent.append(took)
-      self.metrics.latency.observe(took)
+        computed = True
+      if computed:  # idle ticks (no live session) would only dilute the latency statistics
+        took = time.perf_counter() - start
+        self.recent.append(took)
+        self.metrics.latency.observe(took)
       next_tick += self.period
       if loop.time() > next_tick + self.period:  # fell a whole frame behind: do not burst
         self.metrics.late_ticks.inc()
         next_tick = loop.time()
 
-  async def tick(self) -> None:
+  async def tick(self) -> bool:
+    """One frame for every live slot; False when there was nothing to compute."""
     B, S = self.pipeline.slots, self.pipeline.frame_size
     stop, self.leaving = self.leaving, np.zeros((B,), bool)
     starts: dict[SamplingConfig, np.ndarray] = {}
@@ -144,9 +147,9 @@ class FrameLoop:
       pcm[slot] = s.take_frame()
       self.metrics.underruns.inc(s.underruns - underruns)
       live.append(slot)
-    updates, self.sampling_updates = self.sampling_updates, {}
     if not live and not stop.any():
-      return
+      return False
+    updates, self.sampling_updates = self.sampling_updates, {}
     out = await asyncio.get_running_loop().run_in_executor(
         self._worker, self._compute, stop, starts, updates, pcm)
     self.ticks += 1
@@ -155,6 +158,7 @@ class FrameLoop:
       s = self.slots[slot]
       if s is not None and out.valid[slot] and not s.closed.is_set():
         s.push(out.pcm[slot], int(out.text[slot]))
+    return True
 
   def _compute(self, stop, starts, updates, pcm):
     """Runs in the worker thread: the only code that touches the pipeline while serving."""

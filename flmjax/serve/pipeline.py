@@ -1,16 +1,44 @@
 """The batched frame computation of the server: Mimi encode -> LM step -> Mimi decode for B slots.
 
-`FramePipeline.step` is synchronous and deterministic; the server's frame loop calls it once per
-80 ms tick, and `replay` runs the same calls offline (the cross-talk reference). Shape letters:
+`FramePipeline.step` is synchronous and deterministic: one jitted call runs the whole frame for
+every slot (one dispatch, one host sync). The server's frame loop calls it once per 80 ms tick;
+flmjax.serve.reference replays the same call offline (the cross-talk reference). Shape letters:
 B session slots, S samples per frame (1920), C codebooks.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from flmjax.codec import mimi as mimi_lib
 from flmjax.decode import SamplingConfig, StreamingDecoder
+from flmjax.decode.frame import frame as lm_frame
+
+
+def frame_step(mimi_cfg, graphdef, layer_fn, layers_fn, penalized: int, mimi_params, lm_params,
+               encoder, lm, decoder, pcm):
+  """Pure: pcm [B,S] -> (encoder, lm, decoder, out [B,1+C], valid [B], reply [B,S]).
+
+  encoder / decoder: the user's and the model's Mimi stream states; lm: the StreamingDecoder
+  state. A slot's audio decoder starts with its first valid output (before it the official
+  LMGen.step returns None and nothing is decoded), so it is kept fresh until then.
+  """
+  encoder, codes = mimi_lib.encode_step(mimi_cfg, mimi_params, encoder, pcm)  # [B,C]
+  lm, out, valid = lm_frame(nnx.merge(graphdef, lm_params), lm, codes, penalized=penalized,
+                            layer_fn=layer_fn, layers_fn=layers_fn)
+  # A tiny random LM can emit PAD/EMP ids as speech; Mimi has codes 0..bins-1 only.
+  speak = jnp.minimum(out[:, 1:], mimi_cfg.quantizer_bins - 1)
+  new, reply = mimi_lib.decode_step(mimi_cfg, mimi_params, decoder, speak)
+  fresh = mimi_lib.init_stream(mimi_cfg, pcm.shape[0])['decoder']
+  keep = ~valid
+  decoder = jax.tree.map(lambda f, n: jnp.where(keep.reshape((-1,) + (1,) * (n.ndim - 1)), f, n),
+                         fresh, new)
+  return encoder, lm, decoder, out, valid, reply
 
 
 @dataclasses.dataclass
@@ -26,8 +54,7 @@ class FramePipeline:
   """Owns the LM decoder state and two streaming codec states (the user's encoder side, the
   model's decoder side), all with B rows. Joining and leaving only mask rows: no recompilation.
 
-  codec: a streaming codec with Mimi's interface (init_stream, encode_step, decode_step,
-  reset_slots; flmjax.codec.Mimi).
+  codec: a flmjax.codec.Mimi (its streaming functions are fused into the frame).
   """
 
   def __init__(self, model, codec, slots: int, *, sampling: SamplingConfig | None = None,
@@ -42,7 +69,10 @@ class FramePipeline:
     self.model_stream = codec.init_stream(slots)  # decoder side: the model's codes -> audio
     self.active = np.zeros((slots,), bool)
     self.frames = np.zeros((slots,), np.int64)  # steps taken by each slot's current session
-    self._last_code = int(getattr(getattr(codec, 'cfg', None), 'quantizer_bins', 2048)) - 1
+    dec = self.decoder
+    self._frame = jax.jit(functools.partial(
+        frame_step, codec.cfg, dec.graphdef, dec.depth_layer_fn, dec.depth_layers_fn,
+        dec.sampling.penalized_codebooks), donate_argnums=(2, 3, 4))
 
   def warmup(self) -> None:
     """Compiles every call the frame loop makes (start, both kinds of step, stop), so the
@@ -73,8 +103,6 @@ class FramePipeline:
 
   def set_sampling(self, mask, sampling: SamplingConfig) -> None:
     """New sampling parameters for the live sessions where mask [B], without a restart."""
-    import jax
-    import jax.numpy as jnp
     mask = np.asarray(mask, bool)
     self.check_sampling(sampling)
     for kind in ('text', 'audio'):
@@ -98,15 +126,18 @@ class FramePipeline:
 
   def step(self, pcm: np.ndarray) -> FrameOut:
     """pcm float32 [B,S] (anything in free slots) -> the tick's FrameOut."""
-    self.user_stream, codes = self.codec.encode_step(self.user_stream, pcm)  # [B,C]
-    self.lm, out, valid = self.decoder.step(self.lm, np.asarray(codes))
+    pcm = np.asarray(pcm, np.float32)
+    if pcm.shape != (self.slots, self.frame_size):
+      raise ValueError(f'pcm: expected [{self.slots}, {self.frame_size}], got {pcm.shape}')
+    if self.active.any() and self.frames[self.active].max() >= self.max_len:
+      raise ValueError(f'slot(s) {np.flatnonzero(self.full()).tolist()} reached max_len='
+                       f'{self.max_len} frames: stop them first')
+    encoder, self.lm, decoder, out, valid, reply = self._frame(
+        self.codec.params, self.decoder.params, self.user_stream['encoder'], self.lm,
+        self.model_stream['decoder'], pcm)
+    self.user_stream = {**self.user_stream, 'encoder': encoder}
+    self.model_stream = {**self.model_stream, 'decoder': decoder}
     out, valid = np.asarray(out), np.asarray(valid)  # [B,1+C], [B]
-    # A tiny random LM can emit PAD/EMP ids as speech; Mimi has codes 0..bins-1 only.
-    speak = np.minimum(out[:, 1:], self._last_code)
-    self.model_stream, reply = self.codec.decode_step(self.model_stream, speak)
-    waiting = self.active & ~valid
-    if waiting.any():  # no output yet: that slot's audio decoder has not started (official)
-      self.model_stream = self.codec.reset_slots(self.model_stream, waiting)
     self.frames[self.active] += 1
     return FrameOut(text=out[:, 0].astype(np.int32), pcm=np.asarray(reply, np.float32),
                     valid=valid & self.active)

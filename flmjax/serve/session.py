@@ -77,7 +77,8 @@ class Session:
 
   def push(self, pcm: np.ndarray, text_id: int) -> None:
     """Queues one reply frame (Opus) and its text messages."""
-    messages = [bytes([protocol.AUDIO]) + self.writer.encode(pcm)] + self.text.add(text_id)
+    # Text first: a client holding reply frame k then holds the text of frames <= k too.
+    messages = self.text.add(text_id) + [bytes([protocol.AUDIO]) + self.writer.encode(pcm)]
     unsent = self.transport.get_write_buffer_size() if self.transport is not None else 0
     if unsent > self.limits.max_unsent_bytes:
       self.end(f'stalled reader: {unsent} bytes unsent')
