@@ -172,3 +172,56 @@ def test_auth_token_checked_before_upgrade(serve_pipeline):
 
   assert asyncio.run(scenario()) == [401, 401, 401, 401, 200, b'\x00', b'\x00']
   assert not server.finished or all(s.frames_in == 0 for s in server.finished)
+
+
+def test_cli_help_errors_and_client_end_to_end(serve_pipeline, tmp_path, capsys):
+  import threading
+
+  import soundfile
+
+  from flmjax import cli
+  assert cli.main(['--help']) == 0
+  out = capsys.readouterr().out
+  assert all(f'  {name} ' in out for name in ('serve', 'client'))
+  for command, flag in (('serve', '--auth-token'), ('client', '--no-pace')):
+    with pytest.raises(SystemExit) as e:
+      cli.main([command, '--help'])
+    assert e.value.code == 0 and flag in capsys.readouterr().out
+  with pytest.raises(SystemExit) as e:
+    cli.main(['serve', '--checkpoint', str(tmp_path / 'nope'), '--mimi', str(tmp_path)])
+  assert e.value.code == 2 and 'nope: no such directory' in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    cli.main(['client', '--in', str(tmp_path / 'missing.wav'), '--out', str(tmp_path / 'r.wav')])
+  assert 'missing.wav: no such file' in capsys.readouterr().err
+
+  # `flmjax client` against a live server (its own event loop, in a thread): WAV in, WAV out.
+  server, ready, stop = Server(serve_pipeline, sampling=GREEDY), threading.Event(), None
+  addr = []
+
+  def serve():
+    nonlocal stop
+    loop = asyncio.new_event_loop()
+    stop = loop.create_future()
+
+    async def body():
+      async with running(server) as a:
+        addr.append(a)
+        ready.set()
+        await stop
+    loop.run_until_complete(body())
+
+  thread = threading.Thread(target=serve, daemon=True)
+  thread.start()
+  assert ready.wait(60)
+  soundfile.write(tmp_path / 'user.wav', voice(5, 8), 24000)  # 8 frames at 24 kHz
+  try:
+    assert cli.main(['client', '--url', f'ws://{addr[0]}/api/chat', '--in',
+                     str(tmp_path / 'user.wav'), '--out', str(tmp_path / 'reply.wav'),
+                     '--no-pace']) == 0
+  finally:
+    stop.get_loop().call_soon_threadsafe(stop.set_result, None)
+    thread.join(30)
+  reply, rate = soundfile.read(tmp_path / 'reply.wav', dtype='float32')
+  assert rate == 24000 and reply.shape == (7 * FRAME,)
+  assert (tmp_path / 'reply.txt').read_text().startswith('<')
+  assert 'sent 8 frames, received 7' in capsys.readouterr().out
