@@ -8,14 +8,15 @@ reduced config, e.g. golden/mimi_small). Clients: `flmjax client`, or the offici
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 
+from flmjax.cli import ArgumentParser, command
 
-def _parser() -> argparse.ArgumentParser:
+
+def _parser() -> ArgumentParser:
   from flmjax.decode import SamplingConfig
-  ap = argparse.ArgumentParser(prog='flmjax serve', description=__doc__.split('\n\n')[0])
+  ap = ArgumentParser(prog='flmjax serve', description=__doc__.split('\n\n')[0])
   ap.add_argument('--checkpoint', required=True, help='official-layout dir or orbax run dir')
   ap.add_argument('--mimi', required=True, help='Mimi safetensors file or directory')
   ap.add_argument('--slots', type=int, default=16, help='concurrent sessions (batch rows)')
@@ -64,21 +65,19 @@ def build_server(model, mimi, args):
                 tokenizer=tokenizer)
 
 
+@command('flmjax serve')
 def main(argv: list[str]) -> int:
   ap = _parser()
   args = ap.parse_args(argv)
   if args.slots < 1:
-    ap.error(f'--slots {args.slots}: need at least one session slot')
+    raise ValueError(f'--slots {args.slots}: need at least one session slot')
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
   log = logging.getLogger('flmjax.serve')
   from aiohttp import web
   from flmjax.codec import load_mimi
   from flmjax.decode.cli import load_model
-  try:
-    model = load_model(args.checkpoint, args.dtype)
-    mimi = load_mimi(args.mimi)
-  except (OSError, ValueError) as e:
-    ap.error(str(e))
+  model = load_model(args.checkpoint, args.dtype)  # errors name the flag and the fix
+  mimi = load_mimi(args.mimi)
   log.info('compiling the frame loop for %d slots', args.slots)
   server = build_server(model, mimi, args)
   log.info('serving ws://%s:%d/api/chat (%d slots%s)', args.host, args.port, args.slots,

@@ -7,16 +7,15 @@ Sends the WAV as Ogg/Opus in 80 ms frames, in real time (or as fast as possible 
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 import os
-import sys
 import time
 
 import aiohttp
 import numpy as np
 
+from flmjax.cli import ArgumentParser, command, fail
 from flmjax.serve import protocol
 
 FRAME = 1920
@@ -109,14 +108,18 @@ def read_wav(path: str) -> np.ndarray:
   import soxr
   if not os.path.isfile(path):
     raise FileNotFoundError(f'--in {path}: no such file')
-  wave, rate = soundfile.read(path, dtype='float32', always_2d=True)
+  try:
+    wave, rate = soundfile.read(path, dtype='float32', always_2d=True)
+  except RuntimeError as e:  # soundfile's LibsndfileError
+    raise ValueError(f'--in {path}: not a readable WAV ({e})') from None
   wave = wave.mean(axis=1)
   return soxr.resample(wave, rate, protocol.SAMPLE_RATE).astype(np.float32) if (
       rate != protocol.SAMPLE_RATE) else wave
 
 
+@command('flmjax client')
 def main(argv: list[str]) -> int:
-  ap = argparse.ArgumentParser(prog='flmjax client', description=__doc__.split('\n\n')[0])
+  ap = ArgumentParser(prog='flmjax client', description=__doc__.split('\n\n')[0])
   ap.add_argument('--url', default='ws://127.0.0.1:8990/api/chat')
   ap.add_argument('--in', dest='input', required=True, help='the user side, a WAV file')
   ap.add_argument('--out', required=True, help='reply WAV (the text goes beside it, as .txt)')
@@ -124,15 +127,11 @@ def main(argv: list[str]) -> int:
   ap.add_argument('--token', default=os.environ.get('FLMJAX_TOKEN'),
                   help='bearer token (default: $FLMJAX_TOKEN)')
   args = ap.parse_args(argv)
-  try:
-    pcm = read_wav(args.input)
-  except (OSError, RuntimeError) as e:
-    ap.error(str(e))
+  pcm = read_wav(args.input)
   try:
     conv = asyncio.run(converse(args.url, pcm, pace=not args.no_pace, token=args.token))
   except (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError) as e:
-    print(f'flmjax client: {args.url}: {type(e).__name__}: {e}', file=sys.stderr)
-    return 1
+    return fail('flmjax client', f'{args.url}: {type(e).__name__}: {e}')
   import soundfile
   base = os.path.splitext(args.out)[0]
   tmp = args.out + '.tmp.wav'
