@@ -34,7 +34,6 @@ class Conversation:
   send_times: list
   receive_times: list
   close_code: int | None
-  close_reason: str
 
 
 async def converse(url: str, pcm: np.ndarray, *, pace: bool = True, lead_frames: int = 0,
@@ -64,7 +63,10 @@ async def converse(url: str, pcm: np.ndarray, *, pace: bool = True, lead_frames:
       got_all = asyncio.Event()
       got_all.set() if want == 0 else None
 
+      received = 0
+
       async def receive():
+        nonlocal received
         async for msg in ws:
           if msg.type != aiohttp.WSMsgType.BINARY or not msg.data:
             continue
@@ -73,33 +75,38 @@ async def converse(url: str, pcm: np.ndarray, *, pace: bool = True, lead_frames:
             if out.size:
               reply_pcm.append(out)
               receive_times.append(time.perf_counter())
-              if sum(x.size for x in reply_pcm) >= want * FRAME:
+              received += out.size
+              if received >= want * FRAME:
                 got_all.set()
           elif msg.data[0] == protocol.TEXT:
             text.append(msg.data[1:].decode('utf-8'))
+        got_all.set()  # the server closed the session
 
       receiver = asyncio.create_task(receive())
       start = time.perf_counter()
       for i, frame in enumerate(frames):
         if pace and i >= lead_frames:
           await asyncio.sleep(max(0.0, start + (i - lead_frames) * 0.08 - time.perf_counter()))
+        if receiver.done() or ws.closed:
+          break  # the server ended the session
         data = writer.encode(frame)
+        try:
+          await ws.send_bytes(bytes([protocol.AUDIO]) + data)
+        except ConnectionError:
+          break
         sent_pcm.append(own_reader.decode(data))
         send_times.append(time.perf_counter())
-        await ws.send_bytes(bytes([protocol.AUDIO]) + data)
-        if receiver.done():
-          break
       try:
         await asyncio.wait_for(got_all.wait(), reply_timeout_s)
       except asyncio.TimeoutError:
         pass
       await ws.close()
       receiver.cancel()
-      code, reason = ws.close_code, ''
+      code = ws.close_code
   cat = lambda xs: np.concatenate(xs) if xs else np.zeros((0,), np.float32)
   reply = cat(reply_pcm)
   return Conversation(sid, len(send_times), reply.size // FRAME, cat(sent_pcm), reply,
-                      ''.join(text), send_times, receive_times, code, reason)
+                      ''.join(text), send_times, receive_times, code)
 
 
 def read_wav(path: str) -> np.ndarray:

@@ -54,11 +54,11 @@ def expected_reply(cfg, text_ids: np.ndarray, pcm: np.ndarray, tokenizer=None) -
 def mismatches(conv, cfg, text_ids: np.ndarray, pcm: np.ndarray, frames: int | None = None,
                tokenizer=None) -> list[str]:
   """Where a client's Conversation differs from the offline reference (text ids [n], pcm [n*S],
-  from `replay`) over its first `frames` reply frames (default: all it received); [] if equal.
-  The client's text must begin with the reference text of those frames (later frames may have
-  added more)."""
+  from `replay`) over its first `frames` reply frames (default: all n, the replies to its real
+  input); [] if equal. The client's text must begin with the reference text of those frames
+  (frames after its input ended, fed as silence, may have added more)."""
   S = len(pcm) // max(len(text_ids), 1)
-  n = conv.frames_received if frames is None else frames
+  n = len(text_ids) if frames is None else frames
   problems = []
   if n > len(text_ids):
     problems.append(f'compared {n} reply frames, the reference has {len(text_ids)}')
