@@ -95,13 +95,17 @@ def test_acoustic_codes_depend_on_speaker_and_noise():
   assert np.abs((a0[1:] - a1[1:] + 1024) % 2048 - 1024).mean() > 50  # voice
 
 
-def test_tts_asr_has_room_for_a_trailing_monologue(corpus):
+def test_tts_asr_is_trimmed_so_trailing_text_runs_past_the_audio(corpus):
+  """Like trimmed real utterances, many end right after their last word: a trailing monologue
+  then runs past the audio (the loader extends those samples)."""
   tok = load_tokenizer(corpus['tokenizer'])
+  past = []
   for e in entries(corpus['tts_asr']):
     frames = np.load(e.codes['model']).shape[1]
+    assert frames - e.segments[-1].end_frame in (0, 1, 2)
     sents = [(s.start_frame, s.end_frame, tok.encode(s.text)) for s in e.segments]
-    for offset in (0, 2):
-      assert layout_monologue(sents, frames, 'trail', offset, 317)[2] == 0
+    past.append(layout_monologue(sents, frames, 'trail', 0, 317)[2] > 0)
+  assert sum(past) >= 0.8 * len(past)  # all but some one-word fillers
 
 
 def test_audio_manifest_matches_codes_manifest(tmp_path):

@@ -210,3 +210,13 @@ def test_grain_pipeline_resume_is_bit_identical(tmp_path_factory):
   for a, b in zip(_leaves(resumed['state']), _leaves(full['state'])):
     assert np.array_equal(a, b)
   assert [r['stage'] for r in observe.history(tc.run_dir)] == ['asr_tts'] * 3 + ['duplex'] * 2
+  # the loader's monologue counts are logged per step, equal to what the stage's loader yields
+  hist = observe.history(tc.run_dir)
+  for stage, steps in ((0, range(3)), (1, range(3, 5))):
+    loader = data_lib.make_stage_loader(tc, stage)
+    for step in steps:
+      batch = next(loader)
+      for key in ('pushed_frames', 'cut_tokens', 'extended_frames'):
+        assert hist[step][key] == float(batch[key].sum()), (step, key)
+  assert sum(r['extended_frames'] + r['pushed_frames'] for r in hist) > 0
+  assert full['stages'][0]['data']['extended_frames'] == sum(r['extended_frames'] for r in hist[:3])

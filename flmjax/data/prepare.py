@@ -14,10 +14,12 @@ import shutil
 import sys
 import tempfile
 
+import numpy as np
+
 from flmjax.data import manifest as mf
 from flmjax.codec.base import Codec
 from flmjax.data.monologue import MODES, layout_monologue
-from flmjax.data.records import SUMMARY, Record, encode_record, monologue_sentences
+from flmjax.data.records import FRAMES, SUMMARY, Record, encode_record, monologue_sentences
 from flmjax.data.tokenizer import Tokenizer
 
 
@@ -97,7 +99,7 @@ def _write(entries, manifest: str, out_dir: str, tokenizer: Tokenizer, codec: Co
   from array_record.python.array_record_module import ArrayRecordWriter
   files, skipped, kinds = [], [], collections.Counter()
   layout = {m: collections.Counter() for m in MODES}  # pushes and cuts at offset 0, for the report
-  num_frames = 0
+  frames = []  # per record, for the loader's window count
   writer = None
   try:
     for entry in entries:
@@ -122,7 +124,7 @@ def _write(entries, manifest: str, out_dir: str, tokenizer: Tokenizer, codec: Co
                                           0, -1)
         layout[mode].update(pushed_frames=pushed, cut_tokens=cut)
       kinds[record.kind] += 1
-      num_frames += record.num_frames
+      frames.append(record.num_frames)
   finally:
     if writer is not None:
       writer.close()
@@ -133,11 +135,12 @@ def _write(entries, manifest: str, out_dir: str, tokenizer: Tokenizer, codec: Co
                            f'rejected {reasons}{first}', 'no_samples')
   summary = {
       'manifest': os.path.abspath(manifest), 'files': files, 'num_records': kinds.total(),
-      'num_frames': num_frames, 'kinds': dict(kinds), 'num_skipped': len(skipped),
+      'num_frames': sum(frames), 'kinds': dict(kinds), 'num_skipped': len(skipped),
       'skipped_by_reason': reasons, 'skipped': skipped,
       'monologue_at_offset_0': {m: {'pushed_frames': c['pushed_frames'],
                                     'cut_tokens': c['cut_tokens']} for m, c in layout.items()},
   }
+  np.save(os.path.join(out_dir, FRAMES), np.asarray(frames, np.int32))
   with open(os.path.join(out_dir, SUMMARY), 'w') as f:
     json.dump(summary, f, indent=1)
   return summary

@@ -12,6 +12,7 @@ import numpy as np
 from flmjax.codec.base import NUM_CODEBOOKS
 
 SUMMARY = 'summary.json'
+FRAMES = 'record_frames.npy'  # int32 [records]: each record's frames, in record order
 
 
 @dataclasses.dataclass
@@ -65,6 +66,16 @@ def record_files(prepared_dir: str | os.PathLike) -> list[str]:
     raise FileNotFoundError(f'{prepared_dir!r}: shard(s) listed in {SUMMARY} are missing: '
                             f'{missing}')
   return files
+
+
+def record_frames(prepared_dir: str | os.PathLike) -> np.ndarray:
+  """Frames per record (int32 [records], in the order of `record_files`), written by prepare so
+  that the loader can size its windows without reading the records."""
+  path = os.path.join(str(prepared_dir), FRAMES)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{prepared_dir!r}: no {FRAMES}; it was prepared by an older flmjax '
+                            '(run `flmjax data prepare MANIFEST OUT_DIR` again)')
+  return np.load(path)
 
 
 def read_all(prepared_dir: str | os.PathLike) -> list[Record]:

@@ -5,6 +5,7 @@ import json
 import os
 
 SPLITS = ('tts_asr', 'duplex', 'heldout_tts_asr', 'heldout_duplex')
+VERSION = 2  # of the generator and prepare: a corpus made by another version is made again
 
 
 def ensure_synthetic_corpus(root: str, *, seed: int = 0, num_tts_asr: int = 400,
@@ -19,7 +20,7 @@ def ensure_synthetic_corpus(root: str, *, seed: int = 0, num_tts_asr: int = 400,
   if os.path.exists(done):
     with open(done) as f:
       info = json.load(f)
-    if info.get('args') == want:
+    if info.get('args') == want and info.get('version') == VERSION:
       return info['paths']
   from flmjax.data import cli as data_cli
   from flmjax.data import synthetic
@@ -36,5 +37,5 @@ def ensure_synthetic_corpus(root: str, *, seed: int = 0, num_tts_asr: int = 400,
       raise RuntimeError(f'flmjax data prepare {raw[split]} failed with exit status {rc}')
     paths[split] = out
   with open(done, 'w') as f:
-    json.dump({'args': want, 'paths': paths}, f, indent=2)
+    json.dump({'args': want, 'version': VERSION, 'paths': paths}, f, indent=2)
   return paths

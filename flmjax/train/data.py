@@ -107,6 +107,20 @@ def check_batch(tc: TrainConfig, batch: dict, where: str) -> None:
                              f'expected {want} (local batch, channels, window)')
 
 
+def data_counts(batch: dict) -> dict[str, float]:
+  """The monologue counts of a batch (pushed frames, cut tokens, extension frames; see
+  flmjax.data.pipeline.COUNTS), summed over every host's rows. Empty for loaders without them."""
+  from flmjax.data.pipeline import COUNTS
+  keys = [k for k in COUNTS if k in batch]
+  if not keys:
+    return {}
+  sums = np.array([np.sum(batch[k]) for k in keys], np.int64)  # [keys], this host's rows
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    sums = np.asarray(multihost_utils.process_allgather(sums)).sum(0)
+  return {k: float(v) for k, v in zip(keys, sums)}
+
+
 def to_global(batch: dict, shardings: dict) -> dict[str, jax.Array]:
   """This host's rows -> global arrays laid out by `shardings` (works single- and multi-host)."""
   return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(batch[k]))

@@ -140,6 +140,7 @@ def train(tc: TrainConfig, *, mesh: jax.sharding.Mesh | None = None,
             f'{global_step} (stage {stage.name!r}, step {pos.step_in_stage + 1} of the stage); '
             f'stopping without saving this state (last checkpoint: {ckpt.latest_step()})')
       metrics['frames_per_s'] = frames_per_step / (time.perf_counter() - t0)
+      metrics.update(data_lib.data_counts(batch))
       obs.record(global_step, pos.stage, metrics)
       nxt = position(tc, global_step)
       keep_data = nxt.stage == loader_stage  # a finished stage's iterator is not carried over

@@ -10,6 +10,7 @@ import numpy as np
 
 from flmjax.train.config import TrainConfig
 
+DATA_COUNTS = ('pushed_frames', 'cut_tokens', 'extended_frames')  # the loader's, per step
 SUMMARY_KEYS = ('loss', 'loss_text', 'acc_text', 'wait_rate_pred', 'wait_rate_target',
                 'loss_semantic', 'acc_semantic', 'loss_acoustic', 'acc_acoustic')
 
@@ -35,6 +36,7 @@ class Observer:
     self.steps_this_run = 0
     self.stage_summaries: list[dict] = []
     self._stage_records: list[dict] = []
+    self._data_totals = dict.fromkeys(DATA_COUNTS, 0.0)
     self._stage_t0 = time.perf_counter()
     self._bar = self._tb = self._jsonl = None
     if not enabled:
@@ -51,6 +53,7 @@ class Observer:
 
   def begin_stage(self, stage: int, start_step: int) -> None:
     self._stage_records, self._stage_t0 = [], time.perf_counter()
+    self._data_totals = dict.fromkeys(DATA_COUNTS, 0.0)
     if self._bar is not None:
       self._bar.set_description(self.tc.stages[stage].name)
 
@@ -58,6 +61,8 @@ class Observer:
     self.steps_this_run += 1
     rec = {'step': step, 'stage': self.tc.stages[stage].name, **metrics}
     self._stage_records.append(rec)
+    for k in DATA_COUNTS:
+      self._data_totals[k] += metrics.get(k, 0.0)
     if not self.enabled:
       return
     self._jsonl.write(json.dumps(rec) + '\n')
@@ -66,6 +71,8 @@ class Observer:
       if self._tb is not None:
         for k, v in metrics.items():
           self._tb.add_scalar(f'train/{k}', v, step)
+        for k, v in self._data_totals.items():  # running totals of the stage
+          self._tb.add_scalar(f'data/{self.tc.stages[stage].name}/{k}', v, step)
     if self._bar is not None:
       self._bar.update(1)
       self._bar.set_postfix(loss=f'{metrics["loss"]:.3f}', text=f'{metrics["acc_text"]:.2f}',
@@ -81,7 +88,8 @@ class Observer:
                'finished': finished, 'seconds': time.perf_counter() - self._stage_t0,
                'frames_per_s': mean(recs[n:] or recs, 'frames_per_s'),
                'first': {k: mean(recs[:n], k) for k in SUMMARY_KEYS},
-               'last': {k: mean(recs[-n:], k) for k in SUMMARY_KEYS}}
+               'last': {k: mean(recs[-n:], k) for k in SUMMARY_KEYS},
+               'data': dict(self._data_totals)}
     self.stage_summaries.append(summary)
     if self.enabled:
       f, l = summary['first'], summary['last']
@@ -89,6 +97,9 @@ class Observer:
                f'({summary["frames_per_s"]:.0f} frames/s){"" if finished else " (stopped)"}']
       for k in SUMMARY_KEYS:
         lines.append(f'  {k:18s} {f[k]:8.4f} -> {l[k]:8.4f}')
+      d = summary['data']
+      lines.append(f'  monologue: {d["pushed_frames"]:.0f} frames pushed, {d["cut_tokens"]:.0f} '
+                   f'tokens cut, {d["extended_frames"]:.0f} frames of extension past the audio')
       (self._bar.write if self._bar is not None else log)('\n'.join(lines))
     if self._tb is not None:
       self._tb.add_text('stage_summary', json.dumps(summary), recs[-1]['step'])
