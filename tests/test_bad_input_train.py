@@ -15,8 +15,9 @@ from probe import error_line, run
 
 HEADER = '''\
 from flmjax.config import ModelConfig
+from flmjax.data.grid import LossWeights
 from flmjax.data.pipeline import SourceSpec
-from flmjax.train.config import OptimConfig, StageConfig, TrainConfig
+from flmjax.train.config import MeshConfig, OptimConfig, StageConfig, TrainConfig
 '''
 GOOD = '''\
 def get_config(run_dir):
@@ -39,30 +40,34 @@ def edit(**replace) -> str:
 
 
 @pytest.mark.parametrize('body, line, message', [
-    ('def get_config(run_dir)\n  return 1\n', 4, 'syntax error: expected'),
-    (edit(a=('window=8', 'window=8, learning_rate=1e-3')), 6,
+    ('def get_config(run_dir)\n  return 1\n', 5, 'syntax error: expected'),
+    (edit(a=('window=8', 'window=8, learning_rate=1e-3')), 7,
      "TrainConfig has no field 'learning_rate'; its fields: model, stages"),
-    (edit(a=("random_data=True", "random_data=True, peak_lr_=1.0")), 5,
+    (edit(a=("random_data=True", "random_data=True, peak_lr_=1.0")), 6,
      "StageConfig has no field 'peak_lr_' (did you mean 'peak_lr'?)"),
-    (edit(a=("  stage = ", "  src = SourceSpec('d', layot='lead')\n  stage = ")), 5,
+    (edit(a=("  stage = ", "  src = SourceSpec('d', layot='lead')\n  stage = ")), 6,
      "SourceSpec has no field 'layot' (did you mean 'layout'?)"),
-    (edit(a=("  stage = ", "  src = SourceSpec('d', layout='zigzag')\n  stage = ")), 5,
+    (edit(a=("  stage = ", "  src = SourceSpec('d', layout='zigzag')\n  stage = ")), 6,
      "ValueError: SourceSpec('d'): layout 'zigzag' is not one of ('lead', 'trail', 'mixed')"),
-    (edit(a=("random_data=True", "random_data=True, peak_lr=-1e-3")), 5,
+    (edit(a=("random_data=True", "random_data=True, peak_lr=-1e-3")), 6,
      "stage 'one': peak_lr -0.001 must be a positive number"),
-    (edit(a=("random_data=True", "random_data=True, peak_lr=float('nan')")), 5,
+    (edit(a=("random_data=True", "random_data=True, peak_lr=float('nan')")), 6,
      "stage 'one': peak_lr nan must be a positive number"),
-    (edit(a=("random_data=True", "random_data=True, end_lr_ratio=2.0")), 5,
+    (edit(a=("random_data=True", "random_data=True, end_lr_ratio=2.0")), 6,
      "end_lr_ratio 2.0 must lie in [0, 1]"),
-    (edit(a=("random_data=True", "random_data=True, warmup_steps=5")), 5,
+    (edit(a=("random_data=True", "random_data=True, warmup_steps=5")), 6,
      'warmup_steps 5 must lie in [0, steps=2]'),
-    (edit(a=('window=8', 'window=8, batch_size=0')), 6,
+    (edit(a=('window=8', 'window=8, batch_size=0')), 7,
      'TrainConfig.batch_size is 0; it must be an integer >= 1'),
-    (edit(a=('window=8', 'window=8, optim=OptimConfig(weight_decay=-0.1)')), 6,
+    (edit(a=('window=8', 'window=8, optim=OptimConfig(weight_decay=-0.1)')), 7,
      'OptimConfig.weight_decay is -0.1; it must be >= 0'),
-    (edit(a=('ModelConfig.tiny()', 'ModelConfig.tiny(num_kv_heads=3)')), 6,
+    (edit(a=("random_data=True", "random_data=True, loss_weights=LossWeights(wait=-1)")), 6,
+     'ValueError: LossWeights.wait is -1; a loss weight must be a finite number >= 0'),
+    (edit(a=('window=8', 'window=8, mesh=MeshConfig(fsdp=0)')), 7,
+     'MeshConfig.fsdp is 0; it must be an integer >= 1'),
+    (edit(a=('ModelConfig.tiny()', 'ModelConfig.tiny(num_kv_heads=3)')), 7,
      'ConfigError: ModelConfig.num_kv_heads: 4 query heads are not a multiple of 3 KV heads'),
-    (edit(a=('  stage = ', '  stage = undefined_name\n  stage = ')), 5,
+    (edit(a=('  stage = ', '  stage = undefined_name\n  stage = ')), 6,
      "NameError: name 'undefined_name' is not defined"),
     ('x = 1\n', None, 'defines no get_config(run_dir) function'),
     ('def get_config(run_dir):\n  return {}\n', None, 'get_config returned dict, not TrainConfig'),

@@ -21,6 +21,13 @@ class LossWeights:
   semantic: float = 1.0
   acoustic: float = 0.1
 
+  def __post_init__(self):
+    for name in ('text', 'wait', 'semantic', 'acoustic'):
+      value = getattr(self, name)
+      if not (isinstance(value, (int, float)) and 0 <= value < float('inf')):
+        raise ValueError(f'LossWeights.{name} is {value!r}; a loss weight must be a finite '
+                         'number >= 0')
+
 
 def _blank(cfg: ModelConfig, num_columns: int) -> np.ndarray:
   """int32 [17, num_columns] holding the initial column everywhere (WAIT text, PAD audio)."""

@@ -46,6 +46,13 @@ class MeshConfig:
   fsdp: int = 1
   tensor: int = 1
 
+  def __post_init__(self):
+    for name in ('data', 'fsdp', 'tensor'):
+      value = getattr(self, name)
+      if not (isinstance(value, int) and (value >= 1 or (name == 'data' and value == -1))):
+        raise TrainConfigError(f'MeshConfig.{name} is {value!r}; it must be an integer >= 1'
+                               + (' (or -1: every device left)' if name == 'data' else ''))
+
   def resolve(self, num_devices: int) -> tuple[int, int, int]:
     if self.data == -1:
       if num_devices % (self.fsdp * self.tensor):
