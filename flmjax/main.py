@@ -7,12 +7,13 @@ next to the untrained model's, then full-duplex streaming chat on held-out conve
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
 
 import numpy as np
+
+from flmjax.cli import ArgumentParser
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO, 'experiments', 'configs', 'tiny_dual.py')
@@ -94,7 +95,7 @@ def chat(tc, result, limit: int = 32) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-  ap = argparse.ArgumentParser(prog='flmjax main')
+  ap = ArgumentParser(prog='flmjax main')
   ap.add_argument('--config', default=DEFAULT_CONFIG)
   ap.add_argument('--run_dir', default=os.path.join('runs', 'tiny_dual'))
   ap.add_argument('--parity', action='store_true', help='only check golden forward parity')

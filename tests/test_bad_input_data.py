@@ -65,6 +65,25 @@ def test_prepare_bad_codes(capsys, tmp_path, tok, kind, message):
   assert not (tmp_path / 'out').exists()
 
 
+@pytest.mark.parametrize('field, value, message', [
+    ('codes', {'model': 5}, 'field "codes" must map speakers [\'model\', \'user\'] to .npy paths'),
+    ('text', 5, 'segment 0: text must be a string, got 5'),
+    ('start', '0', "segment 0: start and end must be finite numbers (seconds), got '0' and 0.8"),
+    ('start', True, 'segment 0: start and end must be finite numbers (seconds), got True'),
+    ('end', float('inf'), 'segment 0: start and end must be finite numbers (seconds), got 0.0 and '
+                          'inf'),
+])
+def test_prepare_bad_field_types(capsys, tmp_path, tok, field, value, message):
+  line = tts_line(codes_file(tmp_path / 'c.npy'))
+  if field == 'codes':
+    line['codes'] = value
+  else:
+    line['segments'][0][field] = value
+  manifest = write_manifest(tmp_path / 'm.jsonl', [line])
+  assert f'{manifest}:1: {message}' in prepare_error(capsys, tok, manifest, tmp_path / 'o',
+                                                     '--strict')
+
+
 def test_prepare_non_utf8_line_is_named_and_skipped(capsys, tmp_path, tok):
   good = json.dumps(tts_line(codes_file(tmp_path / 'c.npy'))).encode()
   bad = json.dumps(tts_line('c.npy', id='y', text='caf\u00e9')).encode()

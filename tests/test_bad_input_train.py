@@ -105,6 +105,9 @@ def test_train_flags(capsys, tmp_path):
       capsys, 'train', '--config', path, '--run_dir', tmp_path / 'afile')
   assert "flag --stop_after=x: invalid literal" in error_line(capsys, 'train', '--config', path,
                                                              '--stop_after', 'x')
+  np.save(tmp_path / 'codes.npy', np.zeros((8, 2)))
+  assert 'a config is a Python file (.py) defining get_config(run_dir)' in error_line(
+      capsys, 'train', '--config', tmp_path / 'codes.npy')
   assert 'nope: no such checkpoint directory' in error_line(
       capsys, 'train', '--config', path, '--run_dir', tmp_path / 'run', '--init_from',
       tmp_path / 'nope')
@@ -166,7 +169,7 @@ def test_export_keeps_other_files_and_writes_tokenizer(capsys, orbax_run, tmp_pa
   assert flmjax.load_official(str(out)).cfg.vocab_size == 320
 
 
-def test_export_errors(capsys, orbax_run, tmp_path):
+def test_export_errors(capsys, orbax_run, tmp_path, tiny_dir):
   (tmp_path / 'afile').write_text('keep me')
   assert 'OUT_DIR' in error_line(capsys, 'export', orbax_run, tmp_path / 'afile')
   assert 'afile is a file; give a directory' in error_line(capsys, 'export', orbax_run,
@@ -175,6 +178,12 @@ def test_export_errors(capsys, orbax_run, tmp_path):
   assert 'step 7' in error_line(capsys, 'export', orbax_run, tmp_path / 'o', '--step', '7')
   assert 'nothing: no such checkpoint directory' in error_line(capsys, 'export',
                                                                tmp_path / 'nothing', tmp_path / 'o')
+  assert 'is an official checkpoint already (config.json); give a training run directory' in \
+      error_line(capsys, 'export', tiny_dir, tmp_path / 'o')
+  (tmp_path / 'empty').mkdir()
+  assert 'empty: no training checkpoints here' in error_line(capsys, 'export', tmp_path / 'empty',
+                                                             tmp_path / 'o')
+  assert os.listdir(tmp_path / 'empty') == []
   for root, _, files in os.walk(orbax_run / 'checkpoints' / '5' / 'params'):
     for name in files:
       with open(os.path.join(root, name), 'wb') as f:
@@ -233,5 +242,8 @@ def test_chat_on_a_damaged_official_checkpoint(capsys, tmp_path, tiny_dir):
   assert 'model.safetensors: truncated safetensors file' in error_line(capsys, *chat)
 
 
-def test_unknown_command(capsys):
+def test_unknown_command_and_main_flags(capsys):
   assert "unknown command 'trian'; use one of" in error_line(capsys, 'trian')
+  assert 'unrecognized arguments: --bogus (see flmjax main --help)' in error_line(capsys, 'main',
+                                                                                 '--bogus')
+  assert 'config file nope.py not found' in error_line(capsys, 'main', '--config', 'nope.py')

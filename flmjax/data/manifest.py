@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any, Iterator
 
@@ -97,18 +98,23 @@ def parse_line(text: str, where: str, base_dir: str) -> Entry:
     _need(not miss, at, f'missing field(s) {miss}', 'missing_field')
     _need(seg['speaker'] in SPEAKERS, at,
           f'speaker {seg["speaker"]!r} is not one of {list(SPEAKERS)}', 'bad_field')
-    _need(all(isinstance(seg[k], (int, float)) for k in ('start', 'end')), at,
-          'start and end must be numbers (seconds)', 'bad_field')
-    _need(isinstance(seg['text'], str) and seg['text'].strip() != '', at, 'empty text',
-          'empty_text')
+    _need(all(isinstance(seg[k], (int, float)) and not isinstance(seg[k], bool)
+              and math.isfinite(seg[k]) for k in ('start', 'end')), at,
+          f'start and end must be finite numbers (seconds), got {seg["start"]!r} and '
+          f'{seg["end"]!r}', 'bad_field')
+    _need(isinstance(seg['text'], str), at, f'text must be a string, got {seg["text"]!r}',
+          'bad_field')
+    _need(seg['text'].strip() != '', at, 'empty text', 'empty_text')
     segments.append(Segment(seg['speaker'], float(seg['start']), float(seg['end']), seg['text']))
   audio = codes = None
   if 'audio' in obj:
     _need(isinstance(obj['audio'], str), where, 'field "audio" must be a path', 'bad_field')
     audio = os.path.join(base_dir, obj['audio'])
   else:
-    _need(isinstance(obj['codes'], dict) and obj['codes'] and set(obj['codes']) <= set(SPEAKERS),
-          where, f'field "codes" must map speakers {list(SPEAKERS)} to .npy paths', 'bad_field')
+    _need(isinstance(obj['codes'], dict) and obj['codes'] and set(obj['codes']) <= set(SPEAKERS)
+          and all(isinstance(v, str) for v in obj['codes'].values()), where,
+          f'field "codes" must map speakers {list(SPEAKERS)} to .npy paths, got '
+          f'{obj["codes"]!r}', 'bad_field')
     codes = {k: os.path.join(base_dir, v) for k, v in obj['codes'].items()}
   entry = Entry(where, str(obj['id']), kind, rate, audio, codes, tuple(segments))
   if kind == 'tts_asr':

@@ -200,6 +200,9 @@ def load_config_file(path: str, run_dir: str | None = None) -> TrainConfig:
   TrainConfigError naming the file and line."""
   if not os.path.isfile(path):
     raise TrainConfigError(f'config file {path} not found')
+  if not path.endswith('.py'):
+    raise TrainConfigError(f'config file {path}: a config is a Python file (.py) defining '
+                           'get_config(run_dir)')
   spec = importlib.util.spec_from_file_location(
       f'_flmjax_cfg_{os.path.splitext(os.path.basename(path))[0]}', path)
   module = importlib.util.module_from_spec(spec)

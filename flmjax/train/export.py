@@ -28,7 +28,15 @@ def checkpoint_dir(path: str) -> str:
   if not os.path.isdir(path):
     raise CheckpointMissingError(f'{path}: no such checkpoint directory')
   inner = os.path.join(path, 'checkpoints')
-  return inner if os.path.isdir(inner) else path
+  if os.path.isdir(inner):
+    return inner
+  if os.path.isfile(os.path.join(path, 'config.json')):
+    raise CheckpointMissingError(f'{path} is an official checkpoint already (config.json); give '
+                                 'a training run directory (RUN_DIR or RUN_DIR/checkpoints)')
+  if not any(name.isdigit() for name in os.listdir(path)):
+    raise CheckpointMissingError(f'{path}: no training checkpoints here; give a training run '
+                                 'directory (RUN_DIR or RUN_DIR/checkpoints)')
+  return path
 
 
 def restore_model(ckpt_dir: str, step: int | None = None) -> tuple[FLMAudio, dict]:
