@@ -28,3 +28,7 @@ class Codec(abc.ABC):
   @abc.abstractmethod
   def decode(self, codes: np.ndarray) -> np.ndarray:
     """int [num_codebooks, frames] -> float32 [frames * frame_size]."""
+
+  def encode_batch(self, waves: list[np.ndarray]) -> list[np.ndarray]:
+    """Many waves at once (a codec on an accelerator batches them); same results as `encode`."""
+    return [self.encode(w) for w in waves]

@@ -11,20 +11,23 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from flmjax.codec.mimi_transformer import dense
+
 
 def nearest(x: jax.Array, codebook: jax.Array) -> jax.Array:
   """x [B,F,Q], codebook [V,Q] -> int32 [B,F]: the closest entry in Euclidean distance."""
-  dist = (jnp.sum(x * x, -1, keepdims=True) - 2 * jnp.einsum('BFQ,VQ->BFV', x, codebook)
-          + jnp.sum(codebook * codebook, -1))  # [B,F,V]
+  dots = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), codebook, (((1,), (1,)), ((), ())))
+  dist = (jnp.sum(x * x, -1, keepdims=True) - 2 * dots.reshape(*x.shape[:-1], -1)
+          + jnp.sum(codebook * codebook, -1))  # BFQ,VQ->BFV [B,F,V]
   return jnp.argmin(dist, axis=-1).astype(jnp.int32)
 
 
 def encode(params, latent: jax.Array) -> jax.Array:
   """latent [B,F,D] -> codes int32 [B,K,F]."""
   books = params['codebooks']  # [K,V,Q]
-  first = jnp.einsum('BFD,DQ->BFQ', latent, params['first_in'])
+  first = dense(latent, params['first_in'])  # BFD,DQ->BFQ
   codes = [nearest(first, books[0])]
-  residual = jnp.einsum('BFD,DQ->BFQ', latent, params['rest_in'])
+  residual = dense(latent, params['rest_in'])  # BFD,DQ->BFQ
   for k in range(1, books.shape[0]):
     codes.append(nearest(residual, books[k]))
     residual = residual - books[k][codes[-1]]
@@ -34,8 +37,8 @@ def encode(params, latent: jax.Array) -> jax.Array:
 def decode(params, codes: jax.Array) -> jax.Array:
   """codes int [B,K,F] -> latent [B,F,D]."""
   books = params['codebooks']  # [K,V,Q]
-  first = jnp.einsum('BFQ,QD->BFD', books[0][codes[:, 0]], params['first_out'])
+  first = dense(books[0][codes[:, 0]], params['first_out'])  # BFQ,QD->BFD
   if books.shape[0] == 1:
     return first
   rest = sum(books[k][codes[:, k]] for k in range(1, books.shape[0]))  # [B,F,Q]
-  return first + jnp.einsum('BFQ,QD->BFD', rest, params['rest_out'])
+  return first + dense(rest, params['rest_out'])  # BFQ,QD->BFD

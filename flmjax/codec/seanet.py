@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from flmjax.codec.mimi_config import MimiConfig
+from flmjax.codec.mimi_transformer import dense
 
 Params = dict
 State = dict
@@ -77,7 +78,7 @@ def conv_transpose1d(p: Params, x: jax.Array, partial: jax.Array, stride: int):
   """Causal transposed conv with kernel 2S as matmul + overlap-add. x [B,T,I], w [I,K,O],
   partial [B,S,O] (the previous step's overhang, bias excluded). -> (y [B,T*S,O], partial)."""
   B, T, _ = x.shape
-  z = jnp.einsum('BTI,IKO->BTKO', x, p['w']).reshape(B, T, 2, stride, -1)  # [B,T,2,S,O]
+  z = dense(x, p['w']).reshape(B, T, 2, stride, -1)  # BTI,IKO->BTKO [B,T,2,S,O]
   over = jnp.concatenate([partial[:, None], z[:, :-1, 1]], axis=1)  # [B,T,S,O]
   y = (z[:, :, 0] + over).reshape(B, T * stride, -1)  # [B,T*S,O]
   if 'b' in p:

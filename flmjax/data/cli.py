@@ -13,9 +13,12 @@ def _parser() -> ArgumentParser:
   prep.add_argument('manifest')
   prep.add_argument('out_dir')
   prep.add_argument('--tokenizer', required=True, help='SentencePiece .model or tokenizer.json')
-  prep.add_argument('--codec', choices=('none', 'toy'), default='none',
-                    help='codec for "audio" lines (Mimi in JAX is future work; "toy" reads the '
-                         'synthetic corpus\'s ToyCodec audio)')
+  prep.add_argument('--codec', choices=('none', 'toy', 'mimi'), default='none',
+                    help='codec for "audio" lines: "mimi" (needs --mimi), or "toy" for the '
+                         'synthetic corpus\'s ToyCodec audio')
+  prep.add_argument('--mimi', help='Mimi checkpoint (.safetensors, or a dir holding one)')
+  prep.add_argument('--audio-batch', type=int, default=64,
+                    help='audio lines read and encoded together (batched over the devices)')
   prep.add_argument('--strict', action='store_true', help='stop at the first bad line')
   prep.add_argument('--overwrite', action='store_true',
                     help='replace OUT_DIR when it holds a dataset prepared before')
@@ -29,6 +32,18 @@ def _parser() -> ArgumentParser:
   syn.add_argument('--num-heldout', type=int, default=64)
   syn.add_argument('--audio', action='store_true', help='write ToyCodec wav files, not .npy codes')
   return p
+
+
+def make_codec(name: str, mimi_path: str | None):
+  """The codec for "audio" lines: None, ToyCodec, or Mimi batched over all devices."""
+  if name == 'toy':
+    from flmjax.codec.toy import ToyCodec
+    return ToyCodec()
+  if name == 'mimi':
+    from flmjax.codec import load_mimi
+    from flmjax.codec.mimi_codec import MimiCodec
+    return MimiCodec(load_mimi(mimi_path))
+  return None
 
 
 @command('flmjax data')
@@ -52,17 +67,20 @@ def main(argv: list[str]) -> int:
     for name, path in paths.items():
       print(f'{name}: {path}')
     return 0
-  from flmjax.codec.toy import ToyCodec
   from flmjax.data.prepare import check_out_dir, format_summary, prepare
   from flmjax.data.tokenizer import load_tokenizer
   if args.records_per_shard < 1:
     return fail('flmjax data prepare', f'--records-per-shard {args.records_per_shard} must be >= 1')
+  if args.audio_batch < 1:
+    return fail('flmjax data prepare', f'--audio-batch {args.audio_batch} must be >= 1')
+  if (args.codec == 'mimi') != (args.mimi is not None):
+    return fail('flmjax data prepare', '--codec mimi and --mimi PATH go together')
   try:
     check_out_dir(os.path.abspath(args.out_dir), args.overwrite)  # before the tokenizer loads
     summary = prepare(args.manifest, args.out_dir, load_tokenizer(args.tokenizer),
-                      codec=ToyCodec() if args.codec == 'toy' else None, strict=args.strict,
+                      codec=make_codec(args.codec, args.mimi), strict=args.strict,
                       records_per_shard=args.records_per_shard, progress=not args.no_progress,
-                      overwrite=args.overwrite)
+                      overwrite=args.overwrite, audio_batch=args.audio_batch)
   except (OSError, ValueError) as e:  # ManifestError is a ValueError
     return fail('flmjax data prepare', str(e))
   print(format_summary(summary))

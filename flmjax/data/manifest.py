@@ -201,19 +201,33 @@ def load_codes(entry: Entry, codec: Codec | None) -> dict[str, np.ndarray]:
         raise ManifestError(entry.where, f'cannot read codes: {e}', 'unreadable') from e
       out[s] = _check_codes(raw, entry.where, entry.codes[s])
   else:
-    _need(codec is not None, entry.where,
-          'audio needs a codec (Mimi in JAX is future work: give precomputed "codes")', 'no_codec')
-    try:
-      wave = audio_lib.read_audio(entry.audio, sample_rate=entry.sample_rate,
-                                  channels=len(speakers), target_rate=codec.sample_rate)
-    except audio_lib.AudioError as e:
-      raise ManifestError(entry.where, str(e), e.reason) from e
-    for s, channel in zip(speakers, wave):  # duplex: ch 0 model, ch 1 user
-      out[s] = _check_codes(codec.encode(channel), entry.where, f'{entry.audio}[{s}]')
-  frames = {s: c.shape[1] for s, c in out.items()}
+    waves = read_waves(entry, codec)
+    return check_encoded(entry, dict(zip(waves, codec.encode_batch(list(waves.values())))))
+  return check_encoded(entry, out)
+
+
+def read_waves(entry: Entry, codec: Codec | None) -> dict[str, np.ndarray]:
+  """An `audio` entry's wave per speaker, float32 [samples] at the codec's rate."""
+  speakers = SPEAKERS if entry.kind == 'duplex' else entry.speakers
+  _need(codec is not None, entry.where,
+        'audio needs a codec (--codec mimi --mimi PATH, or give precomputed "codes")', 'no_codec')
+  try:
+    wave = audio_lib.read_audio(entry.audio, sample_rate=entry.sample_rate,
+                                channels=len(speakers), target_rate=codec.sample_rate)
+  except audio_lib.AudioError as e:
+    raise ManifestError(entry.where, str(e), e.reason) from e
+  return dict(zip(speakers, wave))  # duplex: ch 0 model, ch 1 user
+
+
+def check_encoded(entry: Entry, codes: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Checks each speaker's codes (when a codec made them) and that all speakers have the same
+  number of frames."""
+  if entry.codes is None:
+    codes = {s: _check_codes(c, entry.where, f'{entry.audio}[{s}]') for s, c in codes.items()}
+  frames = {s: c.shape[1] for s, c in codes.items()}
   _need(len(set(frames.values())) == 1, entry.where,
         f'speakers have different numbers of frames: {frames}', 'bad_codes')
-  return out
+  return codes
 
 
 def check_segments(entry: Entry, num_frames: int):

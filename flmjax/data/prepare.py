@@ -13,6 +13,9 @@ import os
 import shutil
 import sys
 import tempfile
+import time
+
+import numpy as np
 
 import numpy as np
 
@@ -23,9 +26,11 @@ from flmjax.data.records import FRAMES, SUMMARY, Record, encode_record, monologu
 from flmjax.data.tokenizer import Tokenizer
 
 
-def entry_to_record(entry: mf.Entry, tokenizer: Tokenizer, codec: Codec | None) -> Record:
-  """Loads, validates and tokenizes one manifest entry; raises ManifestError."""
-  codes = mf.load_codes(entry, codec)
+def entry_to_record(entry: mf.Entry, tokenizer: Tokenizer, codec: Codec | None,
+                    codes: dict[str, np.ndarray] | None = None) -> Record:
+  """Loads (unless `codes` are given), validates and tokenizes one manifest entry; raises
+  ManifestError."""
+  codes = mf.load_codes(entry, codec) if codes is None else codes
   num_frames = next(iter(codes.values())).shape[1]
   mf.check_segments(entry, num_frames)
   sentences = []
@@ -36,6 +41,46 @@ def entry_to_record(entry: mf.Entry, tokenizer: Tokenizer, codec: Codec | None) 
                              'empty_text')
     sentences.append((s.speaker, s.start_frame, s.end_frame, ids))
   return Record(entry.id, entry.kind, codes, sentences)
+
+
+def _records(entries, tokenizer: Tokenizer, codec: Codec | None, audio_batch: int, stats: dict):
+  """Yields a Record or a ManifestError for every manifest line, in order. Audio lines are read
+  `audio_batch` lines at a time and encoded together (codec.encode_batch)."""
+  chunk = []
+  for entry in entries:
+    chunk.append(entry)
+    if len(chunk) == audio_batch:
+      yield from _chunk_records(chunk, tokenizer, codec, stats)
+      chunk = []
+  yield from _chunk_records(chunk, tokenizer, codec, stats)
+
+
+def _chunk_records(chunk, tokenizer, codec, stats):
+  waves = {}  # chunk index -> {speaker: wave} or the ManifestError reading it raised
+  for i, entry in enumerate(chunk):
+    if isinstance(entry, mf.Entry) and entry.codes is None:
+      try:
+        waves[i] = mf.read_waves(entry, codec)
+      except mf.ManifestError as e:
+        waves[i] = e
+  flat = [(i, s, w) for i, ws in waves.items() if isinstance(ws, dict) for s, w in ws.items()]
+  encoded: dict[int, dict[str, np.ndarray]] = {}
+  if flat:
+    start = time.perf_counter()
+    for (i, s, _), codes in zip(flat, codec.encode_batch([w for _, _, w in flat])):
+      encoded.setdefault(i, {})[s] = codes
+    stats['encode_seconds'] += time.perf_counter() - start
+    stats['audio_seconds'] += sum(w.size for _, _, w in flat) / codec.sample_rate
+  for i, entry in enumerate(chunk):
+    try:
+      if isinstance(entry, mf.ManifestError):
+        raise entry
+      if isinstance(waves.get(i), mf.ManifestError):
+        raise waves[i]
+      codes = mf.check_encoded(entry, encoded[i]) if i in encoded else None
+      yield entry_to_record(entry, tokenizer, codec, codes)
+    except mf.ManifestError as e:
+      yield e
 
 
 def check_out_dir(out_dir: str, overwrite: bool) -> None:
@@ -67,7 +112,7 @@ def _replace_dir(tmp: str, out_dir: str) -> None:
 
 def prepare(manifest: str, out_dir: str, tokenizer: Tokenizer, *, codec: Codec | None = None,
             strict: bool = False, records_per_shard: int = 4096, progress: bool = True,
-            overwrite: bool = False) -> dict:
+            overwrite: bool = False, audio_batch: int = 64) -> dict:
   """Writes `out_dir/records-NNNNN.array_record` and `out_dir/summary.json`; returns the summary."""
   from tqdm import tqdm
   out_dir = os.path.abspath(out_dir)
@@ -86,7 +131,8 @@ def prepare(manifest: str, out_dir: str, tokenizer: Tokenizer, *, codec: Codec |
   entries = tqdm(mf.read_manifest(manifest), total=total, desc='prepare', unit='sample',
                  disable=not progress, file=sys.stderr)
   try:
-    summary = _write(entries, manifest, tmp, tokenizer, codec, strict, records_per_shard)
+    summary = _write(entries, manifest, tmp, tokenizer, codec, strict, records_per_shard,
+                     audio_batch)
     _replace_dir(tmp, out_dir)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
@@ -95,22 +141,22 @@ def prepare(manifest: str, out_dir: str, tokenizer: Tokenizer, *, codec: Codec |
 
 
 def _write(entries, manifest: str, out_dir: str, tokenizer: Tokenizer, codec: Codec | None,
-           strict: bool, records_per_shard: int) -> dict:
+           strict: bool, records_per_shard: int, audio_batch: int) -> dict:
   from array_record.python.array_record_module import ArrayRecordWriter
   files, skipped, kinds = [], [], collections.Counter()
   layout = {m: collections.Counter() for m in MODES}  # pushes and cuts at offset 0, for the report
   frames = []  # per record, for the loader's window count
   writer = None
+  stats = {'audio_seconds': 0.0, 'encode_seconds': 0.0}
+  start = time.perf_counter()
   try:
-    for entry in entries:
-      try:
-        if isinstance(entry, mf.ManifestError):
-          raise entry
-        record = entry_to_record(entry, tokenizer, codec)
-      except mf.ManifestError as e:
+    for record in _records(entries, tokenizer, codec, audio_batch, stats):
+      if stats['audio_seconds'] and hasattr(entries, 'set_postfix_str'):
+        entries.set_postfix_str(f"{stats['audio_seconds'] / 3600:.2f} h audio", refresh=False)
+      if isinstance(record, mf.ManifestError):
         if strict:
-          raise
-        skipped.append({'reason': e.reason, 'message': str(e)})
+          raise record
+        skipped.append({'reason': record.reason, 'message': str(record)})
         continue
       if writer is None or kinds.total() % records_per_shard == 0:
         if writer is not None:
@@ -128,6 +174,7 @@ def _write(entries, manifest: str, out_dir: str, tokenizer: Tokenizer, codec: Co
   finally:
     if writer is not None:
       writer.close()
+  wall = time.perf_counter() - start
   reasons = dict(collections.Counter(s['reason'] for s in skipped))
   if not kinds:
     first = f'; first: {skipped[0]["message"]}' if skipped else ''
@@ -137,6 +184,8 @@ def _write(entries, manifest: str, out_dir: str, tokenizer: Tokenizer, codec: Co
       'manifest': os.path.abspath(manifest), 'files': files, 'num_records': kinds.total(),
       'num_frames': sum(frames), 'kinds': dict(kinds), 'num_skipped': len(skipped),
       'skipped_by_reason': reasons, 'skipped': skipped,
+      'audio_hours': stats['audio_seconds'] / 3600, 'wall_seconds': wall,
+      'encode_seconds': stats['encode_seconds'],
       'monologue_at_offset_0': {m: {'pushed_frames': c['pushed_frames'],
                                     'cut_tokens': c['cut_tokens']} for m, c in layout.items()},
   }
@@ -153,5 +202,10 @@ def format_summary(summary: dict) -> str:
                f"{m} {c['pushed_frames']}, {c['cut_tokens']}"
                for m, c in summary['monologue_at_offset_0'].items()),
            f"skipped {summary['num_skipped']}: {summary['skipped_by_reason'] or 'none'}"]
+  if summary.get('audio_hours'):
+    hours, wall = summary['audio_hours'], summary['wall_seconds']
+    lines.append(f"encoded {hours:.3f} h of audio in {wall:.1f} s of wall time: "
+                 f"{hours / max(wall, 1e-9):.4f} h of audio per second "
+                 f"({summary['encode_seconds']:.1f} s in the codec)")
   lines += [f"  skipped {s['message']}" for s in summary['skipped']]
   return '\n'.join(lines)
