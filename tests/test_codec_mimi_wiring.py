@@ -63,7 +63,7 @@ def test_prepare_with_mimi(tmp_path, golden_dir, small, pcm, capsys):
                    str(golden_dir / 'mimi_small'), '--audio-batch', '3', '--no-progress']) == 0
   out = capsys.readouterr().out
   assert 'prepared 3 samples' in out and 'h of audio per second' in out
-  assert "nan.wav' has NaN" in out
+  assert 'nan.wav: the audio holds NaN' in out
   records = {r.id: r for r in read_all(tmp_path / 'out')}
   encode = lambda wave: np.asarray(small.encode(wave[None]))[0]
   np.testing.assert_array_equal(records['a'].codes['model'], encode(pcm[:20 * FRAME]))
@@ -76,3 +76,29 @@ def test_prepare_with_mimi(tmp_path, golden_dir, small, pcm, capsys):
   assert cli.main(['prepare', str(tmp_path / 'm.jsonl'), str(tmp_path / 'o2'), '--tokenizer',
                    str(tmp_path / 'tok.model'), '--codec', 'mimi']) == 1
   assert '--codec mimi and --mimi PATH go together' in capsys.readouterr().err
+
+
+def test_chat_speaks_through_mimi(tiny_dir, golden_dir, small, pcm, tmp_path, capsys):
+  """`flmjax chat --user user.wav --mimi PATH`: the user's audio is Mimi-encoded (a 16 kHz file
+  resampled first) and the reply is Mimi-decoded into reply.wav beside the transcript."""
+  import soxr
+  from flmjax import cli as main_cli
+  soundfile.write(tmp_path / 'user.wav', soxr.resample(pcm[:6 * FRAME], 24000, 16000), 16000)
+  out = tmp_path / 'out'
+  assert main_cli.main(['chat', '--checkpoint', str(tiny_dir), '--user',
+                        str(tmp_path / 'user.wav'), '--mimi', str(golden_dir / 'mimi_small'),
+                        '--out', str(out), '--tail', '1']) == 0
+  assert 'reply.wav' in capsys.readouterr().out
+  codes = np.load(out / 'model_codes.npy')  # [8, F]
+  assert (out / 'transcript.txt').exists() and codes.shape == (8, 6)
+  reply, rate = soundfile.read(out / 'reply.wav', dtype='float32')
+  assert rate == 24000 and reply.shape == (6 * FRAME,)
+  want = np.asarray(small.decode(codes[None]))[0]
+  np.testing.assert_allclose(reply, np.clip(want, -1, 1), atol=2 / 32768)  # 16-bit PCM WAV
+  # The same session from the user's Mimi codes gives the same reply: the WAV went through Mimi.
+  from flmjax.data.audio import read_audio
+  user = np.asarray(small.encode(read_audio(tmp_path / 'user.wav')))[0]
+  np.save(tmp_path / 'user.npy', user)
+  assert main_cli.main(['chat', '--checkpoint', str(tiny_dir), '--user', str(tmp_path / 'user.npy'),
+                        '--out', str(tmp_path / 'out2'), '--tail', '1']) == 0
+  np.testing.assert_array_equal(np.load(tmp_path / 'out2' / 'model_codes.npy'), codes)

@@ -40,7 +40,7 @@ def test_chat_with_a_tokenizer_and_a_wav(tiny_dir, tmp_path, capsys):
   assert text_ids.shape == (6,)  # 6 user frames + 1 tail step -> 6 model frames
   known = [int(i) for i in text_ids if i < tok.vocab_size]
   assert (out / 'transcript.txt').read_text().strip() == tok.decode(known).strip()
-  assert (out / 'model.wav').exists()
+  assert (out / 'reply.wav').exists()
 
 
 def test_chat_rejects_bad_inputs(tiny_dir, tmp_path, capsys):

@@ -3,10 +3,10 @@
   flmjax chat --checkpoint DIR --user CODES.npy [--out DIR] [--tokenizer PATH] [--greedy] ...
 
 The checkpoint is an official-layout directory (config.json + safetensors) or an orbax training
-run/checkpoint directory. The user's side is Mimi-style codes [8, frames] in a .npy, or a WAV
-encoded with the toy codec of the synthetic corpus (`flmjax.codec.toy.ToyCodec`; chat does
-not use Mimi yet). Writes model_codes.npy [8, F], text_ids.npy [F], transcript.txt (and
-model.wav through the same codec when the input was a WAV), and prints the transcript as it goes.
+run/checkpoint directory. The user's side is Mimi codes [8, frames] in a .npy, or audio encoded
+with Mimi (--mimi PATH) or, without it, the synthetic corpus's toy codec. Writes
+model_codes.npy [8, F], text_ids.npy [F], transcript.txt (and reply.wav, the model's speech
+through the same codec, with --mimi or an audio --user), and prints the transcript as it goes.
 A WAV with several channels needs --channel; channels are never averaged. Everything about the
 inputs and --out is checked before decoding starts; a session that outgrows --max-len still writes
 what it decoded before it fails.
@@ -22,7 +22,7 @@ import numpy as np
 
 from flmjax.cli import ArgumentParser, command, fail
 
-OUTPUTS = ('model_codes.npy', 'text_ids.npy', 'transcript.txt', 'model.wav')
+OUTPUTS = ('model_codes.npy', 'text_ids.npy', 'transcript.txt', 'reply.wav')
 AUDIO_EXTENSIONS = ('.wav', '.flac', '.ogg')  # read by soundfile
 
 
@@ -34,6 +34,8 @@ def _parser() -> ArgumentParser:
   ap.add_argument('--out', help='directory for model_codes.npy, text_ids.npy, transcript.txt')
   ap.add_argument('--overwrite', action='store_true',
                   help='replace the outputs of an earlier session in --out')
+  ap.add_argument('--mimi', help='Mimi checkpoint (.safetensors or a dir holding one): encodes an '
+                                 'audio --user and speaks the reply as reply.wav')
   ap.add_argument('--channel', type=int, default=None,
                   help="the channel of a multi-channel --user WAV that holds the user's speech")
   ap.add_argument('--tokenizer', help='SentencePiece .model or tokenizer.json for the transcript '
@@ -80,9 +82,9 @@ def load_model(path: str, dtype: str | None = None):
   return restore_model(path)[0]
 
 
-def read_user(path: str, num_codebooks: int, pad_id: int,
-              channel: int | None = None) -> tuple[np.ndarray, object]:
-  """-> (codes int32 [C, F], codec or None). A WAV goes through the toy codec."""
+def read_user(path: str, num_codebooks: int, pad_id: int, channel: int | None = None,
+              codec=None) -> tuple[np.ndarray, object]:
+  """-> (codes int32 [C, F], codec or None). Audio goes through `codec`, by default the toy one."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f'--user {path}: no such file')
   ext = os.path.splitext(path)[1].lower()
@@ -91,7 +93,7 @@ def read_user(path: str, num_codebooks: int, pad_id: int,
   if ext in AUDIO_EXTENSIONS:
     from flmjax.codec.toy import ToyCodec
     from flmjax.data.audio import read_audio
-    codec = ToyCodec()
+    codec = codec or ToyCodec()
     (wave,) = read_audio(path, channel=channel, target_rate=codec.sample_rate)  # [S]
     if wave.shape[0] < codec.frame_size:
       raise ValueError(f'--user {path}: {wave.shape[0]} samples at {codec.sample_rate} Hz, shorter '
@@ -114,7 +116,7 @@ def read_user(path: str, num_codebooks: int, pad_id: int,
   if not np.issubdtype(codes.dtype, np.integer) or codes.min() < 0 or codes.max() > pad_id:
     raise ValueError(f'--user {path}: codes must be integers in 0..{pad_id} (PAD), got dtype '
                      f'{codes.dtype}, range {codes.min()}..{codes.max()}')
-  return codes.astype(np.int32), None
+  return codes.astype(np.int32), codec
 
 
 def check_out(out: str | None, overwrite: bool) -> None:
@@ -206,11 +208,13 @@ def write_outputs(out_dir: str, out: np.ndarray, transcript: str, codec) -> str:
   np.save(os.path.join(out_dir, 'text_ids.npy'), out[0])
   with open(os.path.join(out_dir, 'transcript.txt'), 'w') as f:
     f.write(transcript + '\n')
-  if codec is not None:
+  if codec is not None and out.shape[1]:
     import soundfile
-    soundfile.write(os.path.join(out_dir, 'model.wav'), codec.decode(out[1:]), codec.sample_rate)
+    path = os.path.join(out_dir, 'reply.wav')
+    soundfile.write(path + '.tmp', codec.decode(out[1:]), codec.sample_rate, format='WAV')
+    os.replace(path + '.tmp', path)
   return (f'{out_dir}/model_codes.npy [{out.shape[0] - 1}, {out.shape[1]}], text_ids.npy, '
-          'transcript.txt' + (', model.wav' if codec is not None else ''))
+          'transcript.txt' + (', reply.wav' if codec is not None and out.shape[1] else ''))
 
 
 @command('flmjax chat')
@@ -233,7 +237,12 @@ def main(argv: list[str]) -> int:
   check_out(args.out, args.overwrite)
   model = load_model(args.checkpoint, args.dtype)
   cfg = model.cfg
-  user, codec = read_user(args.user, cfg.num_codebooks, cfg.audio_pad_id, args.channel)
+  codec = None
+  if args.mimi:
+    from flmjax.codec import load_mimi
+    from flmjax.codec.mimi_codec import MimiCodec
+    codec = MimiCodec(load_mimi(args.mimi, num_codebooks=cfg.num_codebooks))
+  user, codec = read_user(args.user, cfg.num_codebooks, cfg.audio_pad_id, args.channel, codec)
   tokenizer = None
   beside = [os.path.join(args.checkpoint, n) for n in ('tokenizer.json', 'tokenizer.model')
             if os.path.isfile(os.path.join(args.checkpoint, n))]  # as `flmjax export` writes it
