@@ -137,6 +137,8 @@ def prepare(manifest: str, out_dir: str, tokenizer: Tokenizer, *, codec: Codec |
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+  finally:
+    entries.close()  # ends the progress line, so an error message starts on its own line
   return summary
 
 
