@@ -57,7 +57,7 @@ def _bad_npy(tmp_path, kind):
     ('too_high', 'outside 0..2047'),
     ('float', 'have dtype float32; need integers'),
     ('missing', 'absent.npy: no such file'),
-])
+], ids=['transposed', 'empty', 'truncated', 'too_high', 'float', 'missing'])
 def test_prepare_bad_codes(capsys, tmp_path, tok, kind, message):
   manifest = write_manifest(tmp_path / 'm.jsonl', [tts_line(_bad_npy(tmp_path, kind))])
   line = prepare_error(capsys, tok, manifest, tmp_path / 'out', '--strict')
@@ -72,7 +72,7 @@ def test_prepare_bad_codes(capsys, tmp_path, tok, kind, message):
     ('start', True, 'segment 0: start and end must be finite numbers (seconds), got True'),
     ('end', float('inf'), 'segment 0: start and end must be finite numbers (seconds), got 0.0 and '
                           'inf'),
-])
+], ids=['codes_not_paths', 'text_not_str', 'start_str', 'start_bool', 'end_inf'])
 def test_prepare_bad_field_types(capsys, tmp_path, tok, field, value, message):
   line = tts_line(codes_file(tmp_path / 'c.npy'))
   if field == 'codes':
@@ -101,7 +101,7 @@ def test_prepare_non_utf8_line_is_named_and_skipped(capsys, tmp_path, tok):
     ('', 'the manifest is empty: one JSON object per line'),
     ('\n  \n', 'the manifest is empty'),
     ('{oops\n[1]\n', "no usable samples: all 2 line(s) were rejected {'bad_json': 2}; first: "),
-])
+], ids=['empty', 'blank_lines', 'all_lines_bad'])
 def test_prepare_empty_or_useless_manifest(capsys, tmp_path, tok, content, message):
   (tmp_path / 'm.jsonl').write_text(content)
   line = prepare_error(capsys, tok, tmp_path / 'm.jsonl', tmp_path / 'out')
@@ -219,7 +219,8 @@ def wavs(tmp_path):
     ('stereo.wav', ('--overflow', 'wrap'), "argument --overflow: invalid choice: 'wrap'"),
     ('missing.wav', (), 'missing.wav: no such file'),
     ('song.mp3', (), "song.mp3: give codes as a .npy or audio as one of ('.wav', '.flac', '.ogg')"),
-])
+], ids=['stereo', 'no_channel_2', 'garbage', 'empty', 'short', 'tail', 'max_len', 'channel',
+        'temp', 'top_p', 'overflow', 'missing', 'mp3'])
 def test_chat_bad_wav_and_flags(capsys, tiny_dir, wavs, name, flags, message):
   assert message in chat_error(capsys, tiny_dir, wavs / name, *flags)
 
@@ -231,7 +232,7 @@ def test_chat_bad_wav_and_flags(capsys, tiny_dir, wavs, name, flags, message):
     ('pad+1', 'codes must be integers in 0..2048 (PAD)'),
     ('float', 'codes must be integers in 0..2048 (PAD), got dtype float64'),
     ('truncated', 'not a readable .npy file (truncated or another format'),
-])
+], ids=['transposed', 'empty', '3d', 'above_pad', 'float', 'truncated'])
 def test_chat_bad_codes(capsys, tiny_dir, tmp_path, shape, message):
   user = tmp_path / 'user.npy'
   if shape == 'pad+1':

@@ -71,7 +71,9 @@ def edit(**replace) -> str:
      "NameError: name 'undefined_name' is not defined"),
     ('x = 1\n', None, 'defines no get_config(run_dir) function'),
     ('def get_config(run_dir):\n  return {}\n', None, 'get_config returned dict, not TrainConfig'),
-])
+], ids=['syntax', 'train_field', 'stage_field', 'source_field', 'layout', 'lr_negative', 'lr_nan',
+        'end_lr_ratio', 'warmup', 'batch_size', 'weight_decay', 'loss_weight', 'mesh', 'model',
+        'name_error', 'no_get_config', 'not_train_config'])
 def test_train_config_errors_name_file_and_line(capsys, tmp_path, body, line, message):
   path = config_file(tmp_path, body)
   got = error_line(capsys, 'train', '--config', path, '--run_dir', tmp_path / 'run')
@@ -199,7 +201,7 @@ def test_export_errors(capsys, orbax_run, tmp_path, tiny_dir):
     ('speak', 2049, 'FLMAudio: speak holds id 2049, outside 0..2048 (PAD)'),
     ('listen', -1, 'FLMAudio: listen holds id -1, outside 0..2048 (PAD)'),
     ('depth_prev', 2050, 'FLMAudio: depth_prev holds id 2050, outside 0..2049'),
-])
+], ids=['text', 'speak', 'listen', 'depth_prev'])
 def test_model_rejects_out_of_vocab_ids(tiny_model, which, value, message):
   inputs = {'text': np.zeros((1, 3), np.int32), 'speak': np.zeros((1, 3, 8), np.int32),
             'listen': np.zeros((1, 3, 8), np.int32), 'depth_prev': np.zeros((1, 3, 7), np.int32)}
