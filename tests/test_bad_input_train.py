@@ -135,7 +135,7 @@ def orbax_run(tiny_model, tmp_path):
   """A training run directory holding one orbax checkpoint of the tiny model, whose config names
   a tokenizer.json (with a Hugging Face tokenizer_config.json beside it)."""
   from flmjax.train.checkpointing import Checkpointer
-  from flmjax.train.config import to_json
+  from flmjax.train.config import StageConfig, TrainConfig, to_json
   from flmjax.train.state import TrainState
   tok_dir = tmp_path / 'tok'
   tok_dir.mkdir()
@@ -143,9 +143,10 @@ def orbax_run(tiny_model, tmp_path):
   (tok_dir / 'tokenizer_config.json').write_text('{"tokenizer_class": "Qwen2Tokenizer"}')
   ckpt = Checkpointer(str(tmp_path / 'run' / 'checkpoints'), use_async=False)
   params = nnx.to_pure_dict(nnx.state(tiny_model))
+  tc = TrainConfig(model=tiny_model.cfg, stages=(StageConfig('a', 5, random_data=True),),
+                   run_dir=str(tmp_path / 'run'), tokenizer=str(tok_dir / 'tokenizer.json'))
   ckpt.save(5, TrainState(params, {'count': jnp.zeros((), jnp.int32)}),
-            {'model_config': to_json(tiny_model.cfg),
-             'train_config': {'tokenizer': str(tok_dir / 'tokenizer.json')}}, force=True)
+            {'model_config': to_json(tiny_model.cfg), 'train_config': to_json(tc)}, force=True)
   ckpt.close()
   return tmp_path / 'run'
 
@@ -169,6 +170,22 @@ def test_export_keeps_other_files_and_writes_tokenizer(capsys, orbax_run, tmp_pa
   assert config['architectures'] == ['FLMAudioForCausalLM']
   import flmjax
   assert flmjax.load_official(str(out)).cfg.vocab_size == 320
+
+
+def test_copy_tokenizer_kinds(tmp_path):
+  """A SentencePiece model goes as tokenizer.model; a lone tokenizer.json gets the
+  tokenizer_config.json that lets transformers' AutoTokenizer load it."""
+  from flmjax.train.export import copy_tokenizer
+  (tmp_path / 'sp.model').write_bytes(b'sp')
+  (tmp_path / 'a').mkdir()
+  assert copy_tokenizer(str(tmp_path / 'sp.model'), str(tmp_path / 'a')) == ['tokenizer.model']
+  (tmp_path / 'hf').mkdir()
+  (tmp_path / 'hf' / 'tokenizer.json').write_text('{}')
+  (tmp_path / 'b').mkdir()
+  assert copy_tokenizer(str(tmp_path / 'hf' / 'tokenizer.json'), str(tmp_path / 'b')) == [
+      'tokenizer.json', 'tokenizer_config.json']
+  assert json.loads((tmp_path / 'b' / 'tokenizer_config.json').read_text()) == {
+      'tokenizer_class': 'PreTrainedTokenizerFast'}
 
 
 def test_export_errors(capsys, orbax_run, tmp_path, tiny_dir):
