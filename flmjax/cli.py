@@ -69,15 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     return fail('flmjax', f'unknown command {argv[0]!r}; use one of {list(COMMANDS)} '
                           '(see flmjax --help)')
   module, func, _ = COMMANDS[argv[0]]
-  try:
-    result = getattr(importlib.import_module(module), func)(argv[1:])
-  except SystemExit as e:  # argparse: --help (0) and usage errors (1)
-    return e.code if isinstance(e.code, int) else int(e.code is not None)
-  except INPUT_ERRORS as e:
-    if os.environ.get('FLMJAX_TRACEBACK'):
-      raise
-    return fail(f'flmjax {argv[0]}', str(e) or type(e).__name__)
-  return int(result or 0)
+  entry = getattr(importlib.import_module(module), func)
+  return command(f'flmjax {argv[0]}')(entry)(argv[1:])  # a no-op for an already decorated main
 
 
 if __name__ == '__main__':
