@@ -51,27 +51,28 @@ class FrameOut:
 
 
 class FramePipeline:
-  """Owns the LM decoder state and two streaming codec states (the user's encoder side, the
+  """Owns the LM decoder state and two streaming Mimi states (the user's encoder side, the
   model's decoder side), all with B rows. Joining and leaving only mask rows: no recompilation.
 
-  codec: a flmjax.codec.Mimi (its streaming functions are fused into the frame).
+  mimi: a flmjax.codec.Mimi (its streaming functions are fused into the frame). Each stream
+  state is a whole Mimi stream state, of which the frame uses one half.
   """
 
-  def __init__(self, model, codec, slots: int, *, sampling: SamplingConfig | None = None,
+  def __init__(self, model, mimi, slots: int, *, sampling: SamplingConfig | None = None,
                max_len: int | None = None):
     self.cfg = model.cfg
-    self.codec, self.slots = codec, slots
-    self.frame_size = int(codec.frame_size)
+    self.mimi, self.slots = mimi, slots
+    self.frame_size = int(mimi.frame_size)
     self.decoder = StreamingDecoder(model, sampling, max_len=max_len)
     self.max_len = self.decoder.max_len
     self.lm = self.decoder.release_slots(self.decoder.init(slots), np.ones((slots,), bool))
-    self.user_stream = codec.init_stream(slots)   # encoder side: the user's audio -> codes
-    self.model_stream = codec.init_stream(slots)  # decoder side: the model's codes -> audio
+    self.user_stream = mimi.init_stream(slots)   # encoder side: the user's audio -> codes
+    self.model_stream = mimi.init_stream(slots)  # decoder side: the model's codes -> audio
     self.active = np.zeros((slots,), bool)
     self.frames = np.zeros((slots,), np.int64)  # steps taken by each slot's current session
     dec = self.decoder
     self._frame = jax.jit(functools.partial(
-        frame_step, codec.cfg, dec.graphdef, dec.depth_layer_fn, dec.depth_layers_fn,
+        frame_step, mimi.cfg, dec.graphdef, dec.depth_layer_fn, dec.depth_layers_fn,
         dec.sampling.penalized_codebooks), donate_argnums=(2, 3, 4))
 
   def warmup(self) -> None:
@@ -89,8 +90,8 @@ class FramePipeline:
     if not mask.any():
       return
     self.lm = self.decoder.reset_slots(self.lm, mask, sampling=sampling, seeds=seeds)
-    self.user_stream = self.codec.reset_slots(self.user_stream, mask)
-    self.model_stream = self.codec.reset_slots(self.model_stream, mask)
+    self.user_stream = self.mimi.reset_slots(self.user_stream, mask)
+    self.model_stream = self.mimi.reset_slots(self.model_stream, mask)
     self.active |= mask
     self.frames[mask] = 0
 
@@ -133,7 +134,7 @@ class FramePipeline:
       raise ValueError(f'slot(s) {np.flatnonzero(self.full()).tolist()} reached max_len='
                        f'{self.max_len} frames: stop them first')
     encoder, self.lm, decoder, out, valid, reply = self._frame(
-        self.codec.params, self.decoder.params, self.user_stream['encoder'], self.lm,
+        self.mimi.params, self.decoder.params, self.user_stream['encoder'], self.lm,
         self.model_stream['decoder'], pcm)
     self.user_stream = {**self.user_stream, 'encoder': encoder}
     self.model_stream = {**self.model_stream, 'decoder': decoder}

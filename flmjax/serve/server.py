@@ -5,6 +5,7 @@ frame loop's lifetime tied to the app's.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hmac
 import json
 import socket
@@ -33,7 +34,7 @@ class Server:
     self.limits = limits or Limits()
     self.auth_token, self.tokenizer = auth_token, tokenizer
     self.frame_loop = FrameLoop(pipeline, period_s=period_s)
-    self.finished: list[Session] = []  # ended sessions, for tests and the load test
+    self.finished = collections.deque(maxlen=1000)  # the last ended sessions (tests, debugging)
 
   def app(self) -> web.Application:
     app = web.Application(middlewares=[self._auth], client_max_size=self.limits.max_message_bytes)
@@ -94,8 +95,11 @@ class Server:
           session.end(f'client vanished: {type(task.exception()).__name__}: '
                       f'{task.exception()}', 1011)
       ended.cancel()
-    except (ConnectionError, asyncio.CancelledError) as e:
+    except ConnectionError as e:
       session.end(f'client vanished: {type(e).__name__}', 1011)
+    except asyncio.CancelledError:
+      session.end('cancelled (server shutting down)', 1001)
+      raise
     finally:
       loop.leave(session)
       for task in tasks:
