@@ -70,10 +70,15 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+def max_len(args) -> int:
+  """KV-cache frames per session: room for the speech plus ticks lost to underruns."""
+  return int(4 * args.seconds * 12.5) + 64
+
+
 def start_server(args, slots: int, port: int, log_path: str) -> subprocess.Popen:
   cmd = [sys.executable, '-m', 'flmjax', 'serve', '--checkpoint', args.checkpoint, '--mimi',
          args.mimi, '--slots', str(slots), '--port', str(port), '--greedy',
-         '--max-len', str(int(args.seconds * 12.5) + 64)]
+         '--max-len', str(max_len(args))]
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
   return subprocess.Popen(cmd, stdout=open(log_path, 'w'), stderr=subprocess.STDOUT, env=env)
 
@@ -143,7 +148,7 @@ def run(args, sessions: int) -> dict:
                     # input the model never got + replies to real input that never arrived
                     dropped=max(0, c.frames_sent - frames_in) +
                     max(0, c.frames_sent - 1 - c.frames_received),
-                    underruns=underruns, underruns_mid_speech=mid))
+                    underruns=underruns, underruns_mid_speech=mid, first_underrun=first))
     if m:
       slots[int(m.group(2))] = c
   report['per_session'] = per
@@ -156,21 +161,28 @@ def run(args, sessions: int) -> dict:
   report['server_cpu_percent'] = round(100 * (sum(cpu1[:2]) - sum(cpu0[:2])) / wall, 1)
   report['clients_cpu_percent'] = round(100 * (sum(me1[:2]) - sum(me0[:2])) / wall, 1)
   lat = []
-  for c in convs:  # reply k comes from the tick that consumed input frame k + 1
+  for c, p in zip(convs, per):  # reply k comes from the tick that consumed input frame k + 1
     n = min(len(c.receive_times), len(c.send_times) - 1)
-    lat += [c.receive_times[k] - c.send_times[k + 1] for k in range(n)]
+    if p['underruns_mid_speech']:  # after an underrun replies no longer pair with frames
+      n = min(n, p['first_underrun'] - 1)
+    lat += [c.receive_times[k] - c.send_times[k + 1] for k in range(max(n, 0))]
   report['frame_in_to_reply_out_ms'] = {q: round(1000 * float(np.quantile(lat, p)), 1) for q, p in
                                         (('p50', .5), ('p99', .99))} if lat else None
   if not args.no_crosstalk:
-    report['crosstalk_mismatches'] = crosstalk(args, sessions, slots)
+    clean = {p['slot']: max(p['first_underrun'] - 1, 0) for p in per
+             if p['underruns_mid_speech']}
+    report['crosstalk_compared_frames'] = sum(
+        clean.get(p['slot'], p['sent'] - 1) for p in per if p['slot'] >= 0)
+    report['crosstalk_mismatches'] = crosstalk(args, sessions, slots, clean)
   report['real_time'] = bool(report['dropped_frames'] == 0 and report['underruns_mid_speech'] == 0
                              and report['frame_loop_p99_ms'] < 80 and report['late_ticks'] == 0)
   return report
 
 
-def crosstalk(args, slots: int, convs: dict) -> dict:
+def crosstalk(args, slots: int, convs: dict, clean: dict) -> dict:
   """Replays every session's decoded input offline in its slot -> {slot: mismatch list}, only
-  the sessions that differ."""
+  the sessions that differ. clean {slot: n}: compare only the first n replies of a session that
+  had an underrun mid-speech (after it the server fed silence the replay does not know of)."""
   import flmjax
   from flmjax.codec import load_mimi
   from flmjax.decode import SamplingConfig
@@ -179,9 +191,9 @@ def crosstalk(args, slots: int, convs: dict) -> dict:
   from flmjax.serve.reference import mismatches, replay
   model = load_model(args.checkpoint)
   pipeline = FramePipeline(model, load_mimi(args.mimi), slots, sampling=SamplingConfig(
-      greedy=True), max_len=int(args.seconds * 12.5) + 64)
+      greedy=True), max_len=max_len(args))
   ref = replay(pipeline, {s: c.sent_pcm for s, c in convs.items()})
-  found = {s: mismatches(c, model.cfg, *ref[s]) for s, c in convs.items()}
+  found = {s: mismatches(c, model.cfg, *ref[s], frames=clean.get(s)) for s, c in convs.items()}
   return {s: f for s, f in found.items() if f}
 
 
