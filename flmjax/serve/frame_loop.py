@@ -133,20 +133,20 @@ class FrameLoop:
     pcm = np.zeros((B, S), np.float32)
     live = []
     for slot, s in enumerate(self.slots):
+      if s is not None and s.started and self.pipeline.frames[slot] >= self.pipeline.max_len:
+        s.end(f'session length limit: {self.pipeline.max_len} frames', code=1000)
       if s is None or s.closed.is_set():
+        stop[slot] |= s is not None and s.started  # ended, not yet left: stop its row now
         continue
       if not s.started:
         if not s.has_frame():
           continue  # the session's stream begins with its first full frame
         s.started = True
         starts.setdefault(s.sampling, np.zeros((B,), bool))[slot] = True
-      elif self.pipeline.frames[slot] >= self.pipeline.max_len:
-        s.end(f'session length limit: {self.pipeline.max_len} frames', code=1000)
-        continue
       underruns = s.underruns
       pcm[slot] = s.take_frame()
       self.metrics.underruns.inc(s.underruns - underruns)
-      live.append(slot)
+      live.append((slot, s))
     if not live and not stop.any():
       return False
     updates, self.sampling_updates = self.sampling_updates, {}
@@ -154,9 +154,8 @@ class FrameLoop:
         self._worker, self._compute, stop, starts, updates, pcm)
     self.ticks += 1
     self.metrics.frames.inc(len(live))
-    for slot in live:
-      s = self.slots[slot]
-      if s is not None and out.valid[slot] and not s.closed.is_set():
+    for slot, s in live:  # a session that left during the compute (maybe replaced) gets none
+      if self.slots[slot] is s and out.valid[slot] and not s.closed.is_set():
         s.push(out.pcm[slot], int(out.text[slot]))
     return True
 
