@@ -230,3 +230,27 @@ def test_cli_help_errors_and_client_end_to_end(serve_pipeline, tmp_path, capsys)
   assert rate == 24000 and reply.shape == (7 * FRAME,)
   assert (tmp_path / 'reply.txt').read_text().startswith('<')
   assert 'sent 8 frames, received 7' in capsys.readouterr().out
+
+
+def test_session_length_limit_ends_only_that_session(serve_pipeline, tiny_model, monkeypatch):
+  # The limit logic reads pipeline.max_len; lowering it (the KV cache stays 256) avoids a compile.
+  monkeypatch.setattr(serve_pipeline, 'max_len', 8)
+  server = Server(serve_pipeline, sampling=GREEDY)
+
+  async def scenario():
+    async with running(server) as addr:
+      url = f'ws://{addr}/api/chat'
+      long, short = await asyncio.gather(converse(url, voice(50, 20), pace=False),
+                                         converse(url, voice(51, 6), pace=False))
+      return long, short
+
+  long, short = asyncio.run(scenario())
+  monkeypatch.undo()  # the replay runs the long session's whole input
+  ended = {s.sid: s for s in server.finished}
+  assert ended[long.session].reason == 'session length limit: 8 frames'
+  assert long.close_code == 1000 and ended[long.session].frames_in == 8
+  assert long.frames_received == 7 and short.frames_received == 5
+  convs = {ended[c.session].slot: c for c in (long, short)}
+  found = check_crosstalk(serve_pipeline, tiny_model.cfg, convs, frames={
+      ended[long.session].slot: 7})
+  assert found == {slot: [] for slot in convs}, found
