@@ -7,6 +7,7 @@ stopped reading: the session ends). A failure ends only its own session.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import time
@@ -22,10 +23,16 @@ log = logging.getLogger('flmjax.serve')
 
 @dataclasses.dataclass
 class Limits:
-  """Per-session limits. max_buffer_s: audio buffered ahead of the frame loop before the server
-  stops reading the socket (TCP back-pressure); max_queue_frames: unsent reply frames before a
-  client counts as a stalled reader, as do max_unsent_bytes waiting in the socket's
-  write buffer (the kernel's, socket_send_buffer bytes, is full: the client is not reading); idle_s: how long a session may send no audio at all."""
+  """Per-session limits.
+
+  max_message_bytes: the largest websocket message (aiohttp closes with 1009 past it).
+  max_buffer_s: input audio buffered ahead of the frame loop before the server stops reading the
+    socket (TCP back-pressure).
+  max_queue_frames, max_unsent_bytes: reply messages queued, or bytes waiting in the socket's
+    write buffer once the kernel's (socket_send_buffer bytes) is full, before a client counts
+    as a stalled reader.
+  idle_s: how long a session may send no message at all.
+  """
   max_message_bytes: int = 1 << 20
   max_buffer_s: float = 30.0
   max_queue_frames: int = 50
@@ -43,7 +50,7 @@ class Session:
     self.sampling, self.limits, self.frame_size = sampling, limits, frame_size
     self.reader, self.writer = protocol.OpusReader(), protocol.OpusWriter()
     self.text = protocol.TextStream(cfg, tokenizer)
-    self.chunks: list[np.ndarray] = []  # decoded input pcm not yet framed
+    self.chunks: collections.deque = collections.deque()  # decoded input pcm not yet framed
     self.buffered = 0
     self.queue: asyncio.Queue = asyncio.Queue(limits.max_queue_frames)
     self.room = asyncio.Event()
@@ -53,7 +60,7 @@ class Session:
     self.reason, self.close_code = '', 1000
     self.frames_in = self.frames_out = self.underruns = 0
     self.first_underrun = -1  # session frame index of the first underrun
-    self.start_time, self.last_audio = time.time(), time.monotonic()
+    self.start_time = time.time()
 
   # ---- called by the frame loop (never awaits) ----------------------------------------------
   def has_frame(self) -> bool:
@@ -67,9 +74,17 @@ class Session:
         self.first_underrun = self.frames_in + self.underruns
       self.underruns += 1
       return np.zeros((S,), np.float32)
-    data = np.concatenate(self.chunks) if len(self.chunks) > 1 else self.chunks[0]
-    frame, rest = data[:S], data[S:]
-    self.chunks, self.buffered = ([rest] if rest.size else []), rest.size
+    frame, filled = np.empty((S,), np.float32), 0
+    while filled < S:  # only the chunks this frame needs: a client far ahead costs nothing
+      chunk = self.chunks[0]
+      take = min(S - filled, chunk.size)
+      frame[filled:filled + take] = chunk[:take]
+      if take == chunk.size:
+        self.chunks.popleft()
+      else:
+        self.chunks[0] = chunk[take:]
+      filled += take
+    self.buffered -= S
     self.frames_in += 1
     if self.buffered < self.limits.max_buffer_s * protocol.SAMPLE_RATE:
       self.room.set()
@@ -127,7 +142,6 @@ class Session:
       if pcm.size:
         self.chunks.append(pcm)
         self.buffered += pcm.size
-        self.last_audio = time.monotonic()
         if self.buffered >= self.limits.max_buffer_s * protocol.SAMPLE_RATE:
           self.room.clear()
 
