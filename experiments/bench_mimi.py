@@ -39,6 +39,38 @@ def official_mimi(state_dict):
   return model.eval()
 
 
+def flops_per_frame(cfg: MimiConfig) -> float:
+  """Matmul FLOPs of one session's streaming encode + decode of one 80 ms frame."""
+  from flmjax.codec import seanet
+  total, length = 0.0, cfg.frame_size
+  for _, cin, cout, k, stride, _ in seanet.encoder_convs(cfg):
+    length //= stride
+    total += 2 * length * k * cin * cout
+  length = cfg.resample_stride
+  for name, cin, cout, k, stride, _ in seanet.decoder_convs(cfg):
+    total += 2 * length * k * cin * cout  # a transposed conv: every input step times its kernel
+    length *= stride
+  D, F, S = cfg.dimension, cfg.dim_feedforward, cfg.resample_stride
+  per_step = cfg.num_layers * 2 * (4 * D * D + 2 * D * F + 2 * cfg.context * D)
+  total += 2 * S * per_step  # encoder and decoder transformers, S steps each
+  total += 2 * S * D * D * 2  # down- and upsampling
+  total += 2 * cfg.num_codebooks * cfg.quantizer_bins * cfg.quantizer_dimension
+  return total
+
+
+def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
+  """GFLOP/s of a jitted n^3 float32 matmul right now (the machine's share at this moment)."""
+  a = jax.numpy.ones((n, n), jax.numpy.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    times.append(time.perf_counter() - t)
+  return 2 * n ** 3 / float(np.median(times)) / 1e9
+
+
 def stream_ours(mimi: Mimi, pcm: np.ndarray):
   """pcm [B, F*1920] -> per-frame seconds [F], codes [B,8,F]."""
   state = mimi.init_stream(pcm.shape[0])
@@ -115,11 +147,14 @@ def main():
         times, ref = stream_official(official, pcm)
         off_t.append(times[warm:])
         agree = float((codes == ref).mean())
+    peak = matmul_gflops()
     ours_ms = 1e3 * float(np.median(np.concatenate(ours_t)))
+    achieved = batch * flops_per_frame(cfg) / (ours_ms / 1e3) / 1e9
     off_ms = 1e3 * float(np.median(np.concatenate(off_t))) if off_t else None
     rows.append((f'stream B={batch}', f'{ours_ms:.1f} ms/frame',
                  f'{off_ms:.1f} ms/frame' if off_ms else '-',
                  f'{off_ms / ours_ms:.2f}x' if off_ms else '-',
+                 f'{achieved:.0f} GFLOP/s of a {peak:.0f} GFLOP/s matmul now; '
                  f'compile {compile_s:.1f} s' + (f'; codes agree {agree:.4f}; torch threads '
                                                  f'{threads}' if agree is not None else '')))
 
