@@ -254,3 +254,24 @@ def test_session_length_limit_ends_only_that_session(serve_pipeline, tiny_model,
   found = check_crosstalk(serve_pipeline, tiny_model.cfg, convs, frames={
       ended[long.session].slot: 7})
   assert found == {slot: [] for slot in convs}, found
+
+
+def test_idle_close_waits_for_buffered_audio(serve_pipeline):
+  from flmjax.serve.session import Limits
+  server = Server(serve_pipeline, sampling=GREEDY, limits=Limits(idle_s=0.5))
+
+  async def scenario():
+    async with running(server) as addr, aiohttp.ClientSession() as http:
+      url = f'ws://{addr}/api/chat'
+      async with http.ws_connect(url) as silent:  # handshake, then never a message
+        assert (await silent.receive(timeout=10)).data == b'\x00'
+        closing = await silent.receive(timeout=10)
+      # 1.6 s of audio at once, then nothing for over idle_s while it plays: not idle.
+      return closing, silent.close_code, await converse(url, voice(60, 20), pace=False)
+
+  closing, code, conv = asyncio.run(scenario())
+  assert closing.type == aiohttp.WSMsgType.CLOSE and code == 1008
+  ended = {s.sid: s for s in server.finished}
+  assert conv.frames_received == 19 and ended[conv.session].reason == 'client closed'
+  assert [s.reason for s in server.finished if s.sid != conv.session] == [
+      'idle: no message for 0.5 s']

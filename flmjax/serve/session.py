@@ -31,7 +31,7 @@ class Limits:
   max_queue_frames, max_unsent_bytes: reply messages queued, or bytes waiting in the socket's
     write buffer once the kernel's (socket_send_buffer bytes) is full, before a client counts
     as a stalled reader.
-  idle_s: how long a session may send no message at all.
+  idle_s: how long a session may send no message once its buffered audio has run out.
   """
   max_message_bytes: int = 1 << 20
   max_buffer_s: float = 30.0
@@ -120,6 +120,8 @@ class Session:
       try:
         msg = await ws.receive(timeout=self.limits.idle_s)
       except asyncio.TimeoutError:
+        if self.buffered >= self.frame_size:
+          continue  # a client that sent ahead is not idle while its audio plays
         return self.end(f'idle: no message for {self.limits.idle_s:g} s')
       if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING,
                       aiohttp.WSMsgType.CLOSED):
