@@ -110,8 +110,16 @@ def test_four_sessions_no_crosstalk(serve_pipeline, tiny_model):
   assert all(c.frames_received == c.frames_sent - 1 for c in convs)
 
 
+def compiled_sizes(pipeline) -> list[int]:
+  """How many compilations each jitted call of the frame loop holds."""
+  jits = [pipeline._frame, pipeline.mimi._reset] + list(
+      pipeline.decoder._compiled(pipeline.slots).values())
+  return [f._cache_size() for f in jits]
+
+
 def test_full_refuses_then_a_leaver_frees_its_slot(serve_pipeline, tiny_model):
   server = Server(serve_pipeline, sampling=GREEDY)
+  compiled = compiled_sizes(serve_pipeline)
 
   async def scenario():
     async with running(server) as addr:
@@ -142,6 +150,7 @@ def test_full_refuses_then_a_leaver_frees_its_slot(serve_pipeline, tiny_model):
   convs[ended[newcomer.session].slot] = newcomer
   found = check_crosstalk(serve_pipeline, tiny_model.cfg, convs)
   assert found == {slot: [] for slot in convs}, found
+  assert compiled_sizes(serve_pipeline) == compiled  # joins and leaves never recompiled
   refused = server.frame_loop.metrics.registry.get_sample_value('flmjax_sessions_refused_total')
   assert refused == 2  # the websocket attempt and the plain GET
 
