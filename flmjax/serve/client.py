@@ -43,6 +43,7 @@ async def converse(url: str, pcm: np.ndarray, *, pace: bool = True, lead_frames:
   """One session: sends pcm float32 [T] at 24 kHz in 1920-sample frames (the first lead_frames at
   once, then one per 80 ms when pacing), then waits until `replies` reply frames arrived (default:
   one per frame sent, less the model's first silent step) or reply_timeout_s passed, and closes.
+  It keeps exactly those replies (fewer if the server ended the session first).
   session_hook(session_id) runs once the handshake arrived (e.g. to post settings)."""
   frames = [pcm[i:i + FRAME] for i in range(0, len(pcm) - FRAME + 1, FRAME)]
   want = max(len(frames) - 1, 0) if replies is None else replies
@@ -61,7 +62,8 @@ async def converse(url: str, pcm: np.ndarray, *, pace: bool = True, lead_frames:
       if session_hook is not None:
         await session_hook(sid)
       got_all = asyncio.Event()
-      got_all.set() if want == 0 else None
+      if want == 0:
+        got_all.set()
 
       received = 0
 
@@ -72,7 +74,7 @@ async def converse(url: str, pcm: np.ndarray, *, pace: bool = True, lead_frames:
             continue
           if msg.data[0] == protocol.AUDIO:
             out = reply_reader.decode(msg.data[1:])
-            if out.size:
+            if out.size and not got_all.is_set():  # replies past `replies` are not kept
               reply_pcm.append(out)
               receive_times.append(time.perf_counter())
               received += out.size
