@@ -8,6 +8,7 @@ from typing import Iterable, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
@@ -40,31 +41,98 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
-def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A (data, fsdp, tensor) mesh with Auto axis types (classic jit-with-shardings behaviour)."""
+def device_grid(ici: Sequence[int], dcn: Sequence[int] = (1, 1, 1),
+                devices: Sequence[jax.Device] | None = None) -> np.ndarray:
+  """Devices laid out as [data, fsdp, tensor] = ici * dcn, from the topology.
+
+  Inside a slice, mesh_utils orders devices so that each axis's neighbours are ICI neighbours.
+  With several slices (dcn product > 1) each slice is one block of the grid (create_hybrid_device_
+  mesh), so only the dcn-multiplied axes cross the slower data-center network. Devices without a
+  slice_index (CPU, GPU) take their process as the slice.
+  """
   devices = list(devices if devices is not None else jax.devices())
-  need = data * fsdp * tensor
+  need = math.prod(ici) * math.prod(dcn)
   if need > len(devices):
-    raise ValueError(f'mesh data={data} fsdp={fsdp} tensor={tensor} needs {need} devices; '
-                     f'{len(devices)} are visible')
-  grid = np.asarray(devices[:need]).reshape(data, fsdp, tensor)
+    raise ValueError(f'mesh {describe(ici, dcn)} needs {need} devices; {len(devices)} are '
+                     f'visible')
+  devices = devices[:need]
+  if math.prod(dcn) == 1:
+    return mesh_utils.create_device_mesh(tuple(ici), devices, allow_split_physical_axes=True)
+  by_slice = not hasattr(devices[0], 'slice_index')
+  granules = len({d.process_index if by_slice else d.slice_index for d in devices})
+  if granules != math.prod(dcn):
+    raise ValueError(f'mesh {describe(ici, dcn)}: dcn_data x dcn_fsdp = {math.prod(dcn)} must '
+                     f'equal the number of {"processes" if by_slice else "slices"}, {granules}')
+  return mesh_utils.create_hybrid_device_mesh(tuple(ici), tuple(dcn), devices,
+                                              process_is_granule=by_slice,
+                                              allow_split_physical_axes=True)
+
+
+def describe(ici: Sequence[int], dcn: Sequence[int] = (1, 1, 1)) -> str:
+  out = ' '.join(f'{n}={k}' for n, k in zip(MESH_AXES, ici))
+  return out + ''.join(f' dcn_{n}={k}' for n, k in zip(MESH_AXES, dcn) if k != 1)
+
+
+def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1,
+              devices: Sequence[jax.Device] | None = None, *, dcn_data: int = 1,
+              dcn_fsdp: int = 1) -> Mesh:
+  """A (data, fsdp, tensor) mesh with Auto axis types (classic jit-with-shardings behaviour).
+
+  data, fsdp, tensor are per slice; dcn_data / dcn_fsdp slices multiply the data / fsdp axes, so
+  the mesh axes (and the rules table) are the same on one slice and on many.
+  """
+  grid = device_grid((data, fsdp, tensor), (dcn_data, dcn_fsdp, 1), devices)
   return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
 
-def maybe_initialize_distributed() -> bool:
-  """Calls jax.distributed.initialize() when the environment describes a multi-host job."""
-  markers = ('JAX_COORDINATOR_ADDRESS', 'COORDINATOR_ADDRESS', 'TPU_WORKER_HOSTNAMES',
-             'SLURM_JOB_NUM_NODES', 'OMPI_COMM_WORLD_SIZE')
-  # jax.process_count() would start the backends, after which initialize() must fail.
-  if any(os.environ.get(m) for m in markers) and not jax.distributed.is_initialized():
-    try:
-      jax.distributed.initialize()
-      return True
-    except (RuntimeError, ValueError) as e:  # already initialised or a single-host job
-      if 'already' not in str(e):
-        raise
+# Environment variables of a multi-process job that jax.distributed.initialize() reads by itself
+# (its cluster auto-detection: Kubernetes TPU, SLURM, Open MPI, an explicit coordinator).
+_CLUSTER_MARKERS = ('JAX_COORDINATOR_ADDRESS', 'TPU_WORKER_HOSTNAMES',
+                    'MEGASCALE_COORDINATOR_ADDRESS', 'SLURM_JOB_NUM_NODES', 'OMPI_COMM_WORLD_SIZE')
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None, process_id: int | None = None,
+                           multihost: bool = False) -> bool:
+  """Joins a multi-process job before any device is touched; returns whether one was joined.
+
+  Unset arguments default to $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, $JAX_PROCESS_ID. With
+  all three known (e.g. N local processes) they are passed explicitly; otherwise
+  jax.distributed.initialize() runs with no arguments when the environment names a cluster or
+  `multihost` is set (a Cloud TPU VM pod slice needs nothing else). A single process does nothing.
+  """
+  if jax.distributed.is_initialized():
+    return True
+  env = os.environ.get
+  coordinator_address = coordinator_address or env('JAX_COORDINATOR_ADDRESS') or None
+  num_processes = num_processes if num_processes is not None else _env_int('JAX_NUM_PROCESSES')
+  process_id = process_id if process_id is not None else _env_int('JAX_PROCESS_ID')
+  if num_processes == 1:
+    return False
+  if None not in (coordinator_address, num_processes, process_id):
+    if not 0 <= process_id < num_processes:
+      raise ValueError(f'distributed: process_id {process_id} is outside 0..{num_processes - 1}')
+    # CPU processes exchange collectives through gloo (the setting does nothing on TPU or GPU).
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    return True
+  if multihost or any(env(m) for m in _CLUSTER_MARKERS):
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    return True
+  if num_processes is not None or process_id is not None:
+    raise ValueError('distributed: num_processes / process_id given without a coordinator '
+                     'address (--coordinator_address or $JAX_COORDINATOR_ADDRESS)')
   return False
+
+
+def _env_int(name: str) -> int | None:
+  value = os.environ.get(name)
+  if not value:
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise ValueError(f'distributed: ${name}={value!r} is not an integer') from None
 
 
 def logical_to_spec(axes: Iterable[str | None], shape: Sequence[int], mesh: Mesh,

@@ -194,3 +194,16 @@ def test_bf16_compute_with_remat_keeps_fp32_master_params(single, batch_np):
   dtypes = {x.dtype for x in jax.tree.leaves(new.params)}
   dtypes |= {x.dtype for x in jax.tree.leaves(new.opt_state[1].mu)}
   assert dtypes == {jnp.dtype(jnp.float32)}
+
+
+def test_grad_accumulation_traces_the_micro_batch_once(monkeypatch, batch_np):
+  """The scan body is the only trace of the forward/backward (its accumulator starts at zeros)."""
+  traced = []
+  inner = sp._grads_and_sums
+  monkeypatch.setattr(sp, '_grads_and_sums', lambda *a: traced.append(1) or inner(*a))
+  tc, mesh = _tc(grad_accum=4), shd.make_mesh(2, 1, 1)
+  spec = st.state_spec(tc, mesh)
+  abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)
+                    for (k, v), s in zip(batch_np.items(), sp.batch_shardings(mesh).values())}
+  sp._jit_train_step(spec, tc, mesh).lower(spec.abstract, abstract_batch, jnp.float32(LR))
+  assert len(traced) == 1

@@ -1,24 +1,48 @@
-"""Orbax checkpoints of a run: params, optimizer state and a JSON `meta` item (stage, step in
-stage, data iterator state, configs). Async; orbax's tmp-dir protocol means a checkpoint is
-only visible once complete, so a run killed at any moment resumes from the last whole one."""
+"""Orbax checkpoints of a run, on any epath (local or gs://):
+- params and optimizer state, written by every process (each its own shards);
+- a JSON `meta` item written by process 0: global step, stage, step in stage, process count and
+  the configs;
+- a JSON `data` item: each process's data-iterator state, in its own file.
+
+Saves are async. Orbax's tmp-dir protocol means a checkpoint is only visible once complete, so a
+run killed at any moment resumes from the last whole one. A step that is complete but cannot be
+read (a truncated file, bad metadata) is moved aside to `<dir>_corrupt/`, never deleted, and the
+step before it is used.
+"""
 from __future__ import annotations
 
 import base64
 import json
 import os
 import pickle
-from typing import Any
+from typing import Any, Callable
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from flmjax.train.state import TrainState
 
-ITEMS = ('params', 'opt_state', 'meta')
+ITEMS = ('params', 'opt_state', 'meta', 'data')
 
 
 class CheckpointMissingError(FileNotFoundError):
   """No complete checkpoint in a directory."""
+
+
+class CheckpointCorruptError(ValueError):
+  """A checkpoint step exists but cannot be read."""
+
+
+class ProcessCountError(ValueError):
+  """A mid-stage checkpoint resumed by another number of processes than wrote it."""
+
+
+def as_path(path: str | os.PathLike) -> epath.Path:
+  """An epath.Path; local paths made absolute (orbax needs that), URLs such as gs:// kept."""
+  text = os.fspath(path)
+  return epath.Path(text if '://' in text else os.path.abspath(text))
 
 
 def encode_data_state(state: Any) -> dict:
@@ -36,15 +60,40 @@ def decode_data_state(blob: dict) -> Any:
   return pickle.loads(base64.b64decode(blob['pickle']))
 
 
+def _data_handler() -> ocp.JsonCheckpointHandler:
+  """Every process writes its own `process_I-of-N.json` (grain's naming)."""
+  name = f'process_{jax.process_index()}-of-{jax.process_count()}.json'
+  return ocp.JsonCheckpointHandler(
+      name, multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=None))
+
+
+def _one_line(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  return f'{type(e).__name__}: {text[0][:300] if text else ""}'
+
+
+def _all_agree(ok: bool) -> bool:
+  """True when `ok` holds on every process (one process's unreadable file fails them all)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
 class Checkpointer:
   """Keeps the last `keep` checkpoints of `directory`, one every `every` steps."""
 
-  def __init__(self, directory: str, *, every: int = 1, keep: int = 3, use_async: bool = True):
-    self.directory = os.path.abspath(directory)
+  def __init__(self, directory: str | os.PathLike, *, every: int = 1, keep: int = 3,
+               use_async: bool = True):
+    self.directory = as_path(directory)
+    self.aside = self.directory.parent / f'{self.directory.name}_corrupt'
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=every, max_to_keep=keep, create=True,
         enable_async_checkpointing=use_async)
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+    handlers = {'params': ocp.StandardCheckpointHandler(),
+                'opt_state': ocp.StandardCheckpointHandler(),
+                'meta': ocp.JsonCheckpointHandler(), 'data': _data_handler()}
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -52,11 +101,14 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
-  def save(self, step: int, state: TrainState, meta: dict, force: bool = False) -> bool:
+  def save(self, step: int, state: TrainState, meta: dict, data_state: Any = None,
+           force: bool = False) -> bool:
     """Starts an async save when `step` is due (or `force`); returns whether it started."""
+    meta = {**meta, 'process_count': jax.process_count()}
+    data = {'state': None if data_state is None else encode_data_state(data_state)}
     args = ocp.args.Composite(params=ocp.args.StandardSave(state.params),
                               opt_state=ocp.args.StandardSave(state.opt_state),
-                              meta=ocp.args.JsonSave(meta))
+                              meta=ocp.args.JsonSave(meta), data=ocp.args.JsonSave(data))
     return self.manager.save(step, args=args, force=force)
 
   def _step(self, step: int | None) -> int:
@@ -66,24 +118,93 @@ class Checkpointer:
                                    + ('' if step is None else f' at step {step}'))
     return step
 
-  def restore(self, abstract: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
-    """Restores onto `abstract`'s shardings (any mesh shape) -> (state, meta)."""
+  def restore_meta(self, step: int | None = None) -> dict:
     step = self._step(step)
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract.params),
-        opt_state=ocp.args.StandardRestore(abstract.opt_state),
-        meta=ocp.args.JsonRestore()))
-    return TrainState(out['params'], out['opt_state']), out['meta']
+    path = self.directory / str(step) / 'meta' / 'metadata'
+    try:
+      meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+      return meta['meta']
+    except (json.JSONDecodeError, FileNotFoundError, UnicodeDecodeError) as e:
+      raise CheckpointCorruptError(f'{path}: the meta JSON of step {step} is truncated or '
+                                   f'unreadable ({_one_line(e)})') from e
+
+  def restore(self, abstract: TrainState, step: int | None = None, *,
+              with_data: bool = True) -> tuple[TrainState, dict, Any]:
+    """Restores onto `abstract`'s shardings (any mesh shape) -> (state, meta, data state).
+
+    The data state is this process's; it is only read when `with_data` (a mid-stage resume),
+    which needs the process count that wrote it.
+    """
+    step = self._step(step)
+    meta = self.restore_meta(step)
+    wrote = int(meta.get('process_count', 1))
+    if with_data and wrote != jax.process_count():
+      raise ProcessCountError(
+          f'{self.directory}: step {step} was written by {wrote} processes and this run has '
+          f'{jax.process_count()}: mid-stage, each process resumes its own shard of the data, so '
+          f'resume with {wrote} processes (or export the checkpoint and start a new --run_dir '
+          f'with --init_from)')
+    items = dict(params=ocp.args.StandardRestore(abstract.params),
+                 opt_state=ocp.args.StandardRestore(abstract.opt_state))
+    if with_data:
+      items['data'] = ocp.args.JsonRestore()
+    out = self.manager.restore(step, args=ocp.args.Composite(**items))
+    data = out['data']['state'] if with_data else None
+    state = TrainState(out['params'], out['opt_state'])
+    return state, meta, None if data is None else decode_data_state(data)
+
+  def restore_latest(self, abstract: TrainState, *, check: Callable[[dict], bool],
+                     log=print) -> tuple[TrainState, dict, Any] | None:
+    """The newest step that restores, or None when there is none.
+
+    `check(meta)` raises on a config mismatch (which is no corruption) and returns whether the
+    data state is wanted. A step that fails to restore is named in one log line, moved aside and
+    the step before it tried.
+    """
+    steps = self.all_steps()
+    for step in reversed(steps):
+      try:
+        meta, problem = self.restore_meta(step), None
+      except CheckpointCorruptError as e:
+        meta, problem = None, e
+      if _all_agree(problem is None):
+        with_data = check(meta)
+        try:
+          return self.restore(abstract, step, with_data=with_data)
+        except ProcessCountError:
+          raise
+        except Exception as e:  # anything unreadable: the step is bad, the run is not
+          problem = e
+        if _all_agree(problem is None):  # some other process failed: all fall back together
+          problem = None
+      self._set_aside(step, problem, log)
+    if steps:
+      raise CheckpointCorruptError(f'{self.directory}: none of the steps {steps} restores; they '
+                                   f'were moved to {self.aside}')
+    return None
+
+  def _set_aside(self, step: int, problem: BaseException | None, log) -> None:
+    """Moves step `step` to `<dir>_corrupt/<step>` (process 0) and rescans the steps."""
+    target, n = self.aside / str(step), 0
+    while target.exists():  # an earlier bad step of the same number stays too
+      n += 1
+      target = self.aside / f'{step}.{n}'
+    reason = _one_line(problem) if problem is not None else 'another process could not read it'
+    log(f'checkpoint step {step} does not restore ({reason}); moved it to {target} and fell '
+        f'back to the step before it')
+    if jax.process_index() == 0:
+      self.aside.mkdir(parents=True, exist_ok=True)
+      (self.directory / str(step)).rename(target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f'flmjax_set_aside_{step}')
+    self.manager.reload()
 
   def restore_params(self, abstract_params, step: int | None = None):
     step = self._step(step)
     out = self.manager.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(abstract_params)))
     return out['params']
-
-  def restore_meta(self, step: int | None = None) -> dict:
-    step = self._step(step)
-    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -41,10 +41,16 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """Device mesh shape. data=-1 takes every device not used by fsdp * tensor."""
+  """Device mesh shape per slice; data=-1 takes every device not used by the other axes.
+
+  dcn_data / dcn_fsdp: slices (processes on CPU/GPU) that multiply the data / fsdp axis across
+  the data-center network (multi-slice); the mesh axes stay (data, fsdp, tensor).
+  """
   data: int = -1
   fsdp: int = 1
   tensor: int = 1
+  dcn_data: int = 1
+  dcn_fsdp: int = 1
 
   def __post_init__(self):
     for name in ('data', 'fsdp', 'tensor'):
@@ -54,12 +60,29 @@ class MeshConfig:
                                + (' (or -1: every device left)' if name == 'data' else ''))
 
   def resolve(self, num_devices: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) per slice."""
     if self.data == -1:
-      if num_devices % (self.fsdp * self.tensor):
+      rest, what = self.fsdp * self.tensor, 'fsdp*tensor'
+      if self.dcn_data * self.dcn_fsdp != 1:
+        rest, what = rest * self.dcn_data * self.dcn_fsdp, 'fsdp*tensor*dcn_data*dcn_fsdp'
+      if num_devices % rest:
         raise TrainConfigError(f'MeshConfig: {num_devices} devices are not a multiple of '
-                               f'fsdp*tensor = {self.fsdp * self.tensor}')
-      return num_devices // (self.fsdp * self.tensor), self.fsdp, self.tensor
+                               f'{what} = {rest}')
+      return num_devices // rest, self.fsdp, self.tensor
     return self.data, self.fsdp, self.tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+  """How this process joins a multi-process job (see flmjax.sharding.initialize_distributed).
+
+  Unset fields default to $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, $JAX_PROCESS_ID;
+  `multihost=True` calls jax.distributed.initialize() with no arguments (Cloud TPU VM).
+  """
+  coordinator_address: str | None = None  # host:port of process 0
+  num_processes: int | None = None
+  process_id: int | None = None
+  multihost: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +135,7 @@ class TrainConfig:
   remat: str = 'none'  # 'none' | 'full' (save nothing) | 'dots' (save matmul outputs)
   optim: OptimConfig = OptimConfig()
   mesh: MeshConfig = MeshConfig()
+  distributed: DistributedConfig = DistributedConfig()
   checkpoint_every: int = 100
   keep_checkpoints: int = 3
   async_checkpointing: bool = True

@@ -107,18 +107,24 @@ def check_batch(tc: TrainConfig, batch: dict, where: str) -> None:
                              f'expected {want} (local batch, channels, window)')
 
 
-def data_counts(batch: dict) -> dict[str, float]:
+def data_counts(batch: dict, *, all_hosts: bool = True) -> dict[str, float]:
   """The monologue counts of a batch (pushed frames, cut tokens, extension frames; see
-  flmjax.data.pipeline.COUNTS), summed over every host's rows. Empty for loaders without them."""
+  flmjax.data.pipeline.COUNTS), summed over every host's rows (or this host's: `all_hosts=False`,
+  then `sum_over_hosts`). Empty for loaders without them."""
   from flmjax.data.pipeline import COUNTS
-  keys = [k for k in COUNTS if k in batch]
-  if not keys:
-    return {}
-  sums = np.array([np.sum(batch[k]) for k in keys], np.int64)  # [keys], this host's rows
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    sums = np.asarray(multihost_utils.process_allgather(sums)).sum(0)
-  return {k: float(v) for k, v in zip(keys, sums)}
+  local = {k: float(np.sum(batch[k])) for k in COUNTS if k in batch}
+  return sum_over_hosts([local])[0] if all_hosts else local
+
+
+def sum_over_hosts(counts: list[dict[str, float]]) -> list[dict[str, float]]:
+  """Per-step counts of this host -> summed over every host, in one collective for all steps."""
+  if jax.process_count() == 1 or not counts or not counts[0]:
+    return counts
+  from jax.experimental import multihost_utils
+  keys = list(counts[0])
+  local = np.array([[c[k] for k in keys] for c in counts], np.int64)  # [steps, keys]
+  total = np.asarray(multihost_utils.process_allgather(local)).sum(0)
+  return [{k: float(v) for k, v in zip(keys, row)} for row in total]
 
 
 def to_global(batch: dict, shardings: dict) -> dict[str, jax.Array]:

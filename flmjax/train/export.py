@@ -6,12 +6,15 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 
+from etils import epath
 from flax import nnx
 
 from flmjax.cli import ArgumentParser, command
 from flmjax.model.flm import FLMAudio, abstract
-from flmjax.train.checkpointing import Checkpointer, CheckpointMissingError, abstract_on_cpu
+from flmjax.train.checkpointing import (Checkpointer, CheckpointMissingError, abstract_on_cpu,
+                                        as_path)
 from flmjax.train.config import model_config_from_json
 
 # Files a Hugging Face tokenizer directory may hold beside tokenizer.json: copied along with it.
@@ -23,17 +26,19 @@ class CorruptCheckpointError(ValueError):
   """A training checkpoint exists but cannot be read."""
 
 
-def checkpoint_dir(path: str) -> str:
-  """Accepts a run directory or its checkpoints/ directory."""
-  if not os.path.isdir(path):
+def checkpoint_dir(path: str) -> epath.Path:
+  """Accepts a run directory or its checkpoints/ directory (local or gs://), written by any
+  number of processes: one process reads it whole."""
+  path = as_path(path)
+  if not path.is_dir():
     raise CheckpointMissingError(f'{path}: no such checkpoint directory')
-  inner = os.path.join(path, 'checkpoints')
-  if os.path.isdir(inner):
+  inner = path / 'checkpoints'
+  if inner.is_dir():
     return inner
-  if os.path.isfile(os.path.join(path, 'config.json')):
+  if (path / 'config.json').is_file():
     raise CheckpointMissingError(f'{path} is an official checkpoint already (config.json); give '
                                  'a training run directory (RUN_DIR or RUN_DIR/checkpoints)')
-  if not any(name.isdigit() for name in os.listdir(path)):
+  if not any(p.name.isdigit() for p in path.iterdir()):
     raise CheckpointMissingError(f'{path}: no training checkpoints here; give a training run '
                                  'directory (RUN_DIR or RUN_DIR/checkpoints)')
   return path
@@ -86,6 +91,9 @@ def export(ckpt_dir: str, out_dir: str, *, step: int | None = None, dtype: str |
            overwrite: bool = False, log=print) -> str:
   from flmjax.checkpoint import save_official
   from flmjax.checkpoint.official import check_target
+  if '://' in out_dir:  # a bucket: export locally, then copy each file up
+    return _export_remote(ckpt_dir, epath.Path(out_dir), step=step, dtype=dtype,
+                          overwrite=overwrite, log=log)
   check_target(os.path.abspath(out_dir), overwrite)  # before the (slow) restore
   model, meta = restore_model(ckpt_dir, step)
   dtype = dtype or meta['model_config'].get('checkpoint_dtype', 'bfloat16')
@@ -96,6 +104,18 @@ def export(ckpt_dir: str, out_dir: str, *, step: int | None = None, dtype: str |
     tokenizer = None
   extra = (lambda d: copy_tokenizer(tokenizer, d)) if tokenizer else None
   return save_official(model, out_dir, dtype=dtype, overwrite=overwrite, extra_files=extra)
+
+
+def _export_remote(ckpt_dir: str, out: epath.Path, **kw) -> str:
+  if out.exists() and not kw['overwrite']:
+    raise FileExistsError(f'OUT_DIR {out} exists; pass --overwrite to replace its checkpoint '
+                          'files (other files in it are kept)')
+  with tempfile.TemporaryDirectory() as tmp:
+    local = export(ckpt_dir, os.path.join(tmp, 'export'), **{**kw, 'overwrite': False})
+    out.mkdir(parents=True, exist_ok=True)
+    for name in sorted(os.listdir(local)):
+      epath.Path(local, name).copy(out / name, overwrite=True)
+  return os.fspath(out)
 
 
 @command('flmjax export')
@@ -111,6 +131,11 @@ def main(argv: list[str]) -> int:
                   help="replace OUT_DIR's checkpoint files (other files in it are kept)")
   args = ap.parse_args(argv)
   checkpoint_dir(args.ckpt_dir)  # the input first, then where it goes
+  if '://' in args.out_dir:
+    path = export(args.ckpt_dir, args.out_dir, step=args.step, dtype=args.dtype,
+                  overwrite=args.overwrite)
+    print(f'wrote {path}: {", ".join(sorted(p.name for p in epath.Path(path).iterdir()))}')
+    return 0
   out_dir = os.path.abspath(args.out_dir)
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     raise FileExistsError(f'OUT_DIR {args.out_dir} is a file; give a directory')

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 
 import jax
@@ -14,7 +13,8 @@ from flmjax.train import checkpointing as ckpt_lib
 from flmjax.train import data as data_lib
 from flmjax.train import observe
 from flmjax.train.config import TrainConfig, TrainConfigError, to_json
-from flmjax.train.schedule import learning_rate, position, stage_start
+from flmjax.train.preemption import PreemptionWatch
+from flmjax.train.schedule import learning_rates, position, stage_start
 from flmjax.train.state import init_state, params_from_model, state_spec
 from flmjax.train.step import batch_shardings, jit_train_step
 
@@ -24,7 +24,8 @@ class NonFiniteError(FloatingPointError):
 
 
 def make_mesh(tc: TrainConfig) -> jax.sharding.Mesh:
-  return shd.make_mesh(*tc.mesh.resolve(jax.device_count()))
+  m = tc.mesh
+  return shd.make_mesh(*m.resolve(jax.device_count()), dcn_data=m.dcn_data, dcn_fsdp=m.dcn_fsdp)
 
 
 _DTYPE_FIELDS = ('dtype', 'param_dtype', 'checkpoint_dtype')
@@ -65,46 +66,96 @@ def _check_batch_fits_mesh(tc: TrainConfig, mesh: jax.sharding.Mesh) -> None:
         f'mesh\'s data x fsdp = {mesh.shape["data"]} x {mesh.shape["fsdp"]} = {ways}')
 
 
-def _meta(tc: TrainConfig, global_step: int, data_state) -> dict:
+def _meta(tc: TrainConfig, global_step: int) -> dict:
   pos = position(tc, global_step)
   name = tc.stages[pos.stage].name if pos.stage < len(tc.stages) else 'done'
   return {'global_step': global_step, 'stage': pos.stage, 'stage_name': name,
           'step_in_stage': pos.step_in_stage,
-          'data_state': None if data_state is None else ckpt_lib.encode_data_state(data_state),
           'model_config': dataclasses.asdict(tc.model), 'train_config': to_json(tc)}
+
+
+def _check_model(tc: TrainConfig, meta: dict, directory) -> None:
+  saved, ours = meta['model_config'], dataclasses.asdict(tc.model)
+  diff = sorted(k for k in ours if k not in _DTYPE_FIELDS and saved.get(k) != ours[k]
+                and not (isinstance(ours[k], tuple) and tuple(saved.get(k) or ()) == ours[k]))
+  if diff:
+    raise TrainConfigError(f'{directory}: the checkpoint was trained with another model '
+                           f'config ({", ".join(f"{k}={saved.get(k)!r}" for k in diff)}); '
+                           f'use a new --run_dir')
+
+
+class _Metrics:
+  """Per-step metrics stay on the device until `fetch`: one host sync for many steps, so the
+  host keeps dispatching steps while the device works. Non-finite values stop the run at fetch
+  time, naming the first bad step; the loop fetches before every save, so a poisoned state is
+  never saved."""
+
+  def __init__(self, tc: TrainConfig, obs: observe.Observer, ckpt):
+    self.tc, self.obs, self.ckpt = tc, obs, ckpt
+    # (global step, stage, step in stage, metrics on the device, this host's data counts)
+    self.pending: list[tuple[int, int, int, dict, dict]] = []
+    self.t0 = time.perf_counter()
+
+  def add(self, global_step: int, stage: int, step_in_stage: int, metrics: dict,
+          counts: dict) -> None:
+    self.pending.append((global_step, stage, step_in_stage, metrics, counts))
+
+  def restart_clock(self) -> None:
+    self.t0 = time.perf_counter()
+
+  def fetch(self) -> None:
+    if not self.pending:
+      return
+    values = jax.device_get([m for *_, m, _ in self.pending])
+    counts = data_lib.sum_over_hosts([c for *_, c in self.pending])
+    now = time.perf_counter()
+    frames_per_s = self.tc.batch_size * (self.tc.window - 1) * len(values) / (now - self.t0)
+    self.t0 = now
+    for (step, stage, in_stage, *_), m, c in zip(self.pending, values, counts):
+      m = {k: float(v) for k, v in m.items()}
+      if not (math.isfinite(m['loss']) and math.isfinite(m['grad_norm'])):
+        self.pending.clear()
+        raise NonFiniteError(
+            f'non-finite loss ({m["loss"]}) or grad norm ({m["grad_norm"]}) at step {step} '
+            f'(stage {self.tc.stages[stage].name!r}, step {in_stage + 1} of the stage); stopping '
+            f'without saving this state (last checkpoint: {self.ckpt.latest_step()})')
+      m['frames_per_s'] = frames_per_s  # averaged over the steps of this fetch
+      m.update(c)
+      self.obs.record(step, stage, m)
+    self.pending.clear()
 
 
 def train(tc: TrainConfig, *, mesh: jax.sharding.Mesh | None = None,
           stop_after: int | None = None, log=print) -> dict:
-  """Runs (or resumes) `tc` until the schedule ends or `stop_after` global steps.
+  """Runs (or resumes) `tc` until the schedule ends, `stop_after` global steps, or a preemption
+  notice (SIGTERM), which saves first.
 
-  Returns {'state', 'global_step', 'spec', 'mesh', 'stages': per-stage summaries}.
+  Returns {'state', 'global_step', 'spec', 'mesh', 'stages': per-stage summaries, 'eval',
+  'preempted'}.
   """
-  shd.maybe_initialize_distributed()
+  d = tc.distributed
+  shd.initialize_distributed(d.coordinator_address, d.num_processes, d.process_id, d.multihost)
   mesh = mesh or make_mesh(tc)
   _check_batch_fits_mesh(tc, mesh)
   data_lib.check_sources(tc)
   primary = jax.process_index() == 0
   log = log if primary else (lambda *a, **k: None)
-  os.makedirs(tc.run_dir, exist_ok=True)
+  run_dir = ckpt_lib.as_path(tc.run_dir)
+  run_dir.mkdir(parents=True, exist_ok=True)
   spec = state_spec(tc, mesh)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(tc.run_dir, 'checkpoints'), every=tc.checkpoint_every,
+  ckpt = ckpt_lib.Checkpointer(run_dir / 'checkpoints', every=tc.checkpoint_every,
                                keep=tc.keep_checkpoints, use_async=tc.async_checkpointing)
-  data_state = None
-  if ckpt.latest_step() is not None:
-    saved = ckpt.restore_meta()['model_config']
-    ours = dataclasses.asdict(tc.model)
-    diff = sorted(k for k in ours if k not in _DTYPE_FIELDS and saved.get(k) != ours[k]
-                  and not (isinstance(ours[k], tuple) and tuple(saved.get(k) or ()) == ours[k]))
-    if diff:
-      raise TrainConfigError(f'{ckpt.directory}: the checkpoint was trained with another model '
-                             f'config ({", ".join(f"{k}={saved.get(k)!r}" for k in diff)}); '
-                             f'use a new --run_dir')
-    state, meta = ckpt.restore(spec.abstract)
-    global_step = int(meta['global_step'])
+
+  def check(meta: dict) -> bool:
+    _check_model(tc, meta, ckpt.directory)
     _check_schedule(tc, meta, ckpt.directory)
-    if meta.get('data_state') is not None:
-      data_state = ckpt_lib.decode_data_state(meta['data_state'])
+    return int(meta['step_in_stage']) > 0  # mid-stage: this stage's data state is wanted
+
+  data_state = None
+  restored = ckpt.restore_latest(spec.abstract, check=check, log=log)
+  if restored is not None:
+    state, meta, data_state = restored
+    global_step = int(meta['global_step'])
     log(f'resumed from {ckpt.directory} at step {global_step} '
         f'(stage {meta["stage_name"]!r}, step {meta["step_in_stage"]} in stage)')
   else:
@@ -114,46 +165,54 @@ def train(tc: TrainConfig, *, mesh: jax.sharding.Mesh | None = None,
   bsh = batch_shardings(mesh)
   end = tc.total_steps if stop_after is None else min(tc.total_steps, stop_after)
   obs = observe.Observer(tc, enabled=primary, initial_step=global_step, total=tc.total_steps)
-  frames_per_step = tc.batch_size * (tc.window - 1)
-  loader, loader_stage = None, -1
+  metrics = _Metrics(tc, obs, ckpt)
+  loader, loader_stage, preempted, first = None, -1, False, True
   try:
-    while global_step < end:
-      pos = position(tc, global_step)
-      stage = tc.stages[pos.stage]
-      if pos.stage != loader_stage:
-        loader, loader_stage = data_lib.make_stage_loader(tc, pos.stage), pos.stage
-        if data_state is not None:
-          loader.set_state(data_state)  # only ever set when resuming inside this stage
-          data_state = None
-        obs.begin_stage(pos.stage, stage_start(tc, pos.stage))
-      t0 = time.perf_counter()
-      batch = next(loader)
-      if global_step == 0 or pos.step_in_stage == 0 or obs.steps_this_run == 0:
-        data_lib.check_batch(tc, batch, f'stage {stage.name!r}')
-      lr = learning_rate(stage, pos.step_in_stage)
-      state, metrics = step_fn(state, data_lib.to_global(batch, bsh), jnp.float32(lr))
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      global_step += 1
-      if not (math.isfinite(metrics['loss']) and math.isfinite(metrics['grad_norm'])):
-        raise NonFiniteError(
-            f'non-finite loss ({metrics["loss"]}) or grad norm ({metrics["grad_norm"]}) at step '
-            f'{global_step} (stage {stage.name!r}, step {pos.step_in_stage + 1} of the stage); '
-            f'stopping without saving this state (last checkpoint: {ckpt.latest_step()})')
-      metrics['frames_per_s'] = frames_per_step / (time.perf_counter() - t0)
-      metrics.update(data_lib.data_counts(batch))
-      obs.record(global_step, pos.stage, metrics)
-      nxt = position(tc, global_step)
-      keep_data = nxt.stage == loader_stage  # a finished stage's iterator is not carried over
-      ckpt.save(global_step, state, _meta(tc, global_step, loader.get_state() if keep_data else None),
-                force=global_step in (end, tc.total_steps))  # a stop loses nothing
-      if nxt.stage != loader_stage or global_step == end:
-        obs.end_stage(pos.stage, log, finished=nxt.stage != loader_stage)
+    with PreemptionWatch() as watch:
+      while global_step < end:
+        pos = position(tc, global_step)
+        stage = tc.stages[pos.stage]
+        if pos.stage != loader_stage:
+          loader, loader_stage = data_lib.make_stage_loader(tc, pos.stage), pos.stage
+          if data_state is not None:
+            loader.set_state(data_state)  # only ever set when resuming inside this stage
+            data_state = None
+          lrs = learning_rates(stage)
+          obs.begin_stage(pos.stage, stage_start(tc, pos.stage))
+          metrics.restart_clock()
+        batch = next(loader)
+        if first or pos.step_in_stage == 0:
+          data_lib.check_batch(tc, batch, f'stage {stage.name!r}')
+        state, step_metrics = step_fn(state, data_lib.to_global(batch, bsh),
+                                      jnp.float32(lrs[pos.step_in_stage]))
+        metrics.add(global_step + 1, pos.stage, pos.step_in_stage, step_metrics,
+                    data_lib.data_counts(batch, all_hosts=False))
+        global_step += 1
+        if first:  # the first step includes compilation: keep it out of frames/s
+          metrics.fetch()
+          first = False
+        preempted = watch.reached(global_step)
+        nxt = position(tc, global_step)
+        if (preempted or global_step % tc.checkpoint_every == 0
+            or global_step in (end, tc.total_steps)):  # a stop loses nothing
+          metrics.fetch()
+          keep_data = nxt.stage == loader_stage  # a finished stage's iterator is not carried over
+          ckpt.save(global_step, state, _meta(tc, global_step),
+                    loader.get_state() if keep_data else None, force=True)
+        elif global_step % tc.log_every == 0:
+          metrics.fetch()
+        if nxt.stage != loader_stage or global_step == end or preempted:
+          metrics.fetch()
+          obs.end_stage(pos.stage, log, finished=nxt.stage != loader_stage)
+        if preempted:
+          log(f'preemption notice: saved step {global_step}; run the same command to resume')
+          break
   finally:
     ckpt.close()
     obs.close()
   summaries = obs.stage_summaries
   result = {'state': state, 'global_step': global_step, 'spec': spec, 'mesh': mesh,
-            'stages': summaries, 'eval': None}
+            'stages': summaries, 'eval': None, 'preempted': preempted}
   if global_step == tc.total_steps:
     if primary:
       result['plots'] = observe.write_plots(tc.run_dir, tc)
@@ -162,4 +221,3 @@ def train(tc: TrainConfig, *, mesh: jax.sharding.Mesh | None = None,
       result['eval'] = evaluate(tc, spec, mesh, state.params, tc.eval_sources)
       log('held-out teacher-forced metrics:\n' + format_metrics(result['eval']))
   return result
-

@@ -7,6 +7,7 @@ import os
 import time
 
 import numpy as np
+from etils import epath
 
 from flmjax.train.config import TrainConfig
 
@@ -17,10 +18,10 @@ SUMMARY_KEYS = ('loss', 'loss_text', 'acc_text', 'wait_rate_pred', 'wait_rate_ta
 
 def history(run_dir: str) -> list[dict]:
   """Logged metrics of a run, one record per step (the last write wins after a resume)."""
-  path = os.path.join(run_dir, 'metrics.jsonl')
+  path = epath.Path(run_dir) / 'metrics.jsonl'
   by_step = {}
-  if os.path.exists(path):
-    with open(path) as f:
+  if path.exists():
+    with path.open() as f:
       for line in f:
         if line.strip():
           rec = json.loads(line)
@@ -46,10 +47,10 @@ class Observer:
                      unit='step', dynamic_ncols=True)
     try:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(tc.run_dir, 'tensorboard'))
+      self._tb = SummaryWriter(os.fspath(epath.Path(tc.run_dir) / 'tensorboard'))
     except ImportError:  # TensorBoard is optional; metrics.jsonl always has everything
       self._tb = None
-    self._jsonl = open(os.path.join(tc.run_dir, 'metrics.jsonl'), 'a')
+    self._jsonl = (epath.Path(tc.run_dir) / 'metrics.jsonl').open('a')
 
   def begin_stage(self, stage: int, start_step: int) -> None:
     self._stage_records, self._stage_t0 = [], time.perf_counter()
@@ -134,8 +135,9 @@ def write_plots(run_dir: str, tc: TrainConfig) -> list[str]:
     ax.set_ylabel('weighted cross-entropy')
     ax.set_title(f'{title} loss (stages: {", ".join(s.name for s in tc.stages)})', fontsize=9)
     fig.tight_layout()
-    path = os.path.join(run_dir, f'loss_{title}.png')
-    fig.savefig(path, dpi=90)
+    path = epath.Path(run_dir) / f'loss_{title}.png'
+    with path.open('wb') as f:
+      fig.savefig(f, dpi=90, format='png')
     plt.close(fig)
-    paths.append(path)
+    paths.append(os.fspath(path))
   return paths

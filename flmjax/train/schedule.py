@@ -1,8 +1,13 @@
-"""The dual schedule: where a global step falls among the stages, and each stage's lr."""
+"""The dual schedule: where a global step falls among the stages, and each stage's lr (optax)."""
 from __future__ import annotations
 
-import math
+import functools
 from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
 from flmjax.train.config import StageConfig, TrainConfig
 
@@ -28,11 +33,34 @@ def stage_start(tc: TrainConfig, stage: int) -> int:
   return sum(s.steps for s in tc.stages[:stage])
 
 
+def stage_schedule(stage: StageConfig) -> optax.Schedule:
+  """Step in stage -> lr: linear warmup that reaches peak_lr at step warmup_steps - 1 (so step 0
+  already trains), then cosine from peak_lr to peak_lr * end_lr_ratio at the stage's end."""
+  peak, warmup = stage.peak_lr, stage.warmup_steps
+  cosine = optax.cosine_decay_schedule(peak, decay_steps=max(1, stage.steps - warmup),
+                                       alpha=stage.end_lr_ratio)
+  if not warmup:
+    return cosine
+  ramp = optax.linear_schedule(peak / warmup, peak, transition_steps=warmup - 1)
+  return optax.join_schedules([ramp, cosine], boundaries=[warmup])
+
+
+@functools.lru_cache(maxsize=64)
+def _table(peak_lr: float, warmup_steps: int, steps: int, end_lr_ratio: float) -> np.ndarray:
+  stage = StageConfig('lr', steps, peak_lr=peak_lr, warmup_steps=warmup_steps,
+                      end_lr_ratio=end_lr_ratio, random_data=True)
+  # Evaluated once per stage on the host's CPU: reading a per-step lr back from an accelerator
+  # would wait for the steps queued before it.
+  with jax.default_device(jax.local_devices(backend='cpu')[0]):
+    table = np.asarray(stage_schedule(stage)(jnp.arange(steps)), np.float32)
+  table.setflags(write=False)
+  return table
+
+
+def learning_rates(stage: StageConfig) -> np.ndarray:
+  """float32 [stage.steps]: the lr of every step of the stage."""
+  return _table(stage.peak_lr, stage.warmup_steps, stage.steps, stage.end_lr_ratio)
+
+
 def learning_rate(stage: StageConfig, step_in_stage: int) -> float:
-  """Linear warmup to peak_lr, then cosine down to peak_lr * end_lr_ratio at the stage's end."""
-  peak, end = stage.peak_lr, stage.peak_lr * stage.end_lr_ratio
-  if step_in_stage < stage.warmup_steps:
-    return peak * (step_in_stage + 1) / stage.warmup_steps
-  span = max(1, stage.steps - stage.warmup_steps)
-  progress = min(1.0, (step_in_stage - stage.warmup_steps) / span)
-  return end + (peak - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+  return float(learning_rates(stage)[step_in_stage])

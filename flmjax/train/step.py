@@ -59,13 +59,16 @@ def train_step_fn(spec: StateSpec, tc: TrainConfig, mesh: Mesh):
           jnp.swapaxes(x.reshape(b, A, *x.shape[1:]), 0, 1),
           NamedSharding(mesh, P(None, batch_axes, None, None)))
       tok, wts = split(tokens), split(weights)  # [A,b,K,T]
-      first = _grads_and_sums(spec.graphdef, state.params, tok[0], wts[0], policy, constrain)
 
       def body(acc, xs):
         g, s = _grads_and_sums(spec.graphdef, state.params, xs[0], xs[1], policy, constrain)
-        return jax.tree.map(jnp.add, acc, (g, s)), None
+        return jax.tree.map(jnp.add, acc, g), s
 
-      (grads, sums), _ = jax.lax.scan(body, first, (tok[1:], wts[1:]))
+      # One trace of the forward/backward, in the scan body: the gradient sum starts at zeros
+      # and each micro-batch's loss sums come out stacked [A].
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      grads, stacked = jax.lax.scan(body, zeros, (tok, wts))
+      sums = jax.tree.map(lambda x: jnp.sum(x, axis=0), stacked)
     total_w = jnp.maximum(objective(sums)[1], 1e-9)
     grads = jax.tree.map(lambda g: g / total_w, grads)
     updates, opt_state = spec.tx.update(grads, state.opt_state, state.params)

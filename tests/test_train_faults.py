@@ -1,0 +1,113 @@
+"""Fault handling and host syncs of the training loop: an unreadable newest checkpoint falls back
+to the step before it (moved aside, never deleted), a truncated meta JSON is named, metrics reach
+the host only every log_every steps while the NaN stop still holds."""
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from flmjax.config import ModelConfig
+from flmjax.train import data as data_lib
+from flmjax.train import loop
+from flmjax.train.checkpointing import Checkpointer, CheckpointCorruptError
+from flmjax.train.config import MeshConfig, OptimConfig, StageConfig, TrainConfig
+from flmjax.train.loop import NonFiniteError, train
+
+
+def _tc(run_dir, **kw):
+  # The shapes of test_train_loop.py: the jitted step is shared within a session.
+  stages = (StageConfig('a', 3, random_data=True, peak_lr=3e-3, warmup_steps=1),
+            StageConfig('b', 2, random_data=True, peak_lr=1e-3))
+  base = dict(model=ModelConfig.tiny(), stages=stages, run_dir=str(run_dir), window=12,
+              batch_size=8, compute_dtype='float32', optim=OptimConfig(eps=1e-3),
+              mesh=MeshConfig(2, 2, 2), checkpoint_every=2, keep_checkpoints=3, log_every=1,
+              progress_bar=False)
+  return TrainConfig(**{**base, **kw})
+
+
+def _leaves(tree):
+  return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
+
+
+def _truncate(path):
+  size = os.path.getsize(path)
+  with open(path, 'r+b') as f:
+    f.truncate(size // 2)
+
+
+def test_unreadable_newest_steps_fall_back_and_are_moved_aside(tmp_path):
+  full = train(_tc(tmp_path / 'full'), log=lambda *a: None)
+  tc = _tc(tmp_path / 'run')
+  train(tc, log=lambda *a: None)  # checkpoints at steps 2, 4 and 5 (the end)
+  ckpt_dir = os.path.join(tc.run_dir, 'checkpoints')
+  assert sorted(os.listdir(ckpt_dir)) == ['2', '4', '5']
+  _truncate(os.path.join(ckpt_dir, '5', 'meta', 'metadata'))
+  params_dir = os.path.join(ckpt_dir, '4', 'params')
+  biggest = max((os.path.join(d, f) for d, _, fs in os.walk(params_dir) for f in fs),
+                key=os.path.getsize)
+  _truncate(biggest)
+
+  ckpt = Checkpointer(ckpt_dir, use_async=False)
+  with pytest.raises(CheckpointCorruptError, match=r'checkpoints/5/meta/metadata: the meta JSON '
+                                                   r'of step 5 is truncated or unreadable'):
+    ckpt.restore_meta(5)
+  ckpt.close()
+
+  lines = []
+  resumed = train(tc, log=lines.append)
+  bad = [l for l in lines if 'does not restore' in l]
+  assert len(bad) == 2 and all('\n' not in l for l in bad)
+  assert bad[0].startswith('checkpoint step 5 does not restore (CheckpointCorruptError: ')
+  assert bad[1].startswith('checkpoint step 4 does not restore (')
+  assert 'checkpoints_corrupt/4' in bad[1]
+  assert any(l.startswith(f'resumed from {ckpt_dir} at step 2') for l in lines)
+  aside = os.path.join(tc.run_dir, 'checkpoints_corrupt')
+  assert sorted(os.listdir(aside)) == ['4', '5']  # kept for a look, not deleted
+  assert os.path.getsize(os.path.join(aside, '5', 'meta', 'metadata')) > 0
+  for a, b in zip(_leaves(resumed['state']), _leaves(full['state'])):
+    assert np.array_equal(a, b)  # resumed from step 2: the same run, bit for bit
+
+
+def test_metrics_reach_the_host_only_every_log_every_steps(tmp_path, monkeypatch):
+  fetched = []
+  fetch = loop._Metrics.fetch
+
+  def counting(self):
+    if self.pending:
+      fetched.append([step for step, *_ in self.pending])
+    return fetch(self)
+
+  monkeypatch.setattr(loop._Metrics, 'fetch', counting)
+  stages = (StageConfig('a', 7, random_data=True, peak_lr=3e-3, warmup_steps=1),
+            StageConfig('b', 2, random_data=True, peak_lr=1e-3))
+  train(_tc(tmp_path, stages=stages, log_every=3, checkpoint_every=5), log=lambda *a: None)
+  # Step 1 alone (compilation), then every 3rd step, at each save (5) and each stage's end (7).
+  assert fetched == [[1], [2, 3], [4, 5], [6], [7], [8, 9]]
+
+
+def test_nan_between_fetches_still_stops_before_any_save(tmp_path, monkeypatch):
+  make = data_lib.make_stage_loader
+
+  class Poisoned:
+    def __init__(self, inner):
+      self.inner, self.n = inner, 0
+    def __next__(self):
+      batch, self.n = next(self.inner), self.n + 1
+      if self.n == 3:
+        batch['weights'] = batch['weights'].copy()
+        batch['weights'][0, 0, 5] = np.nan
+      return batch
+    def get_state(self):
+      return self.inner.get_state()
+    def set_state(self, s):
+      self.inner.set_state(s)
+
+  monkeypatch.setattr(data_lib, 'make_stage_loader', lambda *a, **k: Poisoned(make(*a, **k)))
+  stages = (StageConfig('a', 5, random_data=True, peak_lr=3e-3),)
+  tc = _tc(tmp_path, stages=stages, log_every=10, checkpoint_every=4)
+  with pytest.raises(NonFiniteError, match=r"at step 3 \(stage 'a', step 3 of the stage\)"):
+    train(tc, log=lambda *a: None)
+  ckpt = Checkpointer(os.path.join(tc.run_dir, 'checkpoints'), use_async=False)
+  assert ckpt.all_steps() == []  # step 4 was due, but its fetch found step 3's NaN first
+  ckpt.close()
