@@ -2,6 +2,11 @@
 measured matmul FLOP/s (measured in the same run).
 
   .venv/bin/python experiments/bench_train.py [--presets tiny,small] [--steps 5]
+  .venv/bin/python experiments/bench_train.py --loop [--presets tiny] [--steps 40]
+      [--grad_accum 2] [--log_every 10]
+
+--loop times the whole training loop as `flmjax train` runs it (data, step dispatch, metrics,
+the final checkpoint): seconds per step of a second run, after a first run compiled the step.
 
 FLOPs per step come from XLA's cost analysis of the compiled step (everything it executes) and,
 for comparison, the usual 6 * (matmul params) * tokens + attention estimate of the model.
@@ -10,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import jax
@@ -93,6 +99,30 @@ def bench(name: str, cfg: ModelConfig, batch: int, window: int, steps: int, dtyp
           'xla_flops': xla_flops, 'model_flops': model_flops(cfg, batch, window - 1)}
 
 
+def bench_loop(name: str, cfg: ModelConfig, batch: int, window: int, steps: int, dtype: str,
+               remat: str, grad_accum: int, log_every: int) -> dict:
+  import tempfile
+
+  import flmjax
+  from flmjax.train.loop import train
+  stage = lambda n: (StageConfig('bench', n, random_data=True),)
+  tc = TrainConfig(model=cfg, stages=stage(steps), run_dir='', window=window, batch_size=batch,
+                   grad_accum=grad_accum, compute_dtype=dtype, remat=remat, log_every=log_every,
+                   checkpoint_every=10 ** 6, progress_bar=False)
+  quiet = lambda *a, **k: None
+  with tempfile.TemporaryDirectory() as tmp:
+    t = time.perf_counter()
+    train(tc.replace(run_dir=f'{tmp}/warm', stages=stage(2)), log=quiet)
+    first_s = time.perf_counter() - t
+    t = time.perf_counter()
+    train(tc.replace(run_dir=f'{tmp}/timed'), log=quiet)
+    total = time.perf_counter() - t
+  return {'preset': name, 'flmjax': os.path.dirname(flmjax.__file__), 'batch': batch,
+          'window': window, 'grad_accum': grad_accum, 'log_every': log_every, 'steps': steps,
+          'first_run_2_steps_s': first_s, 'step_s': total / steps,
+          'frames_per_s': steps * batch * (window - 1) / total}
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument('--presets', default='tiny,small')
@@ -100,9 +130,18 @@ def main():
   ap.add_argument('--dtype', default='float32')
   ap.add_argument('--remat', default='none')
   ap.add_argument('--json', default=None)
+  ap.add_argument('--loop', action='store_true', help='time the whole training loop')
+  ap.add_argument('--grad_accum', type=int, default=1)
+  ap.add_argument('--log_every', type=int, default=10)
   args = ap.parse_args()
   shapes = {'tiny': (ModelConfig.tiny(), 16, 64), 'small': (ModelConfig.small(), 8, 256),
             'small_b16': (ModelConfig.small(), 16, 256)}
+  if args.loop:
+    for name in args.presets.split(','):
+      cfg, batch, window = shapes[name]
+      print(json.dumps(bench_loop(name, cfg, batch, window, args.steps, args.dtype, args.remat,
+                                  args.grad_accum, args.log_every)))
+    return
   peak = MatmulPeak(dtype=jnp.dtype(args.dtype))
   print(f'device: {jax.devices()[0].device_kind} x{jax.device_count()}; '
         f'matmul peak ({args.dtype}, 2048^3) now: {peak.sample() / 1e9:.1f} GFLOP/s')
