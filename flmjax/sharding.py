@@ -47,8 +47,8 @@ def device_grid(ici: Sequence[int], dcn: Sequence[int] = (1, 1, 1),
 
   Inside a slice, mesh_utils orders devices so that each axis's neighbours are ICI neighbours.
   With several slices (dcn product > 1) each slice is one block of the grid (create_hybrid_device_
-  mesh), so only the dcn-multiplied axes cross the slower data-center network. Devices without a
-  slice_index (CPU, GPU) take their process as the slice.
+  mesh), so only the dcn-multiplied axes cross the slower data-center network. When every device
+  is in slice 0 (CPU, GPU, one TPU slice), each process counts as a slice.
   """
   devices = list(devices if devices is not None else jax.devices())
   need = math.prod(ici) * math.prod(dcn)
@@ -58,13 +58,13 @@ def device_grid(ici: Sequence[int], dcn: Sequence[int] = (1, 1, 1),
   devices = devices[:need]
   if math.prod(dcn) == 1:
     return mesh_utils.create_device_mesh(tuple(ici), devices, allow_split_physical_axes=True)
-  by_slice = not hasattr(devices[0], 'slice_index')
-  granules = len({d.process_index if by_slice else d.slice_index for d in devices})
+  by_process = not any(getattr(d, 'slice_index', 0) for d in devices)  # one slice (or none)
+  granules = len({d.process_index if by_process else d.slice_index for d in devices})
   if granules != math.prod(dcn):
     raise ValueError(f'mesh {describe(ici, dcn)}: dcn_data x dcn_fsdp = {math.prod(dcn)} must '
-                     f'equal the number of {"processes" if by_slice else "slices"}, {granules}')
+                     f'equal the number of {"processes" if by_process else "slices"}, {granules}')
   return mesh_utils.create_hybrid_device_mesh(tuple(ici), tuple(dcn), devices,
-                                              process_is_granule=by_slice,
+                                              process_is_granule=by_process,
                                               allow_split_physical_axes=True)
 
 

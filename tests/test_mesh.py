@@ -20,7 +20,7 @@ def test_single_slice_mesh_is_jax_make_mesh():
 
 @dataclasses.dataclass(frozen=True)
 class FakeDevice:
-  """What mesh_utils reads of a device on a multi-slice job (CPU devices have no slice_index)."""
+  """What mesh_utils reads of a device on a multi-slice job (CPU devices are all in slice 0)."""
   id: int
   slice_index: int
   process_index: int
@@ -43,7 +43,7 @@ def test_multi_slice_grid_keeps_each_slice_in_one_block_of_the_dcn_axis():
     shd.device_grid((1, 1, 2), (4, 1, 1), devices)
 
 
-def test_processes_are_the_slices_without_slice_index():
+def test_processes_are_the_slices_when_all_devices_are_in_slice_0():
   with pytest.raises(ValueError, match='must equal the number of processes, 1'):
     shd.make_mesh(4, 1, 1, dcn_data=2)  # one process here
 

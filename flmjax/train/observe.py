@@ -48,7 +48,9 @@ class Observer:
     try:
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(os.fspath(epath.Path(tc.run_dir) / 'tensorboard'))
-    except ImportError:  # TensorBoard is optional; metrics.jsonl always has everything
+    except (ImportError, OSError, NotImplementedError):
+      # TensorBoard is optional (and tensorboardX cannot write to every filesystem epath can);
+      # metrics.jsonl always has everything.
       self._tb = None
     self._jsonl = (epath.Path(tc.run_dir) / 'metrics.jsonl').open('a')
 
