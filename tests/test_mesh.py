@@ -53,6 +53,9 @@ def test_mesh_config_with_dcn_axes():
   with pytest.raises(TrainConfigError, match=r'not a multiple of fsdp\*tensor\*dcn_data\*dcn_fsdp'
                                              r' = 12'):
     MeshConfig(fsdp=3, dcn_data=2, dcn_fsdp=2).resolve(8)
+  with pytest.raises(TrainConfigError, match=r'MeshConfig.dcn_data is 0; it must be an integer '
+                                             r'>= 1$'):
+    MeshConfig(dcn_data=0)
 
 
 def test_distributed_settings_are_checked(monkeypatch):

@@ -53,7 +53,7 @@ class MeshConfig:
   dcn_fsdp: int = 1
 
   def __post_init__(self):
-    for name in ('data', 'fsdp', 'tensor'):
+    for name in ('data', 'fsdp', 'tensor', 'dcn_data', 'dcn_fsdp'):
       value = getattr(self, name)
       if not (isinstance(value, int) and (value >= 1 or (name == 'data' and value == -1))):
         raise TrainConfigError(f'MeshConfig.{name} is {value!r}; it must be an integer >= 1'
