@@ -115,6 +115,17 @@ def test_stop_after_off_the_checkpoint_grid_loses_nothing(full_run, tmp_path):
     assert np.array_equal(a, b)
 
 
+def test_progress_lines_when_stdout_is_not_a_terminal(tmp_path, capsys):
+  """CI and `| tee` get plain progress lines, never carriage-return bars."""
+  train(_tc(tmp_path, progress_bar=True), log=lambda *a: None)
+  out = capsys.readouterr()
+  lines = [line for line in out.out.splitlines() if line.startswith('step ')]
+  assert [line.split(':')[0] for line in lines] == [
+      'step 1/5 (a)', 'step 2/5 (a)', 'step 3/5 (a)', 'step 4/5 (b)', 'step 5/5 (b)']
+  assert 'loss ' in lines[-1] and 'steps/s' in lines[-1]
+  assert '\r' not in out.out + out.err
+
+
 def test_resume_refuses_a_changed_schedule(tmp_path):
   tc = _tc(tmp_path / 'f')
   train(tc, stop_after=2, log=lambda *a: None)

@@ -1,13 +1,16 @@
 """The embedded synthetic corpus: a toy spoken language that trains and is judged on CPU offline.
 
-- Language: number words zero..twenty and a few others. Questions ("what is two plus three",
-  "what comes after nine") have one right answer ("it is five"): answering needs the question's
-  audio, so a model has to listen.
-- Toy speech: each word is 2-4 frames of semantic codes fixed per word; acoustic codes depend on
+- Language: number words zero..twenty and a few others. Questions ("what comes after nine",
+  "what comes before four") have one right answer ("it is ten"): answering needs the question's
+  audio, so a model has to listen. The 40 questions are few enough for the tiny model to learn
+  them all in a few CPU minutes; held-out conversations combine them anew, in new voices, noise
+  and timing.
+- Toy speech: each word is 1-2 frames of semantic codes fixed per word; acoustic codes depend on
   word, speaker and per-frame noise. Silence has its own codes. Codes lie in 0..2047.
-- Samples: single-speaker tts_asr utterances and duplex conversations (user asks, model answers
-  after a short gap), written in the manifest format with `.npy` codes (or, with write_audio, as
-  ToyCodec wav files), so they take exactly the real data's code path.
+- Samples: single-speaker tts_asr utterances and duplex conversations (the user asks 2-4
+  questions, the model answers each after a short gap), written in the manifest format with
+  `.npy` codes (or, with write_audio, as ToyCodec wav files), so they take exactly the real
+  data's code path.
 """
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ class ToySpeech:
   def __init__(self):
     rng = np.random.default_rng(20250902)
     n = len(WORDS) + 1  # the last entry is silence
-    self.lengths = rng.integers(2, 5, size=n)  # frames per word, 2..4
+    self.lengths = 1 + (rng.integers(2, 5, size=n) >= 3)  # frames per word: 1 or 2
     self.lengths[-1] = 1
     self.semantic = rng.choice(np.arange(1, CODEBOOK_SIZE), size=(n, 4), replace=False)  # [n, 4]
     self.acoustic = rng.integers(0, CODEBOOK_SIZE, size=(n, 4, NUM_CODEBOOKS - 1))  # [n, 4, 7]
@@ -63,15 +66,8 @@ class ToySpeech:
 
 
 def question_answer(rng) -> tuple[str, str]:
-  """One question and its only right answer."""
-  kind = rng.integers(4)
-  if kind == 0:
-    a = int(rng.integers(0, 11)); b = int(rng.integers(0, 11))
-    return f'what is {NUMBERS[a]} plus {NUMBERS[b]}', f'it is {NUMBERS[a + b]}'
-  if kind == 1:
-    a = int(rng.integers(0, 21)); b = int(rng.integers(0, a + 1))
-    return f'what is {NUMBERS[a]} minus {NUMBERS[b]}', f'it is {NUMBERS[a - b]}'
-  if kind == 2:
+  """One of the 40 questions and its only right answer."""
+  if rng.integers(2) == 0:
     a = int(rng.integers(0, 20))
     return f'what comes after {NUMBERS[a]}', f'it is {NUMBERS[a + 1]}'
   a = int(rng.integers(1, 21))
@@ -126,12 +122,12 @@ def duplex_sample(speech: ToySpeech, rng) -> _Track:
   voices = {'model': MODEL_SPEAKER, 'user': int(rng.integers(1, NUM_SPEAKERS))}
   track = _Track(speech, voices, rng)
   track.pause(int(rng.integers(1, 4)))
-  for _ in range(int(rng.integers(1, 3))):
+  for _ in range(int(rng.integers(2, 5))):
     q, a = question_answer(rng)
     track.say('user', q)
-    track.pause(int(rng.integers(2, 5)))  # the model answers after a short gap
+    track.pause(int(rng.integers(2, 4)))  # the model answers after a short gap
     track.say('model', a)
-    track.pause(int(rng.integers(3, 6)))
+    track.pause(int(rng.integers(2, 5)))
   return track
 
 

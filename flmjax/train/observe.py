@@ -1,9 +1,10 @@
-"""Observability: progress bar, TensorBoard scalars, metrics.jsonl, per-stage summaries and
-one loss-curve PNG per stream."""
+"""Observability: progress bar (plain progress lines when stdout is not a terminal), TensorBoard
+scalars, metrics.jsonl, per-stage summaries and one loss-curve PNG per stream."""
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -42,9 +43,14 @@ class Observer:
     self._bar = self._tb = self._jsonl = None
     if not enabled:
       return
-    from tqdm import tqdm
-    self._bar = tqdm(total=total, initial=initial_step, disable=not tc.progress_bar,
-                     unit='step', dynamic_ncols=True)
+    # In CI or under `| tee` a carriage-return bar makes an unreadable log: print a plain line
+    # every 5% of the run instead.
+    self._lines = tc.progress_bar and not sys.stdout.isatty()
+    self._line_every, self._total = max(1, total // 20), total
+    self._last_line = (time.perf_counter(), initial_step)
+    if tc.progress_bar and not self._lines:
+      from tqdm import tqdm
+      self._bar = tqdm(total=total, initial=initial_step, unit='step', dynamic_ncols=True)
     try:
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(os.fspath(epath.Path(tc.run_dir) / 'tensorboard'))
@@ -76,10 +82,22 @@ class Observer:
           self._tb.add_scalar(f'train/{k}', v, step)
         for k, v in self._data_totals.items():  # running totals of the stage
           self._tb.add_scalar(f'data/{self.tc.stages[stage].name}/{k}', v, step)
+    if self._lines and (step % self._line_every == 0 or step == self._total):
+      self._progress_line(step, stage, metrics)
     if self._bar is not None:
       self._bar.update(1)
       self._bar.set_postfix(loss=f'{metrics["loss"]:.3f}', text=f'{metrics["acc_text"]:.2f}',
                             sem=f'{metrics["acc_semantic"]:.2f}', refresh=False)
+
+  def _progress_line(self, step: int, stage: int, metrics: dict) -> None:
+    t0, step0 = self._last_line
+    now = time.perf_counter()
+    rate = (step - step0) / max(now - t0, 1e-9)
+    self._last_line = (now, step)
+    left = (self._total - step) / max(rate, 1e-9)
+    print(f'step {step}/{self._total} ({self.tc.stages[stage].name}): loss {metrics["loss"]:.3f}, '
+          f'text acc {metrics["acc_text"]:.2f}, semantic acc {metrics["acc_semantic"]:.2f}; '
+          f'{rate:.2f} steps/s, {left:.0f}s left', flush=True)
 
   def end_stage(self, stage: int, log, finished: bool) -> None:
     recs = self._stage_records
