@@ -71,8 +71,9 @@ def main(argv: list[str]) -> int:
   args = ap.parse_args(argv)
   if args.slots < 1:
     raise ValueError(f'--slots {args.slots}: need at least one session slot')
-  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
+  logging.basicConfig(level=logging.WARNING, format='%(asctime)s %(levelname)s %(message)s')
   log = logging.getLogger('flmjax.serve')
+  log.setLevel(logging.INFO)  # one line per session (no per-request access log)
   from aiohttp import web
   from flmjax.codec import load_mimi
   from flmjax.decode.cli import load_model
@@ -82,5 +83,5 @@ def main(argv: list[str]) -> int:
   server = build_server(model, mimi, args)
   log.info('serving ws://%s:%d/api/chat (%d slots%s)', args.host, args.port, args.slots,
            ', bearer token required' if args.auth_token else '')
-  web.run_app(server.app(), host=args.host, port=args.port, print=None)
+  web.run_app(server.app(), host=args.host, port=args.port, print=None, access_log=None)
   return 0
