@@ -11,6 +11,8 @@ import importlib
 import os
 import sys
 
+from flmjax.platforms import cpu_unless_accelerator
+
 # subcommand -> (module, function, help). Modules load lazily so `flmjax --help` is instant.
 COMMANDS = {
     'main': ('flmjax.main', 'main', 'run the embedded default end to end'),
@@ -20,6 +22,7 @@ COMMANDS = {
     'chat': ('flmjax.decode.cli', 'main', 'offline full-duplex session: `flmjax chat --checkpoint DIR`'),
     'serve': ('flmjax.serve.cli', 'main', 'websocket server, many live sessions: `flmjax serve`'),
     'client': ('flmjax.serve.client', 'main', 'talk to a server: `flmjax client --in user.wav`'),
+    'aot': ('flmjax.aot.cli', 'main', 'compile for a TPU topology without one: `flmjax aot --topology v5p:4x4x4`'),
 }
 
 # What a user's input can raise: a message that names the file, field and fix, not a bug.
@@ -60,6 +63,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
+  cpu_unless_accelerator()
   if not argv or argv[0] in ('-h', '--help'):
     print('usage: flmjax COMMAND [ARGS]\n\ncommands:')
     for name, (_, _, text) in COMMANDS.items():

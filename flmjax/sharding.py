@@ -13,8 +13,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
-# logical axis -> mesh axis (or a tuple of them, or None = replicated). MaxText-style: a dim whose
-# size the mesh axes do not divide, or whose mesh axis an earlier dim already took, is replicated.
+# logical axis -> mesh axis (or a tuple of them, or None = replicated). Parameters are named by
+# what their dims are; activations by MaxText-style 'activation_*' names, pinned at every layer
+# boundary (`constrain`) so batch stays over (data, fsdp) and each layer's weights are gathered
+# instead of its activations. A dim whose mesh axis an earlier dim already took is replicated.
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ('batch', ('data', 'fsdp')),
     ('vocab', 'tensor'),
@@ -38,7 +40,28 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ('conv_out', None),
     ('codebook_entries', None),
     ('codebook_dim', None),
+    ('activation_batch', ('data', 'fsdp')),
+    ('activation_length', None),
+    ('activation_embed', None),
+    ('activation_heads', 'tensor'),
+    ('activation_kv_heads', 'tensor'),
+    ('activation_mlp', 'tensor'),
+    ('activation_depth_mlp', 'tensor'),
+    ('activation_vocab', 'tensor'),
 )
+
+# Dims left replicated on purpose when the mesh does not divide them: fewer KV heads than tensor
+# shards is usual for GQA (each shard keeps the KV heads its query heads read). Every other dim
+# the mesh does not divide is an error, never a silent replication.
+REPLICATED_IF_INDIVISIBLE = frozenset({'kv_heads', 'activation_kv_heads',
+                                       # until the vocab and depth-MLP padding (issue 9 item 4)
+                                       # makes them multiples of tensor:
+                                       'vocab', 'activation_vocab', 'depth_mlp',
+                                       'activation_depth_mlp'})
+
+
+class ShardingError(ValueError):
+  """The mesh does not fit the model: a dim it shards is not a multiple of its mesh axes."""
 
 
 def device_grid(ici: Sequence[int], dcn: Sequence[int] = (1, 1, 1),
@@ -137,6 +160,11 @@ def _env_int(name: str) -> int | None:
 
 def logical_to_spec(axes: Iterable[str | None], shape: Sequence[int], mesh: Mesh,
                     rules=RULES) -> P:
+  """The PartitionSpec of a tensor with logical `axes` and `shape` on `mesh`.
+
+  Raises ShardingError when a dim's mesh axes do not divide it (unless the dim is in
+  REPLICATED_IF_INDIVISIBLE).
+  """
   table = dict(rules)
   used: set[str] = set()
   spec = []
@@ -145,11 +173,16 @@ def logical_to_spec(axes: Iterable[str | None], shape: Sequence[int], mesh: Mesh
       raise KeyError(f'logical axis {name!r} has no rule in the sharding rules table')
     target = table.get(name) if name is not None else None
     names = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
-    names = tuple(n for n in names if n in mesh.shape and n not in used)
+    names = tuple(n for n in names if n in mesh.shape and n not in used and mesh.shape[n] > 1)
     ways = math.prod(mesh.shape[n] for n in names)
-    if not names or size % ways or ways == 1:
+    if not names or (size % ways and name in REPLICATED_IF_INDIVISIBLE):
       spec.append(None)
       continue
+    if size % ways:
+      raise ShardingError(
+          f'logical axis {name!r} of size {size} does not divide over mesh axes '
+          f'{" x ".join(f"{n}={mesh.shape[n]}" for n in names)} = {ways}: pick mesh sizes that '
+          f'divide it (tensor axes {tuple(axes)}, shape {tuple(shape)})')
     used.update(names)
     spec.append(names[0] if len(names) == 1 else names)
   return P(*spec)
@@ -175,3 +208,54 @@ def batch_sharding(mesh: Mesh, ndim: int, rules=RULES) -> NamedSharding:
   target = dict(rules)['batch']
   names = tuple(n for n in ((target,) if isinstance(target, str) else target) if n in mesh.shape)
   return NamedSharding(mesh, P(names, *([None] * (ndim - 1))))
+
+
+def valid_tensor_sizes(num_heads: int) -> list[int]:
+  return [n for n in range(1, num_heads + 1) if num_heads % n == 0]
+
+
+def validate_mesh(cfg, mesh_shape) -> None:
+  """Raises ShardingError when the mesh's tensor size does not divide the query heads of `cfg`
+  (a ModelConfig). Fewer KV heads than tensor is fine: they are replicated on purpose."""
+  tensor = dict(mesh_shape).get('tensor', 1)
+  if cfg.num_heads % tensor:
+    raise ShardingError(
+        f'mesh tensor={tensor} does not divide the model\'s {cfg.num_heads} query heads; '
+        f'valid tensor sizes: {", ".join(map(str, valid_tensor_sizes(cfg.num_heads)))}')
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+  """x pinned to the rules table's sharding of its logical `axes` on the mesh in context
+  (`jax.sharding.use_abstract_mesh`, set by the train and eval steps). Outside one (the decoder,
+  single-device calls) it returns x unchanged."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))
+
+
+def _bytes_per_device(x, sharding: NamedSharding) -> int:
+  shard = sharding.shard_shape(x.shape)
+  return math.prod(shard) * np.dtype(x.dtype).itemsize
+
+
+def sharding_report(params, shardings, opt_state=None, opt_shardings=None) -> list[str]:
+  """Lines describing each parameter (path, shape, spec, bytes per device) and the totals."""
+  mesh = jax.tree.leaves(shardings)[0].mesh
+  sizes = ' '.join(f'{k}={v}' for k, v in mesh.shape.items())
+  lines = [f'sharding report (mesh {sizes}):']
+  total = 0
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  for (path, x), s in zip(flat, jax.tree.leaves(shardings)):
+    name = '/'.join(str(getattr(k, 'key', k)) for k in path)
+    per = _bytes_per_device(x, s)
+    total += per
+    spec = ', '.join(str(a) for a in s.spec) or 'replicated'
+    lines.append(f'  {name:34s} {str(list(x.shape)):24s} {np.dtype(x.dtype).name:8s} '
+                 f'{"P(" + spec + ")":36s} {per / 2**20:10.2f} MiB/device')
+  lines.append(f'  params: {total / 2**30:.3f} GiB/device')
+  if opt_state is not None:
+    opt = sum(_bytes_per_device(x, s) for x, s in
+              zip(jax.tree.leaves(opt_state), jax.tree.leaves(opt_shardings)))
+    lines.append(f'  optimizer state: {opt / 2**30:.3f} GiB/device')
+  return lines

@@ -52,6 +52,8 @@ class StreamingDecoder:
     if self.max_len < 1:
       raise ValueError(f'max_len={self.max_len}: a session needs at least one cache slot')
     self.overflow, self.mesh, self.rules = overflow, mesh, rules
+    if mesh is not None:
+      shd.validate_mesh(cfg, mesh.shape)
     if use_pallas:
       # The whole-stack entry: the kernels read each layer's weights from the stacked arrays in
       # place, where a per-layer layer_fn under the scan would get sliced (copied) weights.

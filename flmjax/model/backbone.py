@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flmjax import sharding as shd
 from flmjax.config import ModelConfig
 from flmjax.model import layers
 from flmjax.model.params import param, values
@@ -17,6 +18,11 @@ LAYER_PARAMS = ('input_norm', 'q', 'q_bias', 'k', 'k_bias', 'v', 'v_bias', 'o', 
                 'gate', 'up', 'down')
 
 Cache = dict  # {'k': [L,B,S,K,H], 'v': [L,B,S,K,H]}; slot s holds position s.
+
+# Logical axes of the activations pinned at layer boundaries (see flmjax.sharding.constrain).
+BTD = ('activation_batch', 'activation_length', 'activation_embed')
+BTNH = ('activation_batch', 'activation_length', 'activation_heads', None)
+BTKH = ('activation_batch', 'activation_length', 'activation_kv_heads', None)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> Cache:
@@ -56,9 +62,12 @@ class Backbone(nnx.Module):
     """text [B,T], speak/listen [B,T,C] -> [B,T,D]: the sum of 1 + 2C embeddings, times muP."""
     dt = self.cfg.compute_dtype
     codebooks = jnp.arange(self.cfg.num_codebooks)
-    x = self.text_embed[...][text].astype(dt)
-    x = x + self.speak_embed[...][codebooks, speak].astype(dt).sum(axis=2)
-    x = x + self.listen_embed[...][codebooks, listen].astype(dt).sum(axis=2)
+    # FSDP: the tables' embed dim is gathered (in dt) so the lookups stay local to each batch
+    # shard; otherwise the token ids and looked-up rows would cross the batch shards.
+    table = lambda w, axes: shd.constrain(w[...].astype(dt), axes)
+    x = table(self.text_embed, ('vocab', None))[text]
+    x = x + table(self.speak_embed, (None,) * 3)[codebooks, speak].sum(axis=2)
+    x = x + table(self.listen_embed, (None,) * 3)[codebooks, listen].sum(axis=2)
     return x * jnp.asarray(self.cfg.embed_scale, dt)
 
   def __call__(self, x: jax.Array, positions: jax.Array, cache: Cache | None = None,
@@ -82,18 +91,19 @@ class Backbone(nnx.Module):
       # xs/ys, XLA copied the full cache several times per decoded frame).
       x, ck, cv = carry
       p, i = xs
+      x = shd.constrain(x, BTD)
       h = layers.rms_norm(x, p['input_norm'], cfg.rms_norm_eps)
-      q = jnp.einsum('BTD,DNH->BTNH', h, p['q']) + p['q_bias']
-      k = jnp.einsum('BTD,DKH->BTKH', h, p['k']) + p['k_bias']
-      v = jnp.einsum('BTD,DKH->BTKH', h, p['v']) + p['v_bias']
+      q = shd.constrain(jnp.einsum('BTD,DNH->BTNH', h, p['q']) + p['q_bias'], BTNH)
+      k = shd.constrain(jnp.einsum('BTD,DKH->BTKH', h, p['k']) + p['k_bias'], BTKH)
+      v = shd.constrain(jnp.einsum('BTD,DKH->BTKH', h, p['v']) + p['v_bias'], BTKH)
       q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
       if ck is not None:
         ck, cv = _write(ck, k, i, positions), _write(cv, v, i, positions)
         k, v = ck[i], cv[i]
-      att = layers.gqa_attention(q, k, v, mask)
-      x = x + jnp.einsum('BTNH,NHD->BTD', att, p['o'])
+      att = shd.constrain(layers.gqa_attention(q, k, v, mask), BTNH)
+      x = shd.constrain(x + jnp.einsum('BTNH,NHD->BTD', att, p['o']), BTD)
       h = layers.rms_norm(x, p['post_norm'], cfg.rms_norm_eps)
-      x = x + layers.swiglu(h, p['gate'], p['up'], p['down'])
+      x = x + shd.constrain(layers.swiglu(h, p['gate'], p['up'], p['down']), BTD)
       return (x, ck, cv), None
 
     if remat_policy is not None:
@@ -102,11 +112,12 @@ class Backbone(nnx.Module):
                                               (cache['k'], cache['v']))
     (x, ck, cv), _ = jax.lax.scan(layer, carry, (stacked, jnp.arange(cfg.num_layers)))
     h = layers.rms_norm(x, self.final_norm[...].astype(cfg.compute_dtype), cfg.rms_norm_eps)
-    return h, (None if cache is None else {'k': ck, 'v': cv})
+    return shd.constrain(h, BTD), (None if cache is None else {'k': ck, 'v': cv})
 
   def text_logits(self, h: jax.Array) -> jax.Array:
     """h [B,T,D] -> [B,T,V], with the muP output scale."""
     logits = jnp.einsum('BTD,DV->BTV', h, self.lm_head[...].astype(h.dtype))
+    logits = shd.constrain(logits, ('activation_batch', 'activation_length', 'activation_vocab'))
     return logits * jnp.asarray(self.cfg.text_logit_scale, logits.dtype)
 
 

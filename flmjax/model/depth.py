@@ -13,11 +13,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flmjax import sharding as shd
 from flmjax.config import ModelConfig
 from flmjax.model import layers
 from flmjax.model.params import param, values
 
 LAYER_PARAMS = ('ln_1', 'qkv', 'proj', 'ln_2', 'gate', 'up', 'down')
+
+# Logical axes of the teacher-forced activations, rows N = B*T over the batch mesh axes.
+NCD = ('activation_batch', None, 'activation_embed')
+NCF = ('activation_batch', None, 'activation_depth_mlp')
 
 
 def init_cache(cfg: ModelConfig, batch: int, dtype=None) -> dict:
@@ -95,11 +100,13 @@ class DepthTransformer(nnx.Module):
     b, t, _ = h.shape
     C = cfg.num_codebooks
     tokens = jnp.concatenate([jnp.full((b, t, 1), cfg.audio_emp_id, prev.dtype), prev], axis=-1)
-    x = self.wtes[...][jnp.arange(C), tokens].astype(dt) + self.wpe[...].astype(dt)
-    x = (x + self.slots(h)).reshape(b * t, C, cfg.depth_dim)  # [N,C,d]
+    wtes = shd.constrain(self.wtes[...].astype(dt), (None,) * 3)  # gathered: see Backbone.embed
+    x = wtes[jnp.arange(C), tokens] + self.wpe[...].astype(dt)
+    x = shd.constrain((x + self.slots(h)).reshape(b * t, C, cfg.depth_dim), NCD)  # [N,C,d]
     causal = jnp.tril(jnp.ones((C, C), bool))
 
     def layer(x, p):
+      x = shd.constrain(x, NCD)
       y = layers.rms_norm(x, p['ln_1'], cfg.depth_rms_eps)
       q, k, v = jnp.einsum('NCd,dshe->sNChe', y, p['qkv'])
       logits = jnp.einsum('NChe,NKhe->NhCK', q, k).astype(jnp.float32) * (q.shape[-1] ** -0.5)
@@ -108,15 +115,16 @@ class DepthTransformer(nnx.Module):
       att = jnp.einsum('NhCK,NKhe->NChe', probs, v)
       x = x + jnp.einsum('NChe,hed->NCd', att, p['proj'])
       y = layers.rms_norm(x, p['ln_2'], cfg.depth_rms_eps)
-      g = jnp.einsum('NCd,Cdf->NCf', y, p['gate'])
-      u = jnp.einsum('NCd,Cdf->NCf', y, p['up'])
+      g = shd.constrain(jnp.einsum('NCd,Cdf->NCf', y, p['gate']), NCF)
+      u = shd.constrain(jnp.einsum('NCd,Cdf->NCf', y, p['up']), NCF)
       return x + jnp.einsum('NCf,Cfd->NCd', jax.nn.silu(g) * u, p['down']), None
 
     if remat_policy is not None:
       layer = jax.checkpoint(layer, policy=remat_policy, prevent_cse=False)
     x, _ = jax.lax.scan(layer, x, values(self, LAYER_PARAMS, dt))
     x = layers.rms_norm(x, self.ln_f[...].astype(dt), cfg.depth_rms_eps)
-    logits = jnp.einsum('NCd,CdA->NCA', x, self.heads[...].astype(dt))
+    logits = shd.constrain(jnp.einsum('NCd,CdA->NCA', x, self.heads[...].astype(dt)),
+                           ('activation_batch', None, None))
     return logits.reshape(b, t, C, cfg.audio_vocab_size)
 
   def step(self, slots: jax.Array, prev: jax.Array, c: jax.Array, cache: dict,

@@ -56,7 +56,7 @@ def _check_schedule(tc: TrainConfig, meta: dict, directory: str) -> None:
         f'{pos.step_in_stage}: the schedule changed; use a new --run_dir')
 
 
-def _check_batch_fits_mesh(tc: TrainConfig, mesh: jax.sharding.Mesh) -> None:
+def check_batch_fits_mesh(tc: TrainConfig, mesh: jax.sharding.Mesh) -> None:
   ways = mesh.shape['data'] * mesh.shape['fsdp']
   micro = tc.batch_size // max(tc.grad_accum, 1)
   if tc.batch_size % max(tc.grad_accum, 1) or micro % ways:
@@ -136,13 +136,17 @@ def train(tc: TrainConfig, *, mesh: jax.sharding.Mesh | None = None,
   d = tc.distributed
   shd.initialize_distributed(d.coordinator_address, d.num_processes, d.process_id, d.multihost)
   mesh = mesh or make_mesh(tc)
-  _check_batch_fits_mesh(tc, mesh)
+  shd.validate_mesh(tc.model, mesh.shape)
+  check_batch_fits_mesh(tc, mesh)
   data_lib.check_sources(tc)
   primary = jax.process_index() == 0
   log = log if primary else (lambda *a, **k: None)
   run_dir = ckpt_lib.as_path(tc.run_dir)
   run_dir.mkdir(parents=True, exist_ok=True)
   spec = state_spec(tc, mesh)
+  for line in shd.sharding_report(spec.abstract.params, spec.shardings.params,
+                                  spec.abstract.opt_state, spec.shardings.opt_state):
+    log(line)
   ckpt = ckpt_lib.Checkpointer(run_dir / 'checkpoints', every=tc.checkpoint_every,
                                keep=tc.keep_checkpoints, use_async=tc.async_checkpointing)
 

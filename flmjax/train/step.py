@@ -1,6 +1,8 @@
 """The pure train step and eval step, jitted with explicit shardings and a donated state."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -30,6 +32,16 @@ def activation_constraint(mesh: Mesh):
   tensor), so the logits stay sharded instead of being gathered."""
   return lambda x, axes: jax.lax.with_sharding_constraint(
       x, shd.named_sharding(axes, x.shape, mesh))
+
+
+def traced_on(mesh: Mesh, fn):
+  """`fn` traced with `mesh` in context: the model's layer-boundary constraints
+  (flmjax.sharding.constrain) keep activations batch-sharded, so weights move, not them."""
+  @functools.wraps(fn)
+  def wrapped(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args)
+  return wrapped
 
 
 def _grads_and_sums(graphdef, params, tokens, weights, policy, constrain):
@@ -78,7 +90,7 @@ def train_step_fn(spec: StateSpec, tc: TrainConfig, mesh: Mesh):
     metrics['lr'] = lr
     return TrainState(params, opt_state), metrics
 
-  return step
+  return traced_on(mesh, step)
 
 
 # Jitted steps keyed by what they depend on, so runs in one process (tests, resumes, main's
@@ -116,6 +128,7 @@ def jit_eval_step(spec: StateSpec, tc: TrainConfig, mesh: Mesh):
     return loss_sums(nnx.merge(spec.graphdef, params), batch['tokens'], batch['weights'],
                      constrain=activation_constraint(mesh))
 
-  _COMPILED[key] = jax.jit(evaluate, in_shardings=(spec.shardings.params, batch_shardings(mesh)),
+  _COMPILED[key] = jax.jit(traced_on(mesh, evaluate),
+                           in_shardings=(spec.shardings.params, batch_shardings(mesh)),
                            out_shardings=replicated)
   return _COMPILED[key]
