@@ -28,6 +28,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ('layers', None),
     ('norm', None),
     ('codebook', None),
+    ('embed_codebook', 'tensor'),  # the speak/listen tables' codebooks: their only tensor split
     ('audio_vocab', None),
     ('depth_embed', 'fsdp'),
     ('depth_heads', 'tensor'),
@@ -53,7 +54,9 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 # Dims left replicated on purpose when the mesh does not divide them: fewer KV heads than tensor
 # shards is usual for GQA (each shard keeps the KV heads its query heads read). Every other dim
 # the mesh does not divide is an error, never a silent replication.
-REPLICATED_IF_INDIVISIBLE = frozenset({'kv_heads', 'activation_kv_heads',
+# The speak/listen tables (8 codebooks) take tensor when it divides 8, else they stay as they
+# were, FSDP-sharded only (tensor 7, 14, 28).
+REPLICATED_IF_INDIVISIBLE = frozenset({'kv_heads', 'activation_kv_heads', 'embed_codebook',
                                        # until the vocab and depth-MLP padding (issue 9 item 4)
                                        # makes them multiples of tensor:
                                        'vocab', 'activation_vocab', 'depth_mlp',
