@@ -131,8 +131,9 @@ def lower_decode(req: AotRequest, mesh, log=print):
   from flmjax.decode.sampling import SamplingConfig
   from flmjax.model.flm import abstract
   cfg = req.model.replace(dtype=req.compute_dtype, param_dtype=req.compute_dtype)
-  graphdef, params = nnx.split(abstract(cfg))
-  p_sh = shd.state_shardings(params, mesh)
+  graphdef, abstract_state = nnx.split(abstract(cfg))
+  params = nnx.to_pure_dict(abstract_state)
+  p_sh = nnx.to_pure_dict(shd.state_shardings(abstract_state, mesh))
   sampling = SamplingConfig()
   state = jax.eval_shape(lambda: st.init(cfg, sampling, req.batch, req.window,
                                          jnp.zeros((req.batch,), jnp.uint32)))
