@@ -65,9 +65,11 @@ def test_cli_without_libtpu_says_how_to_install(monkeypatch, capsys):
   real = importlib.util.find_spec
   monkeypatch.setattr(importlib.util, 'find_spec',
                       lambda name, *a: None if name == 'libtpu' else real(name, *a))
-  assert aot_cli.main(['--topology', 'v5e:2x2', '--preset', 'small']) == 2
-  out = capsys.readouterr().out.strip().splitlines()
-  assert len(out) == 1 and 'pip install -e ".[tpu]"' in out[0]
+  assert aot_cli.main(['--topology', 'v5e:2x2', '--preset', 'small']) == 1
+  out = capsys.readouterr()
+  err = out.err.strip().splitlines()
+  assert out.out == '' and len(err) == 1
+  assert err[0].startswith('flmjax aot: error: ') and 'pip install -e ".[tpu]"' in err[0]
 
 
 def test_mesh_errors_are_named():

@@ -4,7 +4,8 @@ Compiles the train step (or, with --step decode, the decode frame) for a TPU top
 real TPU compiler, on any host with libtpu, and runs nothing. Prints progress, then one JSON
 line: topology, chip, chips, mesh, step, window, batch, hbm_gib, args_gib, temp_gib, out_gib,
 alias_gib, peak_gib (= args + out - alias + temp, per chip), fits (peak <= 0.9 x hbm),
-compile_s, collectives (a count per kind). Exits 1 when the program does not fit.
+compile_s, collectives (a count per kind). Exits 1 when the program does not fit (and, as every
+flmjax command, on a bad input, with one line on stderr).
 For --step decode, --window is the KV-cache slots and --batch the sessions.
 """
 from __future__ import annotations
@@ -14,13 +15,14 @@ import json
 import sys
 import tempfile
 
+from flmjax.cli import ArgumentParser, command
 from flmjax.train.config import REMAT_POLICIES
 
 PRESETS = ('tiny', 'small', 'flm_8b')
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog='flmjax aot', description=__doc__.split('\n\n')[1],
+  p = ArgumentParser(prog='flmjax aot', description=__doc__.split('\n\n')[1],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--topology', required=True, help='TPU topology, e.g. v5p:4x4x4, v5e:16x16')
   p.add_argument('--config', help='a training config (experiments/configs/...): model, window, '
@@ -64,18 +66,12 @@ def _request(args, num_chips: int):
   return AotRequest(topology=args.topology, step=args.step, **base)
 
 
+@command('flmjax aot')
 def main(argv: list[str]) -> int:
   args = _parser().parse_args(argv)
-  from flmjax.aot.compile import AotError, compile_report, topology_devices
-  from flmjax.sharding import ShardingError
-  from flmjax.train.config import TrainConfigError
-  log = lambda *a: print(*a, flush=True)
-  try:
-    req = _request(args, len(topology_devices(args.topology)))
-    record, _ = compile_report(req, log)
-  except (AotError, ShardingError, TrainConfigError) as e:
-    print(f'flmjax aot: {e}')
-    return 2
+  from flmjax.aot.compile import compile_report, topology_devices
+  req = _request(args, len(topology_devices(args.topology)))
+  record, _ = compile_report(req, lambda *a: print(*a, flush=True))
   print(json.dumps(record), flush=True)
   return 0 if record['fits'] else 1
 
