@@ -170,13 +170,13 @@ class Checkpointer:
       if _all_agree(problem is None):
         with_data = check(meta)
         try:
-          return self.restore(abstract, step, with_data=with_data)
+          restored = self.restore(abstract, step, with_data=with_data)
         except ProcessCountError:
           raise
         except Exception as e:  # anything unreadable: the step is bad, the run is not
-          problem = e
-        if _all_agree(problem is None):  # some other process failed: all fall back together
-          problem = None
+          restored, problem = None, e
+        if _all_agree(problem is None):  # one process's failure makes all fall back together
+          return restored
       self._set_aside(step, problem, log)
     if steps:
       raise CheckpointCorruptError(f'{self.directory}: none of the steps {steps} restores; they '

@@ -36,9 +36,11 @@ def stage_start(tc: TrainConfig, stage: int) -> int:
 def stage_schedule(stage: StageConfig) -> optax.Schedule:
   """Step in stage -> lr: linear warmup that reaches peak_lr at step warmup_steps - 1 (so step 0
   already trains), then cosine from peak_lr to peak_lr * end_lr_ratio at the stage's end."""
-  peak, warmup = stage.peak_lr, stage.warmup_steps
-  cosine = optax.cosine_decay_schedule(peak, decay_steps=max(1, stage.steps - warmup),
-                                       alpha=stage.end_lr_ratio)
+  return _schedule(stage.peak_lr, stage.warmup_steps, stage.steps, stage.end_lr_ratio)
+
+
+def _schedule(peak: float, warmup: int, steps: int, end_ratio: float) -> optax.Schedule:
+  cosine = optax.cosine_decay_schedule(peak, decay_steps=max(1, steps - warmup), alpha=end_ratio)
   if not warmup:
     return cosine
   ramp = optax.linear_schedule(peak / warmup, peak, transition_steps=warmup - 1)
@@ -46,13 +48,11 @@ def stage_schedule(stage: StageConfig) -> optax.Schedule:
 
 
 @functools.lru_cache(maxsize=64)
-def _table(peak_lr: float, warmup_steps: int, steps: int, end_lr_ratio: float) -> np.ndarray:
-  stage = StageConfig('lr', steps, peak_lr=peak_lr, warmup_steps=warmup_steps,
-                      end_lr_ratio=end_lr_ratio, random_data=True)
+def _table(peak: float, warmup: int, steps: int, end_ratio: float) -> np.ndarray:
   # Evaluated once per stage on the host's CPU: reading a per-step lr back from an accelerator
   # would wait for the steps queued before it.
   with jax.default_device(jax.local_devices(backend='cpu')[0]):
-    table = np.asarray(stage_schedule(stage)(jnp.arange(steps)), np.float32)
+    table = np.asarray(_schedule(peak, warmup, steps, end_ratio)(jnp.arange(steps)), np.float32)
   table.setflags(write=False)
   return table
 
