@@ -3,6 +3,7 @@ TPU compiler (libtpu, from the test extra), FSDP without global-batch collective
 mesh validation errors."""
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -17,6 +18,7 @@ from flmjax.config import ModelConfig
 
 KEYS = ['topology', 'chip', 'chips', 'mesh', 'step', 'window', 'batch', 'hbm_gib', 'args_gib',
         'temp_gib', 'out_gib', 'alias_gib', 'peak_gib', 'fits', 'compile_s', 'collectives']
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 BATCH, WINDOW = 8, 96  # (8, 95) and 8 * 95 = 760 rows appear in no weight's shape
 
 
@@ -123,3 +125,17 @@ def test_cli_on_cpu_host_with_libtpu_is_quiet():
                        timeout=120)
   assert out.returncode == 0 and out.stdout.strip() == 'cpu'
   assert 'TPU' not in out.stderr and 'libtpu' not in out.stderr, out.stderr
+
+
+def test_pod_config_gives_the_aot_request():
+  """experiments/configs/flm8b_pod.py: what `flmjax aot --config` compiles (the 8B compile
+  itself is too slow for CI; experiments/RESULTS.md has its numbers)."""
+  from flmjax.train.config import load_config_file
+  path = str(ROOT / 'experiments' / 'configs' / 'flm8b_pod.py')
+  tc = load_config_file(path, '/nonexistent/run')
+  assert tc.init_from and tc.window == 4096 and tc.compute_dtype == 'bfloat16'
+  assert [s.name for s in tc.stages] == ['asr_tts', 'duplex']
+  args = aot_cli._parser().parse_args(['--topology', 'v5p:4x4x4', '--config', path])
+  req = aot_cli._request(args, 64)
+  assert (req.model, req.window, req.batch, req.fsdp, req.tensor, req.remat) == \
+      (ModelConfig.flm_8b(), 4096, 64, 64, 1, 'full')
