@@ -25,6 +25,10 @@ def stream_delays(num_codebooks: int, acoustic_delay: int = 1) -> tuple[int, ...
   return (0,) + speech + speech
 
 
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 
@@ -68,6 +72,9 @@ class ModelConfig:
   # Numerics: `dtype` for compute, `param_dtype` for storage.
   dtype: str = 'float32'
   param_dtype: str = 'float32'
+  # Layout (not official): the tensor-parallel size the text vocab and depth MLP are padded for,
+  # so the mesh's tensor axis divides them (see padded_vocab_size, padded_depth_mlp_dim).
+  tensor_parallel: int = 1
 
   def __post_init__(self):
     def need(ok, field, why):
@@ -82,6 +89,7 @@ class ModelConfig:
          f'{self.text_wait_id} is outside the text vocab of {self.vocab_size}')
     need(self.audio_pad_id < self.audio_vocab_size and self.audio_emp_id < self.audio_vocab_size,
          'audio_vocab_size', 'PAD and EMP ids must lie inside the audio vocab')
+    need(self.tensor_parallel >= 1, 'tensor_parallel', f'{self.tensor_parallel} is not a size')
     for f in ('dtype', 'param_dtype', 'checkpoint_dtype'):
       need(getattr(self, f) in _DTYPES, f, f'unknown dtype {getattr(self, f)!r}; use one of {sorted(_DTYPES)}')
 
@@ -124,6 +132,17 @@ class ModelConfig:
   @property
   def depth_mlp_dim(self) -> int:
     return int(8 * self.depth_dim / 3)  # official MLP_swiglu sizing
+
+  @property
+  def padded_vocab_size(self) -> int:
+    """The text vocab padded to a multiple of 128 x tensor_parallel: zero embedding rows and
+    lm_head columns, logits masked to NEG_INF, never sampled and never a target."""
+    return _round_up(self.vocab_size, 128 * self.tensor_parallel)
+
+  @property
+  def padded_depth_mlp_dim(self) -> int:
+    """The depth MLP padded to a multiple of tensor_parallel with zero gate/up/down units."""
+    return _round_up(self.depth_mlp_dim, self.tensor_parallel)
 
   @property
   def text_logit_scale(self) -> float:

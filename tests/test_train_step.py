@@ -83,7 +83,11 @@ def test_sharded_step_matches_single_device(single, batch_np):
   np.testing.assert_allclose(m['loss'], ref_m['loss'], rtol=1e-5)
   np.testing.assert_allclose(m['grad_norm'], ref_m['grad_norm'], rtol=1e-4)
   for a, b in zip(jax.tree.leaves(jax.device_get(new.params)), jax.tree.leaves(ref.params)):
-    np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+    # The vocab is padded for tensor=2 here (512) and tensor=1 there (384): padding stays zero.
+    common = tuple(slice(0, min(x, y)) for x, y in zip(a.shape, b.shape))
+    np.testing.assert_allclose(a[common], b[common], atol=1e-6, rtol=0)
+    for axis, n in enumerate(b.shape):
+      assert not np.any(np.take(a, np.arange(n, a.shape[axis]), axis=axis))
   q = new.params['backbone']['q']
   assert q.sharding.spec == jax.sharding.PartitionSpec(None, 'fsdp', 'tensor', None)
 
@@ -104,7 +108,7 @@ def test_sharding_specs_follow_rules():
   mesh = shd.make_mesh(2, 2, 2)
   tc = _tc()
   spec = st.state_spec(tc, mesh)
-  _, abstract_state = st.graphdef_and_abstract(st.compute_model_config(tc))
+  _, abstract_state = st.graphdef_and_abstract(st.compute_model_config(tc, mesh))
   P = jax.sharding.PartitionSpec
   for path, var in nnx.to_flat_state(abstract_state):
     want = shd.logical_to_spec(var.get_metadata()['axes'], var.get_value().shape, mesh)

@@ -16,9 +16,11 @@ class Entry:
   index: tuple[int, ...]  # leading indices into our stacked param
   kind: str  # 'copy' | 'flat' (reshape) | 'linear' (torch [out, in])
   n_in: int = 1  # for 'linear': how many leading dims of our slice form `in`
+  real: tuple[int, ...] | None = None  # our slice without its layout padding (zeros), if padded
 
   def torch_shape(self, ours: tuple[int, ...]) -> tuple[int, ...]:
     """The official shape for our slice shape `ours`."""
+    ours = self.real or ours
     if self.kind == 'copy':
       return ours
     if self.kind == 'flat':
@@ -26,11 +28,13 @@ class Entry:
     return (math.prod(ours[self.n_in:]), math.prod(ours[:self.n_in]))
 
   def from_torch(self, w: np.ndarray, ours: tuple[int, ...]) -> np.ndarray:
-    if self.kind == 'linear':
-      return np.asarray(w).T.reshape(ours)
-    return np.asarray(w).reshape(ours)
+    real = self.real or ours
+    w = np.asarray(w).T if self.kind == 'linear' else np.asarray(w)
+    return np.pad(w.reshape(real), [(0, o - r) for o, r in zip(ours, real)])
 
   def to_torch(self, s: np.ndarray) -> np.ndarray:
+    if self.real:  # strip the padding
+      s = s[tuple(slice(0, r) for r in self.real)]
     if self.kind == 'copy':
       return s
     if self.kind == 'flat':
@@ -41,9 +45,11 @@ class Entry:
 def entries(cfg: ModelConfig) -> list[Entry]:
   """All official keys, grouped by our parameter (so a writer holds one parameter at a time)."""
   out: list[Entry] = []
-  add = lambda key, path, index, kind, n_in=1: out.append(Entry(key, path, index, kind, n_in))
+  add = lambda key, path, index, kind, n_in=1, real=None: out.append(
+      Entry(key, path, index, kind, n_in, real))
+  V, D, dim, mlp = cfg.vocab_size, cfg.hidden_size, cfg.depth_dim, cfg.depth_mlp_dim
   b, e = 'backbone', 'model.embed_tokens'
-  add(f'{e}.text_embeddings.weight', (b, 'text_embed'), (), 'copy')
+  add(f'{e}.text_embeddings.weight', (b, 'text_embed'), (), 'copy', real=(V, D))
   for name, ours in (('aud_speak_embeddings', 'speak_embed'), ('aud_listen_embeddings', 'listen_embed')):
     for c in range(cfg.num_codebooks):
       add(f'{e}.{name}.{c}.weight', (b, ours), (c,), 'copy')
@@ -61,7 +67,7 @@ def entries(cfg: ModelConfig) -> list[Entry]:
     for i in range(cfg.num_layers):
       add(f'model.layers.{i}.{suffix}', (b, ours), (i,), kind, n_in)
   add('model.norm.weight', (b, 'final_norm'), (), 'copy')
-  add('lm_head.weight', (b, 'lm_head'), (), 'linear')
+  add('lm_head.weight', (b, 'lm_head'), (), 'linear', real=(D, V))
   d, a = 'depth_transformer', 'aud_output_layers'
   add(f'{a}.linear_in.weight', (d, 'linear_in'), (), 'linear')
   for c in range(cfg.num_codebooks):
@@ -72,10 +78,11 @@ def entries(cfg: ModelConfig) -> list[Entry]:
   for suffix, ours, kind, n_in in per_depth_layer:
     for j in range(cfg.depth_layers):
       add(f'{a}.transformer.h.{j}.{suffix}', (d, ours), (j,), kind, n_in)
-  for proj in ('gate', 'up', 'down'):
+  for proj, real in (('gate', (dim, mlp)), ('up', (dim, mlp)), ('down', (mlp, dim))):
     for j in range(cfg.depth_layers):
       for c in range(cfg.num_codebooks):
-        add(f'{a}.transformer.h.{j}.mlps.{c}.{proj}_proj.weight', (d, proj), (j, c), 'linear')
+        add(f'{a}.transformer.h.{j}.mlps.{c}.{proj}_proj.weight', (d, proj), (j, c), 'linear',
+            real=real)
   add(f'{a}.transformer.ln_f.weight', (d, 'ln_f'), (), 'copy')
   for c in range(cfg.num_codebooks):
     add(f'{a}.lm_heads.{c}.weight', (d, 'heads'), (c,), 'linear')

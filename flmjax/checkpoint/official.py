@@ -110,12 +110,14 @@ def _reader(group: list[Entry], shape: tuple[int, ...], infos, np_dtype):
 
 
 def load_official(path: str, *, dtype: str | None = None, param_dtype: str | None = None,
-                  mesh: jax.sharding.Mesh | None = None, rules=shd.RULES) -> FLMAudio:
+                  mesh: jax.sharding.Mesh | None = None, rules=shd.RULES,
+                  tensor_parallel: int | None = None) -> FLMAudio:
   """Reads config.json + safetensors (single or sharded) into an FLMAudio.
 
   `dtype` is the compute dtype and, unless `param_dtype` is given, the parameter dtype too; both
   default to the checkpoint's. With a mesh, each device's block is read straight from disk into
-  its sharding, one tensor at a time.
+  its sharding, one tensor at a time. The vocab and depth MLP are zero-padded for
+  `tensor_parallel` (default: the mesh's tensor axis, else 1).
   """
   config_file = os.path.join(path, 'config.json')
   if not os.path.isdir(path):
@@ -125,7 +127,9 @@ def load_official(path: str, *, dtype: str | None = None, param_dtype: str | Non
                           'of the same release (or of `flmjax export`) there')
   cfg = ModelConfig.from_official(config_file)
   dtype = dtype or cfg.checkpoint_dtype
-  cfg = cfg.replace(dtype=dtype, param_dtype=param_dtype or dtype)
+  if tensor_parallel is None:
+    tensor_parallel = mesh.shape.get('tensor', 1) if mesh is not None else 1
+  cfg = cfg.replace(dtype=dtype, param_dtype=param_dtype or dtype, tensor_parallel=tensor_parallel)
   infos = _tensor_index(path)
   _check(cfg, infos, path)
   graphdef, state = nnx.split(abstract(cfg))

@@ -11,7 +11,7 @@ from flax import nnx
 
 from flmjax import sharding as shd
 from flmjax.config import ModelConfig
-from flmjax.model import layers
+from flmjax.model import attention, layers
 from flmjax.model.params import param, values
 
 LAYER_PARAMS = ('input_norm', 'q', 'q_bias', 'k', 'k_bias', 'v', 'v_bias', 'o', 'post_norm',
@@ -37,10 +37,10 @@ class Backbone(nnx.Module):
     self.cfg = cfg
     L, D, N, K, H, F = (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
                         cfg.head_dim, cfg.intermediate_size)
-    C, A, V, dt, std = (cfg.num_codebooks, cfg.audio_vocab_size, cfg.vocab_size,
-                        cfg.weight_dtype, cfg.initializer_range)
-    p = lambda shape, axes, init='normal': param(rngs, shape, axes, dt, init, std)
-    self.text_embed = p((V, D), ('vocab', 'embed'))
+    C, A, V, Vp, dt, std = (cfg.num_codebooks, cfg.audio_vocab_size, cfg.vocab_size,
+                            cfg.padded_vocab_size, cfg.weight_dtype, cfg.initializer_range)
+    p = lambda shape, axes, init='normal', real=None: param(rngs, shape, axes, dt, init, std, real)
+    self.text_embed = p((Vp, D), ('vocab', 'embed'), real=(V, D))
     self.speak_embed = p((C, A, D), ('embed_codebook', 'audio_vocab', 'embed'))
     self.listen_embed = p((C, A, D), ('embed_codebook', 'audio_vocab', 'embed'))
     self.input_norm = p((L, D), ('layers', 'norm'), 'ones')
@@ -56,7 +56,7 @@ class Backbone(nnx.Module):
     self.up = p((L, D, F), ('layers', 'embed', 'mlp'))
     self.down = p((L, F, D), ('layers', 'mlp', 'embed'))
     self.final_norm = p((D,), ('norm',), 'ones')
-    self.lm_head = p((D, V), ('embed', 'vocab'))
+    self.lm_head = p((D, Vp), ('embed', 'vocab'), real=(D, V))
 
   def embed(self, text: jax.Array, speak: jax.Array, listen: jax.Array) -> jax.Array:
     """text [B,T], speak/listen [B,T,C] -> [B,T,D]: the sum of 1 + 2C embeddings, times muP."""
@@ -74,17 +74,16 @@ class Backbone(nnx.Module):
                remat_policy=None) -> tuple[jax.Array, Cache | None]:
     """x [B,T,D] embedded frames, positions [B,T] -> final-normed hidden [B,T,D], new cache.
 
-    Without a cache attention is causal over `positions`. With one, the step's keys are written
-    at slots `positions` (mod S) and every slot s <= position is attended.
+    Without a cache (teacher forcing) attention is causal over the T frames, through
+    attention.causal_attention; `positions` only place RoPE. With one, the step's keys are
+    written at slots `positions` (mod S) and every slot s <= position is attended.
     """
     cfg = self.cfg
     stacked = values(self, LAYER_PARAMS, cfg.compute_dtype)
     cos, sin = layers.rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.compute_dtype)
-    if cache is None:
-      mask = positions[:, None, :] <= positions[:, :, None]  # [B,T,S]
-    else:
+    if cache is not None:
       slots = jnp.arange(cache['k'].shape[2])
-      mask = slots[None, None, :] <= positions[:, :, None]
+      mask = slots[None, None, :] <= positions[:, :, None]  # [B,T,S]
 
     def layer(carry, xs):
       # The whole cache [L,B,S,K,H] rides in the carry so each step updates it in place (as scan
@@ -97,10 +96,12 @@ class Backbone(nnx.Module):
       k = shd.constrain(jnp.einsum('BTD,DKH->BTKH', h, p['k']) + p['k_bias'], BTKH)
       v = shd.constrain(jnp.einsum('BTD,DKH->BTKH', h, p['v']) + p['v_bias'], BTKH)
       q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
-      if ck is not None:
+      if ck is None:
+        att = attention.causal_attention(q, k, v)
+      else:
         ck, cv = _write(ck, k, i, positions), _write(cv, v, i, positions)
-        k, v = ck[i], cv[i]
-      att = shd.constrain(layers.gqa_attention(q, k, v, mask), BTNH)
+        att = layers.gqa_attention(q, ck[i], cv[i], mask)
+      att = shd.constrain(att, BTNH)
       x = shd.constrain(x + jnp.einsum('BTNH,NHD->BTD', att, p['o']), BTD)
       h = layers.rms_norm(x, p['post_norm'], cfg.rms_norm_eps)
       x = x + shd.constrain(layers.swiglu(h, p['gate'], p['up'], p['down']), BTD)
@@ -114,11 +115,17 @@ class Backbone(nnx.Module):
     h = layers.rms_norm(x, self.final_norm[...].astype(cfg.compute_dtype), cfg.rms_norm_eps)
     return shd.constrain(h, BTD), (None if cache is None else {'k': ck, 'v': cv})
 
-  def text_logits(self, h: jax.Array) -> jax.Array:
-    """h [B,T,D] -> [B,T,V], with the muP output scale."""
+  def text_logits(self, h: jax.Array, padded: bool = False) -> jax.Array:
+    """h [B,T,D] -> [B,T,V], with the muP output scale; padded=True gives the padded vocab
+    [B,T,Vp] with the padding's logits at NEG_INF (what the chunked loss reads)."""
+    cfg = self.cfg
     logits = jnp.einsum('BTD,DV->BTV', h, self.lm_head[...].astype(h.dtype))
     logits = shd.constrain(logits, ('activation_batch', 'activation_length', 'activation_vocab'))
-    return logits * jnp.asarray(self.cfg.text_logit_scale, logits.dtype)
+    logits = logits * jnp.asarray(cfg.text_logit_scale, logits.dtype)
+    if not padded:
+      return logits[..., :cfg.vocab_size]
+    real = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
+    return jnp.where(real, logits, jnp.asarray(layers.NEG_INF, logits.dtype))
 
 
 def _write(cache: jax.Array, new: jax.Array, layer: jax.Array, positions: jax.Array) -> jax.Array:

@@ -2,8 +2,8 @@
 
 Step c reads `wtes[c](prev) + wpe[c] + linear_in(h)[c]`, where prev is EMP at c = 0 and the code
 of codebook c-1 otherwise. Every step has its own SwiGLU MLP and output head.
-Shape letters: N rows (B*T or B), C codebooks, d depth dim, h heads, e head dim, f MLP dim, A audio
-vocab.
+Shape letters as in layers.py: R rows (B·T; B when stepping), C codebooks (= depth positions),
+S cache slots, lowercase d/h/e/f the depth dim, heads, head dim and MLP dim, A audio vocab.
 """
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ from flmjax.model.params import param, values
 
 LAYER_PARAMS = ('ln_1', 'qkv', 'proj', 'ln_2', 'gate', 'up', 'down')
 
-# Logical axes of the teacher-forced activations, rows N = B*T over the batch mesh axes.
-NCD = ('activation_batch', None, 'activation_embed')
-NCF = ('activation_batch', None, 'activation_depth_mlp')
+# Logical axes of the teacher-forced activations, rows R = B*T over the batch mesh axes.
+RCD = ('activation_batch', None, 'activation_embed')
+RCF = ('activation_batch', None, 'activation_depth_mlp')
 
 
 def init_cache(cfg: ModelConfig, batch: int, dtype=None) -> dict:
@@ -32,28 +32,46 @@ def init_cache(cfg: ModelConfig, batch: int, dtype=None) -> dict:
   return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
 
 
-def layer_step(p: dict, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, c: jax.Array,
-               eps: float) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """One depth layer at position c for B rows, with a KV cache over the C positions.
+def layer(p: dict, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, start: jax.Array,
+          eps: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One depth layer at the C' consecutive positions start..start+C'-1 of R rows: the one
+  implementation behind the teacher-forced pass (C' = C from 0, on an empty cache) and the
+  decoder's step (C' = 1).
 
   p: one layer's params ('ln_1' [d], 'qkv' [d,3,h,e], 'proj' [h,e,d], 'ln_2' [d],
-  'gate'/'up' [C,d,f], 'down' [C,f,d]); x [B,d]; k_cache/v_cache [B,C,h,e]; c scalar int.
-  Returns (x [B,d], k_cache, v_cache). This is the reference the Pallas kernel must match.
+  'gate'/'up' [C,d,f], 'down' [C,f,d]); x [R,C',d]; k_cache/v_cache [R,S,h,e] over the S = C
+  positions. The new keys are written at their positions, position c attends slots s <= c and
+  runs MLP c. Returns (x [R,C',d], k_cache, v_cache).
   """
-  h = layers.rms_norm(x, p['ln_1'], eps)
-  q, k, v = jnp.einsum('Bd,dshe->sBhe', h, p['qkv'])  # each [B,h,e]
-  k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k[:, None].astype(k_cache.dtype), c, 1)
-  v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v[:, None].astype(v_cache.dtype), c, 1)
-  logits = jnp.einsum('Bhe,BChe->BhC', q, k_cache).astype(jnp.float32) * (q.shape[-1] ** -0.5)
-  visible = jnp.arange(k_cache.shape[1]) <= c
-  logits = jnp.where(visible[None, None, :], logits, layers.NEG_INF)
+  width = x.shape[1]
+  y = layers.rms_norm(x, p['ln_1'], eps)
+  q, k, v = jnp.einsum('RCd,dshe->sRChe', y, p['qkv'])  # each [R,C',h,e]
+  k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), start, 1)
+  v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), start, 1)
+  # Logits rounded to the compute dtype, then a float32 softmax (the official order, which the
+  # Pallas kernels reproduce).
+  logits = jnp.einsum('RChe,RShe->RhCS', q, k_cache).astype(jnp.float32) * (q.shape[-1] ** -0.5)
+  visible = jnp.arange(k_cache.shape[1])[None, :] <= (start + jnp.arange(width))[:, None]  # [C',S]
+  logits = jnp.where(visible, logits, layers.NEG_INF)
   probs = jax.nn.softmax(logits, axis=-1).astype(v_cache.dtype)
-  att = jnp.einsum('BhC,BChe->Bhe', probs, v_cache)
-  x = x + jnp.einsum('Bhe,hed->Bd', att, p['proj'])
-  h = layers.rms_norm(x, p['ln_2'], eps)
-  mlp = lambda w: jax.lax.dynamic_index_in_dim(w, c, 0, keepdims=False)
-  x = x + layers.swiglu(h, mlp(p['gate']), mlp(p['up']), mlp(p['down']))
+  att = jnp.einsum('RhCS,RShe->RChe', probs, v_cache)
+  x = x + jnp.einsum('RChe,hed->RCd', att, p['proj'])
+  y = layers.rms_norm(x, p['ln_2'], eps)
+  mlp = lambda w: jax.lax.dynamic_slice_in_dim(w, start, width, 0)  # [C',d,f] / [C',f,d]
+  g = shd.constrain(jnp.einsum('RCd,Cdf->RCf', y, mlp(p['gate'])), RCF)
+  u = shd.constrain(jnp.einsum('RCd,Cdf->RCf', y, mlp(p['up'])), RCF)
+  x = x + jnp.einsum('RCf,Cfd->RCd', jax.nn.silu(g) * u, mlp(p['down']))
   return x, k_cache, v_cache
+
+
+def layer_step(p: dict, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, c: jax.Array,
+               eps: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`layer` at the one position c for B rows: x [B,d], caches [B,C,h,e], c a scalar int.
+
+  Returns (x [B,d], k_cache, v_cache). This is the reference the Pallas kernels must match.
+  """
+  x, k_cache, v_cache = layer(p, x[:, None], k_cache, v_cache, c, eps)
+  return x[:, 0], k_cache, v_cache
 
 
 def layers_step(p: dict, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, c: jax.Array,
@@ -73,10 +91,11 @@ class DepthTransformer(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     L, C, D, d, h, e, f, A = (cfg.depth_layers, cfg.num_codebooks, cfg.hidden_size, cfg.depth_dim,
-                              cfg.depth_heads, cfg.depth_head_dim, cfg.depth_mlp_dim,
+                              cfg.depth_heads, cfg.depth_head_dim, cfg.padded_depth_mlp_dim,
                               cfg.audio_vocab_size)
-    p = lambda shape, axes, init='normal': param(rngs, shape, axes, cfg.weight_dtype, init,
-                                                 cfg.initializer_range)
+    f_real = cfg.depth_mlp_dim  # units past it are zeros: silu(0) * 0 adds nothing
+    p = lambda shape, axes, init='normal', real=None: param(
+        rngs, shape, axes, cfg.weight_dtype, init, cfg.initializer_range, real)
     self.linear_in = p((D, C, d), ('embed', 'codebook', 'depth_embed'))
     self.wtes = p((C, A, d), ('codebook', 'audio_vocab', 'depth_embed'))
     self.wpe = p((C, d), ('codebook', 'depth_embed'))
@@ -84,9 +103,12 @@ class DepthTransformer(nnx.Module):
     self.qkv = p((L, d, 3, h, e), ('layers', 'depth_embed', 'qkv', 'depth_heads', 'head_dim'))
     self.proj = p((L, h, e, d), ('layers', 'depth_heads', 'head_dim', 'depth_embed'))
     self.ln_2 = p((L, d), ('layers', 'norm'), 'ones')
-    self.gate = p((L, C, d, f), ('layers', 'codebook', 'depth_embed', 'depth_mlp'))
-    self.up = p((L, C, d, f), ('layers', 'codebook', 'depth_embed', 'depth_mlp'))
-    self.down = p((L, C, f, d), ('layers', 'codebook', 'depth_mlp', 'depth_embed'))
+    self.gate = p((L, C, d, f), ('layers', 'codebook', 'depth_embed', 'depth_mlp'),
+                  real=(L, C, d, f_real))
+    self.up = p((L, C, d, f), ('layers', 'codebook', 'depth_embed', 'depth_mlp'),
+                real=(L, C, d, f_real))
+    self.down = p((L, C, f, d), ('layers', 'codebook', 'depth_mlp', 'depth_embed'),
+                  real=(L, C, f_real, d))
     self.ln_f = p((d,), ('norm',), 'ones')
     self.heads = p((C, d, A), ('codebook', 'depth_embed', 'audio_vocab'))
 
@@ -102,28 +124,17 @@ class DepthTransformer(nnx.Module):
     tokens = jnp.concatenate([jnp.full((b, t, 1), cfg.audio_emp_id, prev.dtype), prev], axis=-1)
     wtes = shd.constrain(self.wtes[...].astype(dt), (None,) * 3)  # gathered: see Backbone.embed
     x = wtes[jnp.arange(C), tokens] + self.wpe[...].astype(dt)
-    x = shd.constrain((x + self.slots(h)).reshape(b * t, C, cfg.depth_dim), NCD)  # [N,C,d]
-    causal = jnp.tril(jnp.ones((C, C), bool))
+    x = shd.constrain((x + self.slots(h)).reshape(b * t, C, cfg.depth_dim), RCD)  # [R,C,d]
+    empty = jnp.zeros((b * t, C, cfg.depth_heads, cfg.depth_head_dim), dt)  # [R,S,h,e]
 
-    def layer(x, p):
-      x = shd.constrain(x, NCD)
-      y = layers.rms_norm(x, p['ln_1'], cfg.depth_rms_eps)
-      q, k, v = jnp.einsum('NCd,dshe->sNChe', y, p['qkv'])
-      logits = jnp.einsum('NChe,NKhe->NhCK', q, k).astype(jnp.float32) * (q.shape[-1] ** -0.5)
-      logits = jnp.where(causal, logits, layers.NEG_INF)
-      probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-      att = jnp.einsum('NhCK,NKhe->NChe', probs, v)
-      x = x + jnp.einsum('NChe,hed->NCd', att, p['proj'])
-      y = layers.rms_norm(x, p['ln_2'], cfg.depth_rms_eps)
-      g = shd.constrain(jnp.einsum('NCd,Cdf->NCf', y, p['gate']), NCF)
-      u = shd.constrain(jnp.einsum('NCd,Cdf->NCf', y, p['up']), NCF)
-      return x + jnp.einsum('NCf,Cfd->NCd', jax.nn.silu(g) * u, p['down']), None
+    def body(x, p):
+      return layer(p, shd.constrain(x, RCD), empty, empty, 0, cfg.depth_rms_eps)[0], None
 
     if remat_policy is not None:
-      layer = jax.checkpoint(layer, policy=remat_policy, prevent_cse=False)
-    x, _ = jax.lax.scan(layer, x, values(self, LAYER_PARAMS, dt))
+      body = jax.checkpoint(body, policy=remat_policy, prevent_cse=False)
+    x, _ = jax.lax.scan(body, x, values(self, LAYER_PARAMS, dt))
     x = layers.rms_norm(x, self.ln_f[...].astype(dt), cfg.depth_rms_eps)
-    logits = shd.constrain(jnp.einsum('NCd,CdA->NCA', x, self.heads[...].astype(dt)),
+    logits = shd.constrain(jnp.einsum('RCd,CdA->RCA', x, self.heads[...].astype(dt)),
                            ('activation_batch', None, None))
     return logits.reshape(b, t, C, cfg.audio_vocab_size)
 

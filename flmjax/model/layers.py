@@ -1,7 +1,12 @@
 """Pure functions shared by the model, the decoder and the kernels' references.
 
-Shape letters: B batch, T query time, S key time, D model dim, N query heads, K KV heads,
-G = N // K, H head dim, F MLP dim, C codebooks, V vocab.
+The einsum letters, one meaning each in flmjax/model, kernels/ and flmjax/train/loss.py:
+  L layers          B batch (the rows of a decode step)   R rows: B·T flattened
+  T query time      S key time / cache slots               Z grid channels (1 + 2C)
+  D model dim       N query heads     K KV heads           G = N // K query heads per KV head
+  H head dim        F MLP dim         V text vocab         C codebooks (= depth positions)
+  A audio vocab     depth transformer, lowercase: d dim, h heads, e head dim, f MLP dim,
+                    s the q/k/v split, l a lane block (Pallas kernels)
 """
 from __future__ import annotations
 
@@ -41,7 +46,8 @@ def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
   b, t, n, h = q.shape
   kv = k.shape[2]
   q = q.reshape(b, t, kv, n // kv, h)
-  logits = jnp.einsum('BTKGH,BSKH->BKGTS', q, k).astype(jnp.float32) * (h ** -0.5)
+  logits = jnp.einsum('BTKGH,BSKH->BKGTS', q, k, preferred_element_type=jnp.float32)
+  logits = logits * (h ** -0.5)
   logits = jnp.where(mask[:, None, None, :, :], logits, NEG_INF)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   out = jnp.einsum('BKGTS,BSKH->BTKGH', probs, v)

@@ -7,16 +7,23 @@ from flax import nnx
 
 
 def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype,
-          init: str = 'normal', std: float = 0.02) -> nnx.Param:
-  """A Param carrying `axes` (one logical name per dim) as metadata."""
+          init: str = 'normal', std: float = 0.02,
+          real_shape: tuple[int, ...] | None = None) -> nnx.Param:
+  """A Param carrying `axes` (one logical name per dim) as metadata.
+
+  real_shape: the unpadded extent; `init` fills it (the same draws as an unpadded param) and the
+  padding beyond it is exact zeros.
+  """
   if len(axes) != len(shape):
     raise ValueError(f'axes {axes} do not match shape {shape}')
+  real = tuple(real_shape or shape)
   if init == 'ones':
-    value = jnp.ones(shape, dtype)
+    value = jnp.ones(real, dtype)
   elif init == 'zeros':
-    value = jnp.zeros(shape, dtype)
+    value = jnp.zeros(real, dtype)
   else:
-    value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    value = (std * jax.random.normal(rngs.params(), real, jnp.float32)).astype(dtype)
+  value = jnp.pad(value, [(0, s - r) for s, r in zip(shape, real)])
   return nnx.Param(value, axes=tuple(axes))
 
 

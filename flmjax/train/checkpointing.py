@@ -153,10 +153,12 @@ class Checkpointer:
     state = TrainState(out['params'], out['opt_state'])
     return state, meta, None if data is None else decode_data_state(data)
 
-  def restore_latest(self, abstract: TrainState, *, check: Callable[[dict], bool],
+  def restore_latest(self, abstract: TrainState | Callable[[dict], TrainState], *,
+                     check: Callable[[dict], bool],
                      log=print) -> tuple[TrainState, dict, Any] | None:
     """The newest step that restores, or None when there is none.
 
+    `abstract` may be a function of the step's meta (the layout it was saved in).
     `check(meta)` raises on a config mismatch (which is no corruption) and returns whether the
     data state is wanted. A step that fails to restore is named in one log line, moved aside and
     the step before it tried.
@@ -170,7 +172,8 @@ class Checkpointer:
       if _all_agree(problem is None):
         with_data = check(meta)
         try:
-          restored = self.restore(abstract, step, with_data=with_data)
+          target = abstract(meta) if callable(abstract) else abstract
+          restored = self.restore(target, step, with_data=with_data)
         except ProcessCountError:
           raise
         except Exception as e:  # anything unreadable: the step is bad, the run is not

@@ -15,7 +15,7 @@ from flmjax.train import observe
 from flmjax.train.config import TrainConfig, TrainConfigError, to_json
 from flmjax.train.preemption import PreemptionWatch
 from flmjax.train.schedule import learning_rates, position, stage_start
-from flmjax.train.state import init_state, params_from_model, state_spec
+from flmjax.train.state import init_state, params_from_model, relayout, state_spec
 from flmjax.train.step import batch_shardings, jit_train_step
 
 
@@ -29,14 +29,16 @@ def make_mesh(tc: TrainConfig) -> jax.sharding.Mesh:
 
 
 _DTYPE_FIELDS = ('dtype', 'param_dtype', 'checkpoint_dtype')
+_LAYOUT_FIELDS = _DTYPE_FIELDS + ('tensor_parallel',)  # the run decides these, not the model
 
 
 def _official_params(tc: TrainConfig, mesh: jax.sharding.Mesh):
   from flmjax.checkpoint import load_official
-  # Read straight into the training shardings: the full fp32 model never sits on one device.
+  # Read straight into the training shardings (padded for the mesh's tensor axis): the full fp32
+  # model never sits on one device.
   model = load_official(tc.init_from, dtype='float32', mesh=mesh)
   ours, theirs = dataclasses.asdict(tc.model), dataclasses.asdict(model.cfg)
-  diff = sorted(k for k in ours if k not in _DTYPE_FIELDS and ours[k] != theirs[k])
+  diff = sorted(k for k in ours if k not in _LAYOUT_FIELDS and ours[k] != theirs[k])
   if diff:
     raise TrainConfigError(f'--init_from {tc.init_from}: its config.json differs from the '
                            f'training config in {diff}: ' +
@@ -66,17 +68,22 @@ def check_batch_fits_mesh(tc: TrainConfig, mesh: jax.sharding.Mesh) -> None:
         f'mesh\'s data x fsdp = {mesh.shape["data"]} x {mesh.shape["fsdp"]} = {ways}')
 
 
-def _meta(tc: TrainConfig, global_step: int) -> dict:
+def _meta(tc: TrainConfig, global_step: int, tensor_parallel: int) -> dict:
   pos = position(tc, global_step)
   name = tc.stages[pos.stage].name if pos.stage < len(tc.stages) else 'done'
+  model = dataclasses.asdict(tc.model.replace(tensor_parallel=tensor_parallel))
   return {'global_step': global_step, 'stage': pos.stage, 'stage_name': name,
-          'step_in_stage': pos.step_in_stage,
-          'model_config': dataclasses.asdict(tc.model), 'train_config': to_json(tc)}
+          'step_in_stage': pos.step_in_stage, 'model_config': model, 'train_config': to_json(tc)}
+
+
+def _padded_for(meta: dict) -> int:
+  """The tensor size a checkpoint's vocab and depth MLP are padded for."""
+  return int(meta['model_config'].get('tensor_parallel', 1))
 
 
 def _check_model(tc: TrainConfig, meta: dict, directory) -> None:
   saved, ours = meta['model_config'], dataclasses.asdict(tc.model)
-  diff = sorted(k for k in ours if k not in _DTYPE_FIELDS and saved.get(k) != ours[k]
+  diff = sorted(k for k in ours if k not in _LAYOUT_FIELDS and saved.get(k) != ours[k]
                 and not (isinstance(ours[k], tuple) and tuple(saved.get(k) or ()) == ours[k]))
   if diff:
     raise TrainConfigError(f'{directory}: the checkpoint was trained with another model '
@@ -156,9 +163,15 @@ def train(tc: TrainConfig, *, mesh: jax.sharding.Mesh | None = None,
     return int(meta['step_in_stage']) > 0  # mid-stage: this stage's data state is wanted
 
   data_state = None
-  restored = ckpt.restore_latest(spec.abstract, check=check, log=log)
+  # A checkpoint padded for another tensor size restores as saved, then is re-padded (exact).
+  saved_layout = lambda meta: state_spec(tc, mesh, _padded_for(meta)).abstract
+  restored = ckpt.restore_latest(saved_layout, check=check, log=log)
   if restored is not None:
     state, meta, data_state = restored
+    if _padded_for(meta) != mesh.shape['tensor']:
+      state = relayout(state, spec)
+      log(f'vocab and depth MLP padding changed from tensor={_padded_for(meta)} to '
+          f'tensor={mesh.shape["tensor"]}')
     global_step = int(meta['global_step'])
     log(f'resumed from {ckpt.directory} at step {global_step} '
         f'(stage {meta["stage_name"]!r}, step {meta["step_in_stage"]} in stage)')
@@ -201,7 +214,7 @@ def train(tc: TrainConfig, *, mesh: jax.sharding.Mesh | None = None,
             or global_step in (end, tc.total_steps)):  # a stop loses nothing
           metrics.fetch()
           keep_data = nxt.stage == loader_stage  # a finished stage's iterator is not carried over
-          ckpt.save(global_step, state, _meta(tc, global_step),
+          ckpt.save(global_step, state, _meta(tc, global_step, mesh.shape['tensor']),
                     loader.get_state() if keep_data else None, force=True)
         elif global_step % tc.log_every == 0:
           metrics.fetch()

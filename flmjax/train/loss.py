@@ -2,8 +2,9 @@
 
 The backbone reads column j; its hidden state predicts column j+1's text and 8 speak codes.
 Sums (not means) are returned so micro-batches and devices add up exactly; `metrics_from_sums`
-turns them into per-stream losses and accuracies.
-Shape letters: B batch, K channels (17), T columns, C codebooks, A audio vocab, V text vocab.
+turns them into per-stream losses and accuracies. The text loss runs over blocks of columns
+(`text_cross_entropy`), so the [B,T,V] float32 logits never exist at once.
+Shape letters as in flmjax/model/layers.py (Z: the 1 + 2C channels of the grid).
 """
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ import jax
 import jax.numpy as jnp
 
 from flmjax.config import ModelConfig
+from flmjax.model.backbone import Backbone
 from flmjax.model.flm import FLMAudio
 
 STREAMS = ('text', 'semantic', 'acoustic')
 
 
 def model_inputs(cfg: ModelConfig, tokens: jax.Array) -> dict[str, jax.Array]:
-  """tokens [B,K,T] -> the model's teacher-forced inputs over T-1 columns."""
+  """tokens [B,Z,T] -> the model's teacher-forced inputs over T-1 columns."""
   C = cfg.num_codebooks
   inp, nxt = tokens[:, :, :-1], tokens[:, :, 1:]
   return dict(text=inp[:, 0],  # [B,T-1]
@@ -34,22 +36,49 @@ def _ce(logits: jax.Array, target: jax.Array) -> tuple[jax.Array, jax.Array]:
   return ce, jnp.argmax(logits, axis=-1)
 
 
+def text_cross_entropy(backbone: Backbone, hidden: jax.Array, target: jax.Array, *,
+                       block: int = 256, constrain=None) -> tuple[jax.Array, jax.Array]:
+  """hidden [B,T,D], target [B,T] -> float32 cross-entropy and argmax [B,T] of the text head.
+
+  Runs over blocks of `block` columns (lax.map), each rematerialised in the backward pass: the
+  live logits are [B,block,Vp]. Per column it computes exactly what `_ce` does on the whole
+  text_logits, so values and gradients equal the plain loss's.
+  """
+  def one(h, tgt):
+    logits = backbone.text_logits(h, padded=True)  # [B,block,Vp]; padding at NEG_INF
+    if constrain is not None:
+      logits = constrain(logits, ('batch', 'time', 'vocab'))
+    return _ce(logits, tgt)
+
+  b, t, _ = hidden.shape
+  if t <= block:
+    return one(hidden, target)
+  n = -(-t // block)
+  split = lambda x: jnp.moveaxis(
+      jnp.pad(x, [(0, 0), (0, n * block - t)] + [(0, 0)] * (x.ndim - 2)).reshape(
+          b, n, block, *x.shape[2:]), 1, 0)  # [n,B,block,...]
+  ce, pred = jax.lax.map(jax.checkpoint(lambda xs: one(*xs)), (split(hidden), split(target)))
+  join = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, n * block)[:, :t]
+  return join(ce), join(pred)
+
+
 def loss_sums(model: FLMAudio, tokens: jax.Array, weights: jax.Array, remat_policy=None,
-              constrain=None) -> dict[str, jax.Array]:
-  """tokens int32 [B,K,T], weights float32 [B,K,T] -> dict of float32 scalar sums.
+              constrain=None, text_block: int = 256) -> dict[str, jax.Array]:
+  """tokens int32 [B,Z,T], weights float32 [B,Z,T] -> dict of float32 scalar sums.
 
   `constrain(x, logical_axes)` pins the sharding of the largest activations, the logits.
+  `text_block`: columns per block of the text loss (see text_cross_entropy).
   """
   cfg = model.cfg
   C = cfg.num_codebooks
-  out = model(**model_inputs(cfg, tokens), remat_policy=remat_policy)
+  out = model(**model_inputs(cfg, tokens), remat_policy=remat_policy, with_text_logits=False)
   if constrain is not None:
     out = out._replace(
-        text_logits=constrain(out.text_logits, ('batch', 'time', 'vocab')),
         depth_logits=constrain(out.depth_logits, ('batch', 'time', 'codebook', 'audio_vocab')))
   tgt, w = tokens[:, :1 + C, 1:], weights[:, :1 + C, 1:].astype(jnp.float32)  # [B,1+C,T-1]
 
-  text_ce, text_pred = _ce(out.text_logits, tgt[:, 0])  # [B,T-1]
+  text_ce, text_pred = text_cross_entropy(model.backbone, out.hidden, tgt[:, 0], block=text_block,
+                                constrain=constrain)  # [B,T-1]
   speak_tgt = jnp.swapaxes(tgt[:, 1:], 1, 2)  # [B,T-1,C]
   audio_ce, audio_pred = _ce(out.depth_logits, speak_tgt)  # [B,T-1,C]
   audio_w = jnp.swapaxes(w[:, 1:], 1, 2)

@@ -23,9 +23,14 @@ class TrainState(NamedTuple):
   opt_state: Any
 
 
-def compute_model_config(tc: TrainConfig) -> ModelConfig:
-  """fp32 master params, compute in tc.compute_dtype (bf16 for real runs)."""
-  return tc.model.replace(param_dtype='float32', dtype=tc.compute_dtype)
+def compute_model_config(tc: TrainConfig, mesh: Mesh | None = None,
+                         tensor_parallel: int | None = None) -> ModelConfig:
+  """fp32 master params, compute in tc.compute_dtype (bf16 for real runs), and the vocab and
+  depth MLP padded for `tensor_parallel` (default: the mesh's tensor axis, else tc.mesh's)."""
+  if tensor_parallel is None:
+    tensor_parallel = mesh.shape.get('tensor', 1) if mesh is not None else tc.mesh.tensor
+  return tc.model.replace(param_dtype='float32', dtype=tc.compute_dtype,
+                          tensor_parallel=tensor_parallel)
 
 
 def _no_decay(name: str) -> bool:
@@ -74,8 +79,9 @@ class StateSpec(NamedTuple):
   shardings: TrainState  # NamedShardings
 
 
-def state_spec(tc: TrainConfig, mesh: Mesh) -> StateSpec:
-  cfg = compute_model_config(tc)
+def state_spec(tc: TrainConfig, mesh: Mesh, tensor_parallel: int | None = None) -> StateSpec:
+  """`tensor_parallel`: the padding of the layout, when not the mesh's (see relayout)."""
+  cfg = compute_model_config(tc, mesh, tensor_parallel)
   graphdef, abstract_state = graphdef_and_abstract(cfg)
   a_params = nnx.to_pure_dict(abstract_state)
   tx = make_optimizer(tc.optim)
@@ -93,7 +99,8 @@ _INIT: dict = {}  # jitted initialisers by (model, dtype, optimizer, seed, shard
 
 def init_state(spec: StateSpec, tc: TrainConfig, params: Params | None = None) -> TrainState:
   """Fresh state from the seed (or from given params, e.g. an official checkpoint), sharded."""
-  cfg = compute_model_config(tc)
+  mesh = jax.tree.leaves(spec.shardings)[0].mesh
+  cfg = compute_model_config(tc, mesh)
 
   def build(params):
     if params is None:
@@ -102,13 +109,23 @@ def init_state(spec: StateSpec, tc: TrainConfig, params: Params | None = None) -
     return TrainState(params, spec.tx.init(params))
 
   if params is None:
-    mesh = jax.tree.leaves(spec.shardings)[0].mesh
     key = (cfg, tc.optim, tc.seed, mesh)
     if key not in _INIT:
       _INIT[key] = jax.jit(lambda: build(None), out_shardings=spec.shardings)
     return _INIT[key]()
   params = jax.device_put(params, spec.shardings.params)
   return jax.jit(build, in_shardings=(spec.shardings.params,), out_shardings=spec.shardings)(params)
+
+
+def relayout(state: TrainState, spec: StateSpec) -> TrainState:
+  """A state padded for another tensor size, in `spec`'s layout and shardings. The padding holds
+  zeros in params and moments alike (its gradients are zero), so cutting or extending it with
+  zeros changes no number of the model or the optimizer."""
+  def fit(x, target):
+    x = x[tuple(slice(0, min(a, b)) for a, b in zip(x.shape, target.shape))]
+    return jnp.pad(x, [(0, b - a) for a, b in zip(x.shape, target.shape)])
+  return jax.jit(lambda s: jax.tree.map(fit, s, spec.abstract),
+                 out_shardings=spec.shardings)(state)
 
 
 def params_from_model(model: FLMAudio) -> Params:

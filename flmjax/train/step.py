@@ -22,7 +22,7 @@ def remat_policy(name: str):
 
 
 def batch_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
-  """tokens/weights [B,K,T]: batch over (data, fsdp), channels and columns replicated."""
+  """tokens/weights [B,Z,T]: batch over (data, fsdp), channels and columns replicated."""
   s = shd.batch_sharding(mesh, 3)
   return {'tokens': s, 'weights': s}
 
@@ -36,7 +36,8 @@ def activation_constraint(mesh: Mesh):
 
 def traced_on(mesh: Mesh, fn):
   """`fn` traced with `mesh` in context: the model's layer-boundary constraints
-  (flmjax.sharding.constrain) keep activations batch-sharded, so weights move, not them."""
+  (flmjax.sharding.constrain) keep activations batch-sharded, so weights move, not them; its
+  attention reads the platform (a step compiled for TPU takes the TPU path) and the axes."""
   @functools.wraps(fn)
   def wrapped(*args):
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
@@ -60,7 +61,7 @@ def train_step_fn(spec: StateSpec, tc: TrainConfig, mesh: Mesh):
   batch_axes = shd.batch_sharding(mesh, 1).spec[0]
 
   def step(state: TrainState, batch: dict, lr: jax.Array):
-    tokens, weights = batch['tokens'], batch['weights']  # [B,K,T]
+    tokens, weights = batch['tokens'], batch['weights']  # [B,Z,T]
     if A == 1:
       grads, sums = _grads_and_sums(spec.graphdef, state.params, tokens, weights, policy,
                                      constrain)
@@ -70,7 +71,7 @@ def train_step_fn(spec: StateSpec, tc: TrainConfig, mesh: Mesh):
       split = lambda x: jax.lax.with_sharding_constraint(
           jnp.swapaxes(x.reshape(b, A, *x.shape[1:]), 0, 1),
           NamedSharding(mesh, P(None, batch_axes, None, None)))
-      tok, wts = split(tokens), split(weights)  # [A,b,K,T]
+      tok, wts = split(tokens), split(weights)  # [grad_accum,b,Z,T]
 
       def body(acc, xs):
         g, s = _grads_and_sums(spec.graphdef, state.params, xs[0], xs[1], policy, constrain)
