@@ -141,8 +141,11 @@ class ModelConfig:
 
   @property
   def padded_depth_mlp_dim(self) -> int:
-    """The depth MLP padded to a multiple of tensor_parallel with zero gate/up/down units."""
-    return _round_up(self.depth_mlp_dim, self.tensor_parallel)
+    """The depth MLP padded with zero gate/up/down units to a multiple of 128 x tensor_parallel:
+    each tensor shard then holds whole 128-lane tiles, so TPUs store gate/up [.., d, f] row-major
+    and the Pallas depth kernel reads them in place (2730 units would be re-laid out by a copy
+    before every call)."""
+    return _round_up(self.depth_mlp_dim, 128 * self.tensor_parallel)
 
   @property
   def text_logit_scale(self) -> float:

@@ -4,7 +4,7 @@ At B <= 128 the step is a chain of matrix-vector products, bound by reading the 
 kernel per layer would run on one SM, so the layer is cut only where every output needs every
 input (Triton has no grid-wide barrier); each piece is a split-N GEMV with its norm and epilogue
 fused:
-  1. qkv:     RMSNorm 1 + the fused q|k|v projection             grid (batch tiles, 3*h*e tiles)
+  1. qkv:     RMSNorm 1 + the fused q|k|v projection             grid (batch tiles, 3 x h*e tiles)
   2. attend:  attention of each head over the C cached positions grid (batch tiles, heads)
   3. proj:    output projection + residual                        grid (batch tiles, d tiles)
   4. mlp_in:  RMSNorm 2 + gate/up of codebook c + silu(g) * u     grid (batch tiles, f tiles)
@@ -12,7 +12,7 @@ fused:
 (fuse_attention=True merges 1 and 2: one program per head.) Triton needs power-of-two tiles, so
 every tile is loaded and stored with a bounds mask: any d, e, f or B works. With `layer`, the
 kernels read that layer of stacked [L,...] weights and caches in place.
-Shape letters: B rows, C positions, d dim, h heads, e head dim, f MLP dim.
+Shape letters as in flmjax/model/layers.py (B: the rows, C: the cache positions).
 """
 from __future__ import annotations
 
@@ -92,15 +92,18 @@ def _ids(ids_ref, stacked):
 
 
 def _qkv_kernel(ids_ref, x_ref, ln_ref, w_ref, o_ref, *, eps, kb, nb, stacked):
+  """Output tile j of part s (q, k or v) from w [(L,)3,d,n]; o [B,3n] is q | k | v."""
   _, lead = _ids(ids_ref, stacked)
   (b, d), n = x_ref.shape, w_ref.shape[-1]
-  rows, cols = _rows(b, _bb(b)), (pl.program_id(1) * nb, nb, n)
+  tiles = pl.cdiv(n, nb)
+  part, j = pl.program_id(1) // tiles, pl.program_id(1) % tiles
+  rows, cols = _rows(b, _bb(b)), (j * nb, nb, n)
   scale = _rms_scale(x_ref, rows, d, kb, eps)
   def body(k, acc):
     return acc + _dot(_normed(x_ref, ln_ref, rows, k, kb, d, scale, lead),
-                      _load(w_ref, *lead, (k * kb, kb, d), cols))
+                      _load(w_ref, *lead, part, (k * kb, kb, d), cols))
   acc = jax.lax.fori_loop(0, pl.cdiv(d, kb), body, jnp.zeros((rows[1], nb), _F32))
-  _store(o_ref, acc, rows, cols)
+  _store(o_ref, acc, rows, (part * n + j * nb, nb, (part + 1) * n))
 
 
 def _attention(q, k, v, kc_ref, vc_ref, rows, c, hi, head_dim, ep, lead):
@@ -139,16 +142,15 @@ def _qkv_attend_kernel(ids_ref, x_ref, ln_ref, w_ref, kc_ref, vc_ref, o_ref, kr_
   """RMSNorm 1, this head's q/k/v, and its attention in one program: 4 launches a layer."""
   (b, d), he, ep = x_ref.shape, num_heads * head_dim, _head_lanes(head_dim)
   (c, lead), hi, rows = _ids(ids_ref, stacked), pl.program_id(1), _rows(b, _bb_attention(b))
-  lane = lambda part: (part * he + hi * head_dim, ep, part * he + (hi + 1) * head_dim)
+  own = (hi * head_dim, ep, (hi + 1) * head_dim)  # this head's lanes of w [(L,)3,d,n]
   scale = _rms_scale(x_ref, rows, d, kb, eps)
   def body(k, acc):
     y = _normed(x_ref, ln_ref, rows, k, kb, d, scale, lead)
-    return tuple(a + _dot(y, _load(w_ref, *lead, (k * kb, kb, d), lane(s)))
+    return tuple(a + _dot(y, _load(w_ref, *lead, s, (k * kb, kb, d), own))
                  for s, a in enumerate(acc))
   zeros = jnp.zeros((rows[1], ep), _F32)
   q, k, v = (a.astype(x_ref.dtype) for a in
              jax.lax.fori_loop(0, pl.cdiv(d, kb), body, (zeros, zeros, zeros)))
-  own = (hi * head_dim, ep, (hi + 1) * head_dim)
   _store(kr_ref, k, rows, own)
   _store(vr_ref, v, rows, own)
   _store(o_ref, _attention(q, k, v, kc_ref, vc_ref, rows, c, hi, head_dim, ep, lead), rows, own)
@@ -226,7 +228,7 @@ def layer_step(p: dict, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, c:
   ln_1, ln_2 = p['ln_1'].astype(dt), p['ln_2'].astype(dt)
   kc = k_cache.astype(dt).reshape(*stack, b, num_pos, he)
   vc = v_cache.astype(dt).reshape(*stack, b, num_pos, he)
-  w_qkv = p['qkv'].astype(dt).reshape(*stack, d, 3 * he)
+  w_qkv = p['qkv'].astype(dt)  # [(L,)3,d,n], read in place
   if fuse_attention:
     att, k_row, v_row = pl.pallas_call(
         functools.partial(_qkv_attend_kernel, eps=eps, kb=kb, num_heads=h, head_dim=e,
@@ -234,7 +236,7 @@ def layer_step(p: dict, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, c:
         grid=(bt_att, h), out_shape=[jax.ShapeDtypeStruct((b, he), dt)] * 3, interpret=interpret,
         compiler_params=params, name='depth_qkv_attend')(ids, x, ln_1, w_qkv, kc, vc)
   else:
-    qkv = call(functools.partial(_qkv_kernel, eps=eps, kb=kb, nb=nb), (bt, pl.cdiv(3 * he, nb)),
+    qkv = call(functools.partial(_qkv_kernel, eps=eps, kb=kb, nb=nb), (bt, 3 * pl.cdiv(he, nb)),
                (b, 3 * he), 'depth_qkv')(ids, x, ln_1, w_qkv)
     att = call(functools.partial(_attend_kernel, num_heads=h, head_dim=e), (bt_att, h), (b, he),
                'depth_attend')(ids, qkv, kc, vc)

@@ -9,9 +9,11 @@ the Pallas pipeline prefetches the next one (across layer boundaries too). Per l
                         maps): down(silu(gate y) * up y) accumulated in f32;
   last step (end)       x2 = x1 + mlp, carried in VMEM to the next layer.
 Index maps clamp outside their phase, so a block index repeats and is not fetched again. Weights
-and caches are always stacked [L,...] (one layer is L = 1), and the layer is a block index.
-Shape letters: B rows, C codebooks (= cache positions), d dim, h heads, e head dim, f MLP dim;
-`l` is a lane block of hb heads (hb*e lanes).
+and caches are always stacked [L,...] (one layer is L = 1), and the layer is a block index. The
+weights are read in the model's own layout (qkv [L,3,d,n], proj [L,h,e,d], gate/up [L,C,d,f],
+down [L,C,f,d] with f padded to whole 128-lane tiles), which TPUs store row-major: the compiled
+program copies no weight before the call (tests/test_kernels_tpu_compile.py).
+Shape letters as in flmjax/model/layers.py (B: the rows); `l` is a lane block of hb heads.
 """
 from __future__ import annotations
 
@@ -136,13 +138,7 @@ def _call(p, x, k_cache, v_cache, c, eps, *, first: int, count: int, heads_per_b
     raise ValueError(f'heads_per_block {hb} does not divide the {h} depth heads')
   n_head_blocks, n_f_blocks, lanes = h // hb, pl.cdiv(f, f_block), hb * e
   he, num_layers = h * e, k_cache.shape[0]
-  qkv = p['qkv'].astype(dt).reshape(num_layers, d, 3 * he)  # columns: q heads | k heads | v heads
-  if lanes % _LANES == 0 or interpret:  # three lane-aligned views of the one fused matrix
-    wq = wk = wv = qkv
-    offs = (0, n_head_blocks, 2 * n_head_blocks)
-  else:  # narrow heads (tiny models): split so every block spans its array's full width
-    wq, wk, wv = qkv[..., :he], qkv[..., he:2 * he], qkv[..., 2 * he:]
-    offs = (0, 0, 0)
+  qkv = p['qkv'].astype(dt)  # [L,3,d,n]: q | k | v, each read in place (no copy)
   seg = (jnp.arange(lanes)[:, None] // e == jnp.arange(hb)[None, :]).astype(jnp.float32)  # [l,hb]
   head_blk = lambda i: jnp.minimum(i, n_head_blocks - 1)
   f_blk = lambda i: jnp.maximum(i - n_head_blocks, 0)
@@ -151,12 +147,12 @@ def _call(p, x, k_cache, v_cache, c, eps, *, first: int, count: int, heads_per_b
   stacked = lambda block, index_map: pl.BlockSpec(
       (pl.squeezed, *block), lambda l, i, c: (first + l, *index_map(i, c)))
   full = lambda shape: spec(shape, lambda l, i, c: (0,) * len(shape))
-  qkv_spec = lambda off: stacked((d, lanes), lambda i, c: (0, off + head_blk(i)))
+  qkv_spec = lambda part: stacked((pl.squeezed, d, lanes), lambda i, c: (part, 0, head_blk(i)))
   cache_spec = stacked((b, num_pos, lanes), lambda i, c: (0, 0, head_blk(i)))
   row_spec = pl.BlockSpec((pl.squeezed, b, lanes), lambda l, i, c: (l, 0, head_blk(i)))
   in_specs = [
       full((b, d)), stacked((1, d), lambda i, c: (0, 0)),
-      qkv_spec(offs[0]), qkv_spec(offs[1]), qkv_spec(offs[2]), cache_spec, cache_spec,
+      qkv_spec(0), qkv_spec(1), qkv_spec(2), cache_spec, cache_spec,
       full((lanes, hb)), full((hb, lanes)),
       stacked((lanes, d), lambda i, c: (head_blk(i), 0)), stacked((1, d), lambda i, c: (0, 0)),
       stacked((pl.squeezed, d, f_block), lambda i, c: (c[0], 0, f_blk(i))),
@@ -175,7 +171,7 @@ def _call(p, x, k_cache, v_cache, c, eps, *, first: int, count: int, heads_per_b
       kernel, grid_spec=grid_spec, interpret=interpret, name='depth_step_tpu',
       out_shape=[jax.ShapeDtypeStruct((b, d), dt), rows, rows],
       compiler_params=pltpu.CompilerParams(dimension_semantics=('arbitrary', 'arbitrary')),
-  )(c, x, p['ln_1'].astype(dt).reshape(num_layers, 1, d), wq, wk, wv,
+  )(c, x, p['ln_1'].astype(dt).reshape(num_layers, 1, d), qkv, qkv, qkv,
     k_cache.astype(dt).reshape(num_layers, b, num_pos, he),
     v_cache.astype(dt).reshape(num_layers, b, num_pos, he), seg, seg.T,
     p['proj'].astype(dt).reshape(num_layers, he, d),

@@ -18,10 +18,10 @@ ALLOW = [jax.export.DisabledSafetyCheck.custom_call(name)
 
 
 def abstract_layer(cfg: ModelConfig, b: int):
-  d, h, e, f, C = (cfg.depth_dim, cfg.depth_heads, cfg.depth_head_dim, cfg.depth_mlp_dim,
+  d, h, e, f, C = (cfg.depth_dim, cfg.depth_heads, cfg.depth_head_dim, cfg.padded_depth_mlp_dim,
                    cfg.num_codebooks)
   s = lambda *shape: jax.ShapeDtypeStruct(shape, cfg.compute_dtype)
-  p = {'ln_1': s(d), 'qkv': s(d, 3, h, e), 'proj': s(h, e, d), 'ln_2': s(d), 'gate': s(C, d, f),
+  p = {'ln_1': s(d), 'qkv': s(3, d, h * e), 'proj': s(h, e, d), 'ln_2': s(d), 'gate': s(C, d, f),
        'up': s(C, d, f), 'down': s(C, f, d)}
   return p, s(b, d), s(b, C, h, e), s(b, C, h, e), jax.ShapeDtypeStruct((), jnp.int32)
 

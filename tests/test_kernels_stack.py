@@ -24,7 +24,7 @@ def random_stack(seed, b, dims, dtype):
   rng = np.random.default_rng(seed)
   n = lambda shape, scale: jnp.asarray(scale * rng.standard_normal(shape, np.float32), dtype)
   L = LAYERS
-  p = {'ln_1': 1 + n((L, d), 0.1), 'qkv': n((L, d, 3, h, e), d ** -0.5),
+  p = {'ln_1': 1 + n((L, d), 0.1), 'qkv': n((L, 3, d, h * e), d ** -0.5),
        'proj': n((L, h, e, d), d ** -0.5), 'ln_2': 1 + n((L, d), 0.1),
        'gate': n((L, C, d, f), d ** -0.5), 'up': n((L, C, d, f), d ** -0.5),
        'down': n((L, C, f, d), f ** -0.5)}

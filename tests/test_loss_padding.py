@@ -77,7 +77,7 @@ def test_chunked_text_loss_bf16_against_float32(model):
 def test_padding_is_exact_and_stays_zero(model):
   cfg = model.cfg
   assert (cfg.padded_vocab_size, ModelConfig.tiny().padded_vocab_size) == (512, 384)
-  assert ModelConfig.flm_8b(tensor_parallel=4).padded_depth_mlp_dim == 2732  # 2730 -> 4 x 683
+  assert ModelConfig.flm_8b(tensor_parallel=4).padded_depth_mlp_dim == 3072  # 2730 -> 4 x 768
   plain = flm.create(ModelConfig.tiny(), seed=1)
   bb, V, f = model.backbone, cfg.vocab_size, cfg.depth_mlp_dim
   assert not np.any(bb.text_embed[...][V:]) and not np.any(bb.lm_head[...][:, V:])
@@ -94,7 +94,7 @@ def test_padding_is_exact_and_stays_zero(model):
   g = _grads(model, lambda m: loss_lib.objective(loss_lib.loss_sums(m, tokens, weights))[0])
   assert np.any(g['backbone']['lm_head'][:, :V]) and not np.any(g['backbone']['lm_head'][:, V:])
   assert not np.any(g['backbone']['text_embed'][V:])
-  assert cfg.replace(tensor_parallel=3).padded_depth_mlp_dim == 87 != f  # 85 -> 3 x 29
+  assert cfg.replace(tensor_parallel=3).padded_depth_mlp_dim == 384 != f  # 85 -> 3 x 128
   three = flm.create(cfg.replace(tensor_parallel=3), seed=1).depth_transformer
   assert not np.any(three.gate[...][..., f:]) and not np.any(three.down[...][..., f:, :])
 

@@ -120,7 +120,7 @@ def test_sharding_specs_follow_rules():
   assert p['backbone']['text_embed'].spec == P('tensor', 'fsdp')  # vocab->tensor, embed->fsdp
   assert p['backbone']['down'].spec == P(None, 'tensor', 'fsdp')  # (layers, mlp, embed)
   assert p['backbone']['input_norm'].spec == P(None, None)
-  assert p['depth_transformer']['qkv'].spec == P(None, 'fsdp', None, 'tensor', None)
+  assert p['depth_transformer']['qkv'].spec == P(None, None, 'fsdp', 'tensor')  # [L,3,d,n]
   adam = spec.shardings.opt_state[1]  # (clip, adam, decay)
   assert adam.mu['backbone']['down'].spec == p['backbone']['down'].spec
   assert adam.nu['depth_transformer']['qkv'].spec == p['depth_transformer']['qkv'].spec

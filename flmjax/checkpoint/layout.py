@@ -14,13 +14,15 @@ class Entry:
   key: str  # official state-dict key
   path: tuple[str, ...]  # our param, e.g. ('backbone', 'q')
   index: tuple[int, ...]  # leading indices into our stacked param
-  kind: str  # 'copy' | 'flat' (reshape) | 'linear' (torch [out, in])
+  kind: str  # 'copy' | 'flat' (reshape) | 'linear' (torch [out, in]) | 'split' (see below)
   n_in: int = 1  # for 'linear': how many leading dims of our slice form `in`
   real: tuple[int, ...] | None = None  # our slice without its layout padding (zeros), if padded
 
   def torch_shape(self, ours: tuple[int, ...]) -> tuple[int, ...]:
     """The official shape for our slice shape `ours`."""
     ours = self.real or ours
+    if self.kind == 'split':  # ours [s, in, out] <-> torch [s*out, in] (fused q|k|v)
+      return (ours[0] * ours[2], ours[1])
     if self.kind == 'copy':
       return ours
     if self.kind == 'flat':
@@ -29,12 +31,16 @@ class Entry:
 
   def from_torch(self, w: np.ndarray, ours: tuple[int, ...]) -> np.ndarray:
     real = self.real or ours
+    if self.kind == 'split':
+      return np.asarray(w).reshape(ours[0], ours[2], ours[1]).transpose(0, 2, 1)
     w = np.asarray(w).T if self.kind == 'linear' else np.asarray(w)
     return np.pad(w.reshape(real), [(0, o - r) for o, r in zip(ours, real)])
 
   def to_torch(self, s: np.ndarray) -> np.ndarray:
     if self.real:  # strip the padding
       s = s[tuple(slice(0, r) for r in self.real)]
+    if self.kind == 'split':
+      return s.transpose(0, 2, 1).reshape(-1, s.shape[1])
     if self.kind == 'copy':
       return s
     if self.kind == 'flat':
@@ -73,7 +79,7 @@ def entries(cfg: ModelConfig) -> list[Entry]:
   for c in range(cfg.num_codebooks):
     add(f'{a}.transformer.wtes.{c}.weight', (d, 'wtes'), (c,), 'copy')
   add(f'{a}.transformer.wpe.weight', (d, 'wpe'), (), 'copy')
-  per_depth_layer = (('ln_1.weight', 'ln_1', 'copy', 1), ('attn.c_attn.weight', 'qkv', 'linear', 1),
+  per_depth_layer = (('ln_1.weight', 'ln_1', 'copy', 1), ('attn.c_attn.weight', 'qkv', 'split', 1),
                      ('attn.c_proj.weight', 'proj', 'linear', 2), ('ln_2.weight', 'ln_2', 'copy', 1))
   for suffix, ours, kind, n_in in per_depth_layer:
     for j in range(cfg.depth_layers):

@@ -38,14 +38,15 @@ def layer(p: dict, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, start: 
   implementation behind the teacher-forced pass (C' = C from 0, on an empty cache) and the
   decoder's step (C' = 1).
 
-  p: one layer's params ('ln_1' [d], 'qkv' [d,3,h,e], 'proj' [h,e,d], 'ln_2' [d],
+  p: one layer's params ('ln_1' [d], 'qkv' [3,d,n], 'proj' [h,e,d], 'ln_2' [d],
   'gate'/'up' [C,d,f], 'down' [C,f,d]); x [R,C',d]; k_cache/v_cache [R,S,h,e] over the S = C
   positions. The new keys are written at their positions, position c attends slots s <= c and
   runs MLP c. Returns (x [R,C',d], k_cache, v_cache).
   """
-  width = x.shape[1]
+  (rows, width, _), (heads, head_dim) = x.shape, k_cache.shape[-2:]
   y = layers.rms_norm(x, p['ln_1'], eps)
-  q, k, v = jnp.einsum('RCd,dshe->sRChe', y, p['qkv'])  # each [R,C',h,e]
+  qkv = jnp.einsum('RCd,sdn->sRCn', y, p['qkv'])  # [3,R,C',n]
+  q, k, v = qkv.reshape(3, rows, width, heads, head_dim)  # each [R,C',h,e]
   k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), start, 1)
   v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), start, 1)
   # Logits rounded to the compute dtype, then a float32 softmax (the official order, which the
@@ -100,7 +101,9 @@ class DepthTransformer(nnx.Module):
     self.wtes = p((C, A, d), ('codebook', 'audio_vocab', 'depth_embed'))
     self.wpe = p((C, d), ('codebook', 'depth_embed'))
     self.ln_1 = p((L, d), ('layers', 'norm'), 'ones')
-    self.qkv = p((L, d, 3, h, e), ('layers', 'depth_embed', 'qkv', 'depth_heads', 'head_dim'))
+    # q|k|v [3,d,n] with n = h*e: lanes last, so TPUs store it row-major (not so [d,3,h,e]) and
+    # the Pallas kernel reads it in place.
+    self.qkv = p((L, 3, d, h * e), ('layers', 'qkv', 'depth_embed', 'depth_heads'))
     self.proj = p((L, h, e, d), ('layers', 'depth_heads', 'head_dim', 'depth_embed'))
     self.ln_2 = p((L, d), ('layers', 'norm'), 'ones')
     self.gate = p((L, C, d, f), ('layers', 'codebook', 'depth_embed', 'depth_mlp'),

@@ -5,8 +5,8 @@ The einsum letters, one meaning each in flmjax/model, kernels/ and flmjax/train/
   T query time      S key time / cache slots               Z grid channels (1 + 2C)
   D model dim       N query heads     K KV heads           G = N // K query heads per KV head
   H head dim        F MLP dim         V text vocab         C codebooks (= depth positions)
-  A audio vocab     depth transformer, lowercase: d dim, h heads, e head dim, f MLP dim,
-                    s the q/k/v split, l a lane block (Pallas kernels)
+  A audio vocab     depth transformer, lowercase: d dim, h heads, e head dim, n = h·e,
+                    f MLP dim, s the q/k/v split, l a lane block (Pallas kernels)
 """
 from __future__ import annotations
 
