@@ -54,7 +54,7 @@ def temp_bytes(fn, *args) -> int:
   return fn.lower(*args).compile().memory_analysis().temp_size_in_bytes
 
 
-def attention_rows(b: int, t: int, dtype, paths) -> list[str]:
+def attention_rows(b: int, t: int, dtype, paths, compile_only: bool = False) -> list[str]:
   n, k, h = 28, 4, 128
   keys = jax.random.split(jax.random.key(0), 4)
   q = jax.random.normal(keys[0], (b, t, n, h), jnp.float32)
@@ -66,10 +66,16 @@ def attention_rows(b: int, t: int, dtype, paths) -> list[str]:
     loss = lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) * cot)
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
-  ref_val, ref_grads = fwd_bwd(attention.plain)(q, kk, v)
-  ref_out = jax.jit(attention.plain)(q, kk, v)
   args = tuple(x.astype(dtype) for x in (q, kk, v))
   rows = []
+  if compile_only:
+    for name in paths:
+      f = (lambda q, k, v, name=name: attention.causal_attention(q, k, v, impl=name))
+      mem = temp_bytes(fwd_bwd(f), *args) / 2**20
+      rows.append(f'| {name} | {jnp.dtype(dtype).name} | {b}x{t} | | | {mem:.0f} | |')
+    return rows
+  ref_val, ref_grads = fwd_bwd(attention.plain)(q, kk, v)
+  ref_out = jax.jit(attention.plain)(q, kk, v)
   for name in paths:
     f = (lambda q, k, v, name=name: attention.causal_attention(q, k, v, impl=name))
     try:
@@ -123,6 +129,8 @@ def main():
   ap.add_argument('--window', type=int, default=4096)
   ap.add_argument('--batch', type=int, default=1)
   ap.add_argument('--loss', action='store_true', help='also the text loss (needs flax)')
+  ap.add_argument('--compile_only', action='store_true',
+                  help='temporaries only: no runs (for CPU hosts, where plain takes minutes)')
   args = ap.parse_args()
   platform = attention.platform()
   fast = {'gpu': ['cudnn'], 'tpu': ['splash']}.get(platform, [])
@@ -130,10 +138,12 @@ def main():
         f'{args.window} (T = {args.window - 1}), batch {args.batch}, 28/4 heads of 128; '
         'forward + backward; errors against plain in float32 (output: max abs; grads: max abs '
         'over max |ref|)')
-  print('| path | dtype | BxT | out err | grad err | temp MiB | ms |\n|---|---|---|---|---|---|---|')
+  print('| path | dtype | BxT | out err | grad err | temp MiB | ms |')
+  print('|---|---|---|---|---|---|---|')
   t = args.window - 1
   for dtype in (jnp.float32, jnp.bfloat16):
-    for row in attention_rows(args.batch, t, dtype, ['plain', 'chunked'] + fast):
+    for row in attention_rows(args.batch, t, dtype, ['plain', 'chunked'] + fast,
+                              args.compile_only):
       print(row, flush=True)
   if args.loss:
     print('\n| text loss | BxT | vocab | temp |\n|---|---|---|---|')

@@ -56,7 +56,8 @@ def random_layer(seed, b, dims, dtype):
   e = d // h
   rng = np.random.default_rng(seed)  # numpy: no per-shape compiles for the draws
   n = lambda shape, scale: jnp.asarray(scale * rng.standard_normal(shape, np.float32), dtype)
-  p = {'ln_1': 1 + n((d,), 0.1), 'qkv': n((3, d, h * e), d ** -0.5), 'proj': n((h, e, d), d ** -0.5),
+  p = {'ln_1': 1 + n((d,), 0.1), 'qkv': n((3, d, h * e), d ** -0.5),
+       'proj': n((h, e, d), d ** -0.5),
        'ln_2': 1 + n((d,), 0.1), 'gate': n((C, d, f), d ** -0.5), 'up': n((C, d, f), d ** -0.5),
        'down': n((C, f, d), f ** -0.5)}
   return p, n((b, d), 1.0), n((b, C, h, e), 1.0), n((b, C, h, e), 1.0)

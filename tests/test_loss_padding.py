@@ -84,7 +84,8 @@ def test_padding_is_exact_and_stays_zero(model):
   np.testing.assert_array_equal(bb.lm_head[...][:, :V], plain.backbone.lm_head[...][:, :V])
   tokens, _ = _batch(cfg)
   inputs = loss_lib.model_inputs(cfg, tokens)
-  out, ref = nnx.jit(lambda m: m(**inputs))(model), nnx.jit(lambda m: m(**inputs))(plain)
+  forward = nnx.jit(lambda m, inputs: m(**inputs))
+  out, ref = forward(model, inputs), forward(plain, inputs)
   assert out.text_logits.shape[-1] == V  # the public outputs cover the real vocab only
   np.testing.assert_array_equal(out.text_logits, ref.text_logits)
   np.testing.assert_array_equal(out.depth_logits, ref.depth_logits)

@@ -122,6 +122,8 @@ def relayout(state: TrainState, spec: StateSpec) -> TrainState:
   zeros in params and moments alike (its gradients are zero), so cutting or extending it with
   zeros changes no number of the model or the optimizer."""
   def fit(x, target):
+    if x.shape == target.shape:
+      return x
     x = x[tuple(slice(0, min(a, b)) for a, b in zip(x.shape, target.shape))]
     return jnp.pad(x, [(0, b - a) for a, b in zip(x.shape, target.shape)])
   return jax.jit(lambda s: jax.tree.map(fit, s, spec.abstract),
