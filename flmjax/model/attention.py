@@ -121,8 +121,10 @@ def splash(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: bool = False)
   mesh = jax.sharding.get_abstract_mesh()
   q_spec = k_spec = P(None, None, None, None)
   if not mesh.empty:
-    q_spec = shd.logical_to_spec(('batch', 'time', 'q_heads', 'head_dim'), q.shape, mesh)
-    k_spec = shd.logical_to_spec(('batch', 'time', 'kv_heads', 'head_dim'), k.shape, mesh)
+    q_spec = shd.logical_to_spec(
+        ('activation_batch', 'activation_length', 'activation_heads', None), q.shape, mesh)
+    k_spec = shd.logical_to_spec(
+        ('activation_batch', 'activation_length', 'activation_kv_heads', None), k.shape, mesh)
     if q_spec[2] != k_spec[2]:  # GQA with fewer KV heads than tensor shards
       k, v = (jnp.repeat(x, n // k.shape[2], axis=2) for x in (k, v))
       k_spec = q_spec
