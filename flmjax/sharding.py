@@ -56,11 +56,9 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 # the mesh does not divide is an error, never a silent replication.
 # The speak/listen tables (8 codebooks) take tensor when it divides 8, else they stay as they
 # were, FSDP-sharded only (tensor 7, 14, 28).
-REPLICATED_IF_INDIVISIBLE = frozenset({'kv_heads', 'activation_kv_heads', 'embed_codebook',
-                                       # until the vocab and depth-MLP padding (issue 9 item 4)
-                                       # makes them multiples of tensor:
-                                       'vocab', 'activation_vocab', 'depth_mlp',
-                                       'activation_depth_mlp'})
+# The text vocab and the depth MLP are padded for the tensor axis (ModelConfig.tensor_parallel),
+# so they always divide.
+REPLICATED_IF_INDIVISIBLE = frozenset({'kv_heads', 'activation_kv_heads', 'embed_codebook'})
 
 
 class ShardingError(ValueError):
@@ -142,13 +140,20 @@ def initialize_distributed(coordinator_address: str | None = None,
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
     return True
-  if multihost or any(env(m) for m in _CLUSTER_MARKERS):
+  if multihost or _in_cluster(env):
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
     return True
   if num_processes is not None or process_id is not None:
     raise ValueError('distributed: num_processes / process_id given without a coordinator '
                      'address (--coordinator_address or $JAX_COORDINATOR_ADDRESS)')
   return False
+
+
+def _in_cluster(env) -> bool:
+  """Whether the environment names a multi-host job. One TPU worker host (a single-host VM, or
+  `flmjax aot`'s compile-only settings) is not a cluster."""
+  hosts = [h for h in (env('TPU_WORKER_HOSTNAMES') or '').split(',') if h.strip()]
+  return len(hosts) > 1 or any(env(m) for m in _CLUSTER_MARKERS if m != 'TPU_WORKER_HOSTNAMES')
 
 
 def _env_int(name: str) -> int | None:

@@ -71,3 +71,13 @@ def test_distributed_settings_are_checked(monkeypatch):
   with pytest.raises(ValueError, match=r"\$JAX_NUM_PROCESSES='two' is not an integer"):
     shd.initialize_distributed()
   assert not jax.distributed.is_initialized()
+
+
+def test_one_tpu_worker_host_is_not_a_cluster():
+  # `flmjax aot` sets TPU_WORKER_HOSTNAMES=localhost to compile; a later train in the same process
+  # must not try to join a multi-host job because of it.
+  env = lambda d: d.get
+  assert not shd._in_cluster(env({'TPU_WORKER_HOSTNAMES': 'localhost'}))
+  assert not shd._in_cluster(env({}))
+  assert shd._in_cluster(env({'TPU_WORKER_HOSTNAMES': '10.0.0.1,10.0.0.2'}))
+  assert shd._in_cluster(env({'SLURM_JOB_NUM_NODES': '2'}))
