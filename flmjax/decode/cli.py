@@ -50,12 +50,8 @@ def _parser() -> ArgumentParser:
   ap.add_argument('--tail', type=int, default=0,
                   help='extra steps with PAD user input after the user ends (max_delay returns '
                        'every frame the model produced while the user spoke)')
-  from flmjax.decode.sampling import SamplingConfig
-  for field in ('temp', 'top_k', 'top_p', 'repetition_penalty'):
-    for kind in ('text', 'audio'):
-      name = f'{field}_{kind}'
-      default = getattr(SamplingConfig, name)
-      ap.add_argument('--' + name.replace('_', '-'), type=type(default), default=default)
+  from flmjax.decode.sampling import add_sampling_flags
+  add_sampling_flags(ap)
   return ap
 
 

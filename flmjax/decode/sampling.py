@@ -162,3 +162,12 @@ def sample(keys: jax.Array, logits: jax.Array, params: StreamParams, window: jax
 
   # Truncation costs most of the sampling time; skip it when every row is greedy.
   return jax.lax.cond(jnp.all(argmax_rows), lambda: best, draw)
+
+
+def add_sampling_flags(ap) -> None:
+  """--temp-text, --top-k-audio, ...: one argparse flag per SamplingConfig field, same defaults."""
+  for field in ('temp', 'top_k', 'top_p', 'repetition_penalty'):
+    for kind in ('text', 'audio'):
+      name = f'{field}_{kind}'
+      default = getattr(SamplingConfig, name)
+      ap.add_argument('--' + name.replace('_', '-'), type=type(default), default=default)

@@ -15,7 +15,7 @@ from flmjax.cli import ArgumentParser, command
 
 
 def _parser() -> ArgumentParser:
-  from flmjax.decode import SamplingConfig
+  from flmjax.decode.sampling import add_sampling_flags
   ap = ArgumentParser(prog='flmjax serve', description=__doc__.split('\n\n')[0])
   ap.add_argument('--checkpoint', required=True, help='official-layout dir or orbax run dir')
   ap.add_argument('--mimi', required=True, help='Mimi safetensors file or directory')
@@ -36,11 +36,7 @@ def _parser() -> ArgumentParser:
                   help='unsent reply messages before a client counts as a stalled reader')
   ap.add_argument('--idle-s', type=float, default=30.0, help='close a session silent this long')
   ap.add_argument('--greedy', action='store_true', help='argmax after the repetition penalty')
-  for field in ('temp', 'top_k', 'top_p', 'repetition_penalty'):
-    for kind in ('text', 'audio'):
-      name = f'{field}_{kind}'
-      default = getattr(SamplingConfig, name)
-      ap.add_argument('--' + name.replace('_', '-'), type=type(default), default=default)
+  add_sampling_flags(ap)
   return ap
 
 
