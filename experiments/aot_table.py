@@ -25,6 +25,8 @@ ROWS = [
     ('v5e:2x2', 8192, 1, 1, 4, 'full', 'decode'),
     ('v5e:2x2', 8192, 8, 1, 4, 'full', 'decode'),
     ('v5e:2x2', 8192, 32, 1, 4, 'full', 'decode'),
+    ('v5p:4x4x4', 4096, 64, 64, 1, 'dots', 'train'),  # is full remat needed at 4096?
+    ('v5p:4x4x4', 4096, 64, 64, 1, 'none', 'train'),
 ]
 
 
