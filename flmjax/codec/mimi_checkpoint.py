@@ -127,10 +127,14 @@ def params_from_state_dict(cfg: MimiConfig, get: Callable[[str], np.ndarray]):
   params['quantizer'] = {
       'first_in': proj('rvq_first', 'input'), 'first_out': proj('rvq_first', 'output'),
       'rest_in': proj('rvq_rest', 'input'), 'rest_out': proj('rvq_rest', 'output'),
-      'codebooks': np.stack([codebook(p) for p in _codebook_prefixes(cfg, cfg.num_codebooks)])}
+      'codebooks': [codebook(p) for p in _codebook_prefixes(cfg, cfg.num_codebooks)]}
+  # One array per codebook (a slice of a stacked [K,V,Q] is copied before every matmul on CPU),
+  # with its squared norms precomputed for the nearest-neighbour search.
+  params['quantizer']['norms'] = [np.sum(np.square(c), -1) for c in params['quantizer']['codebooks']]
   axes['quantizer'] = {'first_in': ('embed', 'codebook_dim'), 'first_out': ('codebook_dim', 'embed'),
                        'rest_in': ('embed', 'codebook_dim'), 'rest_out': ('codebook_dim', 'embed'),
-                       'codebooks': ('codebook', 'codebook_entries', 'codebook_dim')}
+                       'codebooks': [('codebook_entries', 'codebook_dim')] * cfg.num_codebooks,
+                       'norms': [('codebook_entries',)] * cfg.num_codebooks}
   params['downsample'] = {'w': get('downsample.conv.conv.conv.weight').transpose(2, 1, 0)}  # [K,I,O]
   axes['downsample'] = {'w': ('conv_kernel', 'conv_in', 'conv_out')}
   params['upsample'] = {'w': get('upsample.convtr.convtr.convtr.weight')[:, 0, :].T}  # [K,C]

@@ -61,13 +61,16 @@ def _attend(q, k, v, visible):
   return jnp.einsum('BNTS,BSNH->BTNH', jax.nn.softmax(logits, axis=-1), v)
 
 
-def _attend_few(q, k, v, visible):
-  """`_attend` for a few queries (a streaming step), as broadcast products and sums: XLA:CPU
-  runs these fused, while a batched dot with T=2 rows is very slow there."""
-  logits = (q[:, :, None] * k[:, None]).sum(-1) / math.sqrt(q.shape[-1])  # [B,T,S,N]
-  logits = jnp.where(visible[..., None], logits, NEG_INF)
-  probs = jax.nn.softmax(logits, axis=2)  # [B,T,S,N]
-  return (probs[..., None] * v[:, None]).sum(2)  # [B,T,N,H]
+def _attend_cache(q, k, v, visible):
+  """`_attend` for a streaming step against the ring cache: q [B,T,N,H], k [B,N,H,S],
+  v [B,N,S,H], visible [B,T,S] -> [B,T,N,H]. These layouts make both products plain batched
+  matmuls over (B,N) with S contiguous; XLA:CPU runs them several times faster than on [B,S,N,H]
+  (the step is bound by reading the cache)."""
+  q = q.transpose(0, 2, 1, 3)  # [B,N,T,H]
+  logits = jnp.einsum('BNTH,BNHS->BNTS', q, k) / math.sqrt(q.shape[-1])
+  logits = jnp.where(visible[:, None], logits, NEG_INF)
+  out = jnp.einsum('BNTS,BNSH->BNTH', jax.nn.softmax(logits, axis=-1), v)
+  return out.transpose(0, 2, 1, 3)  # [B,T,N,H]
 
 
 def _finish(cfg, p, x, attn):
@@ -108,9 +111,10 @@ def forward(cfg: MimiConfig, params, x: jax.Array) -> jax.Array:
 
 
 def init_state(cfg: MimiConfig, batch: int, dtype=jnp.float32):
-  """Ring KV cache per layer ([B, context, N, H]) and the stream offset [B] (steps written)."""
-  shape = (batch, cfg.context, cfg.num_heads, cfg.head_dim)
-  layers = [{'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
+  """Ring KV cache per layer (k [B,N,H,context], v [B,N,context,H]: the layouts `_attend_cache`
+  wants) and the stream offset [B] (steps written)."""
+  B, N, H, C = batch, cfg.num_heads, cfg.head_dim, cfg.context
+  layers = [{'k': jnp.zeros((B, N, H, C), dtype), 'v': jnp.zeros((B, N, C, H), dtype)}
             for _ in range(cfg.num_layers)]
   return {'layers': layers, 'offset': jnp.zeros((batch,), jnp.int32)}
 
@@ -129,11 +133,13 @@ def step(cfg: MimiConfig, params, state, x: jax.Array):
   k_pos = jnp.where(jnp.arange(cap)[None, :] >= (offset + T)[:, None], -1, k_pos)
   d = positions[:, :, None] - k_pos[:, None, :]  # [B,T,cap]
   visible = (k_pos[:, None, :] >= 0) & (d >= 0) & (d < cap)
-  rows = jnp.arange(B)[:, None]
+  # Scatter indices broadcasting to [B,T,N]: v[b, n, write[b,t]] = v_new[b,t,n], and for k the
+  # same slot along its last axis (advanced indices split by a slice go first: k_new is [B,T,N,H]).
+  b, n, w = jnp.arange(B)[:, None, None], jnp.arange(cfg.num_heads)[None, None], write[:, :, None]
   layers = []
   for p, kv in zip(params['layers'], state['layers']):
-    q, k, v = _qkv(cfg, p, x, positions)
-    kv = {'k': kv['k'].at[rows, write].set(k), 'v': kv['v'].at[rows, write].set(v)}
-    x = _finish(cfg, p, x, _attend_few(q, kv['k'], kv['v'], visible))
+    q, k, v = _qkv(cfg, p, x, positions)  # [B,T,N,H]
+    kv = {'k': kv['k'].at[b, n, :, w].set(k), 'v': kv['v'].at[b, n, w].set(v)}
+    x = _finish(cfg, p, x, _attend_cache(q, kv['k'], kv['v'], visible))
     layers.append(kv)
   return x, {'layers': layers, 'offset': offset + T}
