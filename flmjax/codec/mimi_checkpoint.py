@@ -83,9 +83,11 @@ def params_from_state_dict(cfg: MimiConfig, get: Callable[[str], np.ndarray]):
     keys, tree, tree_axes = _seanet_keys(cfg, decoder), {}, {}
     for name, *_ in (seanet.decoder_convs if decoder else seanet.encoder_convs)(cfg):
       w = get(f'{keys[name]}.weight')
-      if name.endswith('.up'):
-        p = {'w': w.transpose(0, 2, 1), 'b': get(f'{keys[name]}.bias')}  # [I,K,O]
-        a = {'w': ('conv_in', 'conv_kernel', 'conv_out'), 'b': ('conv_out',)}
+      if name.endswith('.up'):  # [I,O,2S] -> [2,I,S*O]: taps for x[t-1] (k = S+s), x[t] (k = s)
+        cin, cout, k = w.shape
+        w = w.reshape(cin, cout, 2, k // 2).transpose(2, 0, 3, 1)[::-1].reshape(2, cin, -1)
+        p = {'w': w, 'b': get(f'{keys[name]}.bias')}
+        a = {'w': ('conv_kernel', 'conv_in', 'conv_out'), 'b': ('conv_out',)}
       else:
         p = {'w': w.transpose(2, 1, 0), 'b': get(f'{keys[name]}.bias')}  # [K,I,O]
         a = {'w': ('conv_kernel', 'conv_in', 'conv_out'), 'b': ('conv_out',)}

@@ -1,7 +1,8 @@
 """SEANet encoder/decoder of Mimi: causal 1-D convolutions in NWC layout, batch and streaming alike.
 
 Every causal convolution keeps a left context ("tail") of `effective_kernel - stride` inputs, and
-every transposed convolution (kernel = 2 * stride) a right overhang ("partial") of `stride` outputs.
+every transposed convolution (kernel = 2 * stride) its last input, which the next step's first
+output block still needs (the official code keeps a `stride`-long output overhang instead).
 A batch call is one streaming step from a fresh (zero) state, so the two modes share the code and
 agree exactly, as the official StreamingConv1d / StreamingConvTranspose1d do.
 
@@ -73,23 +74,32 @@ def conv1d(p: Params, x: jax.Array, tail: jax.Array, stride: int = 1, dilation: 
   -> (y [B,T/S,O], new tail [B,P,I]).
   """
   xx = jnp.concatenate([tail, x], axis=1) if tail.shape[1] else x  # [B,P+T,I]
-  y = jax.lax.conv_general_dilated(xx, p['w'], (stride,), 'VALID', rhs_dilation=(dilation,),
-                                   dimension_numbers=('NWC', 'WIO', 'NWC'))  # [B,T/S,O]
+  K, I, O = p['w'].shape
+  T = x.shape[1]
+  if stride == 1 and I == 1:  # the mono input conv: a fused sum over taps beats XLA:CPU's conv 5x
+    y = sum(xx[:, k * dilation:k * dilation + T] * p['w'][k] for k in range(K))  # [B,T,O]
+  elif stride == 1 and O == 1:  # the mono output conv: one [I,K] matmul, then shifted taps (3x)
+    z = dense(xx, p['w'][:, :, 0].T)  # BTI,IK->BTK [B,P+T,K]
+    y = sum(z[:, k * dilation:k * dilation + T, k] for k in range(K))[..., None]  # [B,T,1]
+  else:
+    y = jax.lax.conv_general_dilated(xx, p['w'], (stride,), 'VALID', rhs_dilation=(dilation,),
+                                     dimension_numbers=('NWC', 'WIO', 'NWC'))  # [B,T/S,O]
   if 'b' in p:
     y = y + p['b']
   return y, xx[:, xx.shape[1] - tail.shape[1]:]
 
 
-def conv_transpose1d(p: Params, x: jax.Array, partial: jax.Array, stride: int):
-  """Causal transposed conv with kernel 2S as matmul + overlap-add. x [B,T,I], w [I,K,O],
-  partial [B,S,O] (the previous step's overhang, bias excluded). -> (y [B,T*S,O], partial)."""
+def conv_transpose1d(p: Params, x: jax.Array, tail: jax.Array, stride: int):
+  """Causal transposed conv with kernel 2S, as a kernel-2 conv to S*O channels: output block t
+  ([S,O]) is x[t-1] @ w[k=S..2S) + x[t] @ w[k=0..S). x [B,T,I], w [2,I,S*O] (see
+  mimi_checkpoint), tail [B,1,I] (the previous step's last input). -> (y [B,T*S,O], tail).
+  One conv, no overlap-add of [B,T,2,S,O] halves: less memory traffic than matmul + add."""
   B, T, _ = x.shape
-  z = dense(x, p['w']).reshape(B, T, 2, stride, -1)  # BTI,IKO->BTKO [B,T,2,S,O]
-  over = jnp.concatenate([partial[:, None], z[:, :-1, 1]], axis=1)  # [B,T,S,O]
-  y = (z[:, :, 0] + over).reshape(B, T * stride, -1)  # [B,T*S,O]
+  y, tail = conv1d({'w': p['w']}, x, tail)  # [B,T,S*O]
+  y = y.reshape(B, T * stride, -1)  # [B,T*S,O]
   if 'b' in p:
     y = y + p['b']
-  return y, z[:, -1, 1]
+  return y, tail
 
 
 def depthwise_conv_transpose1d(w: jax.Array, x: jax.Array, partial: jax.Array, stride: int):
@@ -106,7 +116,7 @@ def init_state(cfg: MimiConfig, batch: int, decoder: bool, dtype=jnp.float32) ->
   state = {}
   for name, cin, cout, k, s, d in (decoder_convs if decoder else encoder_convs)(cfg):
     if name.endswith('.up'):
-      state[name] = jnp.zeros((batch, s, cout), dtype)
+      state[name] = jnp.zeros((batch, 1, cin), dtype)
     else:
       state[name] = jnp.zeros((batch, (k - 1) * d + 1 - s, cin), dtype)
   return state
