@@ -103,16 +103,17 @@ def params_from_state_dict(cfg: MimiConfig, get: Callable[[str], np.ndarray]):
       norm = lambda n: {'scale': get(f'{p}.{n}.weight'), 'bias': get(f'{p}.{n}.bias')}
       layers.append({
           'norm1': norm('norm1'), 'norm2': norm('norm2'),
-          'qkv': get(f'{p}.self_attn.in_proj_weight').reshape(3, N, H, D).transpose(3, 0, 1, 2),
-          'out': get(f'{p}.self_attn.out_proj.weight').T.reshape(N, H, D),
-          'linear1': get(f'{p}.linear1.weight').T, 'linear2': get(f'{p}.linear2.weight').T,
+          # torch's [out, in] layout: the transformer computes W @ X^T (mimi_transformer.linear_t)
+          'qkv': get(f'{p}.self_attn.in_proj_weight').reshape(3, N, H, D),
+          'out': get(f'{p}.self_attn.out_proj.weight').reshape(D, N, H),
+          'linear1': get(f'{p}.linear1.weight'), 'linear2': get(f'{p}.linear2.weight'),
           'layer_scale_1': get(f'{p}.layer_scale_1.scale'),
           'layer_scale_2': get(f'{p}.layer_scale_2.scale')})
       norm_axes = {'scale': ('norm',), 'bias': ('norm',)}
       layer_axes.append({'norm1': norm_axes, 'norm2': norm_axes,
-                         'qkv': ('embed', 'qkv', 'q_heads', 'head_dim'),
-                         'out': ('q_heads', 'head_dim', 'embed'), 'linear1': ('embed', 'mlp'),
-                         'linear2': ('mlp', 'embed'), 'layer_scale_1': ('norm',),
+                         'qkv': ('qkv', 'q_heads', 'head_dim', 'embed'),
+                         'out': ('embed', 'q_heads', 'head_dim'), 'linear1': ('mlp', 'embed'),
+                         'linear2': ('embed', 'mlp'), 'layer_scale_1': ('norm',),
                          'layer_scale_2': ('norm',)})
     return {'layers': layers}, {'layers': layer_axes}
 
