@@ -72,17 +72,19 @@ def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
 
 
 def stream_ours(mimi: Mimi, pcm: np.ndarray):
-  """pcm [B, F*1920] -> per-frame seconds [F], codes [B,8,F]."""
+  """pcm [B, F*1920] -> per-frame seconds [F], per-frame process CPU seconds [F] (all threads:
+  less sensitive than wall time to other jobs on a shared machine), codes [B,8,F]."""
   state = mimi.init_stream(pcm.shape[0])
-  times, codes = [], []
+  times, cpu, codes = [], [], []
   for f in range(pcm.shape[1] // FRAME):
-    t = time.perf_counter()
+    t, c0 = time.perf_counter(), time.process_time()
     state, c = mimi.encode_step(state, pcm[:, f * FRAME:(f + 1) * FRAME])
     state, y = mimi.decode_step(state, c)
     y.block_until_ready()
     times.append(time.perf_counter() - t)
+    cpu.append(time.process_time() - c0)
     codes.append(np.asarray(c))
-  return np.array(times), np.stack(codes, -1)
+  return np.array(times), np.array(cpu), np.stack(codes, -1)
 
 
 def stream_official(model, pcm: np.ndarray):
@@ -137,25 +139,27 @@ def main():
     t = time.perf_counter()
     stream_ours(ours, pcm[:, :FRAME])
     compile_s = time.perf_counter() - t
-    ours_t, off_t, agree, threads = [], [], None, None
+    ours_t, ours_cpu, off_t, agree, threads = [], [], [], None, None
     if official is not None:
       threads = best_torch_threads(official, pcm[:, :4 * FRAME])
     for _ in range(args.rounds):
-      times, codes = stream_ours(ours, pcm)
+      times, cpu, codes = stream_ours(ours, pcm)
       ours_t.append(times[warm:])
+      ours_cpu.append(cpu[warm:])
       if official is not None:
         times, ref = stream_official(official, pcm)
         off_t.append(times[warm:])
         agree = float((codes == ref).mean())
     peak = matmul_gflops()
     ours_ms = 1e3 * float(np.median(np.concatenate(ours_t)))
+    cpu_ms = 1e3 * float(np.median(np.concatenate(ours_cpu)))
     achieved = batch * flops_per_frame(cfg) / (ours_ms / 1e3) / 1e9
     off_ms = 1e3 * float(np.median(np.concatenate(off_t))) if off_t else None
     rows.append((f'stream B={batch}', f'{ours_ms:.1f} ms/frame',
                  f'{off_ms:.1f} ms/frame' if off_ms else '-',
                  f'{off_ms / ours_ms:.2f}x' if off_ms else '-',
                  f'{achieved:.0f} GFLOP/s of a {peak:.0f} GFLOP/s matmul now; '
-                 f'compile {compile_s:.1f} s' + (f'; codes agree {agree:.4f}; torch threads '
+                 f'CPU time {cpu_ms:.1f} ms/frame; compile {compile_s:.1f} s' + (f'; codes agree {agree:.4f}; torch threads '
                                                  f'{threads}' if agree is not None else '')))
 
   # Batch encode throughput (seconds of audio per second of wall time).
