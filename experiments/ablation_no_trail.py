@@ -5,6 +5,8 @@ Trains experiments/configs/tiny_dual.py twice per seed, once as is and once with
 - ASR: single-speaker speech on the listen stream, its text trailing (text accuracy);
 - TTS: the same speech on the speak stream, its text leading (text and semantic accuracy);
 - duplex: teacher-forced accuracies and streaming chat turns answered exactly right.
+ASR and TTS are measured twice: at the end of stage 1 (the run stops there, is evaluated, then
+resumes exactly), where the trail samples act, and at the end, after the duplex stage.
 The seed sets the initialisation and the data order; the corpus is the same for every run.
 
   .venv/bin/python experiments/ablation_no_trail.py [--root runs/ablation] [--seeds 0,1,2]
@@ -20,6 +22,7 @@ import time
 import numpy as np
 
 from flmjax import main as main_lib
+from flmjax.platforms import cpu_unless_accelerator
 from flmjax.train.evaluate import evaluate
 from flmjax.train.loop import train
 
@@ -34,9 +37,16 @@ def run(variant: str, seed: int, root: str) -> dict:
   tc = module.get_config(os.path.join(root, f'{variant}_seed{seed}'),
                          no_trail=(variant == 'no_trail'), seed=seed)
   sets = main_lib.heldout_sets(tc)
-  t0 = time.time()
-  result = train(tc.replace(eval_sources=(), progress_bar=False), log=lambda *a, **k: None)
-  row = {'train_s': time.time() - t0}
+  tc = tc.replace(eval_sources=(), progress_bar=False)
+  quiet = lambda *a, **k: None
+  row, t0 = {}, time.time()
+  stage1 = train(tc, stop_after=tc.stages[0].steps, log=quiet)  # saved; the next call resumes
+  for name, sources in sets.items():
+    if not name.startswith('duplex'):
+      m = evaluate(tc, stage1['spec'], stage1['mesh'], stage1['state'].params, sources)
+      row[f'after stage 1, {name}: acc_text'] = m['acc_text']
+  result = train(tc, log=quiet)
+  row['train_s'] = time.time() - t0
   for name, sources in sets.items():
     m = evaluate(tc, result['spec'], result['mesh'], result['state'].params, sources)
     for k in ('acc_text', 'acc_semantic'):
@@ -73,4 +83,5 @@ def main() -> None:
 
 
 if __name__ == '__main__':
+  cpu_unless_accelerator()  # a CPU host with libtpu installed: no TPU probing
   main()

@@ -38,6 +38,7 @@ if importlib.util.find_spec('flax') is None:  # load flmjax.model.attention with
   sys.modules['flmjax.sharding'] = types.ModuleType('flmjax.sharding')
   sys.modules['flmjax'].sharding = sys.modules['flmjax.sharding']
 from flmjax.model import attention  # noqa: E402
+from flmjax.platforms import cpu_unless_accelerator
 
 
 def timed(fn, *args, n: int = 5) -> float:
@@ -153,4 +154,5 @@ def main():
 
 
 if __name__ == '__main__':
+  cpu_unless_accelerator()  # a CPU host with libtpu installed: no TPU probing
   main()

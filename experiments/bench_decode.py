@@ -21,6 +21,7 @@ from flax import nnx
 from flmjax.config import ModelConfig
 from flmjax.decode import SamplingConfig, StreamingDecoder
 from flmjax.model import create
+from flmjax.platforms import cpu_unless_accelerator
 
 
 def bandwidth(nbytes: int = 1 << 29, repeats: int = 7) -> float:
@@ -117,4 +118,5 @@ def main():
 
 
 if __name__ == '__main__':
+  cpu_unless_accelerator()  # a CPU host with libtpu installed: no TPU probing
   main()

@@ -27,6 +27,7 @@ from flax import nnx  # noqa: E402
 
 from flmjax.config import ModelConfig  # noqa: E402
 from flmjax.model import depth as depth_lib  # noqa: E402
+from flmjax.platforms import cpu_unless_accelerator
 from kernels import depth_step, reference  # noqa: E402
 
 # Triton tilings tried per batch size (the fastest is reported): nb sets how many CTAs share a
@@ -185,4 +186,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
+  cpu_unless_accelerator()  # a CPU host with libtpu installed: no TPU probing
   sys.exit(main())

@@ -21,6 +21,7 @@ import numpy as np
 
 from flmjax.codec import Mimi, MimiConfig
 from flmjax.codec.mimi_checkpoint import random_state_dict
+from flmjax.platforms import cpu_unless_accelerator
 
 FRAME = 1920
 
@@ -190,4 +191,5 @@ def main():
 
 
 if __name__ == '__main__':
+  cpu_unless_accelerator()  # a CPU host with libtpu installed: no TPU probing
   main()

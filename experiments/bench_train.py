@@ -24,6 +24,7 @@ import numpy as np
 
 from flmjax import sharding as shd
 from flmjax.config import ModelConfig
+from flmjax.platforms import cpu_unless_accelerator
 from flmjax.train import data as data_lib
 from flmjax.train import state as st
 from flmjax.train import step as sp
@@ -167,4 +168,5 @@ def main():
 
 
 if __name__ == '__main__':
+  cpu_unless_accelerator()  # a CPU host with libtpu installed: no TPU probing
   main()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
+import sys
 
 
 def tpu_chips_present() -> bool:
@@ -21,3 +22,5 @@ def cpu_unless_accelerator(env=os.environ) -> None:
                                                          'jax_rocm60_plugin'))
   if not tpu_chips_present() and not gpu_plugin:
     env['JAX_PLATFORMS'] = 'cpu'
+    if 'jax' in sys.modules and env is os.environ:  # jax read its env at import (flmjax imports
+      sys.modules['jax'].config.update('jax_platforms', 'cpu')  # it): set the flag too

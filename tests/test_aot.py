@@ -114,16 +114,18 @@ def test_sharding_report_bytes_per_device():
   assert lines[-1].startswith('  optimizer state:')
 
 
-def test_cli_on_cpu_host_with_libtpu_is_quiet():
-  """libtpu installed, no TPU: the CLI pins JAX to the CPU, so nothing probes for a TPU."""
+def test_cli_on_cpu_host_with_libtpu_is_quiet(golden_dir):
+  """libtpu installed, no TPU: the CLI pins JAX to the CPU, so nothing probes for a TPU, even
+  though importing flmjax has imported jax already (as every command does)."""
   import importlib.util
   assert importlib.util.find_spec('libtpu') is not None, 'the test extra installs libtpu'
   env = {k: v for k, v in os.environ.items() if k not in ('JAX_PLATFORMS', 'XLA_FLAGS')}
-  code = ('from flmjax.platforms import cpu_unless_accelerator; cpu_unless_accelerator(); import jax; '
-          'print(jax.devices()[0].platform)')
+  code = ('import sys, flmjax.cli, jax; assert "jax" in sys.modules; '
+          f'rc = flmjax.cli.main(["main", "--parity", "--golden", {str(golden_dir)!r}]); '
+          'print(jax.devices()[0].platform); sys.exit(rc)')
   out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
-                       timeout=120)
-  assert out.returncode == 0 and out.stdout.strip() == 'cpu'
+                       timeout=300)
+  assert out.returncode == 0 and out.stdout.strip().endswith('cpu'), out.stdout + out.stderr
   assert 'TPU' not in out.stderr and 'libtpu' not in out.stderr, out.stderr
 
 

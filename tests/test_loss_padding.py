@@ -1,4 +1,5 @@
-"""The chunked text loss against the plain one, and the padded vocab / depth MLP layout."""
+"""The blocked text and audio losses and the fused cross-entropy against the plain ones, and the
+padded vocab / depth MLP layout."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,6 +64,55 @@ def test_chunked_text_loss_equals_plain(model):
       assert _rel(g, r) < 1e-5, path
     else:
       assert not np.any(g), path
+
+
+def _plain_audio(model, tokens, weights):
+  """The reference: Σ w·ce per audio stream from the whole [B,T,C,A] float32 log-softmax."""
+  out = model(**loss_lib.model_inputs(model.cfg, tokens))
+  C = model.cfg.num_codebooks
+  tgt = jnp.swapaxes(tokens[:, 1:1 + C, 1:], 1, 2)  # [B,T,C]
+  w = jnp.swapaxes(weights[:, 1:1 + C, 1:], 1, 2)
+  logp = jax.nn.log_softmax(out.depth_logits.astype(jnp.float32), axis=-1)
+  ce = -jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]
+  hit = (w > 0) & (jnp.argmax(out.depth_logits, -1) == tgt)
+  return {'semantic_wce': jnp.sum(w[..., 0] * ce[..., 0]), 'acoustic_wce': jnp.sum(w[..., 1:] * ce[..., 1:]),
+          'semantic_correct': jnp.sum(hit[..., 0]), 'acoustic_correct': jnp.sum(hit[..., 1:])}
+
+
+def test_codebook_audio_loss_equals_plain(model):
+  tokens, weights = _batch(model.cfg, seed=5)
+  sums = jax.jit(lambda m: loss_lib.loss_sums(m, tokens, weights))(model)
+  want = jax.jit(lambda m: _plain_audio(m, tokens, weights))(model)
+  for k in ('semantic_wce', 'acoustic_wce'):
+    assert abs(float(sums[k]) - float(want[k])) <= F32_TOL * abs(float(want[k])), k
+  for k in ('semantic_correct', 'acoustic_correct'):
+    assert float(sums[k]) == float(want[k]), k  # random logits: no ties, so hit == argmax
+  audio = lambda s: s['semantic_wce'] + s['acoustic_wce']
+  got = _grads(model, lambda m: audio(loss_lib.loss_sums(m, tokens, weights)))
+  ref = _grads(model, lambda m: audio(_plain_audio(m, tokens, weights)))
+  for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(ref)):
+    if np.any(r):
+      assert _rel(g, r) < 1e-5, path
+    else:
+      assert not np.any(g), path
+
+
+def test_fused_cross_entropy_against_log_softmax():
+  x = jax.random.normal(jax.random.key(0), (3, 5, 300)) * 4  # [B,T,V]
+  t = jax.random.randint(jax.random.key(1), (3, 5), 0, 300)
+  w = jax.random.uniform(jax.random.key(2), (3, 5))
+  plain = lambda x: -jnp.take_along_axis(jax.nn.log_softmax(x, -1), t[..., None], -1)[..., 0]
+  ce, hit, also = loss_lib._ce(x, t, 7)
+  assert _rel(ce, plain(x)) < F32_TOL
+  np.testing.assert_array_equal(hit, jnp.argmax(x, -1) == t)
+  np.testing.assert_array_equal(also, jnp.argmax(x, -1) == 7)
+  g = jax.grad(lambda x: jnp.sum(w * loss_lib._ce(x, t)[0]))(x)
+  assert _rel(g, jax.grad(lambda x: jnp.sum(w * plain(x)))(x)) < 1e-5
+  # A tie at the top counts as a hit for every tied id (argmax would take the first only).
+  tied = jnp.zeros((1, 4)).at[0, 1].set(1.0).at[0, 3].set(1.0)
+  _, hit1, also3 = loss_lib._ce(tied, jnp.array([1]), 3)
+  assert bool(hit1[0]) and bool(also3[0])
+  assert not bool(loss_lib._ce(tied, jnp.array([0]))[1][0])
 
 
 def test_chunked_text_loss_bf16_against_float32(model):

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from flmjax.config import ModelConfig
-from flmjax.train import data as data_lib
 from flmjax.train import loop
 from flmjax.train.checkpointing import Checkpointer, CheckpointCorruptError
 from flmjax.train.config import MeshConfig, OptimConfig, StageConfig, TrainConfig
 from flmjax.train.loop import NonFiniteError, train
+from poisoned import poison_batch
 
 
 def _tc(run_dir, **kw):
@@ -87,23 +87,7 @@ def test_metrics_reach_the_host_only_every_log_every_steps(tmp_path, monkeypatch
 
 
 def test_nan_between_fetches_still_stops_before_any_save(tmp_path, monkeypatch):
-  make = data_lib.make_stage_loader
-
-  class Poisoned:
-    def __init__(self, inner):
-      self.inner, self.n = inner, 0
-    def __next__(self):
-      batch, self.n = next(self.inner), self.n + 1
-      if self.n == 3:
-        batch['weights'] = batch['weights'].copy()
-        batch['weights'][0, 0, 5] = np.nan
-      return batch
-    def get_state(self):
-      return self.inner.get_state()
-    def set_state(self, s):
-      self.inner.set_state(s)
-
-  monkeypatch.setattr(data_lib, 'make_stage_loader', lambda *a, **k: Poisoned(make(*a, **k)))
+  poison_batch(monkeypatch, at=3)
   stages = (StageConfig('a', 5, random_data=True, peak_lr=3e-3),)
   tc = _tc(tmp_path, stages=stages, log_every=10, checkpoint_every=4)
   with pytest.raises(NonFiniteError, match=r"at step 3 \(stage 'a', step 3 of the stage\)"):

@@ -16,6 +16,7 @@ from flmjax.train.checkpointing import Checkpointer
 from flmjax.train.config import MeshConfig, OptimConfig, StageConfig, TrainConfig, TrainConfigError
 from flmjax.train.loop import NonFiniteError, train
 from flmjax.train.schedule import learning_rate
+from poisoned import poison_batch
 
 
 def _tc(run_dir, **kw):
@@ -153,23 +154,7 @@ def test_batch_must_split_over_the_mesh(tmp_path):
 
 
 def test_nan_stops_the_run_and_writes_no_checkpoint(tmp_path, monkeypatch):
-  make = data_lib.make_stage_loader
-
-  class Poisoned:
-    def __init__(self, inner):
-      self.inner, self.n = inner, 0
-    def __next__(self):
-      batch, self.n = next(self.inner), self.n + 1
-      if self.n == 3:
-        batch['weights'] = batch['weights'].copy()
-        batch['weights'][0, 0, 5] = np.nan
-      return batch
-    def get_state(self):
-      return self.inner.get_state()
-    def set_state(self, s):
-      self.inner.set_state(s)
-
-  monkeypatch.setattr(data_lib, 'make_stage_loader', lambda *a, **k: Poisoned(make(*a, **k)))
+  poison_batch(monkeypatch, at=3)
   tc = _tc(tmp_path)
   with pytest.raises(NonFiniteError, match=r"at step 3 \(stage 'a', step 3 of the stage\)"):
     train(tc, log=lambda *a: None)

@@ -22,7 +22,7 @@ LAYER_PARAMS = ('ln_1', 'qkv', 'proj', 'ln_2', 'gate', 'up', 'down')
 
 # Logical axes of the teacher-forced activations, rows R = B*T over the batch mesh axes.
 RCD = ('activation_batch', None, 'activation_embed')
-RCF = ('activation_batch', None, 'activation_depth_mlp')
+CRF = (None, 'activation_batch', 'activation_depth_mlp')
 
 
 def init_cache(cfg: ModelConfig, batch: int, dtype=None) -> dict:
@@ -59,9 +59,12 @@ def layer(p: dict, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, start: 
   x = x + jnp.einsum('RChe,hed->RCd', att, p['proj'])
   y = layers.rms_norm(x, p['ln_2'], eps)
   mlp = lambda w: jax.lax.dynamic_slice_in_dim(w, start, width, 0)  # [C',d,f] / [C',f,d]
-  g = shd.constrain(jnp.einsum('RCd,Cdf->RCf', y, mlp(p['gate'])), RCF)
-  u = shd.constrain(jnp.einsum('RCd,Cdf->RCf', y, mlp(p['up'])), RCF)
-  x = x + jnp.einsum('RCf,Cfd->RCd', jax.nn.silu(g) * u, mlp(p['down']))
+  # Codebook-major inside the MLP: the matmuls are batched over C, which XLA wants leading, so
+  # only the d-wide in and out are transposed, never the f-wide activations.
+  y = jnp.swapaxes(y, 0, 1)  # [C',R,d]
+  g = shd.constrain(jnp.einsum('CRd,Cdf->CRf', y, mlp(p['gate'])), CRF)
+  u = shd.constrain(jnp.einsum('CRd,Cdf->CRf', y, mlp(p['up'])), CRF)
+  x = x + jnp.swapaxes(jnp.einsum('CRf,Cfd->CRd', jax.nn.silu(g) * u, mlp(p['down'])), 0, 1)
   return x, k_cache, v_cache
 
 
@@ -121,6 +124,11 @@ class DepthTransformer(nnx.Module):
 
   def __call__(self, h: jax.Array, prev: jax.Array, remat_policy=None) -> jax.Array:
     """Teacher-forced: h [B,T,D], prev [B,T,C-1] (codes of codebooks 0..C-2) -> [B,T,C,A]."""
+    return self.logits(self.features(h, prev, remat_policy))
+
+  def features(self, h: jax.Array, prev: jax.Array, remat_policy=None) -> jax.Array:
+    """Teacher-forced final-normed states: h [B,T,D], prev [B,T,C-1] -> [B,T,C,d]; the loss
+    applies the heads itself, a codebook at a time (train.loss.audio_cross_entropy)."""
     cfg, dt = self.cfg, h.dtype
     b, t, _ = h.shape
     C = cfg.num_codebooks
@@ -137,9 +145,15 @@ class DepthTransformer(nnx.Module):
       body = jax.checkpoint(body, policy=remat_policy, prevent_cse=False)
     x, _ = jax.lax.scan(body, x, values(self, LAYER_PARAMS, dt))
     x = layers.rms_norm(x, self.ln_f[...].astype(dt), cfg.depth_rms_eps)
-    logits = shd.constrain(jnp.einsum('RCd,CdA->RCA', x, self.heads[...].astype(dt)),
-                           ('activation_batch', None, None))
-    return logits.reshape(b, t, C, cfg.audio_vocab_size)
+    return x.reshape(b, t, C, cfg.depth_dim)
+
+  def logits(self, x: jax.Array) -> jax.Array:
+    """x [B,T,C,d] -> [B,T,C,A]."""
+    b, t, C, d = x.shape
+    logits = shd.constrain(
+        jnp.einsum('RCd,CdA->RCA', x.reshape(b * t, C, d), self.heads[...].astype(x.dtype)),
+        ('activation_batch', None, None))
+    return logits.reshape(b, t, C, self.cfg.audio_vocab_size)
 
   def step(self, slots: jax.Array, prev: jax.Array, c: jax.Array, cache: dict,
            layer_fn=layer_step, layers_fn=None) -> tuple[jax.Array, dict]:

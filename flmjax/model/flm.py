@@ -16,6 +16,7 @@ class Output(NamedTuple):
   hidden: jax.Array  # [B,T,D] final-normed
   text_logits: jax.Array | None  # [B,T,V] over the real vocab; None when not asked for
   depth_logits: jax.Array | None  # [B,T,C,A]
+  depth_features: jax.Array | None = None  # [B,T,C,d]: instead of depth_logits, when asked
 
 
 def check_inputs(cfg: ModelConfig, text, speak, listen, depth_prev) -> None:
@@ -54,10 +55,11 @@ class FLMAudio(nnx.Module):
 
   def __call__(self, text: jax.Array, speak: jax.Array, listen: jax.Array,
                depth_prev: jax.Array | None = None, positions: jax.Array | None = None,
-               remat_policy=None, with_text_logits: bool = True) -> Output:
+               remat_policy=None, with_logits: bool = True) -> Output:
     """text [B,T], speak/listen [B,T,C], depth_prev [B,T,C-1] or None (integer ids).
 
-    with_text_logits=False leaves the [B,T,V] logits to the caller (the chunked loss).
+    with_logits=False leaves the [B,T,V] and [B,T,C,A] logits to the caller (the blocked loss):
+    text_logits and depth_logits are None, depth_features [B,T,C,d] is given instead.
     """
     text, speak, listen = jnp.asarray(text), jnp.asarray(speak), jnp.asarray(listen)
     depth_prev = None if depth_prev is None else jnp.asarray(depth_prev)
@@ -67,7 +69,11 @@ class FLMAudio(nnx.Module):
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     x = self.backbone.embed(text, speak, listen)
     hidden, _ = self.backbone(x, positions, remat_policy=remat_policy)
-    text_logits = self.backbone.text_logits(hidden) if with_text_logits else None
+    if not with_logits:
+      features = None if depth_prev is None else self.depth_transformer.features(
+          hidden, depth_prev, remat_policy=remat_policy)
+      return Output(hidden, None, None, features)
+    text_logits = self.backbone.text_logits(hidden)
     depth_logits = None
     if depth_prev is not None:
       depth_logits = self.depth_transformer(hidden, depth_prev, remat_policy=remat_policy)

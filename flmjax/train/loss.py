@@ -1,18 +1,22 @@
-"""Teacher-forced loss on the delayed grid (ARCHITECTURE.md §4, /tmp/contract.md).
+"""Teacher-forced loss on the delayed grid (ARCHITECTURE.md §4).
 
 The backbone reads column j; its hidden state predicts column j+1's text and 8 speak codes.
 Sums (not means) are returned so micro-batches and devices add up exactly; `metrics_from_sums`
 turns them into per-stream losses and accuracies. The text loss runs over blocks of columns
-(`text_cross_entropy`), so the [B,T,V] float32 logits never exist at once.
+(`text_cross_entropy`) and the audio loss over codebooks (`audio_cross_entropy`), so neither the
+[B,T,V] nor the [B,T,C,A] float32 logits exist at once.
 Shape letters as in flmjax/model/layers.py (Z: the 1 + 2C channels of the grid).
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 
 from flmjax.config import ModelConfig
 from flmjax.model.backbone import Backbone
+from flmjax.model.depth import DepthTransformer
 from flmjax.model.flm import FLMAudio
 
 STREAMS = ('text', 'semantic', 'acoustic')
@@ -28,38 +32,96 @@ def model_inputs(cfg: ModelConfig, tokens: jax.Array) -> dict[str, jax.Array]:
               depth_prev=jnp.swapaxes(nxt[:, 1:C], 1, 2))  # [B,T-1,C-1]: codes 0..C-2 of j+1
 
 
-def _ce(logits: jax.Array, target: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Float32 cross-entropy and argmax of logits [..., V] against target [...]."""
-  logits = logits.astype(jnp.float32)
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  ce = -jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
-  return ce, jnp.argmax(logits, axis=-1)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _ce(logits: jax.Array, target: jax.Array, also: int = -1):
+  """logits [..., V], target int [...] -> float32 (cross-entropy, hit, also_hit) [...].
+
+  hit: the target's logit is the largest (a tie counts for every tied id, where argmax would
+  pick the first); also_hit: the same for the fixed id `also` (e.g. WAIT).
+  Fused by hand: XLA's log_softmax + take_along_axis + argmax read and write [..., V] many times
+  (a broadcast and a scatter for the gather's gradient, a variadic-reduce argmax). Here the
+  forward makes two reductions over the logits and the backward one pass, softmax - onehot.
+  """
+  return _ce_fwd(logits, target, also)[0]
+
+
+def _ce_fwd(logits, target, also):
+  x = logits.astype(jnp.float32)  # [...,V]
+  m = jnp.max(x, axis=-1, keepdims=True)  # [...,1]
+  lse = m + jnp.log(jnp.sum(jnp.exp(x - m), axis=-1, keepdims=True))  # [...,1]
+  picked = jnp.take_along_axis(x, target[..., None], axis=-1)  # [...,1]
+  hit, also_hit = picked >= m, x[..., also:also + 1 or None] >= m  # [...,1]
+  return ((lse - picked)[..., 0], hit[..., 0], also_hit[..., 0]), (logits, target, lse)
+
+
+def _ce_bwd(also, res, cts):
+  logits, target, lse = res
+  g = cts[0][..., None]  # [...,1]; the hits have no gradient
+  x = logits.astype(jnp.float32)
+  onehot = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1) == target[..., None]
+  return ((jnp.exp(x - lse) - onehot) * g).astype(logits.dtype), None  # [...,V]
+
+
+_ce.defvjp(_ce_fwd, _ce_bwd)
+
+
+def _blocks(f, xs: tuple, axis: int, size: int, n_out: int):
+  """Maps f over blocks of `size` along `axis` of every array in xs (lax.map, each block
+  rematerialised in the backward pass), padding the last block; outputs are joined back."""
+  t = xs[0].shape[axis]
+  if t <= size:
+    return f(*xs)
+  n = -(-t // size)
+  def split(x):
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, n * size - t)
+    x = jnp.pad(x, pad)
+    return jnp.moveaxis(x.reshape(*x.shape[:axis], n, size, *x.shape[axis + 1:]), axis, 0)
+  outs = jax.lax.map(jax.checkpoint(lambda blk: f(*blk)), tuple(split(x) for x in xs))
+  def join(y):  # [n, ..., size, ...] -> [..., t, ...]
+    y = jnp.moveaxis(y, 0, axis)
+    return jax.lax.slice_in_dim(y.reshape(*y.shape[:axis], n * size, *y.shape[axis + 2:]),
+                                0, t, axis=axis)
+  return tuple(join(y) for y in outs)[:n_out]
 
 
 def text_cross_entropy(backbone: Backbone, hidden: jax.Array, target: jax.Array, *,
-                       block: int = 256, constrain=None) -> tuple[jax.Array, jax.Array]:
-  """hidden [B,T,D], target [B,T] -> float32 cross-entropy and argmax [B,T] of the text head.
+                       block: int = 256, constrain=None, also: int = -1):
+  """hidden [B,T,D], target [B,T] -> float32 (cross-entropy, hit, also_hit) [B,T] of the text
+  head (see _ce).
 
-  Runs over blocks of `block` columns (lax.map), each rematerialised in the backward pass: the
-  live logits are [B,block,Vp]. Per column it computes exactly what `_ce` does on the whole
-  text_logits, so values and gradients equal the plain loss's.
+  Runs over blocks of `block` columns, each rematerialised in the backward pass: the live
+  logits are [B,block,Vp]. Values and gradients equal the plain loss's.
   """
   def one(h, tgt):
     logits = backbone.text_logits(h, padded=True)  # [B,block,Vp]; padding at NEG_INF
     if constrain is not None:
       logits = constrain(logits, ('batch', 'time', 'vocab'))
-    return _ce(logits, tgt)
+    return _ce(logits, tgt, also)
 
-  b, t, _ = hidden.shape
-  if t <= block:
-    return one(hidden, target)
-  n = -(-t // block)
-  split = lambda x: jnp.moveaxis(
-      jnp.pad(x, [(0, 0), (0, n * block - t)] + [(0, 0)] * (x.ndim - 2)).reshape(
-          b, n, block, *x.shape[2:]), 1, 0)  # [n,B,block,...]
-  ce, pred = jax.lax.map(jax.checkpoint(lambda xs: one(*xs)), (split(hidden), split(target)))
-  join = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, n * block)[:, :t]
-  return join(ce), join(pred)
+  return _blocks(one, (hidden, target), 1, block, 3)
+
+
+def audio_cross_entropy(depth: DepthTransformer, features: jax.Array, target: jax.Array, *,
+                        constrain=None):
+  """features [B,T,C,d] (DepthTransformer.features), target [B,T,C] -> float32 (cross-entropy,
+  hit) [B,T,C].
+
+  One codebook at a time, rematerialised in the backward pass: the live logits are [B,T,A],
+  laid out with A minor as the reductions want (a [B,T,C,A] array comes out of the batched head
+  matmul codebook-major and costs transposes).
+  """
+  heads = depth.heads[...].astype(features.dtype)  # [C,d,A]
+
+  def one(x, w, tgt):  # [B,T,d], [d,A], [B,T]
+    logits = jnp.einsum('BTd,dA->BTA', x, w)
+    if constrain is not None:
+      logits = constrain(logits, ('batch', 'time', 'audio_vocab'))
+    return _ce(logits, tgt)[:2]
+
+  ce, hit = jax.lax.map(jax.checkpoint(lambda blk: one(*blk)),
+                        (jnp.moveaxis(features, 2, 0), heads, jnp.moveaxis(target, 2, 0)))
+  return jnp.moveaxis(ce, 0, 2), jnp.moveaxis(hit, 0, 2)  # [B,T,C]
 
 
 def loss_sums(model: FLMAudio, tokens: jax.Array, weights: jax.Array, remat_policy=None,
@@ -71,28 +133,26 @@ def loss_sums(model: FLMAudio, tokens: jax.Array, weights: jax.Array, remat_poli
   """
   cfg = model.cfg
   C = cfg.num_codebooks
-  out = model(**model_inputs(cfg, tokens), remat_policy=remat_policy, with_text_logits=False)
-  if constrain is not None:
-    out = out._replace(
-        depth_logits=constrain(out.depth_logits, ('batch', 'time', 'codebook', 'audio_vocab')))
+  out = model(**model_inputs(cfg, tokens), remat_policy=remat_policy, with_logits=False)
   tgt, w = tokens[:, :1 + C, 1:], weights[:, :1 + C, 1:].astype(jnp.float32)  # [B,1+C,T-1]
 
-  text_ce, text_pred = text_cross_entropy(model.backbone, out.hidden, tgt[:, 0], block=text_block,
-                                constrain=constrain)  # [B,T-1]
+  text_ce, text_hit, wait_p = text_cross_entropy(
+      model.backbone, out.hidden, tgt[:, 0], block=text_block, constrain=constrain,
+      also=cfg.text_wait_id)  # [B,T-1]
   speak_tgt = jnp.swapaxes(tgt[:, 1:], 1, 2)  # [B,T-1,C]
-  audio_ce, audio_pred = _ce(out.depth_logits, speak_tgt)  # [B,T-1,C]
+  audio_ce, audio_hit = audio_cross_entropy(model.depth_transformer, out.depth_features,
+                                            speak_tgt, constrain=constrain)  # [B,T-1,C]
   audio_w = jnp.swapaxes(w[:, 1:], 1, 2)
 
   s = {}
   tw = w[:, 0]
   valid = tw > 0
   wait_t = tgt[:, 0] == cfg.text_wait_id
-  wait_p = text_pred == cfg.text_wait_id
   s['text_wce'] = jnp.sum(tw * text_ce)
   s['text_w'] = jnp.sum(tw)
   words = valid & ~wait_t  # accuracy counts non-WAIT targets: WAIT alone is easy to get right
   s['text_n'] = jnp.sum(words, dtype=jnp.float32)
-  s['text_correct'] = jnp.sum(words & (text_pred == tgt[:, 0]), dtype=jnp.float32)
+  s['text_correct'] = jnp.sum(words & text_hit, dtype=jnp.float32)
   s['text_valid'] = jnp.sum(valid, dtype=jnp.float32)
   s['wait_target'] = jnp.sum(valid & wait_t, dtype=jnp.float32)
   s['wait_pred'] = jnp.sum(valid & wait_p, dtype=jnp.float32)
@@ -101,8 +161,7 @@ def loss_sums(model: FLMAudio, tokens: jax.Array, weights: jax.Array, remat_poli
     s[f'{name}_wce'] = jnp.sum(aw * audio_ce[..., sl])
     s[f'{name}_w'] = jnp.sum(aw)
     s[f'{name}_n'] = jnp.sum(ok, dtype=jnp.float32)
-    s[f'{name}_correct'] = jnp.sum(ok & (audio_pred[..., sl] == speak_tgt[..., sl]),
-                                   dtype=jnp.float32)
+    s[f'{name}_correct'] = jnp.sum(ok & audio_hit[..., sl], dtype=jnp.float32)
   return s
 
 
