@@ -97,6 +97,17 @@ def test_codebook_audio_loss_equals_plain(model):
       assert not np.any(g), path
 
 
+def test_codebook_audio_loss_bf16_against_float32(model):
+  tokens, weights = _batch(model.cfg, seed=6)
+  f32 = lambda m: (lambda s: s['semantic_wce'] + s['acoustic_wce'])(
+      loss_lib.loss_sums(m, tokens, weights))
+  bf16 = flm.create(model.cfg.replace(dtype='bfloat16'), seed=1)  # same float32 weights
+  assert _rel(jax.jit(f32)(bf16), jax.jit(f32)(model)) < BF16_TOL
+  g16 = _grads(bf16, f32)['depth_transformer']['heads']
+  g32 = _grads(model, f32)['depth_transformer']['heads']
+  assert _rel(g16, g32) < BF16_TOL
+
+
 def test_fused_cross_entropy_against_log_softmax():
   x = jax.random.normal(jax.random.key(0), (3, 5, 300)) * 4  # [B,T,V]
   t = jax.random.randint(jax.random.key(1), (3, 5), 0, 300)
