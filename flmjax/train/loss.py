@@ -34,7 +34,7 @@ def model_inputs(cfg: ModelConfig, tokens: jax.Array) -> dict[str, jax.Array]:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _ce(logits: jax.Array, target: jax.Array, also: int = -1):
-  """logits [..., V], target int [...] -> float32 (cross-entropy, hit, also_hit) [...].
+  """logits [..., V], target int [...] -> (float32 cross-entropy, bool hit, bool also_hit) [...].
 
   hit: the target's logit is the largest (a tie counts for every tied id, where argmax would
   pick the first); also_hit: the same for the fixed id `also` (e.g. WAIT).
@@ -50,7 +50,7 @@ def _ce_fwd(logits, target, also):
   m = jnp.max(x, axis=-1, keepdims=True)  # [...,1]
   lse = m + jnp.log(jnp.sum(jnp.exp(x - m), axis=-1, keepdims=True))  # [...,1]
   picked = jnp.take_along_axis(x, target[..., None], axis=-1)  # [...,1]
-  hit, also_hit = picked >= m, x[..., also:also + 1 or None] >= m  # [...,1]
+  hit, also_hit = picked >= m, x[..., also, None] >= m  # [...,1]
   return ((lse - picked)[..., 0], hit[..., 0], also_hit[..., 0]), (logits, target, lse)
 
 
@@ -65,7 +65,7 @@ def _ce_bwd(also, res, cts):
 _ce.defvjp(_ce_fwd, _ce_bwd)
 
 
-def _blocks(f, xs: tuple, axis: int, size: int, n_out: int):
+def _blocks(f, xs: tuple, axis: int, size: int) -> tuple:
   """Maps f over blocks of `size` along `axis` of every array in xs (lax.map, each block
   rematerialised in the backward pass), padding the last block; outputs are joined back."""
   t = xs[0].shape[axis]
@@ -82,13 +82,13 @@ def _blocks(f, xs: tuple, axis: int, size: int, n_out: int):
     y = jnp.moveaxis(y, 0, axis)
     return jax.lax.slice_in_dim(y.reshape(*y.shape[:axis], n * size, *y.shape[axis + 2:]),
                                 0, t, axis=axis)
-  return tuple(join(y) for y in outs)[:n_out]
+  return tuple(join(y) for y in outs)
 
 
 def text_cross_entropy(backbone: Backbone, hidden: jax.Array, target: jax.Array, *,
                        block: int = 256, constrain=None, also: int = -1):
-  """hidden [B,T,D], target [B,T] -> float32 (cross-entropy, hit, also_hit) [B,T] of the text
-  head (see _ce).
+  """hidden [B,T,D], target [B,T] -> (cross-entropy, hit, also_hit) [B,T] of the text head
+  (see _ce).
 
   Runs over blocks of `block` columns, each rematerialised in the backward pass: the live
   logits are [B,block,Vp]. Values and gradients equal the plain loss's.
@@ -99,13 +99,13 @@ def text_cross_entropy(backbone: Backbone, hidden: jax.Array, target: jax.Array,
       logits = constrain(logits, ('batch', 'time', 'vocab'))
     return _ce(logits, tgt, also)
 
-  return _blocks(one, (hidden, target), 1, block, 3)
+  return _blocks(one, (hidden, target), 1, block)
 
 
 def audio_cross_entropy(depth: DepthTransformer, features: jax.Array, target: jax.Array, *,
                         constrain=None):
-  """features [B,T,C,d] (DepthTransformer.features), target [B,T,C] -> float32 (cross-entropy,
-  hit) [B,T,C].
+  """features [B,T,C,d] (DepthTransformer.features), target [B,T,C] -> (cross-entropy, hit)
+  [B,T,C] (see _ce).
 
   One codebook at a time, rematerialised in the backward pass: the live logits are [B,T,A],
   laid out with A minor as the reductions want (a [B,T,C,A] array comes out of the batched head
