@@ -12,10 +12,19 @@ import struct
 import numpy as np
 from aiohttp import web
 
+from flmjax.serve import client
 from flmjax.serve.reference import mismatches, replay
 from flmjax.serve.server import Server
 
 FRAME = 1920
+
+
+def converse(url: str, pcm: np.ndarray, **kw):
+  """client.converse, waiting up to 120 s for the replies (not 10 s): it returns as soon as every
+  reply is in, so the bound only decides how long a failing test takes, and a loaded box that
+  serves slower than real time still gets every reply."""
+  kw.setdefault('reply_timeout_s', 120.0)
+  return client.converse(url, pcm, **kw)
 
 
 @contextlib.asynccontextmanager

@@ -10,11 +10,10 @@ import asyncio
 import aiohttp
 import numpy as np
 import pytest
-from serve_harness import FRAME, check_crosstalk, running, voice, wait_for
+from serve_harness import FRAME, check_crosstalk, converse, running, voice, wait_for
 
 from flmjax.decode import SamplingConfig
 from flmjax.serve import protocol
-from flmjax.serve.client import converse
 from flmjax.serve.server import SESSION_HEADER, Server
 
 GREEDY = SamplingConfig(greedy=True)

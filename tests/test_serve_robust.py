@@ -5,11 +5,10 @@ reason and frees its slot."""
 import asyncio
 
 import numpy as np
-from serve_harness import RawSocket, check_crosstalk, running, voice, wait_for
+from serve_harness import RawSocket, check_crosstalk, converse, running, voice, wait_for
 
 from flmjax.decode import SamplingConfig
 from flmjax.serve import protocol
-from flmjax.serve.client import converse
 from flmjax.serve.server import Server
 from flmjax.serve.session import Limits
 
