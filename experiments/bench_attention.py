@@ -38,7 +38,7 @@ if importlib.util.find_spec('flax') is None:  # load flmjax.model.attention with
   sys.modules['flmjax.sharding'] = types.ModuleType('flmjax.sharding')
   sys.modules['flmjax'].sharding = sys.modules['flmjax.sharding']
 from flmjax.model import attention  # noqa: E402
-from flmjax.platforms import cpu_unless_accelerator
+from flmjax.platforms import cpu_unless_accelerator  # noqa: E402
 
 
 def timed(fn, *args, n: int = 5) -> float:

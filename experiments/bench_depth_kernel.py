@@ -27,7 +27,7 @@ from flax import nnx  # noqa: E402
 
 from flmjax.config import ModelConfig  # noqa: E402
 from flmjax.model import depth as depth_lib  # noqa: E402
-from flmjax.platforms import cpu_unless_accelerator
+from flmjax.platforms import cpu_unless_accelerator  # noqa: E402
 from kernels import depth_step, reference  # noqa: E402
 
 # Triton tilings tried per batch size (the fastest is reported): nb sets how many CTAs share a
