@@ -20,7 +20,6 @@ import argparse
 import importlib.util
 import os
 import sys
-import time
 import types
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,7 +27,7 @@ sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+from bench_common import timed  # noqa: E402
 
 if importlib.util.find_spec('flax') is None:  # load flmjax.model.attention without the package
   for name in ('flmjax', 'flmjax.model'):
@@ -39,16 +38,6 @@ if importlib.util.find_spec('flax') is None:  # load flmjax.model.attention with
   sys.modules['flmjax'].sharding = sys.modules['flmjax.sharding']
 from flmjax.model import attention  # noqa: E402
 from flmjax.platforms import cpu_unless_accelerator  # noqa: E402
-
-
-def timed(fn, *args, n: int = 5) -> float:
-  jax.block_until_ready(fn(*args))
-  best = float('inf')
-  for _ in range(n):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    best = min(best, time.perf_counter() - t)
-  return best
 
 
 def temp_bytes(fn, *args) -> int:
@@ -100,10 +89,11 @@ def attention_rows(b: int, t: int, dtype, paths, compile_only: bool = False) -> 
 
 def loss_rows(b: int, t: int) -> list[str]:
   """The text loss's temporaries: the plain [B,T,V] log-softmax vs blocks of 256 columns."""
+  from flax import nnx
+
   from flmjax.config import ModelConfig
   from flmjax.model.backbone import Backbone
   from flmjax.train import loss as loss_lib
-  from flax import nnx
   cfg = ModelConfig.flm_8b(num_layers=1, dtype='bfloat16', param_dtype='float32')
   bb = nnx.eval_shape(lambda: Backbone(cfg, rngs=nnx.Rngs(params=0)))
   graphdef, state = nnx.split(bb)
@@ -131,7 +121,7 @@ def main():
   ap.add_argument('--window', type=int, default=4096)
   ap.add_argument('--batch', type=int, default=1)
   ap.add_argument('--loss', action='store_true', help='also the text loss (needs flax)')
-  ap.add_argument('--compile_only', action='store_true',
+  ap.add_argument('--compile-only', action='store_true',
                   help='temporaries only: no runs (for CPU hosts, where plain takes minutes)')
   args = ap.parse_args()
   platform = attention.platform()

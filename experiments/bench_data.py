@@ -13,8 +13,6 @@ import os
 import tempfile
 import time
 
-import numpy as np
-
 
 def bench_loader(cfg, specs, batch, window, batches, threads):
   from flmjax.data.grid import LossWeights
@@ -34,6 +32,7 @@ def bench_train_step(cfg, specs, batch, window, steps):
   """The real training step (flmjax.train) fed by the real pipeline: frames/s of the loop."""
   import jax
   import jax.numpy as jnp
+
   from flmjax import sharding as shd
   from flmjax.train import data as data_lib
   from flmjax.train import state as st

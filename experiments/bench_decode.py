@@ -16,40 +16,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_common import frame_weight_bytes, read_bandwidth
 from flax import nnx
 
 from flmjax.config import ModelConfig
 from flmjax.decode import SamplingConfig, StreamingDecoder
 from flmjax.model import create
 from flmjax.platforms import cpu_unless_accelerator
-
-
-def bandwidth(nbytes: int = 1 << 29, repeats: int = 7) -> float:
-  """Bytes/s of a jitted full read (a sum) of an nbytes float32 array; the median run."""
-  x = jnp.ones((nbytes // 4,), jnp.float32)
-  total = jax.jit(jnp.sum)
-  total(x).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    total(x).block_until_ready()
-    times.append(time.perf_counter() - t)
-  del x
-  return nbytes / float(np.median(times))
-
-
-def weight_bytes(model) -> tuple[int, int]:
-  """(all parameter bytes, bytes a frame must read): the embedding tables only contribute the
-  rows a frame gathers (1 text + 16 audio backbone rows, 8 depth rows)."""
-  cfg = model.cfg
-  leaves = {'/'.join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
-  total = sum(x.size * x.dtype.itemsize for x in leaves.values())
-  tables = ('backbone/text_embed', 'backbone/speak_embed', 'backbone/listen_embed',
-            'depth_transformer/wtes')
-  itemsize = leaves['backbone/lm_head'].dtype.itemsize
-  rows = (1 + 2 * cfg.num_codebooks) * cfg.hidden_size + cfg.num_codebooks * cfg.depth_dim
-  per_frame = total - sum(leaves[t].size * itemsize for t in tables) + rows * itemsize
-  return total, per_frame
 
 
 def bench(model, sampling, batch, frames, max_len, overflow):
@@ -90,8 +63,8 @@ def main():
   model = create(cfg)
   jax.block_until_ready(nnx.state(model))
   print(f'model {args.preset} ({args.dtype}) created in {time.perf_counter() - t:.1f} s')
-  total, per_frame = weight_bytes(model)
-  bw = bandwidth()
+  total, per_frame = frame_weight_bytes(model)
+  bw = read_bandwidth()
   dev = jax.devices()[0]
   print(f'\ndevice: {dev.platform} {dev.device_kind} x{jax.device_count()}, '
         f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores, '

@@ -16,19 +16,19 @@ import argparse
 import functools
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from bench_common import depth_weight_bytes, read_bandwidth, timed  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from flmjax.config import ModelConfig  # noqa: E402
+from flmjax.kernels import depth_step, reference  # noqa: E402
 from flmjax.model import depth as depth_lib  # noqa: E402
 from flmjax.platforms import cpu_unless_accelerator  # noqa: E402
-from kernels import depth_step, reference  # noqa: E402
 
 # Triton tilings tried per batch size (the fastest is reported): nb sets how many CTAs share a
 # weight matrix (d / nb for the projections), kb the reduction step.
@@ -36,44 +36,16 @@ GPU_TILES = [dict(kb=64, nb=32, num_warps=4), dict(kb=128, nb=16, num_warps=4),
              dict(kb=64, nb=64, num_warps=4), dict(kb=64, nb=32, num_warps=4, fuse_attention=True)]
 
 
-def bandwidth(nbytes: int, iters: int) -> float:
-  """Read bandwidth in bytes/s: a jitted sum over a fresh array of `nbytes` (bf16)."""
-  x = jnp.ones((nbytes // 2 // 1024, 1024), jnp.bfloat16)
-  total = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
-  jax.block_until_ready(total(x))
-  best = min(timed(lambda: total(x), 1) for _ in range(iters))
-  return x.size * 2 / best
-
-
-def timed(fn, n: int) -> float:
-  t = time.perf_counter()
-  for _ in range(n):
-    out = fn()
-  jax.block_until_ready(out)
-  return (time.perf_counter() - t) / n
-
-
-def weight_bytes(cfg: ModelConfig) -> dict:
-  """Bytes of depth weights one frame reads: each once, and with q/k/v/proj re-read every step."""
-  it = jnp.dtype(cfg.compute_dtype).itemsize
-  L, C, D, d, f = (cfg.depth_layers, cfg.num_codebooks, cfg.hidden_size, cfg.depth_dim,
-                   cfg.depth_mlp_dim)
-  shared = L * (4 * d * d + 2 * d)       # qkv, proj, two norms: read by every step
-  mlps = L * C * 3 * d * f               # step c reads only codebook c's MLP
-  outside = D * C * d + C * d * cfg.audio_vocab_size + C * d + d  # linear_in, heads, wpe, ln_f
-  return {'once': it * (shared + mlps + outside), 'per_step': it * (C * shared + mlps + outside)}
-
-
 def make_frame(graphdef, fns: dict, frames: int):
-  """jit(state, slots, cache) -> codes of `frames` back-to-back frames (one dispatch).
+  """jit(state, cond, cache) -> codes of `frames` back-to-back frames (one dispatch).
 
   fns: {'layer_fn': ...} (per layer, under the model's layer scan) or {'layers_fn': ...} (the
   whole stack, stacked weights read in place)."""
   @jax.jit
-  def run(state, slots, cache):
+  def run(state, cond, cache):
     depth = nnx.merge(graphdef, state)
     def one(carry, _):
-      codes, cache = reference.depth_frame(depth, slots, carry, **fns)
+      codes, cache = reference.depth_frame(depth, cond, carry, **fns)
       return cache, codes
     _, codes = jax.lax.scan(one, cache, None, length=frames)
     return codes
@@ -82,14 +54,15 @@ def make_frame(graphdef, fns: dict, frames: int):
 
 def bench_batch(cfg, graphdef, state, b, variants, frames, iters, seed=0):
   rng = np.random.default_rng(seed + b)
-  slots = jnp.asarray(rng.standard_normal((b, cfg.num_codebooks, cfg.depth_dim)), cfg.compute_dtype)
+  cond = jnp.asarray(rng.standard_normal((b, cfg.num_codebooks, cfg.depth_dim)), cfg.compute_dtype)
   cache = depth_lib.init_cache(cfg, b)
   results = {}
   for name, fns in variants:
     run = make_frame(graphdef, fns, frames)
     try:
-      codes = jax.block_until_ready(run(state, slots, cache))  # compile + warm up
-      ms = min(timed(lambda: run(state, slots, cache), 1) for _ in range(iters)) / frames * 1e3
+      codes = jax.block_until_ready(run(state, cond, cache))  # compile + warm up
+      step = functools.partial(run, state, cond, cache)
+      ms = timed(step, repeats=iters) / frames * 1e3
       results[name] = (ms, np.asarray(codes))
     except Exception as e:  # a tiling Triton rejects must not sink the whole run
       print(f'  B={b} {name}: failed: {type(e).__name__}: {str(e)[:300]}', flush=True)
@@ -134,8 +107,8 @@ def main(argv=None) -> int:
 
   device = jax.devices()[0]
   print(f'device: {device.device_kind} ({backend}), jax {jax.__version__}', flush=True)
-  bw = bandwidth(bw_bytes, 5)
-  wb = weight_bytes(cfg)
+  bw = read_bandwidth(bw_bytes, 5)
+  wb = depth_weight_bytes(cfg)
   print(f'measured read bandwidth: {bw / 1e9:.0f} GB/s; depth weights per frame: '
         f'{wb["once"] / 1e6:.0f} MB once, {wb["per_step"] / 1e6:.0f} MB re-reading qkv/proj',
         flush=True)
@@ -162,8 +135,9 @@ def main(argv=None) -> int:
   for b in batches:
     res = bench_batch(cfg, graphdef, state, b, variants, frames, iters)
     xla_ms, xla_codes = res.get('xla', (float('nan'), None))
-    same = lambda codes: '-' if xla_codes is None else f'{np.mean(codes == xla_codes):.3f}'
-    every += [f'| {b} | {name} | {ms:.3f} | {same(codes)} |' for name, (ms, codes) in res.items()]
+    for name, (ms, codes) in res.items():
+      same = '-' if xla_codes is None else f'{np.mean(codes == xla_codes):.3f}'
+      every.append(f'| {b} | {name} | {ms:.3f} | {same} |')
     res.pop('xla', None)
     best = min(res.items(), key=lambda kv: kv[1][0]) if res else None
     floor = (wb['once'] / bw * 1e3, wb['per_step'] / bw * 1e3)

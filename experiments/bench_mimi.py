@@ -20,10 +20,11 @@ import jax
 import numpy as np
 
 from flmjax.codec import Mimi, MimiConfig
+from flmjax.codec.base import FRAME_SIZE
 from flmjax.codec.mimi_checkpoint import random_state_dict
 from flmjax.platforms import cpu_unless_accelerator
 
-FRAME = 1920
+FRAME = FRAME_SIZE  # samples per 80 ms frame
 
 
 def official_mimi(state_dict):
@@ -48,7 +49,7 @@ def flops_per_frame(cfg: MimiConfig) -> float:
     length //= stride
     total += 2 * length * k * cin * cout
   length = cfg.resample_stride
-  for name, cin, cout, k, stride, _ in seanet.decoder_convs(cfg):
+  for _, cin, cout, k, stride, _ in seanet.decoder_convs(cfg):
     total += 2 * length * k * cin * cout  # a transposed conv: every input step times its kernel
     length *= stride
   D, F, S = cfg.dimension, cfg.dim_feedforward, cfg.resample_stride
@@ -160,8 +161,9 @@ def main():
                  f'{off_ms:.1f} ms/frame' if off_ms else '-',
                  f'{off_ms / ours_ms:.2f}x' if off_ms else '-',
                  f'{achieved:.0f} GFLOP/s of a {peak:.0f} GFLOP/s matmul now; '
-                 f'CPU time {cpu_ms:.1f} ms/frame; compile {compile_s:.1f} s' + (f'; codes agree {agree:.4f}; torch threads '
-                                                 f'{threads}' if agree is not None else '')))
+                 f'CPU time {cpu_ms:.1f} ms/frame; compile {compile_s:.1f} s'
+                 + (f'; codes agree {agree:.4f}; torch threads {threads}'
+                    if agree is not None else '')))
 
   # Batch encode throughput (seconds of audio per second of wall time).
   n = int(args.encode_seconds * cfg.sample_rate) // FRAME * FRAME

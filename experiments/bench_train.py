@@ -3,7 +3,12 @@ measured matmul FLOP/s (measured in the same run).
 
   .venv/bin/python experiments/bench_train.py [--presets tiny,small] [--steps 5]
   .venv/bin/python experiments/bench_train.py --loop [--presets tiny] [--steps 40]
-      [--grad_accum 2] [--log_every 10]
+      [--grad-accum 2] [--log-every 10]
+  .venv/bin/python experiments/bench_train.py --presets small --lora-rank 64
+
+--lora-rank R also times each preset's LoRA step (rank R, alpha R, attn + mlp, a frozen base in
+the benchmark's dtype) right after its full fine-tuning step, and reports both states' bytes
+(params + optimizer, plus the frozen base) and the ratios.
 
 --loop times the whole training loop as `flmjax train` runs it (data, step dispatch, metrics,
 the final checkpoint): seconds per step of a second run, after a first run compiled the step.
@@ -24,6 +29,7 @@ import numpy as np
 
 from flmjax import sharding as shd
 from flmjax.config import ModelConfig
+from flmjax.model.lora import LoraConfig
 from flmjax.platforms import cpu_unless_accelerator
 from flmjax.train import data as data_lib
 from flmjax.train import state as st
@@ -65,18 +71,21 @@ def model_flops(cfg: ModelConfig, batch: int, cols: int) -> float:
 
 
 def bench(name: str, cfg: ModelConfig, batch: int, window: int, steps: int, dtype: str,
-          remat: str, peak: MatmulPeak) -> dict:
+          remat: str, peak: MatmulPeak, lora=None) -> dict:
   tc = TrainConfig(model=cfg, stages=(StageConfig('bench', 10, random_data=True),),
                    run_dir='/tmp/bench', window=window, batch_size=batch, compute_dtype=dtype,
-                   remat=remat)
+                   remat=remat, lora=lora)
   mesh = shd.make_mesh(1, 1, 1)
   spec = st.state_spec(tc, mesh)
   state = st.init_state(spec, tc)
-  fn = sp.jit_train_step(spec, tc, mesh)
+  frozen = () if lora is None else (st.init_base(spec, tc),)
+  state_bytes = sum(x.nbytes for x in jax.tree.leaves((state, frozen)))
   batch_arr = data_lib.to_global(next(data_lib.make_stage_loader(tc, 0)), sp.batch_shardings(mesh))
   lr = jnp.float32(1e-4)
+  step = sp.jit_train_step(spec, tc, mesh)
+  fn = lambda state, batch, lr: step(state, batch, lr, *frozen)
   t = time.perf_counter()
-  compiled = fn.lower(state, batch_arr, lr).compile()
+  compiled = step.lower(state, batch_arr, lr, *frozen).compile()
   compile_s = time.perf_counter() - t
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -94,7 +103,10 @@ def bench(name: str, cfg: ModelConfig, batch: int, window: int, steps: int, dtyp
   mflops = model_flops(cfg, batch, window - 1)
   return {'peak_flops': float(np.median(peaks)),
           'model_frac_paired': float(np.median([mflops / t / p for t, p in zip(times, peaks)])),
-          'preset': name, 'params_M': st.num_params(state.params) / 1e6, 'batch': batch,
+          'preset': name, 'mode': 'full' if lora is None else f'lora r{lora.rank}',
+          'trainable_M': st.num_params(state.params) / 1e6, 'state_MiB': state_bytes / 2**20,
+          'params_M': st.num_params(st.join(frozen[0] if frozen else None, state.params)) / 1e6,
+          'batch': batch,
           'window': window, 'dtype': dtype, 'remat': remat, 'compile_s': compile_s,
           'step_s': step_s, 'frames_per_s': batch * (window - 1) / step_s,
           'xla_flops': xla_flops, 'model_flops': model_flops(cfg, batch, window - 1)}
@@ -132,8 +144,10 @@ def main():
   ap.add_argument('--remat', default='none')
   ap.add_argument('--json', default=None)
   ap.add_argument('--loop', action='store_true', help='time the whole training loop')
-  ap.add_argument('--grad_accum', type=int, default=1)
-  ap.add_argument('--log_every', type=int, default=10)
+  ap.add_argument('--grad-accum', type=int, default=1)
+  ap.add_argument('--log-every', type=int, default=10)
+  ap.add_argument('--lora-rank', type=int, default=None,
+                  help='also time the LoRA step of this rank (attn + mlp), same run')
   args = ap.parse_args()
   shapes = {'tiny': (ModelConfig.tiny(), 16, 64), 'small': (ModelConfig.small(), 8, 256),
             'small_b16': (ModelConfig.small(), 16, 256)}
@@ -149,19 +163,30 @@ def main():
   rows = []
   for name in args.presets.split(','):
     cfg, batch, window = shapes[name]
-    r = bench(name, cfg, batch, window, args.steps, args.dtype, args.remat, peak)
-    r['xla_frac'] = r['xla_flops'] / r['step_s'] / r['peak_flops']
-    rows.append(r)
+    loras = [None]
+    if args.lora_rank:
+      loras.append(LoraConfig(args.lora_rank, float(args.lora_rank), base_dtype=args.dtype))
+    for lora in loras:
+      r = bench(name, cfg, batch, window, args.steps, args.dtype, args.remat, peak, lora)
+      r['xla_frac'] = r['xla_flops'] / r['step_s'] / r['peak_flops']
+      rows.append(r)
   print('XLA FLOPs come from cost_analysis, which counts a scan body once: an undercount.')
-  print('| preset | params | batch x window | dtype | step | frames/s | matmul peak '
-        '| model GFLOP/s | of peak (paired) | XLA-counted GFLOP/s | compile |')
-  print('|---|---|---|---|---|---|---|---|---|---|---|')
+  print('| preset | mode | params | trainable | state | batch x window | dtype | step | frames/s '
+        '| matmul peak | model GFLOP/s | of peak (paired) | XLA-counted GFLOP/s | compile |')
+  print('|---|---|---|---|---|---|---|---|---|---|---|---|---|---|')
   for r in rows:
-    print(f"| {r['preset']} | {r['params_M']:.1f}M | {r['batch']}x{r['window']} | {r['dtype']} "
+    print(f"| {r['preset']} | {r['mode']} | {r['params_M']:.1f}M | {r['trainable_M']:.2f}M "
+          f"| {r['state_MiB']:.0f} MiB | {r['batch']}x{r['window']} | {r['dtype']} "
           f"| {r['step_s'] * 1e3:.0f} ms | {r['frames_per_s']:.0f} "
           f"| {r['peak_flops'] / 1e9:.1f} GFLOP/s | {r['model_flops'] / r['step_s'] / 1e9:.1f} "
           f"| {r['model_frac_paired']:.0%} | {r['xla_flops'] / r['step_s'] / 1e9:.1f} "
           f"| {r['compile_s']:.0f} s |")
+  for full, lora in zip(rows, rows[1:]):
+    if full['mode'] == 'full' and lora['mode'] != 'full' and full['preset'] == lora['preset']:
+      print(f"{lora['preset']}: {lora['mode']} / full: step time "
+            f"{lora['step_s'] / full['step_s']:.2f}x, state bytes "
+            f"{lora['state_MiB'] / full['state_MiB']:.3f}x, trainable params "
+            f"{lora['trainable_M'] / full['trainable_M']:.4f}x (one run)")
   if args.json:
     with open(args.json, 'w') as f:
       json.dump(rows, f, indent=2)

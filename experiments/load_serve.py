@@ -29,11 +29,11 @@ import aiohttp
 import numpy as np
 import psutil
 
+from flmjax.codec.base import FRAME_SIZE
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-GOLDEN = ROOT.parent / 'shared' / 'golden'
-if not GOLDEN.exists():  # a worktree with shared/ inside
-  GOLDEN = ROOT / 'shared' / 'golden'
-FRAME = 1920
+GOLDEN = ROOT / 'tests' / 'golden'
+FRAME = FRAME_SIZE  # samples per 80 ms frame
 LOG_LINE = re.compile(r'session (\w+) slot (\d+) .* frames in (\d+) out (\d+), underruns (\d+) '
                       r'\(first at frame (-?\d+)\), reason: (.*)')
 
@@ -183,10 +183,9 @@ def crosstalk(args, slots: int, convs: dict, clean: dict) -> dict:
   """Replays every session's decoded input offline in its slot -> {slot: mismatch list}, only
   the sessions that differ. clean {slot: n}: compare only the first n replies of a session that
   had an underrun mid-speech (after it the server fed silence the replay does not know of)."""
-  import flmjax
   from flmjax.codec import load_mimi
   from flmjax.decode import SamplingConfig
-  from flmjax.decode.cli import load_model
+  from flmjax.decode.session import load_model
   from flmjax.serve.pipeline import FramePipeline
   from flmjax.serve.reference import mismatches, replay
   model = load_model(args.checkpoint)

@@ -18,11 +18,16 @@ COMMANDS = {
     'main': ('flmjax.main', 'main', 'run the embedded default end to end'),
     'data': ('flmjax.data.cli', 'main', 'data tools: `flmjax data prepare MANIFEST OUT_DIR`'),
     'train': ('flmjax.train.cli', 'main', 'train: `flmjax train --config CONFIG.py`'),
-    'export': ('flmjax.train.export', 'main', 'orbax checkpoint -> official PyTorch layout'),
-    'chat': ('flmjax.decode.cli', 'main', 'offline full-duplex session: `flmjax chat --checkpoint DIR`'),
+    'export': ('flmjax.train.cli', 'export_main', 'orbax checkpoint -> official PyTorch layout'),
+    'chat': ('flmjax.decode.cli', 'main',
+             'offline full-duplex session: `flmjax chat --checkpoint DIR`'),
     'serve': ('flmjax.serve.cli', 'main', 'websocket server, many live sessions: `flmjax serve`'),
-    'client': ('flmjax.serve.client', 'main', 'talk to a server: `flmjax client --in user.wav`'),
-    'aot': ('flmjax.aot.cli', 'main', 'compile for a TPU topology without one: `flmjax aot --topology v5p:4x4x4`'),
+    'client': ('flmjax.serve.cli', 'client_main',
+               'talk to a server: `flmjax client --in user.wav`'),
+    'eval': ('flmjax.eval.cli', 'main',
+             'measure a talker: `flmjax eval duplex|fdb --checkpoint DIR`'),
+    'aot': ('flmjax.aot.cli', 'main',
+            'compile for a TPU topology without one: `flmjax aot --topology v5p:4x4x4`'),
 }
 
 # What a user's input can raise: a message that names the file, field and fix, not a bug.
@@ -55,10 +60,20 @@ def command(prog: str):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-  """argparse whose usage errors are one stderr line and exit status 1, like every other error."""
+  """argparse whose usage errors are one stderr line and exit status 1, like every other error.
+  Every command's flags are spelled with dashes (`--run-dir`)."""
 
   def error(self, message: str):
     self.exit(1, f'{self.prog}: error: {message} (see {self.prog} --help)\n')
+
+  def add_flag(self, name: str, *old: str, **kw) -> argparse.Action:
+    """`add_argument(name, **kw)`, plus earlier spellings of the flag (`--run_dir`) that still
+    parse the same way but stay out of --help, so existing scripts keep working."""
+    action = self.add_argument(name, **kw)
+    for alias in old:
+      self.add_argument(alias, **{**kw, 'dest': action.dest, 'default': argparse.SUPPRESS,
+                                  'help': argparse.SUPPRESS})
+    return action
 
 
 def main(argv: list[str] | None = None) -> int:

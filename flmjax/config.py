@@ -1,6 +1,6 @@
 """ModelConfig: the one source of truth for shapes, token ids and delays.
 
-Reads and writes the official FLM-Audio `config.json` (ARCHITECTURE.md §1-3, §6).
+Reads and writes the official FLM-Audio `config.json` (docs/architecture.md §1-3, §6).
 """
 from __future__ import annotations
 
@@ -91,7 +91,8 @@ class ModelConfig:
          'audio_vocab_size', 'PAD and EMP ids must lie inside the audio vocab')
     need(self.tensor_parallel >= 1, 'tensor_parallel', f'{self.tensor_parallel} is not a size')
     for f in ('dtype', 'param_dtype', 'checkpoint_dtype'):
-      need(getattr(self, f) in _DTYPES, f, f'unknown dtype {getattr(self, f)!r}; use one of {sorted(_DTYPES)}')
+      need(getattr(self, f) in _DTYPES, f,
+           f'unknown dtype {getattr(self, f)!r}; use one of {sorted(_DTYPES)}')
 
   # ---- derived facts -------------------------------------------------------
   @property
@@ -163,18 +164,18 @@ class ModelConfig:
   def weight_dtype(self):
     return _DTYPES[self.param_dtype]
 
-  def replace(self, **kw) -> 'ModelConfig':
+  def replace(self, **kw) -> ModelConfig:
     return dataclasses.replace(self, **kw)
 
   # ---- presets ---------------------------------------------------------------
   @classmethod
-  def tiny(cls, **kw) -> 'ModelConfig':
-    """Same as ../shared/golden/flm_tiny/config.json."""
+  def tiny(cls, **kw) -> ModelConfig:
+    """Same as tests/golden/flm_tiny/config.json."""
     return cls(**kw)
 
   @classmethod
-  def small(cls, **kw) -> 'ModelConfig':
-    """~100M parameters, muP off: the CPU benchmark preset (ARCHITECTURE.md §10)."""
+  def small(cls, **kw) -> ModelConfig:
+    """~100M parameters, muP off: the CPU benchmark preset (docs/architecture.md §10)."""
     base = dict(vocab_size=32000, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2,
                 head_dim=64, intermediate_size=1536, depth_dim=256, depth_heads=4, depth_layers=4,
                 text_wait_id=31999, text_bos_id=31997, text_eos_id=31998, use_mup=False,
@@ -183,7 +184,7 @@ class ModelConfig:
     return cls(**{**base, **kw})
 
   @classmethod
-  def flm_8b(cls, **kw) -> 'ModelConfig':
+  def flm_8b(cls, **kw) -> ModelConfig:
     base = dict(vocab_size=151668, hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4,
                 head_dim=128, intermediate_size=18944, depth_dim=1024, depth_heads=16,
                 depth_layers=6, text_wait_id=151665, text_bos_id=151643, text_eos_id=151645,
@@ -194,7 +195,7 @@ class ModelConfig:
 
   # ---- official config.json -------------------------------------------------
   @classmethod
-  def from_official(cls, cfg: dict[str, Any] | str | os.PathLike, **kw) -> 'ModelConfig':
+  def from_official(cls, cfg: dict[str, Any] | str | os.PathLike, **kw) -> ModelConfig:
     """Parses an official config.json (a dict or a path). `kw` sets dtype/param_dtype."""
     if not isinstance(cfg, dict):
       with open(cfg, 'rb') as f:
@@ -234,7 +235,8 @@ _MAPPED = {
 
 
 def _parse_official(cfg: dict[str, Any]) -> dict[str, Any]:
-  known = set(_FIXED) | _IGNORED | set(_MAPPED) | {'aud_depthgpt', 'mm_token_info', 'aud_vocab_size'}
+  known = (set(_FIXED) | _IGNORED | set(_MAPPED) |
+           {'aud_depthgpt', 'mm_token_info', 'aud_vocab_size'})
   unknown = sorted(set(cfg) - known)
   if unknown:
     raise ConfigError(f'config.json: unknown field(s) {unknown}')
@@ -248,11 +250,13 @@ def _parse_official(cfg: dict[str, Any]) -> dict[str, Any]:
   depth = cfg['aud_depthgpt']
   for key, want in _DEPTH_FIXED.items():
     if depth.get(key, want) != want:
-      raise ConfigError(f'config.json: field aud_depthgpt.{key!r} is {depth[key]!r}; needs {want!r}')
+      raise ConfigError(f'config.json: field aud_depthgpt.{key!r} is {depth[key]!r}; '
+                        f'needs {want!r}')
   extra = sorted(set(depth) - set(_DEPTH_FIXED) - {'n_embd', 'n_head', 'n_layer'})
   if extra:
     raise ConfigError(f'config.json: unknown field(s) aud_depthgpt.{extra}')
-  for key, ours in (('n_embd', 'depth_dim'), ('n_head', 'depth_heads'), ('n_layer', 'depth_layers')):
+  for key, ours in (('n_embd', 'depth_dim'), ('n_head', 'depth_heads'),
+                    ('n_layer', 'depth_layers')):
     if key not in depth:
       raise ConfigError(f'config.json: missing field aud_depthgpt.{key!r}')
     out[ours] = depth[key]

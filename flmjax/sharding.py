@@ -1,15 +1,16 @@
 """Mesh construction and the one rules table mapping logical axis names to mesh axes."""
 from __future__ import annotations
 
+import functools
 import math
-import os
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.experimental import mesh_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
@@ -34,6 +35,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ('depth_heads', 'tensor'),
     ('depth_mlp', 'tensor'),
     ('qkv', None),
+    ('lora_rank', None),  # LoRA adapters' rank r: small, replicated (the other dim follows W)
     ('time', None),
     ('channel', None),
     ('conv_kernel', None),  # Mimi (flmjax.codec): small enough to replicate everywhere
@@ -92,6 +94,18 @@ def device_grid(ici: Sequence[int], dcn: Sequence[int] = (1, 1, 1),
                                               allow_split_physical_axes=True)
 
 
+def parse_axes(text: str, flag: str = '--mesh') -> dict[str, int]:
+  """'data=2,tensor=4' -> {'data': 2, 'tensor': 4}: sizes of the named mesh axes (others 1)."""
+  out = {}
+  for part in filter(None, (p.strip() for p in text.split(','))):
+    name, eq, size = part.partition('=')
+    if not eq or name not in MESH_AXES or name in out or not size.isdigit() or int(size) < 1:
+      raise ValueError(f'{flag} {text!r}: expected comma-separated axis=size pairs, axes among '
+                       f'{", ".join(MESH_AXES)}, e.g. data=2,tensor=4')
+    out[name] = int(size)
+  return out
+
+
 def describe(ici: Sequence[int], dcn: Sequence[int] = (1, 1, 1)) -> str:
   out = ' '.join(f'{n}={k}' for n, k in zip(MESH_AXES, ici))
   return out + ''.join(f' dcn_{n}={k}' for n, k in zip(MESH_AXES, dcn) if k != 1)
@@ -107,63 +121,6 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1,
   """
   grid = device_grid((data, fsdp, tensor), (dcn_data, dcn_fsdp, 1), devices)
   return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
-
-
-# Environment variables of a multi-process job that jax.distributed.initialize() reads by itself
-# (its cluster auto-detection: Kubernetes TPU, SLURM, Open MPI, an explicit coordinator).
-_CLUSTER_MARKERS = ('JAX_COORDINATOR_ADDRESS', 'TPU_WORKER_HOSTNAMES',
-                    'MEGASCALE_COORDINATOR_ADDRESS', 'SLURM_JOB_NUM_NODES', 'OMPI_COMM_WORLD_SIZE')
-
-
-def initialize_distributed(coordinator_address: str | None = None,
-                           num_processes: int | None = None, process_id: int | None = None,
-                           multihost: bool = False) -> bool:
-  """Joins a multi-process job before any device is touched; returns whether one was joined.
-
-  Unset arguments default to $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, $JAX_PROCESS_ID. With
-  all three known (e.g. N local processes) they are passed explicitly; otherwise
-  jax.distributed.initialize() runs with no arguments when the environment names a cluster or
-  `multihost` is set (a Cloud TPU VM pod slice needs nothing else). A single process does nothing.
-  """
-  if jax.distributed.is_initialized():
-    return True
-  env = os.environ.get
-  coordinator_address = coordinator_address or env('JAX_COORDINATOR_ADDRESS') or None
-  num_processes = num_processes if num_processes is not None else _env_int('JAX_NUM_PROCESSES')
-  process_id = process_id if process_id is not None else _env_int('JAX_PROCESS_ID')
-  if num_processes == 1:
-    return False
-  if None not in (coordinator_address, num_processes, process_id):
-    if not 0 <= process_id < num_processes:
-      raise ValueError(f'distributed: process_id {process_id} is outside 0..{num_processes - 1}')
-    # CPU processes exchange collectives through gloo (the setting does nothing on TPU or GPU).
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
-    return True
-  if multihost or _in_cluster(env):
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
-    return True
-  if num_processes is not None or process_id is not None:
-    raise ValueError('distributed: num_processes / process_id given without a coordinator '
-                     'address (--coordinator_address or $JAX_COORDINATOR_ADDRESS)')
-  return False
-
-
-def _in_cluster(env) -> bool:
-  """Whether the environment names a multi-host job. One TPU worker host (a single-host VM, or
-  `flmjax aot`'s compile-only settings) is not a cluster."""
-  hosts = [h for h in (env('TPU_WORKER_HOSTNAMES') or '').split(',') if h.strip()]
-  return len(hosts) > 1 or any(env(m) for m in _CLUSTER_MARKERS if m != 'TPU_WORKER_HOSTNAMES')
-
-
-def _env_int(name: str) -> int | None:
-  value = os.environ.get(name)
-  if not value:
-    return None
-  try:
-    return int(value)
-  except ValueError:
-    raise ValueError(f'distributed: ${name}={value!r} is not an integer') from None
 
 
 def logical_to_spec(axes: Iterable[str | None], shape: Sequence[int], mesh: Mesh,
@@ -194,6 +151,12 @@ def logical_to_spec(axes: Iterable[str | None], shape: Sequence[int], mesh: Mesh
     used.update(names)
     spec.append(names[0] if len(names) == 1 else names)
   return P(*spec)
+
+
+def replicating(rules, axes: Iterable[str]):
+  """`rules` with the logical `axes` mapped to no mesh axis (replicated)."""
+  axes = set(axes)
+  return tuple((name, None if name in axes else target) for name, target in rules)
 
 
 def named_sharding(axes, shape, mesh: Mesh, rules=RULES) -> NamedSharding:
@@ -232,10 +195,24 @@ def validate_mesh(cfg, mesh_shape) -> None:
         f'valid tensor sizes: {", ".join(map(str, valid_tensor_sizes(cfg.num_heads)))}')
 
 
+def traced_on(mesh: Mesh | None, fn):
+  """`fn` traced with `mesh` in context (`fn` itself when mesh is None): the model's layer-boundary
+  constraints (`constrain`) apply, and code that must know the mesh (splash attention, the Pallas
+  depth kernels, the vocab-sharded sampler) reads it with jax.sharding.get_abstract_mesh()."""
+  if mesh is None:
+    return fn
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+  return wrapped
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   """x pinned to the rules table's sharding of its logical `axes` on the mesh in context
-  (`jax.sharding.use_abstract_mesh`, set by the train and eval steps). Outside one (the decoder,
-  single-device calls) it returns x unchanged."""
+  (`traced_on`, which the train and eval steps, the decoder and the server's frame use).
+  Outside one (single-device calls) it returns x unchanged."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return x
@@ -247,8 +224,10 @@ def _bytes_per_device(x, sharding: NamedSharding) -> int:
   return math.prod(shard) * np.dtype(x.dtype).itemsize
 
 
-def sharding_report(params, shardings, opt_state=None, opt_shardings=None) -> list[str]:
-  """Lines describing each parameter (path, shape, spec, bytes per device) and the totals."""
+def sharding_report(params, shardings, opt_state=None, opt_shardings=None,
+                    frozen=None) -> list[str]:
+  """Lines describing each parameter (path, shape, spec, bytes per device) and the totals;
+  `frozen` (LoRA's base, ShapeDtypeStructs with shardings) adds its total."""
   mesh = jax.tree.leaves(shardings)[0].mesh
   sizes = ' '.join(f'{k}={v}' for k, v in mesh.shape.items())
   lines = [f'sharding report (mesh {sizes}):']
@@ -266,4 +245,10 @@ def sharding_report(params, shardings, opt_state=None, opt_shardings=None) -> li
     opt = sum(_bytes_per_device(x, s) for x, s in
               zip(jax.tree.leaves(opt_state), jax.tree.leaves(opt_shardings)))
     lines.append(f'  optimizer state: {opt / 2**30:.3f} GiB/device')
+  if frozen is not None:
+    leaves = jax.tree.leaves(frozen)
+    base = sum(_bytes_per_device(x, x.sharding) for x in leaves)
+    dtypes = sorted({np.dtype(x.dtype).name for x in leaves})
+    lines.append(f'  frozen base ({"/".join(dtypes)}): {base / 2**30:.3f} GiB/device; trainable '
+                 f'{sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)):,} params')
   return lines

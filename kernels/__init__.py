@@ -1,1 +1,1 @@
-"""Pallas kernels for flmjax: the fused depth-transformer step (see kernels/README.md)."""
+"""Pallas kernels for flmjax: the fused depth-transformer step (docs/kernels.md)."""

@@ -23,9 +23,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.common import write_rows
-
+from flmjax.kernels.common import write_rows
 from flmjax.model.layers import NEG_INF as _NEG_INF  # the model's own mask value
+
 _F32 = jnp.float32
 
 
@@ -140,7 +140,7 @@ def _attend_kernel(ids_ref, qkv_ref, kc_ref, vc_ref, o_ref, *, num_heads, head_d
 def _qkv_attend_kernel(ids_ref, x_ref, ln_ref, w_ref, kc_ref, vc_ref, o_ref, kr_ref, vr_ref, *,
                        eps, kb, num_heads, head_dim, stacked):
   """RMSNorm 1, this head's q/k/v, and its attention in one program: 4 launches a layer."""
-  (b, d), he, ep = x_ref.shape, num_heads * head_dim, _head_lanes(head_dim)
+  (b, d), ep = x_ref.shape, _head_lanes(head_dim)
   (c, lead), hi, rows = _ids(ids_ref, stacked), pl.program_id(1), _rows(b, _bb_attention(b))
   own = (hi * head_dim, ep, (hi + 1) * head_dim)  # this head's lanes of w [(L,)3,d,n]
   scale = _rms_scale(x_ref, rows, d, kb, eps)

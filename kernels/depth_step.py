@@ -7,17 +7,26 @@ copied). Both pick at trace time the Mosaic TPU kernel (kernels/depth_tpu.py) on
 kernels (kernels/depth_gpu.py) on GPU, and the plain-JAX reference on CPU unless interpret mode is
 asked for. Every kernel path differentiates through the reference (custom_vjp), so training may
 call it under jax.grad.
+
+A Pallas call is opaque to XLA's partitioner: under a sharded jit its operands would be gathered to
+every device. So when a mesh is in context (flmjax.sharding.traced_on, as the decoder and the
+server trace their frames) each kernel runs inside `shard_map` over the batch rows: the depth
+weights replicated (the decoder stores them so, see flmjax.decode.decoder), the rows split over
+the batch axes and, when the rows divide, over tensor too, so no device computes a row twice.
 """
 from __future__ import annotations
 
 import functools
-from typing import Callable
+import math
+from collections.abc import Callable
 
 import jax
+from jax.sharding import PartitionSpec as P
 
-from kernels import depth_gpu, depth_tpu
-from kernels.reference import depth_layer_step as reference_layer_step
-from kernels.reference import depth_layers_step as reference_layers_step
+from flmjax import sharding as shd
+from flmjax.kernels import depth_gpu, depth_tpu
+from flmjax.kernels.reference import depth_layer_step as reference_layer_step
+from flmjax.kernels.reference import depth_layers_step as reference_layers_step
 
 KERNELS = {'tpu': depth_tpu.layer_step, 'gpu': depth_gpu.layer_step}
 # Kernels that run the whole stack in one call (the others loop over layers, reading in place).
@@ -76,6 +85,32 @@ def depth_layers_step(p, x, k_cache, v_cache, c, eps, *, kernel: str, interpret=
   return with_reference_vjp(forward, reference_layers_step)(p, x, k_cache, v_cache, c, eps)
 
 
+def row_axes(mesh, rows: int):
+  """The mesh axes a kernel's rows split over: the rules' batch axes, then tensor when the rows
+  divide over all of them (None: no split)."""
+  batch = shd.logical_to_spec(('activation_batch',), (rows,), mesh)[0]
+  axes = () if batch is None else ((batch,) if isinstance(batch, str) else tuple(batch))
+  ways = math.prod(mesh.shape[a] for a in axes)
+  if mesh.shape.get('tensor', 1) > 1 and rows % (ways * mesh.shape['tensor']) == 0:
+    axes += ('tensor',)
+  return axes or None
+
+
+def under_mesh(fn: LayerFn, stacked: bool) -> LayerFn:
+  """`fn` (a kernel step) inside shard_map over the rows of the mesh in context; `fn` itself when
+  there is none. p replicated; x [B,d] and the caches ([L,]B,C,h,e) split on B."""
+  def step(p, x, k_cache, v_cache, c, eps):
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+      return fn(p, x, k_cache, v_cache, c, eps)
+    rows = row_axes(mesh, x.shape[0])
+    xs, cs = P(rows, None), P(*((None,) if stacked else ()), rows)
+    local = lambda p, x, k, v, c: fn(p, x, k, v, c, eps)
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), xs, cs, cs, P()),
+                         out_specs=(xs, cs, cs), check_vma=False)(p, x, k_cache, v_cache, c)
+  return step
+
+
 def _check(backend, kernel):
   for name, value, known in (('backend', backend, {'cpu', *_BACKEND_KERNEL}),
                              ('kernel', kernel, set(KERNELS))):
@@ -105,8 +140,8 @@ def select_depth_layer_fn(*, interpret=False, backend: str | None = None,
     name = _pick(backend, kernel, interpret)
     if name is None:  # CPU without interpret mode: Pallas cannot compile here
       return reference_layer_step(p, x, k_cache, v_cache, c, eps)
-    return depth_layer_step(p, x, k_cache, v_cache, c, eps, kernel=name, interpret=interpret,
-                            **tiles)
+    kernel_fn = functools.partial(depth_layer_step, kernel=name, interpret=interpret, **tiles)
+    return under_mesh(kernel_fn, stacked=False)(p, x, k_cache, v_cache, c, eps)
 
   return layer_fn
 
@@ -121,7 +156,7 @@ def select_depth_layers_fn(*, interpret=False, backend: str | None = None,
     name = _pick(backend, kernel, interpret)
     if name is None:
       return reference_layers_step(p, x, k_cache, v_cache, c, eps)
-    return depth_layers_step(p, x, k_cache, v_cache, c, eps, kernel=name, interpret=interpret,
-                             **tiles)
+    kernel_fn = functools.partial(depth_layers_step, kernel=name, interpret=interpret, **tiles)
+    return under_mesh(kernel_fn, stacked=True)(p, x, k_cache, v_cache, c, eps)
 
   return layers_fn

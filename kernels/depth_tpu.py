@@ -24,17 +24,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels.common import write_rows
-
+from flmjax.kernels.common import write_rows
 from flmjax.model.layers import NEG_INF as _NEG_INF  # the model's own mask value
+from flmjax.model.layers import rms_norm  # the model's own RMSNorm, traced into the kernel
+
 _LANES = 128
-
-
-def _rms(x, w, eps):
-  """The official RMSNorm order: normalise in f32, cast back, scale (see layers.rms_norm)."""
-  xf = x.astype(jnp.float32)
-  y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-  return y.astype(x.dtype) * w.astype(x.dtype)
 
 
 def _dot(a, b):
@@ -63,7 +57,7 @@ def _kernel(c_ref, x_ref, ln1_ref, wq_ref, wk_ref, wv_ref, kc_ref, vc_ref, seg_r
 
   @pl.when(i == 0)
   def _init():
-    xn_s[...] = _rms(x_s[...], ln1_ref[...], eps)
+    xn_s[...] = rms_norm(x_s[...], ln1_ref[...], eps)
     acc_s[...] = jnp.zeros_like(acc_s)
 
   @pl.when(i < n_head_blocks)
@@ -95,7 +89,7 @@ def _kernel(c_ref, x_ref, ln1_ref, wq_ref, wk_ref, wv_ref, kc_ref, vc_ref, seg_r
   def _attention_residual():
     x1 = x_s[...] + acc_s[...].astype(dt)
     x_s[...] = x1
-    xn_s[...] = _rms(x1, ln2_ref[...], eps)
+    xn_s[...] = rms_norm(x1, ln2_ref[...], eps)
     acc_s[...] = jnp.zeros_like(acc_s)
 
   @pl.when(i >= n_head_blocks)
@@ -211,7 +205,7 @@ def layers_step(p: dict, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, c
   out, k_rows, v_rows = _call(p, x, k_cache, v_cache, c, eps, first=0, count=k_cache.shape[0],
                               heads_per_block=heads_per_block, f_block=f_block,
                               interpret=interpret)
-  b, (num_pos, h, e) = x.shape[0], k_cache.shape[-3:]
+  b, (h, e) = x.shape[0], k_cache.shape[-2:]
   at = (0, 0, c[0], 0, 0)
   rows = lambda r: r.reshape(-1, b, 1, h, e).astype(k_cache.dtype)  # [L,B,1,h,e]
   k_cache = jax.lax.dynamic_update_slice(k_cache, rows(k_rows), at)

@@ -1,6 +1,7 @@
 """Helpers of the bad-input probes (tests/test_bad_input_*.py): run a CLI as a new user would and
 check that a bad input gets exactly one clear stderr line and exit status 1."""
 import json
+import os
 
 import numpy as np
 
@@ -22,7 +23,17 @@ def error_line(capsys, *argv: str) -> str:
   assert rc == 1, (rc, err)
   assert len(lines) == 1 and 'Traceback' not in err, err
   assert lines[0].startswith('flmjax') and ': error: ' in lines[0], lines[0]
+  record('clear_error', argv, lines[0])
   return lines[0]
+
+
+def record(kind: str, argv, detail: str = '') -> None:
+  """With $FLMJAX_PROBE_LOG set, appends one JSON line per probed input (for the counts in
+  experiments/RESULTS.md): kind is 'clear_error' or 'recovery'."""
+  path = os.environ.get('FLMJAX_PROBE_LOG')
+  if path:
+    with open(path, 'a') as f:
+      f.write(json.dumps({'kind': kind, 'argv': [str(a) for a in argv], 'detail': detail}) + '\n')
 
 
 def write_manifest(path, lines) -> str:

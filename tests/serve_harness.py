@@ -12,11 +12,12 @@ import struct
 import numpy as np
 from aiohttp import web
 
+from flmjax.codec.base import FRAME_SIZE
 from flmjax.serve import client
 from flmjax.serve.reference import mismatches, replay
 from flmjax.serve.server import Server
 
-FRAME = 1920
+FRAME = FRAME_SIZE  # samples per 80 ms frame
 
 
 def converse(url: str, pcm: np.ndarray, **kw):
@@ -50,6 +51,18 @@ def voice(seed: int, frames: int) -> np.ndarray:
   wave = sum(np.sin(2 * np.pi * k * f0 * t + rng.random() * 6) / k for k in range(1, 8))
   envelope = 0.5 + 0.5 * np.sin(2 * np.pi * (2 + rng.random()) * t)
   return (0.1 * wave * envelope + 0.003 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+def sessions_by_slot(server: Server, frames: dict[int, int], first_seed: int) -> dict:
+  """Concurrent unpaced sessions, voice(first_seed + i, n) for each i, n in frames.items(), all at
+  once against `server` -> {slot: Conversation}."""
+  async def scenario():
+    async with running(server) as addr:
+      return await asyncio.gather(*[converse(f'ws://{addr}/api/chat', voice(first_seed + i, n),
+                                             pace=False) for i, n in frames.items()])
+
+  convs = asyncio.run(scenario())
+  return {next(s.slot for s in server.finished if s.sid == c.session): c for c in convs}
 
 
 def check_crosstalk(pipeline, cfg, convs: dict, frames: dict | None = None) -> dict:
@@ -101,3 +114,33 @@ async def wait_for(predicate, timeout_s: float = 20.0, step_s: float = 0.05) -> 
       return True
     await asyncio.sleep(step_s)
   return predicate()
+
+
+@contextlib.contextmanager
+def serving_in_thread(server: Server, timeout_s: float = 60.0):
+  """Serves `server` from a thread with its own event loop (for blocking callers: a browser
+  driver, the `flmjax client` CLI); yields 'host:port' and always shuts the server down."""
+  import threading
+  ready, addr, stop = threading.Event(), [], []
+
+  def serve():
+    loop = asyncio.new_event_loop()
+    stop.append(loop.create_future())
+
+    async def body():
+      async with running(server) as a:
+        addr.append(a)
+        ready.set()
+        await stop[0]
+    loop.run_until_complete(body())
+    loop.close()
+
+  thread = threading.Thread(target=serve, daemon=True)
+  thread.start()
+  if not ready.wait(timeout_s):
+    raise TimeoutError(f'the server did not start within {timeout_s:g} s')
+  try:
+    yield addr[0]
+  finally:
+    stop[0].get_loop().call_soon_threadsafe(stop[0].set_result, None)
+    thread.join(timeout_s)

@@ -8,16 +8,29 @@ import subprocess
 import sys
 
 import pytest
-from jax.sharding import AbstractMesh, PartitionSpec as P
+from jax.sharding import AbstractMesh
+from jax.sharding import PartitionSpec as P
 
+from flmjax import cli
 from flmjax import sharding as shd
-from flmjax.aot import cli as aot_cli
-from flmjax.aot.compile import (AotError, AotRequest, collectives_carrying, compile_report,
-                                parse_mesh, required_bytes)
+from flmjax.aot.compile import (
+  AotError,
+  AotRequest,
+  collectives_carrying,
+  compile_report,
+  make_request,
+  parse_mesh,
+  required_bytes,
+)
 from flmjax.config import ModelConfig
+
+pytestmark = pytest.mark.slow  # TPU compiles with libtpu
 
 KEYS = ['topology', 'chip', 'chips', 'mesh', 'step', 'window', 'batch', 'hbm_gib', 'args_gib',
         'temp_gib', 'out_gib', 'alias_gib', 'peak_gib', 'fits', 'compile_s', 'collectives']
+DECODE_KEYS = ['largest_collective_mib', 'read_gib_per_chip', 'hbm_gbps', 'frame_ms_estimate',
+               'pallas']
+TRAIN_KEYS = ['trainable_params', 'trainable_gib', 'base_dtype']
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BATCH, WINDOW = 8, 96  # (8, 95) and 8 * 95 = 760 rows appear in no weight's shape
 
@@ -31,7 +44,8 @@ def small_train():
 
 def test_small_train_step_fits_v5e(small_train):
   record, _ = small_train
-  assert list(json.loads(json.dumps(record))) == KEYS
+  assert list(json.loads(json.dumps(record))) == KEYS + TRAIN_KEYS
+  assert record['base_dtype'] is None and record['trainable_params'] > 90_000_000
   assert record['fits'] and record['chips'] == 4 and record['hbm_gib'] == 16.0
   assert record['mesh'] == {'data': 1, 'fsdp': 4, 'tensor': 1}
   peak = record['args_gib'] + record['out_gib'] - record['alias_gib'] + record['temp_gib']
@@ -52,12 +66,22 @@ def test_fsdp_no_collective_carries_the_global_batch(small_train):
 
 
 def test_cli_small_decode_frame_fits_v5e(capsys):
-  code = aot_cli.main(['--topology', 'v5e:2x2', '--preset', 'small', '--step', 'decode',
-                       '--window', '256', '--batch', '2', '--mesh', 'tensor=4'])
+  code = cli.main(['aot', '--topology', 'v5e:2x2', '--preset', 'small', '--step', 'decode',
+                   '--window', '256', '--batch', '2', '--mesh', 'tensor=4'])
   lines = capsys.readouterr().out.strip().splitlines()
   record = json.loads(lines[-1])
-  assert code == 0 and list(record) == KEYS
+  assert code == 0 and list(record) == KEYS + DECODE_KEYS
   assert record['fits'] and record['step'] == 'decode' and record['window'] == 256
+  # The frame's collectives are per-layer activations ([2,1,D] all-reduces), looked-up rows and
+  # sampling candidates: nothing the size of a weight, the logits or the KV cache (1 MiB; it was
+  # gathered while the small preset's 2 KV heads could not split over tensor=4).
+  assert 0 < record['largest_collective_mib'] < 0.1
+  assert record['hbm_gbps'] == 819.0
+  assert record['frame_ms_estimate'] == pytest.approx(
+      record['read_gib_per_chip'] * 2**30 / 819e9 * 1e3, abs=0.01)
+  # A frame reads every weight and the whole cache: at least the arguments less the lookup
+  # tables' unread rows, at most the arguments plus the depth attention re-reads.
+  assert 0.5 * record['args_gib'] < record['read_gib_per_chip'] < 2 * record['args_gib']
   assert record['mesh'] == {'data': 1, 'fsdp': 1, 'tensor': 4}
   assert len(lines) > 1  # progress came first
 
@@ -67,7 +91,7 @@ def test_cli_without_libtpu_says_how_to_install(monkeypatch, capsys):
   real = importlib.util.find_spec
   monkeypatch.setattr(importlib.util, 'find_spec',
                       lambda name, *a: None if name == 'libtpu' else real(name, *a))
-  assert aot_cli.main(['--topology', 'v5e:2x2', '--preset', 'small']) == 1
+  assert cli.main(['aot', '--topology', 'v5e:2x2', '--preset', 'small']) == 1
   out = capsys.readouterr()
   err = out.err.strip().splitlines()
   assert out.out == '' and len(err) == 1
@@ -92,6 +116,39 @@ def test_mesh_errors_are_named():
   with pytest.raises(AotError, match='64 chips of v5p:4x4x4 are not a multiple of fsdp\\*tensor '
                      '= 48'):
     compile_report(AotRequest('v5p:4x4x4', ModelConfig.flm_8b(), fsdp=16, tensor=3))
+
+
+@pytest.mark.slow
+def test_decode_frame_with_the_pallas_kernel_under_the_mesh_compiles_for_v5e():
+  """The Mosaic depth kernel in shard_map over the sessions, through the real TPU compiler: the
+  kernel is in the program and no collective moves a depth weight (they are stored whole)."""
+  from flmjax.aot.compile import make_request
+  cfg = ModelConfig.small()
+  req = make_request('v5e:2x2', 4, step='decode', preset='small', window=256, batch=8,
+                     mesh='tensor=4', pallas=True)
+  record, compiled = compile_report(req, log=lambda *a: None)
+  assert record['fits'] and record['pallas']
+  hlo = compiled.as_text()
+  assert 'tpu_custom_call' in hlo
+  mlp = cfg.replace(tensor_parallel=4).padded_depth_mlp_dim
+  assert collectives_carrying(hlo, (cfg.depth_dim, mlp)) == []
+  assert collectives_carrying(hlo, (mlp, cfg.depth_dim)) == []
+  assert record['largest_collective_mib'] < 0.1
+  with pytest.raises(AotError, match='--step decode only'):
+    make_request('v5e:2x2', 4, step='train', preset='small', pallas=True)
+
+
+def test_collective_sizes_read_the_largest_array_of_each_collective():
+  from flmjax.aot.roofline import collective_sizes, largest_collective_mib
+  hlo = '\n'.join([
+      '%ag = bf16[64,8,3584]{2,0,1} all-gather(bf16[64,2,3584]{2,0,1} %x), channel_id=1',
+      '%ar-start = (f32[4,1024]{1,0}, f32[4,1024]{1,0}) all-reduce-start(f32[4,1024]{1,0} %y)',
+      '%ar-done = f32[4,1024]{1,0} all-reduce-done(%ar-start)',
+      '%f = f32[1024,1024]{1,0} fusion(%z), kind=kLoop'])
+  assert [(k, b) for k, b, _ in collective_sizes(hlo)] == [('all-gather', 64 * 8 * 3584 * 2),
+                                                          ('all-reduce', 4 * 1024 * 4)]
+  assert largest_collective_mib(hlo) == 3.5
+  assert largest_collective_mib('') == 0
 
 
 def test_required_bytes_parses_the_compiler_message():
@@ -137,7 +194,51 @@ def test_pod_config_gives_the_aot_request():
   tc = load_config_file(path, '/nonexistent/run')
   assert tc.init_from and tc.window == 4096 and tc.compute_dtype == 'bfloat16'
   assert [s.name for s in tc.stages] == ['asr_tts', 'duplex']
-  args = aot_cli._parser().parse_args(['--topology', 'v5p:4x4x4', '--config', path])
-  req = aot_cli._request(args, 64)
+  req = make_request('v5p:4x4x4', 64, config=path)
   assert (req.model, req.window, req.batch, req.fsdp, req.tensor, req.remat) == \
       (ModelConfig.flm_8b(), 4096, 64, 64, 1, 'full')
+
+
+@pytest.mark.slow
+def test_lora_int8_step_reads_the_int8_base():
+  """`--lora-rank 8 --base-dtype int8`, tiny preset, one v5e chip (TPU compiler): the step's
+  arguments hold every stacked base matrix as int8 (its per-channel scales beside it), no bf16
+  or f32 array of a whole stack exists anywhere in the compiled program (each layer's slice is
+  dequantized inside the layer loop), and the arguments are smaller than with a bf16 base."""
+  import re
+
+  from flmjax.model.lora import QUANTIZED
+  from flmjax.train.state import state_spec
+  req = make_request('v5e:1x1', 1, preset='tiny', window=WINDOW, batch=2, lora_rank=8,
+                     base_dtype='int8')
+  record, compiled = compile_report(req, log=lambda *a: None)
+  assert record['fits'] and record['base_dtype'] == 'int8'
+  cfg = req.model
+  K, D, F, H = cfg.num_kv_heads, cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+  per_layer = 8 * (4 * D + 2 * cfg.num_heads * H + 2 * K * H) + 8 * 3 * (D + F)  # attn + mlp
+  assert record['trainable_params'] == cfg.num_layers * per_layer
+  hlo = compiled.as_text()
+  entry = next(line for line in hlo.splitlines() if line.startswith('ENTRY'))
+  from flmjax.aot.compile import abstract_mesh_for, topology_devices
+  from flmjax.train.config import StageConfig, TrainConfig
+  tc = TrainConfig(model=cfg, stages=(StageConfig('a', 1, random_data=True),), run_dir='',
+                   lora=req.lora)
+  base = state_spec(tc, abstract_mesh_for(req, topology_devices(req.topology))).base
+  for module, name, _ in QUANTIZED:
+    shape = ','.join(map(str, base[module][name].shape))
+    assert re.search(rf'base__{module}____{name}__\.\d+: s8\[{shape}\]', entry), name
+    assert not re.search(rf'(bf16|f32)\[{shape}\]', hlo), name
+  bf16 = make_request('v5e:1x1', 1, preset='tiny', window=WINDOW, batch=2, lora_rank=8)
+  assert compile_report(bf16, log=lambda *a: None)[0]['args_gib'] > record['args_gib']
+
+
+@pytest.mark.parametrize('argv, match', [
+    (['--base-dtype', 'int8'], '--base-dtype needs --lora-rank R'),
+    (['--lora-targets', 'attn'], '--lora-targets needs --lora-rank R'),
+    (['--lora-rank', '0'], 'LoRA: LoraConfig.rank is 0'),
+    (['--lora-rank', '4', '--lora-targets', 'attn,ffn'], "unknown target 'ffn'"),
+])
+def test_cli_bad_lora_flags(argv, match, capsys):
+  code = cli.main(['aot', '--topology', 'v5e:1x1', '--preset', 'tiny'] + argv)
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 1 and len(err) == 1 and match in err[0], err

@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
 from probe import error_line, run
 
 HEADER = '''\
@@ -100,13 +99,13 @@ def test_train_checks_every_stage_source_before_step_0(capsys, tmp_path):
 
 def test_train_flags(capsys, tmp_path):
   path = config_file(tmp_path, GOOD)
-  assert '--stop_after 0 must be >= 1' in error_line(capsys, 'train', '--config', path,
+  assert '--stop-after 0 must be >= 1' in error_line(capsys, 'train', '--config', path,
                                                      '--stop_after', '0')
   (tmp_path / 'afile').write_text('keep me')
-  assert 'afile is a file; pass another --run_dir' in error_line(
-      capsys, 'train', '--config', path, '--run_dir', tmp_path / 'afile')
-  assert "flag --stop_after=x: invalid literal" in error_line(capsys, 'train', '--config', path,
-                                                             '--stop_after', 'x')
+  assert 'afile is a file; pass another --run-dir' in error_line(
+      capsys, 'train', '--config', path, '--run-dir', tmp_path / 'afile')
+  assert "argument --stop-after: invalid int value: 'x'" in error_line(
+      capsys, 'train', '--config', path, '--stop-after', 'x')
   np.save(tmp_path / 'codes.npy', np.zeros((8, 2)))
   assert 'a config is a Python file (.py) defining get_config(run_dir)' in error_line(
       capsys, 'train', '--config', tmp_path / 'codes.npy')
@@ -116,7 +115,7 @@ def test_train_flags(capsys, tmp_path):
 
 
 def test_summary_keeps_every_stage_across_resumes(tmp_path):
-  from flmjax.train.cli import write_summary
+  from flmjax.train.observe import write_summary
   write_summary(str(tmp_path), {'global_step': 3, 'eval': None,
                                 'stages': [{'stage': 'one', 'steps_this_run': 3}]})
   write_summary(str(tmp_path), {'global_step': 8, 'eval': {'loss': 1.0},

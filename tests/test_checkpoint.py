@@ -52,7 +52,8 @@ def test_round_trip_is_bit_identical(tiny_model, tiny_dir, tmp_path):
   assert {k: (i.shape, i.dtype) for k, i in ours.items()} == {
       k: (i.shape, i.dtype) for k, i in golden.items()}
   assert json.loads(open(os.path.join(out, 'config.json')).read()) == {
-      **json.loads((tiny_dir / 'config.json').read_text()), 'architectures': ['FLMAudioForCausalLM']}
+      **json.loads((tiny_dir / 'config.json').read_text()),
+      'architectures': ['FLMAudioForCausalLM']}
 
 
 def test_export_loads_in_torch_with_the_official_keys(tiny_model, tiny_dir, tmp_path):
@@ -187,7 +188,8 @@ def test_sharded_load_places_by_rules_and_matches(tiny_dir, tiny_model):
     for axis, n in enumerate(ref.shape):  # the rest is padding: zeros
       assert not np.any(np.take(value, np.arange(n, value.shape[axis]), axis=axis)), path
   # e.g. q [L,D,N,H] = ('layers','embed','q_heads','head_dim') -> (None,'fsdp','tensor',None).
-  assert sharded.backbone.q[...].sharding.spec == jax.sharding.PartitionSpec(None, 'fsdp', 'tensor', None)
+  want = jax.sharding.PartitionSpec(None, 'fsdp', 'tensor', None)
+  assert sharded.backbone.q[...].sharding.spec == want
   r = np.load(tiny_dir / 'forward.npz')
   # Batch 4 so that it splits over data x fsdp.
   args = tuple(np.concatenate([a, a[::-1]]) for a in

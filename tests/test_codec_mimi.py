@@ -6,9 +6,12 @@ import pytest
 
 from flmjax.checkpoint import safetensors_io
 from flmjax.codec import Mimi, MimiCheckpointError, MimiConfig, load_mimi
+from flmjax.codec.base import FRAME_SIZE
 from flmjax.codec.mimi_checkpoint import checkpoint_layout, random_state_dict
 
-FRAME = 1920
+pytestmark = pytest.mark.slow  # compiles Mimi (encoder and decoder, batch and streaming)
+
+FRAME = FRAME_SIZE  # samples per 80 ms frame
 
 
 def rel(a, b):
@@ -62,6 +65,7 @@ def test_layout_matches_manifest(golden_dir):
 
 def test_every_parameter_has_logical_axes(small):
   import jax
+
   from flmjax import sharding
   mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
   leaves = jax.tree.leaves(small.params)
@@ -194,7 +198,8 @@ def test_checkpoint_errors(tmp_path, golden_dir):
   # The small checkpoint without its config.json is read as the full config: named mismatch.
   bare = tmp_path / 'bare'
   bare.mkdir()
-  (bare / 'm.safetensors').write_bytes((golden_dir / 'mimi_small' / 'mimi.safetensors').read_bytes())
+  weights = (golden_dir / 'mimi_small' / 'mimi.safetensors').read_bytes()
+  (bare / 'm.safetensors').write_bytes(weights)
   with pytest.raises(MimiCheckpointError, match=r'full config.*192 missing key'):
     load_mimi(str(bare))
 

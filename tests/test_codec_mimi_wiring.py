@@ -5,13 +5,16 @@ import numpy as np
 import pytest
 import soundfile
 
+from flmjax import cli
 from flmjax.codec import load_mimi
+from flmjax.codec.base import FRAME_SIZE
 from flmjax.codec.mimi_codec import MimiCodec, receptive_field_frames
-from flmjax.data import cli
 from flmjax.data.records import read_all
 from flmjax.data.tokenizer import train_sentencepiece
 
-FRAME = 1920
+pytestmark = pytest.mark.slow  # Mimi through prepare and chat
+
+FRAME = FRAME_SIZE  # samples per 80 ms frame
 
 
 @pytest.fixture(scope='module')
@@ -40,7 +43,7 @@ def test_encode_batch_equals_single_calls(small, pcm):
 
 
 def test_prepare_with_mimi(tmp_path, golden_dir, small, pcm, capsys):
-  tok = train_sentencepiece(['hello there', 'it is five'] * 5, tmp_path / 'tok.model', 40)
+  train_sentencepiece(['hello there', 'it is five'] * 5, tmp_path / 'tok.model', 40)
   import soxr
   soundfile.write(tmp_path / 'a24.wav', pcm[:20 * FRAME], 24000)
   soundfile.write(tmp_path / 'b16.flac', soxr.resample(pcm[:48000], 24000, 16000), 16000)
@@ -49,17 +52,19 @@ def test_prepare_with_mimi(tmp_path, golden_dir, small, pcm, capsys):
   nan = pcm[:5 * FRAME].copy()
   nan[100] = np.nan
   soundfile.write(tmp_path / 'nan.wav', nan, 24000, subtype='FLOAT')
-  seg = lambda speaker='model': {'speaker': speaker, 'start': 0.0, 'end': 0.8, 'text': 'hello there'}
+  seg = lambda speaker='model': {'speaker': speaker, 'start': 0.0, 'end': 0.8,
+                                 'text': 'hello there'}
   lines = [
       {'id': 'a', 'kind': 'tts_asr', 'sample_rate': 24000, 'audio': 'a24.wav', 'segments': [seg()]},
-      {'id': 'b', 'kind': 'tts_asr', 'sample_rate': 16000, 'audio': 'b16.flac', 'segments': [seg()]},
+      {'id': 'b', 'kind': 'tts_asr', 'sample_rate': 16000, 'audio': 'b16.flac',
+       'segments': [seg()]},
       {'id': 'd', 'kind': 'duplex', 'sample_rate': 24000, 'audio': 'duplex.wav',
        'segments': [seg(), seg('user')]},
       {'id': 'n', 'kind': 'tts_asr', 'sample_rate': 24000, 'audio': 'nan.wav', 'segments': [seg()]},
   ]
   (tmp_path / 'm.jsonl').write_text('\n'.join(json.dumps(x) for x in lines) + '\n')
-  assert cli.main(['prepare', str(tmp_path / 'm.jsonl'), str(tmp_path / 'out'), '--tokenizer',
-                   str(tmp_path / 'tok.model'), '--codec', 'mimi', '--mimi',
+  assert cli.main(['data', 'prepare', str(tmp_path / 'm.jsonl'), str(tmp_path / 'out'),
+                   '--tokenizer', str(tmp_path / 'tok.model'), '--codec', 'mimi', '--mimi',
                    str(golden_dir / 'mimi_small'), '--audio-batch', '3', '--no-progress']) == 0
   out = capsys.readouterr().out
   assert 'prepared 3 samples' in out and 'h of audio per second' in out
@@ -73,8 +78,8 @@ def test_prepare_with_mimi(tmp_path, golden_dir, small, pcm, capsys):
   summary = json.loads((tmp_path / 'out' / 'summary.json').read_text())
   channel_samples = 20 * FRAME + 48000 + 2 * 15 * FRAME  # a duplex file counts both channels
   assert summary['audio_hours'] == pytest.approx(channel_samples / 24000 / 3600, rel=1e-3)
-  assert cli.main(['prepare', str(tmp_path / 'm.jsonl'), str(tmp_path / 'o2'), '--tokenizer',
-                   str(tmp_path / 'tok.model'), '--codec', 'mimi']) == 1
+  assert cli.main(['data', 'prepare', str(tmp_path / 'm.jsonl'), str(tmp_path / 'o2'),
+                   '--tokenizer', str(tmp_path / 'tok.model'), '--codec', 'mimi']) == 1
   assert '--codec mimi and --mimi PATH go together' in capsys.readouterr().err
 
 
@@ -82,10 +87,10 @@ def test_chat_speaks_through_mimi(tiny_dir, golden_dir, small, pcm, tmp_path, ca
   """`flmjax chat --user user.wav --mimi PATH`: the user's audio is Mimi-encoded (a 16 kHz file
   resampled first) and the reply is Mimi-decoded into reply.wav beside the transcript."""
   import soxr
-  from flmjax import cli as main_cli
+
   soundfile.write(tmp_path / 'user.wav', soxr.resample(pcm[:6 * FRAME], 24000, 16000), 16000)
   out = tmp_path / 'out'
-  assert main_cli.main(['chat', '--checkpoint', str(tiny_dir), '--user',
+  assert cli.main(['chat', '--checkpoint', str(tiny_dir), '--user',
                         str(tmp_path / 'user.wav'), '--mimi', str(golden_dir / 'mimi_small'),
                         '--out', str(out), '--tail', '1']) == 0
   assert 'reply.wav' in capsys.readouterr().out
@@ -99,6 +104,6 @@ def test_chat_speaks_through_mimi(tiny_dir, golden_dir, small, pcm, tmp_path, ca
   from flmjax.data.audio import read_audio
   user = np.asarray(small.encode(read_audio(tmp_path / 'user.wav')))[0]
   np.save(tmp_path / 'user.npy', user)
-  assert main_cli.main(['chat', '--checkpoint', str(tiny_dir), '--user', str(tmp_path / 'user.npy'),
+  assert cli.main(['chat', '--checkpoint', str(tiny_dir), '--user', str(tmp_path / 'user.npy'),
                         '--out', str(tmp_path / 'out2'), '--tail', '1']) == 0
   np.testing.assert_array_equal(np.load(tmp_path / 'out2' / 'model_codes.npy'), codes)

@@ -1,4 +1,5 @@
 """Issue 2: ModelConfig, presets, and the official config.json format."""
+import dataclasses
 import json
 
 import pytest
@@ -63,7 +64,7 @@ def test_missing_field_is_named(configs):
 
 def test_config_is_frozen_and_validated():
   cfg = ModelConfig.tiny()
-  with pytest.raises(Exception):
+  with pytest.raises(dataclasses.FrozenInstanceError):
     cfg.hidden_size = 3  # type: ignore[misc]
   with pytest.raises(flmjax.ConfigError, match='num_kv_heads'):
     ModelConfig.tiny(num_kv_heads=3)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from flmjax.data import cli
+from flmjax import cli
 from flmjax.codec.toy import ToyCodec
 from flmjax.data.manifest import ManifestError
 from flmjax.data.prepare import prepare
@@ -64,7 +64,8 @@ def test_valid_line_round_trips(tmp_path, tok):
     ('[1, 2]', r'a line must be a JSON object', 'bad_json'),
     ({'id': 'x', 'kind': 'duplex', 'codes': {}}, r"missing field\(s\) \['segments'\]",
      'missing_field'),
-    ({'id': 'x', 'kind': 'tts_asr', 'segments': [seg()]}, 'give exactly one of "audio"', 'missing_field'),
+    ({'id': 'x', 'kind': 'tts_asr', 'segments': [seg()]}, 'give exactly one of "audio"',
+     'missing_field'),
     ({'id': 'x', 'kind': 'monologue', 'segments': [seg()], 'codes': {'model': 'c.npy'}},
      'field "kind" is \'monologue\'', 'bad_field'),
     ({'id': 'x', 'kind': 'tts_asr', 'audio': 'a.wav', 'segments': [seg()]},
@@ -105,7 +106,7 @@ def test_bad_codes(tmp_path, tok):
   assert why == 'bad_codes' and 'm.jsonl:1: codes' in got and 'hold 2048, outside 0..2047' in got
   np.save(tmp_path / 'few.npy', bad[:4])
   got, _ = run(tmp_path, tok, [tts(tmp_path, codes={'model': 'few.npy'})])
-  assert 'must be [codebooks, frames] with 8 to 32 codebooks, got shape (4, 20)' in got
+  assert 'have shape (4, 20): 4 codebooks, but the line has "num_codebooks": 8 (default 8)' in got
   np.save(tmp_path / 'float.npy', bad.astype(np.float32))
   got, _ = run(tmp_path, tok, [tts(tmp_path, codes={'model': 'float.npy'})])
   assert 'have dtype float32; need integers' in got
@@ -153,7 +154,7 @@ def test_prepare_skips_and_counts(tmp_path, tok, capsys):
   lines = [tts(tmp_path), '{oops', tts(tmp_path, segments=[seg(text='')]), tts(tmp_path, id='y')]
   path = tmp_path / 'm.jsonl'
   path.write_text('\n'.join(x if isinstance(x, str) else json.dumps(x) for x in lines) + '\n')
-  assert cli.main(['prepare', str(path), str(tmp_path / 'out'), '--tokenizer', tok.path,
+  assert cli.main(['data', 'prepare', str(path), str(tmp_path / 'out'), '--tokenizer', tok.path,
                    '--no-progress']) == 0
   printed = capsys.readouterr().out
   assert 'prepared 2 samples' in printed
@@ -163,7 +164,7 @@ def test_prepare_skips_and_counts(tmp_path, tok, capsys):
   assert summary['num_records'] == 2 and summary['num_skipped'] == 2
   assert [r.id for r in read_all(tmp_path / 'out')] == ['x', 'y']
   # --strict stops at the first bad line with exit code 1 and the message
-  assert cli.main(['prepare', str(path), str(tmp_path / 'out2'), '--tokenizer', tok.path,
+  assert cli.main(['data', 'prepare', str(path), str(tmp_path / 'out2'), '--tokenizer', tok.path,
                    '--no-progress', '--strict']) == 1
   assert 'm.jsonl:2: not valid JSON' in capsys.readouterr().err
 

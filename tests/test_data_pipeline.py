@@ -7,12 +7,17 @@ import pytest
 
 from flmjax.config import ModelConfig
 from flmjax.data import manifest as mf
+from flmjax.data import records as rec_lib
 from flmjax.data import synthetic
 from flmjax.data.grid import LossWeights, build_grid, pad_grid
 from flmjax.data.monologue import layout_monologue
-from flmjax.data import records as rec_lib
-from flmjax.data.pipeline import (SourceSpec, _WindowedGrid, make_loader, record_grid,
-                                  windows_per_record)
+from flmjax.data.pipeline import (
+  SourceSpec,
+  _WindowedGrid,
+  make_loader,
+  record_grid,
+  windows_per_record,
+)
 from flmjax.data.prepare import prepare
 from flmjax.data.tokenizer import load_tokenizer
 
@@ -282,7 +287,8 @@ def test_counts_of_pushes_cuts_and_extension_follow_the_window():
   seen = collections.Counter()
   for k in range(200):
     out = make(rec_lib.encode_record(record), np.random.default_rng(k))
-    (start,) = [s for s in range(grid.shape[1] - w + 1) if (grid[:, s:s + w] == out['tokens']).all()]
+    (start,) = [s for s in range(grid.shape[1] - w + 1)
+                if (grid[:, s:s + w] == out['tokens']).all()]
     targets = set(start + np.flatnonzero(out['weights'][0]))  # text weighs > 0 inside a sample
     assert out['pushed_frames'] == 12 * (1 + 18 in targets) + 8 * (1 + 20 in targets)
     assert out['cut_tokens'] == 4 * (1 + 20 in targets)

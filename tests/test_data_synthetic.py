@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import soundfile
 
-from flmjax.data import cli, synthetic
-from flmjax.data import manifest as mf
+from flmjax import cli
 from flmjax.codec.toy import ToyCodec
+from flmjax.data import manifest as mf
+from flmjax.data import synthetic
 from flmjax.data.monologue import layout_monologue
 from flmjax.data.prepare import prepare
 from flmjax.data.records import read_all
@@ -63,26 +64,73 @@ def _answer(question: str) -> str:
   return N[a + b if w[3] == 'plus' else a - b]
 
 
+def _exchanges(segs):
+  """A conversation's segments -> [(question segments, answer segment)]: a pause splits a question
+  into consecutive user segments."""
+  out, question = [], []
+  for s in segs:
+    if s.speaker == 'user':
+      question.append(s)
+    else:
+      out.append((question, s))
+      question = []
+  assert not question, 'every question is answered'
+  return out
+
+
 def test_duplex_answers_need_the_question_audio(corpus):
-  speech = synthetic.ToySpeech()
-  silence = speech.semantic[-1, 0]
-  by_question = {}
+  silence = synthetic.silence_code()
+  by_question, styles = {}, {'pause': 0, 'barge_in': 0}
   for e in entries(corpus['duplex']):
     codes = {s: np.load(p) for s, p in e.codes.items()}
     assert all(c.min() >= 0 and c.max() < 2048 for c in codes.values())
-    segs = e.segments
-    assert [s.speaker for s in segs] == ['user', 'model'] * (len(segs) // 2)
-    for q, a in zip(segs[::2], segs[1::2]):
-      assert a.text == f'it is {_answer(q.text)}'
-      assert 2 <= a.start_frame - q.end_frame <= 4  # the model answers after a short gap
+    exchanges = _exchanges(e.segments)
+    assert 2 <= len(exchanges) <= 5
+    for n, (parts, a) in enumerate(exchanges):
+      q = ' '.join(p.text for p in parts)
+      full = f'it is {_answer(q)}'
+      nxt = exchanges[n + 1][0][0].start_frame if n + 1 < len(exchanges) else None
+      if nxt is not None and nxt < a.end_frame:  # barged in on: stops a frame after the onset
+        styles['barge_in'] += 1
+        assert a.end_frame == nxt + 1 and a.start_frame < nxt
+        assert full.startswith(a.text) and a.text
+        assert (codes['model'][0, nxt + 1:exchanges[n + 1][0][-1].end_frame] == silence).all()
+      else:
+        assert a.text == full
+      assert 2 <= a.start_frame - parts[-1].end_frame <= 3  # the model answers after a short gap
+      for p, later in zip(parts, parts[1:]):  # a pause inside the question: the model waits
+        styles['pause'] += 1
+        assert 4 <= later.start_frame - p.end_frame < 8
+        assert (codes['model'][0, p.end_frame:later.start_frame] == silence).all()
       # the model is silent while the user asks: the answer's only source is the listen stream
-      assert (codes['model'][0, q.start_frame:q.end_frame] == silence).all()
-      user_sem = codes['user'][0, q.start_frame:q.end_frame]
-      by_question.setdefault(q.text, set()).add(user_sem.tobytes())
+      for p in parts:
+        assert (codes['model'][0, p.start_frame + 1:p.end_frame] == silence).all()
+      user_sem = np.concatenate([codes['user'][0, p.start_frame:p.end_frame] for p in parts])
+      by_question.setdefault(q, set()).add(user_sem.tobytes())
+  assert min(styles.values()) >= 5, styles
   # one question -> one semantic sequence (any voice); different questions sound different
   assert all(len(v) == 1 for v in by_question.values())
   sems = [next(iter(v)) for v in by_question.values()]
   assert len(set(sems)) == len(sems) > 20
+
+
+def test_duplex_events_are_the_timeline(corpus):
+  """The generator writes its own events; they equal what the segments imply, and the reference
+  model's activity scores perfectly on them."""
+  from flmjax.eval import events_from_segments, speech_activity, turn_taking
+  counts = dict.fromkeys(('turn_end', 'pause', 'interrupt'), 0)
+  for name in ('duplex', 'heldout_duplex'):
+    for line in map(json.loads, open(corpus[name])):
+      model = np.load(os.path.join(corpus['out_dir'], line['codes']['model']))
+      events = [tuple(e) for e in line['events']]
+      assert events == events_from_segments(line['segments'], model.shape[1])
+      m = turn_taking(speech_activity(model), events)
+      assert m['takeover_rate'] == 1.0
+      assert m['pause_takeover_rate'] in (None, 0.0) and m['interrupt_stop_rate'] in (None, 1.0)
+      assert all(160 <= x <= 240 for x in m['response_latency_ms_all'])  # the 2-3 frame gap
+      for k, v in m['counts'].items():
+        counts[k] += v
+  assert min(counts.values()) >= 5, counts
 
 
 def test_acoustic_codes_depend_on_speaker_and_noise():
@@ -166,7 +214,13 @@ def test_hf_tokenizer_json(tmp_path):
 
 
 def test_cli_synth(tmp_path, capsys):
-  assert cli.main(['synth', str(tmp_path), '--num-tts-asr', '2', '--num-duplex', '2',
-                   '--num-heldout', '1']) == 0
-  assert f"duplex: {tmp_path / 'duplex.jsonl'}" in capsys.readouterr().out
-  assert len(open(tmp_path / 'duplex.jsonl').readlines()) == 2
+  args = ['--num-tts-asr', '2', '--num-duplex', '3', '--num-heldout', '2']
+  assert cli.main(['data', 'synth', str(tmp_path / 'a')] + args) == 0
+  assert f"duplex: {tmp_path / 'a' / 'duplex.jsonl'}" in capsys.readouterr().out
+  assert len(open(tmp_path / 'a' / 'duplex.jsonl').readlines()) == 3
+  # deterministic: a second run writes the same bytes, codes and events included
+  assert cli.main(['data', 'synth', str(tmp_path / 'b')] + args) == 0
+  files = sorted(p.relative_to(tmp_path / 'a') for p in (tmp_path / 'a').rglob('*') if p.is_file())
+  assert len(files) > 10
+  for rel in files:
+    assert (tmp_path / 'a' / rel).read_bytes() == (tmp_path / 'b' / rel).read_bytes(), rel

@@ -1,7 +1,10 @@
 """`flmjax chat` end to end on the golden tiny checkpoint."""
 import numpy as np
+import pytest
 
 from flmjax import cli
+
+pytestmark = pytest.mark.slow  # flmjax chat sessions end to end
 
 
 def test_chat_reproduces_the_golden_stream(tiny_dir, tmp_path, capsys):
@@ -24,6 +27,7 @@ def test_chat_reproduces_the_golden_stream(tiny_dir, tmp_path, capsys):
 
 def test_chat_with_a_tokenizer_and_a_wav(tiny_dir, tmp_path, capsys):
   import soundfile
+
   from flmjax.codec.toy import ToyCodec
   from flmjax.data.tokenizer import train_sentencepiece
   words = 'what is two plus three five seven hello there yes no'.split()
@@ -60,6 +64,7 @@ def test_chat_reads_an_orbax_training_checkpoint(tiny_model, tiny_dir, tmp_path)
   """A training run's orbax checkpoint (the embedded default's format) chats like its weights."""
   import jax.numpy as jnp
   from flax import nnx
+
   from flmjax.train.checkpointing import Checkpointer
   from flmjax.train.config import to_json
   from flmjax.train.state import TrainState

@@ -16,6 +16,7 @@ def user_frames(frames=FRAMES):
   return np.random.default_rng(5).integers(0, 2048, (frames, 1, 8)).astype(np.int32)
 
 
+@pytest.mark.slow
 def test_error_policy_raises_past_max_len(tiny_model):
   dec = StreamingDecoder(tiny_model, GREEDY, max_len=MAX_LEN, overflow='error')
   state = dec.init(1)
@@ -56,6 +57,7 @@ def banded_forward(model, columns, window):
   return layers.rms_norm(x, bb.final_norm[...], cfg.rms_norm_eps)  # [1,T,D]
 
 
+@pytest.mark.slow
 def test_slide_policy_is_a_sliding_window_model(tiny_model):
   """Past max_len, each frame attends to the last max_len frames, at every layer."""
   dec = StreamingDecoder(tiny_model, GREEDY, max_len=MAX_LEN, overflow='slide')

@@ -13,13 +13,14 @@ from flmjax.decode.sampling import StreamParams, repetition_penalty, sample
 N = 20000
 TOL = 0.02
 PROBS = np.array([0.05, 0.4, 0.25, 0.15, 0.1, 0.05], np.float32)
+LOG_PROBS = np.log(PROBS)
 
 
 @pytest.fixture(scope='module')
 def draw():
   fn = jax.jit(sample)
 
-  def run(temp=1.0, top_k=0, top_p=0.0, greedy=False, logits=np.log(PROBS), seed=0):
+  def run(temp=1.0, top_k=0, top_p=0.0, greedy=False, logits=LOG_PROBS, seed=0):
     keys = jax.random.split(jax.random.key(seed), N)
     params = StreamParams(temp, top_k, top_p, 1.0, 1, greedy).per_row(N)
     rows = jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (N, len(logits)))
@@ -63,7 +64,7 @@ def test_per_row_parameters():
   logits = jnp.broadcast_to(jnp.log(jnp.asarray(PROBS)), (4, len(PROBS)))
   params = StreamParams(temp=jnp.array([1.0, 1.0, 0.0, 1.0]), top_k=jnp.array([1, 0, 0, 0]),
                         top_p=jnp.array([0.0, 0.3, 0.0, 0.0]), penalty=jnp.ones(4),
-                        window=jnp.ones(4, jnp.int32),
+                        penalty_window=jnp.ones(4, jnp.int32),
                         greedy=jnp.array([False, False, False, True]))
   tokens = sample(keys, logits, params, jnp.zeros((4, 1), jnp.int32), jnp.zeros((4, 1), bool))
   assert np.asarray(tokens).tolist() == [1, 1, 1, 1]  # top-1, top-p 0.3, temp 0, greedy

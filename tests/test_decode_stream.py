@@ -2,6 +2,8 @@
 
 Compiles: one decoder with frame functions for B=1 and B=4, one sharded B=4 decoder.
 """
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -45,7 +47,13 @@ def run(dec, state, user):
   return state, np.stack(outs)
 
 
-@pytest.mark.parametrize('name,sampling', [('plain', GREEDY), ('penalty', GREEDY_PENALTY)])
+# Windows <= 0 mean no penalty (as the official LMGen): the penalty run then equals the plain one.
+NO_WINDOW = dataclasses.replace(GREEDY_PENALTY, penalty_window_text=0, penalty_window_audio=-1)
+
+
+@pytest.mark.parametrize('name,sampling', [('plain', GREEDY), ('penalty', GREEDY_PENALTY),
+                                           ('plain', NO_WINDOW)],
+                         ids=['plain', 'penalty', 'penalty-window-0'])
 def test_golden_stream_parity(decoder, stream, name, sampling):
   # Per-session sampling: the greedy settings come in through reset_slots.
   state = decoder.reset_slots(decoder.init(1), np.array([True]), sampling=sampling)
@@ -83,6 +91,7 @@ def test_outputs_and_columns_agree_with_the_data_grid(decoder, stream, tiny_mode
   np.testing.assert_array_equal(undelay(cfg, columns)[:9], model[:, :T - max(cfg.grid_offsets)])
 
 
+@pytest.mark.slow
 def test_batched_sessions_equal_single_sessions(decoder):
   user = users(4)
   state = decoder.init(4, seed=10)
@@ -117,6 +126,7 @@ def test_slot_reset_midway_does_not_leak(decoder):
   np.testing.assert_array_equal(np.concatenate([first, second])[:, [0, 2]], whole[:, [0, 2]])
 
 
+@pytest.mark.slow
 def test_sharded_decode_equals_unsharded(decoder, tiny_dir):
   mesh = shd.make_mesh(data=4, tensor=2)
   model = flmjax.load_official(str(tiny_dir), dtype='float32', mesh=mesh)
@@ -143,8 +153,8 @@ def test_bad_user_codes_are_rejected(decoder):
     decoder.step(state, np.zeros((1, 8), np.float32))
   with pytest.raises(ValueError, match=r'slot mask: expected a bool array of shape \(1,\)'):
     decoder.reset_slots(state, np.array([1, 0]))
-  with pytest.raises(ValueError, match='window_text=60 exceeds the decoder'):
-    decoder.reset_slots(state, np.array([True]), sampling=SamplingConfig(window_text=60))
+  with pytest.raises(ValueError, match='penalty_window_text=60 exceeds the decoder'):
+    decoder.reset_slots(state, np.array([True]), sampling=SamplingConfig(penalty_window_text=60))
 
 
 def test_bad_decoder_settings_are_rejected(tiny_model):

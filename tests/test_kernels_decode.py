@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from flmjax.decode import SamplingConfig, StreamingDecoder
-from kernels.depth_step import select_depth_layer_fn
+from flmjax.kernels.depth_step import select_depth_layer_fn
+
+pytestmark = pytest.mark.slow  # streaming decoding through interpret-mode kernels
 
 GREEDY = SamplingConfig(greedy=True, repetition_penalty_text=1.0, repetition_penalty_audio=1.0)
 
@@ -62,16 +64,16 @@ def test_greedy_golden_stream_matches_reference(tiny_model, golden, reference_to
 def test_greedy_depth_frames_with_stacked_kernels(tiny_model, tiny_dir, kernel):
   """The whole-stack entry (layers_fn) in DepthTransformer.step: greedy depth frames on the 32
   golden backbone states give the reference path's codes exactly."""
+  from flmjax.kernels.depth_step import select_depth_layers_fn
+  from flmjax.kernels.reference import depth_frame
   from flmjax.model.depth import init_cache
-  from kernels.depth_step import select_depth_layers_fn
-  from kernels.reference import depth_frame
 
   depth = tiny_model.depth_transformer
   hidden = np.load(tiny_dir / 'forward.npz')['hidden'].reshape(-1, tiny_model.cfg.hidden_size)
-  slots = depth.slots(jnp.asarray(hidden))  # [32,C,d]
-  cache = init_cache(tiny_model.cfg, slots.shape[0])
-  want, _ = jax.jit(lambda s, c: depth_frame(depth, s, c))(slots, cache)
+  cond = depth.conditioning(jnp.asarray(hidden))  # [32,C,d]
+  cache = init_cache(tiny_model.cfg, cond.shape[0])
+  want, _ = jax.jit(lambda s, c: depth_frame(depth, s, c))(cond, cache)
   layers_fn = select_depth_layers_fn(kernel=kernel, interpret=True)
-  got, _ = jax.jit(lambda s, c: depth_frame(depth, s, c, layers_fn=layers_fn))(slots, cache)
+  got, _ = jax.jit(lambda s, c: depth_frame(depth, s, c, layers_fn=layers_fn))(cond, cache)
   assert len(np.unique(np.asarray(want))) > 8  # a non-degenerate frame
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -1,7 +1,8 @@
 """Pallas depth-layer kernels (interpret mode) against the model's own layer_step.
 
-Inputs are fresh random draws every run (the seed is printed on failure; set KERNEL_TEST_SEED to
-replay one). Interpret mode fills every output buffer with NaN before the kernel runs (checked by
+Inputs are random draws from a fixed seed (the `seed` fixture of conftest.py: 0, or
+KERNEL_TEST_SEED to try another; the seed is printed on failure). Interpret mode fills every
+output buffer with NaN before the kernel runs (checked by
 test_interpret_mode_poisons_unwritten_outputs), so an element a kernel forgets to write shows up as
 NaN and fails both the finiteness and the tolerance checks.
 
@@ -14,8 +15,6 @@ back bit-identical to the input):
   3000 draws (measured), so a per-element bound of 2e-2 would be flaky, not stricter.
 """
 import functools
-import os
-import secrets
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +23,10 @@ import pytest
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels import depth_step
-from kernels.reference import depth_layer_step as reference
+from flmjax.kernels import depth_step
+from flmjax.kernels.reference import depth_layer_step as reference
+
+pytestmark = pytest.mark.slow  # Pallas kernels in interpret mode, many variants
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}  # see the module docstring for the metrics
 BF16_ELEMENTWISE = 5e-2
@@ -44,13 +45,6 @@ VARIANTS = {
 }
 
 
-@pytest.fixture
-def seed():
-  value = int(os.environ.get('KERNEL_TEST_SEED') or secrets.randbits(31))
-  print(f'KERNEL_TEST_SEED={value}')
-  return value
-
-
 def random_layer(seed, b, dims, dtype):
   d, h, f = dims
   e = d // h
@@ -63,7 +57,7 @@ def random_layer(seed, b, dims, dtype):
   return p, n((b, d), 1.0), n((b, C, h, e), 1.0), n((b, C, h, e), 1.0)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compiled(variant, dims, interpret='plain'):
   """One jitted function per variant and tiling, shared by tests; c stays a traced argument."""
   if variant == 'reference':

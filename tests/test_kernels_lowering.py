@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import pytest
 
 from flmjax.config import ModelConfig
-from kernels import depth_step
+from flmjax.kernels import depth_step
 
 ALLOW = [jax.export.DisabledSafetyCheck.custom_call(name)
          for name in ('triton_kernel_call', '__gpu$xla.gpu.triton', 'tpu_custom_call')]

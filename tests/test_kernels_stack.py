@@ -9,11 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_kernels_depth import EPS, ODD, TINY, VARIANTS, C, check_outputs, rel_err
 
-from kernels import depth_step
-from kernels.reference import depth_layers_step as reference
-from test_kernels_depth import (C, EPS, ODD, TINY, VARIANTS, check_outputs, rel_err,  # noqa: F401
-                                seed)
+from flmjax.kernels import depth_step
+from flmjax.kernels.reference import depth_layers_step as reference
+
+pytestmark = pytest.mark.slow  # Pallas kernels in interpret mode over stacked layers
 
 LAYERS = 2
 
@@ -31,7 +32,7 @@ def random_stack(seed, b, dims, dtype):
   return p, n((b, d), 1.0), n((L, b, C, h, e), 1.0), n((L, b, C, h, e), 1.0)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compiled(variant, dims):
   if variant == 'reference':
     return jax.jit(functools.partial(reference, eps=EPS))

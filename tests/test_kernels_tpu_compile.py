@@ -12,7 +12,9 @@ import pytest
 from jax.experimental import topologies
 
 from flmjax.config import ModelConfig
-from kernels import depth_tpu
+from flmjax.kernels import depth_tpu
+
+pytestmark = pytest.mark.slow  # Mosaic lowering for TPU
 
 # `%name = shape opcode(`; a tuple shape for async copies.
 _INSTR = re.compile(r'^\s*(?:ROOT )?%(\S+) = (.+?) ([a-z][\w-]*)\(')

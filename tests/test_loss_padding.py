@@ -49,6 +49,7 @@ def model():
   return flm.create(ModelConfig.tiny(tensor_parallel=2), seed=1)  # vocab 320 padded to 512
 
 
+@pytest.mark.slow
 def test_chunked_text_loss_equals_plain(model):
   tokens, weights = _batch(model.cfg)
   # 20 columns in blocks of 6: three whole blocks and a padded one.
@@ -75,10 +76,12 @@ def _plain_audio(model, tokens, weights):
   logp = jax.nn.log_softmax(out.depth_logits.astype(jnp.float32), axis=-1)
   ce = -jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]
   hit = (w > 0) & (jnp.argmax(out.depth_logits, -1) == tgt)
-  return {'semantic_wce': jnp.sum(w[..., 0] * ce[..., 0]), 'acoustic_wce': jnp.sum(w[..., 1:] * ce[..., 1:]),
+  return {'semantic_wce': jnp.sum(w[..., 0] * ce[..., 0]),
+          'acoustic_wce': jnp.sum(w[..., 1:] * ce[..., 1:]),
           'semantic_correct': jnp.sum(hit[..., 0]), 'acoustic_correct': jnp.sum(hit[..., 1:])}
 
 
+@pytest.mark.slow
 def test_codebook_audio_loss_equals_plain(model):
   tokens, weights = _batch(model.cfg, seed=5)
   sums = jax.jit(lambda m: loss_lib.loss_sums(m, tokens, weights))(model)
@@ -97,6 +100,7 @@ def test_codebook_audio_loss_equals_plain(model):
       assert not np.any(g), path
 
 
+@pytest.mark.slow
 def test_codebook_audio_loss_bf16_against_float32(model):
   tokens, weights = _batch(model.cfg, seed=6)
   f32 = lambda m: (lambda s: s['semantic_wce'] + s['acoustic_wce'])(
@@ -126,6 +130,7 @@ def test_fused_cross_entropy_against_log_softmax():
   assert not bool(loss_lib._ce(tied, jnp.array([0]))[1][0])
 
 
+@pytest.mark.slow
 def test_chunked_text_loss_bf16_against_float32(model):
   tokens, weights = _batch(model.cfg)
   f32 = lambda m: loss_lib.loss_sums(m, tokens, weights, text_block=6)['text_wce']
@@ -135,6 +140,7 @@ def test_chunked_text_loss_bf16_against_float32(model):
   assert _rel(g16, g32) < BF16_TOL
 
 
+@pytest.mark.slow
 def test_padding_is_exact_and_stays_zero(model):
   cfg = model.cfg
   assert (cfg.padded_vocab_size, ModelConfig.tiny().padded_vocab_size) == (512, 384)

@@ -5,6 +5,7 @@ import jax
 import numpy as np
 import pytest
 
+from flmjax import distributed
 from flmjax import sharding as shd
 from flmjax.train.config import MeshConfig, TrainConfigError
 
@@ -61,15 +62,15 @@ def test_mesh_config_with_dcn_axes():
 def test_distributed_settings_are_checked(monkeypatch):
   for var in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID'):
     monkeypatch.delenv(var, raising=False)
-  assert shd.initialize_distributed() is False  # a lone process joins nothing
-  assert shd.initialize_distributed('127.0.0.1:1', 1, 0) is False
+  assert distributed.initialize_distributed() is False  # a lone process joins nothing
+  assert distributed.initialize_distributed('127.0.0.1:1', 1, 0) is False
   with pytest.raises(ValueError, match=r'process_id 2 is outside 0..1'):
-    shd.initialize_distributed('127.0.0.1:1', 2, 2)
+    distributed.initialize_distributed('127.0.0.1:1', 2, 2)
   with pytest.raises(ValueError, match='without a coordinator address'):
-    shd.initialize_distributed(None, 2, 0)
+    distributed.initialize_distributed(None, 2, 0)
   monkeypatch.setenv('JAX_NUM_PROCESSES', 'two')
   with pytest.raises(ValueError, match=r"\$JAX_NUM_PROCESSES='two' is not an integer"):
-    shd.initialize_distributed()
+    distributed.initialize_distributed()
   assert not jax.distributed.is_initialized()
 
 
@@ -77,7 +78,7 @@ def test_one_tpu_worker_host_is_not_a_cluster():
   # `flmjax aot` sets TPU_WORKER_HOSTNAMES=localhost to compile; a later train in the same process
   # must not try to join a multi-host job because of it.
   env = lambda d: d.get
-  assert not shd._in_cluster(env({'TPU_WORKER_HOSTNAMES': 'localhost'}))
-  assert not shd._in_cluster(env({}))
-  assert shd._in_cluster(env({'TPU_WORKER_HOSTNAMES': '10.0.0.1,10.0.0.2'}))
-  assert shd._in_cluster(env({'SLURM_JOB_NUM_NODES': '2'}))
+  assert not distributed._in_cluster(env({'TPU_WORKER_HOSTNAMES': 'localhost'}))
+  assert not distributed._in_cluster(env({}))
+  assert distributed._in_cluster(env({'TPU_WORKER_HOSTNAMES': '10.0.0.1,10.0.0.2'}))
+  assert distributed._in_cluster(env({'SLURM_JOB_NUM_NODES': '2'}))

@@ -1,7 +1,6 @@
 """Issue 2: the Flax model against the official PyTorch forward (golden fixtures)."""
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -56,6 +55,7 @@ def test_official_shapes_equal_8b_manifest(golden_dir):
   assert sum(int(np.prod(s)) for s in shapes.values()) == manifest['total_params'] == 8_221_022_720
 
 
+@pytest.mark.slow
 def test_cached_backbone_steps_equal_full_forward(tiny_model, forward_ref):
   """The KV-cache path (used by decoding) reproduces the teacher-forced hidden states."""
   r, bb = forward_ref, tiny_model.backbone
@@ -69,19 +69,21 @@ def test_cached_backbone_steps_equal_full_forward(tiny_model, forward_ref):
   assert rel_err(jnp.concatenate(hs, axis=1), r['hidden']) < REL_TOL
 
 
+@pytest.mark.slow
 def test_depth_steps_equal_teacher_forced(tiny_model, forward_ref):
   r, dt = forward_ref, tiny_model.depth_transformer
   hidden = jnp.asarray(r['hidden'][0])  # [T, D] as a batch of T rows
   tokens = jnp.asarray(r['depth_tokens'][0])  # [T, 8]
-  slots = dt.slots(hidden)
+  cond = dt.conditioning(hidden)
   cache = depth_lib.init_cache(dt.cfg, hidden.shape[0])
   prev = jnp.full((hidden.shape[0],), dt.cfg.audio_emp_id, jnp.int32)
   for c in range(8):
-    logits, cache = dt.step(slots, prev, jnp.int32(c), cache)
+    logits, cache = dt.step(cond, prev, jnp.int32(c), cache)
     assert rel_err(logits, r['depth_logits'][0, :, c]) < REL_TOL, f'codebook {c}'
     prev = tokens[:, c]
 
 
+@pytest.mark.slow
 def test_bfloat16_forward_close_to_float32(tiny_dir, forward_ref):
   model = flmjax.load_official(str(tiny_dir), dtype='bfloat16')
   assert model.backbone.q[...].dtype == jnp.bfloat16

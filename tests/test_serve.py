@@ -10,7 +10,16 @@ import asyncio
 import aiohttp
 import numpy as np
 import pytest
-from serve_harness import FRAME, check_crosstalk, converse, running, voice, wait_for
+from serve_harness import (
+  FRAME,
+  check_crosstalk,
+  converse,
+  running,
+  serving_in_thread,
+  sessions_by_slot,
+  voice,
+  wait_for,
+)
 
 from flmjax.decode import SamplingConfig
 from flmjax.serve import protocol
@@ -23,7 +32,7 @@ def test_settings_keys_and_text_stream(tiny_model):
   cfg = tiny_model.cfg
   s = protocol.apply_settings(GREEDY, {'use_sampling': True, 'temp_text': 0.7,
                                        'repetition_penalty_window_audio': 20})
-  assert (s.greedy, s.temp_text, s.window_audio) == (False, 0.7, 20)
+  assert (s.greedy, s.temp_text, s.penalty_window_audio) == (False, 0.7, 20)
   assert protocol.settings_json(s)['use_sampling'] is True
   for bad, word in (([1], 'JSON object'), ({'temp': 1}, "unknown setting 'temp'"),
                     ({'top_k_text': 1.5}, 'integer'), ({'use_sampling': 1}, 'true or false'),
@@ -47,8 +56,9 @@ def test_protocol_handshake_audio_text_settings(serve_pipeline, tiny_model):
         assert r.status == 400 and (await r.json())['error'] == 'Invalid JSON'
       async with http.post(f'{base}/api/settings', json={'temp_txt': 1}) as r:
         assert r.status == 400 and 'temp_txt' in (await r.json())['error']
-      async with http.post(f'{base}/api/settings', json={'repetition_penalty_window_text': 99}) as r:
-        assert r.status == 400 and 'window buffer of 50' in (await r.json())['error']
+      body = {'repetition_penalty_window_text': 99}
+      async with http.post(f'{base}/api/settings', json=body) as r:
+        assert r.status == 400 and 'penalty buffer of 50' in (await r.json())['error']
       # Server-wide (the official semantics): applies to sessions that start from now on.
       async with http.post(f'{base}/api/settings', json={'use_sampling': False,
                                                          'repetition_penalty_text': 1.05}) as r:
@@ -94,19 +104,12 @@ def test_protocol_handshake_audio_text_settings(serve_pipeline, tiny_model):
 def test_four_sessions_no_crosstalk(serve_pipeline, tiny_model):
   server = Server(serve_pipeline, sampling=GREEDY)
   frames = {0: 20, 1: 14, 2: 24, 3: 17}  # different lengths: sessions end at different ticks
-
-  async def scenario():
-    async with running(server) as addr:
-      return await asyncio.gather(*[converse(f'ws://{addr}/api/chat', voice(10 + i, n),
-                                             pace=False) for i, n in frames.items()])
-
-  convs = asyncio.run(scenario())
-  by_slot = {next(s.slot for s in server.finished if s.sid == c.session): c for c in convs}
+  by_slot = sessions_by_slot(server, frames, first_seed=10)
   assert sorted(by_slot) == [0, 1, 2, 3]
   assert all(s.underruns == 0 or s.first_underrun >= s.frames_in for s in server.finished)
   found = check_crosstalk(serve_pipeline, tiny_model.cfg, by_slot)
   assert found == {slot: [] for slot in by_slot}, found
-  assert all(c.frames_received == c.frames_sent - 1 for c in convs)
+  assert all(c.frames_received == c.frames_sent - 1 for c in by_slot.values())
 
 
 def compiled_sizes(pipeline) -> list[int]:
@@ -184,7 +187,6 @@ def test_auth_token_checked_before_upgrade(serve_pipeline):
 
 def test_cli_help_errors_and_client_end_to_end(serve_pipeline, tmp_path, capsys):
   import socket
-  import threading
 
   import soundfile
 
@@ -200,26 +202,14 @@ def test_cli_help_errors_and_client_end_to_end(serve_pipeline, tmp_path, capsys)
   assert cli.main(['client', '--in', str(tmp_path / 'missing.wav'), '--out',
                    str(tmp_path / 'r.wav')]) == 1
   assert 'flmjax client: error: --in' in capsys.readouterr().err
+  soundfile.write(tmp_path / 'stereo.wav', np.zeros((1920, 2), np.float32), 24000)
+  assert cli.main(['client', '--in', str(tmp_path / 'stereo.wav'), '--out',
+                   str(tmp_path / 'r.wav')]) == 1  # never averaged: the user says which channel
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and '2 channels; give a mono WAV' in err[0], err
+  assert not (tmp_path / 'r.wav').exists()
 
   # `flmjax client` against a live server (its own event loop, in a thread): WAV in, WAV out.
-  server, ready, stop = Server(serve_pipeline, sampling=GREEDY), threading.Event(), None
-  addr = []
-
-  def serve():
-    nonlocal stop
-    loop = asyncio.new_event_loop()
-    stop = loop.create_future()
-
-    async def body():
-      async with running(server) as a:
-        addr.append(a)
-        ready.set()
-        await stop
-    loop.run_until_complete(body())
-
-  thread = threading.Thread(target=serve, daemon=True)
-  thread.start()
-  assert ready.wait(60)
   soundfile.write(tmp_path / 'user.wav', voice(5, 8), 24000)  # 8 frames at 24 kHz
   with socket.socket() as closed:  # a port nobody listens on
     closed.bind(('127.0.0.1', 0))
@@ -227,13 +217,10 @@ def test_cli_help_errors_and_client_end_to_end(serve_pipeline, tmp_path, capsys)
   assert cli.main(['client', '--url', f'ws://127.0.0.1:{port}/api/chat', '--in',
                    str(tmp_path / 'user.wav'), '--out', str(tmp_path / 'reply.wav')]) == 1
   assert 'flmjax client: error: ws://127.0.0.1' in capsys.readouterr().err
-  try:
-    assert cli.main(['client', '--url', f'ws://{addr[0]}/api/chat', '--in',
+  with serving_in_thread(Server(serve_pipeline, sampling=GREEDY)) as addr:
+    assert cli.main(['client', '--url', f'ws://{addr}/api/chat', '--in',
                      str(tmp_path / 'user.wav'), '--out', str(tmp_path / 'reply.wav'),
                      '--no-pace']) == 0
-  finally:
-    stop.get_loop().call_soon_threadsafe(stop.set_result, None)
-    thread.join(30)
   reply, rate = soundfile.read(tmp_path / 'reply.wav', dtype='float32')
   assert rate == 24000 and reply.shape == (7 * FRAME,)
   assert (tmp_path / 'reply.txt').read_text().startswith('<')
@@ -265,20 +252,35 @@ def test_session_length_limit_ends_only_that_session(serve_pipeline, tiny_model,
 
 
 def test_idle_close_waits_for_buffered_audio(serve_pipeline):
+  """The idle timer and the frame loop run on a ManualClock: the test decides when time passes,
+  so the outcome depends on the order of events only, never on how fast the machine is."""
+  from flmjax.serve.clock import ManualClock
   from flmjax.serve.session import Limits
-  server = Server(serve_pipeline, sampling=GREEDY, limits=Limits(idle_s=0.5))
+  clock = ManualClock()
+  server = Server(serve_pipeline, sampling=GREEDY, limits=Limits(idle_s=0.5), clock=clock)
+  live = lambda: [s for s in server.frame_loop.slots if s is not None]
 
   async def scenario():
     async with running(server) as addr, aiohttp.ClientSession() as http:
       url = f'ws://{addr}/api/chat'
       async with http.ws_connect(url) as silent:  # handshake, then never a message
         assert (await silent.receive(timeout=10)).data == b'\x00'
+        await clock.advance(0.49)
+        assert not server.finished  # 490 ms without a message: not idle yet
+        await clock.advance(0.02)
         closing = await silent.receive(timeout=10)
       # 1.6 s of audio at once, then nothing for over idle_s while it plays: not idle.
-      return closing, silent.close_code, await converse(url, voice(60, 20), pace=False)
+      talk = asyncio.create_task(converse(url, voice(60, 20), pace=False))
+      assert await wait_for(lambda: any(s.buffered >= 20 * FRAME for s in live()))
+      while not talk.done():  # time moves one frame at a time while input is buffered
+        if any(s.buffered >= FRAME for s in live()):
+          await clock.advance(0.08)
+        await asyncio.sleep(0.01)
+      return closing, silent.close_code, await talk
 
   closing, code, conv = asyncio.run(scenario())
   assert closing.type == aiohttp.WSMsgType.CLOSE and code == 1008
+  assert clock.time() > 1.5  # the 20 frames played over 1.6 s of (virtual) time
   ended = {s.sid: s for s in server.finished}
   assert conv.frames_received == 19 and ended[conv.session].reason == 'client closed'
   assert [s.reason for s in server.finished if s.sid != conv.session] == [

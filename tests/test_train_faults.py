@@ -6,24 +6,16 @@ import os
 import jax
 import numpy as np
 import pytest
-
-from flmjax.config import ModelConfig
-from flmjax.train import loop
-from flmjax.train.checkpointing import Checkpointer, CheckpointCorruptError
-from flmjax.train.config import MeshConfig, OptimConfig, StageConfig, TrainConfig
-from flmjax.train.loop import NonFiniteError, train
+from conftest import random_data_config as _tc  # the shared shapes: one compile
 from poisoned import poison_batch
 
+from flmjax import CorruptCheckpointError
+from flmjax.train import loop
+from flmjax.train.checkpointing import Checkpointer
+from flmjax.train.config import StageConfig
+from flmjax.train.loop import NonFiniteError, train
 
-def _tc(run_dir, **kw):
-  # The shapes of test_train_loop.py: the jitted step is shared within a session.
-  stages = (StageConfig('a', 3, random_data=True, peak_lr=3e-3, warmup_steps=1),
-            StageConfig('b', 2, random_data=True, peak_lr=1e-3))
-  base = dict(model=ModelConfig.tiny(), stages=stages, run_dir=str(run_dir), window=12,
-              batch_size=8, compute_dtype='float32', optim=OptimConfig(eps=1e-3),
-              mesh=MeshConfig(2, 2, 2), checkpoint_every=2, keep_checkpoints=3, log_every=1,
-              progress_bar=False)
-  return TrainConfig(**{**base, **kw})
+pytestmark = pytest.mark.slow  # training runs with injected faults
 
 
 def _leaves(tree):
@@ -49,7 +41,7 @@ def test_unreadable_newest_steps_fall_back_and_are_moved_aside(tmp_path):
   _truncate(biggest)
 
   ckpt = Checkpointer(ckpt_dir, use_async=False)
-  with pytest.raises(CheckpointCorruptError, match=r'checkpoints/5/meta/metadata: the meta JSON '
+  with pytest.raises(CorruptCheckpointError, match=r'checkpoints/5/meta/metadata: the meta JSON '
                                                    r'of step 5 is truncated or unreadable'):
     ckpt.restore_meta(5)
   ckpt.close()
@@ -58,7 +50,7 @@ def test_unreadable_newest_steps_fall_back_and_are_moved_aside(tmp_path):
   resumed = train(tc, log=lines.append)
   bad = [l for l in lines if 'does not restore' in l]
   assert len(bad) == 2 and all('\n' not in l for l in bad)
-  assert bad[0].startswith('checkpoint step 5 does not restore (CheckpointCorruptError: ')
+  assert bad[0].startswith('checkpoint step 5 does not restore (CorruptCheckpointError: ')
   assert bad[1].startswith('checkpoint step 4 does not restore (')
   assert 'checkpoints_corrupt/4' in bad[1]
   assert any(l.startswith(f'resumed from {ckpt_dir} at step 2') for l in lines)

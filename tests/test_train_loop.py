@@ -7,26 +7,19 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from conftest import random_data_config as _tc  # the shared shapes: one compile
 from flax import nnx
+from poisoned import poison_batch
 
 from flmjax.config import ModelConfig
 from flmjax.train import data as data_lib
 from flmjax.train import observe
 from flmjax.train.checkpointing import Checkpointer
-from flmjax.train.config import MeshConfig, OptimConfig, StageConfig, TrainConfig, TrainConfigError
+from flmjax.train.config import MeshConfig, StageConfig, TrainConfigError
 from flmjax.train.loop import NonFiniteError, train
 from flmjax.train.schedule import learning_rate
-from poisoned import poison_batch
 
-
-def _tc(run_dir, **kw):
-  # Same model, shapes and optimizer as test_train_step.py: the jitted step is shared.
-  stages = (StageConfig('a', 3, random_data=True, peak_lr=3e-3, warmup_steps=1),
-            StageConfig('b', 2, random_data=True, peak_lr=1e-3))
-  base = dict(model=ModelConfig.tiny(), stages=stages, run_dir=str(run_dir), window=12,
-              batch_size=8, compute_dtype='float32', optim=OptimConfig(eps=1e-3),
-              mesh=MeshConfig(2, 2, 2), checkpoint_every=2, log_every=1, progress_bar=False)
-  return TrainConfig(**{**base, **kw})
+pytestmark = pytest.mark.slow  # trains the tiny model through whole schedules
 
 
 def _data_file(tc, step):
@@ -175,11 +168,11 @@ def test_init_from_official_checkpoint(tmp_path, tiny_dir, tiny_model):
 
 
 def test_export_round_trip(full_run, tmp_path, capsys):
+  from flmjax import cli
   from flmjax.checkpoint import load_official
-  from flmjax.train import export as export_lib
   tc, full = full_run
   out_dir = str(tmp_path / 'official')
-  assert export_lib.main([tc.run_dir, out_dir, '--dtype', 'float32']) == 0
+  assert cli.main(['export', tc.run_dir, out_dir, '--dtype', 'float32']) == 0
   exported = load_official(out_dir, dtype='float32')
   trained = nnx.merge(full['spec'].graphdef, jax.device_get(full['state'].params))
   batch = next(data_lib.RandomGridIterator(tc.model, window=12, batch_size=2, seed=7,
@@ -191,9 +184,9 @@ def test_export_round_trip(full_run, tmp_path, capsys):
   # float32 export of float32 params: the same numbers, so the same logits (atol 1e-6).
   np.testing.assert_allclose(np.asarray(a.text_logits), np.asarray(b.text_logits), atol=1e-6)
   np.testing.assert_allclose(np.asarray(a.depth_logits), np.asarray(b.depth_logits), atol=1e-6)
-  assert export_lib.main([str(tmp_path / 'nothing'), out_dir]) == 1
+  assert cli.main(['export', str(tmp_path / 'nothing'), out_dir]) == 1
   assert 'no such checkpoint directory' in capsys.readouterr().err
-  assert export_lib.main([tc.run_dir, out_dir]) == 1  # exists; no --overwrite
+  assert cli.main(['export', tc.run_dir, out_dir]) == 1  # exists; no --overwrite
   assert 'exists; pass --overwrite' in capsys.readouterr().err
 
 
@@ -207,9 +200,9 @@ def test_resume_with_another_model_config_is_refused(full_run, tmp_path):
 
 def test_grain_pipeline_resume_is_bit_identical(tmp_path_factory):
   """The same with the real data path: synthetic corpus -> prepare -> grain loaders per stage."""
+  from flmjax.data.corpus import ensure_synthetic_corpus
   from flmjax.data.grid import LossWeights
   from flmjax.data.pipeline import SourceSpec
-  from flmjax.train.corpus import ensure_synthetic_corpus
   corpus = ensure_synthetic_corpus(str(tmp_path_factory.mktemp('corpus')), num_tts_asr=16,
                                    num_duplex=16, num_heldout=4)
   stages = (StageConfig('asr_tts', 3, sources=(

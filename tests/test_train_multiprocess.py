@@ -29,6 +29,8 @@ from flmjax.train.config import MeshConfig, load_config_file
 from flmjax.train.loop import train
 from flmjax.train.state import graphdef_and_abstract
 
+pytestmark = pytest.mark.slow  # subprocess training jobs
+
 CONFIG = '''
 from flmjax.config import ModelConfig
 from flmjax.data.pipeline import SourceSpec
@@ -105,7 +107,7 @@ def _wait_for(what, job, timeout=TIMEOUT):
 
 @pytest.fixture(scope='module')
 def setup(tmp_path_factory):
-  from flmjax.train.corpus import ensure_synthetic_corpus
+  from flmjax.data.corpus import ensure_synthetic_corpus
   root = tmp_path_factory.mktemp('multiprocess')
   corpus = ensure_synthetic_corpus(str(root / 'corpus'), num_tts_asr=4, num_duplex=16,
                                    num_heldout=2)
@@ -208,9 +210,9 @@ def test_sigkill_then_sigterm_then_resume_is_bit_identical(setup, tmp_path):
   for a, b in zip(jax.tree.leaves(jax.device_get(done['state'].params)),
                   jax.tree.leaves(_params(reference))):
     assert np.array_equal(np.asarray(a), np.asarray(b))
+  from flmjax import cli
   from flmjax.checkpoint import load_official
-  from flmjax.train import export
-  assert export.main([str(run_dir), str(tmp_path / 'exported'), '--dtype', 'float32']) == 0
+  assert cli.main(['export', str(run_dir), str(tmp_path / 'exported'), '--dtype', 'float32']) == 0
   exported = nnx.to_pure_dict(nnx.state(load_official(str(tmp_path / 'exported'),
                                                       dtype='float32')))
   for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(_params(reference))):

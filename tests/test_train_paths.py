@@ -7,8 +7,8 @@ from etils import epath
 
 from flmjax.config import ModelConfig
 from flmjax.train import observe
-from flmjax.train.cli import write_summary
 from flmjax.train.config import StageConfig, TrainConfig
+from flmjax.train.observe import write_summary
 
 
 def _in_bucket(root):
@@ -22,7 +22,7 @@ def _in_bucket(root):
 
   names = ('exists', 'glob', 'isdir', 'listdir', 'makedirs', 'mkdir', 'open', 'remove',
            'rename', 'replace', 'rmtree', 'stat')
-  return epath.testing.mock_epath(**{n: redirect for n in names})
+  return epath.testing.mock_epath(**dict.fromkeys(names, redirect))
 
 
 def test_a_bucket_run_dir_gets_metrics_plots_and_summary(tmp_path, monkeypatch):

@@ -16,11 +16,14 @@ from flmjax.train.checkpointing import Checkpointer, abstract_on_cpu
 from flmjax.train.config import load_config_file
 from flmjax.train.loop import train
 
+pytestmark = pytest.mark.slow  # subprocess training jobs, killed and resumed
+
 CONFIG = '''
 from flmjax.config import ModelConfig
-from flmjax.train.config import MeshConfig, OptimConfig, StageConfig, TrainConfig
+from flmjax.train.config import LoraConfig, MeshConfig, OptimConfig, StageConfig, TrainConfig
 
 EVERY = {every}
+LORA = {lora}
 
 
 def get_config(run_dir):
@@ -29,8 +32,11 @@ def get_config(run_dir):
   return TrainConfig(model=ModelConfig.tiny(), stages=stages, run_dir=run_dir, window=12,
                      batch_size=8, compute_dtype='float32', optim=OptimConfig(eps=1e-3),
                      mesh=MeshConfig(2, 2, 2), checkpoint_every=EVERY, keep_checkpoints=2,
-                     log_every=1, progress_bar=False)
+                     log_every=1, progress_bar=False, lora=LORA)
 '''
+# LoRA on an int8 base: the checkpoints hold the adapters and their moments only.
+LORA = "LoraConfig(4, 8.0, targets=('attn', 'mlp', 'depth'), base_dtype='int8')"
+KINDS = {'full': 'None', 'lora': LORA}
 
 
 def _train_cmd(config, run_dir):
@@ -51,13 +57,17 @@ def _env(tmp_path):
           'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}
 
 
-@pytest.fixture(scope='module')
-def reference(tmp_path_factory):
-  """Final params of the uninterrupted run, in this process."""
+def _reference(tmp_path_factory, kind):
+  """Final params (LoRA: adapters) of the uninterrupted run, in this process."""
   config = tmp_path_factory.mktemp('reference') / 'cfg.py'
-  config.write_text(CONFIG.format(every=3))
+  config.write_text(CONFIG.format(every=3, lora=KINDS[kind]))
   out = train(load_config_file(str(config), str(config.parent / 'run')), log=lambda *a: None)
   return jax.device_get(out['state'].params)
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory):
+  return _reference(tmp_path_factory, 'full')
 
 
 def _final_params_equal(ckpt_dir, want):
@@ -70,8 +80,21 @@ def _final_params_equal(ckpt_dir, want):
 
 
 def test_sigkill_then_resume_is_bit_identical(tmp_path, reference):
+  _sigkill_then_resume(tmp_path, reference, 'full')
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(reason='known bug, open: a LoRA run resumed in a fresh process on the 8-device '
+                   'CPU mesh aborts in an XLA:CPU collective rendezvous (int8 and bf16 bases); '
+                   'in-process LoRA resume is exact (test_train_lora.py)', strict=False)
+def test_lora_sigkill_then_resume_is_bit_identical(tmp_path, tmp_path_factory):
+  """LoRA on an int8 base: adapters and their moments resume exactly; the base is rebuilt."""
+  _sigkill_then_resume(tmp_path, _reference(tmp_path_factory, 'lora'), 'lora')
+
+
+def _sigkill_then_resume(tmp_path, reference, kind):
   config = tmp_path / 'cfg.py'
-  config.write_text(CONFIG.format(every=3))
+  config.write_text(CONFIG.format(every=3, lora=KINDS[kind]))
   run_dir = tmp_path / 'killed'
   ckpt_dir = run_dir / 'checkpoints'
   env = _env(tmp_path)
@@ -102,7 +125,7 @@ def _logged_steps(run_dir):
 
 def test_sigterm_saves_where_it_stops_then_resumes_bit_identical(tmp_path, reference):
   config = tmp_path / 'cfg.py'
-  config.write_text(CONFIG.format(every=100))  # every checkpoint here is the preemption's
+  config.write_text(CONFIG.format(every=100, lora='None'))  # every save is the preemption's
   run_dir = tmp_path / 'preempted'
   env = _env(tmp_path)
   proc = subprocess.Popen(_train_cmd(config, run_dir), env=env, stdout=subprocess.PIPE,

@@ -1,6 +1,5 @@
 """Train step: loss alignment, sharded == single device, grad accumulation, sharding specs,
 config errors."""
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -13,9 +12,14 @@ from flmjax.config import ModelConfig
 from flmjax.train import data as data_lib
 from flmjax.train import state as st
 from flmjax.train import step as sp
-from flmjax.train.config import (MeshConfig, OptimConfig, StageConfig, TrainConfig,
-                                 TrainConfigError, load_config_file)
-from flmjax.train.loss import loss_sums, metrics_from_sums
+from flmjax.train.config import (
+  MeshConfig,
+  OptimConfig,
+  StageConfig,
+  TrainConfig,
+  TrainConfigError,
+  load_config_file,
+)
 
 LR = 3e-3
 
@@ -75,6 +79,7 @@ def test_loss_matches_numpy_reference(single, batch_np):
                              (pred == tok[:, 0, 1:])[words].mean(), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_sharded_step_matches_single_device(single, batch_np):
   """(data 2, fsdp 2, tensor 2) vs 1 device, float32: loss rtol 1e-5, params atol 1e-6 (the
   update is lr-sized, 3e-3, so this checks it to ~3e-4 relative)."""
@@ -92,6 +97,7 @@ def test_sharded_step_matches_single_device(single, batch_np):
   assert q.sharding.spec == jax.sharding.PartitionSpec(None, 'fsdp', 'tensor', None)
 
 
+@pytest.mark.slow
 def test_grad_accumulation_equals_full_batch(single, batch_np):
   """4 micro-batches of 2 rows: the same update as one batch of 8 (float32, atol 1e-6)."""
   before, ref, ref_m, _ = single
@@ -161,12 +167,12 @@ def test_config_errors_name_the_problem(tmp_path):
 
 
 def test_train_cli_reports_bad_usage(tmp_path, capsys):
-  from flmjax.train import cli
-  assert cli.main([]) == 1  # one stderr line, exit status 1, like every flmjax command
+  from flmjax import cli
+  assert cli.main(['train']) == 1  # one stderr line, exit status 1, like every flmjax command
   assert '--config is required' in capsys.readouterr().err
-  assert cli.main(['--config', str(tmp_path / 'none.py')]) == 1
+  assert cli.main(['train', '--config', str(tmp_path / 'none.py')]) == 1
   assert 'none.py not found' in capsys.readouterr().err
-  assert cli.main(['--bogus_flag=1']) == 1
+  assert cli.main(['train', '--bogus_flag=1']) == 1
   assert 'bogus_flag' in capsys.readouterr().err
 
 
@@ -188,6 +194,7 @@ def test_schedule_positions_and_learning_rates():
     data_lib.make_stage_loader(_tc(), 0, shard_index=0, shard_count=3)
 
 
+@pytest.mark.slow
 def test_bf16_compute_with_remat_keeps_fp32_master_params(single, batch_np):
   """Mixed precision: bf16 compute (loss within 2e-2 relative of float32), fp32 params/moments."""
   _, _, ref_m, _ = single

@@ -4,7 +4,7 @@ Window 4096 frames (5.5 min of conversation), global batch 64, bf16 compute over
 weights, full remat, FSDP over 64 chips (data takes any further chips). Sized for v5p:4x4x4
 (see the AOT table in experiments/RESULTS.md); on v5e:16x16 use fsdp=256 and batch 256:
   flmjax aot --config experiments/configs/flm8b_pod.py --topology v5p:4x4x4
-  flmjax train --config experiments/configs/flm8b_pod.py --run_dir gs://BUCKET/runs/flm8b
+  flmjax train --config experiments/configs/flm8b_pod.py --run-dir gs://BUCKET/runs/flm8b
 Data: FLMJAX_DATA names a folder of `flmjax data prepare` outputs (tts_asr, duplex,
 heldout_duplex); FLMJAX_INIT_FROM the official checkpoint directory (config.json + weights).
 The learning rates are fine-tuning rates for an already trained model: tune them for your data.
@@ -12,9 +12,9 @@ The learning rates are fine-tuning rates for an already trained model: tune them
 import os
 
 from flmjax.config import ModelConfig
-from flmjax.data.grid import LossWeights
 from flmjax.data.pipeline import SourceSpec
-from flmjax.train.config import MeshConfig, OptimConfig, StageConfig, TrainConfig
+from flmjax.train.config import MeshConfig, OptimConfig, TrainConfig
+from flmjax.train.schedule import dual_stages
 
 DATA = os.environ.get('FLMJAX_DATA', 'data/prepared')
 INIT_FROM = os.environ.get('FLMJAX_INIT_FROM', 'checkpoints/FLM-Audio')
@@ -23,16 +23,9 @@ LEAD_FRAMES = 2  # the monologue leads its speech by 160 ms, as in tiny_dual.py
 
 def get_config(run_dir: str) -> TrainConfig:
   data = lambda name: os.path.join(DATA, name)
-  tts = SourceSpec(data('tts_asr'), layout='lead', offset_frames=LEAD_FRAMES,
-                   speech_stream='speak')
-  asr = SourceSpec(data('tts_asr'), layout='trail', offset_frames=0, speech_stream='listen')
-  duplex = SourceSpec(data('duplex'), layout='lead', offset_frames=LEAD_FRAMES)
-  stages = (
-      StageConfig('asr_tts', steps=10000, sources=(tts, asr), loss_weights=LossWeights(),
-                  peak_lr=2e-5, warmup_steps=500, end_lr_ratio=0.1),
-      StageConfig('duplex', steps=5000, sources=(duplex,), loss_weights=LossWeights(),
-                  peak_lr=1e-5, warmup_steps=200, end_lr_ratio=0.1),
-  )
+  stages = dual_stages(data('tts_asr'), data('duplex'), steps=(10000, 5000),
+                       peak_lr=(2e-5, 1e-5), warmup_steps=(500, 200), end_lr_ratio=(0.1, 0.1),
+                       lead_frames=LEAD_FRAMES)
   return TrainConfig(
       model=ModelConfig.flm_8b(), stages=stages, run_dir=run_dir, window=4096, batch_size=64,
       grad_accum=1, seed=0, compute_dtype='bfloat16', remat='full',

@@ -9,22 +9,26 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import os
 import re
 import time
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from flmjax import sharding as shd
+from flmjax.aot import roofline
 from flmjax.config import ModelConfig
+from flmjax.model.lora import LoraConfig
 from flmjax.platforms import tpu_chips_present
 
 GIB = 2 ** 30
 HBM_GIB = {'v5p': 95.74, 'v6e': 32.0, 'v5e': 16.0, 'v4': 32.0}  # per chip
 FIT_FRACTION = 0.9  # `fits` leaves 10% of HBM for the runtime and fragmentation
-COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
+COLLECTIVES = roofline.COLLECTIVES
 INSTALL_HINT = ('flmjax aot needs libtpu to compile for TPUs: pip install -e ".[tpu]" '
                 f'(installs jax[tpu]=={jax.__version__})')
 # libtpu looks for a TPU host when it loads; these say "compile only, no TPU here" (they silence
@@ -41,7 +45,8 @@ class AotError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class AotRequest:
-  """What to compile. For step='decode', `window` is the KV-cache slots and `batch` the sessions."""
+  """What to compile. For step='decode', `window` is the KV-cache positions per session
+  (`flmjax aot --max-len`) and `batch` the sessions."""
   topology: str  # e.g. 'v5p:4x4x4'
   model: ModelConfig
   step: str = 'train'  # 'train' | 'decode'
@@ -52,6 +57,8 @@ class AotRequest:
   remat: str = 'full'
   grad_accum: int = 1
   compute_dtype: str = 'bfloat16'
+  pallas: bool = False  # decode: the Mosaic depth kernel in shard_map, as use_pallas=True runs
+  lora: LoraConfig | None = None  # train: LoRA adapters on a frozen base (int8 or bf16)
 
   @property
   def chip(self) -> str:
@@ -63,11 +70,68 @@ def parse_mesh(text: str) -> dict[str, int]:
   out = {}
   for part in filter(None, (p.strip() for p in text.split(','))):
     name, eq, size = part.partition('=')
+    if eq and name in ('fsdp', 'tensor') and size.strip().lstrip('+-').isdigit() and \
+        int(size) < 1:
+      raise AotError(f'--mesh {text!r}: {name}={size.strip()}: mesh sizes must be >= 1')
     if not eq or name not in ('fsdp', 'tensor') or not size.isdigit() or int(size) < 1:
       raise AotError(f'--mesh {text!r}: expected comma-separated axis=size pairs with axes fsdp '
                      f'and tensor (data takes the remaining devices), e.g. fsdp=16,tensor=4')
     out[name] = int(size)
   return out
+
+
+def make_request(topology: str, num_chips: int, *, step: str = 'train', config: str | None = None,
+                 preset: str | None = None, window: int | None = None, batch: int | None = None,
+                 mesh: str | None = None, remat: str | None = None,
+                 grad_accum: int | None = None, pallas: bool = False,
+                 lora_rank: int | None = None, lora_targets: str | None = None,
+                 base_dtype: str | None = None) -> AotRequest:
+  """What `flmjax aot` compiles: a training config's model, window, batch, mesh, remat, dtype
+  and LoRA (loading it has no side effects), else the preset (default flm_8b); set arguments
+  override. lora_rank R (alpha R) trains LoRA adapters on `lora_targets` (comma-separated,
+  default attn,mlp) over a frozen `base_dtype` base (default bfloat16)."""
+  from flmjax.train.config import load_config_file
+  base = dict(model=None, window=None, batch=64, remat='full', grad_accum=1,
+              compute_dtype='bfloat16', fsdp=None, tensor=1, lora=None)
+  if config:
+    tc = load_config_file(config, os.path.join('runs', 'aot'))  # the run dir is never written
+    base.update(model=tc.model, window=tc.window, batch=tc.batch_size, remat=tc.remat,
+                grad_accum=tc.grad_accum, compute_dtype=tc.compute_dtype, fsdp=tc.mesh.fsdp,
+                tensor=tc.mesh.tensor, lora=tc.lora)
+  base['lora'] = _lora_request(base['lora'], lora_rank, lora_targets, base_dtype)
+  if preset or base['model'] is None:
+    base['model'] = getattr(ModelConfig, preset or 'flm_8b')()
+  axes = parse_mesh(mesh) if mesh else {}
+  base.update({k: v for k, v in (('window', window), ('batch', batch), ('remat', remat),
+                                 ('grad_accum', grad_accum)) if v is not None}, **axes)
+  if mesh and 'fsdp' not in axes:
+    base['fsdp'] = 1
+  if base['fsdp'] is None:
+    base['fsdp'] = num_chips // base['tensor']
+  if base['window'] is None:
+    base['window'] = 4096 if step == 'train' else base['model'].max_position_embeddings
+  if pallas and step != 'decode':
+    raise AotError('--pallas: the Pallas depth kernel is compiled with --step decode only')
+  return AotRequest(topology=topology, step=step, pallas=pallas, **base)
+
+
+def _lora_request(lora, rank, targets, base_dtype):
+  if rank is None and lora is None:
+    if targets or base_dtype:
+      raise AotError(f'{"--lora-targets" if targets else "--base-dtype"} needs --lora-rank R '
+                     '(the base is only frozen, or quantized, under LoRA)')
+    return None
+  kw = {} if lora is None else dataclasses.asdict(lora)
+  if rank is not None:
+    kw.update(rank=rank, alpha=float(rank))
+  if targets:
+    kw['targets'] = tuple(t.strip() for t in targets.split(',') if t.strip())
+  if base_dtype:
+    kw['base_dtype'] = base_dtype
+  try:
+    return LoraConfig(**kw)
+  except ValueError as e:
+    raise AotError(f'LoRA: {e}') from None
 
 
 def topology_devices(name: str) -> list:
@@ -80,8 +144,13 @@ def topology_devices(name: str) -> list:
     for k, v in _COMPILE_ONLY_ENV.items():
       os.environ.setdefault(k, v)
   from jax.experimental import topologies
+  kw = {}
+  dims = name.split(':')[-1].split('x')
+  if all(d.isdigit() for d in dims) and 0 < len(dims) <= 3 and math.prod(map(int, dims)) < 4:
+    # One host with fewer chips than libtpu's default 2x2x1 (v5e:1x1, v6e:1x1): say so.
+    kw['chips_per_host_bounds'] = tuple(map(int, dims)) + (1,) * (3 - len(dims))
   try:
-    return list(topologies.get_topology_desc(platform='tpu', topology_name=name).devices)
+    return list(topologies.get_topology_desc(platform='tpu', topology_name=name, **kw).devices)
   except Exception as e:  # libtpu raises a bare RuntimeError/XlaRuntimeError on unknown names
     raise AotError(f'--topology {name!r}: libtpu does not know it ({e})') from e
 
@@ -109,47 +178,81 @@ def lower_train(req: AotRequest, mesh, log=print):
   from flmjax.train.step import batch_shardings, jit_train_step
   tc = TrainConfig(model=req.model, stages=(StageConfig('aot', steps=1, random_data=True),),
                    run_dir='', window=req.window, batch_size=req.batch, grad_accum=req.grad_accum,
-                   compute_dtype=req.compute_dtype, remat=req.remat)
+                   compute_dtype=req.compute_dtype, remat=req.remat, lora=req.lora)
   check_batch_fits_mesh(tc, mesh)
   spec = state_spec(tc, mesh)
   for line in shd.sharding_report(spec.abstract.params, spec.shardings.params,
-                                  spec.abstract.opt_state, spec.shardings.opt_state):
+                                  spec.abstract.opt_state, spec.shardings.opt_state, spec.base):
     log(line)
   shape = (req.batch, req.model.num_channels, req.window)
   bsh = batch_shardings(mesh)
   batch = {'tokens': jax.ShapeDtypeStruct(shape, jnp.int32, sharding=bsh['tokens']),
            'weights': jax.ShapeDtypeStruct(shape, jnp.float32, sharding=bsh['weights'])}
   lr = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, P()))
-  return jit_train_step(spec, tc, mesh).lower(spec.abstract, batch, lr)
+  frozen = () if spec.base is None else (spec.base,)
+  lowered = jit_train_step(spec, tc, mesh).lower(spec.abstract, batch, lr, *frozen)
+  trainable = jax.tree.leaves(spec.abstract.params)
+  info = {'trainable_params': sum(x.size for x in trainable),
+          'trainable_gib': round(sum(x.size * x.dtype.itemsize for x in trainable) / GIB, 3),
+          'base_dtype': None if req.lora is None else req.lora.base_dtype}
+  return lowered, info
 
 
-def lower_decode(req: AotRequest, mesh, log=print):
-  """The decoder's frame (flmjax.decode.frame) for `batch` sessions with `window` cache slots."""
+def _decode_args(req: AotRequest, mesh):
+  """The decode frame's abstract arguments and their shardings, as StreamingDecoder places them."""
   from flax import nnx
+
   from flmjax.decode import state as st
-  from flmjax.decode.frame import frame
+  from flmjax.decode.decoder import DEPTH_LAYER_AXES
   from flmjax.decode.sampling import SamplingConfig
   from flmjax.model.flm import abstract
-  cfg = req.model.replace(dtype=req.compute_dtype, param_dtype=req.compute_dtype)
+  cfg = req.model.replace(dtype=req.compute_dtype, param_dtype=req.compute_dtype,
+                          tensor_parallel=mesh.shape['tensor'])
   graphdef, abstract_state = nnx.split(abstract(cfg))
   params = nnx.to_pure_dict(abstract_state)
-  p_sh = nnx.to_pure_dict(shd.state_shardings(abstract_state, mesh))
+  # Under the kernel the depth layer weights are stored whole, as StreamingDecoder stores them.
+  rules = shd.replicating(shd.RULES, DEPTH_LAYER_AXES) if req.pallas else shd.RULES
+  p_sh = nnx.to_pure_dict(shd.state_shardings(abstract_state, mesh, rules))
   sampling = SamplingConfig()
   state = jax.eval_shape(lambda: st.init(cfg, sampling, req.batch, req.window,
                                          jnp.zeros((req.batch,), jnp.uint32)))
-  s_sh = st.shardings(state, mesh)
+  return cfg, graphdef, sampling, (params, p_sh), (state, st.shardings(state, mesh))
+
+
+def lower_decode(req: AotRequest, mesh, log=print):
+  """The decoder's frame (flmjax.decode.frame) for `batch` sessions of `window` cache positions,
+  traced with the mesh in context as the decoder traces it."""
+  from flax import nnx
+
+  from flmjax.decode.frame import frame
+  cfg, graphdef, sampling, (params, p_sh), (state, s_sh) = _decode_args(req, mesh)
   rows = shd.named_sharding(('batch', None), (req.batch, 1), mesh)
-  log(f'decode frame: {req.batch} sessions, {req.window} cache slots, {req.compute_dtype}')
+  log(f'decode frame: {req.batch} sessions, {req.window} cache positions, {req.compute_dtype}'
+      + (', Pallas depth kernel' if req.pallas else ''))
+  layers_fn = None
+  if req.pallas:
+    from flmjax.kernels.depth_step import select_depth_layers_fn
+    layers_fn = select_depth_layers_fn(backend='tpu')  # traced here on a CPU host
 
   def run_frame(params, state, user):
     return frame(nnx.merge(graphdef, params), state, user,
-                 penalized=sampling.penalized_codebooks)
+                 penalized=sampling.penalized_codebooks, layers_fn=layers_fn)
 
-  step = jax.jit(run_frame, in_shardings=(p_sh, s_sh, rows),
+  step = jax.jit(shd.traced_on(mesh, run_frame), in_shardings=(p_sh, s_sh, rows),
                  out_shardings=(s_sh, rows, shd.named_sharding(('batch',), (req.batch,), mesh)),
                  donate_argnums=1)
   user = jax.ShapeDtypeStruct((req.batch, cfg.num_codebooks), jnp.int32, sharding=rows)
   return step.lower(_with_sharding(params, p_sh), _with_sharding(state, s_sh), user)
+
+
+def decode_plan(req: AotRequest, mesh, hlo: str | None) -> dict:
+  """The decode record's extra keys: largest collective (MiB), bytes read per frame per chip
+  (GiB), the chip's HBM bandwidth and the HBM-bound frame time (ms, an estimate)."""
+  cfg, _, _, (params, p_sh), (state, s_sh) = _decode_args(req, mesh)
+  read = roofline.frame_read_bytes(params, p_sh, state, s_sh, cfg.num_codebooks, req.batch)
+  return {'largest_collective_mib': None if hlo is None else roofline.largest_collective_mib(hlo),
+          'read_gib_per_chip': round(read / GIB, 3), 'hbm_gbps': roofline.HBM_GBPS[req.chip],
+          'frame_ms_estimate': roofline.frame_ms_estimate(read, req.chip), 'pallas': req.pallas}
 
 
 def collective_counts(hlo: str) -> dict[str, int]:
@@ -198,7 +301,11 @@ def compile_report(req: AotRequest, log=print):
             'batch': req.batch, 'hbm_gib': hbm}
   log(f'lowering the {req.step} step of {req.topology} ({len(devices)} chips), mesh '
       f'{dict(mesh.shape)}, window {req.window}, batch {req.batch}, remat {req.remat}')
-  lowered = (lower_train if req.step == 'train' else lower_decode)(req, mesh, log)
+  info = {}  # train: what is trained, the record's last keys
+  if req.step == 'train':
+    lowered, info = lower_train(req, mesh, log)
+  else:
+    lowered = lower_decode(req, mesh, log)
   log('compiling with the TPU compiler...')
   t0 = time.perf_counter()
   try:
@@ -210,7 +317,9 @@ def compile_report(req: AotRequest, log=print):
     log(f'RESOURCE_EXHAUSTED: {str(e).splitlines()[0][:300]}')
     record.update(args_gib=None, temp_gib=None, out_gib=None, alias_gib=None,
                   peak_gib=None if need is None else round(need / GIB, 2), fits=False,
-                  compile_s=round(time.perf_counter() - t0, 1), collectives=None)
+                  compile_s=round(time.perf_counter() - t0, 1), collectives=None, **info)
+    if req.step == 'decode':
+      record.update(decode_plan(req, mesh, None))
     return record, None
   compile_s = time.perf_counter() - t0
   mem = compiled.memory_analysis()
@@ -220,5 +329,11 @@ def compile_report(req: AotRequest, log=print):
   record.update(args_gib=round(args / GIB, 3), temp_gib=round(temp / GIB, 3),
                 out_gib=round(out / GIB, 3), alias_gib=round(alias / GIB, 3),
                 peak_gib=round(peak / GIB, 3), fits=peak / GIB <= FIT_FRACTION * hbm,
-                compile_s=round(compile_s, 1), collectives=collective_counts(compiled.as_text()))
+                compile_s=round(compile_s, 1), collectives=collective_counts(compiled.as_text()),
+                **info)
+  if req.step == 'decode':
+    record.update(decode_plan(req, mesh, compiled.as_text()))
+    for kind, size, line in sorted(roofline.collective_sizes(compiled.as_text()),
+                                   key=lambda c: -c[1])[:3]:
+      log(f'collective {kind} {size / 2**20:.2f} MiB: {line[:160]}')
   return record, compiled

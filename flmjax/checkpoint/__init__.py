@@ -1,3 +1,7 @@
-from flmjax.checkpoint.official import (CheckpointError, load_official, official_shapes,
-                                        save_official)
+from flmjax.checkpoint.official import (
+  CheckpointError,
+  load_official,
+  official_shapes,
+  save_official,
+)
 from flmjax.checkpoint.safetensors_io import CorruptCheckpointError

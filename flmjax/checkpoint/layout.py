@@ -56,7 +56,8 @@ def entries(cfg: ModelConfig) -> list[Entry]:
   V, D, dim, mlp = cfg.vocab_size, cfg.hidden_size, cfg.depth_dim, cfg.depth_mlp_dim
   b, e = 'backbone', 'model.embed_tokens'
   add(f'{e}.text_embeddings.weight', (b, 'text_embed'), (), 'copy', real=(V, D))
-  for name, ours in (('aud_speak_embeddings', 'speak_embed'), ('aud_listen_embeddings', 'listen_embed')):
+  for name, ours in (('aud_speak_embeddings', 'speak_embed'),
+                     ('aud_listen_embeddings', 'listen_embed')):
     for c in range(cfg.num_codebooks):
       add(f'{e}.{name}.{c}.weight', (b, ours), (c,), 'copy')
   per_layer = (
@@ -80,7 +81,8 @@ def entries(cfg: ModelConfig) -> list[Entry]:
     add(f'{a}.transformer.wtes.{c}.weight', (d, 'wtes'), (c,), 'copy')
   add(f'{a}.transformer.wpe.weight', (d, 'wpe'), (), 'copy')
   per_depth_layer = (('ln_1.weight', 'ln_1', 'copy', 1), ('attn.c_attn.weight', 'qkv', 'split', 1),
-                     ('attn.c_proj.weight', 'proj', 'linear', 2), ('ln_2.weight', 'ln_2', 'copy', 1))
+                     ('attn.c_proj.weight', 'proj', 'linear', 2),
+                     ('ln_2.weight', 'ln_2', 'copy', 1))
   for suffix, ours, kind, n_in in per_depth_layer:
     for j in range(cfg.depth_layers):
       add(f'{a}.transformer.h.{j}.{suffix}', (d, ours), (j,), kind, n_in)

@@ -64,7 +64,8 @@ def _tensor_index(path: str) -> dict[str, st.TensorInfo]:
     misplaced = sorted(k for k, f in weight_map.items()
                        if k not in infos or os.path.basename(infos[k].file) != f)
     if misplaced:
-      raise CheckpointError(f'{index_file}: keys not in the shard the index names: {misplaced[:20]}')
+      raise CheckpointError(f'{index_file}: keys not in the shard the index names: '
+                            f'{misplaced[:20]}')
     return infos
   if os.path.exists(single):
     return st.read_header(single)
@@ -109,6 +110,21 @@ def _reader(group: list[Entry], shape: tuple[int, ...], infos, np_dtype):
   return read
 
 
+def check_official(path: str) -> tuple[ModelConfig, dict[str, st.TensorInfo]]:
+  """(config, tensor index) of an official checkpoint, from config.json and the safetensors
+  headers only (cheap: no weights read); CheckpointError names what is missing or mismatched."""
+  config_file = os.path.join(path, 'config.json')
+  if not os.path.isdir(path):
+    raise CheckpointError(f'{path}: no such checkpoint directory')
+  if not os.path.exists(config_file):
+    raise CheckpointError(f'{path}: config.json not found beside the weights; put the config.json '
+                          'of the same release (or of `flmjax export`) there')
+  cfg = ModelConfig.from_official(config_file)
+  infos = _tensor_index(path)
+  _check(cfg, infos, path)
+  return cfg, infos
+
+
 def load_official(path: str, *, dtype: str | None = None, param_dtype: str | None = None,
                   mesh: jax.sharding.Mesh | None = None, rules=shd.RULES,
                   tensor_parallel: int | None = None) -> FLMAudio:
@@ -119,19 +135,11 @@ def load_official(path: str, *, dtype: str | None = None, param_dtype: str | Non
   its sharding, one tensor at a time. The vocab and depth MLP are zero-padded for
   `tensor_parallel` (default: the mesh's tensor axis, else 1).
   """
-  config_file = os.path.join(path, 'config.json')
-  if not os.path.isdir(path):
-    raise CheckpointError(f'{path}: no such checkpoint directory')
-  if not os.path.exists(config_file):
-    raise CheckpointError(f'{path}: config.json not found beside the weights; put the config.json '
-                          'of the same release (or of `flmjax export`) there')
-  cfg = ModelConfig.from_official(config_file)
+  cfg, infos = check_official(path)
   dtype = dtype or cfg.checkpoint_dtype
   if tensor_parallel is None:
     tensor_parallel = mesh.shape.get('tensor', 1) if mesh is not None else 1
   cfg = cfg.replace(dtype=dtype, param_dtype=param_dtype or dtype, tensor_parallel=tensor_parallel)
-  infos = _tensor_index(path)
-  _check(cfg, infos, path)
   graphdef, state = nnx.split(abstract(cfg))
   params = _flat_params(state)
   for p, group in _grouped(cfg).items():
@@ -213,7 +221,8 @@ def save_official(model: FLMAudio, path: str, *, dtype: str | None = None,
       weight_map.update({e.key: name for e in shard})
     if len(shards) > 1:
       with open(os.path.join(tmp, INDEX), 'w') as f:
-        json.dump({'metadata': {'total_size': total}, 'weight_map': dict(sorted(weight_map.items()))},
+        json.dump({'metadata': {'total_size': total},
+                   'weight_map': dict(sorted(weight_map.items()))},
                   f, indent=2)
     if extra_files:
       extra_files(tmp)

@@ -17,7 +17,9 @@ NAMES = {v: k for k, v in DTYPES.items()}
 
 
 class CorruptCheckpointError(ValueError):
-  """A safetensors file is truncated or its header is unreadable."""
+  """A checkpoint exists but cannot be read: a truncated safetensors file or unreadable header,
+  an unreadable index, or a training checkpoint step that does not restore. The one error of its
+  kind in flmjax (flmjax.CorruptCheckpointError)."""
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,15 @@
-"""The speech codec interface: 24 kHz mono wave <-> 8 codebooks at 12.5 Hz (ARCHITECTURE.md §1, §8)."""
+"""The speech codec interface: 24 kHz mono wave <-> 8 codebooks at 12.5 Hz
+(docs/architecture.md §1, §8)."""
 from __future__ import annotations
 
 import abc
 
 import numpy as np
 
+# The one definition of the audio clock; everything else imports these.
 SAMPLE_RATE = 24000
 FRAME_SIZE = 1920  # samples per 80 ms frame
+FRAME_RATE = SAMPLE_RATE / FRAME_SIZE  # 12.5 frames a second
 NUM_CODEBOOKS = 8
 CODEBOOK_SIZE = 2048
 

@@ -116,7 +116,7 @@ class Mimi:
     self._reset = jax.jit(functools.partial(reset_slots, cfg), donate_argnums=0)
 
   @classmethod
-  def random(cls, cfg: MimiConfig, seed: int = 0) -> 'Mimi':
+  def random(cls, cfg: MimiConfig, seed: int = 0) -> Mimi:
     state_dict = mimi_checkpoint.random_state_dict(cfg, seed)
     return cls(cfg, *mimi_checkpoint.params_from_state_dict(cfg, state_dict.__getitem__))
 

@@ -7,9 +7,10 @@ names (`param_axes`), mapped to mesh axes by flmjax.sharding.RULES.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -24,7 +25,8 @@ class MimiCheckpointError(ValueError):
 
 
 def _seanet_keys(cfg: MimiConfig, decoder: bool) -> dict[str, str]:
-  """conv name -> official module prefix, e.g. 'blocks.0.res.0.conv1' -> 'encoder.model.1.block.1'."""
+  """conv name -> official module prefix,
+  e.g. 'blocks.0.res.0.conv1' -> 'encoder.model.1.block.1'."""
   side, per = ('decoder' if decoder else 'encoder'), cfg.n_residual_layers + 2
   last = 2 + len(cfg.ratios) * per  # after the final ELU
   out = {'conv_in': f'{side}.model.0.conv.conv', 'conv_out': f'{side}.model.{last}.conv.conv'}
@@ -100,7 +102,7 @@ def params_from_state_dict(cfg: MimiConfig, get: Callable[[str], np.ndarray]):
     layers, layer_axes = [], []
     for l in range(cfg.num_layers):
       p = f'{side}.transformer.layers.{l}'
-      norm = lambda n: {'scale': get(f'{p}.{n}.weight'), 'bias': get(f'{p}.{n}.bias')}
+      norm = lambda n, p=p: {'scale': get(f'{p}.{n}.weight'), 'bias': get(f'{p}.{n}.bias')}
       layers.append({
           'norm1': norm('norm1'), 'norm2': norm('norm2'),
           # torch's [out, in] layout: the transformer computes W @ X^T (mimi_transformer.linear_t)
@@ -124,8 +126,8 @@ def params_from_state_dict(cfg: MimiConfig, get: Callable[[str], np.ndarray]):
   params, axes = {}, {}
   params['encoder'], axes['encoder'] = seanet_params(False)
   params['decoder'], axes['decoder'] = seanet_params(True)
-  params['encoder_transformer'], axes['encoder_transformer'] = transformer_params('encoder_transformer')
-  params['decoder_transformer'], axes['decoder_transformer'] = transformer_params('decoder_transformer')
+  for side in ('encoder_transformer', 'decoder_transformer'):
+    params[side], axes[side] = transformer_params(side)
   proj = lambda g, which: get(f'quantizer.{g}.{which}_proj.weight')[:, :, 0].T
   params['quantizer'] = {
       'first_in': proj('rvq_first', 'input'), 'first_out': proj('rvq_first', 'output'),
@@ -133,12 +135,15 @@ def params_from_state_dict(cfg: MimiConfig, get: Callable[[str], np.ndarray]):
       'codebooks': [codebook(p) for p in _codebook_prefixes(cfg, cfg.num_codebooks)]}
   # One array per codebook (a slice of a stacked [K,V,Q] is copied before every matmul on CPU),
   # with its squared norms precomputed for the nearest-neighbour search.
-  params['quantizer']['norms'] = [np.sum(np.square(c), -1) for c in params['quantizer']['codebooks']]
-  axes['quantizer'] = {'first_in': ('embed', 'codebook_dim'), 'first_out': ('codebook_dim', 'embed'),
+  quantizer = params['quantizer']
+  quantizer['norms'] = [np.sum(np.square(c), -1) for c in quantizer['codebooks']]
+  axes['quantizer'] = {'first_in': ('embed', 'codebook_dim'),
+                       'first_out': ('codebook_dim', 'embed'),
                        'rest_in': ('embed', 'codebook_dim'), 'rest_out': ('codebook_dim', 'embed'),
                        'codebooks': [('codebook_entries', 'codebook_dim')] * cfg.num_codebooks,
                        'norms': [('codebook_entries',)] * cfg.num_codebooks}
-  params['downsample'] = {'w': get('downsample.conv.conv.conv.weight').transpose(2, 1, 0)}  # [K,I,O]
+  down = get('downsample.conv.conv.conv.weight')
+  params['downsample'] = {'w': down.transpose(2, 1, 0)}  # [K,I,O]
   axes['downsample'] = {'w': ('conv_kernel', 'conv_in', 'conv_out')}
   params['upsample'] = {'w': get('upsample.convtr.convtr.convtr.weight')[:, 0, :].T}  # [K,C]
   axes['upsample'] = {'w': ('conv_kernel', 'channel')}
@@ -201,15 +206,21 @@ def find_files(path_or_dir: str) -> tuple[str, str | None]:
 
 def read_checkpoint(path_or_dir: str, num_codebooks: int = 8):
   """-> (MimiConfig, params, axes). Named errors for a truncated file, wrong keys or shapes."""
+  if isinstance(num_codebooks, bool) or not isinstance(num_codebooks, int) or num_codebooks < 1:
+    raise ValueError(f'load_mimi: num_codebooks={num_codebooks!r} must be an integer >= 1')
   path, config_path = find_files(path_or_dir)
   if config_path is None:
-    cfg = MimiConfig.full(num_codebooks)
+    cfg = MimiConfig.full()
   else:
     try:
       with open(config_path) as f:
-        cfg = MimiConfig.from_kwargs(json.load(f), num_codebooks)
+        cfg = MimiConfig.from_kwargs(json.load(f))
     except (json.JSONDecodeError, ValueError, TypeError, AttributeError) as e:
       raise MimiCheckpointError(f'{config_path}: not a Mimi config ({e})') from None
+  if num_codebooks > cfg.total_codebooks:
+    raise ValueError(f'load_mimi: num_codebooks={num_codebooks} is more than the '
+                     f'{cfg.total_codebooks} codebooks of {path}; pass 1..{cfg.total_codebooks}')
+  cfg = dataclasses.replace(cfg, num_codebooks=num_codebooks)
   try:
     header = safetensors_io.read_header(path)
   except safetensors_io.CorruptCheckpointError as e:

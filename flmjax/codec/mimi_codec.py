@@ -13,7 +13,8 @@ import functools
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from flmjax import sharding
 from flmjax.codec import mimi as mimi_lib

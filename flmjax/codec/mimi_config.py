@@ -1,4 +1,5 @@
-"""MimiConfig: the official loader's kwargs (golden/mimi/manifest.json `kwargs`) as one frozen config.
+"""MimiConfig: the official loader's kwargs (golden/mimi/manifest.json `kwargs`) as one frozen
+config.
 
 Only what the released Mimi uses is supported (causal SEANet without norm, ELU, constant padding,
 true skips, a RoPE/LayerNorm/layer-scale transformer without projections, a split RVQ with one
@@ -69,19 +70,19 @@ class MimiConfig:
     return self.dimension // self.num_heads
 
   @classmethod
-  def full(cls, num_codebooks: int = 8) -> 'MimiConfig':
+  def full(cls, num_codebooks: int = 8) -> MimiConfig:
     """The released Mimi (96.2M parameters, context 250)."""
     return cls(num_codebooks=num_codebooks)
 
   @classmethod
-  def small(cls, num_codebooks: int = 8) -> 'MimiConfig':
+  def small(cls, num_codebooks: int = 8) -> MimiConfig:
     """golden/mimi_small: the same layout, reduced widths, context 32."""
     return cls(dimension=64, n_filters=8, num_heads=4, num_layers=2, dim_feedforward=128,
                context=32, quantizer_dimension=32, total_codebooks=8,
                num_codebooks=num_codebooks)
 
   @classmethod
-  def from_kwargs(cls, kw: dict[str, Any], num_codebooks: int = 8) -> 'MimiConfig':
+  def from_kwargs(cls, kw: dict[str, Any], num_codebooks: int = 8) -> MimiConfig:
     """From the official loader's kwargs dict ({seanet, transformer, quantizer, ...})."""
     try:
       sea, tr, q = kw['seanet'], kw['transformer'], kw['quantizer']

@@ -19,8 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flmjax.codec.mimi_config import MimiConfig
-
-NEG_INF = -1e30  # finite: a row with no visible key stays NaN-free
+from flmjax.model.layers import NEG_INF  # finite: a row with no visible key stays NaN-free
 
 
 def dense(x: jax.Array, w: jax.Array, in_dims: int = 1) -> jax.Array:
@@ -52,7 +51,8 @@ def rope(cfg: MimiConfig, x: jax.Array, positions: jax.Array) -> jax.Array:
   """Rotates interleaved pairs (x[2i], x[2i+1]) of the last axis. x [..., H], positions int,
   broadcastable to x.shape[:-1] (e.g. [B,T,1] for x [B,T,N,H])."""
   half = cfg.head_dim // 2
-  freqs = jnp.exp(jnp.arange(half, dtype=jnp.float32) * (-math.log(cfg.max_period) * 2 / cfg.head_dim))
+  rate = -math.log(cfg.max_period) * 2 / cfg.head_dim
+  freqs = jnp.exp(jnp.arange(half, dtype=jnp.float32) * rate)
   angle = positions.astype(jnp.float32)[..., None] * freqs  # [..., H/2]
   cos, sin = jnp.cos(angle), jnp.sin(angle)
   xr, xi = x[..., 0::2], x[..., 1::2]  # [..., H/2]

@@ -36,7 +36,8 @@ def encoder_convs(cfg: MimiConfig) -> list[tuple[str, int, int, int, int, int]]:
 def decoder_convs(cfg: MimiConfig) -> list[tuple[str, int, int, int, int, int]]:
   """Same for the decoder; `up` entries are transposed convolutions."""
   mult = 2 ** len(cfg.ratios)
-  nf, convs = cfg.n_filters, [('conv_in', cfg.dimension, mult * cfg.n_filters, cfg.kernel_size, 1, 1)]
+  nf = cfg.n_filters
+  convs = [('conv_in', cfg.dimension, mult * nf, cfg.kernel_size, 1, 1)]
   for i, ratio in enumerate(cfg.ratios):
     convs.append((f'blocks.{i}.up', mult * nf, mult * nf // 2, 2 * ratio, ratio, 1))
     convs += _resblock_convs(cfg, f'blocks.{i}', mult * nf // 2)
@@ -114,7 +115,7 @@ def depthwise_conv_transpose1d(w: jax.Array, x: jax.Array, partial: jax.Array, s
 def init_state(cfg: MimiConfig, batch: int, decoder: bool, dtype=jnp.float32) -> State:
   """Zero tails/partials of one SEANet, keyed by conv name. Leaves are [B, ...]."""
   state = {}
-  for name, cin, cout, k, s, d in (decoder_convs if decoder else encoder_convs)(cfg):
+  for name, cin, _, k, s, d in (decoder_convs if decoder else encoder_convs)(cfg):
     if name.endswith('.up'):
       state[name] = jnp.zeros((batch, 1, cin), dtype)
     else:

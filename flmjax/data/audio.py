@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import struct
 
 import numpy as np
 
@@ -32,6 +33,7 @@ def read_audio(path: str | os.PathLike, *, sample_rate: int | None = None,
   path = str(path)
   if not os.path.isfile(path):
     raise AudioError(f'{path}: no such audio file', 'unreadable')
+  check_wav_length(path)
   try:
     wave, file_rate = soundfile.read(path, dtype='float32', always_2d=True)  # [S, C]
   except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
@@ -57,3 +59,25 @@ def read_audio(path: str | os.PathLike, *, sample_rate: int | None = None,
   if file_rate != target_rate:
     wave = soxr.resample(wave, file_rate, target_rate, quality='HQ')  # [S', C]
   return np.ascontiguousarray(wave.T, dtype=np.float32)
+
+
+def check_wav_length(path: str) -> None:
+  """A WAV whose data chunk is shorter than its header says (a copy or download cut off) would
+  read as shorter audio without a word (libsndfile reads what is there): name the file.
+  Other formats, and the 'unknown length' sizes streaming writers leave (0, 0xFFFFFFFF), pass."""
+  size = os.path.getsize(path)
+  with open(path, 'rb') as f:
+    head = f.read(12)
+    if len(head) < 12 or head[:4] != b'RIFF' or head[8:12] != b'WAVE':
+      return
+    at = 12
+    while at + 8 <= size:
+      f.seek(at)
+      kind, length = struct.unpack('<4sI', f.read(8))
+      if kind == b'data':
+        have = size - at - 8
+        if 0 < length < 0xFFFFFFFF and length > have:
+          raise AudioError(f'{path}: truncated WAV: its header says {length} bytes of audio, '
+                           f'the file holds {have}; copy or export the file again', 'unreadable')
+        return
+      at += 8 + length + (length & 1)  # chunks are word-aligned

@@ -1,8 +1,8 @@
 """The delayed token grid and its loss weights: the ONLY place that applies delays to data.
 
-Frame f of channel c sits at column f + cfg.grid_offsets[c] (ARCHITECTURE.md §1, §4). Column 0 is
-the initial column (text WAIT, speak PAD, listen acoustic PAD; listen semantic holds the user's
-frame 0, as the official LMGen writes it). Decoding's un-delay must agree with `undelay`.
+Frame f of channel c sits at column f + cfg.grid_offsets[c] (docs/architecture.md §1, §4).
+Column 0 is the initial column (text WAIT, speak PAD, listen acoustic PAD; listen semantic holds
+the user's frame 0, as the official LMGen writes it). Decoding's un-delay must agree with `undelay`.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from flmjax.config import ModelConfig
 
 @dataclasses.dataclass(frozen=True)
 class LossWeights:
-  """Per-target loss weights (ARCHITECTURE.md §4); each stage may set its own."""
+  """Per-target loss weights (docs/architecture.md §4); each stage may set its own."""
   text: float = 1.0
   wait: float = 0.5
   semantic: float = 1.0
@@ -73,7 +73,8 @@ def _frames(cfg: ModelConfig, text_ids, speak, listen) -> tuple[np.ndarray, np.n
 
 
 def build_grid(cfg: ModelConfig, text_ids, speak, listen,
-               loss_weights: LossWeights = LossWeights(), num_columns: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+               loss_weights: LossWeights = LossWeights(),
+               num_columns: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Delays one sample's streams onto the grid.
 
   Args:
@@ -82,7 +83,8 @@ def build_grid(cfg: ModelConfig, text_ids, speak, listen,
     num_columns: grid length T; default F + max(grid_offsets), just enough for every frame.
   Returns:
     tokens int32 [17, T] and weights float32 [17, T], where weights[c, j] weighs predicting
-    tokens[c, j] from column j-1 (0 at column 0, on listen channels, on PAD/EMP, outside the sample).
+    tokens[c, j] from column j-1 (0 at column 0, on listen channels, on PAD/EMP, outside the
+    sample).
   """
   frames, has_data = _frames(cfg, text_ids, speak, listen)  # [17, F], [17]
   num_frames = frames.shape[1]

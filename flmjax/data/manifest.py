@@ -1,4 +1,5 @@
-"""The dataset manifest (JSONL) and its validation. The format is documented in README "Data".
+"""The dataset manifest (JSONL) and its validation. The format is documented in docs/data.md
+("Manifest format").
 
 One line per conversation (`duplex`) or single-speaker utterance (`tts_asr`):
   {"id": "d0001", "kind": "duplex", "sample_rate": 24000,
@@ -13,16 +14,21 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
+from flmjax.codec.base import (
+  CODEBOOK_SIZE,
+  FRAME_RATE,
+  NUM_CODEBOOKS,
+  Codec,
+)
 from flmjax.data import audio as audio_lib
-from flmjax.codec.base import CODEBOOK_SIZE, FRAME_SIZE, NUM_CODEBOOKS, SAMPLE_RATE, Codec
 
 KINDS = ('tts_asr', 'duplex')
 SPEAKERS = ('model', 'user')
-FRAME_RATE = SAMPLE_RATE / FRAME_SIZE  # 12.5 Hz
 
 
 class ManifestError(ValueError):
@@ -58,6 +64,7 @@ class Entry:
   audio: str | None  # absolute path
   codes: dict[str, str] | None  # speaker -> absolute .npy path
   segments: tuple[Segment, ...]
+  num_codebooks: int = NUM_CODEBOOKS  # rows of each codes .npy (a full Mimi dump: 32)
 
   @property
   def speakers(self) -> tuple[str, ...]:
@@ -116,7 +123,14 @@ def parse_line(text: str, where: str, base_dir: str) -> Entry:
           f'field "codes" must map speakers {list(SPEAKERS)} to .npy paths, got '
           f'{obj["codes"]!r}', 'bad_field')
     codes = {k: os.path.join(base_dir, v) for k, v in obj['codes'].items()}
-  entry = Entry(where, str(obj['id']), kind, rate, audio, codes, tuple(segments))
+  books = obj.get('num_codebooks', NUM_CODEBOOKS)
+  _need(isinstance(books, int) and not isinstance(books, bool)
+        and NUM_CODEBOOKS <= books <= MAX_CODEBOOKS, where,
+        f'field "num_codebooks" is {books!r}; need an integer in {NUM_CODEBOOKS}..{MAX_CODEBOOKS} '
+        '(the rows of each codes .npy)', 'bad_field')
+  _need(codes is not None or 'num_codebooks' not in obj, where,
+        'field "num_codebooks" describes "codes"; an "audio" line has none', 'bad_field')
+  entry = Entry(where, str(obj['id']), kind, rate, audio, codes, tuple(segments), books)
   if kind == 'tts_asr':
     _need(len(entry.speakers) == 1, where,
           f'a tts_asr sample has one speaker; segments name {list(entry.speakers)}', 'bad_field')
@@ -153,18 +167,28 @@ def count_lines(path: str | os.PathLike) -> int:
 MAX_CODEBOOKS = 32  # Mimi's full residual quantizer; FLM-Audio reads the first 8
 
 
-def _check_codes(codes: Any, where: str, name: str) -> np.ndarray:
+def _check_codes(codes: Any, where: str, name: str, num_codebooks: int | None) -> np.ndarray:
+  """num_codebooks: the rows the manifest line declares (None: a codec's output, 8..32 rows)."""
   shape = getattr(codes, 'shape', type(codes).__name__)
   _need(isinstance(codes, np.ndarray) and codes.ndim == 2, where,
         f'codes {name!r} must be a 2-D array [codebooks, frames], got shape {shape}', 'bad_codes')
   rows, cols = codes.shape
-  if rows > MAX_CODEBOOKS and NUM_CODEBOOKS <= cols <= MAX_CODEBOOKS:
+  want = num_codebooks or NUM_CODEBOOKS
+  if rows != want and cols == want or rows > MAX_CODEBOOKS and NUM_CODEBOOKS <= cols <= \
+      MAX_CODEBOOKS:
     raise ManifestError(where, f'codes {name!r} have shape {shape}, which looks transposed '
                         f'([frames, codebooks]); save them as [codebooks, frames] (codes.T)',
                         'bad_codes')
-  _need(NUM_CODEBOOKS <= rows <= MAX_CODEBOOKS, where,
-        f'codes {name!r} must be [codebooks, frames] with {NUM_CODEBOOKS} to {MAX_CODEBOOKS} '
-        f'codebooks, got shape {shape}', 'bad_codes')
+  if num_codebooks is None:
+    _need(NUM_CODEBOOKS <= rows <= MAX_CODEBOOKS, where,
+          f'codes {name!r} must be [codebooks, frames] with {NUM_CODEBOOKS} to {MAX_CODEBOOKS} '
+          f'codebooks, got shape {shape}', 'bad_codes')
+  else:
+    hint = (f'; a dump of {rows} codebooks declares "num_codebooks": {rows} on its line'
+            if NUM_CODEBOOKS < rows <= MAX_CODEBOOKS else '')
+    _need(rows == num_codebooks, where,
+          f'codes {name!r} have shape {shape}: {rows} codebooks, but the line has '
+          f'"num_codebooks": {num_codebooks} (default {NUM_CODEBOOKS}){hint}', 'bad_codes')
   _need(cols > 0, where, f'codes {name!r} have 0 frames (shape {shape}); drop the sample or '
         f're-encode its audio', 'bad_codes')
   _need(np.issubdtype(codes.dtype, np.integer), where,
@@ -199,7 +223,7 @@ def load_codes(entry: Entry, codec: Codec | None) -> dict[str, np.ndarray]:
         raw = read_npy(entry.codes[s])
       except (OSError, ValueError) as e:
         raise ManifestError(entry.where, f'cannot read codes: {e}', 'unreadable') from e
-      out[s] = _check_codes(raw, entry.where, entry.codes[s])
+      out[s] = _check_codes(raw, entry.where, entry.codes[s], entry.num_codebooks)
   else:
     waves = read_waves(entry, codec)
     return check_encoded(entry, dict(zip(waves, codec.encode_batch(list(waves.values())))))
@@ -223,7 +247,8 @@ def check_encoded(entry: Entry, codes: dict[str, np.ndarray]) -> dict[str, np.nd
   """Checks each speaker's codes (when a codec made them) and that all speakers have the same
   number of frames."""
   if entry.codes is None:
-    codes = {s: _check_codes(c, entry.where, f'{entry.audio}[{s}]') for s, c in codes.items()}
+    codes = {s: _check_codes(c, entry.where, f'{entry.audio}[{s}]', None)
+             for s, c in codes.items()}
   frames = {s: c.shape[1] for s, c in codes.items()}
   _need(len(set(frames.values())) == 1, entry.where,
         f'speakers have different numbers of frames: {frames}', 'bad_codes')

@@ -1,4 +1,4 @@
-"""The natural monologue: sentence-level text laid on the text channel (ARCHITECTURE.md §7).
+"""The natural monologue: sentence-level text laid on the text channel (docs/architecture.md §7).
 
 Tokens of a sentence sit contiguously, one per frame; every other frame is WAIT. In "lead" mode
 (TTS-style) a sentence's text starts `offset` frames before its speech; in "trail" mode (ASR-style)
@@ -9,7 +9,8 @@ their only sentence would otherwise be cut.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 

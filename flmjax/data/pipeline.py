@@ -4,13 +4,13 @@ batches.
 Per source: windows of this host's records (a long record yields several, so each frame is
 trained about once per epoch) -> shuffle (reshuffled each epoch) -> repeat forever -> read the
 record -> random_map(decode, stage layout, build_grid, random window). Sources are mixed by
-weight, then batched. Everything is a grain MapDataset indexed from 0, so the iterator state is one index and
-restoring it resumes exactly; every random choice comes from grain's per-index seeded RNG.
+weight, then batched. Everything is a grain MapDataset indexed from 0, so the iterator state is one
+index and restoring it resumes exactly; every random choice comes from grain's per-index seeded RNG.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

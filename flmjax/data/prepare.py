@@ -17,10 +17,8 @@ import time
 
 import numpy as np
 
-import numpy as np
-
-from flmjax.data import manifest as mf
 from flmjax.codec.base import Codec
+from flmjax.data import manifest as mf
 from flmjax.data.monologue import MODES, layout_monologue
 from flmjax.data.records import FRAMES, SUMMARY, Record, encode_record, monologue_sentences
 from flmjax.data.tokenizer import Tokenizer
@@ -200,7 +198,7 @@ def _write(entries, manifest: str, out_dir: str, tokenizer: Tokenizer, codec: Co
 def format_summary(summary: dict) -> str:
   lines = [f"prepared {summary['num_records']} samples ({summary['num_frames']} frames, "
            f"{summary['kinds']}) from {summary['manifest']}",
-           f"monologue at offset 0 (frames pushed, tokens cut): " + ', '.join(
+           "monologue at offset 0 (frames pushed, tokens cut): " + ', '.join(
                f"{m} {c['pushed_frames']}, {c['cut_tokens']}"
                for m, c in summary['monologue_at_offset_0'].items()),
            f"skipped {summary['num_skipped']}: {summary['skipped_by_reason'] or 'none'}"]

@@ -7,8 +7,9 @@
   and timing.
 - Toy speech: each word is 1-2 frames of semantic codes fixed per word; acoustic codes depend on
   word, speaker and per-frame noise. Silence has its own codes. Codes lie in 0..2047.
-- Samples: single-speaker tts_asr utterances and duplex conversations (the user asks 2-4
-  questions, the model answers each after a short gap), written in the manifest format with
+- Samples: single-speaker tts_asr utterances and duplex conversations (the user asks 2-5
+  questions, the model answers each after a short gap; the user may pause inside a question or
+  barge in while the model answers), written in the manifest format with
   `.npy` codes (or, with write_audio, as ToyCodec wav files), so they take exactly the real
   data's code path.
 """
@@ -19,9 +20,9 @@ import os
 
 import numpy as np
 
-from flmjax.config import ModelConfig
-from flmjax.codec.base import CODEBOOK_SIZE, FRAME_SIZE, NUM_CODEBOOKS, SAMPLE_RATE
+from flmjax.codec.base import CODEBOOK_SIZE, FRAME_RATE, NUM_CODEBOOKS, SAMPLE_RATE
 from flmjax.codec.toy import ToyCodec
+from flmjax.config import ModelConfig
 from flmjax.data.tokenizer import train_sentencepiece
 
 NUMBERS = ('zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen '
@@ -32,7 +33,6 @@ WORDS = tuple(sorted(set(NUMBERS) | set('what is plus minus comes after before i
                      {w for s in FILLERS for w in s.split()}))
 MODEL_SPEAKER = 0  # the model speaks with one voice; users and tts_asr speakers vary
 NUM_SPEAKERS = 4
-FRAME_RATE = SAMPLE_RATE / FRAME_SIZE
 # Text ids must stay below the tiny config's specials (BOS 316, WAIT 317, EOS 318).
 MAX_TEXT_ID = ModelConfig.tiny().text_bos_id
 
@@ -50,7 +50,7 @@ class ToySpeech:
     self.voice = rng.integers(0, CODEBOOK_SIZE, size=(NUM_SPEAKERS, NUM_CODEBOOKS - 1))  # [S, 7]
     self.index = {w: i for i, w in enumerate(WORDS)}
 
-  def _frames(self, units: list[tuple[int, int]], speaker: int, rng) -> np.ndarray:
+  def frames(self, units: list[tuple[int, int]], speaker: int, rng) -> np.ndarray:
     """units: (word index, frame within word) per frame -> int32 [8, F]."""
     w, i = np.array(units, np.int64).reshape(-1, 2).T
     noise = rng.integers(-3, 4, size=(len(w), NUM_CODEBOOKS - 1))  # [F, 7]
@@ -59,49 +59,89 @@ class ToySpeech:
 
   def speak(self, text: str, speaker: int, rng) -> np.ndarray:
     units = [(self.index[w], i) for w in text.split() for i in range(self.lengths[self.index[w]])]
-    return self._frames(units, speaker, rng)
+    return self.frames(units, speaker, rng)
 
   def silence(self, num_frames: int, speaker: int, rng) -> np.ndarray:
-    return self._frames([(len(WORDS), 0)] * num_frames, speaker, rng)
+    return self.frames([(len(WORDS), 0)] * num_frames, speaker, rng)
 
 
-def question_answer(rng) -> tuple[str, str]:
-  """One of the 40 questions and its only right answer."""
+def question_answer(rng, style: str = 'it is') -> tuple[str, str]:
+  """One of the 40 questions and its only right answer, `style` X ('that is' for the LoRA
+  demo's new answer style: every word of it is in WORDS)."""
   if rng.integers(2) == 0:
     a = int(rng.integers(0, 20))
-    return f'what comes after {NUMBERS[a]}', f'it is {NUMBERS[a + 1]}'
+    return f'what comes after {NUMBERS[a]}', f'{style} {NUMBERS[a + 1]}'
   a = int(rng.integers(1, 21))
-  return f'what comes before {NUMBERS[a]}', f'it is {NUMBERS[a - 1]}'
+  return f'what comes before {NUMBERS[a]}', f'{style} {NUMBERS[a - 1]}'
 
 
 def _seconds(frame: int) -> float:
   return round(frame / FRAME_RATE, 4)
 
 
+SILENCE = len(WORDS)  # the unit index of silence in ToySpeech's tables
+
+
+def silence_code() -> int:
+  """The semantic code of silence in the toy speech (what the model emits when it is quiet)."""
+  return int(ToySpeech().semantic[SILENCE, 0])
+
+
 class _Track:
-  """Builds one sample's codes per speaker frame by frame, with sentence segments."""
+  """One sample's timeline: per speaker, the (word, frame within word) unit of every frame, with
+  sentence segments. The codes (with their per-frame noise) are drawn at the end."""
 
   def __init__(self, speech: ToySpeech, voices: dict[str, int], rng):
     self.speech, self.voices, self.rng = speech, voices, rng
-    self.parts = {s: [] for s in voices}
-    self.segments, self.frames = [], 0
+    self.units = {s: [] for s in voices}  # speaker -> [(word, frame in word)] per frame
+    self.segments, self.words, self.events = [], [], []  # words: (text, first frame) per segment
+
+  @property
+  def frames(self) -> int:
+    return max(len(u) for u in self.units.values())
+
+  def _pad(self, frames: int):
+    for u in self.units.values():
+      u.extend([(SILENCE, 0)] * (frames - len(u)))
 
   def pause(self, n: int):
-    for s, v in self.voices.items():
-      self.parts[s].append(self.speech.silence(n, v, self.rng))
-    self.frames += n
+    self._pad(self.frames + n)
 
-  def say(self, speaker: str, text: str):
-    codes = self.speech.speak(text, self.voices[speaker], self.rng)  # [8, n]
-    n = codes.shape[1]
-    for s, v in self.voices.items():
-      self.parts[s].append(codes if s == speaker else self.speech.silence(n, v, self.rng))
-    self.segments.append({'speaker': speaker, 'start': _seconds(self.frames),
-                          'end': _seconds(self.frames + n), 'text': text})
-    self.frames += n
+  def say(self, speaker: str, text: str, start: int | None = None) -> int:
+    """Speaks `text` from frame `start` (default: the end of the timeline), where this speaker is
+    silent; the other speakers may talk at the same time. Returns the segment's index."""
+    start = self.frames if start is None else start
+    own, words = self.units[speaker], []
+    units = []
+    for w in text.split():
+      words.append((w, start + len(units)))
+      units += [(self.speech.index[w], i) for i in range(self.speech.lengths[self.speech.index[w]])]
+    self._pad(max(self.frames, start + len(units)))
+    assert all(u[0] == SILENCE for u in own[start:start + len(units)]), 'a speaker overlaps itself'
+    own[start:start + len(units)] = units
+    self.segments.append({'speaker': speaker, 'start': _seconds(start),
+                          'end': _seconds(start + len(units)), 'text': text})
+    self.words.append(words)
+    return len(self.segments) - 1
+
+  def cut(self, index: int, stop: int):
+    """The speaker of segment `index` falls silent at frame `stop`; the segment keeps the words it
+    had begun."""
+    seg, words = self.segments[index], self.words[index]
+    end = round(seg['end'] * FRAME_RATE)
+    own = self.units[seg['speaker']]
+    own[stop:end] = [(SILENCE, 0)] * (end - stop)
+    self.words[index] = [(w, f) for w, f in words if f < stop]
+    seg['text'] = ' '.join(w for w, _ in self.words[index])
+    seg['end'] = _seconds(stop)
+
+  def truncate(self, frames: int):
+    assert all(u[0] == SILENCE for v in self.units.values() for u in v[frames:]), 'cuts speech'
+    for u in self.units.values():
+      del u[frames:]
 
   def codes(self) -> dict[str, np.ndarray]:
-    return {s: np.concatenate(p, axis=1) for s, p in self.parts.items()}
+    return {s: self.speech.frames(u, self.voices[s], self.rng) for s, u in self.units.items()}
 
 
 def tts_asr_sample(speech: ToySpeech, rng) -> _Track:
@@ -118,16 +158,52 @@ def tts_asr_sample(speech: ToySpeech, rng) -> _Track:
   return track
 
 
-def duplex_sample(speech: ToySpeech, rng) -> _Track:
+# A duplex exchange is plain, or the user pauses inside the question, or the user barges in while
+# the model is answering the previous question (then the model stops a frame later).
+EXCHANGE_STYLES = ('plain', 'pause', 'barge_in')
+STYLE_P = (0.5, 0.25, 0.25)
+PAUSE_FRAMES = (4, 8)  # [low, high) inside a question: longer than the 2-3 frame answer gap
+
+
+def duplex_sample(speech: ToySpeech, rng, answer_style: str = 'it is') -> _Track:
+  """2-5 exchanges: the user asks, the model answers after a short gap. A question may be split by
+  a pause (the model must wait: the question is not complete) or may cut the model's previous
+  answer short (a barge-in: the model must stop). track.events holds the timeline's events.
+  `answer_style` starts every answer (see question_answer)."""
   voices = {'model': MODEL_SPEAKER, 'user': int(rng.integers(1, NUM_SPEAKERS))}
   track = _Track(speech, voices, rng)
   track.pause(int(rng.integers(1, 4)))
-  for _ in range(int(rng.integers(2, 5))):
-    q, a = question_answer(rng)
-    track.say('user', q)
+  answer = None  # the segment index of the model's previous answer
+  for _ in range(int(rng.integers(2, 6))):
+    q, a = question_answer(rng, answer_style)
+    style = EXCHANGE_STYLES[rng.choice(len(EXCHANGE_STYLES), p=STYLE_P)]
+    if style == 'barge_in' and answer is not None:
+      start = round(track.segments[answer]['start'] * FRAME_RATE)
+      end = round(track.segments[answer]['end'] * FRAME_RATE)
+      onset = start + int(rng.integers(1, end - start - 1))  # the model has begun, not finished
+      track.cut(answer, onset + 1)  # the answer was the last speech: the rest is silence
+      track.truncate(onset + 1)
+      asked = track.say('user', q, start=onset)
+      track.events.append(('interrupt', onset, round(track.segments[asked]['end'] * FRAME_RATE)))
+    elif style == 'pause':
+      words = q.split()
+      split = int(rng.integers(1, len(words)))
+      track.say('user', ' '.join(words[:split]))
+      pause_start = track.frames
+      track.pause(int(rng.integers(*PAUSE_FRAMES)))
+      track.events.append(('pause', pause_start, track.frames))
+      track.say('user', ' '.join(words[split:]))
+    else:
+      track.say('user', q)
+    turn_end = track.frames
     track.pause(int(rng.integers(2, 4)))  # the model answers after a short gap
-    track.say('model', a)
+    answer = track.say('model', a)
+    track.events.append(('turn_end', turn_end, None))  # until the user's next onset
     track.pause(int(rng.integers(2, 5)))
+  onsets = [round(s['start'] * FRAME_RATE) for s in track.segments if s['speaker'] == 'user']
+  track.events = sorted(
+      ((k, s, e if e is not None else min([o for o in onsets if o > s], default=track.frames))
+       for k, s, e in track.events), key=lambda e: (e[1], e[0]))
   return track
 
 
@@ -151,6 +227,8 @@ def _write(out_dir: str, name: str, kind: str, tracks: list[_Track], write_audio
           line['codes'][s] = f'codes/{sid}_{s}.npy'
           np.save(os.path.join(out_dir, line['codes'][s]), c.astype(np.int16))
       line['segments'] = track.segments
+      if track.events:  # the generator's own timeline, in frames
+        line['events'] = [list(e) for e in track.events]
       f.write(json.dumps(line) + '\n')
   return path
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Iterable, Protocol, runtime_checkable
+from collections.abc import Iterable
+from typing import Protocol, runtime_checkable
 
 
 @runtime_checkable
@@ -87,3 +88,34 @@ def train_sentencepiece(texts: Iterable[str], model_path: str | os.PathLike,
   with open(model_path, 'wb') as f:
     f.write(proto.getvalue())
   return SentencePieceTokenizer(model_path)
+
+
+class StreamingText:
+  """Text ids as they stream in, rendered incrementally: each `append` returns what to show next.
+  Without a tokenizer each id shows as <id> (the tiny models have no vocabulary); ids past the
+  tokenizer's vocabulary are model-only specials and show as nothing."""
+
+  def __init__(self, tokenizer: Tokenizer | None = None):
+    self.tokenizer = tokenizer
+    self.ids: list[int] = []
+    self.shown = ''
+
+  def text(self) -> str:
+    if self.tokenizer is None:
+      return ''.join(f'<{i}>' for i in self.ids)
+    vocab = self.tokenizer.vocab_size
+    return self.tokenizer.decode([i for i in self.ids if i < vocab])
+
+  def append(self, token: int) -> tuple[str, bool]:
+    """-> (the text to show now, whether it continues what was shown). A detokenizer may render
+    earlier text differently once more ids arrive (byte-level BPE, SentencePiece spaces); then
+    the whole text comes back with False."""
+    self.ids.append(token)
+    text = self.text()
+    continues = text.startswith(self.shown)
+    new = text[len(self.shown):] if continues else text
+    self.shown = text
+    return new, continues
+
+  def clear(self) -> None:
+    self.ids, self.shown = [], ''

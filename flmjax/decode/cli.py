@@ -14,13 +14,11 @@ what it decoded before it fails.
 from __future__ import annotations
 
 import os
-import re
-import sys
-import time
 
 import numpy as np
 
 from flmjax.cli import ArgumentParser, command, fail
+from flmjax.decode.session import IncompleteSession, load_model, run_session
 
 OUTPUTS = ('model_codes.npy', 'text_ids.npy', 'transcript.txt', 'reply.wav')
 AUDIO_EXTENSIONS = ('.wav', '.flac', '.ogg')  # read by soundfile
@@ -50,32 +48,9 @@ def _parser() -> ArgumentParser:
   ap.add_argument('--tail', type=int, default=0,
                   help='extra steps with PAD user input after the user ends (max_delay returns '
                        'every frame the model produced while the user spoke)')
-  from flmjax.decode.sampling import add_sampling_flags
+  from flmjax.decode.flags import add_sampling_flags
   add_sampling_flags(ap)
   return ap
-
-
-def load_model(path: str, dtype: str | None = None):
-  """An official-layout dir through load_official (in `dtype`, default the checkpoint's), else an
-  orbax training checkpoint."""
-  import flmjax
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f'--checkpoint {path}: no such directory')
-  if os.path.exists(os.path.join(path, 'config.json')):
-    return flmjax.load_official(path, dtype=dtype)
-  if any(f.endswith('.safetensors') for f in os.listdir(path)):
-    raise FileNotFoundError(f'--checkpoint {path}: safetensors weights without config.json; put '
-                            'the config.json of the same release (or export) beside them')
-  if not (os.path.isdir(os.path.join(path, 'checkpoints')) or
-          any(name.isdigit() for name in os.listdir(path))):
-    raise FileNotFoundError(f'--checkpoint {path}: neither an official checkpoint (config.json + '
-                            'safetensors) nor a training run (orbax steps under checkpoints/)')
-  try:
-    from flmjax.train.export import restore_model
-  except ImportError as e:
-    raise FileNotFoundError(f'--checkpoint {path}: no config.json, and no training checkpoint '
-                            f'reader is installed ({e})') from None
-  return restore_model(path)[0]
 
 
 def read_user(path: str, num_codebooks: int, pad_id: int, channel: int | None = None,
@@ -128,76 +103,6 @@ def check_out(out: str | None, overwrite: bool) -> None:
                           'or choose another directory')
 
 
-class IncompleteSession(RuntimeError):
-  """A session stopped early; `out` and `transcript` hold what was decoded until then."""
-
-  def __init__(self, message: str, out: np.ndarray, transcript: str):
-    super().__init__(message)
-    self.out, self.transcript = out, transcript
-
-
-class Transcript:
-  """Prints the monologue as it streams: WAITs and specials skipped, text decoded incrementally."""
-
-  def __init__(self, cfg, tokenizer=None, stream=None):
-    self.cfg, self.tokenizer, self.stream = cfg, tokenizer, stream or sys.stdout
-    self.ids: list[int] = []
-    self.shown = ''
-
-  def add(self, token: int) -> None:
-    specials = (self.cfg.text_wait_id, self.cfg.text_bos_id, self.cfg.text_eos_id)
-    if token in specials:
-      return
-    self.ids.append(token)
-    text = self.text()
-    self.stream.write(text[len(self.shown):] if text.startswith(self.shown) else '\n' + text)
-    self.stream.flush()
-    self.shown = text
-
-  def text(self) -> str:
-    if self.tokenizer is None:
-      return ''.join(f'<{i}>' for i in self.ids)
-    vocab = self.tokenizer.vocab_size
-    known = [i for i in self.ids if i < vocab]  # ids past the tokenizer are model-only specials
-    return self.tokenizer.decode(known)
-
-
-def run_session(model, user: np.ndarray, sampling, *, seed: int = 0, max_len: int | None = None,
-                overflow: str = 'error', tail: int = 0, tokenizer=None,
-                stream=None) -> tuple[np.ndarray, str]:
-  """One offline session: user codes [C, F] (+ `tail` PAD frames) -> (model frames [1+C, F'] =
-  [text; speak codes], the transcript). Prints the transcript to `stream` as it goes."""
-  from flmjax.decode import SessionOverflowError, StreamingDecoder
-  cfg = model.cfg
-  frames = user.shape[1] + tail
-  dec = StreamingDecoder(model, sampling, max_len=max_len or max(frames, 1), overflow=overflow)
-  state = dec.init(1, seed=seed)
-  pad = np.full((cfg.num_codebooks,), cfg.audio_pad_id, np.int32)
-  transcript = Transcript(cfg, tokenizer, stream)
-  outputs, start = [], time.perf_counter()
-  stack = lambda: (np.stack(outputs, axis=1) if outputs else
-                   np.zeros((1 + cfg.num_codebooks, 0), np.int32))
-  for t in range(frames):
-    frame = user[:, t] if t < user.shape[1] else pad
-    try:
-      state, out, valid = dec.step(state, frame[None])
-    except SessionOverflowError:
-      transcript.stream.write('\n')
-      raise IncompleteSession(
-          f'the session reached --max-len {dec.max_len} frames at user frame {t} of {frames}; '
-          f'raise --max-len or pass --overflow slide', stack(), transcript.text()) from None
-    if bool(valid[0]):
-      row = np.asarray(out)[0]
-      outputs.append(row)
-      transcript.add(int(row[0]))
-  elapsed = time.perf_counter() - start
-  out = stack()
-  transcript.stream.write(f'\n[{frames} frames in {elapsed:.2f} s '
-                          f'({1000 * elapsed / max(frames, 1):.1f} ms/frame incl. compile); '
-                          f'{out.shape[1]} model frames]\n')
-  return out, transcript.text()
-
-
 def write_outputs(out_dir: str, out: np.ndarray, transcript: str, codec) -> str:
   os.makedirs(out_dir, exist_ok=True)
   np.save(os.path.join(out_dir, 'model_codes.npy'), out[1:])
@@ -221,15 +126,11 @@ def main(argv: list[str]) -> int:
                            ('--channel', args.channel, 0)):
     if value is not None and value < low:
       ap.error(f'{flag} {value} must be >= {low}')
-  from flmjax.decode import SamplingConfig
+  from flmjax.decode.flags import sampling_from_flags
   try:
-    sampling = SamplingConfig(greedy=args.greedy, **{
-        f'{f}_{k}': getattr(args, f'{f}_{k}') for f in ('temp', 'top_k', 'top_p',
-                                                          'repetition_penalty')
-        for k in ('text', 'audio')})
-  except ValueError as e:  # name the flag, not the dataclass field
-    ap.error(re.sub(r'SamplingConfig\.(\w+)=', lambda m: '--' + m[1].replace('_', '-') + ' ',
-                    str(e)))
+    sampling = sampling_from_flags(args)
+  except ValueError as e:
+    ap.error(str(e))
   check_out(args.out, args.overwrite)
   model = load_model(args.checkpoint, args.dtype)
   cfg = model.cfg

@@ -17,6 +17,8 @@ from flmjax.model import depth
 from flmjax.model.flm import FLMAudio
 
 OVERFLOW_POLICIES = ('error', 'slide')
+# The depth layers' logical axes that the rules split; replicated under the Pallas kernels.
+DEPTH_LAYER_AXES = ('depth_embed', 'depth_heads', 'depth_mlp')
 
 
 class SessionOverflowError(RuntimeError):
@@ -29,15 +31,19 @@ class StreamingDecoder:
   The state (see flmjax.decode.state) is a plain pytree; every method returns a new one. `step`
   donates its input state, so keep only the returned one.
 
-  max_len: KV-cache slots per session (default cfg.max_position_embeddings). A session can run
+  max_len: KV-cache positions per session (default cfg.max_position_embeddings). A session can run
     max_len frames. Past that, overflow='error' raises SessionOverflowError from the host before
     the step; overflow='slide' keeps attending to the last max_len frames (the cache is a ring,
     RoPE positions keep counting), which is a sliding-window approximation of the official model.
+  A LoRA model (flmjax.model.lora) is merged into its base first.
   mesh: sessions shard over the mesh's batch axes (data, fsdp), heads and the KV cache over
-    tensor, by flmjax.sharding.RULES. Load the model with load_official(..., mesh=mesh).
+    tensor, by flmjax.sharding.RULES. Load the model with load_official(..., mesh=mesh). The
+    frame is traced with the mesh in context (flmjax.sharding.traced_on): the model's activation
+    constraints apply, the text token is sampled from vocab-sharded logits, and the Pallas depth
+    kernels run in shard_map over the session rows, with the depth weights replicated.
   depth_layer_fn: a drop-in for flmjax.model.depth.layer_step. depth_layers_fn: a drop-in for
     the whole depth layer stack (depth.layers_step's signature); use_pallas=True takes it from
-    kernels.depth_step.select_depth_layers_fn (pallas_interpret=True: interpret mode).
+    flmjax.kernels.depth_step.select_depth_layers_fn (pallas_interpret=True: interpret mode).
   """
 
   def __init__(self, model: FLMAudio, sampling: SamplingConfig | None = None, *,
@@ -46,18 +52,26 @@ class StreamingDecoder:
                use_pallas: bool = False, pallas_interpret: bool = False, rules=shd.RULES):
     if overflow not in OVERFLOW_POLICIES:
       raise ValueError(f'overflow={overflow!r}: use one of {OVERFLOW_POLICIES}')
+    if getattr(model, 'lora', None) is not None:  # a LoRA model decodes merged (plain weights)
+      from flmjax.model.lora import merge
+      model = merge(model)
     self.cfg = cfg = model.cfg
     self.sampling = sampling or SamplingConfig()
     self.max_len = int(max_len or cfg.max_position_embeddings)
     if self.max_len < 1:
-      raise ValueError(f'max_len={self.max_len}: a session needs at least one cache slot')
-    self.overflow, self.mesh, self.rules = overflow, mesh, rules
+      raise ValueError(f'max_len={self.max_len}: a session needs at least one cache position')
+    self.overflow, self.mesh = overflow, mesh
+    # The Pallas depth step cannot be partitioned: it runs on whole rows with every depth weight
+    # at hand, so those are stored replicated rather than gathered on every frame.
+    if use_pallas and mesh is not None:
+      rules = shd.replicating(rules, DEPTH_LAYER_AXES)
+    self.rules = rules
     if mesh is not None:
       shd.validate_mesh(cfg, mesh.shape)
     if use_pallas:
       # The whole-stack entry: the kernels read each layer's weights from the stacked arrays in
       # place, where a per-layer layer_fn under the scan would get sliced (copied) weights.
-      from kernels.depth_step import select_depth_layers_fn
+      from flmjax.kernels.depth_step import select_depth_layers_fn
       depth_layers_fn = select_depth_layers_fn(interpret=pallas_interpret)
     self.depth_layer_fn = depth_layer_fn or depth.layer_step
     self.depth_layers_fn = depth_layers_fn
@@ -68,7 +82,8 @@ class StreamingDecoder:
     self._jits: dict[int, dict] = {}
 
   # ---- compiled functions, one set per batch size ------------------------------------------
-  def _state_shardings(self, batch: int):
+  def state_shardings(self, batch: int):
+    """The NamedShardings of a state with `batch` rows on the decoder's mesh."""
     shape = jax.eval_shape(lambda: st.init(self.cfg, self.sampling, batch, self.max_len,
                                            jnp.zeros((batch,), jnp.uint32)))
     return st.shardings(shape, self.mesh, self.rules)
@@ -83,6 +98,7 @@ class StreamingDecoder:
       return frame(model, state, user, penalized=sampling.penalized_codebooks,
                    layer_fn=self.depth_layer_fn, layers_fn=self.depth_layers_fn)
 
+    run_frame = shd.traced_on(self.mesh, run_frame)
     make = lambda seeds: st.init(cfg, sampling, batch, max_len, seeds)
     reset = functools.partial(st.reset, cfg)
     if self.mesh is None:
@@ -90,7 +106,7 @@ class StreamingDecoder:
                  reset=jax.jit(reset, donate_argnums=0),
                  release=jax.jit(st.release, donate_argnums=0))
     else:
-      s = self._state_shardings(batch)
+      s = self.state_shardings(batch)
       rows = lambda ndim: shd.named_sharding(('batch',) + (None,) * (ndim - 1),
                                              (batch,) + (1,) * (ndim - 1), self.mesh, self.rules)
       params = self.param_shardings
@@ -139,10 +155,11 @@ class StreamingDecoder:
     mask = self._check_mask(mask, batch)
     sampling = sampling or self.sampling
     for kind in ('text', 'audio'):
-      have, want = getattr(sampling, f'window_{kind}'), getattr(self.sampling, f'window_{kind}')
+      have, want = getattr(sampling, f'penalty_window_{kind}'), self.sampling.penalty_buffer(kind)
       if have > want:
-        raise ValueError(f'reset_slots: sampling.window_{kind}={have} exceeds the decoder\'s '
-                         f'window buffer of {want}; build the decoder with the larger window')
+        raise ValueError(f'reset_slots: sampling.penalty_window_{kind}={have} exceeds the '
+                         f'decoder\'s penalty buffer of {want}; build the decoder with the larger '
+                         'window')
     if sampling.penalized_codebooks != self.sampling.penalized_codebooks:
       raise ValueError(f'reset_slots: sampling.penalized_codebooks='
                        f'{sampling.penalized_codebooks} must equal the decoder\'s '

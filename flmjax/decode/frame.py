@@ -3,29 +3,31 @@
 It follows the official LMGen.step:
 1. the user's codes go into the ring at column offset + delay (listen channels);
 2. the backbone reads column `offset` with its KV cache (RoPE position = offset);
-3. text is sampled (repetition penalty over the session's last text tokens);
+3. text is sampled (repetition penalty over the session's last text tokens), on the mesh in
+   context from vocab-sharded logits that are never gathered;
 4. the depth transformer emits the 8 speak codes, one lax.scan step per codebook with a KV cache
    over the depth positions (codebooks < P get the audio repetition penalty);
 5. text and speak codes are written at column offset + 1; offset += 1;
 6. once offset > max_delay the step returns [text, 8 speak] un-delayed: column
    offset - max_delay + delay[k] for channel k (text/semantic from offset - 1, acoustic from
    offset with the official delays).
-Shape letters: B slots, Z channels, R ring columns, C codebooks, V text vocab, A audio vocab.
+Shape letters: B session slots, Z channels, R ring columns, C codebooks, V text vocab, A audio
+vocab.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from flmjax.decode.sampling import sample
+from flmjax.decode.sampling import sample, sample_sharded
 from flmjax.model import depth
 from flmjax.model.flm import FLMAudio
 
 
 def window_valid(offset: jax.Array, window: jax.Array, size: int) -> jax.Array:
-  """[B,W]: which ring slots of a penalty window hold one of the last `window` [B] tokens.
+  """[B,W]: which ring entries of a penalty window hold one of the last `window` [B] tokens.
 
-  The token of step t sits at slot t mod W, so before step `offset` slot j holds the token of
+  The token of step t sits at entry t mod W, so before step `offset` entry j holds the token of
   (offset - 1 - j) mod W steps ago.
   """
   age = (offset[:, None] - 1 - jnp.arange(size)[None, :]) % size
@@ -50,9 +52,11 @@ def frame(model: FLMAudio, state: dict, user: jax.Array, *, penalized: int,
 
   # 2. The backbone on column `offset`.
   column = ring[rows[:, 0], :, offset % R]  # [B,Z]
-  x = model.backbone.embed(column[:, None, 0], column[:, None, 1:1 + C], column[:, None, 1 + C:])
+  x = model.backbone.embed(column[:, None, 0], column[:, None, 1:1 + C], column[:, None, 1 + C:],
+                           gather_tables=False)
   h, cache = model.backbone(x, offset[:, None], state['cache'])  # h [B,1,D]
-  text_logits = model.backbone.text_logits(h)[:, 0]  # [B,V]
+  # The padded vocab (padding at NEG_INF, never drawn) keeps the tensor split of the logits.
+  text_logits = model.backbone.text_logits(h, padded=True)[:, 0]  # [B,Vp]
 
   keys = jax.random.wrap_key_data(state['keys'])  # [B] typed
   next_keys, text_keys, audio_keys = jnp.moveaxis(jax.vmap(lambda k: jax.random.split(k, 3))(keys),
@@ -60,18 +64,18 @@ def frame(model: FLMAudio, state: dict, user: jax.Array, *, penalized: int,
 
   # 3. Text.
   text_win = state['text_window']
-  text = sample(text_keys, text_logits, state['text'], text_win,
-                window_valid(offset, state['text'].window, text_win.shape[1]))  # [B]
+  text = sample_sharded(text_keys, text_logits, state['text'], text_win,
+                        window_valid(offset, state['text'].penalty_window, text_win.shape[1]))
 
   # 4. The depth transformer, one scan step per codebook.
-  slots = model.depth_transformer.slots(h[:, 0])  # [B,C,d]
+  cond = model.depth_transformer.conditioning(h[:, 0])  # [B,C,d]
   audio_win = state['audio_window']  # [B,P,Wa]
-  audio_valid = window_valid(offset, state['audio'].window, audio_win.shape[2])  # [B,Wa]
+  audio_valid = window_valid(offset, state['audio'].penalty_window, audio_win.shape[2])  # [B,Wa]
 
   def depth_step(carry, c):
     prev, dcache = carry
     kernel = {} if layers_fn is None else {'layers_fn': layers_fn}
-    logits, dcache = model.depth_transformer.step(slots, prev, c, dcache, layer_fn=layer_fn,
+    logits, dcache = model.depth_transformer.step(cond, prev, c, dcache, layer_fn=layer_fn,
                                                   **kernel)
     win = jax.lax.dynamic_index_in_dim(audio_win, jnp.minimum(c, audio_win.shape[1] - 1), 1,
                                        keepdims=False)  # [B,Wa]
@@ -79,7 +83,7 @@ def frame(model: FLMAudio, state: dict, user: jax.Array, *, penalized: int,
     code = sample(code_keys, logits, state['audio'], win, audio_valid & (c < penalized))
     return (code, dcache), code
 
-  start = (jnp.full((B,), cfg.audio_emp_id, jnp.int32), depth.init_cache(cfg, B, slots.dtype))
+  start = (jnp.full((B,), cfg.audio_emp_id, jnp.int32), depth.init_cache(cfg, B, cond.dtype))
   _, audio = jax.lax.scan(depth_step, start, jnp.arange(C))
   audio = audio.T  # [B,C]
 

@@ -1,6 +1,6 @@
 """The streaming decoder's state: a plain pytree with one row per session slot.
 
-Shape letters: B slots, L layers, S cache slots, K KV heads, H head dim, R ring columns,
+Shape letters: B session slots, L layers, S cache positions, K KV heads, H head dim, R ring columns,
 Z channels (17), W penalty window, P penalized codebooks.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from flmjax.decode.sampling import SamplingConfig, StreamParams
 from flmjax.model import backbone
 
 # Logical axes of the backbone KV cache [L,B,S,K,H]; every other leaf is ('batch', None...).
-CACHE_AXES = ('layers', 'batch', 'time', 'kv_heads', 'head_dim')
+CACHE_AXES = backbone.CACHE_AXES
 
 
 def ring_size(cfg: ModelConfig) -> int:
@@ -54,9 +54,9 @@ def init(cfg: ModelConfig, sampling: SamplingConfig, batch: int, max_len: int,
       'ring': ring,
       'offset': jnp.zeros((batch,), jnp.int32),
       'active': jnp.ones((batch,), bool),
-      'text_window': jnp.zeros((batch, sampling.window_text), jnp.int32),
+      'text_window': jnp.zeros((batch, sampling.penalty_buffer('text')), jnp.int32),
       'audio_window': jnp.zeros((batch, max(sampling.penalized_codebooks, 1),
-                                 sampling.window_audio), jnp.int32),
+                                 sampling.penalty_buffer('audio')), jnp.int32),
       'keys': key_data(jnp.asarray(seeds, jnp.uint32)),
       'text': sampling.stream('text').per_row(batch),
       'audio': sampling.stream('audio').per_row(batch),

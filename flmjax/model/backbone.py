@@ -11,13 +11,14 @@ from flax import nnx
 
 from flmjax import sharding as shd
 from flmjax.config import ModelConfig
-from flmjax.model import attention, layers
+from flmjax.model import attention, layers, lora
 from flmjax.model.params import param, values
 
 LAYER_PARAMS = ('input_norm', 'q', 'q_bias', 'k', 'k_bias', 'v', 'v_bias', 'o', 'post_norm',
                 'gate', 'up', 'down')
 
-Cache = dict  # {'k': [L,B,S,K,H], 'v': [L,B,S,K,H]}; slot s holds position s.
+Cache = dict  # {'k': [L,B,S,K,H], 'v': [L,B,S,K,H]}; entry s holds position s (mod S).
+CACHE_AXES = ('layers', 'batch', 'time', 'kv_heads', 'head_dim')  # logical axes of each
 
 # Logical axes of the activations pinned at layer boundaries (see flmjax.sharding.constrain).
 BTD = ('activation_batch', 'activation_length', 'activation_embed')
@@ -32,6 +33,7 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> Cache:
 
 
 class Backbone(nnx.Module):
+  lora_scale = 0.0  # alpha / rank once flmjax.model.lora.attach adds adapters
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -58,16 +60,21 @@ class Backbone(nnx.Module):
     self.final_norm = p((D,), ('norm',), 'ones')
     self.lm_head = p((D, Vp), ('embed', 'vocab'), real=(D, V))
 
-  def embed(self, text: jax.Array, speak: jax.Array, listen: jax.Array) -> jax.Array:
-    """text [B,T], speak/listen [B,T,C] -> [B,T,D]: the sum of 1 + 2C embeddings, times muP."""
+  def embed(self, text: jax.Array, speak: jax.Array, listen: jax.Array,
+            gather_tables: bool = True) -> jax.Array:
+    """text [B,T], speak/listen [B,T,C] -> [B,T,D]: the sum of 1 + 2C embeddings, times muP.
+
+    gather_tables=False (decoding: B·T rows, far fewer than the tables') leaves the tables as
+    they are stored and lets XLA move the looked-up rows instead.
+    """
     dt = self.cfg.compute_dtype
     codebooks = jnp.arange(self.cfg.num_codebooks)
     # FSDP: the tables' embed dim is gathered (in dt) so the lookups stay local to each batch
     # shard; otherwise the token ids and looked-up rows would cross the batch shards.
-    table = lambda w, axes: shd.constrain(w[...].astype(dt), axes)
-    x = table(self.text_embed, ('vocab', None))[text]
-    x = x + table(self.speak_embed, (None,) * 3)[codebooks, speak].sum(axis=2)
-    x = x + table(self.listen_embed, (None,) * 3)[codebooks, listen].sum(axis=2)
+    pin = lambda axes: axes if gather_tables else None
+    x = lora.rows(self, 'text_embed', (text,), dt, pin(('vocab', None)))
+    x = x + lora.rows(self, 'speak_embed', (codebooks, speak), dt, pin((None,) * 3)).sum(axis=2)
+    x = x + lora.rows(self, 'listen_embed', (codebooks, listen), dt, pin((None,) * 3)).sum(axis=2)
     return x * jnp.asarray(self.cfg.embed_scale, dt)
 
   def __call__(self, x: jax.Array, positions: jax.Array, cache: Cache | None = None,
@@ -76,14 +83,15 @@ class Backbone(nnx.Module):
 
     Without a cache (teacher forcing) attention is causal over the T frames, through
     attention.causal_attention; `positions` only place RoPE. With one, the step's keys are
-    written at slots `positions` (mod S) and every slot s <= position is attended.
+    written at entries `positions` (mod S) and every entry s <= position is attended.
     """
     cfg = self.cfg
     stacked = values(self, LAYER_PARAMS, cfg.compute_dtype)
     cos, sin = layers.rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.compute_dtype)
+    dense = lambda spec, x, p, name: lora.dense(spec, x, p, name, self.lora_scale)
     if cache is not None:
-      slots = jnp.arange(cache['k'].shape[2])
-      mask = slots[None, None, :] <= positions[:, :, None]  # [B,T,S]
+      entries = jnp.arange(cache['k'].shape[2])
+      mask = entries[None, None, :] <= positions[:, :, None]  # [B,T,S]
 
     def layer(carry, xs):
       # The whole cache [L,B,S,K,H] rides in the carry so each step updates it in place (as scan
@@ -92,19 +100,22 @@ class Backbone(nnx.Module):
       p, i = xs
       x = shd.constrain(x, BTD)
       h = layers.rms_norm(x, p['input_norm'], cfg.rms_norm_eps)
-      q = shd.constrain(jnp.einsum('BTD,DNH->BTNH', h, p['q']) + p['q_bias'], BTNH)
-      k = shd.constrain(jnp.einsum('BTD,DKH->BTKH', h, p['k']) + p['k_bias'], BTKH)
-      v = shd.constrain(jnp.einsum('BTD,DKH->BTKH', h, p['v']) + p['v_bias'], BTKH)
+      q = shd.constrain(dense('BTD,DNH->BTNH', h, p, 'q') + p['q_bias'], BTNH)
+      k = shd.constrain(dense('BTD,DKH->BTKH', h, p, 'k') + p['k_bias'], BTKH)
+      v = shd.constrain(dense('BTD,DKH->BTKH', h, p, 'v') + p['v_bias'], BTKH)
       q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
       if ck is None:
         att = attention.causal_attention(q, k, v)
       else:
-        ck, cv = _write(ck, k, i, positions), _write(cv, v, i, positions)
+        # Pinned as stored: left free, a cache whose KV heads tensor cannot split was gathered.
+        ck, cv = (shd.constrain(_write(c, new, i, positions), CACHE_AXES) for c, new in
+                  ((ck, k), (cv, v)))
         att = layers.gqa_attention(q, ck[i], cv[i], mask)
       att = shd.constrain(att, BTNH)
-      x = shd.constrain(x + jnp.einsum('BTNH,NHD->BTD', att, p['o']), BTD)
+      x = shd.constrain(x + dense('BTNH,NHD->BTD', att, p, 'o'), BTD)
       h = layers.rms_norm(x, p['post_norm'], cfg.rms_norm_eps)
-      x = x + shd.constrain(layers.swiglu(h, p['gate'], p['up'], p['down']), BTD)
+      g, u = dense('BTD,DF->BTF', h, p, 'gate'), dense('BTD,DF->BTF', h, p, 'up')  # SwiGLU
+      x = x + shd.constrain(dense('BTF,FD->BTD', jax.nn.silu(g) * u, p, 'down'), BTD)
       return (x, ck, cv), None
 
     if remat_policy is not None:
@@ -119,7 +130,8 @@ class Backbone(nnx.Module):
     """h [B,T,D] -> [B,T,V], with the muP output scale; padded=True gives the padded vocab
     [B,T,Vp] with the padding's logits at NEG_INF (what the chunked loss reads)."""
     cfg = self.cfg
-    logits = jnp.einsum('BTD,DV->BTV', h, self.lm_head[...].astype(h.dtype))
+    logits = lora.dense('BTD,DV->BTV', h, values(self, ('lm_head',), h.dtype), 'lm_head',
+                        self.lora_scale)
     logits = shd.constrain(logits, ('activation_batch', 'activation_length', 'activation_vocab'))
     logits = logits * jnp.asarray(cfg.text_logit_scale, logits.dtype)
     if not padded:
@@ -129,11 +141,11 @@ class Backbone(nnx.Module):
 
 
 def _write(cache: jax.Array, new: jax.Array, layer: jax.Array, positions: jax.Array) -> jax.Array:
-  """cache [L,B,S,K,H]: new [B,T,K,H] written into layer `layer` at slots positions [B,T].
+  """cache [L,B,S,K,H]: new [B,T,K,H] written into layer `layer` at entries positions [B,T].
 
-  Slots are taken mod S, so a one-frame step past the end overwrites the oldest position: the
-  decoder's sliding-window policy (once position >= S - 1 the mask attends every slot).
+  Entries are positions mod S, so a one-frame step past the end overwrites the oldest position: the
+  decoder's sliding-window policy (once position >= S - 1 the mask attends every entry).
   """
-  slots = positions % cache.shape[2]
+  entries = positions % cache.shape[2]
   rows = jnp.arange(cache.shape[1])[:, None]
-  return cache.at[layer, rows, slots].set(new.astype(cache.dtype))
+  return cache.at[layer, rows, entries].set(new.astype(cache.dtype))

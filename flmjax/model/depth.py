@@ -3,7 +3,7 @@
 Step c reads `wtes[c](prev) + wpe[c] + linear_in(h)[c]`, where prev is EMP at c = 0 and the code
 of codebook c-1 otherwise. Every step has its own SwiGLU MLP and output head.
 Shape letters as in layers.py: R rows (B·T; B when stepping), C codebooks (= depth positions),
-S cache slots, lowercase d/h/e/f the depth dim, heads, head dim and MLP dim, A audio vocab.
+S cache positions, lowercase d/h/e/f the depth dim, heads, head dim and MLP dim, A audio vocab.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from flax import nnx
 
 from flmjax import sharding as shd
 from flmjax.config import ModelConfig
-from flmjax.model import layers
+from flmjax.model import layers, lora
 from flmjax.model.params import param, values
 
 LAYER_PARAMS = ('ln_1', 'qkv', 'proj', 'ln_2', 'gate', 'up', 'down')
@@ -33,19 +33,20 @@ def init_cache(cfg: ModelConfig, batch: int, dtype=None) -> dict:
 
 
 def layer(p: dict, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, start: jax.Array,
-          eps: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+          eps: float, lora_scale: float = 0.0) -> tuple[jax.Array, jax.Array, jax.Array]:
   """One depth layer at the C' consecutive positions start..start+C'-1 of R rows: the one
   implementation behind the teacher-forced pass (C' = C from 0, on an empty cache) and the
   decoder's step (C' = 1).
 
   p: one layer's params ('ln_1' [d], 'qkv' [3,d,n], 'proj' [h,e,d], 'ln_2' [d],
   'gate'/'up' [C,d,f], 'down' [C,f,d]); x [R,C',d]; k_cache/v_cache [R,S,h,e] over the S = C
-  positions. The new keys are written at their positions, position c attends slots s <= c and
-  runs MLP c. Returns (x [R,C',d], k_cache, v_cache).
+  positions. The new keys are written at their positions, position c attends positions s <= c and
+  runs MLP c. Returns (x [R,C',d], k_cache, v_cache). LoRA adapters and int8 scales in p
+  (flmjax.model.lora) are applied where present, with `lora_scale`.
   """
   (rows, width, _), (heads, head_dim) = x.shape, k_cache.shape[-2:]
   y = layers.rms_norm(x, p['ln_1'], eps)
-  qkv = jnp.einsum('RCd,sdn->sRCn', y, p['qkv'])  # [3,R,C',n]
+  qkv = lora.dense('RCd,sdn->sRCn', y, p, 'qkv', lora_scale)  # [3,R,C',n]
   q, k, v = qkv.reshape(3, rows, width, heads, head_dim)  # each [R,C',h,e]
   k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), start, 1)
   v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), start, 1)
@@ -56,15 +57,16 @@ def layer(p: dict, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, start: 
   logits = jnp.where(visible, logits, layers.NEG_INF)
   probs = jax.nn.softmax(logits, axis=-1).astype(v_cache.dtype)
   att = jnp.einsum('RhCS,RShe->RChe', probs, v_cache)
-  x = x + jnp.einsum('RChe,hed->RCd', att, p['proj'])
+  x = x + lora.dense('RChe,hed->RCd', att, p, 'proj', lora_scale)
   y = layers.rms_norm(x, p['ln_2'], eps)
   mlp = lambda w: jax.lax.dynamic_slice_in_dim(w, start, width, 0)  # [C',d,f] / [C',f,d]
   # Codebook-major inside the MLP: the matmuls are batched over C, which XLA wants leading, so
   # only the d-wide in and out are transposed, never the f-wide activations.
   y = jnp.swapaxes(y, 0, 1)  # [C',R,d]
-  g = shd.constrain(jnp.einsum('CRd,Cdf->CRf', y, mlp(p['gate'])), CRF)
-  u = shd.constrain(jnp.einsum('CRd,Cdf->CRf', y, mlp(p['up'])), CRF)
-  x = x + jnp.swapaxes(jnp.einsum('CRf,Cfd->CRd', jax.nn.silu(g) * u, mlp(p['down'])), 0, 1)
+  dense = lambda spec, x, name: lora.dense(spec, x, p, name, lora_scale, take=mlp)
+  g = shd.constrain(dense('CRd,Cdf->CRf', y, 'gate'), CRF)
+  u = shd.constrain(dense('CRd,Cdf->CRf', y, 'up'), CRF)
+  x = x + jnp.swapaxes(dense('CRf,Cfd->CRd', jax.nn.silu(g) * u, 'down'), 0, 1)
   return x, k_cache, v_cache
 
 
@@ -91,6 +93,7 @@ def layers_step(p: dict, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, c
 
 
 class DepthTransformer(nnx.Module):
+  lora_scale = 0.0  # alpha / rank once flmjax.model.lora.attach adds adapters
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -118,9 +121,10 @@ class DepthTransformer(nnx.Module):
     self.ln_f = p((d,), ('norm',), 'ones')
     self.heads = p((C, d, A), ('codebook', 'depth_embed', 'audio_vocab'))
 
-  def slots(self, h: jax.Array) -> jax.Array:
-    """h [..., D] -> [..., C, d]: slot c conditions depth step c."""
-    return jnp.einsum('...D,DCd->...Cd', h, self.linear_in[...].astype(h.dtype))
+  def conditioning(self, h: jax.Array) -> jax.Array:
+    """h [..., D] -> [..., C, d]: conditioning vector c is added to depth step c's input."""
+    return lora.dense('...D,DCd->...Cd', h, values(self, ('linear_in',), h.dtype), 'linear_in',
+                      self.lora_scale)
 
   def __call__(self, h: jax.Array, prev: jax.Array, remat_policy=None) -> jax.Array:
     """Teacher-forced: h [B,T,D], prev [B,T,C-1] (codes of codebooks 0..C-2) -> [B,T,C,A]."""
@@ -133,13 +137,14 @@ class DepthTransformer(nnx.Module):
     b, t, _ = h.shape
     C = cfg.num_codebooks
     tokens = jnp.concatenate([jnp.full((b, t, 1), cfg.audio_emp_id, prev.dtype), prev], axis=-1)
-    wtes = shd.constrain(self.wtes[...].astype(dt), (None,) * 3)  # gathered: see Backbone.embed
-    x = wtes[jnp.arange(C), tokens] + self.wpe[...].astype(dt)
-    x = shd.constrain((x + self.slots(h)).reshape(b * t, C, cfg.depth_dim), RCD)  # [R,C,d]
+    # wtes gathered: see Backbone.embed
+    x = lora.rows(self, 'wtes', (jnp.arange(C), tokens), dt, (None,) * 3) + self.wpe[...].astype(dt)
+    x = shd.constrain((x + self.conditioning(h)).reshape(b * t, C, cfg.depth_dim), RCD)  # [R,C,d]
     empty = jnp.zeros((b * t, C, cfg.depth_heads, cfg.depth_head_dim), dt)  # [R,S,h,e]
 
     def body(x, p):
-      return layer(p, shd.constrain(x, RCD), empty, empty, 0, cfg.depth_rms_eps)[0], None
+      return layer(p, shd.constrain(x, RCD), empty, empty, 0, cfg.depth_rms_eps,
+                   self.lora_scale)[0], None
 
     if remat_policy is not None:
       body = jax.checkpoint(body, policy=remat_policy, prevent_cse=False)
@@ -151,23 +156,23 @@ class DepthTransformer(nnx.Module):
     """x [B,T,C,d] -> [B,T,C,A]."""
     b, t, C, d = x.shape
     logits = shd.constrain(
-        jnp.einsum('RCd,CdA->RCA', x.reshape(b * t, C, d), self.heads[...].astype(x.dtype)),
-        ('activation_batch', None, None))
+        lora.dense('RCd,CdA->RCA', x.reshape(b * t, C, d), values(self, ('heads',), x.dtype),
+                   'heads', self.lora_scale), ('activation_batch', None, None))
     return logits.reshape(b, t, C, self.cfg.audio_vocab_size)
 
-  def step(self, slots: jax.Array, prev: jax.Array, c: jax.Array, cache: dict,
+  def step(self, cond: jax.Array, prev: jax.Array, c: jax.Array, cache: dict,
            layer_fn=layer_step, layers_fn=None) -> tuple[jax.Array, dict]:
-    """One depth position for B rows: slots [B,C,d], prev [B] -> logits [B,A], new cache.
+    """One depth position for B rows: cond [B,C,d], prev [B] -> logits [B,A], new cache.
 
     `layer_fn` has `layer_step`'s signature; the decoder passes a Pallas kernel here.
     `layers_fn`, if given, replaces the whole layer stack: it has `layers_step`'s signature
     (stacked params, so a kernel can read each layer's weights in place).
     """
     cfg = self.cfg
-    dt = slots.dtype
+    dt = cond.dtype
     emb = jax.lax.dynamic_index_in_dim(self.wtes[...], c, 0, keepdims=False)[prev].astype(dt)
     pos = jax.lax.dynamic_index_in_dim(self.wpe[...], c, 0, keepdims=False).astype(dt)
-    x = emb + pos + jax.lax.dynamic_index_in_dim(slots, c, 1, keepdims=False)
+    x = emb + pos + jax.lax.dynamic_index_in_dim(cond, c, 1, keepdims=False)
     layers_fn = layers_fn or functools.partial(layers_step, layer_fn=layer_fn)
     x, ck, cv = layers_fn(values(self, LAYER_PARAMS, dt), x, cache['k'], cache['v'], c,
                           cfg.depth_rms_eps)

@@ -10,6 +10,7 @@ from flax import nnx
 from flmjax.config import ModelConfig
 from flmjax.model.backbone import Backbone
 from flmjax.model.depth import DepthTransformer
+from flmjax.model.lora import LoraConfig, attach
 
 
 class Output(NamedTuple):
@@ -19,13 +20,24 @@ class Output(NamedTuple):
   depth_features: jax.Array | None = None  # [B,T,C,d]: instead of depth_logits, when asked
 
 
-def check_inputs(cfg: ModelConfig, text, speak, listen, depth_prev) -> None:
-  """Shapes always; id ranges only of concrete arrays. An out-of-range id would index the
-  embeddings silently (gathers clamp under XLA), so the public call checks it; under jit (the
-  train step) the inputs are tracers and nothing is checked, at no cost."""
+def check_inputs(cfg: ModelConfig, text, speak, listen, depth_prev, positions=None) -> None:
+  """Shapes always; id ranges and positions only of concrete arrays. An out-of-range id would
+  index the embeddings silently (gathers clamp under XLA), and a position past
+  max_position_embeddings runs RoPE where the model was never trained, so the public call checks
+  both; under jit (the train step) the inputs are tracers and only shapes are checked, at no
+  cost."""
   if text.ndim != 2:
     raise ValueError(f'FLMAudio: text must be [B, T] ids, got shape {text.shape}')
   b, t = text.shape
+  limit = cfg.max_position_embeddings
+  if positions is None and t > limit:
+    raise ValueError(f'FLMAudio: {t} frames exceed max_position_embeddings {limit}; split the '
+                     f'sequence into windows of at most {limit} frames')
+  if positions is not None and not isinstance(positions, jax.core.Tracer) and positions.size:
+    lo, hi = int(jnp.min(positions)), int(jnp.max(positions))
+    if lo < 0 or hi >= limit:
+      raise ValueError(f'FLMAudio: positions holds {lo if lo < 0 else hi}, outside '
+                       f'0..{limit - 1} (max_position_embeddings {limit})')
   c = cfg.num_codebooks
   want = {'speak': (b, t, c), 'listen': (b, t, c), 'depth_prev': (b, t, c - 1)}
   ranges = {'text': cfg.vocab_size - 1, 'speak': cfg.audio_pad_id, 'listen': cfg.audio_pad_id,
@@ -48,10 +60,15 @@ def check_inputs(cfg: ModelConfig, text, speak, listen, depth_prev) -> None:
 
 class FLMAudio(nnx.Module):
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lora: LoraConfig | None = None):
+    """`lora` adds adapters (and int8 scales) beside the target weights (flmjax.model.lora),
+    drawn after the base, so a seed gives the same base with and without them."""
     self.cfg = cfg
+    self.lora = lora
     self.backbone = Backbone(cfg, rngs=rngs)
     self.depth_transformer = DepthTransformer(cfg, rngs=rngs)
+    if lora is not None:
+      attach(self, lora, rngs)
 
   def __call__(self, text: jax.Array, speak: jax.Array, listen: jax.Array,
                depth_prev: jax.Array | None = None, positions: jax.Array | None = None,
@@ -63,7 +80,8 @@ class FLMAudio(nnx.Module):
     """
     text, speak, listen = jnp.asarray(text), jnp.asarray(speak), jnp.asarray(listen)
     depth_prev = None if depth_prev is None else jnp.asarray(depth_prev)
-    check_inputs(self.cfg, text, speak, listen, depth_prev)
+    positions = None if positions is None else jnp.asarray(positions)
+    check_inputs(self.cfg, text, speak, listen, depth_prev, positions)
     b, t = text.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -80,10 +98,10 @@ class FLMAudio(nnx.Module):
     return Output(hidden, text_logits, depth_logits)
 
 
-def create(cfg: ModelConfig, seed: int = 0) -> FLMAudio:
-  return FLMAudio(cfg, rngs=nnx.Rngs(params=seed))
+def create(cfg: ModelConfig, seed: int = 0, lora: LoraConfig | None = None) -> FLMAudio:
+  return FLMAudio(cfg, rngs=nnx.Rngs(params=seed), lora=lora)
 
 
-def abstract(cfg: ModelConfig) -> FLMAudio:
+def abstract(cfg: ModelConfig, lora: LoraConfig | None = None) -> FLMAudio:
   """The model with ShapeDtypeStructs for values: no memory is allocated."""
-  return nnx.eval_shape(lambda: FLMAudio(cfg, rngs=nnx.Rngs(params=0)))
+  return nnx.eval_shape(lambda: FLMAudio(cfg, rngs=nnx.Rngs(params=0), lora=lora))

@@ -2,7 +2,7 @@
 
 The einsum letters, one meaning each in flmjax/model, kernels/ and flmjax/train/loss.py:
   L layers          B batch (the rows of a decode step)   R rows: B·T flattened
-  T query time      S key time / cache slots               Z grid channels (1 + 2C)
+  T query time      S key time / cache positions              Z grid channels (1 + 2C)
   D model dim       N query heads     K KV heads           G = N // K query heads per KV head
   H head dim        F MLP dim         V text vocab         C codebooks (= depth positions)
   A audio vocab     depth transformer, lowercase: d dim, h heads, e head dim, n = h·e,
@@ -23,7 +23,8 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
   return y.astype(x.dtype) * weight.astype(x.dtype)
 
 
-def rope_tables(positions: jax.Array, head_dim: int, theta: float, dtype) -> tuple[jax.Array, jax.Array]:
+def rope_tables(positions: jax.Array, head_dim: int, theta: float,
+                dtype) -> tuple[jax.Array, jax.Array]:
   """positions [B, T] -> cos, sin [B, T, H]; computed in float32, rotate-half layout."""
   inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
   freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]

@@ -5,6 +5,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flmjax.model import lora
+
 
 def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype,
           init: str = 'normal', std: float = 0.02,
@@ -28,5 +30,12 @@ def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str | None,
 
 
 def values(module: nnx.Module, names: tuple[str, ...], dtype) -> dict[str, jax.Array]:
-  """The named Params of `module` as plain arrays in the compute dtype."""
-  return {n: getattr(module, n)[...].astype(dtype) for n in names}
+  """The named Params of `module` as plain arrays in the compute dtype, with their LoRA
+  adapters and int8 scales beside them (flmjax.model.lora). An int8 weight stays int8 here:
+  `lora.dense` dequantizes the one layer slice it reads."""
+  out = {}
+  for n in names:
+    w = getattr(module, n)[...]
+    out[n] = w if jnp.issubdtype(w.dtype, jnp.integer) else w.astype(dtype)
+    out.update(lora.siblings(module, n))
+  return out

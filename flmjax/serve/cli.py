@@ -1,27 +1,53 @@
 """`flmjax serve`: many live full-duplex sessions on one model, over the official protocol.
 
-  flmjax serve --checkpoint DIR --mimi PATH [--slots 16] [--host 127.0.0.1] [--port 8990]
+  flmjax serve --checkpoint DIR --mimi PATH [--slots 16] [--queue 0] [--host 127.0.0.1]
+      [--port 8990] [--mesh data=2,tensor=4]
+      # then open http://127.0.0.1:8990 (the page) or use a client
 
 --checkpoint: an official-layout dir (config.json + safetensors) or an orbax training run.
 --mimi: a Mimi safetensors file or a directory with one (a config.json beside it selects a
 reduced config, e.g. golden/mimi_small). Clients: `flmjax client`, or the official client.
+
+  flmjax client --url ws://127.0.0.1:8990/api/chat --in user.wav --out reply.wav [--no-pace]
+      [--codec opus|pcm16]
+
+sends a mono WAV as Ogg/Opus in 80 ms frames (raw int16 samples with --codec pcm16, the page's
+variant), in real time (or as fast as possible with --no-pace), and writes the reply audio (WAV)
+and the monologue text (reply.txt).
 """
 from __future__ import annotations
 
 import logging
+import math
 import os
 
-from flmjax.cli import ArgumentParser, command
+import numpy as np
+
+from flmjax.cli import ArgumentParser, command, fail
+
+CLIENT_DOC = 'one session against a server: WAV in, reply WAV and text out'
+
+
+def _address_parser() -> ArgumentParser:
+  """--host and --port alone: parsed (and the port bound) before jax and the model load."""
+  ap = ArgumentParser(prog='flmjax serve', add_help=False)
+  ap.add_argument('--host', default='127.0.0.1', help='bind address (0.0.0.0 exposes it)')
+  ap.add_argument('--port', type=int, default=8990, help='0 takes any free port')
+  return ap
 
 
 def _parser() -> ArgumentParser:
-  from flmjax.decode.sampling import add_sampling_flags
-  ap = ArgumentParser(prog='flmjax serve', description=__doc__.split('\n\n')[0])
+  from flmjax.decode.flags import add_sampling_flags
+  ap = ArgumentParser(prog='flmjax serve', description=__doc__.split('\n\n')[0],
+                      parents=[_address_parser()])
   ap.add_argument('--checkpoint', required=True, help='official-layout dir or orbax run dir')
   ap.add_argument('--mimi', required=True, help='Mimi safetensors file or directory')
   ap.add_argument('--slots', type=int, default=16, help='concurrent sessions (batch rows)')
-  ap.add_argument('--host', default='127.0.0.1', help='bind address (0.0.0.0 exposes it)')
-  ap.add_argument('--port', type=int, default=8990)
+  ap.add_argument('--queue', type=int, default=0,
+                  help='clients that may wait for a free slot (each told its place); '
+                       '0 = answer 503 when every slot is busy')
+  ap.add_argument('--mesh', help='axis=size pairs, e.g. data=2,tensor=4: sessions over data '
+                  '(and fsdp), the model and KV cache over tensor (default: one device)')
   ap.add_argument('--auth-token', default=os.environ.get('FLMJAX_TOKEN'),
                   help='require "Authorization: Bearer TOKEN" or ?token=TOKEN '
                        '(default: $FLMJAX_TOKEN; unset = no auth)')
@@ -40,16 +66,39 @@ def _parser() -> ArgumentParser:
   return ap
 
 
-def build_server(model, mimi, args):
-  from flmjax.decode import SamplingConfig
+# flag -> the least value it takes (every numeric flag of `flmjax serve`; floats must be finite).
+# Below a frame of audio, or a KiB per message (one Opus page is a few hundred bytes), no session
+# could run.
+MINIMUMS = {'--slots': 1, '--queue': 0, '--max-len': 1, '--max-message-bytes': 1024,
+            '--max-buffer-s': 0.08, '--max-queue-frames': 1, '--idle-s': 0.08}
+
+
+def check_port(port: int) -> None:
+  if not 0 <= port <= 65535:
+    raise ValueError(f'--port {port} must lie in 0..65535 (0: any free port)')
+
+
+def check_flags(args) -> None:
+  """Every numeric flag in range, before anything loads; ValueError naming the flag."""
+  for flag, low in MINIMUMS.items():
+    value = getattr(args, flag[2:].replace('-', '_'))
+    if value is None:
+      continue
+    if not math.isfinite(value) or value < low:
+      raise ValueError(f'{flag} {value:g} must be >= {low:g}' + (
+          ' (one 80 ms frame)' if low == 0.08 else ''))
+  from flmjax.decode.flags import sampling_from_flags
+  sampling_from_flags(args)
+
+
+def build_server(model, mimi, args, mesh=None):
+  from flmjax.decode.flags import sampling_from_flags
   from flmjax.serve.pipeline import FramePipeline
   from flmjax.serve.server import Server
   from flmjax.serve.session import Limits
-  sampling = SamplingConfig(greedy=args.greedy, **{
-      f'{f}_{k}': getattr(args, f'{f}_{k}') for f in ('temp', 'top_k', 'top_p',
-                                                        'repetition_penalty')
-      for k in ('text', 'audio')})
-  pipeline = FramePipeline(model, mimi, args.slots, sampling=sampling, max_len=args.max_len)
+  sampling = sampling_from_flags(args)
+  pipeline = FramePipeline(model, mimi, args.slots, sampling=sampling, max_len=args.max_len,
+                           mesh=mesh)
   pipeline.warmup()
   tokenizer = None
   if args.tokenizer:
@@ -58,26 +107,136 @@ def build_server(model, mimi, args):
   limits = Limits(max_message_bytes=args.max_message_bytes, max_buffer_s=args.max_buffer_s,
                   max_queue_frames=args.max_queue_frames, idle_s=args.idle_s)
   return Server(pipeline, sampling=sampling, limits=limits, auth_token=args.auth_token,
-                tokenizer=tokenizer)
+                tokenizer=tokenizer, queue=args.queue)
 
 
 @command('flmjax serve')
 def main(argv: list[str]) -> int:
-  ap = _parser()
+  sock = None
+  if not {'-h', '--help'} & set(argv):  # a busy port fails at once, before jax and the model
+    from flmjax.serve.net import bind_socket
+    where, _ = _address_parser().parse_known_args(argv)
+    check_port(where.port)
+    sock = bind_socket(where.host, where.port)
+  try:
+    args = _parser().parse_args(argv)
+    check_flags(args)
+    from flmjax.serve.pipeline import serving_mesh
+    mesh = serving_mesh(args.mesh, args.slots)  # a mesh this host cannot make: before loading
+    logging.basicConfig(level=logging.WARNING, format='%(asctime)s %(levelname)s %(message)s')
+    log = logging.getLogger('flmjax.serve')
+    log.setLevel(logging.INFO)  # one line per session (no per-request access log)
+    from aiohttp import web
+
+    from flmjax.codec import load_mimi
+    from flmjax.decode.session import load_model
+    model = load_model(args.checkpoint, args.dtype, mesh)  # errors name the flag and the fix
+    mimi = load_mimi(args.mimi)
+    log.info('compiling the frame loop for %d slots', args.slots)
+    server = build_server(model, mimi, args, mesh)
+    port = sock.getsockname()[1]
+    log.info('serving ws://%s:%d/api/chat (%d slots%s)', args.host, port, args.slots,
+             ', bearer token required' if args.auth_token else '')
+    host = '127.0.0.1' if args.host in ('0.0.0.0', '', '::') else args.host
+    host = f'[{host}]' if ':' in host else host
+    ready = (f'open http://{host}:{port}' + (
+        '/?token=TOKEN (the --auth-token)' if args.auth_token else '') + ' to talk to it')
+    web.run_app(server.app(), sock=sock, access_log=None,
+                print=lambda _: print(ready, flush=True))  # printed once the port listens
+  finally:
+    if sock is not None:
+      sock.close()
+  return 0
+
+
+def read_wav(path: str) -> np.ndarray:
+  """A mono WAV as float32 at 24 kHz. Several channels are an error: which one is the user's
+  speech is the caller's to say, and averaging them is never right."""
+  import soundfile
+  import soxr
+
+  from flmjax.data.audio import AudioError, check_wav_length
+  from flmjax.serve import protocol
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'--in {path}: no such file')
+  try:
+    check_wav_length(path)
+  except AudioError as e:
+    raise ValueError(f'--in {e}') from None
+  try:
+    wave, rate = soundfile.read(path, dtype='float32', always_2d=True)
+  except RuntimeError as e:  # soundfile's LibsndfileError
+    raise ValueError(f'--in {path}: not a readable WAV ({e})') from None
+  if wave.shape[1] != 1:
+    raise ValueError(f'--in {path}: {wave.shape[1]} channels; give a mono WAV (the user\'s '
+                     'speech only, e.g. `sox IN.wav OUT.wav remix 1`)')
+  wave = wave[:, 0]
+  if wave.size < rate * 0.08:  # not one 80 ms frame: the session would "succeed" with nothing
+    raise ValueError(f'--in {path}: {wave.size / rate * 1000:.0f} ms of audio, shorter than one '
+                     '80 ms frame; nothing to send')
+  return soxr.resample(wave, rate, protocol.SAMPLE_RATE).astype(np.float32) if (
+      rate != protocol.SAMPLE_RATE) else wave
+
+
+def check_out(path: str) -> None:
+  """--out must be writable before the session starts, so a reply is never lost at the end."""
+  folder = os.path.dirname(os.path.abspath(path))
+  if os.path.isdir(path):
+    raise IsADirectoryError(f'--out {path} is a directory; give a .wav file path')
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f'--out {path}: the folder {folder} does not exist; create it first')
+  if not os.access(folder, os.W_OK | os.X_OK):
+    raise PermissionError(f'--out {path}: the folder {folder} is not writable')
+
+
+def refused(url: str, status: int, message: str, token: str | None) -> str:
+  """A refused websocket upgrade as one line that says what to do."""
+  if status == 401:
+    return (f'{url}: the server refused the --token (401 unauthorized); check the token'
+            if token else f'{url}: the server needs a bearer token (401 unauthorized): pass '
+            '--token TOKEN or set $FLMJAX_TOKEN')
+  if status == 503:
+    return f'{url}: the server is full (503); retry later'
+  return f'{url}: the server refused the session: {status} {message}'
+
+
+@command('flmjax client')
+def client_main(argv: list[str]) -> int:
+  """`flmjax client --in user.wav --out reply.wav`: one session against a server."""
+  import asyncio
+
+  import aiohttp
+
+  from flmjax.serve import protocol
+  from flmjax.serve.client import converse
+  ap = ArgumentParser(prog='flmjax client', description=CLIENT_DOC)
+  ap.add_argument('--url', default='ws://127.0.0.1:8990/api/chat')
+  ap.add_argument('--in', dest='input', required=True, help='the user side, a WAV file')
+  ap.add_argument('--out', required=True, help='reply WAV (the text goes beside it, as .txt)')
+  ap.add_argument('--no-pace', action='store_true', help='send as fast as possible')
+  ap.add_argument('--codec', choices=tuple(protocol.CODECS), default='opus',
+                  help='0x01 payload: Ogg/Opus (official) or raw int16 samples (pcm16)')
+  ap.add_argument('--token', default=os.environ.get('FLMJAX_TOKEN'),
+                  help='bearer token (default: $FLMJAX_TOKEN)')
   args = ap.parse_args(argv)
-  if args.slots < 1:
-    raise ValueError(f'--slots {args.slots}: need at least one session slot')
-  logging.basicConfig(level=logging.WARNING, format='%(asctime)s %(levelname)s %(message)s')
-  log = logging.getLogger('flmjax.serve')
-  log.setLevel(logging.INFO)  # one line per session (no per-request access log)
-  from aiohttp import web
-  from flmjax.codec import load_mimi
-  from flmjax.decode.cli import load_model
-  model = load_model(args.checkpoint, args.dtype)  # errors name the flag and the fix
-  mimi = load_mimi(args.mimi)
-  log.info('compiling the frame loop for %d slots', args.slots)
-  server = build_server(model, mimi, args)
-  log.info('serving ws://%s:%d/api/chat (%d slots%s)', args.host, args.port, args.slots,
-           ', bearer token required' if args.auth_token else '')
-  web.run_app(server.app(), host=args.host, port=args.port, print=None, access_log=None)
+  pcm = read_wav(args.input)
+  check_out(args.out)
+  try:
+    conv = asyncio.run(converse(args.url, pcm, pace=not args.no_pace, token=args.token,
+                                codec=args.codec,
+                                notice_hook=lambda t: print(t, end='', flush=True)))
+  except aiohttp.WSServerHandshakeError as e:
+    return fail('flmjax client', refused(args.url, e.status, e.message, args.token))
+  except (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError) as e:
+    return fail('flmjax client', f'{args.url}: {type(e).__name__}: {e}')
+  import soundfile
+  base = os.path.splitext(args.out)[0]
+  tmp = args.out + '.tmp.wav'
+  soundfile.write(tmp, conv.reply_pcm, protocol.SAMPLE_RATE)
+  os.replace(tmp, args.out)
+  with open(base + '.txt', 'w') as f:
+    f.write(conv.text + '\n')
+  print(f'session {conv.session}: sent {conv.frames_sent} frames, received '
+        f'{conv.frames_received}; wrote {args.out} and {base}.txt')
+  print(conv.text)
   return 0

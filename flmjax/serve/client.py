@@ -1,30 +1,24 @@
-"""`flmjax client`: talks to `flmjax serve` (or the official server) over the official protocol.
-
-  flmjax client --url ws://127.0.0.1:8990/api/chat --in user.wav --out reply.wav [--no-pace]
-
-Sends the WAV as Ogg/Opus in 80 ms frames, in real time (or as fast as possible with
---no-pace), and writes the reply audio (WAV) and the monologue text (reply.txt).
-"""
+"""A client session against `flmjax serve` (or the official server), over the official protocol:
+`converse` sends 24 kHz audio in 80 ms frames (Ogg/Opus, or raw int16 samples in the page's pcm16
+variant) and collects the reply audio and text (`flmjax client` wraps it)."""
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
-import time
 
 import aiohttp
 import numpy as np
 
-from flmjax.cli import ArgumentParser, command, fail
+from flmjax.codec.base import FRAME_SIZE
 from flmjax.serve import protocol
-
-FRAME = 1920
+from flmjax.serve.clock import Clock
 
 
 @dataclasses.dataclass
 class Conversation:
   """What one client session saw. sent_pcm: the input as the server decodes it (our own Opus
-  bytes through a fresh decoder); reply_pcm: the reply audio; text: the 0x02 payloads joined."""
+  bytes through a fresh decoder); reply_pcm: the reply audio; text: the 0x02 payloads joined,
+  up to the last reply kept (a frame's text comes before its audio)."""
   session: str
   frames_sent: int
   frames_received: int
@@ -34,28 +28,45 @@ class Conversation:
   send_times: list
   receive_times: list
   close_code: int | None
+  notices: list = dataclasses.field(default_factory=list)  # 0x02 before the handshake (queue)
 
 
 async def converse(url: str, pcm: np.ndarray, *, pace: bool = True, lead_frames: int = 0,
                    token: str | None = None, replies: int | None = None,
                    reply_timeout_s: float = 10.0, handshake_timeout_s: float = 30.0,
-                   session_hook=None) -> Conversation:
+                   session_hook=None, codec: str = 'opus', notice_hook=None,
+                   clock: Clock | None = None) -> Conversation:
   """One session: sends pcm float32 [T] at 24 kHz in 1920-sample frames (the first lead_frames at
   once, then one per 80 ms when pacing), then waits until `replies` reply frames arrived (default:
   one per frame sent, less the model's first silent step) or reply_timeout_s passed, and closes.
   It keeps exactly those replies (fewer if the server ended the session first).
-  session_hook(session_id) runs once the handshake arrived (e.g. to post settings)."""
-  frames = [pcm[i:i + FRAME] for i in range(0, len(pcm) - FRAME + 1, FRAME)]
+  session_hook(session_id) runs once the handshake arrived (e.g. to post settings).
+  codec: 'opus' (the official protocol) or 'pcm16' (asks the server for the raw int16 variant).
+  A server whose slots are busy may queue the session: its 0x02 notices (the place in the queue)
+  come before the handshake, go to notice_hook(text), and the wait for a slot has no timeout.
+  clock: what the pacing waits on and send/receive times read (real time by default)."""
+  clock = clock or Clock()
+  frames = [pcm[i:i + FRAME_SIZE] for i in range(0, len(pcm) - FRAME_SIZE + 1, FRAME_SIZE)]
   want = max(len(frames) - 1, 0) if replies is None else replies
-  writer, own_reader, reply_reader = (protocol.OpusWriter(), protocol.OpusReader(),
-                                      protocol.OpusReader())
+  if codec not in protocol.CODECS:
+    raise ValueError(f'codec {codec!r}: known codecs are {", ".join(protocol.CODECS)}')
+  make_reader, make_writer = protocol.CODECS[codec]
+  writer, own_reader, reply_reader = make_writer(), make_reader(), make_reader()
+  if codec != 'opus':
+    url += ('&' if '?' in url else '?') + f'codec={codec}'
   sent_pcm, reply_pcm, text = [], [], []
   send_times, receive_times = [], []
   headers = {'Authorization': f'Bearer {token}'} if token else {}
   async with aiohttp.ClientSession() as http:
     async with http.ws_connect(url, headers=headers, max_msg_size=0) as ws:
       sid = ws._response.headers.get('X-Flmjax-Session', '')
+      notices = []
       first = await ws.receive(timeout=handshake_timeout_s)
+      while first.type == aiohttp.WSMsgType.BINARY and first.data[:1] == bytes([protocol.TEXT]):
+        notices.append(first.data[1:].decode('utf-8'))
+        if notice_hook is not None:
+          notice_hook(notices[-1])
+        first = await ws.receive()  # queued: as long as it takes
       if first.type != aiohttp.WSMsgType.BINARY or first.data[:1] != b'\x00':
         raise ConnectionError(f'{url}: expected the 0x00 handshake, got {first.type.name} '
                               f'{first.data!r:.60}')
@@ -76,19 +87,19 @@ async def converse(url: str, pcm: np.ndarray, *, pace: bool = True, lead_frames:
             out = reply_reader.decode(msg.data[1:])
             if out.size and not got_all.is_set():  # replies past `replies` are not kept
               reply_pcm.append(out)
-              receive_times.append(time.perf_counter())
+              receive_times.append(clock.time())
               received += out.size
-              if received >= want * FRAME:
+              if received >= want * FRAME_SIZE:
                 got_all.set()
-          elif msg.data[0] == protocol.TEXT:
+          elif msg.data[0] == protocol.TEXT and not got_all.is_set():
             text.append(msg.data[1:].decode('utf-8'))
         got_all.set()  # the server closed the session
 
       receiver = asyncio.create_task(receive())
-      start = time.perf_counter()
+      start = clock.time()
       for i, frame in enumerate(frames):
         if pace and i >= lead_frames:
-          await asyncio.sleep(max(0.0, start + (i - lead_frames) * 0.08 - time.perf_counter()))
+          await clock.sleep_until(start + (i - lead_frames) * 0.08)
         if receiver.done() or ws.closed:
           break  # the server ended the session
         data = writer.encode(frame)
@@ -97,7 +108,7 @@ async def converse(url: str, pcm: np.ndarray, *, pace: bool = True, lead_frames:
         except ConnectionError:
           break
         sent_pcm.append(own_reader.decode(data))
-        send_times.append(time.perf_counter())
+        send_times.append(clock.time())
       try:
         await asyncio.wait_for(got_all.wait(), reply_timeout_s)
       except asyncio.TimeoutError:
@@ -107,48 +118,5 @@ async def converse(url: str, pcm: np.ndarray, *, pace: bool = True, lead_frames:
       code = ws.close_code
   cat = lambda xs: np.concatenate(xs) if xs else np.zeros((0,), np.float32)
   reply = cat(reply_pcm)
-  return Conversation(sid, len(send_times), reply.size // FRAME, cat(sent_pcm), reply,
-                      ''.join(text), send_times, receive_times, code)
-
-
-def read_wav(path: str) -> np.ndarray:
-  """A WAV as mono float32 at 24 kHz."""
-  import soundfile
-  import soxr
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'--in {path}: no such file')
-  try:
-    wave, rate = soundfile.read(path, dtype='float32', always_2d=True)
-  except RuntimeError as e:  # soundfile's LibsndfileError
-    raise ValueError(f'--in {path}: not a readable WAV ({e})') from None
-  wave = wave.mean(axis=1)
-  return soxr.resample(wave, rate, protocol.SAMPLE_RATE).astype(np.float32) if (
-      rate != protocol.SAMPLE_RATE) else wave
-
-
-@command('flmjax client')
-def main(argv: list[str]) -> int:
-  ap = ArgumentParser(prog='flmjax client', description=__doc__.split('\n\n')[0])
-  ap.add_argument('--url', default='ws://127.0.0.1:8990/api/chat')
-  ap.add_argument('--in', dest='input', required=True, help='the user side, a WAV file')
-  ap.add_argument('--out', required=True, help='reply WAV (the text goes beside it, as .txt)')
-  ap.add_argument('--no-pace', action='store_true', help='send as fast as possible')
-  ap.add_argument('--token', default=os.environ.get('FLMJAX_TOKEN'),
-                  help='bearer token (default: $FLMJAX_TOKEN)')
-  args = ap.parse_args(argv)
-  pcm = read_wav(args.input)
-  try:
-    conv = asyncio.run(converse(args.url, pcm, pace=not args.no_pace, token=args.token))
-  except (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError) as e:
-    return fail('flmjax client', f'{args.url}: {type(e).__name__}: {e}')
-  import soundfile
-  base = os.path.splitext(args.out)[0]
-  tmp = args.out + '.tmp.wav'
-  soundfile.write(tmp, conv.reply_pcm, protocol.SAMPLE_RATE)
-  os.replace(tmp, args.out)
-  with open(base + '.txt', 'w') as f:
-    f.write(conv.text + '\n')
-  print(f'session {conv.session}: sent {conv.frames_sent} frames, received '
-        f'{conv.frames_received}; wrote {args.out} and {base}.txt')
-  print(conv.text)
-  return 0
+  return Conversation(sid, len(send_times), reply.size // FRAME_SIZE, cat(sent_pcm), reply,
+                      ''.join(text), send_times, receive_times, code, notices)

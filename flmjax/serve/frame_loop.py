@@ -13,6 +13,7 @@ import numpy as np
 import prometheus_client as prom
 
 from flmjax.decode import SamplingConfig
+from flmjax.serve.clock import Clock
 from flmjax.serve.pipeline import FramePipeline
 from flmjax.serve.session import Session, log
 
@@ -26,11 +27,18 @@ class Metrics:
     self.registry = r = prom.CollectorRegistry()
     self.live = prom.Gauge('flmjax_sessions_live', 'sessions holding a slot', registry=r)
     prom.Gauge('flmjax_slots', 'session slots of the batched frame loop', registry=r).set(slots)
-    self.sessions = prom.Counter('flmjax_sessions', 'sessions accepted', registry=r)
-    self.refused = prom.Counter('flmjax_sessions_refused', 'sessions refused (all slots taken)',
-                                registry=r)
+    self.sessions = prom.Counter('flmjax_sessions', 'sessions given a slot, by client: the '
+                                 'browser page or any other (api)', ['client'], registry=r)
+    for client in ('page', 'api'):
+      self.sessions.labels(client)  # both series exist from the start
+    self.queued = prom.Gauge('flmjax_sessions_queued', 'sessions waiting for a slot', registry=r)
+    self.refused = prom.Counter('flmjax_sessions_refused', 'sessions refused (all slots taken '
+                                'and the queue full)', registry=r)
     self.frames = prom.Counter('flmjax_frames', 'session frames computed', registry=r)
     self.underruns = prom.Counter('flmjax_underruns', 'frames a client was late for (silence fed)',
+                                  registry=r)
+    self.bad_audio = prom.Counter('flmjax_bad_audio_sessions', 'sessions ended by malformed or '
+                                  'corrupted audio (Opus errors, Ogg CRC, non-finite pcm)',
                                   registry=r)
     self.late_ticks = prom.Counter('flmjax_late_ticks', 'ticks that started a frame late',
                                    registry=r)
@@ -49,8 +57,11 @@ class Metrics:
 
 class FrameLoop:
 
-  def __init__(self, pipeline: FramePipeline, *, period_s: float = 0.08, recent: int = 10000):
-    self.pipeline, self.period = pipeline, period_s
+  """clock: what the ticks wait on (real time by default; tests pass a ManualClock)."""
+
+  def __init__(self, pipeline: FramePipeline, *, period_s: float = 0.08, recent: int = 10000,
+               clock: Clock | None = None):
+    self.pipeline, self.period, self.clock = pipeline, period_s, clock or Clock()
     B = pipeline.slots
     self.slots: list[Session | None] = [None] * B
     self.leaving = np.zeros((B,), bool)
@@ -71,12 +82,12 @@ class FrameLoop:
 
   def join(self, session: Session) -> None:
     self.slots[session.slot] = session
-    self.metrics.sessions.inc()
+    self.metrics.sessions.labels(session.client).inc()
     self.metrics.live.inc()
 
   def leave(self, session: Session) -> None:
     """Frees the session's slot; its LM row is released at the next tick."""
-    if self.slots[session.slot] is session:
+    if session.slot is not None and self.slots[session.slot] is session:
       self.slots[session.slot] = None
       self.leaving[session.slot] |= session.started
       self.sampling_updates.pop(session.slot, None)
@@ -104,13 +115,16 @@ class FrameLoop:
       except asyncio.CancelledError:
         pass
     self._worker.shutdown(wait=True)
+    # Rows of sessions that left after the last tick would otherwise stay active in the
+    # pipeline, and advance under the next server built on it.
+    self.pipeline.stop(self.pipeline.active.copy())
 
   async def run(self) -> None:
-    loop = asyncio.get_running_loop()
-    next_tick = loop.time()
+    clock = self.clock
+    next_tick = clock.time()
     while True:
-      await asyncio.sleep(max(0.0, next_tick - loop.time()))
-      start = time.perf_counter()
+      await clock.sleep_until(next_tick)
+      start = time.perf_counter()  # the tick's own cost, in real time (the latency metrics)
       try:
         computed = await self.tick()
       except Exception:  # a bug in one tick must not stop every session's loop
@@ -121,9 +135,9 @@ class FrameLoop:
         self.recent.append(took)
         self.metrics.latency.observe(took)
       next_tick += self.period
-      if loop.time() > next_tick + self.period:  # fell a whole frame behind: do not burst
+      if clock.time() > next_tick + self.period:  # fell a whole frame behind: do not burst
         self.metrics.late_ticks.inc()
-        next_tick = loop.time()
+        next_tick = clock.time()
 
   async def tick(self) -> bool:
     """One frame for every live slot; False when there was nothing to compute."""

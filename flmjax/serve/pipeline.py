@@ -14,7 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from flmjax import sharding as shd
 from flmjax.codec import mimi as mimi_lib
 from flmjax.decode import SamplingConfig, StreamingDecoder
 from flmjax.decode.frame import frame as lm_frame
@@ -41,6 +44,19 @@ def frame_step(mimi_cfg, graphdef, layer_fn, layers_fn, penalized: int, mimi_par
   return encoder, lm, decoder, out, valid, reply
 
 
+def serving_mesh(text: str | None, slots: int):
+  """The --mesh of a server (None: one device); its batch axes must divide the slots."""
+  if not text:
+    return None
+  sizes = shd.parse_axes(text)
+  mesh = shd.make_mesh(**sizes)
+  rows = sizes.get('data', 1) * sizes.get('fsdp', 1)
+  if slots % rows:
+    raise ValueError(f'--slots {slots}: the sessions shard over data x fsdp = {rows} devices of '
+                     f'--mesh {text}; use a multiple of {rows}')
+  return mesh
+
+
 @dataclasses.dataclass
 class FrameOut:
   """One tick's results, host arrays: text [B] int32, pcm [B,S] float32, valid [B] bool (a slot's
@@ -56,24 +72,53 @@ class FramePipeline:
 
   mimi: a flmjax.codec.Mimi (its streaming functions are fused into the frame). Each stream
   state is a whole Mimi stream state, of which the frame uses one half.
+  mesh: sessions (rows) shard over its batch axes (data, fsdp), the LM's heads and KV cache
+  over tensor (StreamingDecoder's placement); Mimi is replicated. The frame is traced with the
+  mesh in context. use_pallas: the Pallas depth kernels (StreamingDecoder's switch).
   """
 
   def __init__(self, model, mimi, slots: int, *, sampling: SamplingConfig | None = None,
-               max_len: int | None = None):
+               max_len: int | None = None, mesh: jax.sharding.Mesh | None = None,
+               use_pallas: bool = False):
     self.cfg = model.cfg
-    self.mimi, self.slots = mimi, slots
+    self.mimi, self.slots, self.mesh = mimi, slots, mesh
     self.frame_size = int(mimi.frame_size)
-    self.decoder = StreamingDecoder(model, sampling, max_len=max_len)
-    self.max_len = self.decoder.max_len
-    self.lm = self.decoder.release_slots(self.decoder.init(slots), np.ones((slots,), bool))
+    self.decoder = dec = StreamingDecoder(model, sampling, max_len=max_len, mesh=mesh,
+                                          use_pallas=use_pallas)
+    self.max_len = dec.max_len
+    self.lm = dec.release_slots(dec.init(slots), np.ones((slots,), bool))
+    self.mimi_params = mimi.params
     self.user_stream = mimi.init_stream(slots)   # encoder side: the user's audio -> codes
     self.model_stream = mimi.init_stream(slots)  # decoder side: the model's codes -> audio
     self.active = np.zeros((slots,), bool)
     self.frames = np.zeros((slots,), np.int64)  # steps taken by each slot's current session
-    dec = self.decoder
-    self._frame = jax.jit(functools.partial(
+    step = shd.traced_on(mesh, functools.partial(
         frame_step, mimi.cfg, dec.graphdef, dec.depth_layer_fn, dec.depth_layers_fn,
-        dec.sampling.penalized_codebooks), donate_argnums=(2, 3, 4))
+        dec.sampling.penalized_codebooks))
+    if mesh is None:
+      self._frame = jax.jit(step, donate_argnums=(2, 3, 4))
+      return
+    # Sessions over the batch axes (Mimi's stream states are [B,...] throughout), Mimi's
+    # weights replicated, the LM as the decoder places it (heads and KV cache over tensor).
+    self._lm_shardings = lm = dec.state_shardings(slots)
+    self.mimi_params = jax.device_put(mimi.params, NamedSharding(mesh, P()))
+    self.user_stream = self._rows(self.user_stream)
+    self.model_stream = self._rows(self.model_stream)
+    enc, mdl = (self._row_shardings(x) for x in (self.user_stream['encoder'],
+                                                 self.model_stream['decoder']))
+    replicated = jax.tree.map(lambda _: NamedSharding(mesh, P()), self.mimi_params)
+    pcm, out = shd.batch_sharding(mesh, 2), shd.batch_sharding(mesh, 1)
+    self._frame = jax.jit(step, donate_argnums=(2, 3, 4),
+                          in_shardings=(replicated, dec.param_shardings, enc, lm, mdl, pcm),
+                          out_shardings=(enc, lm, mdl, pcm, out, pcm))
+
+  def _row_shardings(self, tree):
+    return jax.tree.map(lambda x: shd.batch_sharding(self.mesh, x.ndim), tree)
+
+  def _rows(self, tree):
+    """tree's [B,...] leaves back on the batch axes (a jit without shardings, such as Mimi's
+    reset, may place them otherwise, and the frame's jit takes its shardings strictly)."""
+    return tree if self.mesh is None else jax.device_put(tree, self._row_shardings(tree))
 
   def warmup(self) -> None:
     """Compiles every call the frame loop makes (start, both kinds of step, stop), so the
@@ -90,8 +135,8 @@ class FramePipeline:
     if not mask.any():
       return
     self.lm = self.decoder.reset_slots(self.lm, mask, sampling=sampling, seeds=seeds)
-    self.user_stream = self.mimi.reset_slots(self.user_stream, mask)
-    self.model_stream = self.mimi.reset_slots(self.model_stream, mask)
+    self.user_stream = self._rows(self.mimi.reset_slots(self.user_stream, mask))
+    self.model_stream = self._rows(self.mimi.reset_slots(self.model_stream, mask))
     self.active |= mask
     self.frames[mask] = 0
 
@@ -110,14 +155,16 @@ class FramePipeline:
       new = sampling.stream(kind).per_row(self.slots)
       self.lm[kind] = jax.tree.map(lambda n, o: jnp.where(jnp.asarray(mask), n, o), new,
                                    self.lm[kind])
+      if self.mesh is not None:  # back where the frame's jit takes it
+        self.lm[kind] = jax.device_put(self.lm[kind], self._lm_shardings[kind])
 
   def check_sampling(self, sampling: SamplingConfig) -> None:
     """ValueError unless `sampling` fits the compiled frame (StreamingDecoder.reset_slots')."""
     base = self.decoder.sampling
     for kind in ('text', 'audio'):
-      if getattr(sampling, f'window_{kind}') > getattr(base, f'window_{kind}'):
-        raise ValueError(f'window_{kind}={getattr(sampling, f"window_{kind}")} exceeds the '
-                         f'server\'s penalty window buffer of {getattr(base, f"window_{kind}")}')
+      if getattr(sampling, f'penalty_window_{kind}') > base.penalty_buffer(kind):
+        raise ValueError(f'penalty_window_{kind}={getattr(sampling, f"penalty_window_{kind}")} '
+                         f'exceeds the server\'s penalty buffer of {base.penalty_buffer(kind)}')
     if sampling.penalized_codebooks != base.penalized_codebooks:
       raise ValueError(f'penalized_codebooks must stay {base.penalized_codebooks}')
 
@@ -134,7 +181,7 @@ class FramePipeline:
       raise ValueError(f'slot(s) {np.flatnonzero(self.full()).tolist()} reached max_len='
                        f'{self.max_len} frames: stop them first')
     encoder, self.lm, decoder, out, valid, reply = self._frame(
-        self.mimi.params, self.decoder.params, self.user_stream['encoder'], self.lm,
+        self.mimi_params, self.decoder.params, self.user_stream['encoder'], self.lm,
         self.model_stream['decoder'], pcm)
     self.user_stream = {**self.user_stream, 'encoder': encoder}
     self.model_stream = {**self.model_stream, 'decoder': decoder}

@@ -1,22 +1,25 @@
-"""The official FLM-Audio websocket protocol (ARCHITECTURE.md §9): message kinds, Opus streams,
+"""The official FLM-Audio websocket protocol (docs/architecture.md §9): message kinds, Opus streams,
 the settings JSON, and the monologue text stream.
 
 Every binary message starts with its kind byte: 0x00 handshake (server -> client, once the
 session's slot is ready), 0x01 Ogg/Opus audio at 24 kHz (both ways), 0x02 UTF-8 monologue text
-(server -> client; WAIT is not sent, b"\\x02\\n" ends a sentence).
+(server -> client; WAIT is not sent, b"\\x02\\n" ends a sentence). A client that connects with
+`?codec=pcm16` (the browser page) sends and gets 0x01 as raw int16 samples instead of Ogg/Opus.
 """
 from __future__ import annotations
 
 import dataclasses
+import zlib
 
 import numpy as np
 import sphn
 
+from flmjax.codec.base import SAMPLE_RATE  # noqa: F401 (protocol.SAMPLE_RATE: the wire rate)
+from flmjax.data.tokenizer import StreamingText
 from flmjax.decode import SamplingConfig
 
 HANDSHAKE, AUDIO, TEXT = 0, 1, 2
 SENTENCE_END = b'\x02\n'
-SAMPLE_RATE = 24000
 
 
 class OpusWriter:
@@ -32,18 +35,93 @@ class OpusWriter:
     return bytes(self._writer.read_bytes()) if self._legacy else bytes(out)
 
 
+class CorruptAudioError(ValueError):
+  """Ogg/Opus bytes that fail a check: a page's CRC, or pcm no encoder of speech produces."""
+
+
+# Decoded pcm peaking past this is no speech (Opus overshoots full scale only slightly); up to it,
+# samples past full scale are clipped to [-1, 1].
+MAX_PEAK = 1.5
+_BIT_REVERSED = bytes(int(f'{i:08b}'[::-1], 2) for i in range(256))
+
+
+def ogg_crc(page: bytes) -> int:
+  """The Ogg CRC-32 (polynomial 0x04C11DB7, not reflected, initial value 0, no final xor), from
+  zlib's reflected CRC-32 on bit-reversed bytes: C speed, no table in Python."""
+  reflected = zlib.crc32(page.translate(_BIT_REVERSED)) ^ zlib.crc32(bytes(len(page)))
+  return int(f'{reflected:032b}'[::-1], 2)
+
+
+class OggPages:
+  """Checks each complete Ogg page's CRC as bytes arrive (pages may span messages); sphn's reader
+  does not, and a corrupted page would decode into noise."""
+
+  def __init__(self):
+    self._pending = b''
+
+  def check(self, data: bytes) -> None:
+    buf, at = self._pending + data, 0
+    while len(buf) - at >= 27 and buf[at:at + 4] == b'OggS':
+      segments = buf[at + 27:at + 27 + buf[at + 26]]
+      end = at + 27 + buf[at + 26] + sum(segments)
+      if len(segments) < buf[at + 26] or end > len(buf):
+        break  # the rest of this page comes in a later message
+      page = buf[at:end]
+      crc = int.from_bytes(page[22:26], 'little')
+      if ogg_crc(page[:22] + b'\0\0\0\0' + page[26:]) != crc:
+        seq = int.from_bytes(page[18:22], 'little')
+        raise CorruptAudioError(f'Ogg page {seq} fails its CRC check')
+      at = end
+    rest = buf[at:]
+    # Bytes that are no Ogg page at all are sphn's to report; a page is at most 65,307 bytes.
+    self._pending = rest if rest[:4] == b'OggS'[:len(rest)] and len(rest) < 65536 else b''
+
+
 class OpusReader:
-  """Ogg/Opus bytes -> float32 pcm (ValueError on a malformed stream)."""
+  """Ogg/Opus bytes -> float32 pcm. CorruptAudioError on a page that fails its CRC or decodes into
+  non-finite or far-past-full-scale pcm; ValueError (sphn) on a malformed stream."""
 
   def __init__(self, sample_rate: int = SAMPLE_RATE):
     self._reader = sphn.OpusStreamReader(sample_rate)
     self._legacy = hasattr(self._reader, 'read_pcm')
+    self._pages = OggPages()
 
   def decode(self, data: bytes) -> np.ndarray:
+    self._pages.check(data)
     out = self._reader.append_bytes(data)
     if self._legacy:
       out = self._reader.read_pcm()
-    return np.zeros((0,), np.float32) if out is None else np.asarray(out, np.float32).reshape(-1)
+    pcm = np.zeros((0,), np.float32) if out is None else np.asarray(out, np.float32).reshape(-1)
+    if pcm.size:
+      if not np.isfinite(pcm).all():
+        raise CorruptAudioError('decoded audio holds NaN or infinite samples')
+      peak = float(np.abs(pcm).max())
+      if peak > MAX_PEAK:
+        raise CorruptAudioError(f'decoded audio peaks at {peak:.2f}, far past full scale')
+      if peak > 1.0:
+        pcm = np.clip(pcm, -1.0, 1.0)
+    return pcm
+
+
+class Pcm16Writer:
+  """float32 pcm frames -> little-endian int16 bytes (the `?codec=pcm16` variant of 0x01, which
+  the page uses: browsers have no Ogg/Opus encoder). Clips to [-1, 1)."""
+
+  def encode(self, pcm: np.ndarray) -> bytes:
+    q = np.clip(np.rint(np.asarray(pcm, np.float32) * 32768.0), -32768, 32767)
+    return q.astype('<i2').tobytes()
+
+
+class Pcm16Reader:
+  """Little-endian int16 bytes -> float32 pcm (sample / 32768); ValueError on an odd length."""
+
+  def decode(self, data: bytes) -> np.ndarray:
+    if len(data) % 2:
+      raise ValueError(f'pcm16 payload of {len(data)} bytes: not whole int16 samples')
+    return np.frombuffer(data, '<i2').astype(np.float32) / 32768.0
+
+
+CODECS = {'opus': (OpusReader, OpusWriter), 'pcm16': (Pcm16Reader, Pcm16Writer)}
 
 
 # The official server sets these LMGen attributes from the JSON body of POST /api/settings; ours
@@ -54,8 +132,8 @@ SETTINGS_KEYS = {
     'top_p_audio': 'top_p_audio', 'top_p_text': 'top_p_text',
     'repetition_penalty_audio': 'repetition_penalty_audio',
     'repetition_penalty_text': 'repetition_penalty_text',
-    'repetition_penalty_window_audio': 'window_audio',
-    'repetition_penalty_window_text': 'window_text',
+    'repetition_penalty_window_audio': 'penalty_window_audio',
+    'repetition_penalty_window_text': 'penalty_window_text',
 }
 
 
@@ -100,27 +178,16 @@ class TextStream:
   def __init__(self, cfg, tokenizer=None):
     self.wait = cfg.text_wait_id
     self.skip = {cfg.text_bos_id, cfg.text_eos_id}
-    self.tokenizer = tokenizer
-    self.ids: list[int] = []
-    self.shown = ''
-
-  def _render(self) -> str:
-    if self.tokenizer is None:
-      return ''.join(f'<{i}>' for i in self.ids)
-    vocab = self.tokenizer.vocab_size
-    return self.tokenizer.decode([i for i in self.ids if i < vocab])
+    self.sentence = StreamingText(tokenizer)
 
   def add(self, token: int) -> list[bytes]:
     """One frame's text token -> the messages to send (possibly none)."""
     if token in self.skip:
       return []
     if token == self.wait:
-      if not self.ids:
+      if not self.sentence.ids:
         return []
-      self.ids, self.shown = [], ''
+      self.sentence.clear()
       return [SENTENCE_END]
-    self.ids.append(token)
-    text = self._render()
-    new = text[len(self.shown):] if text.startswith(self.shown) else text
-    self.shown = text
+    new, _ = self.sentence.append(token)
     return [bytes([TEXT]) + new.encode('utf-8')] if new else []

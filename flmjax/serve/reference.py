@@ -40,11 +40,13 @@ def replay(pipeline: FramePipeline, inputs: dict[int, np.ndarray],
               np.concatenate(pcms[s]) if pcms[s] else np.zeros((0,), np.float32)) for s in inputs}
 
 
-def expected_reply(cfg, text_ids: np.ndarray, pcm: np.ndarray, tokenizer=None) -> tuple:
+def expected_reply(cfg, text_ids: np.ndarray, pcm: np.ndarray, tokenizer=None,
+                   codec: str = 'opus') -> tuple:
   """Offline (text ids [n], pcm [n*S]) -> (the 0x02 text a client joins, the reply pcm it
-  decodes): the server's TextStream and per-frame Opus encoding, then a fresh Opus decoder."""
-  stream, writer, reader = protocol.TextStream(cfg, tokenizer), protocol.OpusWriter(), \
-      protocol.OpusReader()
+  decodes): the server's TextStream and per-frame encoding (Opus or pcm16), then a fresh
+  decoder."""
+  make_reader, make_writer = protocol.CODECS[codec]
+  stream, writer, reader = protocol.TextStream(cfg, tokenizer), make_writer(), make_reader()
   text = ''.join(m[1:].decode('utf-8') for i in text_ids for m in stream.add(int(i)))
   S = len(pcm) // max(len(text_ids), 1)
   frames = [reader.decode(writer.encode(pcm[t * S:(t + 1) * S])) for t in range(len(text_ids))]
@@ -52,7 +54,7 @@ def expected_reply(cfg, text_ids: np.ndarray, pcm: np.ndarray, tokenizer=None) -
 
 
 def mismatches(conv, cfg, text_ids: np.ndarray, pcm: np.ndarray, frames: int | None = None,
-               tokenizer=None) -> list[str]:
+               tokenizer=None, codec: str = 'opus') -> list[str]:
   """Where a client's Conversation differs from the offline reference (text ids [n], pcm [n*S],
   from `replay`) over its first `frames` reply frames (default: all n, the replies to its real
   input); [] if equal. The client's text must begin with the reference text of those frames
@@ -66,7 +68,7 @@ def mismatches(conv, cfg, text_ids: np.ndarray, pcm: np.ndarray, frames: int | N
   if conv.frames_received < n:
     problems.append(f'received {conv.frames_received} reply frames, expected {n}')
     n = conv.frames_received
-  text, reply = expected_reply(cfg, text_ids[:n], pcm[:n * S], tokenizer)
+  text, reply = expected_reply(cfg, text_ids[:n], pcm[:n * S], tokenizer, codec)
   got = conv.reply_pcm[:n * S].reshape(n, S)
   differ = np.flatnonzero(np.any(got != reply.reshape(n, S), axis=1))
   if differ.size:

@@ -1,6 +1,7 @@
-"""The aiohttp application: the official routes (GET /api/chat, POST /api/settings) plus
-GET /healthz and GET /metrics, an optional bearer token checked before any upgrade, and the
-frame loop's lifetime tied to the app's.
+"""The aiohttp application: the official routes (GET /api/chat, POST /api/settings) plus the
+browser page at `/`, GET /healthz and GET /metrics, an optional bearer token checked before any
+upgrade, an optional queue for clients that find every slot busy, and the frame loop's lifetime
+tied to the app's.
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import uuid
 from aiohttp import web
 
 from flmjax.decode import SamplingConfig
-from flmjax.serve import protocol
+from flmjax.serve import page, protocol
+from flmjax.serve.clock import Clock
 from flmjax.serve.frame_loop import FrameLoop
 from flmjax.serve.pipeline import FramePipeline
 from flmjax.serve.session import Limits, Session, log
@@ -23,18 +25,44 @@ SESSION_HEADER = 'X-Flmjax-Session'  # the session id, for POST /api/settings?se
 OPEN_PATHS = ('/healthz',)
 
 
+class _WebSocket(web.WebSocketResponse):
+  """aiohttp closes an over-size message with 1009 and no reason, before the session sees it:
+  give the reason."""
+
+  def __init__(self, max_msg_size: int):
+    super().__init__(max_msg_size=max_msg_size)
+    self.limit = max_msg_size
+
+  async def close(self, *, code: int = 1000, message: bytes = b'', drain: bool = True) -> bool:
+    if code == 1009 and not message:
+      message = f'message too big: the limit is {self.limit} bytes (--max-message-bytes)'.encode()
+    return await super().close(code=code, message=message, drain=drain)
+
+
 class Server:
+
+  """queue: how many clients may wait, upgraded, for a free slot (0: refuse with 503 at once).
+  record_input: sessions keep the frames the model got (Session.recorded), for tests.
+  clock: what the frame loop's ticks and the sessions' idle timers wait on (real time by default;
+  tests pass a flmjax.serve.clock.ManualClock)."""
 
   def __init__(self, pipeline: FramePipeline, *, sampling: SamplingConfig | None = None,
                limits: Limits | None = None, auth_token: str | None = None, tokenizer=None,
-               period_s: float = 0.08):
+               period_s: float = 0.08, queue: int = 0, record_input: bool = False,
+               clock: Clock | None = None):
+    if queue < 0:
+      raise ValueError(f'queue={queue}: need 0 (no queue) or more')
     self.pipeline = pipeline
     self.cfg = pipeline.cfg
     self.sampling = sampling or pipeline.decoder.sampling  # for sessions that start from now on
     self.limits = limits or Limits()
     self.auth_token, self.tokenizer = auth_token, tokenizer
-    self.frame_loop = FrameLoop(pipeline, period_s=period_s)
+    self.clock = clock or Clock()
+    self.frame_loop = FrameLoop(pipeline, period_s=period_s, clock=self.clock)
     self.finished = collections.deque(maxlen=1000)  # the last ended sessions (tests, debugging)
+    self.queue_size, self.record_input = queue, record_input
+    self.waiting: list[Session] = []  # queued sessions, first come first served
+    self.frame_loop.metrics.queued.set_function(lambda: len(self.waiting))
 
   def app(self) -> web.Application:
     app = web.Application(middlewares=[self._auth], client_max_size=self.limits.max_message_bytes)
@@ -42,6 +70,7 @@ class Server:
     app.router.add_post('/api/settings', self.handle_settings)
     app.router.add_get('/healthz', self.handle_healthz)
     app.router.add_get('/metrics', self.handle_metrics)
+    page.add_routes(app)
     app.on_startup.append(self._on_startup)
     app.on_shutdown.append(self._on_shutdown)
     return app
@@ -50,14 +79,15 @@ class Server:
     self.frame_loop.start()
 
   async def _on_shutdown(self, app) -> None:
-    for s in list(self.frame_loop.slots):
+    for s in list(self.frame_loop.slots) + self.waiting:
       if s is not None:
         s.end('server shutting down', 1001)
     await self.frame_loop.stop()
 
   @web.middleware
   async def _auth(self, request, handler):
-    if self.auth_token is not None and request.path not in OPEN_PATHS:
+    if self.auth_token is not None and not (request.path in OPEN_PATHS or
+                                            page.is_open(request.path)):
       header = request.headers.get('Authorization', '')
       given = header[7:] if header.startswith('Bearer ') else request.query.get('token', '')
       if not hmac.compare_digest(given.encode(), self.auth_token.encode()):
@@ -67,29 +97,50 @@ class Server:
 
   # ---- routes -------------------------------------------------------------------------------
   async def handle_chat(self, request: web.Request):
+    """The session: `?codec=pcm16` swaps the 0x01 payload for raw int16 samples; `?client=page`
+    (the browser page) counts apart in /metrics and gets its session id in the handshake."""
     loop = self.frame_loop
+    codec = request.query.get('codec', 'opus')
+    if codec not in protocol.CODECS:
+      return web.json_response({'error': f'codec={codec!r}: known codecs are '
+                                         f'{", ".join(protocol.CODECS)}'}, status=400)
+    ws = _WebSocket(max_msg_size=self.limits.max_message_bytes)
+    upgrade = ws.can_prepare(request).ok
     slot = loop.claim()
-    if slot is None:
+    if slot is None and (not upgrade or len(self.waiting) >= self.queue_size):
       loop.metrics.refused.inc()
       return web.json_response({'error': f'server full: all {len(loop.slots)} session slots are '
-                                         f'busy; retry later'}, status=503)
+                                         f'busy{self._queue_words()}; retry later'}, status=503)
+    if not upgrade:
+      return web.json_response({'error': 'GET /api/chat upgrades to a websocket'}, status=400)
     sock = request.transport.get_extra_info('socket') if request.transport else None
     if sock is not None:  # bounds what a client that stops reading can hold in the kernel
       sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.limits.socket_send_buffer)
     sid = uuid.uuid4().hex[:12]
-    ws = web.WebSocketResponse(max_msg_size=self.limits.max_message_bytes)
     ws.headers[SESSION_HEADER] = sid
     session = Session(sid, slot, ws, self.cfg, self.sampling, self.limits,
                       self.pipeline.frame_size, peer=str(request.remote), tokenizer=self.tokenizer,
-                      transport=request.transport)
-    loop.join(session)  # before the first await: the slot is ours
+                      transport=request.transport, codec=codec,
+                      client='page' if request.query.get('client') == 'page' else 'api',
+                      record=self.record_input, clock=self.clock)
+    if slot is None:
+      self.waiting.append(session)
+    else:
+      self._join(session)  # before the first await: the slot is ours
     tasks = []
     try:
       await ws.prepare(request)
-      await ws.send_bytes(bytes([protocol.HANDSHAKE]))
       tasks = [asyncio.create_task(session.receive()), asyncio.create_task(session.send())]
       ended = asyncio.create_task(session.closed.wait())
-      done, _ = await asyncio.wait(tasks + [ended], return_when=asyncio.FIRST_COMPLETED)
+      if slot is None:
+        self._announce_places()
+        admitted = asyncio.create_task(session.admitted.wait())
+        await asyncio.wait(tasks + [ended, admitted], return_when=asyncio.FIRST_COMPLETED)
+        admitted.cancel()
+      if session.admitted.is_set() and not session.closed.is_set():
+        done, _ = await asyncio.wait(tasks + [ended], return_when=asyncio.FIRST_COMPLETED)
+      else:
+        done = {t for t in tasks if t.done()}
       for task in done:
         if task is not ended and task.exception() is not None:
           session.end(f'client vanished: {type(task.exception()).__name__}: '
@@ -101,14 +152,52 @@ class Server:
       session.end('cancelled (server shutting down)', 1001)
       raise
     finally:
+      if session in self.waiting:
+        self.waiting.remove(session)
+        session.end('left the queue', 1000)  # unless it already ended with a reason
       loop.leave(session)
+      self._admit()
       for task in tasks:
         task.cancel()
       await asyncio.gather(*tasks, return_exceptions=True)  # no receive() left behind
       await self._close(request, ws, session)
+      if session.bad_audio:
+        loop.metrics.bad_audio.inc()
       self.finished.append(session)
       log.info(session.summary())
     return ws
+
+  def _join(self, session: Session) -> None:
+    """Gives the session its slot and queues its handshake (the page's carries its id)."""
+    self.frame_loop.join(session)
+    session.place = 0
+    session.admitted.set()
+    if session.queue.full():  # queue notices it never read
+      session.end(f'stalled reader: {session.queue.qsize()} messages unsent')
+      return
+    session.queue.put_nowait(bytes([protocol.HANDSHAKE]) + (
+        session.sid.encode() if session.client == 'page' else b''))
+
+  def _admit(self) -> None:
+    """Hands free slots to the queue's first sessions (synchronously: nobody overtakes them)."""
+    while self.waiting and (slot := self.frame_loop.claim()) is not None:
+      session = self.waiting.pop(0)
+      if session.closed.is_set():
+        continue
+      session.slot = slot
+      self._join(session)
+    self._announce_places()
+
+  def _announce_places(self) -> None:
+    """A 0x02 notice to each queued session whose place changed."""
+    for place, session in enumerate(self.waiting, 1):
+      if session.place != place and not session.queue.full():
+        session.place = place
+        session.queue.put_nowait(bytes([protocol.TEXT]) + (
+            f'server full: you are number {place} in the queue for a free slot\n').encode())
+
+  def _queue_words(self) -> str:
+    return f' and the queue of {self.queue_size} is full' if self.queue_size else ''
 
   async def _close(self, request, ws, session: Session) -> None:
     """Closes with the session's code and reason; a peer that does not read gets cut off."""
@@ -147,7 +236,7 @@ class Server:
     loop = self.frame_loop
     live = sum(s is not None for s in loop.slots)
     return web.json_response({'status': 'ok', 'slots': len(loop.slots), 'live_sessions': live,
-                              'ticks': loop.ticks})
+                              'queued': len(self.waiting), 'ticks': loop.ticks})
 
   async def handle_metrics(self, request: web.Request):
     return web.Response(body=self.frame_loop.metrics.text(),

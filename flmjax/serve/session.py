@@ -1,8 +1,9 @@
-"""One websocket session: its Opus streams, input buffer, bounded output queue and counters.
+"""One websocket session: its audio streams, input buffer, bounded output queue and counters.
 
 The frame loop never waits on a session: it takes a frame with `take_frame` (silence and an
 underrun when the client is late) and hands replies to `push` (a full queue means the client
-stopped reading: the session ends). A failure ends only its own session.
+stopped reading: the session ends). A failure ends only its own session. A session that waits
+in the server's queue has no slot (slot None): it reads and drops its client's audio meanwhile.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import numpy as np
 
 from flmjax.decode import SamplingConfig
 from flmjax.serve import protocol
+from flmjax.serve.clock import Clock
 
 log = logging.getLogger('flmjax.serve')
 
@@ -42,13 +44,23 @@ class Limits:
 
 
 class Session:
+  """codec: 'opus' (the official 0x01) or 'pcm16'; client: 'page' (the browser page) or 'api',
+  for the metrics and the log; record: keep every frame the model got (`recorded`, including
+  the silence of underruns), for tests and debugging."""
 
-  def __init__(self, sid: str, slot: int, ws, cfg, sampling: SamplingConfig, limits: Limits,
-               frame_size: int, peer: str = '?', tokenizer=None, transport=None):
+  def __init__(self, sid: str, slot: int | None, ws, cfg, sampling: SamplingConfig,
+               limits: Limits, frame_size: int, peer: str = '?', tokenizer=None, transport=None,
+               codec: str = 'opus', client: str = 'api', record: bool = False,
+               clock: Clock | None = None):
     self.sid, self.slot, self.ws, self.peer = sid, slot, ws, peer
     self.transport = transport
     self.sampling, self.limits, self.frame_size = sampling, limits, frame_size
-    self.reader, self.writer = protocol.OpusReader(), protocol.OpusWriter()
+    self.codec, self.client, self.clock = codec, client, clock or Clock()
+    make_reader, make_writer = protocol.CODECS[codec]
+    self.reader, self.writer = make_reader(), make_writer()
+    self.recorded: list[np.ndarray] | None = [] if record else None
+    self.place = 0  # place in the server's queue (1 = next), 0 once it holds a slot
+    self.admitted = asyncio.Event()  # set when it holds a slot
     self.text = protocol.TextStream(cfg, tokenizer)
     self.chunks: collections.deque = collections.deque()  # decoded input pcm not yet framed
     self.buffered = 0
@@ -58,6 +70,7 @@ class Session:
     self.started = False  # the LM slot is reset at the first tick with a full frame buffered
     self.closed = asyncio.Event()
     self.reason, self.close_code = '', 1000
+    self.bad_audio = False  # ended by malformed or corrupted audio (counted in /metrics)
     self.frames_in = self.frames_out = self.underruns = 0
     self.first_underrun = -1  # session frame index of the first underrun
     self.start_time = time.time()
@@ -73,7 +86,10 @@ class Session:
       if self.first_underrun < 0:
         self.first_underrun = self.frames_in + self.underruns
       self.underruns += 1
-      return np.zeros((S,), np.float32)
+      frame = np.zeros((S,), np.float32)
+      if self.recorded is not None:
+        self.recorded.append(frame)
+      return frame
     frame, filled = np.empty((S,), np.float32), 0
     while filled < S:  # only the chunks this frame needs: a client far ahead costs nothing
       chunk = self.chunks[0]
@@ -88,6 +104,8 @@ class Session:
     self.frames_in += 1
     if self.buffered < self.limits.max_buffer_s * protocol.SAMPLE_RATE:
       self.room.set()
+    if self.recorded is not None:
+      self.recorded.append(frame)
     return frame
 
   def push(self, pcm: np.ndarray, text_id: int) -> None:
@@ -118,10 +136,10 @@ class Session:
     while not self.closed.is_set():
       await self.room.wait()  # back-pressure: stop reading while the buffer is full
       try:
-        msg = await ws.receive(timeout=self.limits.idle_s)
+        msg = await self.clock.wait_for(ws.receive(), self.limits.idle_s)
       except asyncio.TimeoutError:
-        if self.buffered >= self.frame_size:
-          continue  # a client that sent ahead is not idle while its audio plays
+        if self.buffered >= self.frame_size or self.slot is None:
+          continue  # not idle: its sent-ahead audio plays, or it waits in the queue
         return self.end(f'idle: no message for {self.limits.idle_s:g} s')
       if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING,
                       aiohttp.WSMsgType.CLOSED):
@@ -139,8 +157,14 @@ class Session:
         return self.end(f'unknown message kind {data[0]}', 1003)
       try:
         pcm = self.reader.decode(data[1:])
+      except protocol.CorruptAudioError as e:  # never fed to the model
+        self.bad_audio = True
+        return self.end(f'corrupted audio: {e}', 1007)
       except Exception as e:  # sphn raises ValueError (and others) on a malformed stream
-        return self.end(f'malformed Opus: {e}', 1007)
+        self.bad_audio = True
+        return self.end(f'malformed {"Opus" if self.codec == "opus" else self.codec}: {e}', 1007)
+      if self.slot is None:
+        continue  # queued: decoded (the Opus stream stays in sync), then dropped
       if pcm.size:
         self.chunks.append(pcm)
         self.buffered += pcm.size
@@ -154,7 +178,7 @@ class Session:
       await self.ws.send_bytes(message)
 
   def summary(self) -> str:
-    return (f'session {self.sid} slot {self.slot} peer {self.peer}: start '
+    return (f'session {self.sid} slot {self.slot} peer {self.peer} ({self.client}): start '
             f'{time.strftime("%H:%M:%S", time.gmtime(self.start_time))} end '
             f'{time.strftime("%H:%M:%S", time.gmtime())} '
             f'({time.time() - self.start_time:.1f} s), frames in {self.frames_in} '

@@ -15,14 +15,16 @@ import base64
 import json
 import os
 import pickle
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
 
+from flmjax.checkpoint.safetensors_io import CorruptCheckpointError
 from flmjax.train.state import TrainState
+from flmjax.train.storage import as_path
 
 ITEMS = ('params', 'opt_state', 'meta', 'data')
 
@@ -31,18 +33,8 @@ class CheckpointMissingError(FileNotFoundError):
   """No complete checkpoint in a directory."""
 
 
-class CheckpointCorruptError(ValueError):
-  """A checkpoint step exists but cannot be read."""
-
-
 class ProcessCountError(ValueError):
   """A mid-stage checkpoint resumed by another number of processes than wrote it."""
-
-
-def as_path(path: str | os.PathLike) -> epath.Path:
-  """An epath.Path; local paths made absolute (orbax needs that), URLs such as gs:// kept."""
-  text = os.fspath(path)
-  return epath.Path(text if '://' in text else os.path.abspath(text))
 
 
 def encode_data_state(state: Any) -> dict:
@@ -125,7 +117,7 @@ class Checkpointer:
       meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
       return meta['meta']
     except (json.JSONDecodeError, FileNotFoundError, UnicodeDecodeError) as e:
-      raise CheckpointCorruptError(f'{path}: the meta JSON of step {step} is truncated or '
+      raise CorruptCheckpointError(f'{path}: the meta JSON of step {step} is truncated or '
                                    f'unreadable ({_one_line(e)})') from e
 
   def restore(self, abstract: TrainState, step: int | None = None, *,
@@ -142,8 +134,8 @@ class Checkpointer:
       raise ProcessCountError(
           f'{self.directory}: step {step} was written by {wrote} processes and this run has '
           f'{jax.process_count()}: mid-stage, each process resumes its own shard of the data, so '
-          f'resume with {wrote} processes (or export the checkpoint and start a new --run_dir '
-          f'with --init_from)')
+          f'resume with {wrote} processes (or export the checkpoint and start a new --run-dir '
+          f'with --init-from)')
     items = dict(params=ocp.args.StandardRestore(abstract.params),
                  opt_state=ocp.args.StandardRestore(abstract.opt_state))
     if with_data:
@@ -167,7 +159,7 @@ class Checkpointer:
     for step in reversed(steps):
       try:
         meta, problem = self.restore_meta(step), None
-      except CheckpointCorruptError as e:
+      except CorruptCheckpointError as e:
         meta, problem = None, e
       if _all_agree(problem is None):
         with_data = check(meta)
@@ -182,7 +174,7 @@ class Checkpointer:
           return restored
       self._set_aside(step, problem, log)
     if steps:
-      raise CheckpointCorruptError(f'{self.directory}: none of the steps {steps} restores; they '
+      raise CorruptCheckpointError(f'{self.directory}: none of the steps {steps} restores; they '
                                    f'were moved to {self.aside}')
     return None
 

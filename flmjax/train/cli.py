@@ -1,97 +1,82 @@
-"""`flmjax train --config experiments/configs/NAME.py [--run_dir DIR] [--init_from DIR]`.
+"""`flmjax train --config experiments/configs/NAME.py [--run-dir DIR] [--init-from DIR]`, and
+`flmjax export CKPT_DIR OUT_DIR`.
 
 Several processes (one per host, or N on one box): the same command in each, with
---coordinator_address/--num_processes/--process_id (or $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES,
-$JAX_PROCESS_ID), or --multihost on a Cloud TPU VM pod slice."""
+--coordinator-address/--num-processes/--process-id (or $JAX_COORDINATOR_ADDRESS,
+$JAX_NUM_PROCESSES, $JAX_PROCESS_ID), or --multihost on a Cloud TPU VM pod slice;
+--coordinator-timeout-s bounds the wait for all of them.
+The earlier spellings (--run_dir, --noprogress, ...) still work."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
-import json
 import os
+import sys
 
-from absl import flags
 from etils import epath
 
-from flmjax.cli import command, fail
+from flmjax.cli import ArgumentParser, command, fail
 
 PROG = 'flmjax train'
-SUMMARY = 'summary.json'
 
 
-def _flags() -> flags.FlagValues:
-  fv = flags.FlagValues()  # a private set: this main() may run many times in one process
-  flags.DEFINE_string('config', None, 'Python config file defining get_config(run_dir)',
-                      flag_values=fv)
-  flags.DEFINE_string('run_dir', None, 'run directory (default: runs/<config name>)',
-                      flag_values=fv)
-  flags.DEFINE_string('init_from', None, 'official checkpoint directory to fine-tune from',
-                      flag_values=fv)
-  flags.DEFINE_integer('stop_after', None, 'stop after this global step (resumable)',
-                       flag_values=fv)
-  flags.DEFINE_bool('progress', True, 'show a progress bar', flag_values=fv)
+def _parser() -> ArgumentParser:
+  ap = ArgumentParser(prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                      description=__doc__.split('\n\n')[0],
+                      epilog=__doc__.split('\n\n')[1])
+  ap.add_flag('--config', help='Python config file defining get_config(run_dir) (required)')
+  ap.add_flag('--run-dir', '--run_dir', help='run directory (default: runs/<config name>)')
+  ap.add_flag('--init-from', '--init_from', help='official checkpoint directory to fine-tune from')
+  ap.add_flag('--stop-after', '--stop_after', type=int,
+              help='stop after this global step (resumable)')
+  ap.add_flag('--no-progress', '--noprogress', dest='progress', action='store_false',
+              help='no progress bar')
+  ap.add_flag('--progress', action='store_true', default=True, help=argparse.SUPPRESS)
   # Multi-process jobs: the same command in every process; unset, these come from the
-  # environment (flmjax.sharding.initialize_distributed).
-  flags.DEFINE_string('coordinator_address', None,
-                      'host:port of process 0 (default $JAX_COORDINATOR_ADDRESS)', flag_values=fv)
-  flags.DEFINE_integer('num_processes', None,
-                       'number of processes (default $JAX_NUM_PROCESSES)', flag_values=fv)
-  flags.DEFINE_integer('process_id', None,
-                       'this process, 0..num_processes-1 (default $JAX_PROCESS_ID)',
-                       flag_values=fv)
-  flags.DEFINE_bool('multihost', False, 'call jax.distributed.initialize() with no arguments '
-                    '(a Cloud TPU VM pod slice)', flag_values=fv)
-  return fv
-
-
-def write_summary(run_dir: str, out: dict) -> str:
-  """run_dir/summary.json: the latest step and eval, and every stage summary of every run so far
-  (a resumed run appends its own, so nothing of an earlier run is lost). Written atomically."""
-  path = epath.Path(run_dir) / SUMMARY
-  stages = []
-  if path.is_file():
-    try:
-      stages = list(json.loads(path.read_text()).get('stages', []))
-    except (OSError, ValueError, AttributeError):
-      path.replace(path.with_name(SUMMARY + '.unreadable'))  # kept, never overwritten silently
-  runs = max((s.get('run', 0) for s in stages), default=0)
-  stages += [{**s, 'run': runs + 1} for s in out['stages']]
-  summary = {'global_step': out['global_step'], 'stages': stages, 'eval': out['eval']}
-  tmp = path.with_name(SUMMARY + '.tmp')
-  tmp.write_text(json.dumps(summary, indent=2))
-  tmp.replace(path)
-  return os.fspath(path)
+  # environment (flmjax.distributed.initialize_distributed).
+  ap.add_flag('--coordinator-address', '--coordinator_address',
+              help='host:port of process 0 (default $JAX_COORDINATOR_ADDRESS)')
+  ap.add_flag('--num-processes', '--num_processes', type=int,
+              help='number of processes (default $JAX_NUM_PROCESSES)')
+  ap.add_flag('--process-id', '--process_id', type=int,
+              help='this process, 0..num_processes-1 (default $JAX_PROCESS_ID)')
+  ap.add_flag('--coordinator-timeout-s', type=float,
+              help='end with an error when the job has not formed (every process joined) '
+                   'within this many seconds (default 300)')
+  ap.add_flag('--multihost', action='store_true',
+              help='call jax.distributed.initialize() with no arguments (a Cloud TPU VM pod slice)')
+  return ap
 
 
 @command('flmjax train')
 def main(argv: list[str]) -> int:
   from flmjax.train.config import TrainConfigError, load_config_file
-  fv = _flags()
-  if any(a in ('-h', '--help', '-help', '--helpfull') for a in argv):
-    print(f'{__doc__.strip()}\n\nflags:\n{fv.get_help()}')
-    return 0
-  try:
-    fv(['flmjax train'] + list(argv))
-  except flags.Error as e:
-    return fail(PROG, f'{e} (see flmjax train --help)')
+  fv = _parser().parse_args(argv)
   if not fv.config:
     return fail(PROG, '--config is required (e.g. experiments/configs/tiny_dual.py)')
   if fv.stop_after is not None and fv.stop_after < 1:
-    return fail(PROG, f'--stop_after {fv.stop_after} must be >= 1')
+    return fail(PROG, f'--stop-after {fv.stop_after} must be >= 1')
   try:
     tc = load_config_file(fv.config, fv.run_dir)
   except TrainConfigError as e:
     return fail(PROG, str(e))
-  if epath.Path(tc.run_dir).is_file():
-    return fail(PROG, f'run directory {tc.run_dir} is a file; pass another --run_dir')
-  from flmjax import sharding as shd
+  from flmjax.train.storage import check_run_dir
+  check_run_dir(tc.run_dir)  # OSError: one line (a file in the way, a bucket out of reach)
+  from flmjax.distributed import initialize_distributed
   d = tc.distributed  # the config's section; flags win
   pick = lambda flag, ours: ours if flag is None else flag
   distributed = dataclasses.replace(
       d, coordinator_address=pick(fv.coordinator_address, d.coordinator_address),
       num_processes=pick(fv.num_processes, d.num_processes),
-      process_id=pick(fv.process_id, d.process_id), multihost=fv.multihost or d.multihost)
+      process_id=pick(fv.process_id, d.process_id), multihost=fv.multihost or d.multihost,
+      coordinator_timeout_s=pick(fv.coordinator_timeout_s, d.coordinator_timeout_s))
+
+  def timed_out(message: str):  # from a watchdog thread, while jax blocks the main one
+    fail(PROG, message)
+    sys.stderr.flush()
+    os._exit(1)
   try:  # before anything touches a device
-    shd.initialize_distributed(*dataclasses.astuple(distributed))
+    initialize_distributed(*dataclasses.astuple(distributed), on_timeout=timed_out)
   except ValueError as e:
     return fail(PROG, str(e))
   overrides = {'progress_bar': fv.progress, 'distributed': distributed}
@@ -102,7 +87,7 @@ def main(argv: list[str]) -> int:
   try:
     out = train(tc, stop_after=fv.stop_after)
   except (NonFiniteError, TrainConfigError, OSError, ValueError) as e:
-    # ValueError covers CheckpointError (--init_from) and the data pipeline's input errors.
+    # ValueError covers CheckpointError (--init-from) and the data pipeline's input errors.
     return fail(PROG, f'{type(e).__name__}: {e}')
   if out['preempted']:
     print(f'flmjax train: preempted; step {out["global_step"]} is saved in {tc.run_dir}: run the '
@@ -110,5 +95,56 @@ def main(argv: list[str]) -> int:
     return 143  # 128 + SIGTERM, as if the signal had ended the process
   import jax
   if jax.process_index() == 0:
+    from flmjax.train.observe import write_summary
     write_summary(tc.run_dir, out)
+  return 0
+
+
+@command('flmjax export')
+def export_main(argv: list[str]) -> int:
+  """`flmjax export CKPT_DIR OUT_DIR`: an orbax training checkpoint -> the official layout; a
+  LoRA run merged (--merge, the default) or as a PEFT adapter (--adapters)."""
+  from flmjax.train.export import checkpoint_dir, export, require_lora
+  from flmjax.train.storage import check_remote
+  ap = ArgumentParser(prog='flmjax export',
+                      description='orbax training checkpoint -> official safetensors')
+  ap.add_argument('ckpt_dir', help='a run directory or its checkpoints/ directory')
+  ap.add_argument('out_dir')
+  ap.add_argument('--step', type=int, default=None, help='default: the latest checkpoint')
+  ap.add_argument('--dtype', default=None, choices=('float32', 'bfloat16', 'float16'),
+                  help="default: the model config's checkpoint_dtype")
+  ap.add_argument('--overwrite', action='store_true',
+                  help="replace OUT_DIR's checkpoint files (other files in it are kept)")
+  ap.add_argument('--merge', action='store_true',
+                  help='LoRA run: the adapters merged into the base, official layout (default)')
+  ap.add_argument('--adapters', action='store_true',
+                  help='LoRA run: a PEFT adapter for the official PyTorch model '
+                  '(adapter_config.json + adapter_model.safetensors)')
+  ap.add_argument('--base', default=None,
+                  help="LoRA run: the official checkpoint it was trained on (default: the run's "
+                  'init_from)')
+  args = ap.parse_args(argv)
+  if args.merge and args.adapters:
+    ap.error('--merge and --adapters exclude each other: merge the adapters into the base, or '
+             'write them as a PEFT adapter')
+  checkpoint_dir(args.ckpt_dir)  # the input first, then where it goes
+  flag = next((f for f, on in (('--adapters', args.adapters), ('--merge', args.merge),
+                               ('--base', args.base)) if on), None)
+  if flag:
+    require_lora(args.ckpt_dir, args.step, flag)
+  kw = dict(step=args.step, dtype=args.dtype, overwrite=args.overwrite, peft=args.adapters,
+            base=args.base)
+  if '://' in args.out_dir:
+    check_remote(args.out_dir)
+    path = export(args.ckpt_dir, args.out_dir, **kw)
+    print(f'wrote {path}: {", ".join(sorted(p.name for p in epath.Path(path).iterdir()))}')
+    return 0
+  out_dir = os.path.abspath(args.out_dir)
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise FileExistsError(f'OUT_DIR {args.out_dir} is a file; give a directory')
+  if os.path.exists(out_dir) and not args.overwrite:
+    raise FileExistsError(f'OUT_DIR {args.out_dir} exists; pass --overwrite to replace its '
+                          'checkpoint files (other files in it are kept)')
+  path = export(args.ckpt_dir, out_dir, **kw)
+  print(f'wrote {path}: {", ".join(sorted(os.listdir(path)))}')
   return 0

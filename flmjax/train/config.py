@@ -15,6 +15,7 @@ import traceback
 from typing import Any
 
 from flmjax.config import ModelConfig
+from flmjax.model.lora import LoraConfig
 
 
 class TrainConfigError(ValueError):
@@ -74,15 +75,17 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DistributedConfig:
-  """How this process joins a multi-process job (see flmjax.sharding.initialize_distributed).
+  """How this process joins a multi-process job (see flmjax.distributed.initialize_distributed).
 
   Unset fields default to $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, $JAX_PROCESS_ID;
   `multihost=True` calls jax.distributed.initialize() with no arguments (Cloud TPU VM).
+  The job must form within coordinator_timeout_s seconds (all processes joined).
   """
   coordinator_address: str | None = None  # host:port of process 0
   num_processes: int | None = None
   process_id: int | None = None
   multihost: bool = False
+  coordinator_timeout_s: float = 300.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +148,8 @@ class TrainConfig:
   eval_batches: int = 4
   progress_bar: bool = True
   tokenizer: str | None = None  # the data's text tokenizer; export copies it beside the weights
+  corpus: Any = None  # a flmjax.data.corpus.SyntheticCorpus that `train` builds before it starts
+  lora: LoraConfig | None = None  # LoRA adapters on a frozen base; None: full fine-tuning
 
   def __post_init__(self):
     if not self.stages:
@@ -166,6 +171,9 @@ class TrainConfig:
     if self.window - 1 > self.model.max_position_embeddings:
       raise TrainConfigError(f'TrainConfig: window {self.window} exceeds the model\'s '
                              f'max_position_embeddings {self.model.max_position_embeddings}')
+    if self.lora is not None and not isinstance(self.lora, LoraConfig):
+      raise TrainConfigError(f'TrainConfig.lora is a {type(self.lora).__name__}; give a '
+                             'flmjax.train.config.LoraConfig(rank, alpha, targets) or None')
     if self.checkpoint_every <= 0 or self.keep_checkpoints <= 0:
       raise TrainConfigError('TrainConfig: checkpoint_every and keep_checkpoints must be > 0')
 
@@ -173,7 +181,7 @@ class TrainConfig:
   def total_steps(self) -> int:
     return sum(s.steps for s in self.stages)
 
-  def replace(self, **kw) -> 'TrainConfig':
+  def replace(self, **kw) -> TrainConfig:
     return dataclasses.replace(self, **kw)
 
 
@@ -203,7 +211,8 @@ def _unknown_field(e: TypeError) -> str | None:
   import flmjax.data.grid
   import flmjax.data.pipeline
   known = {c.__name__: c for c in (TrainConfig, StageConfig, OptimConfig, MeshConfig, ModelConfig,
-                                   flmjax.data.pipeline.SourceSpec, flmjax.data.grid.LossWeights)}
+                                   LoraConfig, flmjax.data.pipeline.SourceSpec,
+                                   flmjax.data.grid.LossWeights)}
   if m[1] not in known:
     return None
   fields = [f.name for f in dataclasses.fields(known[m[1]])]

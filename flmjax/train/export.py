@@ -1,5 +1,6 @@
-"""`flmjax export CKPT_DIR OUT_DIR`: an orbax training checkpoint -> the official PyTorch layout,
-with the run's tokenizer files beside the weights when the run names its tokenizer."""
+"""An orbax training checkpoint -> the trained model (`restore_model`), or the official PyTorch
+layout with the run's tokenizer files beside the weights (`export`, behind `flmjax export`). A
+LoRA run is merged into its base, or written as a PEFT adapter (peft=True)."""
 from __future__ import annotations
 
 import json
@@ -11,24 +12,23 @@ import tempfile
 from etils import epath
 from flax import nnx
 
-from flmjax.cli import ArgumentParser, command
+from flmjax.checkpoint.safetensors_io import CorruptCheckpointError
+from flmjax.model import lora
 from flmjax.model.flm import FLMAudio, abstract
-from flmjax.train.checkpointing import (Checkpointer, CheckpointMissingError, abstract_on_cpu,
-                                        as_path)
+from flmjax.train import adapters
+from flmjax.train.checkpointing import Checkpointer, CheckpointMissingError, abstract_on_cpu
 from flmjax.train.config import model_config_from_json
+from flmjax.train.storage import as_path, check_remote
 
 # Files a Hugging Face tokenizer directory may hold beside tokenizer.json: copied along with it.
 HF_TOKENIZER_FILES = ('tokenizer_config.json', 'special_tokens_map.json', 'vocab.json',
                       'merges.txt', 'added_tokens.json')
 
 
-class CorruptCheckpointError(ValueError):
-  """A training checkpoint exists but cannot be read."""
-
-
 def checkpoint_dir(path: str) -> epath.Path:
   """Accepts a run directory or its checkpoints/ directory (local or gs://), written by any
   number of processes: one process reads it whole."""
+  check_remote(path)
   path = as_path(path)
   if not path.is_dir():
     raise CheckpointMissingError(f'{path}: no such checkpoint directory')
@@ -44,18 +44,24 @@ def checkpoint_dir(path: str) -> epath.Path:
   return path
 
 
-def restore_model(ckpt_dir: str, step: int | None = None) -> tuple[FLMAudio, dict]:
-  """The trained model (float32, on one CPU device) and the checkpoint's meta."""
+def restore_model(ckpt_dir: str, step: int | None = None, *, base: str | None = None,
+                  merge: bool = True) -> tuple[FLMAudio, dict]:
+  """The trained model (float32, on one CPU device) and the checkpoint's meta. A LoRA run's
+  adapters are restored onto their base (`base`, else the run's init_from or seed; checked by
+  fingerprint) and merged into it, unless merge=False."""
   ckpt = Checkpointer(checkpoint_dir(ckpt_dir), use_async=False)
   try:
     step = ckpt.latest_step() if step is None else step
     try:
       meta = ckpt.restore_meta(step)
+      if meta.get('lora') is not None:
+        model = adapters.restore_lora_model(ckpt, step, meta, base)
+        return (lora.merge(model) if merge else model), meta
       cfg = model_config_from_json(meta['model_config']).replace(dtype='float32',
                                                                  param_dtype='float32')
       graphdef, state = nnx.split(abstract(cfg))
       params = ckpt.restore_params(abstract_on_cpu(nnx.to_pure_dict(state)), step)
-    except CheckpointMissingError:
+    except (CheckpointMissingError, adapters.BaseMismatchError, FileNotFoundError):
       raise
     except Exception as e:  # orbax and tensorstore raise many types for damaged files
       others = [s for s in ckpt.all_steps() if s != step]
@@ -88,14 +94,19 @@ def copy_tokenizer(tokenizer: str, out_dir: str) -> list[str]:
 
 
 def export(ckpt_dir: str, out_dir: str, *, step: int | None = None, dtype: str | None = None,
-           overwrite: bool = False, log=print) -> str:
+           overwrite: bool = False, peft: bool = False, base: str | None = None,
+           log=print) -> str:
+  """The official layout (a LoRA run merged into its base), or with peft=True a LoRA run's
+  PEFT adapter (adapter_config.json + adapter_model.safetensors)."""
   from flmjax.checkpoint import save_official
   from flmjax.checkpoint.official import check_target
   if '://' in out_dir:  # a bucket: export locally, then copy each file up
     return _export_remote(ckpt_dir, epath.Path(out_dir), step=step, dtype=dtype,
-                          overwrite=overwrite, log=log)
+                          overwrite=overwrite, peft=peft, base=base, log=log)
   check_target(os.path.abspath(out_dir), overwrite)  # before the (slow) restore
-  model, meta = restore_model(ckpt_dir, step)
+  model, meta = restore_model(ckpt_dir, step, base=base, merge=not peft)
+  if peft:
+    return adapters.write_peft(model, out_dir, adapters.base_source(meta, base))
   dtype = dtype or meta['model_config'].get('checkpoint_dtype', 'bfloat16')
   tokenizer = (meta.get('train_config') or {}).get('tokenizer')
   if tokenizer and not os.path.isfile(tokenizer):
@@ -118,31 +129,13 @@ def _export_remote(ckpt_dir: str, out: epath.Path, **kw) -> str:
   return os.fspath(out)
 
 
-@command('flmjax export')
-def main(argv: list[str]) -> int:
-  ap = ArgumentParser(prog='flmjax export',
-                      description='orbax training checkpoint -> official safetensors')
-  ap.add_argument('ckpt_dir', help='a run directory or its checkpoints/ directory')
-  ap.add_argument('out_dir')
-  ap.add_argument('--step', type=int, default=None, help='default: the latest checkpoint')
-  ap.add_argument('--dtype', default=None, choices=('float32', 'bfloat16', 'float16'),
-                  help="default: the model config's checkpoint_dtype")
-  ap.add_argument('--overwrite', action='store_true',
-                  help="replace OUT_DIR's checkpoint files (other files in it are kept)")
-  args = ap.parse_args(argv)
-  checkpoint_dir(args.ckpt_dir)  # the input first, then where it goes
-  if '://' in args.out_dir:
-    path = export(args.ckpt_dir, args.out_dir, step=args.step, dtype=args.dtype,
-                  overwrite=args.overwrite)
-    print(f'wrote {path}: {", ".join(sorted(p.name for p in epath.Path(path).iterdir()))}')
-    return 0
-  out_dir = os.path.abspath(args.out_dir)
-  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-    raise FileExistsError(f'OUT_DIR {args.out_dir} is a file; give a directory')
-  if os.path.exists(out_dir) and not args.overwrite:
-    raise FileExistsError(f'OUT_DIR {args.out_dir} exists; pass --overwrite to replace its '
-                          'checkpoint files (other files in it are kept)')
-  path = export(args.ckpt_dir, out_dir, step=args.step, dtype=args.dtype,
-                overwrite=args.overwrite)
-  print(f'wrote {path}: {", ".join(sorted(os.listdir(path)))}')
-  return 0
+def require_lora(ckpt_dir: str, step: int | None, flag: str) -> None:
+  """Raises a one-line ValueError naming `flag` when the run is no LoRA run."""
+  ckpt = Checkpointer(checkpoint_dir(ckpt_dir), use_async=False)
+  try:
+    meta = ckpt.restore_meta(step)
+  finally:
+    ckpt.close()
+  if meta.get('lora') is None:
+    raise ValueError(f'{flag}: {ckpt_dir} is a full fine-tune, not a LoRA run; export it without '
+                     f'{flag}')

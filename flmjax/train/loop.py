@@ -9,21 +9,25 @@ import jax
 import jax.numpy as jnp
 
 from flmjax import sharding as shd
+from flmjax.distributed import initialize_distributed
+from flmjax.model import lora as lora_lib
 from flmjax.train import checkpointing as ckpt_lib
 from flmjax.train import data as data_lib
 from flmjax.train import observe
 from flmjax.train.config import TrainConfig, TrainConfigError, to_json
 from flmjax.train.preemption import PreemptionWatch
 from flmjax.train.schedule import learning_rates, position, stage_start
-from flmjax.train.state import init_state, params_from_model, relayout, state_spec
+from flmjax.train.state import init_base, init_state, join, params_from_model, relayout, state_spec
 from flmjax.train.step import batch_shardings, jit_train_step
+from flmjax.train.storage import make_run_dir
 
 
 class NonFiniteError(FloatingPointError):
   """The loss or the gradients became NaN/inf; the run stops without saving that state."""
 
 
-def make_mesh(tc: TrainConfig) -> jax.sharding.Mesh:
+def config_mesh(tc: TrainConfig) -> jax.sharding.Mesh:
+  """The mesh of `tc.mesh` over every device (flmjax.sharding.make_mesh builds it)."""
   m = tc.mesh
   return shd.make_mesh(*m.resolve(jax.device_count()), dcn_data=m.dcn_data, dcn_fsdp=m.dcn_fsdp)
 
@@ -32,30 +36,44 @@ _DTYPE_FIELDS = ('dtype', 'param_dtype', 'checkpoint_dtype')
 _LAYOUT_FIELDS = _DTYPE_FIELDS + ('tensor_parallel',)  # the run decides these, not the model
 
 
+def check_init_from(tc: TrainConfig) -> None:
+  """--init-from must be an official checkpoint of the training config's model: checked from
+  its config.json and safetensors headers before the run creates anything."""
+  from flmjax.checkpoint.official import CheckpointError, check_official
+  try:
+    cfg, _ = check_official(tc.init_from)
+  except CheckpointError as e:
+    raise TrainConfigError(f'--init-from {e}') from None
+  ours, theirs = dataclasses.asdict(tc.model), dataclasses.asdict(cfg)
+  diff = sorted(k for k in ours if k not in _LAYOUT_FIELDS and ours[k] != theirs[k])
+  if diff:
+    raise TrainConfigError(f'--init-from {tc.init_from}: its config.json differs from the '
+                           f'training config in {diff}: ' +
+                           ', '.join(f'{k}={theirs[k]!r} vs {ours[k]!r}' for k in diff))
+
+
 def _official_params(tc: TrainConfig, mesh: jax.sharding.Mesh):
   from flmjax.checkpoint import load_official
   # Read straight into the training shardings (padded for the mesh's tensor axis): the full fp32
-  # model never sits on one device.
-  model = load_official(tc.init_from, dtype='float32', mesh=mesh)
-  ours, theirs = dataclasses.asdict(tc.model), dataclasses.asdict(model.cfg)
-  diff = sorted(k for k in ours if k not in _LAYOUT_FIELDS and ours[k] != theirs[k])
-  if diff:
-    raise TrainConfigError(f'--init_from {tc.init_from}: its config.json differs from the '
-                           f'training config in {diff}: ' +
-                           ', '.join(f'{k}={theirs[k]!r} vs {ours[k]!r}' for k in diff))
-  return params_from_model(model)
+  # model never sits on one device. A LoRA base is read in bf16 (then quantized, or kept).
+  dtype = 'bfloat16' if tc.lora is not None and tc.lora.base_dtype != 'float32' else 'float32'
+  return params_from_model(load_official(tc.init_from, dtype=dtype, mesh=mesh))
 
 
 def _check_schedule(tc: TrainConfig, meta: dict, directory: str) -> None:
   """A resumed step must sit at the same stage and step in stage as when it was saved: an edited
   schedule would otherwise apply one stage's data-iterator state to another."""
+  saved = f'{directory}: step {meta["global_step"]} was saved at stage {meta["stage_name"]!r} ' \
+          f'step {meta["step_in_stage"]}'
+  if int(meta['global_step']) > tc.total_steps:
+    raise TrainConfigError(f'{saved}, but this config has only {tc.total_steps} steps: the '
+                           'schedule changed; use a new --run-dir')
   pos = position(tc, int(meta['global_step']))
   name = tc.stages[pos.stage].name if pos.stage < len(tc.stages) else 'done'
   if (name, pos.step_in_stage) != (meta['stage_name'], int(meta['step_in_stage'])):
     raise TrainConfigError(
-        f'{directory}: step {meta["global_step"]} was saved at stage {meta["stage_name"]!r} step '
-        f'{meta["step_in_stage"]}, but this config puts it at stage {name!r} step '
-        f'{pos.step_in_stage}: the schedule changed; use a new --run_dir')
+        f'{saved}, but this config puts it at stage {name!r} step {pos.step_in_stage}: the '
+        'schedule changed; use a new --run-dir')
 
 
 def check_batch_fits_mesh(tc: TrainConfig, mesh: jax.sharding.Mesh) -> None:
@@ -68,12 +86,37 @@ def check_batch_fits_mesh(tc: TrainConfig, mesh: jax.sharding.Mesh) -> None:
         f'mesh\'s data x fsdp = {mesh.shape["data"]} x {mesh.shape["fsdp"]} = {ways}')
 
 
-def _meta(tc: TrainConfig, global_step: int, tensor_parallel: int) -> dict:
+def _meta(tc: TrainConfig, global_step: int, tensor_parallel: int,
+          fingerprint: str | None) -> dict:
   pos = position(tc, global_step)
   name = tc.stages[pos.stage].name if pos.stage < len(tc.stages) else 'done'
   model = dataclasses.asdict(tc.model.replace(tensor_parallel=tensor_parallel))
   return {'global_step': global_step, 'stage': pos.stage, 'stage_name': name,
-          'step_in_stage': pos.step_in_stage, 'model_config': model, 'train_config': to_json(tc)}
+          'step_in_stage': pos.step_in_stage, 'model_config': model, 'train_config': to_json(tc),
+          'lora': to_json(tc.lora), 'base_fingerprint': fingerprint}
+
+
+def _check_lora(tc: TrainConfig, meta: dict, fingerprint: str | None, directory) -> None:
+  """A LoRA checkpoint holds adapters only: it resumes with its LoRA config on its base."""
+  saved, ours = meta.get('lora'), to_json(tc.lora)
+  if saved is None and ours is None:
+    return
+  if saved is None:
+    raise TrainConfigError(f'{directory}: the checkpoint is a full fine-tune; this config sets '
+                           f'lora={tc.lora}: use a new --run_dir (or export it and --init_from)')
+  if ours is None:
+    raise TrainConfigError(f'{directory}: the checkpoint holds LoRA adapters (rank '
+                           f'{saved["rank"]}, targets {saved["targets"]}) but this config has no '
+                           'lora: set TrainConfig.lora as the run had it')
+  if saved != ours:
+    diff = sorted(k for k in ours if saved.get(k) != ours[k])
+    raise TrainConfigError(f"{directory}: the checkpoint's LoRA config differs in "
+                           + ', '.join(f'{k}={saved.get(k)!r} vs {ours[k]!r}' for k in diff)
+                           + '; use a new --run_dir')
+  if meta.get('base_fingerprint') != fingerprint:
+    raise TrainConfigError(f"{directory}: the checkpoint's adapters were trained on another base "
+                           f'(fingerprint {str(meta.get("base_fingerprint"))[:12]}, this base '
+                           f'{str(fingerprint)[:12]}): give the --init_from the run used')
 
 
 def _padded_for(meta: dict) -> int:
@@ -88,7 +131,7 @@ def _check_model(tc: TrainConfig, meta: dict, directory) -> None:
   if diff:
     raise TrainConfigError(f'{directory}: the checkpoint was trained with another model '
                            f'config ({", ".join(f"{k}={saved.get(k)!r}" for k in diff)}); '
-                           f'use a new --run_dir')
+                           f'use a new --run-dir')
 
 
 class _Metrics:
@@ -141,31 +184,43 @@ def train(tc: TrainConfig, *, mesh: jax.sharding.Mesh | None = None,
   'preempted'}.
   """
   d = tc.distributed
-  shd.initialize_distributed(d.coordinator_address, d.num_processes, d.process_id, d.multihost)
-  mesh = mesh or make_mesh(tc)
-  shd.validate_mesh(tc.model, mesh.shape)
-  check_batch_fits_mesh(tc, mesh)
-  data_lib.check_sources(tc)
+  initialize_distributed(*dataclasses.astuple(d))
   primary = jax.process_index() == 0
   log = log if primary else (lambda *a, **k: None)
-  run_dir = ckpt_lib.as_path(tc.run_dir)
-  run_dir.mkdir(parents=True, exist_ok=True)
+  mesh = mesh or config_mesh(tc)
+  shd.validate_mesh(tc.model, mesh.shape)
+  check_batch_fits_mesh(tc, mesh)
+  if tc.corpus is not None:  # the config names the data; it is made here, once per directory
+    tc.corpus.build(log=log)
+  data_lib.check_sources(tc)
+  if tc.init_from:
+    check_init_from(tc)
+  run_dir = make_run_dir(tc.run_dir)
   spec = state_spec(tc, mesh)
   for line in shd.sharding_report(spec.abstract.params, spec.shardings.params,
-                                  spec.abstract.opt_state, spec.shardings.opt_state):
+                                  spec.abstract.opt_state, spec.shardings.opt_state, spec.base):
     log(line)
+  base, fingerprint = None, None
+  if tc.lora is not None:  # the frozen base first: a resume checks it is the run's base
+    base = init_base(spec, tc, _official_params(tc, mesh) if tc.init_from else None)
+    fingerprint = lora_lib.fingerprint(tc.model, tc.lora.base_dtype, base)
   ckpt = ckpt_lib.Checkpointer(run_dir / 'checkpoints', every=tc.checkpoint_every,
                                keep=tc.keep_checkpoints, use_async=tc.async_checkpointing)
 
   def check(meta: dict) -> bool:
     _check_model(tc, meta, ckpt.directory)
+    _check_lora(tc, meta, fingerprint, ckpt.directory)
     _check_schedule(tc, meta, ckpt.directory)
     return int(meta['step_in_stage']) > 0  # mid-stage: this stage's data state is wanted
 
   data_state = None
   # A checkpoint padded for another tensor size restores as saved, then is re-padded (exact).
   saved_layout = lambda meta: state_spec(tc, mesh, _padded_for(meta)).abstract
-  restored = ckpt.restore_latest(saved_layout, check=check, log=log)
+  try:
+    restored = ckpt.restore_latest(saved_layout, check=check, log=log)
+  except BaseException:  # a refused resume leaves no checkpoint manager (and its threads) behind
+    ckpt.close()
+    raise
   if restored is not None:
     state, meta, data_state = restored
     if _padded_for(meta) != mesh.shape['tensor']:
@@ -176,9 +231,11 @@ def train(tc: TrainConfig, *, mesh: jax.sharding.Mesh | None = None,
     log(f'resumed from {ckpt.directory} at step {global_step} '
         f'(stage {meta["stage_name"]!r}, step {meta["step_in_stage"]} in stage)')
   else:
-    state = init_state(spec, tc, _official_params(tc, mesh) if tc.init_from else None)
+    official = tc.init_from and tc.lora is None
+    state = init_state(spec, tc, _official_params(tc, mesh) if official else None)
     global_step = 0
   step_fn = jit_train_step(spec, tc, mesh)
+  frozen = () if base is None else (base,)
   bsh = batch_shardings(mesh)
   end = tc.total_steps if stop_after is None else min(tc.total_steps, stop_after)
   obs = observe.Observer(tc, enabled=primary, initial_step=global_step, total=tc.total_steps)
@@ -201,7 +258,7 @@ def train(tc: TrainConfig, *, mesh: jax.sharding.Mesh | None = None,
         if first or pos.step_in_stage == 0:
           data_lib.check_batch(tc, batch, f'stage {stage.name!r}')
         state, step_metrics = step_fn(state, data_lib.to_global(batch, bsh),
-                                      jnp.float32(lrs[pos.step_in_stage]))
+                                      jnp.float32(lrs[pos.step_in_stage]), *frozen)
         metrics.add(global_step + 1, pos.stage, pos.step_in_stage, step_metrics,
                     data_lib.data_counts(batch, all_hosts=False))
         global_step += 1
@@ -214,7 +271,7 @@ def train(tc: TrainConfig, *, mesh: jax.sharding.Mesh | None = None,
             or global_step in (end, tc.total_steps)):  # a stop loses nothing
           metrics.fetch()
           keep_data = nxt.stage == loader_stage  # a finished stage's iterator is not carried over
-          ckpt.save(global_step, state, _meta(tc, global_step, mesh.shape['tensor']),
+          ckpt.save(global_step, state, _meta(tc, global_step, mesh.shape['tensor'], fingerprint),
                     loader.get_state() if keep_data else None, force=True)
         elif global_step % tc.log_every == 0:
           metrics.fetch()
@@ -229,12 +286,12 @@ def train(tc: TrainConfig, *, mesh: jax.sharding.Mesh | None = None,
     obs.close()
   summaries = obs.stage_summaries
   result = {'state': state, 'global_step': global_step, 'spec': spec, 'mesh': mesh,
-            'stages': summaries, 'eval': None, 'preempted': preempted}
+            'stages': summaries, 'eval': None, 'preempted': preempted, 'base': base}
   if global_step == tc.total_steps:
     if primary:
       result['plots'] = observe.write_plots(tc.run_dir, tc)
     if tc.eval_sources:
       from flmjax.train.evaluate import evaluate, format_metrics
-      result['eval'] = evaluate(tc, spec, mesh, state.params, tc.eval_sources)
+      result['eval'] = evaluate(tc, spec, mesh, join(base, state.params), tc.eval_sources)
       log('held-out teacher-forced metrics:\n' + format_metrics(result['eval']))
   return result

@@ -1,4 +1,4 @@
-"""Teacher-forced loss on the delayed grid (ARCHITECTURE.md §4).
+"""Teacher-forced loss on the delayed grid (docs/architecture.md §4).
 
 The backbone reads column j; its hidden state predicts column j+1's text and 8 speak codes.
 Sums (not means) are returned so micro-batches and devices add up exactly; `metrics_from_sums`
@@ -15,9 +15,11 @@ import jax
 import jax.numpy as jnp
 
 from flmjax.config import ModelConfig
+from flmjax.model import lora
 from flmjax.model.backbone import Backbone
 from flmjax.model.depth import DepthTransformer
 from flmjax.model.flm import FLMAudio
+from flmjax.model.params import values
 
 STREAMS = ('text', 'semantic', 'acoustic')
 
@@ -111,10 +113,10 @@ def audio_cross_entropy(depth: DepthTransformer, features: jax.Array, target: ja
   laid out with A minor as the reductions want (a [B,T,C,A] array comes out of the batched head
   matmul codebook-major and costs transposes).
   """
-  heads = depth.heads[...].astype(features.dtype)  # [C,d,A]
+  heads = values(depth, ('heads',), features.dtype)  # [C,d,A], with LoRA adapters [C,...]
 
-  def one(x, w, tgt):  # [B,T,d], [d,A], [B,T]
-    logits = jnp.einsum('BTd,dA->BTA', x, w)
+  def one(x, w, tgt):  # [B,T,d], {'heads': [d,A], ...}, [B,T]
+    logits = lora.dense('BTd,dA->BTA', x, w, 'heads', depth.lora_scale)
     if constrain is not None:
       logits = constrain(logits, ('batch', 'time', 'audio_vocab'))
     return _ce(logits, tgt)[:2]

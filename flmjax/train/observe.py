@@ -13,6 +13,7 @@ from etils import epath
 from flmjax.train.config import TrainConfig
 
 DATA_COUNTS = ('pushed_frames', 'cut_tokens', 'extended_frames')  # the loader's, per step
+SUMMARY = 'summary.json'
 SUMMARY_KEYS = ('loss', 'loss_text', 'acc_text', 'wait_rate_pred', 'wait_rate_target',
                 'loss_semantic', 'acc_semantic', 'loss_acoustic', 'acc_acoustic')
 
@@ -161,3 +162,22 @@ def write_plots(run_dir: str, tc: TrainConfig) -> list[str]:
     plt.close(fig)
     paths.append(os.fspath(path))
   return paths
+
+
+def write_summary(run_dir: str, out: dict) -> str:
+  """run_dir/summary.json: the latest step and eval, and every stage summary of every run so far
+  (a resumed run appends its own, so nothing of an earlier run is lost). Written atomically."""
+  path = epath.Path(run_dir) / SUMMARY
+  stages = []
+  if path.is_file():
+    try:
+      stages = list(json.loads(path.read_text()).get('stages', []))
+    except (OSError, ValueError, AttributeError):
+      path.replace(path.with_name(SUMMARY + '.unreadable'))  # kept, never overwritten silently
+  runs = max((s.get('run', 0) for s in stages), default=0)
+  stages += [{**s, 'run': runs + 1} for s in out['stages']]
+  summary = {'global_step': out['global_step'], 'stages': stages, 'eval': out['eval']}
+  tmp = path.with_name(SUMMARY + '.tmp')
+  tmp.write_text(json.dumps(summary, indent=2))
+  tmp.replace(path)
+  return os.fspath(path)

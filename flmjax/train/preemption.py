@@ -21,7 +21,7 @@ class PreemptionWatch:
     self._distributed = False
     self._previous = None
 
-  def __enter__(self) -> 'PreemptionWatch':
+  def __enter__(self) -> PreemptionWatch:
     self._distributed = jax.process_count() > 1
     if not self._distributed and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)

@@ -1,5 +1,9 @@
 """The train state as plain pytrees: fp32 params (a pure dict), optimizer state, and their
-shardings from the params' logical `axes` metadata through flmjax.sharding's rules."""
+shardings from the params' logical `axes` metadata through flmjax.sharding's rules.
+
+With `TrainConfig.lora`, the trained params are the LoRA adapters only (flmjax.model.lora) and
+the frozen base is a separate pytree in `LoraConfig.base_dtype`: it gets no gradient and no
+optimizer state, and the step reads it as an argument it does not donate."""
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -8,10 +12,12 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from flmjax import sharding as shd
 from flmjax.config import ModelConfig
+from flmjax.model import lora as lora_lib
 from flmjax.model.flm import FLMAudio, abstract, create
 from flmjax.train.config import OptimConfig, TrainConfig
 
@@ -53,9 +59,9 @@ def make_optimizer(oc: OptimConfig) -> optax.GradientTransformation:
   )
 
 
-def graphdef_and_abstract(cfg: ModelConfig):
+def graphdef_and_abstract(cfg: ModelConfig, lora: lora_lib.LoraConfig | None = None):
   """(graphdef, abstract nnx.State with axes metadata) without allocating memory."""
-  return nnx.split(abstract(cfg))
+  return nnx.split(abstract(cfg, lora))
 
 
 def param_shardings(abstract_state, mesh: Mesh) -> Params:
@@ -77,21 +83,57 @@ class StateSpec(NamedTuple):
   tx: optax.GradientTransformation
   abstract: TrainState  # ShapeDtypeStructs
   shardings: TrainState  # NamedShardings
+  base: Any = None  # LoRA: the frozen base's ShapeDtypeStructs (with shardings); else None
 
 
 def state_spec(tc: TrainConfig, mesh: Mesh, tensor_parallel: int | None = None) -> StateSpec:
   """`tensor_parallel`: the padding of the layout, when not the mesh's (see relayout)."""
   cfg = compute_model_config(tc, mesh, tensor_parallel)
-  graphdef, abstract_state = graphdef_and_abstract(cfg)
+  graphdef, abstract_state = graphdef_and_abstract(cfg, tc.lora)
   a_params = nnx.to_pure_dict(abstract_state)
-  tx = make_optimizer(tc.optim)
   p_sh = param_shardings(abstract_state, mesh)
+  with_sh = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+  a_base = None
+  if tc.lora is not None:
+    (a_base, a_params), (b_sh, p_sh) = lora_lib.split_params(a_params), lora_lib.split_params(p_sh)
+    weights = {m: {k: v for k, v in t.items() if not k.endswith('_scale')}
+               for m, t in a_base.items()}
+    a_base = jax.tree.map(with_sh, jax.eval_shape(
+        lambda b: lora_lib.cast_base(b, tc.lora.base_dtype), weights), b_sh)
+  tx = make_optimizer(tc.optim)
   o_sh = opt_shardings(tx, a_params, p_sh, mesh)
   a_opt = jax.eval_shape(tx.init, a_params)
-  with_sh = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
   abstract_ts = TrainState(jax.tree.map(with_sh, a_params, p_sh),
                            jax.tree.map(with_sh, a_opt, o_sh))
-  return StateSpec(graphdef, tx, abstract_ts, TrainState(p_sh, o_sh))
+  return StateSpec(graphdef, tx, abstract_ts, TrainState(p_sh, o_sh), a_base)
+
+
+def shardings_of(tree):
+  return jax.tree.map(lambda a: a.sharding, tree)
+
+
+def join(base: Params | None, params: Params) -> Params:
+  """The model's whole pure dict: the frozen base (LoRA) with the trained params beside it."""
+  if base is None:
+    return params
+  return {m: {**base[m], **params[m]} for m in base}
+
+
+def init_base(spec: StateSpec, tc: TrainConfig, params: Params | None = None) -> Params:
+  """LoRA's frozen base in its base dtype and shardings: `params` (an official checkpoint's,
+  without adapters) or the seed's initialisation."""
+  mesh = jax.tree.leaves(spec.shardings)[0].mesh
+  cfg = compute_model_config(tc, mesh)
+  out = shardings_of(spec.base)
+
+  def build(params):
+    if params is None:
+      params = nnx.to_pure_dict(nnx.state(create(cfg, tc.seed)))
+    return lora_lib.cast_base(params, tc.lora.base_dtype)
+
+  if params is None:
+    return jax.jit(lambda: build(None), out_shardings=out)()
+  return jax.jit(build, out_shardings=out)(params)
 
 
 _INIT: dict = {}  # jitted initialisers by (model, dtype, optimizer, seed, shardings)
@@ -104,12 +146,14 @@ def init_state(spec: StateSpec, tc: TrainConfig, params: Params | None = None) -
 
   def build(params):
     if params is None:
-      params = nnx.to_pure_dict(nnx.state(create(cfg, tc.seed)))
+      params = nnx.to_pure_dict(nnx.state(create(cfg, tc.seed, tc.lora)))
+      if tc.lora is not None:  # the adapters only: XLA drops the base's initialisation
+        params = lora_lib.split_params(params)[1]
     params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
     return TrainState(params, spec.tx.init(params))
 
   if params is None:
-    key = (cfg, tc.optim, tc.seed, mesh)
+    key = (cfg, tc.lora, tc.optim, tc.seed, mesh)
     if key not in _INIT:
       _INIT[key] = jax.jit(lambda: build(None), out_shardings=spec.shardings)
     return _INIT[key]()

@@ -1,18 +1,17 @@
 """The pure train step and eval step, jitted with explicit shardings and a donated state."""
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from flmjax import sharding as shd
 from flmjax.train.config import TrainConfig
 from flmjax.train.loss import loss_sums, metrics_from_sums, objective
-from flmjax.train.state import StateSpec, TrainState
+from flmjax.train.state import StateSpec, TrainState, join, shardings_of
 
 
 def remat_policy(name: str):
@@ -34,37 +33,31 @@ def activation_constraint(mesh: Mesh):
       x, shd.named_sharding(axes, x.shape, mesh))
 
 
-def traced_on(mesh: Mesh, fn):
-  """`fn` traced with `mesh` in context: the model's layer-boundary constraints
-  (flmjax.sharding.constrain) keep activations batch-sharded, so weights move, not them; its
-  attention reads the platform (a step compiled for TPU takes the TPU path) and the axes."""
-  @functools.wraps(fn)
-  def wrapped(*args):
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-      return fn(*args)
-  return wrapped
+traced_on = shd.traced_on  # the mesh-in-context wrapper, shared with the decoder
 
 
-def _grads_and_sums(graphdef, params, tokens, weights, policy, constrain):
-  """Gradient of Σ w·ce (not yet divided by Σ w) and the loss sums of one micro-batch."""
+def _grads_and_sums(graphdef, params, tokens, weights, policy, constrain, base=None):
+  """Gradient of Σ w·ce (not yet divided by Σ w) and the loss sums of one micro-batch; with a
+  LoRA `base`, the gradient of the adapters only (the base is a constant here)."""
   def f(p):
-    s = loss_sums(nnx.merge(graphdef, p), tokens, weights, policy, constrain)
+    s = loss_sums(nnx.merge(graphdef, join(base, p)), tokens, weights, policy, constrain)
     return objective(s)[0], s
   (_, sums), grads = jax.value_and_grad(f, has_aux=True)(params)
   return grads, sums
 
 
 def train_step_fn(spec: StateSpec, tc: TrainConfig, mesh: Mesh):
-  """The pure step: (state, batch, lr) -> (state, metrics). Gradients accumulate over
-  `tc.grad_accum` micro-batches as sums, so the update equals the one from the whole batch."""
+  """The pure step: (state, batch, lr[, base]) -> (state, metrics); `base` is LoRA's frozen
+  base (spec.base). Gradients accumulate over `tc.grad_accum` micro-batches as sums, so the
+  update equals the one from the whole batch."""
   A, policy, constrain = tc.grad_accum, remat_policy(tc.remat), activation_constraint(mesh)
   batch_axes = shd.batch_sharding(mesh, 1).spec[0]
 
-  def step(state: TrainState, batch: dict, lr: jax.Array):
+  def step(state: TrainState, batch: dict, lr: jax.Array, base=None):
     tokens, weights = batch['tokens'], batch['weights']  # [B,Z,T]
     if A == 1:
       grads, sums = _grads_and_sums(spec.graphdef, state.params, tokens, weights, policy,
-                                     constrain)
+                                     constrain, base)
     else:
       b = tokens.shape[0] // A
       # Micro-batch a takes rows a, a+A, ...: each stays spread over the batch shards.
@@ -74,7 +67,8 @@ def train_step_fn(spec: StateSpec, tc: TrainConfig, mesh: Mesh):
       tok, wts = split(tokens), split(weights)  # [grad_accum,b,Z,T]
 
       def body(acc, xs):
-        g, s = _grads_and_sums(spec.graphdef, state.params, xs[0], xs[1], policy, constrain)
+        g, s = _grads_and_sums(spec.graphdef, state.params, xs[0], xs[1], policy, constrain,
+                               base)
         return jax.tree.map(jnp.add, acc, g), s
 
       # One trace of the forward/backward, in the scan body: the gradient sum starts at zeros
@@ -100,7 +94,7 @@ _COMPILED: dict = {}
 
 
 def _key(tc: TrainConfig, mesh: Mesh, kind: str):
-  return (kind, tc.model, tc.compute_dtype, tc.optim, tc.remat, tc.grad_accum, mesh)
+  return (kind, tc.model, tc.compute_dtype, tc.optim, tc.remat, tc.grad_accum, tc.lora, mesh)
 
 
 def jit_train_step(spec: StateSpec, tc: TrainConfig, mesh: Mesh):
@@ -111,15 +105,24 @@ def jit_train_step(spec: StateSpec, tc: TrainConfig, mesh: Mesh):
 
 
 def _jit_train_step(spec: StateSpec, tc: TrainConfig, mesh: Mesh):
+  """(state, batch, lr) -> (state, metrics); with LoRA (state, batch, lr, base): the base is
+  read in place, neither donated nor returned."""
   replicated = NamedSharding(mesh, P())
+  base = () if spec.base is None else (shardings_of(spec.base),)
   return jax.jit(train_step_fn(spec, tc, mesh),
-                 in_shardings=(spec.shardings, batch_shardings(mesh), replicated),
+                 in_shardings=(spec.shardings, batch_shardings(mesh), replicated) + base,
                  out_shardings=(spec.shardings, replicated),
                  donate_argnums=(0,))
 
 
+def model_shardings(spec: StateSpec):
+  """Shardings of the model's whole pure dict (state.join of the base and the params)."""
+  return join(None if spec.base is None else shardings_of(spec.base), spec.shardings.params)
+
+
 def jit_eval_step(spec: StateSpec, tc: TrainConfig, mesh: Mesh):
-  """(params, batch) -> loss sums (add them over batches, then metrics_from_sums)."""
+  """(params, batch) -> loss sums (add them over batches, then metrics_from_sums); with LoRA,
+  params is the whole model, state.join(base, adapters)."""
   key = _key(tc, mesh, 'eval')
   if key in _COMPILED:
     return _COMPILED[key]
@@ -130,6 +133,6 @@ def jit_eval_step(spec: StateSpec, tc: TrainConfig, mesh: Mesh):
                      constrain=activation_constraint(mesh))
 
   _COMPILED[key] = jax.jit(traced_on(mesh, evaluate),
-                           in_shardings=(spec.shardings.params, batch_shardings(mesh)),
+                           in_shardings=(model_shardings(spec), batch_shardings(mesh)),
                            out_shardings=replicated)
   return _COMPILED[key]

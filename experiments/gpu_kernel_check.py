@@ -1,0 +1,129 @@
+"""The depth kernels' tests, compiled for the accelerator (not interpreted): kernel vs reference.
+
+tests/test_kernels_*.py run the kernels in Pallas interpret mode on 8 simulated CPU devices;
+this runs the same checks on a real GPU (the Triton kernels) or TPU (the Mosaic kernel):
+- one layer (select_depth_layer_fn) and the whole stack (select_depth_layers_fn, 2 layers) at the
+  tiny dims, a non-power-of-two case and flm_8b's, B in --batches, positions c = 0 and C-1,
+  float32 and bfloat16, with the tests' tolerances: float32 max|kernel - ref| / max|ref| < 1e-5;
+  bfloat16 ||kernel - ref|| / ||ref|| < 2e-2 and elementwise < 5e-2; every cache row other than
+  c bit-identical;
+- greedy decoding of the golden tiny stream with StreamingDecoder(use_pallas=True): the official
+  out_plain, token for token.
+Prints a markdown table; exits 1 when a check fails.
+
+  python experiments/gpu_kernel_check.py                 # on a GPU or TPU
+  python experiments/gpu_kernel_check.py --interpret     # CPU smoke run (interpret mode)
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import pathlib
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TOL = {'float32': 1e-5, 'bfloat16': 2e-2}
+BF16_ELEMENTWISE = 5e-2
+EPS, C = 1e-6, 8
+DIMS = {'tiny': (32, 4, 85), 'odd': (40, 4, 106), 'flm_8b': (1024, 16, 2816)}  # (d, heads, f)
+
+
+def random_layer(rng, b, dims, dtype, layers=None):
+  d, h, f = dims
+  lead = () if layers is None else (layers,)
+  n = lambda shape, scale: jnp.asarray(scale * rng.standard_normal(lead + shape, np.float32),
+                                       dtype)
+  p = {'ln_1': 1 + n((d,), 0.1), 'qkv': n((3, d, d), d ** -0.5),
+       'proj': n((h, d // h, d), d ** -0.5),
+       'ln_2': 1 + n((d,), 0.1), 'gate': n((C, d, f), d ** -0.5), 'up': n((C, d, f), d ** -0.5),
+       'down': n((C, f, d), f ** -0.5)}
+  cache = lambda: jnp.asarray(rng.standard_normal(lead + (b, C, h, d // h), np.float32), dtype)
+  return p, jnp.asarray(rng.standard_normal((b, d), np.float32), dtype), cache(), cache()
+
+
+def errors(want, got, dtype) -> float:
+  """The tests' metric: elementwise for float32; the worse of norm-wise / 2e-2 and elementwise /
+  5e-2 (scaled to the 2e-2 tolerance) for bfloat16."""
+  want, got = np.asarray(want, np.float32), np.asarray(got, np.float32)
+  elem = float(np.max(np.abs(want - got)) / np.max(np.abs(want)))
+  if dtype == 'float32':
+    return elem
+  norm = float(np.linalg.norm(want - got) / np.linalg.norm(want))
+  return max(norm, elem * TOL['bfloat16'] / BF16_ELEMENTWISE)
+
+
+def check_layers(args, rows):
+  from flmjax.kernels.depth_step import select_depth_layer_fn, select_depth_layers_fn
+  from flmjax.kernels.reference import depth_layer_step, depth_layers_step
+  rng = np.random.default_rng(0)
+  for stacked in (False, True):
+    ref = jax.jit(functools.partial(depth_layers_step if stacked else depth_layer_step, eps=EPS))
+    select = select_depth_layers_fn if stacked else select_depth_layer_fn
+    kern = jax.jit(functools.partial(select(interpret=args.interpret), eps=EPS))
+    for name, dims in DIMS.items():
+      if args.interpret and name == 'flm_8b':
+        continue  # interpret mode at flm_8b dims takes minutes on a CPU
+      for dtype in ('float32', 'bfloat16'):
+        worst, same = 0.0, True
+        for b in args.batches:
+          p, x, k, v = random_layer(rng, b, dims, jnp.dtype(dtype), 2 if stacked else None)
+          for c in (0, C - 1):
+            want, got = ref(p, x, k, v, jnp.int32(c)), kern(p, x, k, v, jnp.int32(c))
+            at = (slice(None),) * (1 + stacked) + (c,)
+            worst = max([worst, errors(want[0], got[0], dtype)] +
+                        [errors(w[at], g[at], dtype) for w, g in zip(want[1:], got[1:])])
+            others = (slice(None),) * (1 + stacked) + (np.arange(C) != c,)
+            for w, g in zip(want[1:], got[1:]):
+              same &= bool(np.array_equal(np.asarray(w)[others], np.asarray(g)[others]))
+        ok = worst < TOL[dtype] and same
+        rows.append((f'{"stack" if stacked else "layer"} {name} {dtype}',
+                     f'B={",".join(map(str, args.batches))}', f'{worst:.2e}',
+                     f'< {TOL[dtype]:g}', 'pass' if ok else 'FAIL'))
+
+
+def check_stream(args, rows):
+  import flmjax
+  from flmjax.decode import SamplingConfig, StreamingDecoder
+  golden = ROOT / 'tests' / 'golden' / 'flm_tiny'
+  stream = np.load(golden / 'stream.npz')
+  greedy = SamplingConfig(greedy=True, repetition_penalty_text=1.0, repetition_penalty_audio=1.0)
+  dec = StreamingDecoder(flmjax.load_official(str(golden), dtype='float32'), greedy, max_len=32,
+                         use_pallas=True, pallas_interpret=args.interpret)
+  state, outs = dec.init(1), []
+  for frame in np.transpose(stream['user'], (2, 0, 1)):
+    state, out, valid = dec.step(state, frame)
+    outs.append(np.where(np.asarray(valid)[:, None], np.asarray(out), -1)[0])
+  wrong = int(np.sum(np.stack(outs) != stream['out_plain']))
+  rows.append(('golden greedy stream, use_pallas', '24 frames', f'{wrong} tokens differ', '0',
+               'pass' if wrong == 0 else 'FAIL'))
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  ap.add_argument('--batches', default='1,3,8', help='comma-separated batch sizes')
+  ap.add_argument('--interpret', action='store_true', help='Pallas interpret mode (CPU smoke)')
+  args = ap.parse_args(argv)
+  args.batches = [int(b) for b in args.batches.split(',')]
+  if not args.interpret and jax.default_backend() == 'cpu':
+    print('gpu_kernel_check: no GPU or TPU visible (use --interpret on CPU)', file=sys.stderr)
+    return 1
+  rows = []
+  check_layers(args, rows)
+  check_stream(args, rows)
+  mode = 'interpret mode' if args.interpret else 'compiled'
+  print(f'\n| kernel check ({jax.devices()[0].device_kind}, {mode}) | shapes | max error | '
+        f'tolerance | result |\n|---|---|---|---|---|')
+  for row in rows:
+    print('| ' + ' | '.join(row) + ' |')
+  return 0 if all(r[-1] == 'pass' for r in rows) else 1
+
+
+if __name__ == '__main__':
+  sys.exit(main())

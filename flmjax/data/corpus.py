@@ -1,0 +1,73 @@
+"""The embedded synthetic corpus, generated and prepared once per directory.
+
+A config names it (`SyntheticCorpus`) without building it: its paths are known up front, and
+`flmjax train` builds it when training starts (`build`, idempotent), so loading a config has no
+side effects.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+
+SPLITS = ('tts_asr', 'duplex', 'heldout_tts_asr', 'heldout_duplex')
+VERSION = 3  # of the generator and prepare: a corpus made by another version is made again
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticCorpus:
+  """flmjax.data.synthetic's corpus under `root`: raw/ (manifests, codes, tokenizer.model) and
+  prepared/<split> (ArrayRecord shards), for every split in SPLITS."""
+  root: str
+  seed: int = 0
+  num_tts_asr: int = 400
+  num_duplex: int = 400
+  num_heldout: int = 64
+
+  def split(self, name: str) -> str:
+    """The prepared directory of split `name`, built or not."""
+    if name not in SPLITS:
+      raise ValueError(f'synthetic corpus: no split {name!r}; the splits are {SPLITS}')
+    return os.path.join(os.path.abspath(self.root), 'prepared', name)
+
+  @property
+  def tokenizer(self) -> str:
+    return os.path.join(os.path.abspath(self.root), 'raw', 'tokenizer.model')
+
+  def manifest(self, name: str) -> str:
+    """The raw JSONL manifest of split `name`."""
+    return os.path.join(os.path.abspath(self.root), 'raw', f'{name}.jsonl')
+
+  def build(self, log=print) -> dict[str, str]:
+    """Generates and prepares the corpus unless the same one is there already.
+    Returns {'tokenizer': path, <split>: prepared dir}."""
+    from flmjax.data import synthetic
+    from flmjax.data.prepare import format_summary, prepare
+    from flmjax.data.tokenizer import load_tokenizer
+    root = os.path.abspath(self.root)
+    done = os.path.join(root, 'corpus.json')
+    want = {'seed': self.seed, 'num_tts_asr': self.num_tts_asr, 'num_duplex': self.num_duplex,
+            'num_heldout': self.num_heldout}
+    if os.path.exists(done):
+      with open(done) as f:
+        info = json.load(f)
+      if info.get('args') == want and info.get('version') == VERSION:
+        return info['paths']
+    raw = synthetic.generate(os.path.join(root, 'raw'), **want)
+    tokenizer = load_tokenizer(raw['tokenizer'])
+    paths = {'tokenizer': raw['tokenizer']}
+    for split in SPLITS:
+      out = self.split(split)
+      if os.path.exists(out):
+        shutil.rmtree(out)
+      log(format_summary(prepare(raw[split], out, tokenizer, progress=False)))
+      paths[split] = out
+    with open(done, 'w') as f:
+      json.dump({'args': want, 'version': VERSION, 'paths': paths}, f, indent=2)
+    return paths
+
+
+def ensure_synthetic_corpus(root: str, **kw) -> dict[str, str]:
+  """Builds `SyntheticCorpus(root, **kw)` now; returns its paths."""
+  return SyntheticCorpus(root, **kw).build()

@@ -1,0 +1,127 @@
+"""Turn-taking metrics of a full-duplex talker, from its speech activity and the user's timeline.
+
+Events are `(kind, start_frame, end_frame)`:
+- 'turn_end': the user's turn ends at start; end is the user's next speech onset (or F);
+- 'pause': a pause inside a user turn, frames [start, end): the model should stay silent;
+- 'interrupt': the user starts speaking at start while the model speaks; end is the end of that
+  user speech: the model should stop and yield.
+`events_from_segments` derives them from a manifest's segments; `turn_taking` scores them.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from flmjax.codec.base import FRAME_RATE  # 12.5 Hz: one frame is 80 ms
+
+EVENT_KINDS = ('turn_end', 'pause', 'interrupt')
+
+
+def _median(values: list[float]) -> float | None:
+  return float(np.median(values)) if values else None
+
+
+def _rate(hits: int, total: int) -> float | None:
+  return hits / total if total else None
+
+
+def turn_taking(model_active, events: Iterable[tuple[str, int, int]],
+                frame_rate: float = FRAME_RATE, max_wait_frames: int = 25,
+                stop_frames: int = 3) -> dict:
+  """model_active bool [F] and the events -> a dict of metrics (rates and medians over zero
+  events are None):
+
+  - takeover_rate: of the turn_end events, the fraction where the model is active at a frame f,
+    start <= f < min(end, start + max_wait_frames) (the first such f: activity already on at
+    start counts, with latency 0);
+  - response_latency_ms: the median of (f - start) / frame_rate * 1000 over those takeovers;
+    response_latency_ms_all: the list;
+  - pause_takeover_rate: of the pause events, the fraction where the model is active on any frame
+    in [start, end) (lower is better);
+  - interrupt_stop_rate: of the interrupt events, the fraction with a frame g,
+    start <= g < min(end, start + max_wait_frames), where model_active[g : g + stop_frames] is all
+    False (frames past F count as inactive);
+  - interrupt_stop_latency_ms: the median of (g - start) / frame_rate * 1000 over those stops
+    (g the first such frame); interrupt_stop_latency_ms_all: the list;
+  - counts: the number of events of each kind.
+  """
+  active = np.asarray(model_active, bool)
+  if active.ndim != 1:
+    raise ValueError(f'model_active: expected a bool array [frames], got shape {active.shape}')
+  if stop_frames < 1 or max_wait_frames < 1 or not frame_rate > 0:
+    raise ValueError(f'stop_frames={stop_frames} and max_wait_frames={max_wait_frames} must be '
+                     f'>= 1 and frame_rate={frame_rate} > 0')
+  num_frames = active.shape[0]
+  # silent[g]: frames g .. g + stop_frames - 1 are all inactive (past the end counts as inactive)
+  padded = np.concatenate([active, np.zeros(stop_frames, bool)])  # [F + stop]
+  window_any = np.lib.stride_tricks.sliding_window_view(padded, stop_frames)[:num_frames + 1]
+  silent = ~window_any.any(axis=1)  # [F + 1]
+  counts = dict.fromkeys(EVENT_KINDS, 0)
+  latencies, stop_latencies = [], []
+  takeovers = pause_hits = stops = 0
+  ms = lambda frames: frames / frame_rate * 1000.0
+  for kind, start, end in events:
+    if kind not in EVENT_KINDS:
+      raise ValueError(f'event kind {kind!r} is not one of {EVENT_KINDS}')
+    start, end = int(start), int(end)
+    if not 0 <= start <= end:
+      raise ValueError(f'event ({kind!r}, {start}, {end}): need 0 <= start <= end')
+    counts[kind] += 1
+    stop = min(end, start + max_wait_frames)
+    if kind == 'turn_end':
+      on = np.flatnonzero(active[start:stop])
+      if on.size:
+        takeovers += 1
+        latencies.append(ms(int(on[0])))
+    elif kind == 'pause':
+      pause_hits += bool(active[start:end].any())
+    else:
+      quiet = np.flatnonzero(silent[min(start, num_frames):min(stop, num_frames + 1)])
+      if start >= num_frames and stop > start:  # the whole window lies past F: silent
+        quiet = np.zeros(1, np.int64)
+      if quiet.size:
+        stops += 1
+        stop_latencies.append(ms(int(quiet[0])))
+  return {
+      'takeover_rate': _rate(takeovers, counts['turn_end']),
+      'response_latency_ms': _median(latencies),
+      'response_latency_ms_all': latencies,
+      'pause_takeover_rate': _rate(pause_hits, counts['pause']),
+      'interrupt_stop_rate': _rate(stops, counts['interrupt']),
+      'interrupt_stop_latency_ms': _median(stop_latencies),
+      'interrupt_stop_latency_ms_all': stop_latencies,
+      'counts': counts,
+  }
+
+
+def seconds_to_frame(t: float, frame_rate: float = FRAME_RATE) -> int:
+  """As the data pipeline does it (docs/data.md): round(t * 12.5)."""
+  return int(round(float(t) * frame_rate))
+
+
+def events_from_segments(segments: Sequence[dict], num_frames: int,
+                         frame_rate: float = FRAME_RATE) -> list[tuple[str, int, int]]:
+  """A conversation's events from its manifest segments ({'speaker', 'start', 'end'} in seconds).
+
+  The end of a user segment is a 'pause' when the user's next segment starts before any model
+  segment does, and a 'turn_end' otherwise (end_frame: the user's next onset, or num_frames). A
+  user segment that starts while a model segment is under way is an 'interrupt' (end_frame: the end
+  of that user segment). Sorted by start frame.
+  """
+  frame = lambda t: seconds_to_frame(t, frame_rate)
+  spans = sorted((frame(s['start']), frame(s['end']), s['speaker']) for s in segments)
+  user = [(a, b) for a, b, who in spans if who == 'user']
+  model = [(a, b) for a, b, who in spans if who == 'model']
+  events = []
+  for i, (start, end) in enumerate(user):
+    if any(a <= start < b for a, b in model):
+      events.append(('interrupt', start, end))
+    following = user[i + 1][0] if i + 1 < len(user) else num_frames
+    model_between = any(end <= a < following for a, _ in model)
+    if i + 1 < len(user) and not model_between:
+      if following > end:  # abutting segments are one stretch of speech: no event
+        events.append(('pause', end, following))
+    else:
+      events.append(('turn_end', end, max(end, following)))
+  return sorted(events, key=lambda e: (e[1], e[0]))

@@ -1,0 +1,31 @@
+"""The listening socket, bound before the model loads: a busy or forbidden port is reported at
+once, not after a minute of loading and compiling. Imports nothing heavy."""
+from __future__ import annotations
+
+import errno
+import socket
+
+BACKLOG = 128  # aiohttp's default
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+  """A listening TCP socket on host:port (port 0: any free port); OSError naming the flag."""
+  try:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+  except socket.gaierror as e:
+    raise OSError(f'--host {host}: cannot resolve it ({e.strerror})') from None
+  family, kind, proto, _, address = infos[0]
+  sock = socket.socket(family, kind, proto)
+  sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart reuses TIME_WAIT ports
+  try:
+    sock.bind(address)
+    sock.listen(BACKLOG)
+  except OSError as e:
+    sock.close()
+    why = {errno.EADDRINUSE: 'the port is in use (another server?); pass another --port',
+           errno.EACCES: 'permission denied (ports below 1024 need privileges); pass another '
+                         '--port',
+           errno.EADDRNOTAVAIL: 'no such address on this machine; pass another --host'}
+    raise OSError(f'--host {host} --port {port}: cannot listen: '
+                  f'{why.get(e.errno, e.strerror)}') from None
+  return sock

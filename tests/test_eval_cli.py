@@ -1,0 +1,149 @@
+"""`flmjax eval duplex` and `flmjax eval fdb` end to end on the tiny golden model (and mimi_small),
+the streaming they share, and their bad inputs."""
+import json
+import os
+
+import numpy as np
+import pytest
+import soundfile
+
+from flmjax import cli
+from flmjax.data import synthetic
+from flmjax.eval import turn_taking
+from flmjax.eval.stream import read_conversations, stream
+
+
+@pytest.fixture(scope='module')
+def corpus(tmp_path_factory):
+  return synthetic.generate(str(tmp_path_factory.mktemp('syn')), seed=5, num_tts_asr=4,
+                            num_duplex=4, num_heldout=3)
+
+
+@pytest.mark.slow
+def test_stream_equals_one_session_at_a_time(tiny_model, corpus):
+  """Batched streaming (conversations of different lengths, PAD after each ends) gives every
+  conversation the frames a single session gives it, aligned to its user's frames."""
+  from flmjax.decode.sampling import SamplingConfig
+  from flmjax.decode.session import run_session
+  convs = read_conversations(corpus['heldout_duplex'], 8)
+  users = [c['user'][:, :n] for c, n in zip(convs[:2], (30, 21))]
+  outs, lag = stream(tiny_model, users, batch_size=2)
+  assert lag == tiny_model.cfg.max_delay  # the first output comes with step max_delay
+  greedy = SamplingConfig(greedy=True, repetition_penalty_text=1.0, repetition_penalty_audio=1.0)
+  for user, out in zip(users, outs):
+    alone, _ = run_session(tiny_model, user, greedy, tail=tiny_model.cfg.max_delay + 1,
+                           stream=open(os.devnull, 'w'))
+    assert out.shape == (9, user.shape[1])
+    np.testing.assert_array_equal(out, alone[:, :user.shape[1]])
+
+
+@pytest.mark.slow
+def test_eval_duplex_end_to_end(tiny_dir, corpus, tmp_path, capsys):
+  out = tmp_path / 'report'
+  argv = ['eval', 'duplex', '--checkpoint', str(tiny_dir), '--data', corpus['heldout_duplex'],
+          '--out', str(out), '--limit', '2', '--no-progress', '--eval-batches', '1']
+  assert cli.main(argv) == 0
+  printed = capsys.readouterr().out
+  assert '| interrupt stop rate |' in printed and 'teacher-forced TTS (speak, lead)' in printed
+  report = json.loads((out / 'report.json').read_text())
+  convs = report['conversations']
+  lines = [json.loads(x) for x in open(corpus['heldout_duplex'])][:2]
+  assert [c['id'] for c in convs] == [x['id'] for x in lines]
+  # the pooled metrics are the events' own: recomputed from the stored activity, they agree
+  for conv, line in zip(convs, lines):
+    assert conv['events'] == line['events']
+    again = turn_taking(np.array(conv['model_active'], bool), [tuple(e) for e in conv['events']])
+    assert again == conv['turn_taking']
+  counts = report['turn_taking']['counts']
+  assert sum(counts.values()) == sum(len(x['events']) for x in lines)
+  assert report['turns'] == sum(len(c['turns']) for c in convs) >= 2
+  assert 0 <= report['right'] <= report['turns']
+  assert set(report['teacher_forced']) == {'duplex', 'ASR (listen, trail)', 'TTS (speak, lead)'}
+  assert (out / 'report.md').read_text().startswith('held-out conversations: 2')
+  for conv in convs:
+    png = out / 'timelines' / f'{conv["id"]}.png'
+    assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  # an existing report is kept unless --overwrite
+  before = (out / 'report.json').read_bytes()
+  assert cli.main(argv) == 1
+  assert 'pass --overwrite' in capsys.readouterr().err
+  assert (out / 'report.json').read_bytes() == before
+
+
+def test_eval_duplex_vocab_mismatch(tiny_dir, corpus, tmp_path, capsys):
+  from tokenizers import Tokenizer, models
+  tok = Tokenizer(models.WordLevel({f'w{i}': i for i in range(400)}, unk_token='w0'))
+  tok.save(str(tmp_path / 'tokenizer.json'))
+  assert cli.main(['eval', 'duplex', '--checkpoint', str(tiny_dir),
+                   '--data', corpus['heldout_duplex'],
+                   '--tokenizer', str(tmp_path / 'tokenizer.json'),
+                   '--out', str(tmp_path / 'r')]) == 1
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1 and 'different vocabularies' in err and '400 ids' in err
+  assert not (tmp_path / 'r').exists()
+
+
+def _wav(path, seconds, rate, channels=1, seed=0):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  wave = 0.1 * np.random.default_rng(seed).standard_normal((int(seconds * rate), channels))
+  soundfile.write(path, wave.astype(np.float32), rate)
+
+
+@pytest.mark.slow
+def test_eval_fdb_end_to_end(tiny_dir, golden_dir, tmp_path, capsys):
+  src, out = tmp_path / 'in', tmp_path / 'out'
+  _wav(src / 'a' / 'input.wav', 1.0, 24000)
+  _wav(src / 'b' / 'c' / 'input.wav', 0.7, 16000, seed=1)  # resampled to 24 kHz
+  (src / 'b' / 'notes.txt').write_text('not an input')
+  argv = ['eval', 'fdb', '--checkpoint', str(tiny_dir), '--mimi', str(golden_dir / 'mimi_small'),
+          '--in', str(src), '--out', str(out), '--no-progress']
+  assert cli.main(argv) == 0
+  for rel, samples in (('a', 24000), ('b/c', 16800)):
+    info = soundfile.info(str(out / rel / 'output.wav'))
+    assert (info.samplerate, info.channels, info.frames) == (24000, 1, samples)
+  assert sorted(p.relative_to(out).as_posix() for p in out.rglob('*') if p.is_file()) == [
+      'a/output.wav', 'b/c/output.wav']
+  # live alignment: the model's first max_delay (= 1) frames are silence
+  wave, _ = soundfile.read(str(out / 'a' / 'output.wav'))
+  assert not wave[:1920].any() and wave[1920:].any()
+  # --out exists: refused, nothing touched; --overwrite replaces the outputs
+  stamp = os.path.getmtime(out / 'a' / 'output.wav')
+  assert cli.main(argv) == 1 and 'pass --overwrite' in capsys.readouterr().err
+  assert os.path.getmtime(out / 'a' / 'output.wav') == stamp
+  from flmjax.eval.fdb import check_out
+  check_out(str(out), overwrite=True)  # --overwrite lets the same run through
+
+
+def test_eval_fdb_bad_inputs(tiny_dir, golden_dir, tmp_path, capsys):
+  base = ['eval', 'fdb', '--checkpoint', str(tiny_dir), '--mimi', str(golden_dir / 'mimi_small'),
+          '--no-progress']
+  (tmp_path / 'empty').mkdir()
+  (tmp_path / 'empty' / 'x.wav').write_bytes(b'')
+  assert cli.main(base + ['--in', str(tmp_path / 'empty'), '--out', str(tmp_path / 'o1')]) == 1
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1 and 'no input.wav under it' in err
+  _wav(tmp_path / 'st' / 's1' / 'input.wav', 0.3, 24000, channels=2)
+  assert cli.main(base + ['--in', str(tmp_path / 'st'), '--out', str(tmp_path / 'o2')]) == 1
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1 and '2 channels' in err and 'mono' in err
+  assert not (tmp_path / 'o2').exists()  # checked before anything is written
+  assert cli.main(base + ['--in', str(tmp_path / 'absent'), '--out', str(tmp_path / 'o3')]) == 1
+  assert 'no such directory' in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_eval_duplex_audio_with_mimi(tiny_dir, golden_dir, tmp_path, capsys):
+  """Audio manifests through Mimi: the user's channel encoded, activity from decoded energy."""
+  audio = synthetic.generate(str(tmp_path / 'syn'), seed=2, num_tts_asr=2, num_duplex=2,
+                             num_heldout=2, write_audio=True)
+  out = tmp_path / 'report'
+  assert cli.main(['eval', 'duplex', '--checkpoint', str(tiny_dir),
+                   '--data', audio['heldout_duplex'], '--mimi', str(golden_dir / 'mimi_small'),
+                   '--out', str(out), '--no-progress', '--eval-batches', '1']) == 0
+  report = json.loads((out / 'report.json').read_text())
+  lines = [json.loads(x) for x in open(audio['heldout_duplex'])]
+  for conv, line in zip(report['conversations'], lines):
+    frames = round(soundfile.info(os.path.join(audio['out_dir'], line['audio'])).frames / 1920)
+    assert len(conv['model_active']) == len(conv['text_ids']) == frames
+    assert conv['events'] == line['events']
+  assert set(report['teacher_forced']) == {'duplex', 'ASR (listen, trail)', 'TTS (speak, lead)'}

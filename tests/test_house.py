@@ -1,0 +1,121 @@
+"""The house rules that a test can check: CLI modules are leaves, and the kernels install as
+`flmjax.kernels` only (the top-level name `kernels` is someone else's on PyPI)."""
+import ast
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from flmjax.cli import COMMANDS
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CLI_MODULES = {module for module, _, _ in COMMANDS.values()}
+
+
+def _imported(path: pathlib.Path) -> set[str]:
+  """Every module `path` imports, as dotted names (`from a import b` gives a and a.b)."""
+  names = set()
+  for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    if isinstance(node, ast.Import):
+      names.update(a.name for a in node.names)
+    elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+      names.add(node.module)
+      names.update(f'{node.module}.{a.name}' for a in node.names)
+  return names
+
+
+def test_no_module_imports_a_cli_module():
+  """Only the dispatcher (flmjax/cli.py) loads a command's module; library code, experiments
+  and tests use library functions (or run a command through the dispatcher)."""
+  assert 'flmjax.main' in CLI_MODULES and 'flmjax.decode.cli' in CLI_MODULES
+  found = []
+  for folder in ('flmjax', 'kernels', 'experiments', 'tests'):
+    for path in sorted((ROOT / folder).rglob('*.py')):
+      if path == ROOT / 'flmjax' / 'cli.py':
+        continue
+      found += [f'{path.relative_to(ROOT)} imports {m}' for m in _imported(path) & CLI_MODULES]
+  assert not found, found
+
+
+# The layers of docs/architecture.md §11, bottom first: a room imports only from earlier layers.
+LAYERS = (('config', 'platforms'), ('sharding', 'distributed'), ('model',), ('kernels',),
+          ('checkpoint',), ('codec',), ('data',), ('train',), ('decode',), ('eval', 'serve', 'aot'))
+
+
+def test_rooms_import_only_earlier_layers():
+  layer = {room: i for i, rooms in enumerate(LAYERS) for room in rooms}
+  found = []
+  for path in sorted((ROOT / 'flmjax').rglob('*.py')) + sorted((ROOT / 'kernels').rglob('*.py')):
+    rel = path.relative_to(ROOT)
+    if path.name in ('cli.py', 'main.py', '__main__.py') or rel == pathlib.Path(
+        'flmjax', '__init__.py'):
+      continue  # the command line and the package's public names sit on top of every room
+    room = 'kernels' if rel.parts[0] == 'kernels' else rel.parts[1].removesuffix('.py')
+    for module in _imported(path):
+      parts = module.split('.')
+      if parts[0] == 'flmjax' and len(parts) > 1 and parts[1] in layer and parts[1] != room:
+        if layer[parts[1]] >= layer[room]:
+          found.append(f'{rel} ({room}) imports {module}')
+  assert not found, found
+
+
+@pytest.mark.parametrize('name', ['tiny_dual', 'small_dual'])
+def test_loading_a_config_builds_nothing(tmp_path, name):
+  """get_config only names the corpus; `train` builds it (so `flmjax aot --config` does not)."""
+  from flmjax.train.config import load_config_file
+  tc = load_config_file(str(ROOT / 'experiments' / 'configs' / f'{name}.py'), str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
+  assert tc.corpus.split('duplex') == str(tmp_path / 'run' / 'corpus' / 'prepared' / 'duplex')
+  assert tc.stages[-1].sources[0].path == tc.corpus.split('duplex')
+  assert tc.tokenizer == str(tmp_path / 'run' / 'corpus' / 'raw' / 'tokenizer.model')
+
+
+def test_kernels_import_as_flmjax_kernels_only(tmp_path):
+  """Outside the repository (a temporary working directory), the installed package provides
+  flmjax.kernels and no top-level `kernels`."""
+  code = ('import importlib.util, flmjax.kernels.depth_step as d; '
+          'print(importlib.util.find_spec("kernels")); print(d.select_depth_layers_fn.__name__)')
+  env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+  out = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.split() == ['None', 'select_depth_layers_fn'], out.stdout
+
+
+@pytest.mark.slow
+def test_wheel_installs_kernels_inside_flmjax(tmp_path):
+  """A regular (non-editable) wheel holds kernels/ as flmjax/kernels/ and nothing top-level
+  besides flmjax; installed from it alone, flmjax.kernels imports."""
+  src = tmp_path / 'src'  # a copy: building writes build/ beside the sources
+  for name in ('flmjax', 'kernels'):
+    shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns('__pycache__'))
+  for name in ('setup.py', 'setup.cfg', 'pyproject.toml', 'README.md'):
+    shutil.copy(ROOT / name, src / name)
+  build = subprocess.run([sys.executable, '-m', 'pip', 'wheel', '-q', '--no-deps',
+                          '--no-build-isolation', '-w', str(tmp_path / 'dist'), str(src)],
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+  assert build.returncode == 0, build.stderr
+  (wheel,) = (tmp_path / 'dist').glob('flmjax-*.whl')
+  names = zipfile.ZipFile(wheel).namelist()
+  tops = {n.split('/')[0] for n in names if not n.split('/')[0].endswith('.dist-info')}
+  assert tops == {'flmjax'}, tops
+  assert {'flmjax/kernels/__init__.py', 'flmjax/kernels/depth_step.py',
+          'flmjax/kernels/reference.py'} <= set(names)
+  zipfile.ZipFile(wheel).extractall(tmp_path / 'site')
+  env = {**os.environ, 'PYTHONPATH': str(tmp_path / 'site')}
+  code = ('import flmjax, flmjax.kernels.depth_step, importlib.util; '
+          'print(flmjax.__file__); print(importlib.util.find_spec("kernels"))')
+  out = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.split() == [str(tmp_path / 'site' / 'flmjax' / '__init__.py'), 'None']
+  # The browser page is package data: a wheel serves it.
+  code = 'from flmjax.serve import page; print(*sorted(page.load_files()))'
+  out = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.split() == ['app.js', 'capture.js', 'index.html']
