@@ -1,4 +1,4 @@
-"""Which JAX backend a command should use, decided before jax is imported."""
+"""Which JAX backend a command uses (decided before jax is imported), and what to avoid on it."""
 from __future__ import annotations
 
 import glob
@@ -24,3 +24,24 @@ def cpu_unless_accelerator(env=os.environ) -> None:
     env['JAX_PLATFORMS'] = 'cpu'
     if 'jax' in sys.modules and env is os.environ:  # jax read its env at import (flmjax imports
       sys.modules['jax'].config.update('jax_platforms', 'cpu')  # it): set the flag too
+
+
+def compile_fresh_on_cpu_mesh(log=print) -> bool:
+  """Turns off jax's persistent compilation cache for this process when it runs on several CPU
+  devices (simulated with --xla_force_host_platform_device_count, or CPU processes of one job);
+  returns whether it did.
+
+  Why: with jax 0.10.2, an XLA:CPU train step loaded from that cache aborted in a collective
+  rendezvous (some devices in an all-gather, the rest in a collective permute), where the same
+  program compiled fresh runs; a LoRA run resumed in a new process hit it every time. Call after
+  jax.distributed is initialized and before the first compilation.
+  """
+  import jax
+  if not (jax.config.jax_compilation_cache_dir and jax.config.jax_enable_compilation_cache):
+    return False
+  if jax.default_backend() != 'cpu' or jax.device_count() < 2:
+    return False
+  jax.config.update('jax_enable_compilation_cache', False)
+  log(f'the persistent compilation cache ({jax.config.jax_compilation_cache_dir}) is off for '
+      'this run: XLA:CPU steps with collectives loaded from it can deadlock (docs/training.md)')
+  return True

@@ -82,3 +82,23 @@ def test_one_tpu_worker_host_is_not_a_cluster():
   assert not distributed._in_cluster(env({}))
   assert distributed._in_cluster(env({'TPU_WORKER_HOSTNAMES': '10.0.0.1,10.0.0.2'}))
   assert distributed._in_cluster(env({'SLURM_JOB_NUM_NODES': '2'}))
+
+
+def test_persistent_compilation_cache_is_off_on_a_cpu_mesh(tmp_path):
+  """XLA:CPU steps with collectives loaded from jax's persistent cache can deadlock: on several
+  CPU devices a run compiles fresh, and says so once."""
+  from flmjax.platforms import compile_fresh_on_cpu_mesh
+  old_dir = jax.config.jax_compilation_cache_dir
+  old_enabled = jax.config.jax_enable_compilation_cache
+  lines = []
+  try:
+    jax.config.update('jax_compilation_cache_dir', None)
+    assert not compile_fresh_on_cpu_mesh(lines.append)  # no cache set: nothing to turn off
+    jax.config.update('jax_compilation_cache_dir', str(tmp_path))
+    assert compile_fresh_on_cpu_mesh(lines.append)
+    assert not jax.config.jax_enable_compilation_cache
+    assert len(lines) == 1 and str(tmp_path) in lines[0]
+    assert not compile_fresh_on_cpu_mesh(lines.append)  # already off: said once
+  finally:
+    jax.config.update('jax_compilation_cache_dir', old_dir)
+    jax.config.update('jax_enable_compilation_cache', old_enabled)

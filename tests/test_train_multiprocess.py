@@ -60,9 +60,7 @@ class Job:
 
   def __init__(self, config, run_dir, logs, name):
     env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'JAX_PLATFORMS': 'cpu',
-           'XLA_FLAGS': '--xla_force_host_platform_device_count=4',
-           'JAX_COMPILATION_CACHE_DIR': str(logs / 'jax_cache'),
-           'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}
+           'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
     port = _free_port()
     self.logs = [logs / f'{name}_{i}.log' for i in range(2)]
     self.procs = [

@@ -51,7 +51,8 @@ def _complete_steps(ckpt_dir):
 
 
 def _env(tmp_path):
-  # A resumed process reuses the first one's compiled step from a persistent cache.
+  # A persistent compilation cache is set, as a user might: on the 8 CPU devices `flmjax train`
+  # turns it off (flmjax.platforms.compile_fresh_on_cpu_mesh), else a resumed LoRA run deadlocks.
   return {**os.environ, 'PYTHONUNBUFFERED': '1',
           'JAX_COMPILATION_CACHE_DIR': str(tmp_path / 'jax_cache'),
           'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}
@@ -84,9 +85,6 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, reference):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason='known bug, open: a LoRA run resumed in a fresh process on the 8-device '
-                   'CPU mesh aborts in an XLA:CPU collective rendezvous (int8 and bf16 bases); '
-                   'in-process LoRA resume is exact (test_train_lora.py)', strict=False)
 def test_lora_sigkill_then_resume_is_bit_identical(tmp_path, tmp_path_factory):
   """LoRA on an int8 base: adapters and their moments resume exactly; the base is rebuilt."""
   _sigkill_then_resume(tmp_path, _reference(tmp_path_factory, 'lora'), 'lora')

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flmjax import sharding as shd
 from flmjax.distributed import initialize_distributed
 from flmjax.model import lora as lora_lib
+from flmjax.platforms import compile_fresh_on_cpu_mesh
 from flmjax.train import checkpointing as ckpt_lib
 from flmjax.train import data as data_lib
 from flmjax.train import observe
@@ -187,6 +188,7 @@ def train(tc: TrainConfig, *, mesh: jax.sharding.Mesh | None = None,
   initialize_distributed(*dataclasses.astuple(d))
   primary = jax.process_index() == 0
   log = log if primary else (lambda *a, **k: None)
+  compile_fresh_on_cpu_mesh(log)
   mesh = mesh or config_mesh(tc)
   shd.validate_mesh(tc.model, mesh.shape)
   check_batch_fits_mesh(tc, mesh)
