@@ -5,7 +5,7 @@ nine" with "it is ten". Here LoRA adapters (rank 16, alpha 32, attn + mlp, float
 to answer "that is ten" from 2000 new-style conversations, 150 steps of batch 32; the base is
 frozen. Design fixed before the run:
 - new-style held-out: 64 conversations of a corpus seed the training never saw, streamed
-  greedily through the decoder (flmjax.decode.heldout.chat_heldout) with the base and with the
+  greedily through the decoder (flmjax.eval.duplex.evaluate_duplex) with the base and with the
   LoRA run merged at load (flmjax.train.export.restore_model);
 - a turn is in the new style when its sentence starts with "that is"; right when it equals the
   reference ("that is X"); target: >= 80% of held-out turns in the new style;
@@ -54,8 +54,7 @@ def digest(path: str) -> str:
 
 
 def turns(report: dict) -> dict:
-  said = [(c['said'][i] if i < len(c['said']) else '', ref)
-          for c in report['conversations'] for i, ref in enumerate(c['reference'])]
+  said = [(t['said'], t['reference']) for c in report['conversations'] for t in c['turns']]
   n = len(said)
   return {'turns': n, 'new_style': sum(s.startswith(STYLE + ' ') for s, _ in said) / n,
           'old_style': sum(s.startswith(OLD + ' ') for s, _ in said) / n,
@@ -78,7 +77,7 @@ def main() -> None:
   from flmjax.config import ModelConfig
   from flmjax.data.pipeline import SourceSpec
   from flmjax.data.tokenizer import load_tokenizer
-  from flmjax.decode.heldout import chat_heldout
+  from flmjax.eval.duplex import evaluate_duplex
   from flmjax.model.lora import LoraConfig
   from flmjax.train.config import OptimConfig, StageConfig, TrainConfig
   from flmjax.train.export import restore_model
@@ -112,9 +111,11 @@ def main() -> None:
   merged, _ = restore_model(tc.run_dir)
   rows = {}
   for name, model in (('base', frozen), ('base + LoRA (merged)', merged)):
-    report = chat_heldout(model, heldout['manifest'], tok, limit=64)
+    report = evaluate_duplex(model, heldout['manifest'], tok, limit=64)
     rows[name] = turns(report)
-    rows[name]['example'] = report['conversations'][0]['said'][:3]
+    rows[name]['turn_taking'] = {k: v for k, v in report['turn_taking'].items()
+                                 if not k.endswith('_all')}
+    rows[name]['example'] = [t['said'] for t in report['conversations'][0]['turns'][:3]]
   summary = {'steps': args.steps, 'train_s': round(train_s, 1), 'seed': args.seed,
              'lora': str(lora), 'trainable_params': int(sum(
                  x.size for x in jax.tree.leaves(result['state'].params))),
@@ -126,11 +127,14 @@ def main() -> None:
     json.dump(summary, f, indent=2, default=str)
   print(json.dumps(summary, indent=2, default=str))
   print('\n| model | turns | new style ("that is X") | old style ("it is X") | exactly right | '
-        'right number |')
-  print('|---|---|---|---|---|---|')
+        'right number | pause takeover | interrupt stop |')
+  print('|---|---|---|---|---|---|---|---|')
+  rate = lambda x: '-' if x is None else f'{x:.3f}'
   for name, r in rows.items():
+    tt = r['turn_taking']
     print(f'| {name} | {r["turns"]} | {100 * r["new_style"]:.1f}% | {100 * r["old_style"]:.1f}% '
-          f'| {100 * r["right"]:.1f}% | {100 * r["right_number"]:.1f}% |')
+          f'| {100 * r["right"]:.1f}% | {100 * r["right_number"]:.1f}% '
+          f'| {rate(tt["pause_takeover_rate"])} | {rate(tt["interrupt_stop_rate"])} |')
 
 
 if __name__ == '__main__':

@@ -41,6 +41,31 @@ def test_no_module_imports_a_cli_module():
   assert not found, found
 
 
+def test_every_flmjax_import_resolves():
+  """Imports inside functions (experiments, lazy imports) run only when called: each `flmjax`
+  name imported anywhere must still exist, so a moved module cannot strand a script."""
+  import importlib
+  found = []
+  for folder in ('flmjax', 'kernels', 'experiments', 'tests'):
+    for path in sorted((ROOT / folder).rglob('*.py')):
+      for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+          pairs = [(a.name, None) for a in node.names if a.name.split('.')[0] == 'flmjax']
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module and (
+            node.module.split('.')[0] == 'flmjax'):
+          pairs = [(node.module, a.name) for a in node.names]
+        else:
+          continue
+        for module, name in pairs:
+          try:
+            mod = importlib.import_module(module)
+            if name is not None and not hasattr(mod, name):
+              importlib.import_module(f'{module}.{name}')  # a submodule
+          except ImportError as e:
+            found.append(f'{path.relative_to(ROOT)}:{node.lineno}: {e}')
+  assert not found, found
+
+
 # The layers of docs/architecture.md §11, bottom first: a room imports only from earlier layers.
 LAYERS = (('config', 'platforms'), ('sharding', 'distributed'), ('model',), ('kernels',),
           ('checkpoint',), ('codec',), ('data',), ('train',), ('decode',), ('eval', 'serve', 'aot'))
