@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import sys
 
-from flmjax.aot.compile import AotRequest, collectives_carrying, compile_report
+from flmjax.aot.compile import collectives_carrying, compile_report
+from flmjax.aot.request import AotRequest
 from flmjax.config import ModelConfig
 
 M = ModelConfig.flm_8b()

@@ -13,15 +13,8 @@ from jax.sharding import PartitionSpec as P
 
 from flmjax import cli
 from flmjax import sharding as shd
-from flmjax.aot.compile import (
-  AotError,
-  AotRequest,
-  collectives_carrying,
-  compile_report,
-  make_request,
-  parse_mesh,
-  required_bytes,
-)
+from flmjax.aot.compile import collectives_carrying, compile_report, required_bytes
+from flmjax.aot.request import AotError, AotRequest, make_request, parse_mesh
 from flmjax.config import ModelConfig
 
 pytestmark = pytest.mark.slow  # TPU compiles with libtpu
@@ -122,7 +115,7 @@ def test_mesh_errors_are_named():
 def test_decode_frame_with_the_pallas_kernel_under_the_mesh_compiles_for_v5e():
   """The Mosaic depth kernel in shard_map over the sessions, through the real TPU compiler: the
   kernel is in the program and no collective moves a depth weight (they are stored whole)."""
-  from flmjax.aot.compile import make_request
+  from flmjax.aot.request import make_request
   cfg = ModelConfig.small()
   req = make_request('v5e:2x2', 4, step='decode', preset='small', window=256, batch=8,
                      mesh='tensor=4', pallas=True)

@@ -150,7 +150,7 @@ def test_serve_busy_port_fails_before_loading(capsys):
 # ---- smaller surfaces: aot --mesh, load_mimi, the model's positions --------------------------
 
 def test_aot_mesh_sizes_must_be_positive():
-  from flmjax.aot.compile import AotError, parse_mesh
+  from flmjax.aot.request import AotError, parse_mesh
   for text in ('fsdp=0', 'tensor=0', 'fsdp=4,tensor=-2'):
     with pytest.raises(AotError, match=r'mesh sizes must be >= 1'):
       parse_mesh(text)

@@ -55,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
 @command('flmjax aot')
 def main(argv: list[str]) -> int:
   args = _parser().parse_args(argv)
-  from flmjax.aot.compile import compile_report, make_request, parse_mesh, topology_devices
+  from flmjax.aot.compile import compile_report, topology_devices
+  from flmjax.aot.request import make_request, parse_mesh
   if args.mesh:
     parse_mesh(args.mesh)  # a typo fails before libtpu starts
   req = make_request(args.topology, len(topology_devices(args.topology)), step=args.step,

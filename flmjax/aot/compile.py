@@ -7,7 +7,6 @@ memory. An over-budget program fails with RESOURCE_EXHAUSTED; its required bytes
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import math
 import os
@@ -21,8 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from flmjax import sharding as shd
 from flmjax.aot import roofline
-from flmjax.config import ModelConfig
-from flmjax.model.lora import LoraConfig
+from flmjax.aot.request import AotError, AotRequest
 from flmjax.platforms import tpu_chips_present
 
 GIB = 2 ** 30
@@ -37,101 +35,6 @@ INSTALL_HINT = ('flmjax aot needs libtpu to compile for TPUs: pip install -e ".[
 _COMPILE_ONLY_ENV = {'TPU_SKIP_MDS_QUERY': '1', 'TPU_WORKER_HOSTNAMES': 'localhost',
                      'TPU_WORKER_ID': '0', 'TPU_ACCELERATOR_TYPE': 'v5litepod-4',
                      'ALLOW_MULTIPLE_LIBTPU_LOAD': '1'}
-
-
-class AotError(ValueError):
-  """A compile request is malformed, or libtpu is missing."""
-
-
-@dataclasses.dataclass(frozen=True)
-class AotRequest:
-  """What to compile. For step='decode', `window` is the KV-cache positions per session
-  (`flmjax aot --max-len`) and `batch` the sessions."""
-  topology: str  # e.g. 'v5p:4x4x4'
-  model: ModelConfig
-  step: str = 'train'  # 'train' | 'decode'
-  window: int = 4096
-  batch: int = 64
-  fsdp: int = 1
-  tensor: int = 1
-  remat: str = 'full'
-  grad_accum: int = 1
-  compute_dtype: str = 'bfloat16'
-  pallas: bool = False  # decode: the Mosaic depth kernel in shard_map, as use_pallas=True runs
-  lora: LoraConfig | None = None  # train: LoRA adapters on a frozen base (int8 or bf16)
-
-  @property
-  def chip(self) -> str:
-    return self.topology.split(':')[0]
-
-
-def parse_mesh(text: str) -> dict[str, int]:
-  """'fsdp=16,tensor=4' -> {'fsdp': 16, 'tensor': 4}; data takes the remaining devices."""
-  out = {}
-  for part in filter(None, (p.strip() for p in text.split(','))):
-    name, eq, size = part.partition('=')
-    if eq and name in ('fsdp', 'tensor') and size.strip().lstrip('+-').isdigit() and \
-        int(size) < 1:
-      raise AotError(f'--mesh {text!r}: {name}={size.strip()}: mesh sizes must be >= 1')
-    if not eq or name not in ('fsdp', 'tensor') or not size.isdigit() or int(size) < 1:
-      raise AotError(f'--mesh {text!r}: expected comma-separated axis=size pairs with axes fsdp '
-                     f'and tensor (data takes the remaining devices), e.g. fsdp=16,tensor=4')
-    out[name] = int(size)
-  return out
-
-
-def make_request(topology: str, num_chips: int, *, step: str = 'train', config: str | None = None,
-                 preset: str | None = None, window: int | None = None, batch: int | None = None,
-                 mesh: str | None = None, remat: str | None = None,
-                 grad_accum: int | None = None, pallas: bool = False,
-                 lora_rank: int | None = None, lora_targets: str | None = None,
-                 base_dtype: str | None = None) -> AotRequest:
-  """What `flmjax aot` compiles: a training config's model, window, batch, mesh, remat, dtype
-  and LoRA (loading it has no side effects), else the preset (default flm_8b); set arguments
-  override. lora_rank R (alpha R) trains LoRA adapters on `lora_targets` (comma-separated,
-  default attn,mlp) over a frozen `base_dtype` base (default bfloat16)."""
-  from flmjax.train.config import load_config_file
-  base = dict(model=None, window=None, batch=64, remat='full', grad_accum=1,
-              compute_dtype='bfloat16', fsdp=None, tensor=1, lora=None)
-  if config:
-    tc = load_config_file(config, os.path.join('runs', 'aot'))  # the run dir is never written
-    base.update(model=tc.model, window=tc.window, batch=tc.batch_size, remat=tc.remat,
-                grad_accum=tc.grad_accum, compute_dtype=tc.compute_dtype, fsdp=tc.mesh.fsdp,
-                tensor=tc.mesh.tensor, lora=tc.lora)
-  base['lora'] = _lora_request(base['lora'], lora_rank, lora_targets, base_dtype)
-  if preset or base['model'] is None:
-    base['model'] = getattr(ModelConfig, preset or 'flm_8b')()
-  axes = parse_mesh(mesh) if mesh else {}
-  base.update({k: v for k, v in (('window', window), ('batch', batch), ('remat', remat),
-                                 ('grad_accum', grad_accum)) if v is not None}, **axes)
-  if mesh and 'fsdp' not in axes:
-    base['fsdp'] = 1
-  if base['fsdp'] is None:
-    base['fsdp'] = num_chips // base['tensor']
-  if base['window'] is None:
-    base['window'] = 4096 if step == 'train' else base['model'].max_position_embeddings
-  if pallas and step != 'decode':
-    raise AotError('--pallas: the Pallas depth kernel is compiled with --step decode only')
-  return AotRequest(topology=topology, step=step, pallas=pallas, **base)
-
-
-def _lora_request(lora, rank, targets, base_dtype):
-  if rank is None and lora is None:
-    if targets or base_dtype:
-      raise AotError(f'{"--lora-targets" if targets else "--base-dtype"} needs --lora-rank R '
-                     '(the base is only frozen, or quantized, under LoRA)')
-    return None
-  kw = {} if lora is None else dataclasses.asdict(lora)
-  if rank is not None:
-    kw.update(rank=rank, alpha=float(rank))
-  if targets:
-    kw['targets'] = tuple(t.strip() for t in targets.split(',') if t.strip())
-  if base_dtype:
-    kw['base_dtype'] = base_dtype
-  try:
-    return LoraConfig(**kw)
-  except ValueError as e:
-    raise AotError(f'LoRA: {e}') from None
 
 
 def topology_devices(name: str) -> list:
