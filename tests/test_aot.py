@@ -148,6 +148,10 @@ def test_required_bytes_parses_the_compiler_message():
   msg = ('RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory '
          'space hbm. Used 203.35G of 95.74G hbm. Exceeded hbm capacity by 107.61G.')
   assert required_bytes(msg) == int(203.35 * 2 ** 30)
+  msg = ('RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO '
+         'temporaries (33.36G) exceeds available HBM (15.75G).')  # the full 8B fine-tune, v5e:2x2
+  assert required_bytes(msg) == int(33.36 * 2 ** 30)
+  assert required_bytes('RESOURCE_EXHAUSTED: out of memory') is None
 
 
 def test_sharding_report_bytes_per_device():

@@ -34,7 +34,7 @@ pytestmark = pytest.mark.slow  # subprocess training jobs
 CONFIG = '''
 from flmjax.config import ModelConfig
 from flmjax.data.pipeline import SourceSpec
-from flmjax.train.config import MeshConfig, OptimConfig, StageConfig, TrainConfig
+from flmjax.train.config import LoraConfig, MeshConfig, OptimConfig, StageConfig, TrainConfig
 
 def get_config(run_dir):
   stages = (StageConfig('a', 4, sources=(SourceSpec({duplex!r}, offset_frames=2),), peak_lr=3e-3,
@@ -43,8 +43,11 @@ def get_config(run_dir):
   return TrainConfig(model=ModelConfig.tiny(), stages=stages, run_dir=run_dir, window=12,
                      batch_size=8, compute_dtype='float32', optim=OptimConfig(eps=1e-3),
                      mesh=MeshConfig(data=1, fsdp=4, dcn_data=2), checkpoint_every=2,
-                     keep_checkpoints=2, log_every=1, progress_bar=False)
+                     keep_checkpoints=2, log_every=1, progress_bar=False, lora={lora})
 '''
+# LoRA on an int8 base made from --init_from (the golden tiny model): adapters train, the base is
+# rebuilt in each process and fingerprinted.
+LORA = "LoraConfig(4, 8.0, targets=('attn', 'mlp', 'depth'), base_dtype='int8')"
 TOTAL = 7
 TIMEOUT = 900  # seconds per launch: one took up to 6 min on a 2-core box at load average 25
 
@@ -58,7 +61,7 @@ def _free_port() -> int:
 class Job:
   """`flmjax train` as processes 0 and 1 of one job, each with 4 CPU devices."""
 
-  def __init__(self, config, run_dir, logs, name):
+  def __init__(self, config, run_dir, logs, name, extra=()):
     env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'JAX_PLATFORMS': 'cpu',
            'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
     port = _free_port()
@@ -67,7 +70,7 @@ class Job:
         subprocess.Popen([sys.executable, '-m', 'flmjax', 'train', '--config', str(config),
                           '--run_dir', str(run_dir), '--noprogress',
                           '--coordinator_address', f'127.0.0.1:{port}', '--num_processes', '2',
-                          '--process_id', str(i)],
+                          '--process_id', str(i), *map(str, extra)],
                          env=env, stdout=open(log, 'w'), stderr=subprocess.STDOUT)
         for i, log in enumerate(self.logs)]
 
@@ -110,7 +113,7 @@ def setup(tmp_path_factory):
   corpus = ensure_synthetic_corpus(str(root / 'corpus'), num_tts_asr=4, num_duplex=16,
                                    num_heldout=2)
   config = root / 'cfg.py'
-  config.write_text(CONFIG.format(duplex=corpus['duplex']))
+  config.write_text(CONFIG.format(duplex=corpus['duplex'], lora=None))
   job = Job(config, root / 'reference', root, 'reference')
   assert job.wait() == [0, 0], job.output(0)[-3000:] + job.output(1)[-3000:]
   ckpt = Checkpointer(root / 'reference' / 'checkpoints', use_async=False)
@@ -215,3 +218,28 @@ def test_sigkill_then_sigterm_then_resume_is_bit_identical(setup, tmp_path):
                                                       dtype='float32')))
   for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(_params(reference))):
     assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_lora_on_an_int8_base_equals_the_single_process_run(setup, tmp_path, monkeypatch,
+                                                            tiny_dir):
+  """Two processes train LoRA adapters over an int8 base read from --init_from: their losses,
+  adapters and base fingerprint equal the single-process run's on the same global batches."""
+  _, full_config, _ = setup
+  config = tmp_path / 'lora.py'  # the same corpus and schedule
+  config.write_text(full_config.read_text().replace('lora=None)', f'lora={LORA})'))
+  job = Job(config, tmp_path / 'two', tmp_path, 'lora', extra=('--init_from', tiny_dir))
+  assert job.wait() == [0, 0], job.output(0)[-3000:] + job.output(1)[-3000:]
+  monkeypatch.setattr(data_lib, 'make_stage_loader', lambda tc, stage, **k: BothShards(tc, stage))
+  tc = load_config_file(str(config), str(tmp_path / 'one')).replace(
+      mesh=MeshConfig(2, 4, 1), init_from=str(tiny_dir))
+  out = train(tc, log=lambda *a: None)
+  two, one = observe.history(str(tmp_path / 'two')), observe.history(tc.run_dir)
+  assert [r['step'] for r in two] == list(range(1, TOTAL + 1))
+  np.testing.assert_allclose([r['loss'] for r in one], [r['loss'] for r in two], rtol=1e-6)
+  ckpts = [Checkpointer(tmp_path / d / 'checkpoints', use_async=False) for d in ('two', 'one')]
+  fingerprints = [c.restore_meta()['base_fingerprint'] for c in ckpts]
+  assert fingerprints[0] == fingerprints[1] and len(fingerprints[0]) == 64
+  want = jax.device_get(out['state'].params)  # the adapters only
+  got = ckpts[0].restore_params(abstract_on_cpu(want))
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)

@@ -6,7 +6,9 @@ line: topology, chip, chips, mesh, step, window, batch, hbm_gib, args_gib, temp_
 alias_gib, peak_gib (= args + out - alias + temp, per chip), fits (peak <= 0.9 x hbm),
 compile_s, collectives (a count per kind), and for --step train trainable_params, trainable_gib
 (float32, the whole model) and base_dtype (LoRA's frozen base, else null). Exits 1 when the
-program does not fit (and, as every flmjax command, on a bad input, with one line on stderr).
+program does not fit (and, as every flmjax command, on a bad input, with one line on stderr);
+then peak_gib is what the compiler's error names, and peak_is_lower_bound says whether that is
+its temporaries alone.
 For --step decode, --max-len is the KV-cache positions per session and --batch the sessions, and
 the line also has largest_collective_mib (the largest collective in the compiled frame),
 read_gib_per_chip (bytes a frame reads from HBM per chip: every weight, the whole KV cache),

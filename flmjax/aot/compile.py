@@ -182,12 +182,14 @@ def collectives_carrying(hlo: str, dims: tuple[int, ...]) -> list[str]:
 
 
 def required_bytes(message: str) -> int | None:
-  """Bytes a RESOURCE_EXHAUSTED compile error says the program needs (None if unparsed)."""
+  """Bytes a RESOURCE_EXHAUSTED compile error says the program needs (None if unparsed): its
+  'Used X of Y hbm' total, or the size it says exceeds HBM. The compiler may stop at the
+  temporaries ('... required for HLO temporaries (33.36G) exceeds ...'): then a lower bound."""
   units = {'': 1, 'K': 2 ** 10, 'M': 2 ** 20, 'G': 2 ** 30, 'T': 2 ** 40}
   m = re.search(r'Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm', message)
   if m:
     return int(float(m.group(1)) * units[m.group(2)])
-  m = re.search(r'([\d.]+)([KMGT])i?B? .{0,40}exceeds', message)
+  m = re.search(r'([\d.]+)([KMGT])i?B?\)? .{0,40}exceeds', message)
   return int(float(m.group(1)) * units[m.group(2)]) if m else None
 
 
@@ -220,6 +222,7 @@ def compile_report(req: AotRequest, log=print):
     log(f'RESOURCE_EXHAUSTED: {str(e).splitlines()[0][:300]}')
     record.update(args_gib=None, temp_gib=None, out_gib=None, alias_gib=None,
                   peak_gib=None if need is None else round(need / GIB, 2), fits=False,
+                  peak_is_lower_bound='temporaries' in str(e),
                   compile_s=round(time.perf_counter() - t0, 1), collectives=None, **info)
     if req.step == 'decode':
       record.update(decode_plan(req, mesh, None))
