@@ -123,8 +123,10 @@ ANY_PORT = ('--port', '0')  # the port is bound first: never depend on 8990 bein
     (('--temp-text', '-1'), '--temp-text -1.0: temperature must be >= 0'),
     (('--top-p-audio', '2'), '--top-p-audio 2.0: top_p must lie in [0, 1]'),
     (('--repetition-penalty-text', '0.5'), '--repetition-penalty-text 0.5: the official'),
+    (('--pallas',), '--pallas: the Pallas depth kernels compile for a GPU or a TPU, and this '
+                    'host runs on cpu'),
 ], ids=['idle_negative', 'idle_nan', 'max_len', 'slots', 'port_negative', 'port_high',
-        'message_bytes', 'buffer_inf', 'queue', 'temp', 'top_p', 'penalty'])
+        'message_bytes', 'buffer_inf', 'queue', 'temp', 'top_p', 'penalty', 'pallas_on_cpu'])
 def test_serve_numeric_flags(capsys, flags, message):
   # The checkpoint does not exist: the flag error comes first, before any loading.
   line = error_line(capsys, *SERVE, *ANY_PORT, *flags)

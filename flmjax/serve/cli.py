@@ -62,6 +62,9 @@ def _parser() -> ArgumentParser:
                   help='unsent reply messages before a client counts as a stalled reader')
   ap.add_argument('--idle-s', type=float, default=30.0, help='close a session silent this long')
   ap.add_argument('--greedy', action='store_true', help='argmax after the repetition penalty')
+  ap.add_argument('--pallas', action='store_true',
+                  help='the depth transformer through the Pallas kernels (GPU: Triton, TPU: '
+                       'Mosaic), under --mesh in shard_map over the sessions')
   add_sampling_flags(ap)
   return ap
 
@@ -89,6 +92,11 @@ def check_flags(args) -> None:
           ' (one 80 ms frame)' if low == 0.08 else ''))
   from flmjax.decode.flags import sampling_from_flags
   sampling_from_flags(args)
+  if args.pallas:
+    import jax
+    if jax.default_backend() not in ('gpu', 'tpu'):
+      raise ValueError(f'--pallas: the Pallas depth kernels compile for a GPU or a TPU, and this '
+                       f'host runs on {jax.default_backend()}; leave --pallas off here')
 
 
 def build_server(model, mimi, args, mesh=None):
@@ -98,7 +106,7 @@ def build_server(model, mimi, args, mesh=None):
   from flmjax.serve.session import Limits
   sampling = sampling_from_flags(args)
   pipeline = FramePipeline(model, mimi, args.slots, sampling=sampling, max_len=args.max_len,
-                           mesh=mesh)
+                           mesh=mesh, use_pallas=args.pallas)
   pipeline.warmup()
   tokenizer = None
   if args.tokenizer:
