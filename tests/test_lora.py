@@ -189,6 +189,8 @@ def test_adapter_axes_follow_the_base():
     (dict(rank=4, alpha=0.0), 'alpha is 0.0'), (dict(rank=4, alpha=-1), 'alpha is -1'),
     (dict(rank=4, alpha=1.0, targets=('attn', 'ffn')), "unknown target 'ffn'"),
     (dict(rank=4, alpha=1.0, base_dtype='int4'), "base_dtype 'int4'"),
+    (dict(rank=4, alpha=1.0, dropout=1.0), r'dropout is 1.0; it must lie in \[0, 1\)'),
+    (dict(rank=4, alpha=1.0, dropout=-0.1), 'dropout is -0.1'),
 ])
 def test_bad_lora_config(kw, match):
   with pytest.raises(ValueError, match=match):
@@ -250,3 +252,49 @@ def test_sharded_lora_step_matches_single_device(lora_steps):
   spec = lora_steps['sharded'][0]
   assert spec.base['backbone']['q'].sharding.spec == jax.sharding.PartitionSpec(
       None, 'fsdp', 'tensor', None)
+
+
+def test_dropout_drops_the_adapters_input_only():
+  """With A = B = identity the adapter path is the dropped input itself: each entry is 0 or
+  x / (1 - rate), about `rate` of them 0 (for this fixed key: no chance involved), and the
+  base path sees all of x. Without adapters, dropout changes nothing."""
+  rate, scale = 0.25, 2.0
+  x = jax.random.normal(jax.random.key(0), (4, 64, 16)) + 3.0  # no exact zeros
+  w = jax.random.normal(jax.random.key(1), (16, 16))
+  p = {'up': w, 'up_lora_a': jnp.eye(16), 'up_lora_b': jnp.eye(16)}
+  dropout = (jax.random.key(2), rate)
+  base = jnp.einsum('BTi,io->BTo', x, w)
+  delta = (L.dense('BTi,io->BTo', x, p, 'up', scale, dropout=dropout) - base) / scale
+  kept = jnp.abs(delta) > 1e-3
+  np.testing.assert_allclose(np.where(kept, delta, 0), np.where(kept, x / (1 - rate), 0),
+                             rtol=1e-5)
+  assert 0.2 < 1 - float(kept.mean()) < 0.3
+  np.testing.assert_allclose(L.dense('BTi,io->BTo', x, p, 'up', scale), base + scale * x,
+                             rtol=1e-5)  # no dropout: nothing dropped
+  again = L.dense('BTi,io->BTo', x, p, 'up', scale, dropout=dropout)
+  assert np.array_equal(again, L.dense('BTi,io->BTo', x, p, 'up', scale, dropout=dropout))
+  plain = {'up': w}
+  assert np.array_equal(L.dense('BTi,io->BTo', x, plain, 'up', scale, dropout=dropout), base)
+
+
+@pytest.mark.slow
+def test_dropout_step_is_deterministic_and_differs_from_no_dropout():
+  """One LoRA step with dropout 0.5, twice from the same state: bit-identical; against dropout
+  0.0 the adapters move differently (B's first update sees the dropped input)."""
+  mesh = shd.make_mesh(1, 1, 1)
+  results = []
+  for dropout in (0.5, 0.5, 0.0):
+    tc = _tc(L.LoraConfig(4, 8.0, targets=('attn', 'mlp', 'depth', 'heads'),
+                          dropout=dropout, base_dtype='float32'))
+    spec = st.state_spec(tc, mesh)
+    state, base = st.init_state(spec, tc), st.init_base(spec, tc)
+    batch = data_lib.to_global(next(data_lib.make_stage_loader(tc, 0)), sp.batch_shardings(mesh))
+    state, m = sp.jit_train_step(spec, tc, mesh)(state, batch, jnp.float32(3e-3), base)
+    results.append((jax.device_get(state.params), float(m['loss'])))
+  (a, loss_a), (b, loss_b), (c, loss_c) = results
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert np.array_equal(x, y)
+  assert loss_a == loss_b == loss_c  # B = 0: each step's forward is the base's
+  moved = [not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(c))]
+  assert any(moved)
+

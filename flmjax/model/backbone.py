@@ -78,8 +78,9 @@ class Backbone(nnx.Module):
     return x * jnp.asarray(self.cfg.embed_scale, dt)
 
   def __call__(self, x: jax.Array, positions: jax.Array, cache: Cache | None = None,
-               remat_policy=None) -> tuple[jax.Array, Cache | None]:
+               remat_policy=None, dropout=None) -> tuple[jax.Array, Cache | None]:
     """x [B,T,D] embedded frames, positions [B,T] -> final-normed hidden [B,T,D], new cache.
+    `dropout` (key, rate): LoRA dropout in training (flmjax.model.lora.dense), a stream per layer.
 
     Without a cache (teacher forcing) attention is causal over the T frames, through
     attention.causal_attention; `positions` only place RoPE. With one, the step's keys are
@@ -88,7 +89,6 @@ class Backbone(nnx.Module):
     cfg = self.cfg
     stacked = values(self, LAYER_PARAMS, cfg.compute_dtype)
     cos, sin = layers.rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.compute_dtype)
-    dense = lambda spec, x, p, name: lora.dense(spec, x, p, name, self.lora_scale)
     if cache is not None:
       entries = jnp.arange(cache['k'].shape[2])
       mask = entries[None, None, :] <= positions[:, :, None]  # [B,T,S]
@@ -98,6 +98,8 @@ class Backbone(nnx.Module):
       # xs/ys, XLA copied the full cache several times per decoded frame).
       x, ck, cv = carry
       p, i = xs
+      dense = lambda spec, x, p, name: lora.dense(spec, x, p, name, self.lora_scale,
+                                                  dropout=lora.fold(dropout, i))
       x = shd.constrain(x, BTD)
       h = layers.rms_norm(x, p['input_norm'], cfg.rms_norm_eps)
       q = shd.constrain(dense('BTD,DNH->BTNH', h, p, 'q') + p['q_bias'], BTNH)
@@ -126,12 +128,12 @@ class Backbone(nnx.Module):
     h = layers.rms_norm(x, self.final_norm[...].astype(cfg.compute_dtype), cfg.rms_norm_eps)
     return shd.constrain(h, BTD), (None if cache is None else {'k': ck, 'v': cv})
 
-  def text_logits(self, h: jax.Array, padded: bool = False) -> jax.Array:
+  def text_logits(self, h: jax.Array, padded: bool = False, dropout=None) -> jax.Array:
     """h [B,T,D] -> [B,T,V], with the muP output scale; padded=True gives the padded vocab
     [B,T,Vp] with the padding's logits at NEG_INF (what the chunked loss reads)."""
     cfg = self.cfg
     logits = lora.dense('BTD,DV->BTV', h, values(self, ('lm_head',), h.dtype), 'lm_head',
-                        self.lora_scale)
+                        self.lora_scale, dropout=dropout)
     logits = shd.constrain(logits, ('activation_batch', 'activation_length', 'activation_vocab'))
     logits = logits * jnp.asarray(cfg.text_logit_scale, logits.dtype)
     if not padded:

@@ -33,7 +33,8 @@ def init_cache(cfg: ModelConfig, batch: int, dtype=None) -> dict:
 
 
 def layer(p: dict, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, start: jax.Array,
-          eps: float, lora_scale: float = 0.0) -> tuple[jax.Array, jax.Array, jax.Array]:
+          eps: float, lora_scale: float = 0.0,
+          dropout=None) -> tuple[jax.Array, jax.Array, jax.Array]:
   """One depth layer at the C' consecutive positions start..start+C'-1 of R rows: the one
   implementation behind the teacher-forced pass (C' = C from 0, on an empty cache) and the
   decoder's step (C' = 1).
@@ -42,11 +43,11 @@ def layer(p: dict, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, start: 
   'gate'/'up' [C,d,f], 'down' [C,f,d]); x [R,C',d]; k_cache/v_cache [R,S,h,e] over the S = C
   positions. The new keys are written at their positions, position c attends positions s <= c and
   runs MLP c. Returns (x [R,C',d], k_cache, v_cache). LoRA adapters and int8 scales in p
-  (flmjax.model.lora) are applied where present, with `lora_scale`.
+  (flmjax.model.lora) are applied where present, with `lora_scale` (and `dropout` in training).
   """
   (rows, width, _), (heads, head_dim) = x.shape, k_cache.shape[-2:]
   y = layers.rms_norm(x, p['ln_1'], eps)
-  qkv = lora.dense('RCd,sdn->sRCn', y, p, 'qkv', lora_scale)  # [3,R,C',n]
+  qkv = lora.dense('RCd,sdn->sRCn', y, p, 'qkv', lora_scale, dropout=dropout)  # [3,R,C',n]
   q, k, v = qkv.reshape(3, rows, width, heads, head_dim)  # each [R,C',h,e]
   k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), start, 1)
   v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), start, 1)
@@ -57,13 +58,14 @@ def layer(p: dict, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, start: 
   logits = jnp.where(visible, logits, layers.NEG_INF)
   probs = jax.nn.softmax(logits, axis=-1).astype(v_cache.dtype)
   att = jnp.einsum('RhCS,RShe->RChe', probs, v_cache)
-  x = x + lora.dense('RChe,hed->RCd', att, p, 'proj', lora_scale)
+  x = x + lora.dense('RChe,hed->RCd', att, p, 'proj', lora_scale, dropout=dropout)
   y = layers.rms_norm(x, p['ln_2'], eps)
   mlp = lambda w: jax.lax.dynamic_slice_in_dim(w, start, width, 0)  # [C',d,f] / [C',f,d]
   # Codebook-major inside the MLP: the matmuls are batched over C, which XLA wants leading, so
   # only the d-wide in and out are transposed, never the f-wide activations.
   y = jnp.swapaxes(y, 0, 1)  # [C',R,d]
-  dense = lambda spec, x, name: lora.dense(spec, x, p, name, lora_scale, take=mlp)
+  dense = lambda spec, x, name: lora.dense(spec, x, p, name, lora_scale, take=mlp,
+                                          dropout=dropout)
   g = shd.constrain(dense('CRd,Cdf->CRf', y, 'gate'), CRF)
   u = shd.constrain(dense('CRd,Cdf->CRf', y, 'up'), CRF)
   x = x + jnp.swapaxes(dense('CRf,Cfd->CRd', jax.nn.silu(g) * u, 'down'), 0, 1)
@@ -121,34 +123,38 @@ class DepthTransformer(nnx.Module):
     self.ln_f = p((d,), ('norm',), 'ones')
     self.heads = p((C, d, A), ('codebook', 'depth_embed', 'audio_vocab'))
 
-  def conditioning(self, h: jax.Array) -> jax.Array:
+  def conditioning(self, h: jax.Array, dropout=None) -> jax.Array:
     """h [..., D] -> [..., C, d]: conditioning vector c is added to depth step c's input."""
     return lora.dense('...D,DCd->...Cd', h, values(self, ('linear_in',), h.dtype), 'linear_in',
-                      self.lora_scale)
+                      self.lora_scale, dropout=dropout)
 
   def __call__(self, h: jax.Array, prev: jax.Array, remat_policy=None) -> jax.Array:
     """Teacher-forced: h [B,T,D], prev [B,T,C-1] (codes of codebooks 0..C-2) -> [B,T,C,A]."""
     return self.logits(self.features(h, prev, remat_policy))
 
-  def features(self, h: jax.Array, prev: jax.Array, remat_policy=None) -> jax.Array:
+  def features(self, h: jax.Array, prev: jax.Array, remat_policy=None,
+               dropout=None) -> jax.Array:
     """Teacher-forced final-normed states: h [B,T,D], prev [B,T,C-1] -> [B,T,C,d]; the loss
-    applies the heads itself, a codebook at a time (train.loss.audio_cross_entropy)."""
+    applies the heads itself, a codebook at a time (train.loss.audio_cross_entropy).
+    `dropout` (key, rate): LoRA dropout in training, a stream per layer."""
     cfg, dt = self.cfg, h.dtype
     b, t, _ = h.shape
     C = cfg.num_codebooks
     tokens = jnp.concatenate([jnp.full((b, t, 1), cfg.audio_emp_id, prev.dtype), prev], axis=-1)
     # wtes gathered: see Backbone.embed
     x = lora.rows(self, 'wtes', (jnp.arange(C), tokens), dt, (None,) * 3) + self.wpe[...].astype(dt)
-    x = shd.constrain((x + self.conditioning(h)).reshape(b * t, C, cfg.depth_dim), RCD)  # [R,C,d]
+    cond = self.conditioning(h, lora.fold(dropout, cfg.depth_layers))  # after the layers' streams
+    x = shd.constrain((x + cond).reshape(b * t, C, cfg.depth_dim), RCD)  # [R,C,d]
     empty = jnp.zeros((b * t, C, cfg.depth_heads, cfg.depth_head_dim), dt)  # [R,S,h,e]
 
-    def body(x, p):
+    def body(x, xs):
+      p, i = xs
       return layer(p, shd.constrain(x, RCD), empty, empty, 0, cfg.depth_rms_eps,
-                   self.lora_scale)[0], None
+                   self.lora_scale, lora.fold(dropout, i))[0], None
 
     if remat_policy is not None:
       body = jax.checkpoint(body, policy=remat_policy, prevent_cse=False)
-    x, _ = jax.lax.scan(body, x, values(self, LAYER_PARAMS, dt))
+    x, _ = jax.lax.scan(body, x, (values(self, LAYER_PARAMS, dt), jnp.arange(cfg.depth_layers)))
     x = layers.rms_norm(x, self.ln_f[...].astype(dt), cfg.depth_rms_eps)
     return x.reshape(b, t, C, cfg.depth_dim)
 

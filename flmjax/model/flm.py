@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flmjax.config import ModelConfig
+from flmjax.model import lora as lora_lib
 from flmjax.model.backbone import Backbone
 from flmjax.model.depth import DepthTransformer
 from flmjax.model.lora import LoraConfig, attach
@@ -72,12 +73,17 @@ class FLMAudio(nnx.Module):
 
   def __call__(self, text: jax.Array, speak: jax.Array, listen: jax.Array,
                depth_prev: jax.Array | None = None, positions: jax.Array | None = None,
-               remat_policy=None, with_logits: bool = True) -> Output:
+               remat_policy=None, with_logits: bool = True, dropout=None) -> Output:
     """text [B,T], speak/listen [B,T,C], depth_prev [B,T,C-1] or None (integer ids).
 
     with_logits=False leaves the [B,T,V] and [B,T,C,A] logits to the caller (the blocked loss):
     text_logits and depth_logits are None, depth_features [B,T,C,d] is given instead.
+    dropout: LoRA dropout (key, rate) in training, with with_logits=False only: sub-streams 0
+    (backbone) and 1 (depth transformer) here, 2 and 3 for the heads in the loss.
     """
+    if dropout is not None and with_logits:
+      raise ValueError('LoRA dropout is for training, where the loss applies the heads: pass '
+                       'with_logits=False')
     text, speak, listen = jnp.asarray(text), jnp.asarray(speak), jnp.asarray(listen)
     depth_prev = None if depth_prev is None else jnp.asarray(depth_prev)
     positions = None if positions is None else jnp.asarray(positions)
@@ -86,10 +92,11 @@ class FLMAudio(nnx.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     x = self.backbone.embed(text, speak, listen)
-    hidden, _ = self.backbone(x, positions, remat_policy=remat_policy)
+    hidden, _ = self.backbone(x, positions, remat_policy=remat_policy,
+                              dropout=lora_lib.fold(dropout, 0))
     if not with_logits:
       features = None if depth_prev is None else self.depth_transformer.features(
-          hidden, depth_prev, remat_policy=remat_policy)
+          hidden, depth_prev, remat_policy=remat_policy, dropout=lora_lib.fold(dropout, 1))
       return Output(hidden, None, None, features)
     text_logits = self.backbone.text_logits(hidden)
     depth_logits = None

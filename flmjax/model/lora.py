@@ -68,8 +68,8 @@ class LoraConfig:
     if unknown or not targets:
       raise ValueError(f'LoraConfig.targets {list(targets)}: unknown target '
                        f'{unknown[0] if unknown else "(none given)"!r}; use some of {TARGETS}')
-    if self.dropout != 0.0:
-      raise ValueError(f'LoraConfig.dropout is {self.dropout!r}; only 0.0 is supported')
+    if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+      raise ValueError(f'LoraConfig.dropout is {self.dropout!r}; it must lie in [0, 1)')
     if self.base_dtype not in BASE_DTYPES:
       raise ValueError(f'LoraConfig.base_dtype {self.base_dtype!r} is not one of {BASE_DTYPES}')
 
@@ -152,16 +152,39 @@ def weight(p: dict, name: str, dtype) -> jax.Array:
   return w.astype(dtype)
 
 
-def dense(spec: str, x: jax.Array, p: dict, name: str, scale: float, take=None) -> jax.Array:
+Dropout = tuple  # (key, rate): LoRA dropout on the adapters' input, in training only
+
+
+def training_dropout(lora: LoraConfig | None, key: jax.Array) -> Dropout | None:
+  """The (key, rate) a training step hands the model, or None without dropout."""
+  return None if lora is None or lora.dropout == 0.0 else (key, float(lora.dropout))
+
+
+def fold(dropout: Dropout | None, data) -> Dropout | None:
+  """A sub-stream of `dropout` for one module, layer, block or codebook (`data`, an int)."""
+  return None if dropout is None else (jax.random.fold_in(dropout[0], data), dropout[1])
+
+
+# A dropout sub-stream per weight name (the same name in two modules runs under two streams).
+_SITE_IDS = {n: i for i, n in enumerate(sorted({w for s in SITES.values() for _, w, _ in s}))}
+
+
+def dense(spec: str, x: jax.Array, p: dict, name: str, scale: float, take=None,
+          dropout: Dropout | None = None) -> jax.Array:
   """einsum(spec, x, W) + einsum((x A), B) * scale for p's weight `name` (one layer slice) and
   its adapters, if any; `take` maps each of W, A, B and the int8 scale first (e.g. a slice of
   the codebooks). The low-rank einsums come from `spec`: letters shared by x, W and the output
-  are batched, those of x and W only are contracted, those of W only are outputs."""
+  are batched, those of x and W only are contracted, those of W only are outputs. `dropout`
+  (key, rate) drops the adapters' input as PEFT's lora_dropout does; the base path sees x."""
   take = take or (lambda w: w)
   q = {k: take(v) for k, v in p.items() if k == name or k.startswith(f'{name}_')}
   y = jnp.einsum(spec, x, weight(q, name, x.dtype))
   if f'{name}_lora_a' not in q:
     return y
+  if dropout is not None:
+    key, rate = fold(dropout, _SITE_IDS[name])
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    x = jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
   lhs, out = spec.split('->')
   xs, ws = lhs.split(',')
   ell = '...' if xs.startswith('...') else ''

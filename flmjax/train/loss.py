@@ -88,62 +88,70 @@ def _blocks(f, xs: tuple, axis: int, size: int) -> tuple:
 
 
 def text_cross_entropy(backbone: Backbone, hidden: jax.Array, target: jax.Array, *,
-                       block: int = 256, constrain=None, also: int = -1):
+                       block: int = 256, constrain=None, also: int = -1, dropout=None):
   """hidden [B,T,D], target [B,T] -> (cross-entropy, hit, also_hit) [B,T] of the text head
   (see _ce).
 
   Runs over blocks of `block` columns, each rematerialised in the backward pass: the live
-  logits are [B,block,Vp]. Values and gradients equal the plain loss's.
+  logits are [B,block,Vp]. Values and gradients equal the plain loss's. `dropout`: LoRA
+  dropout (key, rate) of an lm_head adapter, a stream per block (named by its first column).
   """
-  def one(h, tgt):
-    logits = backbone.text_logits(h, padded=True)  # [B,block,Vp]; padding at NEG_INF
-    if constrain is not None:
+  def one(h, tgt, column):
+    logits = backbone.text_logits(h, padded=True, dropout=lora.fold(dropout, column[0, 0]))
+    if constrain is not None:  # logits [B,block,Vp]; padding at NEG_INF
       logits = constrain(logits, ('batch', 'time', 'vocab'))
     return _ce(logits, tgt, also)
 
-  return _blocks(one, (hidden, target), 1, block)
+  columns = jnp.broadcast_to(jnp.arange(target.shape[1], dtype=jnp.int32), target.shape)
+  return _blocks(one, (hidden, target, columns), 1, block)
 
 
 def audio_cross_entropy(depth: DepthTransformer, features: jax.Array, target: jax.Array, *,
-                        constrain=None):
+                        constrain=None, dropout=None):
   """features [B,T,C,d] (DepthTransformer.features), target [B,T,C] -> (cross-entropy, hit)
   [B,T,C] (see _ce).
 
   One codebook at a time, rematerialised in the backward pass: the live logits are [B,T,A],
   laid out with A minor as the reductions want (a [B,T,C,A] array comes out of the batched head
-  matmul codebook-major and costs transposes).
+  matmul codebook-major and costs transposes). `dropout`: LoRA dropout (key, rate) of a heads
+  adapter, a stream per codebook.
   """
   heads = values(depth, ('heads',), features.dtype)  # [C,d,A], with LoRA adapters [C,...]
 
-  def one(x, w, tgt):  # [B,T,d], {'heads': [d,A], ...}, [B,T]
-    logits = lora.dense('BTd,dA->BTA', x, w, 'heads', depth.lora_scale)
+  def one(x, w, tgt, c):  # [B,T,d], {'heads': [d,A], ...}, [B,T], codebook
+    logits = lora.dense('BTd,dA->BTA', x, w, 'heads', depth.lora_scale,
+                        dropout=lora.fold(dropout, c))
     if constrain is not None:
       logits = constrain(logits, ('batch', 'time', 'audio_vocab'))
     return _ce(logits, tgt)[:2]
 
   ce, hit = jax.lax.map(jax.checkpoint(lambda blk: one(*blk)),
-                        (jnp.moveaxis(features, 2, 0), heads, jnp.moveaxis(target, 2, 0)))
+                        (jnp.moveaxis(features, 2, 0), heads, jnp.moveaxis(target, 2, 0),
+                         jnp.arange(target.shape[2])))
   return jnp.moveaxis(ce, 0, 2), jnp.moveaxis(hit, 0, 2)  # [B,T,C]
 
 
 def loss_sums(model: FLMAudio, tokens: jax.Array, weights: jax.Array, remat_policy=None,
-              constrain=None, text_block: int = 256) -> dict[str, jax.Array]:
+              constrain=None, text_block: int = 256, dropout=None) -> dict[str, jax.Array]:
   """tokens int32 [B,Z,T], weights float32 [B,Z,T] -> dict of float32 scalar sums.
 
   `constrain(x, logical_axes)` pins the sharding of the largest activations, the logits.
-  `text_block`: columns per block of the text loss (see text_cross_entropy).
+  `text_block`: columns per block of the text loss (see text_cross_entropy). `dropout`: LoRA
+  dropout (key, rate) in training (lora.training_dropout); evaluation passes none.
   """
   cfg = model.cfg
   C = cfg.num_codebooks
-  out = model(**model_inputs(cfg, tokens), remat_policy=remat_policy, with_logits=False)
+  out = model(**model_inputs(cfg, tokens), remat_policy=remat_policy, with_logits=False,
+              dropout=dropout)
   tgt, w = tokens[:, :1 + C, 1:], weights[:, :1 + C, 1:].astype(jnp.float32)  # [B,1+C,T-1]
 
   text_ce, text_hit, wait_p = text_cross_entropy(
       model.backbone, out.hidden, tgt[:, 0], block=text_block, constrain=constrain,
-      also=cfg.text_wait_id)  # [B,T-1]
+      also=cfg.text_wait_id, dropout=lora.fold(dropout, 2))  # [B,T-1]
   speak_tgt = jnp.swapaxes(tgt[:, 1:], 1, 2)  # [B,T-1,C]
   audio_ce, audio_hit = audio_cross_entropy(model.depth_transformer, out.depth_features,
-                                            speak_tgt, constrain=constrain)  # [B,T-1,C]
+                                            speak_tgt, constrain=constrain,
+                                            dropout=lora.fold(dropout, 3))  # [B,T-1,C]
   audio_w = jnp.swapaxes(w[:, 1:], 1, 2)
 
   s = {}

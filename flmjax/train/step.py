@@ -9,6 +9,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from flmjax import sharding as shd
+from flmjax.model import lora as lora_lib
 from flmjax.train.config import TrainConfig
 from flmjax.train.loss import loss_sums, metrics_from_sums, objective
 from flmjax.train.state import StateSpec, TrainState, join, shardings_of
@@ -36,11 +37,13 @@ def activation_constraint(mesh: Mesh):
 traced_on = shd.traced_on  # the mesh-in-context wrapper, shared with the decoder
 
 
-def _grads_and_sums(graphdef, params, tokens, weights, policy, constrain, base=None):
+def _grads_and_sums(graphdef, params, tokens, weights, policy, constrain, base=None,
+                    dropout=None):
   """Gradient of Σ w·ce (not yet divided by Σ w) and the loss sums of one micro-batch; with a
   LoRA `base`, the gradient of the adapters only (the base is a constant here)."""
   def f(p):
-    s = loss_sums(nnx.merge(graphdef, join(base, p)), tokens, weights, policy, constrain)
+    s = loss_sums(nnx.merge(graphdef, join(base, p)), tokens, weights, policy, constrain,
+                  dropout=dropout)
     return objective(s)[0], s
   (_, sums), grads = jax.value_and_grad(f, has_aux=True)(params)
   return grads, sums
@@ -55,9 +58,15 @@ def train_step_fn(spec: StateSpec, tc: TrainConfig, mesh: Mesh):
 
   def step(state: TrainState, batch: dict, lr: jax.Array, base=None):
     tokens, weights = batch['tokens'], batch['weights']  # [B,Z,T]
+    # LoRA dropout: a stream per update, from the seed and the optimizer's update count, so a
+    # resumed run draws what the uninterrupted one did.
+    dropout = None
+    if tc.lora is not None and tc.lora.dropout:
+      dropout = lora_lib.training_dropout(tc.lora, jax.random.fold_in(
+          jax.random.key(tc.seed), optax.tree.get(state.opt_state, 'count')))
     if A == 1:
       grads, sums = _grads_and_sums(spec.graphdef, state.params, tokens, weights, policy,
-                                     constrain, base)
+                                     constrain, base, dropout)
     else:
       b = tokens.shape[0] // A
       # Micro-batch a takes rows a, a+A, ...: each stays spread over the batch shards.
@@ -68,13 +77,13 @@ def train_step_fn(spec: StateSpec, tc: TrainConfig, mesh: Mesh):
 
       def body(acc, xs):
         g, s = _grads_and_sums(spec.graphdef, state.params, xs[0], xs[1], policy, constrain,
-                               base)
+                               base, lora_lib.fold(dropout, xs[2]))
         return jax.tree.map(jnp.add, acc, g), s
 
       # One trace of the forward/backward, in the scan body: the gradient sum starts at zeros
       # and each micro-batch's loss sums come out stacked [A].
       zeros = jax.tree.map(jnp.zeros_like, state.params)
-      grads, stacked = jax.lax.scan(body, zeros, (tok, wts))
+      grads, stacked = jax.lax.scan(body, zeros, (tok, wts, jnp.arange(A)))
       sums = jax.tree.map(lambda x: jnp.sum(x, axis=0), stacked)
     total_w = jnp.maximum(objective(sums)[1], 1e-9)
     grads = jax.tree.map(lambda g: g / total_w, grads)
@@ -94,7 +103,9 @@ _COMPILED: dict = {}
 
 
 def _key(tc: TrainConfig, mesh: Mesh, kind: str):
-  return (kind, tc.model, tc.compute_dtype, tc.optim, tc.remat, tc.grad_accum, tc.lora, mesh)
+  seed = tc.seed if tc.lora is not None and tc.lora.dropout else None  # dropout's stream
+  return (kind, tc.model, tc.compute_dtype, tc.optim, tc.remat, tc.grad_accum, tc.lora, seed,
+          mesh)
 
 
 def jit_train_step(spec: StateSpec, tc: TrainConfig, mesh: Mesh):
