@@ -107,6 +107,40 @@ def test_dropout_run_resumes_bit_identical(tmp_path):
     assert np.array_equal(a, b)
 
 
+def test_chat_takes_a_lora_run_whose_base_moved(tmp_path, tiny_dir, capsys):
+  """A LoRA run trained from --init_from DIR chats with `--base` once DIR has moved, as its
+  float32 merged export does; without `--base`, one line names the flag."""
+  import shutil
+
+  from flmjax import cli
+  from flmjax.model.lora import LoraConfig
+  base = tmp_path / 'base'
+  shutil.copytree(tiny_dir, base)
+  config = tmp_path / 'cfg.py'
+  config.write_text(CONFIG)
+  run = tmp_path / 'run'
+  tc = load_config_file(str(config), str(run)).replace(
+      init_from=str(base), lora=LoraConfig(4, 8.0, base_dtype='float32'))
+  train(tc, stop_after=1, log=lambda *a: None)
+  moved = base.rename(tmp_path / 'moved')
+  np.save(tmp_path / 'user.npy', np.load(tiny_dir / 'stream.npz')['user'][0, :, :8])
+  chat = ['chat', '--user', str(tmp_path / 'user.npy'), '--greedy']
+  assert cli.main([*chat, '--checkpoint', str(run)]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and f"base {base} is not there; pass --base DIR" in err[0], err
+  assert cli.main([*chat, '--checkpoint', str(run), '--base', str(moved),
+                   '--out', str(tmp_path / 'a')]) == 0
+  assert cli.main(['export', str(run), str(tmp_path / 'merged'), '--base', str(moved),
+                   '--dtype', 'float32']) == 0
+  assert cli.main([*chat, '--checkpoint', str(tmp_path / 'merged'),
+                   '--out', str(tmp_path / 'b')]) == 0
+  for name in ('text_ids.npy', 'model_codes.npy'):
+    assert np.array_equal(np.load(tmp_path / 'a' / name), np.load(tmp_path / 'b' / name))
+  capsys.readouterr()
+  assert cli.main([*chat, '--checkpoint', str(tmp_path / 'merged'), '--base', str(moved)]) == 1
+  assert 'is an official checkpoint; --base names the base of a LoRA' in capsys.readouterr().err
+
+
 def test_merged_export_equals_the_unmerged_forward(lora_run, tmp_path, tiny_dir):
   """flmjax export RUN OUT (--merge): the official layout, read back by load_official, gives the
   logits of the run's unmerged model (int8 base + adapters, float32, <= 1e-5 relative)."""

@@ -27,6 +27,8 @@ AUDIO_EXTENSIONS = ('.wav', '.flac', '.ogg')  # read by soundfile
 def _parser() -> ArgumentParser:
   ap = ArgumentParser(prog='flmjax chat', description=__doc__.split('\n\n')[0])
   ap.add_argument('--checkpoint', required=True, help='official-layout dir or orbax run dir')
+  ap.add_argument('--base', help="a LoRA run's base (the official checkpoint it trained on), "
+                                 'where its init_from has moved')
   ap.add_argument('--user', required=True,
                   help="the user's side: codes .npy [8, F] or audio (.wav, .flac, .ogg)")
   ap.add_argument('--out', help='directory for model_codes.npy, text_ids.npy, transcript.txt')
@@ -132,7 +134,7 @@ def main(argv: list[str]) -> int:
   except ValueError as e:
     ap.error(str(e))
   check_out(args.out, args.overwrite)
-  model = load_model(args.checkpoint, args.dtype)
+  model = load_model(args.checkpoint, args.dtype, base=args.base)
   cfg = model.cfg
   codec = None
   if args.mimi:

@@ -9,13 +9,18 @@ import time
 import numpy as np
 
 
-def load_model(path: str, dtype: str | None = None, mesh=None):
+def load_model(path: str, dtype: str | None = None, mesh=None, base: str | None = None):
   """An official-layout dir through load_official (in `dtype`, default the checkpoint's; with a
-  mesh, each device reads its own block), else an orbax training checkpoint."""
+  mesh, each device reads its own block), else an orbax training checkpoint: a LoRA run is
+  merged into its base (`base`, the official checkpoint it trained on, where its init_from has
+  moved; else its init_from or seed)."""
   import flmjax
   if not os.path.isdir(path):
     raise FileNotFoundError(f'--checkpoint {path}: no such directory')
   if os.path.exists(os.path.join(path, 'config.json')):
+    if base is not None:
+      raise ValueError(f'--base {base}: --checkpoint {path} is an official checkpoint; --base '
+                       'names the base of a LoRA training run')
     return flmjax.load_official(path, dtype=dtype, mesh=mesh)
   if any(f.endswith('.safetensors') for f in os.listdir(path)):
     raise FileNotFoundError(f'--checkpoint {path}: safetensors weights without config.json; put '
@@ -29,7 +34,11 @@ def load_model(path: str, dtype: str | None = None, mesh=None):
   except ImportError as e:
     raise FileNotFoundError(f'--checkpoint {path}: no config.json, and no training checkpoint '
                             f'reader is installed ({e})') from None
-  return restore_model(path)[0]
+  model, meta = restore_model(path, base=base)
+  if base is not None and meta.get('lora') is None:
+    raise ValueError(f'--base {base}: --checkpoint {path} is a full fine-tune, not a LoRA run; '
+                     '--base names the base of a LoRA training run')
+  return model
 
 
 class IncompleteSession(RuntimeError):

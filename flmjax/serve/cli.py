@@ -41,6 +41,8 @@ def _parser() -> ArgumentParser:
   ap = ArgumentParser(prog='flmjax serve', description=__doc__.split('\n\n')[0],
                       parents=[_address_parser()])
   ap.add_argument('--checkpoint', required=True, help='official-layout dir or orbax run dir')
+  ap.add_argument('--base', help="a LoRA run's base (the official checkpoint it trained on), "
+                                 'where its init_from has moved')
   ap.add_argument('--mimi', required=True, help='Mimi safetensors file or directory')
   ap.add_argument('--slots', type=int, default=16, help='concurrent sessions (batch rows)')
   ap.add_argument('--queue', type=int, default=0,
@@ -138,7 +140,7 @@ def main(argv: list[str]) -> int:
 
     from flmjax.codec import load_mimi
     from flmjax.decode.session import load_model
-    model = load_model(args.checkpoint, args.dtype, mesh)  # errors name the flag and the fix
+    model = load_model(args.checkpoint, args.dtype, mesh, args.base)  # errors name the flag
     mimi = load_mimi(args.mimi)
     log.info('compiling the frame loop for %d slots', args.slots)
     server = build_server(model, mimi, args, mesh)
