@@ -219,8 +219,9 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))
 
 
-def _bytes_per_device(x, sharding: NamedSharding) -> int:
-  shard = sharding.shard_shape(x.shape)
+def bytes_per_device(x, sharding: NamedSharding) -> int:
+  """Bytes of one device's shard of `x` (an array or ShapeDtypeStruct)."""
+  shard = sharding.shard_shape(tuple(x.shape))
   return math.prod(shard) * np.dtype(x.dtype).itemsize
 
 
@@ -235,19 +236,19 @@ def sharding_report(params, shardings, opt_state=None, opt_shardings=None,
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
   for (path, x), s in zip(flat, jax.tree.leaves(shardings)):
     name = '/'.join(str(getattr(k, 'key', k)) for k in path)
-    per = _bytes_per_device(x, s)
+    per = bytes_per_device(x, s)
     total += per
     spec = ', '.join(str(a) for a in s.spec) or 'replicated'
     lines.append(f'  {name:34s} {str(list(x.shape)):24s} {np.dtype(x.dtype).name:8s} '
                  f'{"P(" + spec + ")":36s} {per / 2**20:10.2f} MiB/device')
   lines.append(f'  params: {total / 2**30:.3f} GiB/device')
   if opt_state is not None:
-    opt = sum(_bytes_per_device(x, s) for x, s in
+    opt = sum(bytes_per_device(x, s) for x, s in
               zip(jax.tree.leaves(opt_state), jax.tree.leaves(opt_shardings)))
     lines.append(f'  optimizer state: {opt / 2**30:.3f} GiB/device')
   if frozen is not None:
     leaves = jax.tree.leaves(frozen)
-    base = sum(_bytes_per_device(x, x.sharding) for x in leaves)
+    base = sum(bytes_per_device(x, x.sharding) for x in leaves)
     dtypes = sorted({np.dtype(x.dtype).name for x in leaves})
     lines.append(f'  frozen base ({"/".join(dtypes)}): {base / 2**30:.3f} GiB/device; trainable '
                  f'{sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)):,} params')

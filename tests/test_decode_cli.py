@@ -60,7 +60,7 @@ def test_chat_rejects_bad_inputs(tiny_dir, tmp_path, capsys):
   assert 'missing.wav: no such file' in capsys.readouterr().err
 
 
-def test_chat_reads_an_orbax_training_checkpoint(tiny_model, tiny_dir, tmp_path):
+def test_chat_reads_an_orbax_training_checkpoint(tiny_model, tiny_dir, tmp_path, capsys):
   """A training run's orbax checkpoint (the embedded default's format) chats like its weights."""
   import jax.numpy as jnp
   from flax import nnx
@@ -80,3 +80,9 @@ def test_chat_reads_an_orbax_training_checkpoint(tiny_model, tiny_dir, tmp_path)
                    str(tmp_path / 'user.npy'), '--out', str(out), '--greedy',
                    '--repetition-penalty-text', '1.0', '--repetition-penalty-audio', '1.0']) == 0
   np.testing.assert_array_equal(np.load(out / 'text_ids.npy'), golden['out_plain'][1:8, 0])
+  # --base names a LoRA run's base: on a full fine-tune it is one line, before any weights load.
+  assert cli.main(['chat', '--checkpoint', str(tmp_path / 'run'), '--user',
+                   str(tmp_path / 'user.npy'), '--base', str(tiny_dir)]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == [f'flmjax chat: error: --base: {tmp_path / "run"} is a full fine-tune, not a LoRA '
+                 'run; drop --base'], err

@@ -232,14 +232,13 @@ def compile_report(req: AotRequest, log=print):
   args, out = mem.argument_size_in_bytes, mem.output_size_in_bytes
   alias, temp = mem.alias_size_in_bytes, mem.temp_size_in_bytes
   peak = args + out - alias + temp
+  hlo = compiled.as_text()  # megabytes for the 8B: built once
   record.update(args_gib=round(args / GIB, 3), temp_gib=round(temp / GIB, 3),
                 out_gib=round(out / GIB, 3), alias_gib=round(alias / GIB, 3),
                 peak_gib=round(peak / GIB, 3), fits=peak / GIB <= FIT_FRACTION * hbm,
-                compile_s=round(compile_s, 1), collectives=collective_counts(compiled.as_text()),
-                **info)
+                compile_s=round(compile_s, 1), collectives=collective_counts(hlo), **info)
   if req.step == 'decode':
-    record.update(decode_plan(req, mesh, compiled.as_text()))
-    for kind, size, line in sorted(roofline.collective_sizes(compiled.as_text()),
-                                   key=lambda c: -c[1])[:3]:
+    record.update(decode_plan(req, mesh, hlo))
+    for kind, size, line in sorted(roofline.collective_sizes(hlo), key=lambda c: -c[1])[:3]:
       log(f'collective {kind} {size / 2**20:.2f} MiB: {line[:160]}')
   return record, compiled

@@ -14,6 +14,8 @@ import re
 import jax
 import numpy as np
 
+from flmjax import sharding as shd
+
 MIB = 2 ** 20
 # HBM bandwidth per chip, GB/s (the vendors' figures).
 HBM_GBPS = {'v4': 1228.0, 'v5e': 819.0, 'v5p': 2765.0, 'v6e': 1640.0}
@@ -46,10 +48,6 @@ def largest_collective_mib(hlo: str) -> float:
   return round(max((b for _, b, _ in collective_sizes(hlo)), default=0) / MIB, 3)
 
 
-def _per_chip(x, sharding) -> int:
-  return math.prod(sharding.shard_shape(tuple(x.shape))) * np.dtype(x.dtype).itemsize
-
-
 def frame_read_bytes(params, param_shardings, state, state_shardings, num_codebooks: int,
                      batch: int) -> int:
   """Bytes one decode frame reads from HBM on one chip (pure dicts of ShapeDtypeStructs and
@@ -59,7 +57,7 @@ def frame_read_bytes(params, param_shardings, state, state_shardings, num_codebo
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
   for (path, x), sharding in zip(flat, jax.tree.leaves(param_shardings)):
     name = str(getattr(path[-1], 'key', path[-1]))
-    read = _per_chip(x, sharding)
+    read = shd.bytes_per_device(x, sharding)
     if name in LOOKUP_TABLES:  # B rows (B x C for the per-codebook tables), at most all of them
       rows = batch * (num_codebooks if x.ndim == 3 else 1)
       row = sharding.shard_shape(tuple(x.shape))[-1] * np.dtype(x.dtype).itemsize
@@ -67,7 +65,7 @@ def frame_read_bytes(params, param_shardings, state, state_shardings, num_codebo
     elif name in PER_CODEBOOK:
       read *= num_codebooks
     total += read
-  return total + sum(_per_chip(x, s) for x, s in zip(jax.tree.leaves(state),
+  return total + sum(shd.bytes_per_device(x, s) for x, s in zip(jax.tree.leaves(state),
                                                      jax.tree.leaves(state_shardings)))
 
 

@@ -30,15 +30,13 @@ def load_model(path: str, dtype: str | None = None, mesh=None, base: str | None 
     raise FileNotFoundError(f'--checkpoint {path}: neither an official checkpoint (config.json + '
                             'safetensors) nor a training run (orbax steps under checkpoints/)')
   try:
-    from flmjax.train.export import restore_model
+    from flmjax.train.export import require_lora, restore_model
   except ImportError as e:
     raise FileNotFoundError(f'--checkpoint {path}: no config.json, and no training checkpoint '
                             f'reader is installed ({e})') from None
-  model, meta = restore_model(path, base=base)
-  if base is not None and meta.get('lora') is None:
-    raise ValueError(f'--base {base}: --checkpoint {path} is a full fine-tune, not a LoRA run; '
-                     '--base names the base of a LoRA training run')
-  return model
+  if base is not None:  # before any weights are read
+    require_lora(path, None, '--base')
+  return restore_model(path, base=base)[0]
 
 
 class IncompleteSession(RuntimeError):

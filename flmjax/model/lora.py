@@ -155,11 +155,6 @@ def weight(p: dict, name: str, dtype) -> jax.Array:
 Dropout = tuple  # (key, rate): LoRA dropout on the adapters' input, in training only
 
 
-def training_dropout(lora: LoraConfig | None, key: jax.Array) -> Dropout | None:
-  """The (key, rate) a training step hands the model, or None without dropout."""
-  return None if lora is None or lora.dropout == 0.0 else (key, float(lora.dropout))
-
-
 def fold(dropout: Dropout | None, data) -> Dropout | None:
   """A sub-stream of `dropout` for one module, layer, block or codebook (`data`, an int)."""
   return None if dropout is None else (jax.random.fold_in(dropout[0], data), dropout[1])

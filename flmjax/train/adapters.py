@@ -14,8 +14,9 @@ from flmjax.checkpoint import safetensors_io as st
 from flmjax.checkpoint.layout import entries
 from flmjax.config import ModelConfig
 from flmjax.model import lora as lora_lib
-from flmjax.model.flm import FLMAudio, abstract, create
+from flmjax.model.flm import FLMAudio, abstract
 from flmjax.train.checkpointing import Checkpointer, abstract_on_cpu
+from flmjax.train.state import build_base, join
 
 PEFT_CONFIG = 'adapter_config.json'
 PEFT_WEIGHTS = 'adapter_model.safetensors'
@@ -55,16 +56,10 @@ def restore_base(cfg: ModelConfig, lc: lora_lib.LoraConfig, meta: dict,
     model = load_official(source, dtype=dtype, tensor_parallel=cfg.tensor_parallel)
     weights = nnx.to_pure_dict(nnx.state(model))
   else:
-    seed = int((meta.get('train_config') or {}).get('seed', 0))
     weights = None
-  # Jitted, as training builds it (flmjax.train.state.init_base): eager ops may round the
-  # initialisation and the int8 scales differently in the last bit.
-  def build(weights):
-    if weights is None:
-      weights = nnx.to_pure_dict(nnx.state(create(cfg, seed)))
-    return lora_lib.cast_base(weights, lc.base_dtype)
-  with jax.default_device(jax.devices('cpu')[0]):
-    params = jax.jit(build)(weights)
+  seed = int((meta.get('train_config') or {}).get('seed', 0))
+  with jax.default_device(jax.devices('cpu')[0]):  # jitted, as training builds it
+    params = jax.jit(lambda w: build_base(cfg, seed, lc.base_dtype, w))(weights)
   got, want = lora_lib.fingerprint(cfg, lc.base_dtype, params), meta.get('base_fingerprint')
   if got != want:
     raise BaseMismatchError(
@@ -85,7 +80,7 @@ def restore_lora_model(ckpt: Checkpointer, step: int, meta: dict,
   _, a_adapters = lora_lib.split_params(nnx.to_pure_dict(state))
   adapters = ckpt.restore_params(abstract_on_cpu(a_adapters), step)
   params = restore_base(cfg, lc, meta, base)
-  return nnx.merge(graphdef, {m: {**params[m], **adapters[m]} for m in params})
+  return nnx.merge(graphdef, join(params, adapters))
 
 
 def peft_tensors(model: FLMAudio) -> dict[str, np.ndarray]:

@@ -137,5 +137,4 @@ def require_lora(ckpt_dir: str, step: int | None, flag: str) -> None:
   finally:
     ckpt.close()
   if meta.get('lora') is None:
-    raise ValueError(f'{flag}: {ckpt_dir} is a full fine-tune, not a LoRA run; export it without '
-                     f'{flag}')
+    raise ValueError(f'{flag}: {ckpt_dir} is a full fine-tune, not a LoRA run; drop {flag}')

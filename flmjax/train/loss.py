@@ -137,7 +137,7 @@ def loss_sums(model: FLMAudio, tokens: jax.Array, weights: jax.Array, remat_poli
 
   `constrain(x, logical_axes)` pins the sharding of the largest activations, the logits.
   `text_block`: columns per block of the text loss (see text_cross_entropy). `dropout`: LoRA
-  dropout (key, rate) in training (lora.training_dropout); evaluation passes none.
+  dropout (key, rate) in training (see train.step); evaluation passes none.
   """
   cfg = model.cfg
   C = cfg.num_codebooks

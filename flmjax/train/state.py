@@ -119,18 +119,22 @@ def join(base: Params | None, params: Params) -> Params:
   return {m: {**base[m], **params[m]} for m in base}
 
 
+def build_base(cfg, seed: int, base_dtype: str, weights: Params | None = None) -> Params:
+  """LoRA's frozen base: `weights` (an official checkpoint's, without adapters) or the seed's
+  initialisation, cast to `base_dtype`. Callers jit it (training and restore alike): eager ops
+  may round the initialisation and the int8 scales differently in the last bit."""
+  if weights is None:
+    weights = nnx.to_pure_dict(nnx.state(create(cfg, seed)))
+  return lora_lib.cast_base(weights, base_dtype)
+
+
 def init_base(spec: StateSpec, tc: TrainConfig, params: Params | None = None) -> Params:
   """LoRA's frozen base in its base dtype and shardings: `params` (an official checkpoint's,
   without adapters) or the seed's initialisation."""
   mesh = jax.tree.leaves(spec.shardings)[0].mesh
   cfg = compute_model_config(tc, mesh)
   out = shardings_of(spec.base)
-
-  def build(params):
-    if params is None:
-      params = nnx.to_pure_dict(nnx.state(create(cfg, tc.seed)))
-    return lora_lib.cast_base(params, tc.lora.base_dtype)
-
+  build = lambda w: build_base(cfg, tc.seed, tc.lora.base_dtype, w)
   if params is None:
     return jax.jit(lambda: build(None), out_shardings=out)()
   return jax.jit(build, out_shardings=out)(params)

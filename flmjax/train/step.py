@@ -49,11 +49,16 @@ def _grads_and_sums(graphdef, params, tokens, weights, policy, constrain, base=N
   return grads, sums
 
 
+def _dropout_rate(tc: TrainConfig) -> float:
+  return float(tc.lora.dropout) if tc.lora is not None else 0.0
+
+
 def train_step_fn(spec: StateSpec, tc: TrainConfig, mesh: Mesh):
   """The pure step: (state, batch, lr[, base]) -> (state, metrics); `base` is LoRA's frozen
   base (spec.base). Gradients accumulate over `tc.grad_accum` micro-batches as sums, so the
   update equals the one from the whole batch."""
   A, policy, constrain = tc.grad_accum, remat_policy(tc.remat), activation_constraint(mesh)
+  rate = _dropout_rate(tc)
   batch_axes = shd.batch_sharding(mesh, 1).spec[0]
 
   def step(state: TrainState, batch: dict, lr: jax.Array, base=None):
@@ -61,9 +66,9 @@ def train_step_fn(spec: StateSpec, tc: TrainConfig, mesh: Mesh):
     # LoRA dropout: a stream per update, from the seed and the optimizer's update count, so a
     # resumed run draws what the uninterrupted one did.
     dropout = None
-    if tc.lora is not None and tc.lora.dropout:
-      dropout = lora_lib.training_dropout(tc.lora, jax.random.fold_in(
-          jax.random.key(tc.seed), optax.tree.get(state.opt_state, 'count')))
+    if rate:
+      dropout = (jax.random.fold_in(jax.random.key(tc.seed),
+                                    optax.tree.get(state.opt_state, 'count')), rate)
     if A == 1:
       grads, sums = _grads_and_sums(spec.graphdef, state.params, tokens, weights, policy,
                                      constrain, base, dropout)
@@ -103,7 +108,7 @@ _COMPILED: dict = {}
 
 
 def _key(tc: TrainConfig, mesh: Mesh, kind: str):
-  seed = tc.seed if tc.lora is not None and tc.lora.dropout else None  # dropout's stream
+  seed = tc.seed if _dropout_rate(tc) else None  # dropout's stream
   return (kind, tc.model, tc.compute_dtype, tc.optim, tc.remat, tc.grad_accum, tc.lora, seed,
           mesh)
 
