@@ -18,7 +18,7 @@ import os
 import numpy as np
 
 from flmjax.cli import ArgumentParser, command, fail
-from flmjax.decode.session import IncompleteSession, load_model, run_session
+from flmjax.decode.session import IncompleteSession, check_out, load_model, run_session
 
 OUTPUTS = ('model_codes.npy', 'text_ids.npy', 'transcript.txt', 'reply.wav')
 AUDIO_EXTENSIONS = ('.wav', '.flac', '.ogg')  # read by soundfile
@@ -92,19 +92,6 @@ def read_user(path: str, num_codebooks: int, pad_id: int, channel: int | None = 
   return codes.astype(np.int32), codec
 
 
-def check_out(out: str | None, overwrite: bool) -> None:
-  """--out must be a directory (or not exist yet) whose earlier outputs may only be replaced with
-  --overwrite: checked before decoding, so a long session never ends in a refused write."""
-  if out is None:
-    return
-  if os.path.exists(out) and not os.path.isdir(out):
-    raise FileExistsError(f'--out {out} is a file; give a directory')
-  found = [f for f in OUTPUTS if os.path.exists(os.path.join(out, f))]
-  if found and not overwrite:
-    raise FileExistsError(f'--out {out} already holds {found}; pass --overwrite to replace them '
-                          'or choose another directory')
-
-
 def write_outputs(out_dir: str, out: np.ndarray, transcript: str, codec) -> str:
   os.makedirs(out_dir, exist_ok=True)
   np.save(os.path.join(out_dir, 'model_codes.npy'), out[1:])
@@ -133,7 +120,8 @@ def main(argv: list[str]) -> int:
     sampling = sampling_from_flags(args)
   except ValueError as e:
     ap.error(str(e))
-  check_out(args.out, args.overwrite)
+  if args.out is not None:
+    check_out(args.out, args.overwrite, OUTPUTS)
   model = load_model(args.checkpoint, args.dtype, base=args.base)
   cfg = model.cfg
   codec = None

@@ -39,6 +39,17 @@ def load_model(path: str, dtype: str | None = None, mesh=None, base: str | None 
   return restore_model(path, base=base)[0]
 
 
+def check_out(out: str, overwrite: bool, outputs: tuple[str, ...]) -> None:
+  """--out must be a directory (or not exist yet) whose earlier `outputs` may only be replaced
+  with --overwrite: checked before decoding, so a long run never ends in a refused write."""
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise FileExistsError(f'--out {out} is a file; give a directory')
+  found = [f for f in outputs if os.path.exists(os.path.join(out, f))]
+  if found and not overwrite:
+    raise FileExistsError(f'--out {out} already holds {found}; pass --overwrite to replace them '
+                          'or choose another directory')
+
+
 class IncompleteSession(RuntimeError):
   """A session stopped early; `out` and `transcript` hold what was decoded until then."""
 

@@ -91,7 +91,7 @@ def _teacher_forced(model, args, tokenizer, codec) -> dict:
 
 
 def duplex(args) -> int:
-  from flmjax.decode.session import load_model
+  from flmjax.decode.session import check_out, load_model
   from flmjax.eval.duplex import check_vocab, evaluate_duplex
   from flmjax.eval.report import markdown, write_report
   for flag, value in (('--limit', args.limit), ('--batch-size', args.batch_size)):
@@ -99,12 +99,7 @@ def duplex(args) -> int:
       raise ValueError(f'{flag} {value} must be >= 1')
   if not os.path.isfile(args.data):
     raise FileNotFoundError(f'--data {args.data}: no such file')
-  if os.path.exists(args.out) and not os.path.isdir(args.out):
-    raise FileExistsError(f'--out {args.out} is a file; give a directory')
-  found = [n for n in REPORT_FILES if os.path.exists(os.path.join(args.out, n))]
-  if found and not args.overwrite:
-    raise FileExistsError(f'--out {args.out} already holds {found}; pass --overwrite to replace '
-                          'them or choose another directory')
+  check_out(args.out, args.overwrite, REPORT_FILES)
   model = load_model(args.checkpoint)
   tokenizer = _tokenizer(args, args.checkpoint)
   check_vocab(model.cfg, tokenizer, f'--data {args.data}')
