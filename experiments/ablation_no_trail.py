@@ -35,6 +35,7 @@ Design (fixed and committed before any arm ran):
 Results go to ROOT/ablation.json (a finished run is not trained again) and the tables and curves
 to stdout and ROOT/curves.png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,10 +53,14 @@ ARMS = {'dual': ('lead', 'trail'), 'no_trail': ('lead',), 'trail_only': ('trail'
 STEPS = (100, 60)  # stage 1, duplex stage
 POINTS = (0, 20, 40, 60)  # duplex-stage steps evaluated
 BATCH, MIX, CONVERSATIONS, TF_BATCHES = 16, 0.15, 16, 4
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-        9: 2.262}
-STREAMED = ('turn_accuracy', 'takeover_rate', 'response_latency_ms', 'pause_takeover_rate',
-            'interrupt_stop_rate')
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+STREAMED = (
+  'turn_accuracy',
+  'takeover_rate',
+  'response_latency_ms',
+  'pause_takeover_rate',
+  'interrupt_stop_rate',
+)
 
 
 def load_config(run_dir: str, corpus_root: str, arm: str, seed: int):
@@ -63,8 +68,14 @@ def load_config(run_dir: str, corpus_root: str, arm: str, seed: int):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   tc = module.get_config(corpus_root, steps=STEPS, layouts=ARMS[arm], mix=MIX, seed=seed)
-  return tc.replace(run_dir=run_dir, batch_size=BATCH, eval_sources=(), progress_bar=False,
-                    checkpoint_every=POINTS[1], keep_checkpoints=len(POINTS) + 1)
+  return tc.replace(
+    run_dir=run_dir,
+    batch_size=BATCH,
+    eval_sources=(),
+    progress_bar=False,
+    checkpoint_every=POINTS[1],
+    keep_checkpoints=len(POINTS) + 1,
+  )
 
 
 class Judge:
@@ -78,26 +89,32 @@ class Judge:
     from flmjax.eval.stream import read_conversations
     from flmjax.eval.teacher_forced import TeacherForced
     from flmjax.model.flm import create
+
     corpus = tc.corpus
     lead = tc.stages[1].sources[0].offset_frames
     single = corpus.split('heldout_tts_asr')
-    sets = {'duplex': (SourceSpec(corpus.split('heldout_duplex'), offset_frames=lead),),
-            'ASR': (SourceSpec(single, layout='trail', speech_stream='listen'),),
-            'TTS': (SourceSpec(single, layout='lead', offset_frames=lead),)}
+    sets = {
+      'duplex': (SourceSpec(corpus.split('heldout_duplex'), offset_frames=lead),),
+      'ASR': (SourceSpec(single, layout='trail', speech_stream='listen'),),
+      'TTS': (SourceSpec(single, layout='lead', offset_frames=lead),),
+    }
     self.tf = TeacherForced(tc.model, sets, batch_size=BATCH, num_batches=TF_BATCHES)
     self.tokenizer = load_tokenizer(corpus.tokenizer)
-    self.convs = read_conversations(corpus.manifest('heldout_duplex'), tc.model.num_codebooks,
-                                    limit=CONVERSATIONS)
-    greedy = SamplingConfig(greedy=True, repetition_penalty_text=1.0,
-                            repetition_penalty_audio=1.0)
-    self.decoder = StreamingDecoder(create(tc.model.replace(dtype='float32'), 0), greedy,
-                                    max_len=tc.model.max_position_embeddings)
+    self.convs = read_conversations(
+      corpus.manifest('heldout_duplex'), tc.model.num_codebooks, limit=CONVERSATIONS
+    )
+    greedy = SamplingConfig(greedy=True, repetition_penalty_text=1.0, repetition_penalty_audio=1.0)
+    self.decoder = StreamingDecoder(
+      create(tc.model.replace(dtype='float32'), 0), greedy, max_len=tc.model.max_position_embeddings
+    )
 
   def __call__(self, model) -> dict:
     from flmjax.eval.duplex import evaluate_duplex
+
     row = {f'{k} acc_text': m['acc_text'] for k, m in self.tf(model).items()}
-    report = evaluate_duplex(model, '', self.tokenizer, conversations=self.convs,
-                             decoder=self.decoder)
+    report = evaluate_duplex(
+      model, '', self.tokenizer, conversations=self.convs, decoder=self.decoder
+    )
     row['turn_accuracy'] = report['turn_accuracy']
     row.update({k: report['turn_taking'][k] for k in STREAMED[1:]})
     return row
@@ -106,6 +123,7 @@ class Judge:
 def run(arm: str, seed: int, root: str, judge_box: list) -> dict:
   from flmjax.train.export import restore_model
   from flmjax.train.loop import train
+
   tc = load_config(os.path.join(root, f'{arm}_seed{seed}'), root, arm, seed)
   t0 = time.time()
   train(tc, log=lambda *a, **k: None)
@@ -135,7 +153,8 @@ def endpoints(row: dict) -> dict:
     out[f'end of stage 1: {k}'] = first[k]
     out[f'end: {k}'] = last[k]
   out['duplex acc_text, mean over duplex steps ' + ','.join(map(str, POINTS[1:]))] = float(
-      np.mean([row['curve'][str(p)]['duplex acc_text'] for p in POINTS[1:]]))
+    np.mean([row['curve'][str(p)]['duplex acc_text'] for p in POINTS[1:]])
+  )
   return out
 
 
@@ -148,11 +167,15 @@ def summarize(rows: dict, seeds: list[int], root: str) -> str:
   done = {a: [s for s in seeds if f'{a}_seed{s}' in rows] for a in ARMS}
   arms = [a for a in ARMS if done[a]]
   ends = {a: {s: endpoints(rows[f'{a}_seed{s}']) for s in done[a]} for a in arms}
-  lines = ['; '.join(f'{a}: seeds {done[a]}' for a in arms)
-           + '. Mean ± 95% t-interval half-width (paired: over the seeds both arms ran)', '',
-           '| held-out metric | ' + ' | '.join(arms) + ' | dual − no_trail (paired) | '
-           'dual − trail_only (paired) |', '|---' * (len(arms) + 3) + '|']
-  for metric in (next(iter(ends[arms[0]].values())) if arms else {}):
+  lines = [
+    '; '.join(f'{a}: seeds {done[a]}' for a in arms)
+    + '. Mean ± 95% t-interval half-width (paired: over the seeds both arms ran)',
+    '',
+    '| held-out metric | ' + ' | '.join(arms) + ' | dual − no_trail (paired) | '
+    'dual − trail_only (paired) |',
+    '|---' * (len(arms) + 3) + '|',
+  ]
+  for metric in next(iter(ends[arms[0]].values())) if arms else {}:
     cells = [fmt(*interval([e[metric] for e in ends[a].values()])) for a in arms]
     for other in ('no_trail', 'trail_only'):
       both = [s for s in seeds if s in ends.get('dual', {}) and s in ends.get(other, {})]
@@ -162,14 +185,25 @@ def summarize(rows: dict, seeds: list[int], root: str) -> str:
       else:
         cells.append('-')
     lines.append(f'| {metric} | ' + ' | '.join(cells) + ' |')
-  lines += ['', 'curves over duplex-stage steps (mean over seeds):', '',
-            '| arm | metric | ' + ' | '.join(f'step {p}' for p in POINTS) + ' |',
-            '|---|---|' + '---|' * len(POINTS)]
+  lines += [
+    '',
+    'curves over duplex-stage steps (mean over seeds):',
+    '',
+    '| arm | metric | ' + ' | '.join(f'step {p}' for p in POINTS) + ' |',
+    '|---|---|' + '---|' * len(POINTS),
+  ]
   for a in arms:
-    for k in ('duplex acc_text', 'ASR acc_text', 'TTS acc_text', 'turn_accuracy',
-              'interrupt_stop_rate', 'pause_takeover_rate'):
-      means = [interval([rows[f'{a}_seed{s}']['curve'][str(p)][k] for s in done[a]])[0]
-               for p in POINTS]
+    for k in (
+      'duplex acc_text',
+      'ASR acc_text',
+      'TTS acc_text',
+      'turn_accuracy',
+      'interrupt_stop_rate',
+      'pause_takeover_rate',
+    ):
+      means = [
+        interval([rows[f'{a}_seed{s}']['curve'][str(p)][k] for s in done[a]])[0] for p in POINTS
+      ]
       lines.append(f'| {a} | {k} | ' + ' | '.join(f'{m:.3f}' for m in means) + ' |')
   plot_curves(rows, done, os.path.join(root, 'curves.png'))
   return '\n'.join(lines)
@@ -177,17 +211,24 @@ def summarize(rows: dict, seeds: list[int], root: str) -> str:
 
 def plot_curves(rows: dict, done: dict, path: str) -> None:
   import matplotlib
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
-  keys = ('duplex acc_text', 'ASR acc_text', 'TTS acc_text', 'turn_accuracy',
-          'interrupt_stop_rate', 'pause_takeover_rate')
+
+  keys = (
+    'duplex acc_text',
+    'ASR acc_text',
+    'TTS acc_text',
+    'turn_accuracy',
+    'interrupt_stop_rate',
+    'pause_takeover_rate',
+  )
   fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3))
   for ax, k in zip(axes, keys):
     for a, seeds in done.items():
       if not seeds:
         continue
-      stats = [interval([rows[f'{a}_seed{s}']['curve'][str(p)][k] for s in seeds])
-               for p in POINTS]
+      stats = [interval([rows[f'{a}_seed{s}']['curve'][str(p)][k] for s in seeds]) for p in POINTS]
       mean, half = (np.array(x) for x in zip(*stats))
       ax.errorbar(POINTS, mean, yerr=np.nan_to_num(half), label=a, capsize=3)
     ax.set_title(k, fontsize=9)
@@ -217,9 +258,11 @@ def main() -> None:
     rows[key] = json.loads(json.dumps(run(arm, seed, args.root, judge)))  # str keys
     with open(path, 'w') as f:
       json.dump(rows, f, indent=1)
-    print(f'{key}: trained in {rows[key]["train_s"]:.0f} s, evaluated in '
-          f'{rows[key]["eval_s"]:.0f} s; end: ' + json.dumps(rows[key]['curve'][str(POINTS[-1])]),
-          flush=True)
+    print(
+      f'{key}: trained in {rows[key]["train_s"]:.0f} s, evaluated in '
+      f'{rows[key]["eval_s"]:.0f} s; end: ' + json.dumps(rows[key]['curve'][str(POINTS[-1])]),
+      flush=True,
+    )
   print(summarize(rows, seeds, args.root))
 
 

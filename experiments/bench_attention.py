@@ -14,6 +14,7 @@ log-softmax over [B,T,V] with the blocked one, forward + backward, at flm_8b's v
 Runs with jax and numpy alone (the GPU image has no flax): flmjax's package __init__ and the
 sharding module (used by splash only, for its mesh) are stubbed when flax is missing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,30 +61,36 @@ def attention_rows(b: int, t: int, dtype, paths, compile_only: bool = False) -> 
   rows = []
   if compile_only:
     for name in paths:
-      f = (lambda q, k, v, name=name: attention.causal_attention(q, k, v, impl=name))
+      f = lambda q, k, v, name=name: attention.causal_attention(q, k, v, impl=name)
       mem = temp_bytes(fwd_bwd(f), *args) / 2**20
       rows.append(f'| {name} | {jnp.dtype(dtype).name} | {b}x{t} | | | {mem:.0f} | |')
     return rows
   ref_val, ref_grads = fwd_bwd(attention.plain)(q, kk, v)
   ref_out = jax.jit(attention.plain)(q, kk, v)
   for name in paths:
-    f = (lambda q, k, v, name=name: attention.causal_attention(q, k, v, impl=name))
+    f = lambda q, k, v, name=name: attention.causal_attention(q, k, v, impl=name)
     try:
       step = fwd_bwd(f)
       out = jax.jit(f)(*args).astype(jnp.float32)
       _, grads = step(*args)
     except Exception as e:  # a path this platform cannot run: say so and go on
-      rows.append(f'| {name} | {jnp.dtype(dtype).name} | {b}x{t} | failed: '
-                  f'{type(e).__name__}: {str(e).splitlines()[0][:80]} | | | |')
+      rows.append(
+        f'| {name} | {jnp.dtype(dtype).name} | {b}x{t} | failed: '
+        f'{type(e).__name__}: {str(e).splitlines()[0][:80]} | | | |'
+      )
       continue
     err = float(jnp.max(jnp.abs(out - ref_out)))
-    gerr = max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - r)) / jnp.max(jnp.abs(r)))
-               for g, r in zip(grads, ref_grads))
+    gerr = max(
+      float(jnp.max(jnp.abs(g.astype(jnp.float32) - r)) / jnp.max(jnp.abs(r)))
+      for g, r in zip(grads, ref_grads)
+    )
     mem = temp_bytes(step, *args) / 2**20
     ms = timed(step, *args) * 1e3
     label = 'cudnn (float32 runs chunked)' if name == 'cudnn' and dtype == jnp.float32 else name
-    rows.append(f'| {label} | {jnp.dtype(dtype).name} | {b}x{t} | {err:.2e} | {gerr:.2e} | '
-                f'{mem:.0f} | {ms:.2f} |')
+    rows.append(
+      f'| {label} | {jnp.dtype(dtype).name} | {b}x{t} | {err:.2e} | {gerr:.2e} | '
+      f'{mem:.0f} | {ms:.2f} |'
+    )
   return rows
 
 
@@ -94,6 +101,7 @@ def loss_rows(b: int, t: int) -> list[str]:
   from flmjax.config import ModelConfig
   from flmjax.model.backbone import Backbone
   from flmjax.train import loss as loss_lib
+
   cfg = ModelConfig.flm_8b(num_layers=1, dtype='bfloat16', param_dtype='float32')
   bb = nnx.eval_shape(lambda: Backbone(cfg, rngs=nnx.Rngs(params=0)))
   graphdef, state = nnx.split(bb)
@@ -121,21 +129,25 @@ def main():
   ap.add_argument('--window', type=int, default=4096)
   ap.add_argument('--batch', type=int, default=1)
   ap.add_argument('--loss', action='store_true', help='also the text loss (needs flax)')
-  ap.add_argument('--compile-only', action='store_true',
-                  help='temporaries only: no runs (for CPU hosts, where plain takes minutes)')
+  ap.add_argument(
+    '--compile-only',
+    action='store_true',
+    help='temporaries only: no runs (for CPU hosts, where plain takes minutes)',
+  )
   args = ap.parse_args()
   platform = attention.platform()
   fast = {'gpu': ['cudnn'], 'tpu': ['splash']}.get(platform, [])
-  print(f'{jax.devices()[0].device_kind} ({platform}), jax {jax.__version__}; window '
-        f'{args.window} (T = {args.window - 1}), batch {args.batch}, 28/4 heads of 128; '
-        'forward + backward; errors against plain in float32 (output: max abs; grads: max abs '
-        'over max |ref|)')
+  print(
+    f'{jax.devices()[0].device_kind} ({platform}), jax {jax.__version__}; window '
+    f'{args.window} (T = {args.window - 1}), batch {args.batch}, 28/4 heads of 128; '
+    'forward + backward; errors against plain in float32 (output: max abs; grads: max abs '
+    'over max |ref|)'
+  )
   print('| path | dtype | BxT | out err | grad err | temp MiB | ms |')
   print('|---|---|---|---|---|---|---|')
   t = args.window - 1
   for dtype in (jnp.float32, jnp.bfloat16):
-    for row in attention_rows(args.batch, t, dtype, ['plain', 'chunked'] + fast,
-                              args.compile_only):
+    for row in attention_rows(args.batch, t, dtype, ['plain', 'chunked'] + fast, args.compile_only):
       print(row, flush=True)
   if args.loss:
     print('\n| text loss | BxT | vocab | temp |\n|---|---|---|---|')

@@ -1,5 +1,6 @@
 """What the benchmarks share: timing a jitted call, the device's read bandwidth, and the weight
 bytes a decoded frame must read (the floors the measured times are compared with)."""
+
 from __future__ import annotations
 
 import time
@@ -39,11 +40,16 @@ def frame_weight_bytes(model) -> tuple[int, int]:
   """(all parameter bytes, bytes a decoded frame must read): the embedding tables contribute only
   the rows a frame gathers (1 text + 16 audio backbone rows, 8 depth rows)."""
   from flax import nnx  # here: bench_attention.py runs without flax
+
   cfg = model.cfg
   leaves = {'/'.join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
   total = sum(x.size * x.dtype.itemsize for x in leaves.values())
-  tables = ('backbone/text_embed', 'backbone/speak_embed', 'backbone/listen_embed',
-            'depth_transformer/wtes')
+  tables = (
+    'backbone/text_embed',
+    'backbone/speak_embed',
+    'backbone/listen_embed',
+    'depth_transformer/wtes',
+  )
   itemsize = leaves['backbone/lm_head'].dtype.itemsize
   rows = (1 + 2 * cfg.num_codebooks) * cfg.hidden_size + cfg.num_codebooks * cfg.depth_dim
   per_frame = total - sum(leaves[t].size * itemsize for t in tables) + rows * itemsize
@@ -54,9 +60,14 @@ def depth_weight_bytes(cfg) -> dict:
   """Bytes of depth-transformer weights one frame reads: each once ('once'), and with q/k/v/proj
   re-read by every one of the C steps ('per_step')."""
   it = jnp.dtype(cfg.compute_dtype).itemsize
-  L, C, D, d, f = (cfg.depth_layers, cfg.num_codebooks, cfg.hidden_size, cfg.depth_dim,
-                   cfg.depth_mlp_dim)
-  shared = L * (4 * d * d + 2 * d)       # qkv, proj, two norms: read by every step
-  mlps = L * C * 3 * d * f               # step c reads only codebook c's MLP
+  L, C, D, d, f = (
+    cfg.depth_layers,
+    cfg.num_codebooks,
+    cfg.hidden_size,
+    cfg.depth_dim,
+    cfg.depth_mlp_dim,
+  )
+  shared = L * (4 * d * d + 2 * d)  # qkv, proj, two norms: read by every step
+  mlps = L * C * 3 * d * f  # step c reads only codebook c's MLP
   outside = D * C * d + C * d * cfg.audio_vocab_size + C * d + d  # linear_in, heads, wpe, ln_f
   return {'once': it * (shared + mlps + outside), 'per_step': it * (C * shared + mlps + outside)}

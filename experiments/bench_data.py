@@ -6,6 +6,7 @@ fed by this pipeline) consumes at the same shape. The pipeline must be faster th
 
   .venv/bin/python experiments/bench_data.py [--batches 300] [--threads 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,18 @@ import time
 def bench_loader(cfg, specs, batch, window, batches, threads):
   from flmjax.data.grid import LossWeights
   from flmjax.data.pipeline import make_loader
-  it = make_loader(cfg, specs, window=window, batch_size=batch, seed=0, loss_weights=LossWeights(),
-                   shard_index=0, shard_count=1, num_threads=threads)
+
+  it = make_loader(
+    cfg,
+    specs,
+    window=window,
+    batch_size=batch,
+    seed=0,
+    loss_weights=LossWeights(),
+    shard_index=0,
+    shard_count=1,
+    num_threads=threads,
+  )
   for _ in range(10):
     next(it)
   t = time.perf_counter()
@@ -38,9 +49,15 @@ def bench_train_step(cfg, specs, batch, window, steps):
   from flmjax.train import state as st
   from flmjax.train import step as sp
   from flmjax.train.config import StageConfig, TrainConfig
-  tc = TrainConfig(model=cfg, stages=(StageConfig('bench', steps, sources=tuple(specs)),),
-                   run_dir=tempfile.mkdtemp(), window=window, batch_size=batch,
-                   compute_dtype='float32')
+
+  tc = TrainConfig(
+    model=cfg,
+    stages=(StageConfig('bench', steps, sources=tuple(specs)),),
+    run_dir=tempfile.mkdtemp(),
+    window=window,
+    batch_size=batch,
+    compute_dtype='float32',
+  )
   mesh = shd.make_mesh(1, 1, 1)
   spec = st.state_spec(tc, mesh)
   state = st.init_state(spec, tc)
@@ -70,6 +87,7 @@ def main():
   from flmjax.data.pipeline import SourceSpec
   from flmjax.data.prepare import prepare
   from flmjax.data.tokenizer import load_tokenizer
+
   cfg = ModelConfig.tiny()
   print(f'machine: {os.cpu_count()} CPUs')
   with tempfile.TemporaryDirectory() as root:
@@ -82,15 +100,21 @@ def main():
       prepare(paths[name], os.path.join(root, name), tok, progress=False, strict=True)
     t_prep = time.perf_counter() - t
     print(f'synthetic corpus: generate {t_gen:.2f} s, prepare {t_prep:.2f} s')
-    specs = [SourceSpec(os.path.join(root, 'tts_asr'), layout='mixed', offset_frames=1),
-             SourceSpec(os.path.join(root, 'duplex'), offset_frames=1)]
+    specs = [
+      SourceSpec(os.path.join(root, 'tts_asr'), layout='mixed', offset_frames=1),
+      SourceSpec(os.path.join(root, 'duplex'), offset_frames=1),
+    ]
     for threads in args.threads:
       fps, per = bench_loader(cfg, specs, args.batch, args.window, args.batches, threads)
-      print(f'grain pipeline ({threads} threads): {fps:,.0f} frames/s '
-            f'({per * 1e3:.2f} ms per batch of {args.batch}x{args.window})')
+      print(
+        f'grain pipeline ({threads} threads): {fps:,.0f} frames/s '
+        f'({per * 1e3:.2f} ms per batch of {args.batch}x{args.window})'
+      )
     fps, per = bench_train_step(cfg, specs, args.batch, args.window, args.steps)
-  print(f'tiny training loop (flmjax.train step fed by this pipeline): {fps:,.0f} frames/s '
-        f'({per * 1e3:.1f} ms per step)')
+  print(
+    f'tiny training loop (flmjax.train step fed by this pipeline): {fps:,.0f} frames/s '
+    f'({per * 1e3:.1f} ms per step)'
+  )
 
 
 if __name__ == '__main__':

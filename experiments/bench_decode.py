@@ -6,6 +6,7 @@ weight-read floor (parameter bytes / memory bandwidth measured in the same run).
 
 Random weights (nothing is loaded). Prints a markdown table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,12 @@ def bench(model, sampling, batch, frames, max_len, overflow):
     np.asarray(out)  # a streaming server reads every frame's tokens
     times.append(time.perf_counter() - t)
   times = np.asarray(times)
-  return dict(first=first, median=float(np.median(times)), p90=float(np.percentile(times, 90)),
-              fps=batch / float(times.mean()))
+  return dict(
+    first=first,
+    median=float(np.median(times)),
+    p90=float(np.percentile(times, 90)),
+    fps=batch / float(times.mean()),
+  )
 
 
 def main():
@@ -66,27 +71,38 @@ def main():
   total, per_frame = frame_weight_bytes(model)
   bw = read_bandwidth()
   dev = jax.devices()[0]
-  print(f'\ndevice: {dev.platform} {dev.device_kind} x{jax.device_count()}, '
-        f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores, '
-        f'jax {jax.__version__}; load average {os.getloadavg()[0]:.1f} (others share the machine '
-        f'when this exceeds 0)')
+  print(
+    f'\ndevice: {dev.platform} {dev.device_kind} x{jax.device_count()}, '
+    f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores, '
+    f'jax {jax.__version__}; load average {os.getloadavg()[0]:.1f} (others share the machine '
+    f'when this exceeds 0)'
+  )
   count = total // jnp.dtype(args.dtype).itemsize
-  print(f'parameters: {total / 1e6:.1f} MB ({count / 1e6:.1f} M); '
-        f'read per frame: {per_frame / 1e6:.1f} MB; measured read bandwidth {bw / 1e9:.1f} GB/s')
-  print(f'weight-read floor per frame: {1e3 * per_frame / bw:.2f} ms (all parameters: '
-        f'{1e3 * total / bw:.2f} ms)\n')
+  print(
+    f'parameters: {total / 1e6:.1f} MB ({count / 1e6:.1f} M); '
+    f'read per frame: {per_frame / 1e6:.1f} MB; measured read bandwidth {bw / 1e9:.1f} GB/s'
+  )
+  print(
+    f'weight-read floor per frame: {1e3 * per_frame / bw:.2f} ms (all parameters: '
+    f'{1e3 * total / bw:.2f} ms)\n'
+  )
   official = SamplingConfig()
   greedy = SamplingConfig(greedy=True)
   rows = [(b, 'official sampling', official) for b in map(int, args.batches.split(','))]
   rows.insert(1, (rows[0][0], 'greedy', greedy))
   print(f'max_len {args.max_len}, overflow={args.overflow!r}, {args.frames} timed frames\n')
-  print('| B | sampling | first step (compile + run) s | median ms/frame | p90 ms/frame '
-        '| frames/s (all sessions) | x real time (12.5 fps each) |')
+  print(
+    '| B | sampling | first step (compile + run) s | median ms/frame | p90 ms/frame '
+    '| frames/s (all sessions) | x real time (12.5 fps each) |'
+  )
   print('|---|---|---|---|---|---|---|')
   for batch, name, sampling in rows:
     r = bench(model, sampling, batch, args.frames, args.max_len, args.overflow)
-    print(f"| {batch} | {name} | {r['first']:.1f} | {1e3 * r['median']:.1f} | "
-          f"{1e3 * r['p90']:.1f} | {r['fps']:.1f} | {r['fps'] / 12.5 / batch:.2f} |", flush=True)
+    print(
+      f'| {batch} | {name} | {r["first"]:.1f} | {1e3 * r["median"]:.1f} | '
+      f'{1e3 * r["p90"]:.1f} | {r["fps"]:.1f} | {r["fps"] / 12.5 / batch:.2f} |',
+      flush=True,
+    )
   print(f'\nload average at the end: {os.getloadavg()[0]:.1f}')
 
 

@@ -10,6 +10,7 @@ Writes a markdown table to stdout and, with --out, to a file.
   python experiments/bench_depth_kernel.py --out results.md       # on a GPU or TPU
   python experiments/bench_depth_kernel.py --cpu                  # CPU smoke run (interpret mode)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,12 @@ from flmjax.platforms import cpu_unless_accelerator  # noqa: E402
 
 # Triton tilings tried per batch size (the fastest is reported): nb sets how many CTAs share a
 # weight matrix (d / nb for the projections), kb the reduction step.
-GPU_TILES = [dict(kb=64, nb=32, num_warps=4), dict(kb=128, nb=16, num_warps=4),
-             dict(kb=64, nb=64, num_warps=4), dict(kb=64, nb=32, num_warps=4, fuse_attention=True)]
+GPU_TILES = [
+  dict(kb=64, nb=32, num_warps=4),
+  dict(kb=128, nb=16, num_warps=4),
+  dict(kb=64, nb=64, num_warps=4),
+  dict(kb=64, nb=32, num_warps=4, fuse_attention=True),
+]
 
 
 def make_frame(graphdef, fns: dict, frames: int):
@@ -41,14 +46,18 @@ def make_frame(graphdef, fns: dict, frames: int):
 
   fns: {'layer_fn': ...} (per layer, under the model's layer scan) or {'layers_fn': ...} (the
   whole stack, stacked weights read in place)."""
+
   @jax.jit
   def run(state, cond, cache):
     depth = nnx.merge(graphdef, state)
+
     def one(carry, _):
       codes, cache = reference.depth_frame(depth, cond, carry, **fns)
       return cache, codes
+
     _, codes = jax.lax.scan(one, cache, None, length=frames)
     return codes
+
   return run
 
 
@@ -73,8 +82,9 @@ def bench_batch(cfg, graphdef, state, b, variants, frames, iters, seed=0):
 
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  ap.add_argument('--cpu', action='store_true',
-                  help='smoke run on CPU: small shapes, kernels in interpret mode')
+  ap.add_argument(
+    '--cpu', action='store_true', help='smoke run on CPU: small shapes, kernels in interpret mode'
+  )
   ap.add_argument('--batches', default=None, help='comma-separated batch sizes (1,8,32,128)')
   ap.add_argument('--frames', type=int, default=None, help='frames per timed dispatch')
   ap.add_argument('--iters', type=int, default=None, help='timed repeats (the best is kept)')
@@ -86,9 +96,11 @@ def main(argv=None) -> int:
   if args.cpu:
     cfg = ModelConfig.small(dtype='bfloat16', param_dtype='bfloat16')
     batches, frames, iters = [1, 8], args.frames or 1, args.iters or 2
-    kernels = [('tpu-kernel stacked (interpret)', 'stack', dict(kernel='tpu', interpret=True)),
-               ('gpu-kernels stacked (interpret)', 'stack', dict(kernel='gpu', interpret=True)),
-               ('gpu-kernels per-layer (interpret)', 'layer', dict(kernel='gpu', interpret=True))]
+    kernels = [
+      ('tpu-kernel stacked (interpret)', 'stack', dict(kernel='tpu', interpret=True)),
+      ('gpu-kernels stacked (interpret)', 'stack', dict(kernel='gpu', interpret=True)),
+      ('gpu-kernels per-layer (interpret)', 'layer', dict(kernel='gpu', interpret=True)),
+    ]
     bw_bytes = 256 << 20
   elif backend == 'cpu':
     print('no accelerator found: run with --cpu for the interpret-mode smoke run', file=sys.stderr)
@@ -109,28 +121,37 @@ def main(argv=None) -> int:
   print(f'device: {device.device_kind} ({backend}), jax {jax.__version__}', flush=True)
   bw = read_bandwidth(bw_bytes, 5)
   wb = depth_weight_bytes(cfg)
-  print(f'measured read bandwidth: {bw / 1e9:.0f} GB/s; depth weights per frame: '
-        f'{wb["once"] / 1e6:.0f} MB once, {wb["per_step"] / 1e6:.0f} MB re-reading qkv/proj',
-        flush=True)
+  print(
+    f'measured read bandwidth: {bw / 1e9:.0f} GB/s; depth weights per frame: '
+    f'{wb["once"] / 1e6:.0f} MB once, {wb["per_step"] / 1e6:.0f} MB re-reading qkv/proj',
+    flush=True,
+  )
   depth = nnx.eval_shape(lambda: depth_lib.DepthTransformer(cfg, rngs=nnx.Rngs(params=0)))
   graphdef, _ = nnx.split(depth)
   state = jax.jit(lambda: nnx.split(depth_lib.DepthTransformer(cfg, rngs=nnx.Rngs(params=0)))[1])()
 
   variants = [('xla', {'layer_fn': depth_lib.layer_step})]
-  variants += [(name, {'layer_fn': depth_step.select_depth_layer_fn(**kw)} if entry == 'layer'
-                else {'layers_fn': depth_step.select_depth_layers_fn(**kw)})
-               for name, entry, kw in kernels]
+  variants += [
+    (
+      name,
+      {'layer_fn': depth_step.select_depth_layer_fn(**kw)}
+      if entry == 'layer'
+      else {'layers_fn': depth_step.select_depth_layers_fn(**kw)},
+    )
+    for name, entry, kw in kernels
+  ]
   d = cfg
   header = [
-      f'Depth frame ({d.num_codebooks} steps x {d.depth_layers} layers, dim {d.depth_dim}, '
-      f'{d.depth_heads} heads, MLP {d.depth_mlp_dim}, {d.dtype}) on {device.device_kind}, '
-      f'jax {jax.__version__}; read bandwidth {bw / 1e9:.0f} GB/s; ms per frame, best of {iters} '
-      f'runs of {frames} frames.' + (' CPU smoke run: interpret mode, times mean nothing.'
-                                     if args.cpu else ''),
-      '',
-      '| B | XLA ms | Pallas ms | speedup | floor ms (weights once) | floor ms (qkv/proj per step) '
-      '| codes equal to XLA | best Pallas variant |',
-      '|---|---|---|---|---|---|---|---|']
+    f'Depth frame ({d.num_codebooks} steps x {d.depth_layers} layers, dim {d.depth_dim}, '
+    f'{d.depth_heads} heads, MLP {d.depth_mlp_dim}, {d.dtype}) on {device.device_kind}, '
+    f'jax {jax.__version__}; read bandwidth {bw / 1e9:.0f} GB/s; ms per frame, best of {iters} '
+    f'runs of {frames} frames.'
+    + (' CPU smoke run: interpret mode, times mean nothing.' if args.cpu else ''),
+    '',
+    '| B | XLA ms | Pallas ms | speedup | floor ms (weights once) | floor ms (qkv/proj per step) '
+    '| codes equal to XLA | best Pallas variant |',
+    '|---|---|---|---|---|---|---|---|',
+  ]
   rows, every = [], []
   for b in batches:
     res = bench_batch(cfg, graphdef, state, b, variants, frames, iters)
@@ -144,14 +165,22 @@ def main(argv=None) -> int:
     if best and xla_codes is not None:
       name, (ms, codes) = best
       agree = float(np.mean(codes == xla_codes))
-      rows.append(f'| {b} | {xla_ms:.3f} | {ms:.3f} | {xla_ms / ms:.2f}x | {floor[0]:.3f} | '
-                  f'{floor[1]:.3f} | {agree:.3f} | {name} |')
+      rows.append(
+        f'| {b} | {xla_ms:.3f} | {ms:.3f} | {xla_ms / ms:.2f}x | {floor[0]:.3f} | '
+        f'{floor[1]:.3f} | {agree:.3f} | {name} |'
+      )
     else:
-      rows.append(f'| {b} | {xla_ms:.3f} | {best[1][0] if best else float("nan"):.3f} | - | '
-                  f'{floor[0]:.3f} | {floor[1]:.3f} | - | {best[0] if best else "failed"} |')
+      rows.append(
+        f'| {b} | {xla_ms:.3f} | {best[1][0] if best else float("nan"):.3f} | - | '
+        f'{floor[0]:.3f} | {floor[1]:.3f} | - | {best[0] if best else "failed"} |'
+      )
     # Written after every batch size, so a run cut short still leaves its table.
-    table = '\n'.join(header + rows + ['', '| B | variant | ms per frame | codes equal to XLA |',
-                                       '|---|---|---|---|'] + every)
+    table = '\n'.join(
+      header
+      + rows
+      + ['', '| B | variant | ms per frame | codes equal to XLA |', '|---|---|---|---|']
+      + every
+    )
     if args.out:
       with open(args.out, 'w') as f:
         f.write(table + '\n')

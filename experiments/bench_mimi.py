@@ -9,6 +9,7 @@ einops) is optional. When present it gets the same random weights, its codes are
 ours, and both are timed in the same process, alternating rounds, so the ratio is fair on a
 shared machine. Prints a markdown table of medians.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,6 +45,7 @@ def official_mimi(state_dict):
 def flops_per_frame(cfg: MimiConfig) -> float:
   """Matmul FLOPs of one session's streaming encode + decode of one 80 ms frame."""
   from flmjax.codec import seanet
+
   total, length = 0.0, cfg.frame_size
   for _, cin, cout, k, stride, _ in seanet.encoder_convs(cfg):
     length //= stride
@@ -70,7 +72,7 @@ def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
     t = time.perf_counter()
     f(a).block_until_ready()
     times.append(time.perf_counter() - t)
-  return 2 * n ** 3 / float(np.median(times)) / 1e9
+  return 2 * n**3 / float(np.median(times)) / 1e9
 
 
 def stream_ours(mimi: Mimi, pcm: np.ndarray):
@@ -80,7 +82,7 @@ def stream_ours(mimi: Mimi, pcm: np.ndarray):
   times, cpu, codes = [], [], []
   for f in range(pcm.shape[1] // FRAME):
     t, c0 = time.perf_counter(), time.process_time()
-    state, c = mimi.encode_step(state, pcm[:, f * FRAME:(f + 1) * FRAME])
+    state, c = mimi.encode_step(state, pcm[:, f * FRAME : (f + 1) * FRAME])
     state, y = mimi.decode_step(state, c)
     y.block_until_ready()
     times.append(time.perf_counter() - t)
@@ -91,10 +93,11 @@ def stream_ours(mimi: Mimi, pcm: np.ndarray):
 
 def stream_official(model, pcm: np.ndarray):
   import torch
+
   times, codes = [], []
   with model.streaming(pcm.shape[0]):
     for f in range(pcm.shape[1] // FRAME):
-      x = torch.from_numpy(pcm[:, None, f * FRAME:(f + 1) * FRAME])
+      x = torch.from_numpy(pcm[:, None, f * FRAME : (f + 1) * FRAME])
       t = time.perf_counter()
       c = model.encode(x)
       model.decode(c)
@@ -107,6 +110,7 @@ def best_torch_threads(model, pcm: np.ndarray) -> int:
   """Sets and returns torch's faster intra-op thread count (1 or all cores) on a few frames: on a
   loaded machine torch's spinning OpenMP threads can be many times slower than one thread."""
   import torch
+
   best = None
   for n in sorted({1, os.cpu_count() or 1}):
     torch.set_num_threads(n)
@@ -132,8 +136,10 @@ def main():
   ours = Mimi.random(cfg, seed=0)
   official = None if args.no_official else official_mimi(state_dict)
   rng = np.random.default_rng(0)
-  print(f'# Mimi full config, float32, {platform.processor() or platform.machine()}, '
-        f'jax {jax.__version__}, {jax.devices()[0].platform}')
+  print(
+    f'# Mimi full config, float32, {platform.processor() or platform.machine()}, '
+    f'jax {jax.__version__}, {jax.devices()[0].platform}'
+  )
   rows = []
   for batch in map(int, args.batches.split(',')):
     warm = 3  # frames that compile / warm up, not timed
@@ -143,7 +149,7 @@ def main():
     compile_s = time.perf_counter() - t
     ours_t, ours_cpu, off_t, agree, threads = [], [], [], None, None
     if official is not None:
-      threads = best_torch_threads(official, pcm[:, :4 * FRAME])
+      threads = best_torch_threads(official, pcm[:, : 4 * FRAME])
     for _ in range(args.rounds):
       times, cpu, codes = stream_ours(ours, pcm)
       ours_t.append(times[warm:])
@@ -157,13 +163,17 @@ def main():
     cpu_ms = 1e3 * float(np.median(np.concatenate(ours_cpu)))
     achieved = batch * flops_per_frame(cfg) / (ours_ms / 1e3) / 1e9
     off_ms = 1e3 * float(np.median(np.concatenate(off_t))) if off_t else None
-    rows.append((f'stream B={batch}', f'{ours_ms:.1f} ms/frame',
-                 f'{off_ms:.1f} ms/frame' if off_ms else '-',
-                 f'{off_ms / ours_ms:.2f}x' if off_ms else '-',
-                 f'{achieved:.0f} GFLOP/s of a {peak:.0f} GFLOP/s matmul now; '
-                 f'CPU time {cpu_ms:.1f} ms/frame; compile {compile_s:.1f} s'
-                 + (f'; codes agree {agree:.4f}; torch threads {threads}'
-                    if agree is not None else '')))
+    rows.append(
+      (
+        f'stream B={batch}',
+        f'{ours_ms:.1f} ms/frame',
+        f'{off_ms:.1f} ms/frame' if off_ms else '-',
+        f'{off_ms / ours_ms:.2f}x' if off_ms else '-',
+        f'{achieved:.0f} GFLOP/s of a {peak:.0f} GFLOP/s matmul now; '
+        f'CPU time {cpu_ms:.1f} ms/frame; compile {compile_s:.1f} s'
+        + (f'; codes agree {agree:.4f}; torch threads {threads}' if agree is not None else ''),
+      )
+    )
 
   # Batch encode throughput (seconds of audio per second of wall time).
   n = int(args.encode_seconds * cfg.sample_rate) // FRAME * FRAME
@@ -176,15 +186,22 @@ def main():
     ours_s.append(time.perf_counter() - t)
     if official is not None:
       import torch
+
       t = time.perf_counter()
       official.encode(torch.from_numpy(pcm[:, None]))
       off_s.append(time.perf_counter() - t)
   audio = pcm.size / cfg.sample_rate
   ours_x = audio / float(np.median(ours_s))
   off_x = audio / float(np.median(off_s)) if off_s else None
-  rows.append((f'batch encode {args.encode_batch}x{args.encode_seconds:.0f}s',
-               f'{ours_x:.1f} s audio/s', f'{off_x:.1f} s audio/s' if off_x else '-',
-               f'{ours_x / off_x:.2f}x' if off_x else '-', ''))
+  rows.append(
+    (
+      f'batch encode {args.encode_batch}x{args.encode_seconds:.0f}s',
+      f'{ours_x:.1f} s audio/s',
+      f'{off_x:.1f} s audio/s' if off_x else '-',
+      f'{ours_x / off_x:.2f}x' if off_x else '-',
+      '',
+    )
+  )
 
   print('| what | flmjax (JAX) | official (torch) | speed-up | notes |')
   print('|---|---|---|---|---|')

@@ -16,6 +16,7 @@ the final checkpoint): seconds per step of a second run, after a first run compi
 FLOPs per step come from XLA's cost analysis of the compiled step (everything it executes) and,
 for comparison, the usual 6 * (matmul params) * tokens + attention estimate of the model.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,7 +55,7 @@ class MatmulPeak:
       t = time.perf_counter()
       self.f(self.a, self.b).block_until_ready()
       times.append(time.perf_counter() - t)
-    return 2 * self.n ** 3 / min(times)
+    return 2 * self.n**3 / min(times)
 
 
 def model_flops(cfg: ModelConfig, batch: int, cols: int) -> float:
@@ -70,11 +71,27 @@ def model_flops(cfg: ModelConfig, batch: int, cols: int) -> float:
   return 6.0 * (backbone + head + depth) * tokens + attn
 
 
-def bench(name: str, cfg: ModelConfig, batch: int, window: int, steps: int, dtype: str,
-          remat: str, peak: MatmulPeak, lora=None) -> dict:
-  tc = TrainConfig(model=cfg, stages=(StageConfig('bench', 10, random_data=True),),
-                   run_dir='/tmp/bench', window=window, batch_size=batch, compute_dtype=dtype,
-                   remat=remat, lora=lora)
+def bench(
+  name: str,
+  cfg: ModelConfig,
+  batch: int,
+  window: int,
+  steps: int,
+  dtype: str,
+  remat: str,
+  peak: MatmulPeak,
+  lora=None,
+) -> dict:
+  tc = TrainConfig(
+    model=cfg,
+    stages=(StageConfig('bench', 10, random_data=True),),
+    run_dir='/tmp/bench',
+    window=window,
+    batch_size=batch,
+    compute_dtype=dtype,
+    remat=remat,
+    lora=lora,
+  )
   mesh = shd.make_mesh(1, 1, 1)
   spec = st.state_spec(tc, mesh)
   state = st.init_state(spec, tc)
@@ -101,27 +118,56 @@ def bench(name: str, cfg: ModelConfig, batch: int, window: int, steps: int, dtyp
     peaks.append(peak.sample())
   step_s = float(np.median(times))
   mflops = model_flops(cfg, batch, window - 1)
-  return {'peak_flops': float(np.median(peaks)),
-          'model_frac_paired': float(np.median([mflops / t / p for t, p in zip(times, peaks)])),
-          'preset': name, 'mode': 'full' if lora is None else f'lora r{lora.rank}',
-          'trainable_M': st.num_params(state.params) / 1e6, 'state_MiB': state_bytes / 2**20,
-          'params_M': st.num_params(st.join(frozen[0] if frozen else None, state.params)) / 1e6,
-          'batch': batch,
-          'window': window, 'dtype': dtype, 'remat': remat, 'compile_s': compile_s,
-          'step_s': step_s, 'frames_per_s': batch * (window - 1) / step_s,
-          'xla_flops': xla_flops, 'model_flops': model_flops(cfg, batch, window - 1)}
+  return {
+    'peak_flops': float(np.median(peaks)),
+    'model_frac_paired': float(np.median([mflops / t / p for t, p in zip(times, peaks)])),
+    'preset': name,
+    'mode': 'full' if lora is None else f'lora r{lora.rank}',
+    'trainable_M': st.num_params(state.params) / 1e6,
+    'state_MiB': state_bytes / 2**20,
+    'params_M': st.num_params(st.join(frozen[0] if frozen else None, state.params)) / 1e6,
+    'batch': batch,
+    'window': window,
+    'dtype': dtype,
+    'remat': remat,
+    'compile_s': compile_s,
+    'step_s': step_s,
+    'frames_per_s': batch * (window - 1) / step_s,
+    'xla_flops': xla_flops,
+    'model_flops': model_flops(cfg, batch, window - 1),
+  }
 
 
-def bench_loop(name: str, cfg: ModelConfig, batch: int, window: int, steps: int, dtype: str,
-               remat: str, grad_accum: int, log_every: int) -> dict:
+def bench_loop(
+  name: str,
+  cfg: ModelConfig,
+  batch: int,
+  window: int,
+  steps: int,
+  dtype: str,
+  remat: str,
+  grad_accum: int,
+  log_every: int,
+) -> dict:
   import tempfile
 
   import flmjax
   from flmjax.train.loop import train
+
   stage = lambda n: (StageConfig('bench', n, random_data=True),)
-  tc = TrainConfig(model=cfg, stages=stage(steps), run_dir='', window=window, batch_size=batch,
-                   grad_accum=grad_accum, compute_dtype=dtype, remat=remat, log_every=log_every,
-                   checkpoint_every=10 ** 6, progress_bar=False)
+  tc = TrainConfig(
+    model=cfg,
+    stages=stage(steps),
+    run_dir='',
+    window=window,
+    batch_size=batch,
+    grad_accum=grad_accum,
+    compute_dtype=dtype,
+    remat=remat,
+    log_every=log_every,
+    checkpoint_every=10**6,
+    progress_bar=False,
+  )
   quiet = lambda *a, **k: None
   with tempfile.TemporaryDirectory() as tmp:
     t = time.perf_counter()
@@ -130,10 +176,18 @@ def bench_loop(name: str, cfg: ModelConfig, batch: int, window: int, steps: int,
     t = time.perf_counter()
     train(tc.replace(run_dir=f'{tmp}/timed'), log=quiet)
     total = time.perf_counter() - t
-  return {'preset': name, 'flmjax': os.path.dirname(flmjax.__file__), 'batch': batch,
-          'window': window, 'grad_accum': grad_accum, 'log_every': log_every, 'steps': steps,
-          'first_run_2_steps_s': first_s, 'step_s': total / steps,
-          'frames_per_s': steps * batch * (window - 1) / total}
+  return {
+    'preset': name,
+    'flmjax': os.path.dirname(flmjax.__file__),
+    'batch': batch,
+    'window': window,
+    'grad_accum': grad_accum,
+    'log_every': log_every,
+    'steps': steps,
+    'first_run_2_steps_s': first_s,
+    'step_s': total / steps,
+    'frames_per_s': steps * batch * (window - 1) / total,
+  }
 
 
 def main():
@@ -146,20 +200,42 @@ def main():
   ap.add_argument('--loop', action='store_true', help='time the whole training loop')
   ap.add_argument('--grad-accum', type=int, default=1)
   ap.add_argument('--log-every', type=int, default=10)
-  ap.add_argument('--lora-rank', type=int, default=None,
-                  help='also time the LoRA step of this rank (attn + mlp), same run')
+  ap.add_argument(
+    '--lora-rank',
+    type=int,
+    default=None,
+    help='also time the LoRA step of this rank (attn + mlp), same run',
+  )
   args = ap.parse_args()
-  shapes = {'tiny': (ModelConfig.tiny(), 16, 64), 'small': (ModelConfig.small(), 8, 256),
-            'small_b16': (ModelConfig.small(), 16, 256)}
+  shapes = {
+    'tiny': (ModelConfig.tiny(), 16, 64),
+    'small': (ModelConfig.small(), 8, 256),
+    'small_b16': (ModelConfig.small(), 16, 256),
+  }
   if args.loop:
     for name in args.presets.split(','):
       cfg, batch, window = shapes[name]
-      print(json.dumps(bench_loop(name, cfg, batch, window, args.steps, args.dtype, args.remat,
-                                  args.grad_accum, args.log_every)))
+      print(
+        json.dumps(
+          bench_loop(
+            name,
+            cfg,
+            batch,
+            window,
+            args.steps,
+            args.dtype,
+            args.remat,
+            args.grad_accum,
+            args.log_every,
+          )
+        )
+      )
     return
   peak = MatmulPeak(dtype=jnp.dtype(args.dtype))
-  print(f'device: {jax.devices()[0].device_kind} x{jax.device_count()}; '
-        f'matmul peak ({args.dtype}, 2048^3) now: {peak.sample() / 1e9:.1f} GFLOP/s')
+  print(
+    f'device: {jax.devices()[0].device_kind} x{jax.device_count()}; '
+    f'matmul peak ({args.dtype}, 2048^3) now: {peak.sample() / 1e9:.1f} GFLOP/s'
+  )
   rows = []
   for name in args.presets.split(','):
     cfg, batch, window = shapes[name]
@@ -171,22 +247,28 @@ def main():
       r['xla_frac'] = r['xla_flops'] / r['step_s'] / r['peak_flops']
       rows.append(r)
   print('XLA FLOPs come from cost_analysis, which counts a scan body once: an undercount.')
-  print('| preset | mode | params | trainable | state | batch x window | dtype | step | frames/s '
-        '| matmul peak | model GFLOP/s | of peak (paired) | XLA-counted GFLOP/s | compile |')
+  print(
+    '| preset | mode | params | trainable | state | batch x window | dtype | step | frames/s '
+    '| matmul peak | model GFLOP/s | of peak (paired) | XLA-counted GFLOP/s | compile |'
+  )
   print('|---|---|---|---|---|---|---|---|---|---|---|---|---|---|')
   for r in rows:
-    print(f"| {r['preset']} | {r['mode']} | {r['params_M']:.1f}M | {r['trainable_M']:.2f}M "
-          f"| {r['state_MiB']:.0f} MiB | {r['batch']}x{r['window']} | {r['dtype']} "
-          f"| {r['step_s'] * 1e3:.0f} ms | {r['frames_per_s']:.0f} "
-          f"| {r['peak_flops'] / 1e9:.1f} GFLOP/s | {r['model_flops'] / r['step_s'] / 1e9:.1f} "
-          f"| {r['model_frac_paired']:.0%} | {r['xla_flops'] / r['step_s'] / 1e9:.1f} "
-          f"| {r['compile_s']:.0f} s |")
+    print(
+      f'| {r["preset"]} | {r["mode"]} | {r["params_M"]:.1f}M | {r["trainable_M"]:.2f}M '
+      f'| {r["state_MiB"]:.0f} MiB | {r["batch"]}x{r["window"]} | {r["dtype"]} '
+      f'| {r["step_s"] * 1e3:.0f} ms | {r["frames_per_s"]:.0f} '
+      f'| {r["peak_flops"] / 1e9:.1f} GFLOP/s | {r["model_flops"] / r["step_s"] / 1e9:.1f} '
+      f'| {r["model_frac_paired"]:.0%} | {r["xla_flops"] / r["step_s"] / 1e9:.1f} '
+      f'| {r["compile_s"]:.0f} s |'
+    )
   for full, lora in zip(rows, rows[1:]):
     if full['mode'] == 'full' and lora['mode'] != 'full' and full['preset'] == lora['preset']:
-      print(f"{lora['preset']}: {lora['mode']} / full: step time "
-            f"{lora['step_s'] / full['step_s']:.2f}x, state bytes "
-            f"{lora['state_MiB'] / full['state_MiB']:.3f}x, trainable params "
-            f"{lora['trainable_M'] / full['trainable_M']:.4f}x (one run)")
+      print(
+        f'{lora["preset"]}: {lora["mode"]} / full: step time '
+        f'{lora["step_s"] / full["step_s"]:.2f}x, state bytes '
+        f'{lora["state_MiB"] / full["state_MiB"]:.3f}x, trainable params '
+        f'{lora["trainable_M"] / full["trainable_M"]:.4f}x (one run)'
+      )
   if args.json:
     with open(args.json, 'w') as f:
       json.dump(rows, f, indent=2)

@@ -14,6 +14,7 @@ Prints a markdown table; exits 1 when a check fails.
   python experiments/gpu_kernel_check.py                 # on a GPU or TPU
   python experiments/gpu_kernel_check.py --interpret     # CPU smoke run (interpret mode)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,12 +39,16 @@ DIMS = {'tiny': (32, 4, 85), 'odd': (40, 4, 106), 'flm_8b': (1024, 16, 2816)}  #
 def random_layer(rng, b, dims, dtype, layers=None):
   d, h, f = dims
   lead = () if layers is None else (layers,)
-  n = lambda shape, scale: jnp.asarray(scale * rng.standard_normal(lead + shape, np.float32),
-                                       dtype)
-  p = {'ln_1': 1 + n((d,), 0.1), 'qkv': n((3, d, d), d ** -0.5),
-       'proj': n((h, d // h, d), d ** -0.5),
-       'ln_2': 1 + n((d,), 0.1), 'gate': n((C, d, f), d ** -0.5), 'up': n((C, d, f), d ** -0.5),
-       'down': n((C, f, d), f ** -0.5)}
+  n = lambda shape, scale: jnp.asarray(scale * rng.standard_normal(lead + shape, np.float32), dtype)
+  p = {
+    'ln_1': 1 + n((d,), 0.1),
+    'qkv': n((3, d, d), d**-0.5),
+    'proj': n((h, d // h, d), d**-0.5),
+    'ln_2': 1 + n((d,), 0.1),
+    'gate': n((C, d, f), d**-0.5),
+    'up': n((C, d, f), d**-0.5),
+    'down': n((C, f, d), f**-0.5),
+  }
   cache = lambda: jnp.asarray(rng.standard_normal(lead + (b, C, h, d // h), np.float32), dtype)
   return p, jnp.asarray(rng.standard_normal((b, d), np.float32), dtype), cache(), cache()
 
@@ -62,6 +67,7 @@ def errors(want, got, dtype) -> float:
 def check_layers(args, rows):
   from flmjax.kernels.depth_step import select_depth_layer_fn, select_depth_layers_fn
   from flmjax.kernels.reference import depth_layer_step, depth_layers_step
+
   rng = np.random.default_rng(0)
   for stacked in (False, True):
     ref = jax.jit(functools.partial(depth_layers_step if stacked else depth_layer_step, eps=EPS))
@@ -77,32 +83,53 @@ def check_layers(args, rows):
           for c in (0, C - 1):
             want, got = ref(p, x, k, v, jnp.int32(c)), kern(p, x, k, v, jnp.int32(c))
             at = (slice(None),) * (1 + stacked) + (c,)
-            worst = max([worst, errors(want[0], got[0], dtype)] +
-                        [errors(w[at], g[at], dtype) for w, g in zip(want[1:], got[1:])])
+            worst = max(
+              [worst, errors(want[0], got[0], dtype)]
+              + [errors(w[at], g[at], dtype) for w, g in zip(want[1:], got[1:])]
+            )
             others = (slice(None),) * (1 + stacked) + (np.arange(C) != c,)
             for w, g in zip(want[1:], got[1:]):
               same &= bool(np.array_equal(np.asarray(w)[others], np.asarray(g)[others]))
         ok = worst < TOL[dtype] and same
-        rows.append((f'{"stack" if stacked else "layer"} {name} {dtype}',
-                     f'B={",".join(map(str, args.batches))}', f'{worst:.2e}',
-                     f'< {TOL[dtype]:g}', 'pass' if ok else 'FAIL'))
+        rows.append(
+          (
+            f'{"stack" if stacked else "layer"} {name} {dtype}',
+            f'B={",".join(map(str, args.batches))}',
+            f'{worst:.2e}',
+            f'< {TOL[dtype]:g}',
+            'pass' if ok else 'FAIL',
+          )
+        )
 
 
 def check_stream(args, rows):
   import flmjax
   from flmjax.decode import SamplingConfig, StreamingDecoder
+
   golden = ROOT / 'tests' / 'golden' / 'flm_tiny'
   stream = np.load(golden / 'stream.npz')
   greedy = SamplingConfig(greedy=True, repetition_penalty_text=1.0, repetition_penalty_audio=1.0)
-  dec = StreamingDecoder(flmjax.load_official(str(golden), dtype='float32'), greedy, max_len=32,
-                         use_pallas=True, pallas_interpret=args.interpret)
+  dec = StreamingDecoder(
+    flmjax.load_official(str(golden), dtype='float32'),
+    greedy,
+    max_len=32,
+    use_pallas=True,
+    pallas_interpret=args.interpret,
+  )
   state, outs = dec.init(1), []
   for frame in np.transpose(stream['user'], (2, 0, 1)):
     state, out, valid = dec.step(state, frame)
     outs.append(np.where(np.asarray(valid)[:, None], np.asarray(out), -1)[0])
   wrong = int(np.sum(np.stack(outs) != stream['out_plain']))
-  rows.append(('golden greedy stream, use_pallas', '24 frames', f'{wrong} tokens differ', '0',
-               'pass' if wrong == 0 else 'FAIL'))
+  rows.append(
+    (
+      'golden greedy stream, use_pallas',
+      '24 frames',
+      f'{wrong} tokens differ',
+      '0',
+      'pass' if wrong == 0 else 'FAIL',
+    )
+  )
 
 
 def main(argv=None) -> int:
@@ -118,8 +145,10 @@ def main(argv=None) -> int:
   check_layers(args, rows)
   check_stream(args, rows)
   mode = 'interpret mode' if args.interpret else 'compiled'
-  print(f'\n| kernel check ({jax.devices()[0].device_kind}, {mode}) | shapes | max error | '
-        f'tolerance | result |\n|---|---|---|---|---|')
+  print(
+    f'\n| kernel check ({jax.devices()[0].device_kind}, {mode}) | shapes | max error | '
+    f'tolerance | result |\n|---|---|---|---|---|'
+  )
   for row in rows:
     print('| ' + ' | '.join(row) + ' |')
   return 0 if all(r[-1] == 'pass' for r in rows) else 1

@@ -11,6 +11,7 @@ frames, underruns, the frame loop's p50/p99 tick time, CPU use, and the cross-ta
 session's text and reply audio equal an offline replay of the audio the server decoded, through
 the same models and batch shape.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,10 @@ from flmjax.codec.base import FRAME_SIZE
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / 'tests' / 'golden'
 FRAME = FRAME_SIZE  # samples per 80 ms frame
-LOG_LINE = re.compile(r'session (\w+) slot (\d+) .* frames in (\d+) out (\d+), underruns (\d+) '
-                      r'\(first at frame (-?\d+)\), reason: (.*)')
+LOG_LINE = re.compile(
+  r'session (\w+) slot (\d+) .* frames in (\d+) out (\d+), underruns (\d+) '
+  r'\(first at frame (-?\d+)\), reason: (.*)'
+)
 
 
 def speech(session: int, seconds: float) -> np.ndarray:
@@ -76,9 +79,23 @@ def max_len(args) -> int:
 
 
 def start_server(args, slots: int, port: int, log_path: str) -> subprocess.Popen:
-  cmd = [sys.executable, '-m', 'flmjax', 'serve', '--checkpoint', args.checkpoint, '--mimi',
-         args.mimi, '--slots', str(slots), '--port', str(port), '--greedy',
-         '--max-len', str(max_len(args))]
+  cmd = [
+    sys.executable,
+    '-m',
+    'flmjax',
+    'serve',
+    '--checkpoint',
+    args.checkpoint,
+    '--mimi',
+    args.mimi,
+    '--slots',
+    str(slots),
+    '--port',
+    str(port),
+    '--greedy',
+    '--max-len',
+    str(max_len(args)),
+  ]
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
   return subprocess.Popen(cmd, stdout=open(log_path, 'w'), stderr=subprocess.STDOUT, env=env)
 
@@ -112,9 +129,11 @@ async def scrape(port: int) -> dict:
 
 async def run_clients(port: int, sessions: int, seconds: float, lead: int):
   from flmjax.serve.client import converse
+
   url = f'ws://127.0.0.1:{port}/api/chat'
-  return await asyncio.gather(*[converse(url, speech(i, seconds), lead_frames=lead)
-                                for i in range(sessions)])
+  return await asyncio.gather(
+    *[converse(url, speech(i, seconds), lead_frames=lead) for i in range(sessions)]
+  )
 
 
 def run(args, sessions: int) -> dict:
@@ -135,20 +154,35 @@ def run(args, sessions: int) -> dict:
     proc.terminate()
     proc.wait(30)
   lines = {m.group(1): m for m in map(LOG_LINE.search, open(log_path)) if m}
-  report = {'sessions': sessions, 'seconds': args.seconds, 'wall_s': round(wall, 1),
-            'loadavg_before': load0, 'busiest_processes_before': others[:6]}
+  report = {
+    'sessions': sessions,
+    'seconds': args.seconds,
+    'wall_s': round(wall, 1),
+    'loadavg_before': load0,
+    'busiest_processes_before': others[:6],
+  }
   per, slots = [], {}
   for c in convs:
     m = lines.get(c.session)
-    frames_in, frames_out, underruns, first = (int(m.group(k)) for k in (3, 4, 5, 6)) if m else (
-        -1, -1, -1, -1)
+    frames_in, frames_out, underruns, first = (
+      (int(m.group(k)) for k in (3, 4, 5, 6)) if m else (-1, -1, -1, -1)
+    )
     mid = underruns if 0 <= first < c.frames_sent else 0  # late audio while the client spoke
-    per.append(dict(session=c.session, slot=int(m.group(2)) if m else -1, sent=c.frames_sent,
-                    received=c.frames_received, server_in=frames_in, server_out=frames_out,
-                    # input the model never got + replies to real input that never arrived
-                    dropped=max(0, c.frames_sent - frames_in) +
-                    max(0, c.frames_sent - 1 - c.frames_received),
-                    underruns=underruns, underruns_mid_speech=mid, first_underrun=first))
+    per.append(
+      dict(
+        session=c.session,
+        slot=int(m.group(2)) if m else -1,
+        sent=c.frames_sent,
+        received=c.frames_received,
+        server_in=frames_in,
+        server_out=frames_out,
+        # input the model never got + replies to real input that never arrived
+        dropped=max(0, c.frames_sent - frames_in) + max(0, c.frames_sent - 1 - c.frames_received),
+        underruns=underruns,
+        underruns_mid_speech=mid,
+        first_underrun=first,
+      )
+    )
     if m:
       slots[int(m.group(2))] = c
   report['per_session'] = per
@@ -166,16 +200,23 @@ def run(args, sessions: int) -> dict:
     if p['underruns_mid_speech']:  # after an underrun replies no longer pair with frames
       n = min(n, p['first_underrun'] - 1)
     lat += [c.receive_times[k] - c.send_times[k + 1] for k in range(max(n, 0))]
-  report['frame_in_to_reply_out_ms'] = {q: round(1000 * float(np.quantile(lat, p)), 1) for q, p in
-                                        (('p50', .5), ('p99', .99))} if lat else None
+  report['frame_in_to_reply_out_ms'] = (
+    {q: round(1000 * float(np.quantile(lat, p)), 1) for q, p in (('p50', 0.5), ('p99', 0.99))}
+    if lat
+    else None
+  )
   if not args.no_crosstalk:
-    clean = {p['slot']: max(p['first_underrun'] - 1, 0) for p in per
-             if p['underruns_mid_speech']}
+    clean = {p['slot']: max(p['first_underrun'] - 1, 0) for p in per if p['underruns_mid_speech']}
     report['crosstalk_compared_frames'] = sum(
-        clean.get(p['slot'], p['sent'] - 1) for p in per if p['slot'] >= 0)
+      clean.get(p['slot'], p['sent'] - 1) for p in per if p['slot'] >= 0
+    )
     report['crosstalk_mismatches'] = crosstalk(args, sessions, slots, clean)
-  report['real_time'] = bool(report['dropped_frames'] == 0 and report['underruns_mid_speech'] == 0
-                             and report['frame_loop_p99_ms'] < 80 and report['late_ticks'] == 0)
+  report['real_time'] = bool(
+    report['dropped_frames'] == 0
+    and report['underruns_mid_speech'] == 0
+    and report['frame_loop_p99_ms'] < 80
+    and report['late_ticks'] == 0
+  )
   return report
 
 
@@ -188,9 +229,11 @@ def crosstalk(args, slots: int, convs: dict, clean: dict) -> dict:
   from flmjax.decode.session import load_model
   from flmjax.serve.pipeline import FramePipeline
   from flmjax.serve.reference import mismatches, replay
+
   model = load_model(args.checkpoint)
-  pipeline = FramePipeline(model, load_mimi(args.mimi), slots, sampling=SamplingConfig(
-      greedy=True), max_len=max_len(args))
+  pipeline = FramePipeline(
+    model, load_mimi(args.mimi), slots, sampling=SamplingConfig(greedy=True), max_len=max_len(args)
+  )
   ref = replay(pipeline, {s: c.sent_pcm for s, c in convs.items()})
   found = {s: mismatches(c, model.cfg, *ref[s], frames=clean.get(s)) for s, c in convs.items()}
   return {s: f for s, f in found.items() if f}

@@ -9,6 +9,7 @@ stay within the 80 ms frame (the most that fit with an estimated frame <= 80 ms)
 
   nice -n 10 python experiments/serving_plan.py --out experiments/serving_plan.jsonl
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,9 +21,9 @@ import sys
 MAX_LEN = 8192
 FRAME_MS = 80.0
 ROWS = [  # (topology, --mesh, sessions)
-    *(('v5e:2x2', 'tensor=4', b) for b in (16, 64, 128)),
-    *(('v5e:2x4', 'tensor=4', b) for b in (16, 64, 128)),  # data takes the other 2
-    *(('v6e:2x2', 'tensor=4', b) for b in (16, 64, 128)),
+  *(('v5e:2x2', 'tensor=4', b) for b in (16, 64, 128)),
+  *(('v5e:2x4', 'tensor=4', b) for b in (16, 64, 128)),  # data takes the other 2
+  *(('v6e:2x2', 'tensor=4', b) for b in (16, 64, 128)),
 ]
 
 
@@ -31,8 +32,24 @@ def key(topology, mesh, batch):
 
 
 def compile_row(topology, mesh, batch) -> dict:
-  cmd = [sys.executable, '-m', 'flmjax', 'aot', '--topology', topology, '--preset', 'flm_8b',
-         '--step', 'decode', '--batch', str(batch), '--max-len', str(MAX_LEN), '--mesh', mesh]
+  cmd = [
+    sys.executable,
+    '-m',
+    'flmjax',
+    'aot',
+    '--topology',
+    topology,
+    '--preset',
+    'flm_8b',
+    '--step',
+    'decode',
+    '--batch',
+    str(batch),
+    '--max-len',
+    str(MAX_LEN),
+    '--mesh',
+    mesh,
+  ]
   print('$', ' '.join(cmd[1:]), flush=True)
   done = subprocess.run(cmd, capture_output=True, text=True)
   lines = [l for l in done.stdout.splitlines() if l.startswith('{')]
@@ -44,9 +61,11 @@ def compile_row(topology, mesh, batch) -> dict:
 
 
 def table(records: list[dict]) -> str:
-  out = ['| topology | mesh | sessions | peak GiB/chip | fits | largest collective MiB | '
-         'read GiB/chip/frame | est. frame ms (HBM-bound) | sessions/chip within 80 ms (rows) |',
-         '|---|---|---|---|---|---|---|---|---|']
+  out = [
+    '| topology | mesh | sessions | peak GiB/chip | fits | largest collective MiB | '
+    'read GiB/chip/frame | est. frame ms (HBM-bound) | sessions/chip within 80 ms (rows) |',
+    '|---|---|---|---|---|---|---|---|---|',
+  ]
   best = {}
   for r in records:
     ok = r['fits'] and r['frame_ms_estimate'] <= FRAME_MS
@@ -55,10 +74,12 @@ def table(records: list[dict]) -> str:
   for r in records:
     mesh = ','.join(f'{k}={v}' for k, v in r['mesh'].items() if v > 1)
     fmt = lambda v, f='{:.2f}': '-' if v is None else f.format(v)
-    out.append(f"| {r['topology']} | {mesh} | {r['batch']} | {fmt(r['peak_gib'])} | "
-               f"{'yes' if r['fits'] else 'no'} | {fmt(r['largest_collective_mib'])} | "
-               f"{fmt(r['read_gib_per_chip'])} | {fmt(r['frame_ms_estimate'], '{:.1f}')} | "
-               f"{best.get(r['topology'], 0):g} |")
+    out.append(
+      f'| {r["topology"]} | {mesh} | {r["batch"]} | {fmt(r["peak_gib"])} | '
+      f'{"yes" if r["fits"] else "no"} | {fmt(r["largest_collective_mib"])} | '
+      f'{fmt(r["read_gib_per_chip"])} | {fmt(r["frame_ms_estimate"], "{:.1f}")} | '
+      f'{best.get(r["topology"], 0):g} |'
+    )
   return '\n'.join(out + [''] + limits(records))
 
 
@@ -74,26 +95,32 @@ def limits(records: list[dict]) -> list[str]:
   (peak <= 0.9 x HBM) and the most whose HBM-bound frame stays within 80 ms."""
   out = []
   for topo in dict.fromkeys(r['topology'] for r in records):
-    rows = sorted((r for r in records if r['topology'] == topo and r['peak_gib'] is not None),
-                  key=lambda r: r['batch'])
+    rows = sorted(
+      (r for r in records if r['topology'] == topo and r['peak_gib'] is not None),
+      key=lambda r: r['batch'],
+    )
     if len(rows) < 2:
       continue
     lo, hi, chips = rows[0], rows[-1], rows[0]['chips']
     memory = _reach(lo, hi, 'peak_gib', 0.9 * lo['hbm_gib'])
-    budget = FRAME_MS * 1e-3 * lo['hbm_gbps'] * 1e9 / 2 ** 30  # GiB a chip reads in 80 ms
+    budget = FRAME_MS * 1e-3 * lo['hbm_gbps'] * 1e9 / 2**30  # GiB a chip reads in 80 ms
     bandwidth = _reach(lo, hi, 'read_gib_per_chip', budget)
-    out.append(f'- {topo}: at most {memory} sessions fit ({memory / chips:.0f} a chip); the '
-               f'HBM-bound frame stays within 80 ms up to {bandwidth} ({bandwidth / chips:.0f} a '
-               f'chip), so memory, not bandwidth, limits it' if memory <= bandwidth else
-               f'- {topo}: at most {memory} sessions fit, bandwidth limits to {bandwidth}')
+    out.append(
+      f'- {topo}: at most {memory} sessions fit ({memory / chips:.0f} a chip); the '
+      f'HBM-bound frame stays within 80 ms up to {bandwidth} ({bandwidth / chips:.0f} a '
+      f'chip), so memory, not bandwidth, limits it'
+      if memory <= bandwidth
+      else f'- {topo}: at most {memory} sessions fit, bandwidth limits to {bandwidth}'
+    )
   return out
 
 
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   ap.add_argument('--out', default='experiments/serving_plan.jsonl', help='JSON lines, appended')
-  ap.add_argument('--table-only', action='store_true', help='print the table of --out, compile '
-                  'nothing')
+  ap.add_argument(
+    '--table-only', action='store_true', help='print the table of --out, compile nothing'
+  )
   args = ap.parse_args(argv)
   records = []
   if os.path.exists(args.out):

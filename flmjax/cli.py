@@ -3,6 +3,7 @@
 Every subcommand reports a bad input the same way: one line `flmjax CMD: error: ...` on stderr and
 exit status 1 (`fail`, `ArgumentParser`). Set FLMJAX_TRACEBACK=1 to see the traceback instead.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,19 +16,27 @@ from flmjax.platforms import cpu_unless_accelerator
 
 # subcommand -> (module, function, help). Modules load lazily so `flmjax --help` is instant.
 COMMANDS = {
-    'main': ('flmjax.main', 'main', 'run the embedded default end to end'),
-    'data': ('flmjax.data.cli', 'main', 'data tools: `flmjax data prepare MANIFEST OUT_DIR`'),
-    'train': ('flmjax.train.cli', 'main', 'train: `flmjax train --config CONFIG.py`'),
-    'export': ('flmjax.train.cli', 'export_main', 'orbax checkpoint -> official PyTorch layout'),
-    'chat': ('flmjax.decode.cli', 'main',
-             'offline full-duplex session: `flmjax chat --checkpoint DIR`'),
-    'serve': ('flmjax.serve.cli', 'main', 'websocket server, many live sessions: `flmjax serve`'),
-    'client': ('flmjax.serve.cli', 'client_main',
-               'talk to a server: `flmjax client --in user.wav`'),
-    'eval': ('flmjax.eval.cli', 'main',
-             'measure a talker: `flmjax eval duplex|fdb --checkpoint DIR`'),
-    'aot': ('flmjax.aot.cli', 'main',
-            'compile for a TPU topology without one: `flmjax aot --topology v5p:4x4x4`'),
+  'main': ('flmjax.main', 'main', 'run the embedded default end to end'),
+  'data': ('flmjax.data.cli', 'main', 'data tools: `flmjax data prepare MANIFEST OUT_DIR`'),
+  'train': ('flmjax.train.cli', 'main', 'train: `flmjax train --config CONFIG.py`'),
+  'export': ('flmjax.train.cli', 'export_main', 'orbax checkpoint -> official PyTorch layout'),
+  'chat': (
+    'flmjax.decode.cli',
+    'main',
+    'offline full-duplex session: `flmjax chat --checkpoint DIR`',
+  ),
+  'serve': ('flmjax.serve.cli', 'main', 'websocket server, many live sessions: `flmjax serve`'),
+  'client': ('flmjax.serve.cli', 'client_main', 'talk to a server: `flmjax client --in user.wav`'),
+  'eval': (
+    'flmjax.eval.cli',
+    'main',
+    'measure a talker: `flmjax eval duplex|fdb --checkpoint DIR`',
+  ),
+  'aot': (
+    'flmjax.aot.cli',
+    'main',
+    'compile for a TPU topology without one: `flmjax aot --topology v5p:4x4x4`',
+  ),
 }
 
 # What a user's input can raise: a message that names the file, field and fix, not a bug.
@@ -44,6 +53,7 @@ def fail(prog: str, message: str) -> int:
 def command(prog: str):
   """Decorates a subcommand's `main(argv) -> int`: input errors become `fail(prog, message)`, and
   argparse's exits a return value, so callers in Python get the exit status too."""
+
   def wrap(fn):
     @functools.wraps(fn)
     def run(argv: list[str]) -> int:
@@ -55,7 +65,9 @@ def command(prog: str):
         if os.environ.get('FLMJAX_TRACEBACK'):
           raise
         return fail(prog, str(e) or type(e).__name__)
+
     return run
+
   return wrap
 
 
@@ -71,8 +83,10 @@ class ArgumentParser(argparse.ArgumentParser):
     parse the same way but stay out of --help, so existing scripts keep working."""
     action = self.add_argument(name, **kw)
     for alias in old:
-      self.add_argument(alias, **{**kw, 'dest': action.dest, 'default': argparse.SUPPRESS,
-                                  'help': argparse.SUPPRESS})
+      self.add_argument(
+        alias,
+        **{**kw, 'dest': action.dest, 'default': argparse.SUPPRESS, 'help': argparse.SUPPRESS},
+      )
     return action
 
 
@@ -85,8 +99,9 @@ def main(argv: list[str] | None = None) -> int:
       print(f'  {name:8s} {text}')
     return 0
   if argv[0] not in COMMANDS:
-    return fail('flmjax', f'unknown command {argv[0]!r}; use one of {list(COMMANDS)} '
-                          '(see flmjax --help)')
+    return fail(
+      'flmjax', f'unknown command {argv[0]!r}; use one of {list(COMMANDS)} (see flmjax --help)'
+    )
   module, func, _ = COMMANDS[argv[0]]
   entry = getattr(importlib.import_module(module), func)
   return command(f'flmjax {argv[0]}')(entry)(argv[1:])  # a no-op for an already decorated main

@@ -2,6 +2,7 @@
 
 Reads and writes the official FLM-Audio `config.json` (docs/architecture.md §1-3, §6).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -80,19 +81,35 @@ class ModelConfig:
     def need(ok, field, why):
       if not ok:
         raise ConfigError(f'ModelConfig.{field}: {why}')
-    need(self.num_heads % self.num_kv_heads == 0, 'num_kv_heads',
-         f'{self.num_heads} query heads are not a multiple of {self.num_kv_heads} KV heads')
+
+    need(
+      self.num_heads % self.num_kv_heads == 0,
+      'num_kv_heads',
+      f'{self.num_heads} query heads are not a multiple of {self.num_kv_heads} KV heads',
+    )
     need(self.head_dim % 2 == 0, 'head_dim', 'rotate-half RoPE needs an even head_dim')
-    need(self.depth_dim % self.depth_heads == 0, 'depth_heads',
-         f'depth_dim {self.depth_dim} is not divisible by {self.depth_heads} heads')
-    need(0 <= self.text_wait_id < self.vocab_size, 'text_wait_id',
-         f'{self.text_wait_id} is outside the text vocab of {self.vocab_size}')
-    need(self.audio_pad_id < self.audio_vocab_size and self.audio_emp_id < self.audio_vocab_size,
-         'audio_vocab_size', 'PAD and EMP ids must lie inside the audio vocab')
+    need(
+      self.depth_dim % self.depth_heads == 0,
+      'depth_heads',
+      f'depth_dim {self.depth_dim} is not divisible by {self.depth_heads} heads',
+    )
+    need(
+      0 <= self.text_wait_id < self.vocab_size,
+      'text_wait_id',
+      f'{self.text_wait_id} is outside the text vocab of {self.vocab_size}',
+    )
+    need(
+      self.audio_pad_id < self.audio_vocab_size and self.audio_emp_id < self.audio_vocab_size,
+      'audio_vocab_size',
+      'PAD and EMP ids must lie inside the audio vocab',
+    )
     need(self.tensor_parallel >= 1, 'tensor_parallel', f'{self.tensor_parallel} is not a size')
     for f in ('dtype', 'param_dtype', 'checkpoint_dtype'):
-      need(getattr(self, f) in _DTYPES, f,
-           f'unknown dtype {getattr(self, f)!r}; use one of {sorted(_DTYPES)}')
+      need(
+        getattr(self, f) in _DTYPES,
+        f,
+        f'unknown dtype {getattr(self, f)!r}; use one of {sorted(_DTYPES)}',
+      )
 
   # ---- derived facts -------------------------------------------------------
   @property
@@ -176,21 +193,55 @@ class ModelConfig:
   @classmethod
   def small(cls, **kw) -> ModelConfig:
     """~100M parameters, muP off: the CPU benchmark preset (docs/architecture.md §10)."""
-    base = dict(vocab_size=32000, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2,
-                head_dim=64, intermediate_size=1536, depth_dim=256, depth_heads=4, depth_layers=4,
-                text_wait_id=31999, text_bos_id=31997, text_eos_id=31998, use_mup=False,
-                input_mult=1.0, output_mult=1.0, mup_scale_factor=1.0, mrope_section=(8, 12, 12),
-                max_position_embeddings=4096)
+    base = dict(
+      vocab_size=32000,
+      hidden_size=512,
+      num_layers=8,
+      num_heads=8,
+      num_kv_heads=2,
+      head_dim=64,
+      intermediate_size=1536,
+      depth_dim=256,
+      depth_heads=4,
+      depth_layers=4,
+      text_wait_id=31999,
+      text_bos_id=31997,
+      text_eos_id=31998,
+      use_mup=False,
+      input_mult=1.0,
+      output_mult=1.0,
+      mup_scale_factor=1.0,
+      mrope_section=(8, 12, 12),
+      max_position_embeddings=4096,
+    )
     return cls(**{**base, **kw})
 
   @classmethod
   def flm_8b(cls, **kw) -> ModelConfig:
-    base = dict(vocab_size=151668, hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4,
-                head_dim=128, intermediate_size=18944, depth_dim=1024, depth_heads=16,
-                depth_layers=6, text_wait_id=151665, text_bos_id=151643, text_eos_id=151645,
-                input_mult=1.0, output_mult=28.0, mup_scale_factor=28.0,
-                max_position_embeddings=8192, mrope_section=(16, 24, 24), sliding_window=32768,
-                checkpoint_dtype='bfloat16', dtype='bfloat16', param_dtype='bfloat16')
+    base = dict(
+      vocab_size=151668,
+      hidden_size=3584,
+      num_layers=28,
+      num_heads=28,
+      num_kv_heads=4,
+      head_dim=128,
+      intermediate_size=18944,
+      depth_dim=1024,
+      depth_heads=16,
+      depth_layers=6,
+      text_wait_id=151665,
+      text_bos_id=151643,
+      text_eos_id=151645,
+      input_mult=1.0,
+      output_mult=28.0,
+      mup_scale_factor=28.0,
+      max_position_embeddings=8192,
+      mrope_section=(16, 24, 24),
+      sliding_window=32768,
+      checkpoint_dtype='bfloat16',
+      dtype='bfloat16',
+      param_dtype='bfloat16',
+    )
     return cls(**{**base, **kw})
 
   # ---- official config.json -------------------------------------------------
@@ -213,30 +264,59 @@ class ModelConfig:
 ARCHITECTURE = 'FLMAudioForCausalLM'
 # Fields whose value must be exactly this for the official architecture to hold.
 _FIXED = {
-    'attention_bias': True, 'attention_dropout': 0.0,
-    'disable_att_o_bias': True, 'hidden_act': 'silu', 'mlp_bias': False,
-    'model_type': 'FLMAudio', 'tie_word_embeddings': False, 'pretraining_tp': 1,
+  'attention_bias': True,
+  'attention_dropout': 0.0,
+  'disable_att_o_bias': True,
+  'hidden_act': 'silu',
+  'mlp_bias': False,
+  'model_type': 'FLMAudio',
+  'tie_word_embeddings': False,
+  'pretraining_tp': 1,
 }
-_DEPTH_FIXED = {'bias': False, 'dropout': 0.0, 'use_cmlp': True, 'use_rmsnorm': True,
-                'use_swiglu': True}
+_DEPTH_FIXED = {
+  'bias': False,
+  'dropout': 0.0,
+  'use_cmlp': True,
+  'use_rmsnorm': True,
+  'use_swiglu': True,
+}
 # Fields transformers' loader uses and we accept without meaning.
-_IGNORED = {'_attn_implementation_autoset', 'transformers_version', 'use_cache', 'architectures',
-            'auto_map', 'torch_dtype', 'initializer_range', 'rope_scaling', 'sliding_window'}
+_IGNORED = {
+  '_attn_implementation_autoset',
+  'transformers_version',
+  'use_cache',
+  'architectures',
+  'auto_map',
+  'torch_dtype',
+  'initializer_range',
+  'rope_scaling',
+  'sliding_window',
+}
 _MAPPED = {
-    'vocab_size': 'vocab_size', 'hidden_size': 'hidden_size', 'num_hidden_layers': 'num_layers',
-    'num_attention_heads': 'num_heads', 'num_key_value_heads': 'num_kv_heads',
-    'head_dim': 'head_dim', 'intermediate_size': 'intermediate_size',
-    'rms_norm_eps': 'rms_norm_eps', 'rope_theta': 'rope_theta',
-    'max_position_embeddings': 'max_position_embeddings', 'aud_channel': 'num_codebooks',
-    'bos_token_id': 'text_bos_id', 'eos_token_id': 'text_eos_id', 'use_mup': 'use_mup',
-    'input_mult': 'input_mult', 'output_mult': 'output_mult',
-    'mup_scale_factor': 'mup_scale_factor',
+  'vocab_size': 'vocab_size',
+  'hidden_size': 'hidden_size',
+  'num_hidden_layers': 'num_layers',
+  'num_attention_heads': 'num_heads',
+  'num_key_value_heads': 'num_kv_heads',
+  'head_dim': 'head_dim',
+  'intermediate_size': 'intermediate_size',
+  'rms_norm_eps': 'rms_norm_eps',
+  'rope_theta': 'rope_theta',
+  'max_position_embeddings': 'max_position_embeddings',
+  'aud_channel': 'num_codebooks',
+  'bos_token_id': 'text_bos_id',
+  'eos_token_id': 'text_eos_id',
+  'use_mup': 'use_mup',
+  'input_mult': 'input_mult',
+  'output_mult': 'output_mult',
+  'mup_scale_factor': 'mup_scale_factor',
 }
 
 
 def _parse_official(cfg: dict[str, Any]) -> dict[str, Any]:
-  known = (set(_FIXED) | _IGNORED | set(_MAPPED) |
-           {'aud_depthgpt', 'mm_token_info', 'aud_vocab_size'})
+  known = (
+    set(_FIXED) | _IGNORED | set(_MAPPED) | {'aud_depthgpt', 'mm_token_info', 'aud_vocab_size'}
+  )
   unknown = sorted(set(cfg) - known)
   if unknown:
     raise ConfigError(f'config.json: unknown field(s) {unknown}')
@@ -250,26 +330,35 @@ def _parse_official(cfg: dict[str, Any]) -> dict[str, Any]:
   depth = cfg['aud_depthgpt']
   for key, want in _DEPTH_FIXED.items():
     if depth.get(key, want) != want:
-      raise ConfigError(f'config.json: field aud_depthgpt.{key!r} is {depth[key]!r}; '
-                        f'needs {want!r}')
+      raise ConfigError(
+        f'config.json: field aud_depthgpt.{key!r} is {depth[key]!r}; needs {want!r}'
+      )
   extra = sorted(set(depth) - set(_DEPTH_FIXED) - {'n_embd', 'n_head', 'n_layer'})
   if extra:
     raise ConfigError(f'config.json: unknown field(s) aud_depthgpt.{extra}')
-  for key, ours in (('n_embd', 'depth_dim'), ('n_head', 'depth_heads'),
-                    ('n_layer', 'depth_layers')):
+  for key, ours in (
+    ('n_embd', 'depth_dim'),
+    ('n_head', 'depth_heads'),
+    ('n_layer', 'depth_layers'),
+  ):
     if key not in depth:
       raise ConfigError(f'config.json: missing field aud_depthgpt.{key!r}')
     out[ours] = depth[key]
   ids = cfg['mm_token_info']
-  for key, ours in (('text_wait_token_id', 'text_wait_id'), ('aud_pad_token_id', 'audio_pad_id'),
-                    ('aud_emp_token_id', 'audio_emp_id')):
+  for key, ours in (
+    ('text_wait_token_id', 'text_wait_id'),
+    ('aud_pad_token_id', 'audio_pad_id'),
+    ('aud_emp_token_id', 'audio_emp_id'),
+  ):
     if key not in ids:
       raise ConfigError(f'config.json: missing field mm_token_info.{key!r}')
     out[ours] = ids[key]
   out['audio_vocab_size'] = cfg['aud_vocab_size']
   if out['hidden_size'] != out['num_heads'] * out['head_dim']:
-    raise ConfigError(f"config.json: field 'head_dim' {out['head_dim']} times "
-                      f"num_attention_heads {out['num_heads']} != hidden_size {out['hidden_size']}")
+    raise ConfigError(
+      f"config.json: field 'head_dim' {out['head_dim']} times "
+      f'num_attention_heads {out["num_heads"]} != hidden_size {out["hidden_size"]}'
+    )
   rope = cfg.get('rope_scaling') or {}
   if rope.get('rope_type', rope.get('type', 'default')) != 'default':
     raise ConfigError(f"config.json: field 'rope_scaling' type {rope!r}; only default RoPE exists")
@@ -285,13 +374,23 @@ def _render_official(c: ModelConfig) -> dict[str, Any]:
   out.update(_FIXED)
   out.update({theirs: getattr(c, ours) for theirs, ours in _MAPPED.items()})
   out['aud_vocab_size'] = c.audio_vocab_size
-  out['aud_depthgpt'] = {**_DEPTH_FIXED, 'n_embd': c.depth_dim, 'n_head': c.depth_heads,
-                         'n_layer': c.depth_layers}
-  out['mm_token_info'] = {'aud_emp_token_id': c.audio_emp_id, 'aud_pad_token_id': c.audio_pad_id,
-                          'text_wait_token_id': c.text_wait_id}
+  out['aud_depthgpt'] = {
+    **_DEPTH_FIXED,
+    'n_embd': c.depth_dim,
+    'n_head': c.depth_heads,
+    'n_layer': c.depth_layers,
+  }
+  out['mm_token_info'] = {
+    'aud_emp_token_id': c.audio_emp_id,
+    'aud_pad_token_id': c.audio_pad_id,
+    'text_wait_token_id': c.text_wait_id,
+  }
   out['initializer_range'] = c.initializer_range
-  out['rope_scaling'] = {'mrope_section': list(c.mrope_section), 'rope_type': 'default',
-                         'type': 'default'}
+  out['rope_scaling'] = {
+    'mrope_section': list(c.mrope_section),
+    'rope_type': 'default',
+    'type': 'default',
+  }
   if c.sliding_window is not None:
     out['sliding_window'] = c.sliding_window
   out['torch_dtype'] = c.checkpoint_dtype

@@ -6,6 +6,7 @@ not form in time, so the bound is ours: a process other than 0 first waits for t
 port (a plain error when it never opens), and a watchdog ends a process whose jax.distributed.
 initialize() outlives the bound with one line instead of the abort.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,8 +25,13 @@ DEFAULT_TIMEOUT_S = 300.0  # --coordinator-timeout-s
 
 # Environment variables of a multi-process job that jax.distributed.initialize() reads by itself
 # (its cluster auto-detection: Kubernetes TPU, SLURM, Open MPI, an explicit coordinator).
-_CLUSTER_MARKERS = ('JAX_COORDINATOR_ADDRESS', 'TPU_WORKER_HOSTNAMES',
-                    'MEGASCALE_COORDINATOR_ADDRESS', 'SLURM_JOB_NUM_NODES', 'OMPI_COMM_WORLD_SIZE')
+_CLUSTER_MARKERS = (
+  'JAX_COORDINATOR_ADDRESS',
+  'TPU_WORKER_HOSTNAMES',
+  'MEGASCALE_COORDINATOR_ADDRESS',
+  'SLURM_JOB_NUM_NODES',
+  'OMPI_COMM_WORLD_SIZE',
+)
 
 
 class DistributedError(ValueError):
@@ -37,11 +43,16 @@ def _exit_with(message: str) -> None:
   os._exit(1)  # the main thread is blocked inside jax's C++ client: nothing else ends it
 
 
-def initialize_distributed(coordinator_address: str | None = None,
-                           num_processes: int | None = None, process_id: int | None = None,
-                           multihost: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S, *,
-                           log: Callable[[str], None] = print,
-                           on_timeout: Callable[[str], None] = _exit_with) -> bool:
+def initialize_distributed(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  multihost: bool = False,
+  timeout_s: float = DEFAULT_TIMEOUT_S,
+  *,
+  log: Callable[[str], None] = print,
+  on_timeout: Callable[[str], None] = _exit_with,
+) -> bool:
   """Joins a multi-process job before any device is touched; returns whether one was joined.
 
   Unset arguments default to $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, $JAX_PROCESS_ID. With
@@ -60,41 +71,65 @@ def initialize_distributed(coordinator_address: str | None = None,
   if num_processes == 1:
     return False
   if not (isinstance(timeout_s, (int, float)) and math.isfinite(timeout_s) and timeout_s > 0):
-    raise DistributedError(f'distributed: --coordinator-timeout-s {timeout_s} must be a number '
-                           '> 0 (seconds)')
+    raise DistributedError(
+      f'distributed: --coordinator-timeout-s {timeout_s} must be a number > 0 (seconds)'
+    )
   deadline = time.monotonic() + timeout_s
   if None not in (coordinator_address, num_processes, process_id):
     if num_processes < 1 or not 0 <= process_id < num_processes:
-      raise DistributedError(f'distributed: process_id {process_id} is outside '
-                             f'0..{num_processes - 1}')
+      raise DistributedError(
+        f'distributed: process_id {process_id} is outside 0..{num_processes - 1}'
+      )
     host, port = parse_address(coordinator_address)
     who = f'process {process_id} of {num_processes}'
-    log(f'distributed: {who}, coordinator {coordinator_address}: waiting up to {timeout_s:g} s '
-        f'for ' + ('the other processes' if process_id == 0 else 'the coordinator (process 0)') +
-        ' (--coordinator-timeout-s)')
+    log(
+      f'distributed: {who}, coordinator {coordinator_address}: waiting up to {timeout_s:g} s '
+      f'for '
+      + ('the other processes' if process_id == 0 else 'the coordinator (process 0)')
+      + ' (--coordinator-timeout-s)'
+    )
     if process_id != 0:
       _wait_for_port(host, port, deadline, f'{who}, coordinator {coordinator_address}', timeout_s)
     # CPU processes exchange collectives through gloo (the setting does nothing on TPU or GPU).
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    _initialize(deadline, timeout_s, on_timeout, f'{who}, coordinator {coordinator_address}',
-                coordinator_address, num_processes, process_id)
+    _initialize(
+      deadline,
+      timeout_s,
+      on_timeout,
+      f'{who}, coordinator {coordinator_address}',
+      coordinator_address,
+      num_processes,
+      process_id,
+    )
     return True
   if multihost or _in_cluster(env):
     if coordinator_address:
       parse_address(coordinator_address)
     elif not _in_cluster(env) and not tpu_chips_present():
       raise DistributedError(
-          'distributed: --multihost discovers the job on a Cloud TPU VM, and this machine has '
-          'no TPU chips; elsewhere give --coordinator-address HOST:PORT, --num-processes N and '
-          '--process-id I (or $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, $JAX_PROCESS_ID)')
-    log(f'distributed: discovering the job ({"--multihost" if multihost else "cluster env"}); '
-        f'waiting up to {timeout_s:g} s (--coordinator-timeout-s)')
-    _initialize(deadline, timeout_s, on_timeout, 'the discovered job', coordinator_address,
-                num_processes, process_id)
+        'distributed: --multihost discovers the job on a Cloud TPU VM, and this machine has '
+        'no TPU chips; elsewhere give --coordinator-address HOST:PORT, --num-processes N and '
+        '--process-id I (or $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, $JAX_PROCESS_ID)'
+      )
+    log(
+      f'distributed: discovering the job ({"--multihost" if multihost else "cluster env"}); '
+      f'waiting up to {timeout_s:g} s (--coordinator-timeout-s)'
+    )
+    _initialize(
+      deadline,
+      timeout_s,
+      on_timeout,
+      'the discovered job',
+      coordinator_address,
+      num_processes,
+      process_id,
+    )
     return True
   if num_processes is not None or process_id is not None:
-    raise DistributedError('distributed: num_processes / process_id given without a coordinator '
-                           'address (--coordinator-address or $JAX_COORDINATOR_ADDRESS)')
+    raise DistributedError(
+      'distributed: num_processes / process_id given without a coordinator '
+      'address (--coordinator-address or $JAX_COORDINATOR_ADDRESS)'
+    )
   return False
 
 
@@ -103,8 +138,10 @@ def parse_address(address: str) -> tuple[str, int]:
   host, colon, port = str(address).rpartition(':')
   host = host[1:-1] if host.startswith('[') and host.endswith(']') else host
   if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
-    raise DistributedError(f'distributed: coordinator address {address!r} must be HOST:PORT '
-                           '(e.g. 10.0.0.2:1234), the address of process 0')
+    raise DistributedError(
+      f'distributed: coordinator address {address!r} must be HOST:PORT '
+      '(e.g. 10.0.0.2:1234), the address of process 0'
+    )
   return host, int(port)
 
 
@@ -112,26 +149,34 @@ def _wait_for_port(host: str, port: int, deadline: float, who: str, timeout_s: f
   """Until the coordinator accepts TCP connections, or the deadline."""
   while True:
     try:
-      with socket.create_connection((host, port), timeout=max(0.1, min(2.0, deadline -
-                                                                        time.monotonic()))):
+      with socket.create_connection(
+        (host, port), timeout=max(0.1, min(2.0, deadline - time.monotonic()))
+      ):
         return
     except socket.gaierror as e:
-      raise DistributedError(f'distributed: {who}: cannot resolve host {host!r} ({e.strerror})') \
-          from None
+      raise DistributedError(
+        f'distributed: {who}: cannot resolve host {host!r} ({e.strerror})'
+      ) from None
     except OSError:
       if time.monotonic() >= deadline:
         raise DistributedError(
-            f'distributed: {who}: no coordinator answered within {timeout_s:g} s; start process 0 '
-            'with the same address, check the host, port and firewall, or raise '
-            '--coordinator-timeout-s') from None
+          f'distributed: {who}: no coordinator answered within {timeout_s:g} s; start process 0 '
+          'with the same address, check the host, port and firewall, or raise '
+          '--coordinator-timeout-s'
+        ) from None
       time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
 
 
 def _initialize(deadline: float, timeout_s: float, on_timeout, who: str, *args) -> None:
   left = max(deadline - time.monotonic(), 0.1)
-  watchdog = threading.Timer(left, on_timeout, [
+  watchdog = threading.Timer(
+    left,
+    on_timeout,
+    [
       f'distributed: {who}: the job did not form within {timeout_s:g} s (not every process '
-      'joined); start all of them with the same settings, or raise --coordinator-timeout-s'])
+      'joined); start all of them with the same settings, or raise --coordinator-timeout-s'
+    ],
+  )
   watchdog.daemon = True
   watchdog.start()
   try:  # jax's own bound comes later: the watchdog speaks first

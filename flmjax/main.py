@@ -5,6 +5,7 @@ shows what the trained model does: teacher-forced accuracies per stream on held-
 next to the untrained model's, then full-duplex streaming chat on held-out conversations.
 `--parity` instead checks the forward against the golden fixtures.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,12 +22,16 @@ DEFAULT_CONFIG = os.path.join(REPO, 'experiments', 'configs', 'tiny_dual.py')
 
 def parity(golden_dir: str) -> dict[str, float]:
   import flmjax
+
   model = flmjax.load_official(os.path.join(golden_dir, 'flm_tiny'), dtype='float32')
   ref = np.load(os.path.join(golden_dir, 'flm_tiny', 'forward.npz'))
   out = model(ref['text'], ref['speak'], ref['listen'], ref['depth_tokens'][..., :-1])
   report = {}
-  for name, ours in (('hidden', out.hidden), ('text_logits', out.text_logits),
-                     ('depth_logits', out.depth_logits)):
+  for name, ours in (
+    ('hidden', out.hidden),
+    ('text_logits', out.text_logits),
+    ('depth_logits', out.depth_logits),
+  ):
     ours = np.asarray(ours)
     report[name] = float(np.linalg.norm(ours - ref[name]) / np.linalg.norm(ref[name]))
     if name != 'hidden':
@@ -51,20 +56,25 @@ def main(argv: list[str] | None = None) -> int:
   from flmjax.eval import heldout as heldout_lib
   from flmjax.train.config import load_config_file
   from flmjax.train.loop import train
+
   t0 = time.time()
   tc = load_config_file(args.config, args.run_dir)
   heldout = heldout_lib.heldout_sets(tc)
   tc = tc.replace(eval_sources=())  # evaluated below, next to the untrained model
-  print(f'training {args.config} in {os.path.abspath(tc.run_dir)}: '
-        + ', '.join(f'{s.name} {s.steps} steps' for s in tc.stages))
+  print(
+    f'training {args.config} in {os.path.abspath(tc.run_dir)}: '
+    + ', '.join(f'{s.name} {s.steps} steps' for s in tc.stages)
+  )
   result = train(tc)
   train_s = time.time() - t0
   table = heldout_lib.show(tc, result, heldout)
   table['chat'] = heldout_lib.chat(tc, result)
   with open(os.path.join(tc.run_dir, 'heldout.json'), 'w') as f:
     json.dump(table, f, indent=2)
-  print(f'\ntrained in {train_s:.0f}s (total {time.time() - t0:.0f}s); loss curves: '
-        f'{os.path.join(tc.run_dir, "loss_*.png")}; TensorBoard: '
-        f'{os.path.join(tc.run_dir, "tensorboard")}; checkpoints: '
-        f'{os.path.join(tc.run_dir, "checkpoints")} (export with `flmjax export`)')
+  print(
+    f'\ntrained in {train_s:.0f}s (total {time.time() - t0:.0f}s); loss curves: '
+    f'{os.path.join(tc.run_dir, "loss_*.png")}; TensorBoard: '
+    f'{os.path.join(tc.run_dir, "tensorboard")}; checkpoints: '
+    f'{os.path.join(tc.run_dir, "checkpoints")} (export with `flmjax export`)'
+  )
   return 0

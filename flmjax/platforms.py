@@ -1,4 +1,5 @@
 """Which JAX backend a command uses (decided before jax is imported), and what to avoid on it."""
+
 from __future__ import annotations
 
 import glob
@@ -18,8 +19,10 @@ def cpu_unless_accelerator(env=os.environ) -> None:
   An explicit JAX_PLATFORMS always wins; `flmjax aot` only compiles for TPUs, never runs on one."""
   if env.get('JAX_PLATFORMS') or importlib.util.find_spec('libtpu') is None:
     return
-  gpu_plugin = any(importlib.util.find_spec(p) for p in ('jax_cuda12_plugin', 'jax_cuda13_plugin',
-                                                         'jax_rocm60_plugin'))
+  gpu_plugin = any(
+    importlib.util.find_spec(p)
+    for p in ('jax_cuda12_plugin', 'jax_cuda13_plugin', 'jax_rocm60_plugin')
+  )
   if not tpu_chips_present() and not gpu_plugin:
     env['JAX_PLATFORMS'] = 'cpu'
     if 'jax' in sys.modules and env is os.environ:  # jax read its env at import (flmjax imports
@@ -37,11 +40,14 @@ def compile_fresh_on_cpu_mesh(log=print) -> bool:
   jax.distributed is initialized and before the first compilation.
   """
   import jax
+
   if not (jax.config.jax_compilation_cache_dir and jax.config.jax_enable_compilation_cache):
     return False
   if jax.default_backend() != 'cpu' or jax.device_count() < 2:
     return False
   jax.config.update('jax_enable_compilation_cache', False)
-  log(f'the persistent compilation cache ({jax.config.jax_compilation_cache_dir}) is off for '
-      'this run: XLA:CPU steps with collectives loaded from it can deadlock (docs/training.md)')
+  log(
+    f'the persistent compilation cache ({jax.config.jax_compilation_cache_dir}) is off for '
+    'this run: XLA:CPU steps with collectives loaded from it can deadlock (docs/training.md)'
+  )
   return True

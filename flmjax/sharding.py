@@ -1,4 +1,5 @@
 """Mesh construction and the one rules table mapping logical axis names to mesh axes."""
+
 from __future__ import annotations
 
 import functools
@@ -19,38 +20,38 @@ MESH_AXES = ('data', 'fsdp', 'tensor')
 # boundary (`constrain`) so batch stays over (data, fsdp) and each layer's weights are gathered
 # instead of its activations. A dim whose mesh axis an earlier dim already took is replicated.
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ('batch', ('data', 'fsdp')),
-    ('vocab', 'tensor'),
-    ('embed', 'fsdp'),
-    ('q_heads', 'tensor'),
-    ('kv_heads', 'tensor'),
-    ('head_dim', None),
-    ('mlp', 'tensor'),
-    ('layers', None),
-    ('norm', None),
-    ('codebook', None),
-    ('embed_codebook', 'tensor'),  # the speak/listen tables' codebooks: their only tensor split
-    ('audio_vocab', None),
-    ('depth_embed', 'fsdp'),
-    ('depth_heads', 'tensor'),
-    ('depth_mlp', 'tensor'),
-    ('qkv', None),
-    ('lora_rank', None),  # LoRA adapters' rank r: small, replicated (the other dim follows W)
-    ('time', None),
-    ('channel', None),
-    ('conv_kernel', None),  # Mimi (flmjax.codec): small enough to replicate everywhere
-    ('conv_in', None),
-    ('conv_out', None),
-    ('codebook_entries', None),
-    ('codebook_dim', None),
-    ('activation_batch', ('data', 'fsdp')),
-    ('activation_length', None),
-    ('activation_embed', None),
-    ('activation_heads', 'tensor'),
-    ('activation_kv_heads', 'tensor'),
-    ('activation_mlp', 'tensor'),
-    ('activation_depth_mlp', 'tensor'),
-    ('activation_vocab', 'tensor'),
+  ('batch', ('data', 'fsdp')),
+  ('vocab', 'tensor'),
+  ('embed', 'fsdp'),
+  ('q_heads', 'tensor'),
+  ('kv_heads', 'tensor'),
+  ('head_dim', None),
+  ('mlp', 'tensor'),
+  ('layers', None),
+  ('norm', None),
+  ('codebook', None),
+  ('embed_codebook', 'tensor'),  # the speak/listen tables' codebooks: their only tensor split
+  ('audio_vocab', None),
+  ('depth_embed', 'fsdp'),
+  ('depth_heads', 'tensor'),
+  ('depth_mlp', 'tensor'),
+  ('qkv', None),
+  ('lora_rank', None),  # LoRA adapters' rank r: small, replicated (the other dim follows W)
+  ('time', None),
+  ('channel', None),
+  ('conv_kernel', None),  # Mimi (flmjax.codec): small enough to replicate everywhere
+  ('conv_in', None),
+  ('conv_out', None),
+  ('codebook_entries', None),
+  ('codebook_dim', None),
+  ('activation_batch', ('data', 'fsdp')),
+  ('activation_length', None),
+  ('activation_embed', None),
+  ('activation_heads', 'tensor'),
+  ('activation_kv_heads', 'tensor'),
+  ('activation_mlp', 'tensor'),
+  ('activation_depth_mlp', 'tensor'),
+  ('activation_vocab', 'tensor'),
 )
 
 # Dims left replicated on purpose when the mesh does not divide them: fewer KV heads than tensor
@@ -67,8 +68,9 @@ class ShardingError(ValueError):
   """The mesh does not fit the model: a dim it shards is not a multiple of its mesh axes."""
 
 
-def device_grid(ici: Sequence[int], dcn: Sequence[int] = (1, 1, 1),
-                devices: Sequence[jax.Device] | None = None) -> np.ndarray:
+def device_grid(
+  ici: Sequence[int], dcn: Sequence[int] = (1, 1, 1), devices: Sequence[jax.Device] | None = None
+) -> np.ndarray:
   """Devices laid out as [data, fsdp, tensor] = ici * dcn, from the topology.
 
   Inside a slice, mesh_utils orders devices so that each axis's neighbours are ICI neighbours.
@@ -79,19 +81,20 @@ def device_grid(ici: Sequence[int], dcn: Sequence[int] = (1, 1, 1),
   devices = list(devices if devices is not None else jax.devices())
   need = math.prod(ici) * math.prod(dcn)
   if need > len(devices):
-    raise ValueError(f'mesh {describe(ici, dcn)} needs {need} devices; {len(devices)} are '
-                     f'visible')
+    raise ValueError(f'mesh {describe(ici, dcn)} needs {need} devices; {len(devices)} are visible')
   devices = devices[:need]
   if math.prod(dcn) == 1:
     return mesh_utils.create_device_mesh(tuple(ici), devices, allow_split_physical_axes=True)
   by_process = not any(getattr(d, 'slice_index', 0) for d in devices)  # one slice (or none)
   granules = len({d.process_index if by_process else d.slice_index for d in devices})
   if granules != math.prod(dcn):
-    raise ValueError(f'mesh {describe(ici, dcn)}: dcn_data x dcn_fsdp = {math.prod(dcn)} must '
-                     f'equal the number of {"processes" if by_process else "slices"}, {granules}')
-  return mesh_utils.create_hybrid_device_mesh(tuple(ici), tuple(dcn), devices,
-                                              process_is_granule=by_process,
-                                              allow_split_physical_axes=True)
+    raise ValueError(
+      f'mesh {describe(ici, dcn)}: dcn_data x dcn_fsdp = {math.prod(dcn)} must '
+      f'equal the number of {"processes" if by_process else "slices"}, {granules}'
+    )
+  return mesh_utils.create_hybrid_device_mesh(
+    tuple(ici), tuple(dcn), devices, process_is_granule=by_process, allow_split_physical_axes=True
+  )
 
 
 def parse_axes(text: str, flag: str = '--mesh') -> dict[str, int]:
@@ -100,8 +103,10 @@ def parse_axes(text: str, flag: str = '--mesh') -> dict[str, int]:
   for part in filter(None, (p.strip() for p in text.split(','))):
     name, eq, size = part.partition('=')
     if not eq or name not in MESH_AXES or name in out or not size.isdigit() or int(size) < 1:
-      raise ValueError(f'{flag} {text!r}: expected comma-separated axis=size pairs, axes among '
-                       f'{", ".join(MESH_AXES)}, e.g. data=2,tensor=4')
+      raise ValueError(
+        f'{flag} {text!r}: expected comma-separated axis=size pairs, axes among '
+        f'{", ".join(MESH_AXES)}, e.g. data=2,tensor=4'
+      )
     out[name] = int(size)
   return out
 
@@ -111,9 +116,15 @@ def describe(ici: Sequence[int], dcn: Sequence[int] = (1, 1, 1)) -> str:
   return out + ''.join(f' dcn_{n}={k}' for n, k in zip(MESH_AXES, dcn) if k != 1)
 
 
-def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1,
-              devices: Sequence[jax.Device] | None = None, *, dcn_data: int = 1,
-              dcn_fsdp: int = 1) -> Mesh:
+def make_mesh(
+  data: int = 1,
+  fsdp: int = 1,
+  tensor: int = 1,
+  devices: Sequence[jax.Device] | None = None,
+  *,
+  dcn_data: int = 1,
+  dcn_fsdp: int = 1,
+) -> Mesh:
   """A (data, fsdp, tensor) mesh with Auto axis types (classic jit-with-shardings behaviour).
 
   data, fsdp, tensor are per slice; dcn_data / dcn_fsdp slices multiply the data / fsdp axes, so
@@ -123,8 +134,7 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1,
   return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
 
-def logical_to_spec(axes: Iterable[str | None], shape: Sequence[int], mesh: Mesh,
-                    rules=RULES) -> P:
+def logical_to_spec(axes: Iterable[str | None], shape: Sequence[int], mesh: Mesh, rules=RULES) -> P:
   """The PartitionSpec of a tensor with logical `axes` and `shape` on `mesh`.
 
   Raises ShardingError when a dim's mesh axes do not divide it (unless the dim is in
@@ -145,9 +155,10 @@ def logical_to_spec(axes: Iterable[str | None], shape: Sequence[int], mesh: Mesh
       continue
     if size % ways:
       raise ShardingError(
-          f'logical axis {name!r} of size {size} does not divide over mesh axes '
-          f'{" x ".join(f"{n}={mesh.shape[n]}" for n in names)} = {ways}: pick mesh sizes that '
-          f'divide it (tensor axes {tuple(axes)}, shape {tuple(shape)})')
+        f'logical axis {name!r} of size {size} does not divide over mesh axes '
+        f'{" x ".join(f"{n}={mesh.shape[n]}" for n in names)} = {ways}: pick mesh sizes that '
+        f'divide it (tensor axes {tuple(axes)}, shape {tuple(shape)})'
+      )
     used.update(names)
     spec.append(names[0] if len(names) == 1 else names)
   return P(*spec)
@@ -165,12 +176,14 @@ def named_sharding(axes, shape, mesh: Mesh, rules=RULES) -> NamedSharding:
 
 def state_shardings(state: nnx.State, mesh: Mesh, rules=RULES):
   """NamedShardings for every Variable of an nnx.State, from its `axes` metadata."""
+
   def one(v):
     axes = v.get_metadata().get('axes')
     shape = v.get_value().shape
     if axes is None:
       return NamedSharding(mesh, P())
     return named_sharding(axes, shape, mesh, rules)
+
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
@@ -191,8 +204,9 @@ def validate_mesh(cfg, mesh_shape) -> None:
   tensor = dict(mesh_shape).get('tensor', 1)
   if cfg.num_heads % tensor:
     raise ShardingError(
-        f'mesh tensor={tensor} does not divide the model\'s {cfg.num_heads} query heads; '
-        f'valid tensor sizes: {", ".join(map(str, valid_tensor_sizes(cfg.num_heads)))}')
+      f"mesh tensor={tensor} does not divide the model's {cfg.num_heads} query heads; "
+      f'valid tensor sizes: {", ".join(map(str, valid_tensor_sizes(cfg.num_heads)))}'
+    )
 
 
 def traced_on(mesh: Mesh | None, fn):
@@ -206,6 +220,7 @@ def traced_on(mesh: Mesh | None, fn):
   def wrapped(*args, **kwargs):
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
       return fn(*args, **kwargs)
+
   return wrapped
 
 
@@ -225,8 +240,9 @@ def bytes_per_device(x, sharding: NamedSharding) -> int:
   return math.prod(shard) * np.dtype(x.dtype).itemsize
 
 
-def sharding_report(params, shardings, opt_state=None, opt_shardings=None,
-                    frozen=None) -> list[str]:
+def sharding_report(
+  params, shardings, opt_state=None, opt_shardings=None, frozen=None
+) -> list[str]:
   """Lines describing each parameter (path, shape, spec, bytes per device) and the totals;
   `frozen` (LoRA's base, ShapeDtypeStructs with shardings) adds its total."""
   mesh = jax.tree.leaves(shardings)[0].mesh
@@ -239,17 +255,23 @@ def sharding_report(params, shardings, opt_state=None, opt_shardings=None,
     per = bytes_per_device(x, s)
     total += per
     spec = ', '.join(str(a) for a in s.spec) or 'replicated'
-    lines.append(f'  {name:34s} {str(list(x.shape)):24s} {np.dtype(x.dtype).name:8s} '
-                 f'{"P(" + spec + ")":36s} {per / 2**20:10.2f} MiB/device')
+    lines.append(
+      f'  {name:34s} {str(list(x.shape)):24s} {np.dtype(x.dtype).name:8s} '
+      f'{"P(" + spec + ")":36s} {per / 2**20:10.2f} MiB/device'
+    )
   lines.append(f'  params: {total / 2**30:.3f} GiB/device')
   if opt_state is not None:
-    opt = sum(bytes_per_device(x, s) for x, s in
-              zip(jax.tree.leaves(opt_state), jax.tree.leaves(opt_shardings)))
+    opt = sum(
+      bytes_per_device(x, s)
+      for x, s in zip(jax.tree.leaves(opt_state), jax.tree.leaves(opt_shardings))
+    )
     lines.append(f'  optimizer state: {opt / 2**30:.3f} GiB/device')
   if frozen is not None:
     leaves = jax.tree.leaves(frozen)
     base = sum(bytes_per_device(x, x.sharding) for x in leaves)
     dtypes = sorted({np.dtype(x.dtype).name for x in leaves})
-    lines.append(f'  frozen base ({"/".join(dtypes)}): {base / 2**30:.3f} GiB/device; trainable '
-                 f'{sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)):,} params')
+    lines.append(
+      f'  frozen base ({"/".join(dtypes)}): {base / 2**30:.3f} GiB/device; trainable '
+      f'{sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)):,} params'
+    )
   return lines

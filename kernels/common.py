@@ -1,4 +1,5 @@
 """Pieces shared by the kernel wrappers."""
+
 from __future__ import annotations
 
 import jax

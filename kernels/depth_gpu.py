@@ -14,6 +14,7 @@ every tile is loaded and stored with a bounds mask: any d, e, f or B works. With
 kernels read that layer of stacked [L,...] weights and caches in place.
 Shape letters as in flmjax/model/layers.py (B: the rows, C: the cache positions).
 """
+
 from __future__ import annotations
 
 import functools
@@ -67,9 +68,11 @@ def _dot(a, b):
 
 def _rms_scale(x_ref, rows, d, kb, eps):
   """1 / rms of B-tile `rows` of x [B,d], accumulated over d in tiles of kb: [BB] f32."""
+
   def body(k, ss):
     xt = _load(x_ref, rows, (k * kb, kb, d)).astype(_F32)
     return ss + jnp.sum(xt * xt, axis=1)
+
   ss = jax.lax.fori_loop(0, pl.cdiv(d, kb), body, jnp.zeros((rows[1],), _F32))
   return jax.lax.rsqrt(ss / d + eps)
 
@@ -99,9 +102,13 @@ def _qkv_kernel(ids_ref, x_ref, ln_ref, w_ref, o_ref, *, eps, kb, nb, stacked):
   part, j = pl.program_id(1) // tiles, pl.program_id(1) % tiles
   rows, cols = _rows(b, _bb(b)), (j * nb, nb, n)
   scale = _rms_scale(x_ref, rows, d, kb, eps)
+
   def body(k, acc):
-    return acc + _dot(_normed(x_ref, ln_ref, rows, k, kb, d, scale, lead),
-                      _load(w_ref, *lead, part, (k * kb, kb, d), cols))
+    return acc + _dot(
+      _normed(x_ref, ln_ref, rows, k, kb, d, scale, lead),
+      _load(w_ref, *lead, part, (k * kb, kb, d), cols),
+    )
+
   acc = jax.lax.fori_loop(0, pl.cdiv(d, kb), body, jnp.zeros((rows[1], nb), _F32))
   _store(o_ref, acc, rows, (part * n + j * nb, nb, (part + 1) * n))
 
@@ -117,7 +124,7 @@ def _attention(q, k, v, kc_ref, vc_ref, rows, c, hi, head_dim, ep, lead):
   v_all = jnp.where(pos == c, v[:, None, :], _load(vc_ref, *lead, rows, (0, cp, num_pos), heads))
   dt = k_all.dtype
   logits = jnp.sum(q.astype(_F32)[:, None, :] * k_all.astype(_F32), axis=2)  # [BB,C]
-  logits = logits.astype(dt).astype(_F32) * (head_dim ** -0.5)  # rounded like the reference
+  logits = logits.astype(dt).astype(_F32) * (head_dim**-0.5)  # rounded like the reference
   logits = jnp.where(jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) <= c, logits, _NEG_INF)
   p = jnp.exp(logits - jnp.max(logits, axis=1, keepdims=True))
   probs = (p / jnp.sum(p, axis=1, keepdims=True)).astype(dt).astype(_F32)
@@ -132,25 +139,44 @@ def _attend_kernel(ids_ref, qkv_ref, kc_ref, vc_ref, o_ref, *, num_heads, head_d
   b, he, ep = qkv_ref.shape[0], num_heads * head_dim, _head_lanes(head_dim)
   (c, lead), hi, rows = _ids(ids_ref, stacked), pl.program_id(1), _rows(b, _bb_attention(b))
   lane = lambda part: (part * he + hi * head_dim, ep, part * he + (hi + 1) * head_dim)
-  q, k, v = (_load(qkv_ref, rows, lane(s)) for s in range(3))   # [BB,E]
+  q, k, v = (_load(qkv_ref, rows, lane(s)) for s in range(3))  # [BB,E]
   att = _attention(q, k, v, kc_ref, vc_ref, rows, c, hi, head_dim, ep, lead)
   _store(o_ref, att, rows, (hi * head_dim, ep, (hi + 1) * head_dim))
 
 
-def _qkv_attend_kernel(ids_ref, x_ref, ln_ref, w_ref, kc_ref, vc_ref, o_ref, kr_ref, vr_ref, *,
-                       eps, kb, num_heads, head_dim, stacked):
+def _qkv_attend_kernel(
+  ids_ref,
+  x_ref,
+  ln_ref,
+  w_ref,
+  kc_ref,
+  vc_ref,
+  o_ref,
+  kr_ref,
+  vr_ref,
+  *,
+  eps,
+  kb,
+  num_heads,
+  head_dim,
+  stacked,
+):
   """RMSNorm 1, this head's q/k/v, and its attention in one program: 4 launches a layer."""
   (b, d), ep = x_ref.shape, _head_lanes(head_dim)
   (c, lead), hi, rows = _ids(ids_ref, stacked), pl.program_id(1), _rows(b, _bb_attention(b))
   own = (hi * head_dim, ep, (hi + 1) * head_dim)  # this head's lanes of w [(L,)3,d,n]
   scale = _rms_scale(x_ref, rows, d, kb, eps)
+
   def body(k, acc):
     y = _normed(x_ref, ln_ref, rows, k, kb, d, scale, lead)
-    return tuple(a + _dot(y, _load(w_ref, *lead, s, (k * kb, kb, d), own))
-                 for s, a in enumerate(acc))
+    return tuple(
+      a + _dot(y, _load(w_ref, *lead, s, (k * kb, kb, d), own)) for s, a in enumerate(acc)
+    )
+
   zeros = jnp.zeros((rows[1], ep), _F32)
-  q, k, v = (a.astype(x_ref.dtype) for a in
-             jax.lax.fori_loop(0, pl.cdiv(d, kb), body, (zeros, zeros, zeros)))
+  q, k, v = (
+    a.astype(x_ref.dtype) for a in jax.lax.fori_loop(0, pl.cdiv(d, kb), body, (zeros, zeros, zeros))
+  )
   _store(kr_ref, k, rows, own)
   _store(vr_ref, v, rows, own)
   _store(o_ref, _attention(q, k, v, kc_ref, vc_ref, rows, c, hi, head_dim, ep, lead), rows, own)
@@ -162,9 +188,11 @@ def _residual_kernel(ids_ref, x_ref, a_ref, w_ref, o_ref, *, kb, nb, has_c, stac
   book = (*lead, c) if has_c else lead  # one indexer with the tile's: no chained .at[] in Triton
   (b, d), k_dim = x_ref.shape, a_ref.shape[1]
   rows, cols = _rows(b, _bb(b)), (pl.program_id(1) * nb, nb, d)
+
   def body(k, acc):
     a = _load(a_ref, rows, (k * kb, kb, k_dim))
     return acc + _dot(a, _load(w_ref, *book, (k * kb, kb, k_dim), cols))
+
   acc = jax.lax.fori_loop(0, pl.cdiv(k_dim, kb), body, jnp.zeros((rows[1], nb), _F32))
   x = _load(x_ref, rows, cols)
   _store(o_ref, x + acc.astype(x.dtype), rows, cols)
@@ -176,11 +204,15 @@ def _mlp_in_kernel(ids_ref, x_ref, ln_ref, gate_ref, up_ref, o_ref, *, eps, kb, 
   book = (*lead, c)
   rows, cols = _rows(b, _bb(b)), (pl.program_id(1) * nb, nb, f)
   scale = _rms_scale(x_ref, rows, d, kb, eps)
+
   def body(k, acc):
     g, u = acc
     y = _normed(x_ref, ln_ref, rows, k, kb, d, scale, lead)
-    return (g + _dot(y, _load(gate_ref, *book, (k * kb, kb, d), cols)),
-            u + _dot(y, _load(up_ref, *book, (k * kb, kb, d), cols)))
+    return (
+      g + _dot(y, _load(gate_ref, *book, (k * kb, kb, d), cols)),
+      u + _dot(y, _load(up_ref, *book, (k * kb, kb, d), cols)),
+    )
+
   zeros = jnp.zeros((rows[1], nb), _F32)
   g, u = jax.lax.fori_loop(0, pl.cdiv(d, kb), body, (zeros, zeros))
   dt = o_ref.dtype
@@ -198,10 +230,22 @@ def _bb(b: int) -> int:
   return min(max(_pow2(b), 16), 64)
 
 
-def layer_step(p: dict, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, c: jax.Array,
-               eps: float, *, layer: int | None = None, kb: int = 64, nb: int = 32,
-               num_warps: int = 4, num_stages: int = 3, fuse_attention: bool = False,
-               interpret=False) -> tuple[jax.Array, jax.Array, jax.Array]:
+def layer_step(
+  p: dict,
+  x: jax.Array,
+  k_cache: jax.Array,
+  v_cache: jax.Array,
+  c: jax.Array,
+  eps: float,
+  *,
+  layer: int | None = None,
+  kb: int = 64,
+  nb: int = 32,
+  num_warps: int = 4,
+  num_stages: int = 3,
+  fuse_attention: bool = False,
+  interpret=False,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Drop-in for flmjax.model.depth.layer_step (same arguments and results), as Triton kernels.
 
   layer: None for one layer's params and caches; an int to take layer `layer` of stacked params
@@ -220,9 +264,13 @@ def layer_step(p: dict, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, c:
   bt, bt_att = pl.cdiv(b, _bb(b)), pl.cdiv(b, _bb_attention(b))
   params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
   call = lambda kernel, grid, shape, name: pl.pallas_call(
-      functools.partial(kernel, stacked=stacked), grid=grid,
-      out_shape=jax.ShapeDtypeStruct(shape, dt), interpret=interpret, compiler_params=params,
-      name=name)
+    functools.partial(kernel, stacked=stacked),
+    grid=grid,
+    out_shape=jax.ShapeDtypeStruct(shape, dt),
+    interpret=interpret,
+    compiler_params=params,
+    name=name,
+  )
   c = jnp.reshape(c, ()).astype(jnp.int32)
   ids = jnp.stack([c, jnp.asarray(0 if layer is None else layer, jnp.int32)])
   ln_1, ln_2 = p['ln_1'].astype(dt), p['ln_2'].astype(dt)
@@ -231,21 +279,45 @@ def layer_step(p: dict, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, c:
   w_qkv = p['qkv'].astype(dt)  # [(L,)3,d,n], read in place
   if fuse_attention:
     att, k_row, v_row = pl.pallas_call(
-        functools.partial(_qkv_attend_kernel, eps=eps, kb=kb, num_heads=h, head_dim=e,
-                          stacked=stacked),
-        grid=(bt_att, h), out_shape=[jax.ShapeDtypeStruct((b, he), dt)] * 3, interpret=interpret,
-        compiler_params=params, name='depth_qkv_attend')(ids, x, ln_1, w_qkv, kc, vc)
+      functools.partial(
+        _qkv_attend_kernel, eps=eps, kb=kb, num_heads=h, head_dim=e, stacked=stacked
+      ),
+      grid=(bt_att, h),
+      out_shape=[jax.ShapeDtypeStruct((b, he), dt)] * 3,
+      interpret=interpret,
+      compiler_params=params,
+      name='depth_qkv_attend',
+    )(ids, x, ln_1, w_qkv, kc, vc)
   else:
-    qkv = call(functools.partial(_qkv_kernel, eps=eps, kb=kb, nb=nb), (bt, 3 * pl.cdiv(he, nb)),
-               (b, 3 * he), 'depth_qkv')(ids, x, ln_1, w_qkv)
-    att = call(functools.partial(_attend_kernel, num_heads=h, head_dim=e), (bt_att, h), (b, he),
-               'depth_attend')(ids, qkv, kc, vc)
-    k_row, v_row = qkv[:, he:2 * he], qkv[:, 2 * he:]
-  x1 = call(functools.partial(_residual_kernel, kb=kb, nb=nb, has_c=False), (bt, pl.cdiv(d, nb)),
-            (b, d), 'depth_proj')(ids, x, att, p['proj'].astype(dt).reshape(*stack, he, d))
-  act = call(functools.partial(_mlp_in_kernel, eps=eps, kb=kb, nb=nb), (bt, pl.cdiv(f, nb)),
-             (b, f), 'depth_mlp_in')(ids, x1, ln_2, p['gate'].astype(dt), p['up'].astype(dt))
-  out = call(functools.partial(_residual_kernel, kb=kb, nb=nb, has_c=True), (bt, pl.cdiv(d, nb)),
-             (b, d), 'depth_mlp_out')(ids, x1, act, p['down'].astype(dt))
+    qkv = call(
+      functools.partial(_qkv_kernel, eps=eps, kb=kb, nb=nb),
+      (bt, 3 * pl.cdiv(he, nb)),
+      (b, 3 * he),
+      'depth_qkv',
+    )(ids, x, ln_1, w_qkv)
+    att = call(
+      functools.partial(_attend_kernel, num_heads=h, head_dim=e),
+      (bt_att, h),
+      (b, he),
+      'depth_attend',
+    )(ids, qkv, kc, vc)
+    k_row, v_row = qkv[:, he : 2 * he], qkv[:, 2 * he :]
+  x1 = call(
+    functools.partial(_residual_kernel, kb=kb, nb=nb, has_c=False),
+    (bt, pl.cdiv(d, nb)),
+    (b, d),
+    'depth_proj',
+  )(ids, x, att, p['proj'].astype(dt).reshape(*stack, he, d))
+  act = call(
+    functools.partial(_mlp_in_kernel, eps=eps, kb=kb, nb=nb),
+    (bt, pl.cdiv(f, nb)),
+    (b, f),
+    'depth_mlp_in',
+  )(ids, x1, ln_2, p['gate'].astype(dt), p['up'].astype(dt))
+  out = call(
+    functools.partial(_residual_kernel, kb=kb, nb=nb, has_c=True),
+    (bt, pl.cdiv(d, nb)),
+    (b, d),
+    'depth_mlp_out',
+  )(ids, x1, act, p['down'].astype(dt))
   return out, *write_rows(k_cache, v_cache, k_row, v_row, c, layer)
-

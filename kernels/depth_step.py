@@ -14,6 +14,7 @@ server trace their frames) each kernel runs inside `shard_map` over the batch ro
 weights replicated (the decoder stores them so, see flmjax.decode.decoder), the rows split over
 the batch axes and, when the rows divide, over tensor too, so no device computes a row twice.
 """
+
 from __future__ import annotations
 
 import functools
@@ -99,6 +100,7 @@ def row_axes(mesh, rows: int):
 def under_mesh(fn: LayerFn, stacked: bool) -> LayerFn:
   """`fn` (a kernel step) inside shard_map over the rows of the mesh in context; `fn` itself when
   there is none. p replicated; x [B,d] and the caches ([L,]B,C,h,e) split on B."""
+
   def step(p, x, k_cache, v_cache, c, eps):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
@@ -106,17 +108,22 @@ def under_mesh(fn: LayerFn, stacked: bool) -> LayerFn:
     rows = row_axes(mesh, x.shape[0])
     xs, cs = P(rows, None), P(*((None,) if stacked else ()), rows)
     local = lambda p, x, k, v, c: fn(p, x, k, v, c, eps)
-    return jax.shard_map(local, mesh=mesh, in_specs=(P(), xs, cs, cs, P()),
-                         out_specs=(xs, cs, cs), check_vma=False)(p, x, k_cache, v_cache, c)
+    return jax.shard_map(
+      local, mesh=mesh, in_specs=(P(), xs, cs, cs, P()), out_specs=(xs, cs, cs), check_vma=False
+    )(p, x, k_cache, v_cache, c)
+
   return step
 
 
 def _check(backend, kernel):
-  for name, value, known in (('backend', backend, {'cpu', *_BACKEND_KERNEL}),
-                             ('kernel', kernel, set(KERNELS))):
+  for name, value, known in (
+    ('backend', backend, {'cpu', *_BACKEND_KERNEL}),
+    ('kernel', kernel, set(KERNELS)),
+  ):
     if value is not None and value not in known:
-      raise ValueError(f'select_depth_layer_fn: unknown {name} {value!r}; '
-                       f'use one of {sorted(known)}')
+      raise ValueError(
+        f'select_depth_layer_fn: unknown {name} {value!r}; use one of {sorted(known)}'
+      )
 
 
 def _pick(backend, kernel, interpret) -> str | None:
@@ -125,8 +132,9 @@ def _pick(backend, kernel, interpret) -> str | None:
   return kernel or _BACKEND_KERNEL.get(platform) or ('tpu' if interpret else None)
 
 
-def select_depth_layer_fn(*, interpret=False, backend: str | None = None,
-                          kernel: str | None = None, **tiles) -> LayerFn:
+def select_depth_layer_fn(
+  *, interpret=False, backend: str | None = None, kernel: str | None = None, **tiles
+) -> LayerFn:
   """A function with layer_step's signature for the platform it is traced on.
 
   backend: 'cpu' | 'gpu' | 'cuda' | 'rocm' | 'tpu'; None reads jax.default_backend() at trace time.
@@ -146,8 +154,9 @@ def select_depth_layer_fn(*, interpret=False, backend: str | None = None,
   return layer_fn
 
 
-def select_depth_layers_fn(*, interpret=False, backend: str | None = None,
-                           kernel: str | None = None, **tiles) -> LayerFn:
+def select_depth_layers_fn(
+  *, interpret=False, backend: str | None = None, kernel: str | None = None, **tiles
+) -> LayerFn:
   """As select_depth_layer_fn, for the whole stack: flmjax.model.depth.layers_step's signature
   (DepthTransformer.step(..., layers_fn=...))."""
   _check(backend, kernel)

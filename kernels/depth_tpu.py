@@ -15,6 +15,7 @@ down [L,C,f,d] with f padded to whole 128-lane tiles), which TPUs store row-majo
 program copies no weight before the call (tests/test_kernels_tpu_compile.py).
 Shape letters as in flmjax/model/layers.py (B: the rows); `l` is a lane block of hb heads.
 """
+
 from __future__ import annotations
 
 import functools
@@ -42,10 +43,35 @@ def default_blocks(h: int, e: int, f: int) -> tuple[int, int]:
   return hb, f_block
 
 
-def _kernel(c_ref, x_ref, ln1_ref, wq_ref, wk_ref, wv_ref, kc_ref, vc_ref, seg_ref, segt_ref,
-            proj_ref, ln2_ref, gate_ref, up_ref, down_ref,
-            o_ref, kr_ref, vr_ref, x_s, xn_s, acc_s, *, eps, n_head_blocks, n_f_blocks, f,
-            f_block):
+def _kernel(
+  c_ref,
+  x_ref,
+  ln1_ref,
+  wq_ref,
+  wk_ref,
+  wv_ref,
+  kc_ref,
+  vc_ref,
+  seg_ref,
+  segt_ref,
+  proj_ref,
+  ln2_ref,
+  gate_ref,
+  up_ref,
+  down_ref,
+  o_ref,
+  kr_ref,
+  vr_ref,
+  x_s,
+  xn_s,
+  acc_s,
+  *,
+  eps,
+  n_head_blocks,
+  n_f_blocks,
+  f,
+  f_block,
+):
   layer, i = pl.program_id(0), pl.program_id(1)
   c = c_ref[0]
   dt = x_ref.dtype
@@ -62,8 +88,8 @@ def _kernel(c_ref, x_ref, ln1_ref, wq_ref, wk_ref, wv_ref, kc_ref, vc_ref, seg_r
 
   @pl.when(i < n_head_blocks)
   def _attention():
-    xn = xn_s[...]                                                  # [B,d]
-    q = _dot(xn, wq_ref[...]).astype(dt)                            # [B,l]
+    xn = xn_s[...]  # [B,d]
+    q = _dot(xn, wq_ref[...]).astype(dt)  # [B,l]
     k = _dot(xn, wk_ref[...]).astype(dt)
     v = _dot(xn, wv_ref[...]).astype(dt)
     kr_ref[...] = k
@@ -82,8 +108,8 @@ def _kernel(c_ref, x_ref, ln1_ref, wq_ref, wk_ref, wv_ref, kc_ref, vc_ref, seg_r
     p = jnp.exp(logits - m)
     probs = (p / jnp.sum(p, axis=1, keepdims=True)).astype(dt).astype(jnp.float32)  # [B,C,hb]
     probs_l = _dot(probs.reshape(b * num_pos, hb), segt_ref[...]).reshape(b, num_pos, lanes)
-    att = jnp.sum(probs_l * v_all, axis=1).astype(dt)              # [B,l]
-    acc_s[...] += _dot(att, proj_ref[...])                          # [B,d]
+    att = jnp.sum(probs_l * v_all, axis=1).astype(dt)  # [B,l]
+    acc_s[...] += _dot(att, proj_ref[...])  # [B,d]
 
   @pl.when(i == n_head_blocks - 1)
   def _attention_residual():
@@ -95,11 +121,11 @@ def _kernel(c_ref, x_ref, ln1_ref, wq_ref, wk_ref, wv_ref, kc_ref, vc_ref, seg_r
   @pl.when(i >= n_head_blocks)
   def _mlp():
     j = i - n_head_blocks
-    y = xn_s[...]                                                   # [B,d]
-    g = _dot(y, gate_ref[...]).astype(dt).astype(jnp.float32)       # [B,F]
+    y = xn_s[...]  # [B,d]
+    g = _dot(y, gate_ref[...]).astype(dt).astype(jnp.float32)  # [B,F]
     u = _dot(y, up_ref[...]).astype(dt)
-    act = (g * jax.nn.sigmoid(g)).astype(dt) * u                    # [B,F]
-    down = down_ref[...]                                            # [F,d]
+    act = (g * jax.nn.sigmoid(g)).astype(dt) * u  # [B,F]
+    down = down_ref[...]  # [F,d]
     if f % f_block:  # the last tile runs past f: its padding may hold anything, NaN included
       valid = f - j * f_block
       act = jnp.where(jax.lax.broadcasted_iota(jnp.int32, act.shape, 1) < valid, act, 0)
@@ -115,8 +141,9 @@ def _kernel(c_ref, x_ref, ln1_ref, wq_ref, wk_ref, wv_ref, kc_ref, vc_ref, seg_r
     o_ref[...] = x_s[...]
 
 
-def _call(p, x, k_cache, v_cache, c, eps, *, first: int, count: int, heads_per_block, f_block,
-          interpret):
+def _call(
+  p, x, k_cache, v_cache, c, eps, *, first: int, count: int, heads_per_block, f_block, interpret
+):
   """Layers first..first+count-1 of stacked p [L,...] and caches [L,B,C,h,e], in one call.
 
   Returns (x [B,d], k rows, v rows [count,B,h*e]).
@@ -139,44 +166,82 @@ def _call(p, x, k_cache, v_cache, c, eps, *, first: int, count: int, heads_per_b
   spec = pl.BlockSpec
   # Stacked arrays: a squeezed leading block dim picks the layer (grid axis 0, from `first`).
   stacked = lambda block, index_map: pl.BlockSpec(
-      (pl.squeezed, *block), lambda l, i, c: (first + l, *index_map(i, c)))
+    (pl.squeezed, *block), lambda l, i, c: (first + l, *index_map(i, c))
+  )
   full = lambda shape: spec(shape, lambda l, i, c: (0,) * len(shape))
   qkv_spec = lambda part: stacked((pl.squeezed, d, lanes), lambda i, c: (part, 0, head_blk(i)))
   cache_spec = stacked((b, num_pos, lanes), lambda i, c: (0, 0, head_blk(i)))
   row_spec = pl.BlockSpec((pl.squeezed, b, lanes), lambda l, i, c: (l, 0, head_blk(i)))
   in_specs = [
-      full((b, d)), stacked((1, d), lambda i, c: (0, 0)),
-      qkv_spec(0), qkv_spec(1), qkv_spec(2), cache_spec, cache_spec,
-      full((lanes, hb)), full((hb, lanes)),
-      stacked((lanes, d), lambda i, c: (head_blk(i), 0)), stacked((1, d), lambda i, c: (0, 0)),
-      stacked((pl.squeezed, d, f_block), lambda i, c: (c[0], 0, f_blk(i))),
-      stacked((pl.squeezed, d, f_block), lambda i, c: (c[0], 0, f_blk(i))),
-      stacked((pl.squeezed, f_block, d), lambda i, c: (c[0], f_blk(i), 0)),
+    full((b, d)),
+    stacked((1, d), lambda i, c: (0, 0)),
+    qkv_spec(0),
+    qkv_spec(1),
+    qkv_spec(2),
+    cache_spec,
+    cache_spec,
+    full((lanes, hb)),
+    full((hb, lanes)),
+    stacked((lanes, d), lambda i, c: (head_blk(i), 0)),
+    stacked((1, d), lambda i, c: (0, 0)),
+    stacked((pl.squeezed, d, f_block), lambda i, c: (c[0], 0, f_blk(i))),
+    stacked((pl.squeezed, d, f_block), lambda i, c: (c[0], 0, f_blk(i))),
+    stacked((pl.squeezed, f_block, d), lambda i, c: (c[0], f_blk(i), 0)),
   ]
   grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=1, grid=(count, n_head_blocks + n_f_blocks), in_specs=in_specs,
-      out_specs=[full((b, d)), row_spec, row_spec],
-      scratch_shapes=[pltpu.VMEM((b, d), dt), pltpu.VMEM((b, d), dt),
-                      pltpu.VMEM((b, d), jnp.float32)])
-  kernel = functools.partial(_kernel, eps=eps, n_head_blocks=n_head_blocks,
-                             n_f_blocks=n_f_blocks, f=f, f_block=f_block)
+    num_scalar_prefetch=1,
+    grid=(count, n_head_blocks + n_f_blocks),
+    in_specs=in_specs,
+    out_specs=[full((b, d)), row_spec, row_spec],
+    scratch_shapes=[
+      pltpu.VMEM((b, d), dt),
+      pltpu.VMEM((b, d), dt),
+      pltpu.VMEM((b, d), jnp.float32),
+    ],
+  )
+  kernel = functools.partial(
+    _kernel, eps=eps, n_head_blocks=n_head_blocks, n_f_blocks=n_f_blocks, f=f, f_block=f_block
+  )
   rows = jax.ShapeDtypeStruct((count, b, he), dt)
   return pl.pallas_call(
-      kernel, grid_spec=grid_spec, interpret=interpret, name='depth_step_tpu',
-      out_shape=[jax.ShapeDtypeStruct((b, d), dt), rows, rows],
-      compiler_params=pltpu.CompilerParams(dimension_semantics=('arbitrary', 'arbitrary')),
-  )(c, x, p['ln_1'].astype(dt).reshape(num_layers, 1, d), qkv, qkv, qkv,
+    kernel,
+    grid_spec=grid_spec,
+    interpret=interpret,
+    name='depth_step_tpu',
+    out_shape=[jax.ShapeDtypeStruct((b, d), dt), rows, rows],
+    compiler_params=pltpu.CompilerParams(dimension_semantics=('arbitrary', 'arbitrary')),
+  )(
+    c,
+    x,
+    p['ln_1'].astype(dt).reshape(num_layers, 1, d),
+    qkv,
+    qkv,
+    qkv,
     k_cache.astype(dt).reshape(num_layers, b, num_pos, he),
-    v_cache.astype(dt).reshape(num_layers, b, num_pos, he), seg, seg.T,
+    v_cache.astype(dt).reshape(num_layers, b, num_pos, he),
+    seg,
+    seg.T,
     p['proj'].astype(dt).reshape(num_layers, he, d),
     p['ln_2'].astype(dt).reshape(num_layers, 1, d),
-    p['gate'].astype(dt), p['up'].astype(dt), p['down'].astype(dt))
+    p['gate'].astype(dt),
+    p['up'].astype(dt),
+    p['down'].astype(dt),
+  )
 
 
-def layer_step(p: dict, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, c: jax.Array,
-               eps: float, *, layer: int | None = None, heads_per_block: int | None = None,
-               f_block: int | None = None,
-               interpret=False) -> tuple[jax.Array, jax.Array, jax.Array]:
+def layer_step(
+  p: dict,
+  x: jax.Array,
+  k_cache: jax.Array,
+  v_cache: jax.Array,
+  c: jax.Array,
+  eps: float,
+  *,
+  layer: int | None = None,
+  heads_per_block: int | None = None,
+  f_block: int | None = None,
+  interpret=False,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Drop-in for flmjax.model.depth.layer_step (same arguments and results), as one TPU kernel.
 
   layer: None for one layer's params and caches; an int to take layer `layer` of stacked params
@@ -187,24 +252,43 @@ def layer_step(p: dict, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, c:
   c = jnp.reshape(c, (1,)).astype(jnp.int32)
   if layer is None:  # one layer: a stack of one (free reshapes)
     one = lambda a: a[None]
-    out, k_rows, v_rows = _call(jax.tree.map(one, p), x, one(k_cache), one(v_cache), c, eps,
-                                first=0, count=1, **tiles)
+    out, k_rows, v_rows = _call(
+      jax.tree.map(one, p), x, one(k_cache), one(v_cache), c, eps, first=0, count=1, **tiles
+    )
   else:
-    out, k_rows, v_rows = _call(p, x, k_cache, v_cache, c, eps, first=int(layer), count=1,
-                                **tiles)
+    out, k_rows, v_rows = _call(p, x, k_cache, v_cache, c, eps, first=int(layer), count=1, **tiles)
   # The cache write is one row per layer: XLA does it in place on the cache buffers.
   return out, *write_rows(k_cache, v_cache, k_rows[0], v_rows[0], c[0], layer)
 
 
-def layers_step(p: dict, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, c: jax.Array,
-                eps: float, *, heads_per_block: int | None = None, f_block: int | None = None,
-                interpret=False) -> tuple[jax.Array, jax.Array, jax.Array]:
+def layers_step(
+  p: dict,
+  x: jax.Array,
+  k_cache: jax.Array,
+  v_cache: jax.Array,
+  c: jax.Array,
+  eps: float,
+  *,
+  heads_per_block: int | None = None,
+  f_block: int | None = None,
+  interpret=False,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Drop-in for flmjax.model.depth.layers_step: all L layers of stacked p [L,...] and caches
   [L,B,C,h,e] in ONE kernel (x stays in VMEM between layers)."""
   c = jnp.reshape(c, (1,)).astype(jnp.int32)
-  out, k_rows, v_rows = _call(p, x, k_cache, v_cache, c, eps, first=0, count=k_cache.shape[0],
-                              heads_per_block=heads_per_block, f_block=f_block,
-                              interpret=interpret)
+  out, k_rows, v_rows = _call(
+    p,
+    x,
+    k_cache,
+    v_cache,
+    c,
+    eps,
+    first=0,
+    count=k_cache.shape[0],
+    heads_per_block=heads_per_block,
+    f_block=f_block,
+    interpret=interpret,
+  )
   b, (h, e) = x.shape[0], k_cache.shape[-2:]
   at = (0, 0, c[0], 0, 0)
   rows = lambda r: r.reshape(-1, b, 1, h, e).astype(k_cache.dtype)  # [L,B,1,h,e]

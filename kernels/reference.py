@@ -1,4 +1,5 @@
 """Plain-JAX references for the kernels: the model's own code paths, not re-implementations."""
+
 from __future__ import annotations
 
 import jax
@@ -14,8 +15,9 @@ depth_layers_step = layers_step
 __all__ = ['LAYER_PARAMS', 'depth_layer_step', 'depth_layers_step', 'depth_frame']
 
 
-def depth_frame(depth, cond: jax.Array, cache: dict, layer_fn=layer_step,
-                layers_fn=None) -> tuple[jax.Array, dict]:
+def depth_frame(
+  depth, cond: jax.Array, cache: dict, layer_fn=layer_step, layers_fn=None
+) -> tuple[jax.Array, dict]:
   """A whole greedy depth frame: C steps of DepthTransformer.step, each feeding its argmax on.
 
   depth: flmjax.model.depth.DepthTransformer; cond [B,C,d]; cache from depth.init_cache.
@@ -28,8 +30,9 @@ def depth_frame(depth, cond: jax.Array, cache: dict, layer_fn=layer_step,
 
   def step(carry, c):
     prev, cache = carry
-    logits, cache = depth.step(cond, prev, c, cache, layer_fn=layer_fn,
-                               layers_fn=layers_fn)  # [B,A]
+    logits, cache = depth.step(
+      cond, prev, c, cache, layer_fn=layer_fn, layers_fn=layers_fn
+    )  # [B,A]
     code = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     return (code, cache), code
 

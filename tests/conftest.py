@@ -5,10 +5,12 @@ Tiers: `pytest tests` runs the fast tier (tests not marked `@pytest.mark.slow`, 
 `pytest --full tests` runs everything, as `.ci/run` does. Naming test files or tests
 (`pytest tests/test_serve.py -k idle`) runs what is named, slow or not, and an explicit
 `-m EXPR` selects by marker instead (`-m slow`: the slow tier alone)."""
+
 import os
 
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_force_host_platform_device_count=8').strip()
+os.environ['XLA_FLAGS'] = (
+  os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
+).strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import pathlib  # noqa: E402
@@ -35,6 +37,7 @@ def tiny_dir(golden_dir):
 @pytest.fixture(scope='session')
 def tiny_model(tiny_dir):
   import flmjax
+
   return flmjax.load_official(str(tiny_dir), dtype='float32')
 
 
@@ -44,11 +47,24 @@ def random_data_config(run_dir, **kw):
   once per session. kw overrides TrainConfig fields."""
   from flmjax.config import ModelConfig
   from flmjax.train.config import MeshConfig, OptimConfig, StageConfig, TrainConfig
-  stages = (StageConfig('a', 3, random_data=True, peak_lr=3e-3, warmup_steps=1),
-            StageConfig('b', 2, random_data=True, peak_lr=1e-3))
-  base = dict(model=ModelConfig.tiny(), stages=stages, run_dir=str(run_dir), window=12,
-              batch_size=8, compute_dtype='float32', optim=OptimConfig(eps=1e-3),
-              mesh=MeshConfig(2, 2, 2), checkpoint_every=2, log_every=1, progress_bar=False)
+
+  stages = (
+    StageConfig('a', 3, random_data=True, peak_lr=3e-3, warmup_steps=1),
+    StageConfig('b', 2, random_data=True, peak_lr=1e-3),
+  )
+  base = dict(
+    model=ModelConfig.tiny(),
+    stages=stages,
+    run_dir=str(run_dir),
+    window=12,
+    batch_size=8,
+    compute_dtype='float32',
+    optim=OptimConfig(eps=1e-3),
+    mesh=MeshConfig(2, 2, 2),
+    checkpoint_every=2,
+    log_every=1,
+    progress_bar=False,
+  )
   return TrainConfig(**{**base, **kw})
 
 
@@ -62,8 +78,9 @@ def seed():
 
 
 def pytest_addoption(parser):
-  parser.addoption('--full', action='store_true',
-                   help='the full tier: the slow tests too (what .ci/run runs)')
+  parser.addoption(
+    '--full', action='store_true', help='the full tier: the slow tests too (what .ci/run runs)'
+  )
 
 
 # Session fixtures that take long to build: a test that uses one is in the slow tier.
@@ -94,7 +111,13 @@ def serve_pipeline(tiny_model, golden_dir):
   from flmjax.codec import load_mimi
   from flmjax.decode import SamplingConfig
   from flmjax.serve.pipeline import FramePipeline
-  pipeline = FramePipeline(tiny_model, load_mimi(str(golden_dir / 'mimi_small')), 4,
-                           sampling=SamplingConfig(greedy=True), max_len=256)
+
+  pipeline = FramePipeline(
+    tiny_model,
+    load_mimi(str(golden_dir / 'mimi_small')),
+    4,
+    sampling=SamplingConfig(greedy=True),
+    max_len=256,
+  )
   pipeline.warmup()
   return pipeline

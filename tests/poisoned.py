@@ -1,4 +1,5 @@
 """A training data loader with a NaN in one batch's weights: the tests of the NaN stop."""
+
 import numpy as np
 
 from flmjax.train import data as data_lib

@@ -1,5 +1,6 @@
 """Helpers of the bad-input probes (tests/test_bad_input_*.py): run a CLI as a new user would and
 check that a bad input gets exactly one clear stderr line and exit status 1."""
+
 import json
 import os
 
@@ -47,5 +48,9 @@ def codes_file(path, shape=(8, 20), seed=0, high=2048) -> str:
 
 
 def tts_line(codes: str, id='x', text='it is five', end=0.8) -> dict:
-  return {'id': id, 'kind': 'tts_asr', 'codes': {'model': codes},
-          'segments': [{'speaker': 'model', 'start': 0.0, 'end': end, 'text': text}]}
+  return {
+    'id': id,
+    'kind': 'tts_asr',
+    'codes': {'model': codes},
+    'segments': [{'speaker': 'model', 'start': 0.0, 'end': end, 'text': text}],
+  }

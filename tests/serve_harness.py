@@ -1,5 +1,6 @@
 """Helpers for the server tests: a live server on a free loopback port, speech-like input, a raw
 websocket client that can misbehave, and the offline cross-talk check."""
+
 from __future__ import annotations
 
 import asyncio
@@ -56,10 +57,15 @@ def voice(seed: int, frames: int) -> np.ndarray:
 def sessions_by_slot(server: Server, frames: dict[int, int], first_seed: int) -> dict:
   """Concurrent unpaced sessions, voice(first_seed + i, n) for each i, n in frames.items(), all at
   once against `server` -> {slot: Conversation}."""
+
   async def scenario():
     async with running(server) as addr:
-      return await asyncio.gather(*[converse(f'ws://{addr}/api/chat', voice(first_seed + i, n),
-                                             pace=False) for i, n in frames.items()])
+      return await asyncio.gather(
+        *[
+          converse(f'ws://{addr}/api/chat', voice(first_seed + i, n), pace=False)
+          for i, n in frames.items()
+        ]
+      )
 
   convs = asyncio.run(scenario())
   return {next(s.slot for s in server.finished if s.sid == c.session): c for c in convs}
@@ -69,8 +75,10 @@ def check_crosstalk(pipeline, cfg, convs: dict, frames: dict | None = None) -> d
   """{slot: Conversation} -> {slot: mismatch list} against an offline replay of what the server
   decoded; also confirms the check fails when two sessions' references are swapped."""
   ref = replay(pipeline, {slot: c.sent_pcm for slot, c in convs.items()})
-  found = {slot: mismatches(c, cfg, *ref[slot], frames=(frames or {}).get(slot))
-           for slot, c in convs.items()}
+  found = {
+    slot: mismatches(c, cfg, *ref[slot], frames=(frames or {}).get(slot))
+    for slot, c in convs.items()
+  }
   slots = sorted(convs)
   if len(slots) > 1:  # the check can fail: another slot's reference never matches
     assert mismatches(convs[slots[0]], cfg, *ref[slots[1]]), 'swapped references matched'
@@ -88,9 +96,13 @@ class RawSocket:
     self.sock.settimeout(10)
     self.sock.connect((host, int(port)))
     key = base64.b64encode(os.urandom(16)).decode()
-    self.sock.sendall((f'GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n'
-                       f'Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n'
-                       f'Sec-WebSocket-Version: 13\r\n\r\n').encode())
+    self.sock.sendall(
+      (
+        f'GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n'
+        f'Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n'
+        f'Sec-WebSocket-Version: 13\r\n\r\n'
+      ).encode()
+    )
     head = b''
     while b'\r\n\r\n' not in head:
       head += self.sock.recv(1)
@@ -98,9 +110,15 @@ class RawSocket:
 
   def send(self, payload: bytes, opcode: int = 2) -> None:
     n = len(payload)
-    size = bytes([0x80 | n]) if n < 126 else (bytes([0x80 | 126]) + struct.pack('!H', n) if
-                                              n < 65536 else bytes([0x80 | 127]) +
-                                              struct.pack('!Q', n))
+    size = (
+      bytes([0x80 | n])
+      if n < 126
+      else (
+        bytes([0x80 | 126]) + struct.pack('!H', n)
+        if n < 65536
+        else bytes([0x80 | 127]) + struct.pack('!Q', n)
+      )
+    )
     self.sock.sendall(bytes([0x80 | opcode]) + size + b'\0\0\0\0' + payload)
 
   def close(self) -> None:
@@ -121,6 +139,7 @@ def serving_in_thread(server: Server, timeout_s: float = 60.0):
   """Serves `server` from a thread with its own event loop (for blocking callers: a browser
   driver, the `flmjax client` CLI); yields 'host:port' and always shuts the server down."""
   import threading
+
   ready, addr, stop = threading.Event(), [], []
 
   def serve():
@@ -132,6 +151,7 @@ def serving_in_thread(server: Server, timeout_s: float = 60.0):
         addr.append(a)
         ready.set()
         await stop[0]
+
     loop.run_until_complete(body())
     loop.close()
 

@@ -1,6 +1,7 @@
 """`flmjax aot`: the small preset's train step and decode frame compiled for v5e:2x2 with the real
 TPU compiler (libtpu, from the test extra), FSDP without global-batch collectives, and the
 mesh validation errors."""
+
 import json
 import os
 import pathlib
@@ -19,10 +20,31 @@ from flmjax.config import ModelConfig
 
 pytestmark = pytest.mark.slow  # TPU compiles with libtpu
 
-KEYS = ['topology', 'chip', 'chips', 'mesh', 'step', 'window', 'batch', 'hbm_gib', 'args_gib',
-        'temp_gib', 'out_gib', 'alias_gib', 'peak_gib', 'fits', 'compile_s', 'collectives']
-DECODE_KEYS = ['largest_collective_mib', 'read_gib_per_chip', 'hbm_gbps', 'frame_ms_estimate',
-               'pallas']
+KEYS = [
+  'topology',
+  'chip',
+  'chips',
+  'mesh',
+  'step',
+  'window',
+  'batch',
+  'hbm_gib',
+  'args_gib',
+  'temp_gib',
+  'out_gib',
+  'alias_gib',
+  'peak_gib',
+  'fits',
+  'compile_s',
+  'collectives',
+]
+DECODE_KEYS = [
+  'largest_collective_mib',
+  'read_gib_per_chip',
+  'hbm_gbps',
+  'frame_ms_estimate',
+  'pallas',
+]
 TRAIN_KEYS = ['trainable_params', 'trainable_gib', 'base_dtype']
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BATCH, WINDOW = 8, 96  # (8, 95) and 8 * 95 = 760 rows appear in no weight's shape
@@ -30,8 +52,9 @@ BATCH, WINDOW = 8, 96  # (8, 95) and 8 * 95 = 760 rows appear in no weight's sha
 
 @pytest.fixture(scope='module')
 def small_train():
-  req = AotRequest('v5e:2x2', ModelConfig.small(), step='train', window=WINDOW, batch=BATCH,
-                   fsdp=4, remat='full')
+  req = AotRequest(
+    'v5e:2x2', ModelConfig.small(), step='train', window=WINDOW, batch=BATCH, fsdp=4, remat='full'
+  )
   return compile_report(req, log=lambda *a: None)
 
 
@@ -59,8 +82,23 @@ def test_fsdp_no_collective_carries_the_global_batch(small_train):
 
 
 def test_cli_small_decode_frame_fits_v5e(capsys):
-  code = cli.main(['aot', '--topology', 'v5e:2x2', '--preset', 'small', '--step', 'decode',
-                   '--window', '256', '--batch', '2', '--mesh', 'tensor=4'])
+  code = cli.main(
+    [
+      'aot',
+      '--topology',
+      'v5e:2x2',
+      '--preset',
+      'small',
+      '--step',
+      'decode',
+      '--window',
+      '256',
+      '--batch',
+      '2',
+      '--mesh',
+      'tensor=4',
+    ]
+  )
   lines = capsys.readouterr().out.strip().splitlines()
   record = json.loads(lines[-1])
   assert code == 0 and list(record) == KEYS + DECODE_KEYS
@@ -71,7 +109,8 @@ def test_cli_small_decode_frame_fits_v5e(capsys):
   assert 0 < record['largest_collective_mib'] < 0.1
   assert record['hbm_gbps'] == 819.0
   assert record['frame_ms_estimate'] == pytest.approx(
-      record['read_gib_per_chip'] * 2**30 / 819e9 * 1e3, abs=0.01)
+    record['read_gib_per_chip'] * 2**30 / 819e9 * 1e3, abs=0.01
+  )
   # A frame reads every weight and the whole cache: at least the arguments less the lookup
   # tables' unread rows, at most the arguments plus the depth attention re-reads.
   assert 0.5 * record['args_gib'] < record['read_gib_per_chip'] < 2 * record['args_gib']
@@ -81,9 +120,11 @@ def test_cli_small_decode_frame_fits_v5e(capsys):
 
 def test_cli_without_libtpu_says_how_to_install(monkeypatch, capsys):
   import importlib.util
+
   real = importlib.util.find_spec
-  monkeypatch.setattr(importlib.util, 'find_spec',
-                      lambda name, *a: None if name == 'libtpu' else real(name, *a))
+  monkeypatch.setattr(
+    importlib.util, 'find_spec', lambda name, *a: None if name == 'libtpu' else real(name, *a)
+  )
   assert cli.main(['aot', '--topology', 'v5e:2x2', '--preset', 'small']) == 1
   out = capsys.readouterr()
   err = out.err.strip().splitlines()
@@ -92,22 +133,30 @@ def test_cli_without_libtpu_says_how_to_install(monkeypatch, capsys):
 
 
 def test_mesh_errors_are_named():
-  with pytest.raises(shd.ShardingError, match=r'tensor=8 does not divide the model\'s 28 query '
-                     r'heads; valid tensor sizes: 1, 2, 4, 7, 14, 28'):
+  with pytest.raises(
+    shd.ShardingError,
+    match=r'tensor=8 does not divide the model\'s 28 query '
+    r'heads; valid tensor sizes: 1, 2, 4, 7, 14, 28',
+  ):
     shd.validate_mesh(ModelConfig.flm_8b(), {'data': 1, 'fsdp': 8, 'tensor': 8})
   shd.validate_mesh(ModelConfig.flm_8b(), {'data': 1, 'fsdp': 16, 'tensor': 4})
   mesh = AbstractMesh((1, 3, 8), shd.MESH_AXES)
-  with pytest.raises(shd.ShardingError, match=r"logical axis 'embed' of size 64 does not divide "
-                     r'over mesh axes fsdp=3 = 3'):
+  with pytest.raises(
+    shd.ShardingError,
+    match=r"logical axis 'embed' of size 64 does not divide "
+    r'over mesh axes fsdp=3 = 3',
+  ):
     shd.logical_to_spec(('embed', 'mlp'), (64, 160), mesh)
   # Fewer KV heads (4) than tensor shards (8): replicated on purpose, as usual for GQA.
-  assert shd.logical_to_spec(('embed', 'kv_heads', 'head_dim'), (3 * 4, 4, 128), mesh) == \
-      P('fsdp', None, None)
+  assert shd.logical_to_spec(('embed', 'kv_heads', 'head_dim'), (3 * 4, 4, 128), mesh) == P(
+    'fsdp', None, None
+  )
   with pytest.raises(AotError, match='fsdp and tensor'):
     parse_mesh('fsdp=16,model=4')
   assert parse_mesh('fsdp=16,tensor=4') == {'fsdp': 16, 'tensor': 4}
-  with pytest.raises(AotError, match='64 chips of v5p:4x4x4 are not a multiple of fsdp\\*tensor '
-                     '= 48'):
+  with pytest.raises(
+    AotError, match='64 chips of v5p:4x4x4 are not a multiple of fsdp\\*tensor = 48'
+  ):
     compile_report(AotRequest('v5p:4x4x4', ModelConfig.flm_8b(), fsdp=16, tensor=3))
 
 
@@ -116,9 +165,11 @@ def test_decode_frame_with_the_pallas_kernel_under_the_mesh_compiles_for_v5e():
   """The Mosaic depth kernel in shard_map over the sessions, through the real TPU compiler: the
   kernel is in the program and no collective moves a depth weight (they are stored whole)."""
   from flmjax.aot.request import make_request
+
   cfg = ModelConfig.small()
-  req = make_request('v5e:2x2', 4, step='decode', preset='small', window=256, batch=8,
-                     mesh='tensor=4', pallas=True)
+  req = make_request(
+    'v5e:2x2', 4, step='decode', preset='small', window=256, batch=8, mesh='tensor=4', pallas=True
+  )
   record, compiled = compile_report(req, log=lambda *a: None)
   assert record['fits'] and record['pallas']
   hlo = compiled.as_text()
@@ -133,38 +184,51 @@ def test_decode_frame_with_the_pallas_kernel_under_the_mesh_compiles_for_v5e():
 
 def test_collective_sizes_read_the_largest_array_of_each_collective():
   from flmjax.aot.roofline import collective_sizes, largest_collective_mib
-  hlo = '\n'.join([
+
+  hlo = '\n'.join(
+    [
       '%ag = bf16[64,8,3584]{2,0,1} all-gather(bf16[64,2,3584]{2,0,1} %x), channel_id=1',
       '%ar-start = (f32[4,1024]{1,0}, f32[4,1024]{1,0}) all-reduce-start(f32[4,1024]{1,0} %y)',
       '%ar-done = f32[4,1024]{1,0} all-reduce-done(%ar-start)',
-      '%f = f32[1024,1024]{1,0} fusion(%z), kind=kLoop'])
-  assert [(k, b) for k, b, _ in collective_sizes(hlo)] == [('all-gather', 64 * 8 * 3584 * 2),
-                                                          ('all-reduce', 4 * 1024 * 4)]
+      '%f = f32[1024,1024]{1,0} fusion(%z), kind=kLoop',
+    ]
+  )
+  assert [(k, b) for k, b, _ in collective_sizes(hlo)] == [
+    ('all-gather', 64 * 8 * 3584 * 2),
+    ('all-reduce', 4 * 1024 * 4),
+  ]
   assert largest_collective_mib(hlo) == 3.5
   assert largest_collective_mib('') == 0
 
 
 def test_required_bytes_parses_the_compiler_message():
-  msg = ('RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory '
-         'space hbm. Used 203.35G of 95.74G hbm. Exceeded hbm capacity by 107.61G.')
-  assert required_bytes(msg) == int(203.35 * 2 ** 30)
-  msg = ('RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO '
-         'temporaries (33.36G) exceeds available HBM (15.75G).')  # the full 8B fine-tune, v5e:2x2
-  assert required_bytes(msg) == int(33.36 * 2 ** 30)
+  msg = (
+    'RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory '
+    'space hbm. Used 203.35G of 95.74G hbm. Exceeded hbm capacity by 107.61G.'
+  )
+  assert required_bytes(msg) == int(203.35 * 2**30)
+  msg = (
+    'RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO '
+    'temporaries (33.36G) exceeds available HBM (15.75G).'
+  )  # the full 8B fine-tune, v5e:2x2
+  assert required_bytes(msg) == int(33.36 * 2**30)
   assert required_bytes('RESOURCE_EXHAUSTED: out of memory') is None
 
 
 def test_sharding_report_bytes_per_device():
   from flmjax.train.config import StageConfig, TrainConfig
   from flmjax.train.state import state_spec
-  tc = TrainConfig(model=ModelConfig.tiny(), stages=(StageConfig('s', 1, random_data=True),),
-                   run_dir='')
+
+  tc = TrainConfig(
+    model=ModelConfig.tiny(), stages=(StageConfig('s', 1, random_data=True),), run_dir=''
+  )
   spec = state_spec(tc, shd.make_mesh(2, 2, 2))
-  lines = shd.sharding_report(spec.abstract.params, spec.shardings.params,
-                              spec.abstract.opt_state, spec.shardings.opt_state)
+  lines = shd.sharding_report(
+    spec.abstract.params, spec.shardings.params, spec.abstract.opt_state, spec.shardings.opt_state
+  )
   q = next(l for l in lines if l.split()[0] == 'backbone/q')
   # q [L=2, D=64, N=4, H=16] float32, D over fsdp=2 and N over tensor=2: 8 KiB a device.
-  assert "P(None, fsdp, tensor, None)" in q and f'{2 * 64 * 4 * 16 * 4 / 4 / 2**20:.2f} MiB' in q
+  assert 'P(None, fsdp, tensor, None)' in q and f'{2 * 64 * 4 * 16 * 4 / 4 / 2**20:.2f} MiB' in q
   assert lines[-1].startswith('  optimizer state:')
 
 
@@ -172,13 +236,17 @@ def test_cli_on_cpu_host_with_libtpu_is_quiet(golden_dir):
   """libtpu installed, no TPU: the CLI pins JAX to the CPU, so nothing probes for a TPU, even
   though importing flmjax has imported jax already (as every command does)."""
   import importlib.util
+
   assert importlib.util.find_spec('libtpu') is not None, 'the test extra installs libtpu'
   env = {k: v for k, v in os.environ.items() if k not in ('JAX_PLATFORMS', 'XLA_FLAGS')}
-  code = ('import sys, flmjax.cli, jax; assert "jax" in sys.modules; '
-          f'rc = flmjax.cli.main(["main", "--parity", "--golden", {str(golden_dir)!r}]); '
-          'print(jax.devices()[0].platform); sys.exit(rc)')
-  out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
-                       timeout=300)
+  code = (
+    'import sys, flmjax.cli, jax; assert "jax" in sys.modules; '
+    f'rc = flmjax.cli.main(["main", "--parity", "--golden", {str(golden_dir)!r}]); '
+    'print(jax.devices()[0].platform); sys.exit(rc)'
+  )
+  out = subprocess.run(
+    [sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=300
+  )
   assert out.returncode == 0 and out.stdout.strip().endswith('cpu'), out.stdout + out.stderr
   assert 'TPU' not in out.stderr and 'libtpu' not in out.stderr, out.stderr
 
@@ -187,13 +255,20 @@ def test_pod_config_gives_the_aot_request():
   """experiments/configs/flm8b_pod.py: what `flmjax aot --config` compiles (the 8B compile
   itself is too slow for CI; experiments/RESULTS.md has its numbers)."""
   from flmjax.train.config import load_config_file
+
   path = str(ROOT / 'experiments' / 'configs' / 'flm8b_pod.py')
   tc = load_config_file(path, '/nonexistent/run')
   assert tc.init_from and tc.window == 4096 and tc.compute_dtype == 'bfloat16'
   assert [s.name for s in tc.stages] == ['asr_tts', 'duplex']
   req = make_request('v5p:4x4x4', 64, config=path)
-  assert (req.model, req.window, req.batch, req.fsdp, req.tensor, req.remat) == \
-      (ModelConfig.flm_8b(), 4096, 64, 64, 1, 'full')
+  assert (req.model, req.window, req.batch, req.fsdp, req.tensor, req.remat) == (
+    ModelConfig.flm_8b(),
+    4096,
+    64,
+    64,
+    1,
+    'full',
+  )
 
 
 @pytest.mark.slow
@@ -206,8 +281,10 @@ def test_lora_int8_step_reads_the_int8_base():
 
   from flmjax.model.lora import QUANTIZED
   from flmjax.train.state import state_spec
-  req = make_request('v5e:1x1', 1, preset='tiny', window=WINDOW, batch=2, lora_rank=8,
-                     base_dtype='int8')
+
+  req = make_request(
+    'v5e:1x1', 1, preset='tiny', window=WINDOW, batch=2, lora_rank=8, base_dtype='int8'
+  )
   record, compiled = compile_report(req, log=lambda *a: None)
   assert record['fits'] and record['base_dtype'] == 'int8'
   cfg = req.model
@@ -218,8 +295,10 @@ def test_lora_int8_step_reads_the_int8_base():
   entry = next(line for line in hlo.splitlines() if line.startswith('ENTRY'))
   from flmjax.aot.compile import abstract_mesh_for, topology_devices
   from flmjax.train.config import StageConfig, TrainConfig
-  tc = TrainConfig(model=cfg, stages=(StageConfig('a', 1, random_data=True),), run_dir='',
-                   lora=req.lora)
+
+  tc = TrainConfig(
+    model=cfg, stages=(StageConfig('a', 1, random_data=True),), run_dir='', lora=req.lora
+  )
   base = state_spec(tc, abstract_mesh_for(req, topology_devices(req.topology))).base
   for module, name, _ in QUANTIZED:
     shape = ','.join(map(str, base[module][name].shape))
@@ -229,12 +308,15 @@ def test_lora_int8_step_reads_the_int8_base():
   assert compile_report(bf16, log=lambda *a: None)[0]['args_gib'] > record['args_gib']
 
 
-@pytest.mark.parametrize('argv, match', [
+@pytest.mark.parametrize(
+  'argv, match',
+  [
     (['--base-dtype', 'int8'], '--base-dtype needs --lora-rank R'),
     (['--lora-targets', 'attn'], '--lora-targets needs --lora-rank R'),
     (['--lora-rank', '0'], 'LoRA: LoraConfig.rank is 0'),
     (['--lora-rank', '4', '--lora-targets', 'attn,ffn'], "unknown target 'ffn'"),
-])
+  ],
+)
 def test_cli_bad_lora_flags(argv, match, capsys):
   code = cli.main(['aot', '--topology', 'v5e:1x1', '--preset', 'tiny'] + argv)
   err = capsys.readouterr().err.strip().splitlines()

@@ -1,4 +1,5 @@
 """Memory-efficient causal attention (flmjax/model/attention.py) against the plain reference."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,8 +45,9 @@ def test_golden_parity_through_the_chunked_path(tiny_model, tiny_dir, monkeypatc
   r = dict(np.load(tiny_dir / 'forward.npz'))
   assert r['text'].shape[1] > 4
   monkeypatch.setattr(attention, 'BLOCK', 4)
-  out = nnx.jit(lambda m, *a: m(*a))(tiny_model, r['text'], r['speak'], r['listen'],
-                                     r['depth_tokens'][..., :-1])
+  out = nnx.jit(lambda m, *a: m(*a))(
+    tiny_model, r['text'], r['speak'], r['listen'], r['depth_tokens'][..., :-1]
+  )
   for name in ('hidden', 'text_logits', 'depth_logits'):
     ours, ref = np.asarray(getattr(out, name), np.float64), r[name]
     assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) < 1e-5, name

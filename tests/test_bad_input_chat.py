@@ -1,6 +1,7 @@
 """Bad-input probes of `flmjax chat` (issue 13 §2, issue 22): each bad WAV, codes file, flag or
 checkpoint gets one stderr line naming the file or flag and what to do, exit status 1; --out is
 checked before decoding, and an overflow keeps what was decoded."""
+
 import os
 
 import numpy as np
@@ -29,9 +30,14 @@ def wavs(tmp_path):
   return tmp_path
 
 
-@pytest.mark.parametrize('name, flags, message', [
-    ('stereo.wav', (), 'stereo.wav: 2 channels, but one speaker is needed; choose one with '
-                       '--channel N (0..1)'),
+@pytest.mark.parametrize(
+  'name, flags, message',
+  [
+    (
+      'stereo.wav',
+      (),
+      'stereo.wav: 2 channels, but one speaker is needed; choose one with --channel N (0..1)',
+    ),
     ('stereo.wav', ('--channel', '2'), 'channel 2 does not exist: the file has 2 channel(s)'),
     ('garbage.wav', (), 'garbage.wav: not a readable audio file'),
     ('empty.wav', (), 'empty.wav: the audio holds no samples'),
@@ -44,22 +50,45 @@ def wavs(tmp_path):
     ('stereo.wav', ('--overflow', 'wrap'), "argument --overflow: invalid choice: 'wrap'"),
     ('missing.wav', (), 'missing.wav: no such file'),
     ('song.mp3', (), "song.mp3: give codes as a .npy or audio as one of ('.wav', '.flac', '.ogg')"),
-    ('cut.wav', (), 'cut.wav: truncated WAV: its header says 15360 bytes of audio, the file holds '
-                    '12360'),
-], ids=['stereo', 'no_channel_2', 'garbage', 'empty', 'short', 'tail', 'max_len', 'channel',
-        'temp', 'top_p', 'overflow', 'missing', 'mp3', 'cut'])
+    (
+      'cut.wav',
+      (),
+      'cut.wav: truncated WAV: its header says 15360 bytes of audio, the file holds 12360',
+    ),
+  ],
+  ids=[
+    'stereo',
+    'no_channel_2',
+    'garbage',
+    'empty',
+    'short',
+    'tail',
+    'max_len',
+    'channel',
+    'temp',
+    'top_p',
+    'overflow',
+    'missing',
+    'mp3',
+    'cut',
+  ],
+)
 def test_chat_bad_wav_and_flags(capsys, tiny_dir, wavs, name, flags, message):
   assert message in chat_error(capsys, tiny_dir, wavs / name, *flags)
 
 
-@pytest.mark.parametrize('shape, message', [
+@pytest.mark.parametrize(
+  'shape, message',
+  [
     ((30, 8), 'codes of shape (30, 8) look transposed; save them as [8, frames] (codes.T)'),
     ((8, 0), 'the codes hold 0 frames'),
     ((8, 5, 2), 'expected codes of shape [8, frames], got (8, 5, 2)'),
     ('pad+1', 'codes must be integers in 0..2048 (PAD)'),
     ('float', 'codes must be integers in 0..2048 (PAD), got dtype float64'),
     ('truncated', 'not a readable .npy file (truncated or another format'),
-], ids=['transposed', 'empty', '3d', 'above_pad', 'float', 'truncated'])
+  ],
+  ids=['transposed', 'empty', '3d', 'above_pad', 'float', 'truncated'],
+)
 def test_chat_bad_codes(capsys, tiny_dir, tmp_path, shape, message):
   user = tmp_path / 'user.npy'
   if shape == 'pad+1':
@@ -73,25 +102,30 @@ def test_chat_bad_codes(capsys, tiny_dir, tmp_path, shape, message):
     np.save(user, np.zeros(shape, np.int32))
   line = chat_error(capsys, tiny_dir, user)
   assert str(user) in line and message in line
-  assert '--channel applies to an audio --user' in chat_error(capsys, tiny_dir, user, '--channel',
-                                                               '0')
+  assert '--channel applies to an audio --user' in chat_error(
+    capsys, tiny_dir, user, '--channel', '0'
+  )
 
 
 def test_chat_checkpoint_and_out_checked_before_decoding(capsys, tiny_dir, tmp_path):
   user = tmp_path / 'user.npy'
   np.save(user, np.zeros((8, 3), np.int32))
   (tmp_path / 'weights').mkdir()
-  (tmp_path / 'weights' / 'model.safetensors').write_bytes((tiny_dir / 'model.safetensors')
-                                                           .read_bytes())
+  (tmp_path / 'weights' / 'model.safetensors').write_bytes(
+    (tiny_dir / 'model.safetensors').read_bytes()
+  )
   line = chat_error(capsys, tmp_path / 'weights', user)
   assert 'safetensors weights without config.json; put the config.json' in line
   (tmp_path / 'empty').mkdir()
-  assert 'empty: neither an official checkpoint (config.json + safetensors) nor a training run' \
-      in chat_error(capsys, tmp_path / 'empty', user)
+  assert (
+    'empty: neither an official checkpoint (config.json + safetensors) nor a training run'
+    in chat_error(capsys, tmp_path / 'empty', user)
+  )
   assert os.listdir(tmp_path / 'empty') == []
   (tmp_path / 'taken').write_text('keep me')
-  rc, out, err = run(capsys, 'chat', '--checkpoint', tiny_dir, '--user', user, '--out',
-                     tmp_path / 'taken')
+  rc, out, err = run(
+    capsys, 'chat', '--checkpoint', tiny_dir, '--user', user, '--out', tmp_path / 'taken'
+  )
   assert rc == 1 and 'taken is a file; give a directory' in err
   assert out == '' and (tmp_path / 'taken').read_text() == 'keep me'  # nothing decoded
   done = tmp_path / 'done'
@@ -108,8 +142,10 @@ def test_chat_overflow_writes_what_was_decoded(capsys, tiny_dir, tmp_path):
   np.save(user, np.random.default_rng(0).integers(0, 2048, (8, 8)))
   out = tmp_path / 'out'
   line = chat_error(capsys, tiny_dir, user, '--max-len', '5', '--out', out, '--greedy')
-  assert 'reached --max-len 5 frames at user frame 5 of 8; raise --max-len or pass --overflow ' \
-         'slide; wrote the 4 model frames decoded so far to' in line
+  assert (
+    'reached --max-len 5 frames at user frame 5 of 8; raise --max-len or pass --overflow '
+    'slide; wrote the 4 model frames decoded so far to' in line
+  )
   assert np.load(out / 'model_codes.npy').shape == (8, 4)  # step 0 returns no frame
   assert np.load(out / 'text_ids.npy').shape == (4,)
 
@@ -119,22 +155,45 @@ def test_chat_stereo_with_a_channel_and_another_rate(capsys, tiny_dir, tmp_path)
   """The explicit choices work: --channel picks one channel (never an average), and a 48 kHz file
   is resampled to the codec's 24 kHz with soxr."""
   import soxr
+
   codec = ToyCodec()
   codes = np.random.default_rng(2).integers(0, 2048, (8, 3))
   wave = codec.decode(codes)
   soundfile.write(tmp_path / 's.wav', np.stack([np.zeros_like(wave), wave], 1), 24000)
-  rc, _, err = run(capsys, 'chat', '--checkpoint', tiny_dir, '--user', tmp_path / 's.wav',
-                   '--channel', '1', '--out', tmp_path / 'o1', '--greedy')
+  rc, _, err = run(
+    capsys,
+    'chat',
+    '--checkpoint',
+    tiny_dir,
+    '--user',
+    tmp_path / 's.wav',
+    '--channel',
+    '1',
+    '--out',
+    tmp_path / 'o1',
+    '--greedy',
+  )
   assert rc == 0, err
   soundfile.write(tmp_path / 'hi.wav', soxr.resample(wave, 24000, 48000, 'VHQ'), 48000)
-  rc, _, err = run(capsys, 'chat', '--checkpoint', tiny_dir, '--user', tmp_path / 'hi.wav',
-                   '--out', tmp_path / 'o2', '--greedy')
+  rc, _, err = run(
+    capsys,
+    'chat',
+    '--checkpoint',
+    tiny_dir,
+    '--user',
+    tmp_path / 'hi.wav',
+    '--out',
+    tmp_path / 'o2',
+    '--greedy',
+  )
   assert rc == 0, err
   from flmjax.data.audio import read_audio
+
   (right,) = read_audio(tmp_path / 's.wav', channel=1)
   np.testing.assert_array_equal(codec.encode(right), codes)
   (resampled,) = read_audio(tmp_path / 'hi.wav')
   assert resampled.shape == wave.shape
   np.testing.assert_array_equal(codec.encode(resampled), codes)
-  np.testing.assert_array_equal(np.load(tmp_path / 'o1' / 'text_ids.npy'),
-                                np.load(tmp_path / 'o2' / 'text_ids.npy'))
+  np.testing.assert_array_equal(
+    np.load(tmp_path / 'o1' / 'text_ids.npy'), np.load(tmp_path / 'o2' / 'text_ids.npy')
+  )

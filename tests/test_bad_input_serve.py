@@ -1,6 +1,7 @@
 """Bad-input probes of `flmjax client` and `flmjax serve`'s flags (issue 22): one stderr line that
 names the file or flag and what to do, exit status 1; the reply is never lost, a busy port is
 reported before anything loads."""
+
 import asyncio
 import contextlib
 import socket
@@ -30,15 +31,26 @@ def client(capsys, *args):
   return error_line(capsys, 'client', '--url', 'ws://127.0.0.1:9/api/chat', *args)
 
 
-@pytest.mark.parametrize('name, message', [
+@pytest.mark.parametrize(
+  'name, message',
+  [
     ('stereo.wav', '--in {d}/stereo.wav: 2 channels; give a mono WAV'),
-    ('empty.wav', '--in {d}/empty.wav: 0 ms of audio, shorter than one 80 ms frame; nothing to '
-                  'send'),
-    ('short.wav', '--in {d}/short.wav: 42 ms of audio, shorter than one 80 ms frame; nothing to '
-                  'send'),
-    ('cut.wav', '--in {d}/cut.wav: truncated WAV: its header says 15360 bytes of audio, the '
-                'file holds 11360; copy or export the file again'),
-], ids=['stereo', 'empty', 'short', 'cut'])
+    (
+      'empty.wav',
+      '--in {d}/empty.wav: 0 ms of audio, shorter than one 80 ms frame; nothing to send',
+    ),
+    (
+      'short.wav',
+      '--in {d}/short.wav: 42 ms of audio, shorter than one 80 ms frame; nothing to send',
+    ),
+    (
+      'cut.wav',
+      '--in {d}/cut.wav: truncated WAV: its header says 15360 bytes of audio, the '
+      'file holds 11360; copy or export the file again',
+    ),
+  ],
+  ids=['stereo', 'empty', 'short', 'cut'],
+)
 def test_client_bad_wav(capsys, wavs, name, message):
   # The url has no server: a WAV error comes first, before any connection.
   line = client(capsys, '--in', wavs / name, '--out', wavs / 'reply.wav')
@@ -47,10 +59,12 @@ def test_client_bad_wav(capsys, wavs, name, message):
 
 def test_client_out_checked_before_connecting(capsys, wavs):
   line = client(capsys, '--in', wavs / 'mono.wav', '--out', wavs / 'nope' / 'reply.wav')
-  assert f'--out {wavs}/nope/reply.wav: the folder {wavs}/nope does not exist; create it first' \
-      in line
-  assert 'is a directory; give a .wav file path' in client(capsys, '--in', wavs / 'mono.wav',
-                                                           '--out', wavs)
+  assert (
+    f'--out {wavs}/nope/reply.wav: the folder {wavs}/nope does not exist; create it first' in line
+  )
+  assert 'is a directory; give a .wav file path' in client(
+    capsys, '--in', wavs / 'mono.wav', '--out', wavs
+  )
   assert not (wavs / 'nope').exists()
 
 
@@ -58,8 +72,10 @@ def test_client_out_checked_before_connecting(capsys, wavs):
 def refusing(status: int):
   """A server on a free loopback port that answers every request with `status`, as `flmjax serve`
   does for a missing token (401) or when full (503)."""
+
   async def handle(request):
     return web.json_response({'error': 'refused'}, status=status)
+
   ready, stop, addr = threading.Event(), [], []
 
   def serve():
@@ -77,6 +93,7 @@ def refusing(status: int):
       ready.set()
       await stop[0]
       await runner.cleanup()
+
     loop.run_until_complete(body())
     loop.close()
 
@@ -95,8 +112,10 @@ def test_client_names_the_token_on_401(capsys, wavs, monkeypatch):
   run = ('client', '--in', wavs / 'mono.wav', '--out', wavs / 'reply.wav', '--no-pace')
   with refusing(401) as url:
     line = error_line(capsys, *run, '--url', url)
-    assert 'the server needs a bearer token (401 unauthorized): pass --token TOKEN or set ' \
-           '$FLMJAX_TOKEN' in line
+    assert (
+      'the server needs a bearer token (401 unauthorized): pass --token TOKEN or set '
+      '$FLMJAX_TOKEN' in line
+    )
     line = error_line(capsys, *run, '--url', url, '--token', 'wrong')
     assert 'the server refused the --token (401 unauthorized); check the token' in line
   with refusing(503) as url:
@@ -110,7 +129,9 @@ SERVE = ('serve', '--checkpoint', '/nonexistent/ckpt', '--mimi', '/nonexistent/m
 ANY_PORT = ('--port', '0')  # the port is bound first: never depend on 8990 being free
 
 
-@pytest.mark.parametrize('flags, message', [
+@pytest.mark.parametrize(
+  'flags, message',
+  [
     (('--idle-s', '-1'), '--idle-s -1 must be >= 0.08 (one 80 ms frame)'),
     (('--idle-s', 'nan'), '--idle-s nan must be >= 0.08'),
     (('--max-len', '0'), '--max-len 0 must be >= 1'),
@@ -123,10 +144,27 @@ ANY_PORT = ('--port', '0')  # the port is bound first: never depend on 8990 bein
     (('--temp-text', '-1'), '--temp-text -1.0: temperature must be >= 0'),
     (('--top-p-audio', '2'), '--top-p-audio 2.0: top_p must lie in [0, 1]'),
     (('--repetition-penalty-text', '0.5'), '--repetition-penalty-text 0.5: the official'),
-    (('--pallas',), '--pallas: the Pallas depth kernels compile for a GPU or a TPU, and this '
-                    'host runs on cpu'),
-], ids=['idle_negative', 'idle_nan', 'max_len', 'slots', 'port_negative', 'port_high',
-        'message_bytes', 'buffer_inf', 'queue', 'temp', 'top_p', 'penalty', 'pallas_on_cpu'])
+    (
+      ('--pallas',),
+      '--pallas: the Pallas depth kernels compile for a GPU or a TPU, and this host runs on cpu',
+    ),
+  ],
+  ids=[
+    'idle_negative',
+    'idle_nan',
+    'max_len',
+    'slots',
+    'port_negative',
+    'port_high',
+    'message_bytes',
+    'buffer_inf',
+    'queue',
+    'temp',
+    'top_p',
+    'penalty',
+    'pallas_on_cpu',
+  ],
+)
 def test_serve_numeric_flags(capsys, flags, message):
   # The checkpoint does not exist: the flag error comes first, before any loading.
   line = error_line(capsys, *SERVE, *ANY_PORT, *flags)
@@ -140,8 +178,10 @@ def test_serve_busy_port_fails_before_loading(capsys):
     port = taken.getsockname()[1]
     line = error_line(capsys, *SERVE, '--port', port)
   # The checkpoint is missing too: the port is what failed, so nothing was loaded first.
-  assert f'--host 127.0.0.1 --port {port}: cannot listen: the port is in use (another server?); ' \
-         'pass another --port' in line
+  assert (
+    f'--host 127.0.0.1 --port {port}: cannot listen: the port is in use (another server?); '
+    'pass another --port' in line
+  )
   line = error_line(capsys, *SERVE, *ANY_PORT, '--host', 'no-such-host.invalid')
   assert '--host no-such-host.invalid: cannot resolve it' in line
   # A free port: binding succeeds, then the missing checkpoint is reported (and the port freed).
@@ -151,8 +191,10 @@ def test_serve_busy_port_fails_before_loading(capsys):
 
 # ---- smaller surfaces: aot --mesh, load_mimi, the model's positions --------------------------
 
+
 def test_aot_mesh_sizes_must_be_positive():
   from flmjax.aot.request import AotError, parse_mesh
+
   for text in ('fsdp=0', 'tensor=0', 'fsdp=4,tensor=-2'):
     with pytest.raises(AotError, match=r'mesh sizes must be >= 1'):
       parse_mesh(text)
@@ -168,8 +210,12 @@ def test_aot_cli_mesh_zero(capsys):
 
 def test_load_mimi_blames_num_codebooks(golden_dir):
   from flmjax.codec import load_mimi
-  with pytest.raises(ValueError, match=r'load_mimi: num_codebooks=99 is more than the 8 codebooks '
-                                       r'of .*mimi_small.*; pass 1..8'):
+
+  with pytest.raises(
+    ValueError,
+    match=r'load_mimi: num_codebooks=99 is more than the 8 codebooks '
+    r'of .*mimi_small.*; pass 1..8',
+  ):
     load_mimi(str(golden_dir / 'mimi_small'), num_codebooks=99)
   with pytest.raises(ValueError, match=r'load_mimi: num_codebooks=0 must be an integer >= 1'):
     load_mimi(str(golden_dir / 'mimi_small'), num_codebooks=0)
@@ -180,16 +226,21 @@ def test_model_rejects_more_frames_than_positions(tiny_model):
   limit = tiny_model.cfg.max_position_embeddings
   t = limit + 1
   text, codes = np.zeros((1, t), np.int32), np.zeros((1, t, 8), np.int32)
-  with pytest.raises(ValueError, match=f'FLMAudio: {t} frames exceed max_position_embeddings '
-                                       f'{limit}; split the sequence into windows'):
+  with pytest.raises(
+    ValueError,
+    match=f'FLMAudio: {t} frames exceed max_position_embeddings '
+    f'{limit}; split the sequence into windows',
+  ):
     tiny_model(text, codes, codes)
   short = np.zeros((1, 2), np.int32), np.zeros((1, 2, 8), np.int32)
-  with pytest.raises(ValueError, match=f'FLMAudio: positions holds {limit}, outside '
-                                       f'0..{limit - 1}'):
+  with pytest.raises(
+    ValueError, match=f'FLMAudio: positions holds {limit}, outside 0..{limit - 1}'
+  ):
     tiny_model(short[0], short[1], short[1], positions=np.array([[0, limit]]))
 
 
 # ---- serve: a corrupted page, an over-size message ----------------------------------------
+
 
 def _corrupt_payload(message: bytes) -> bytes:
   """One Ogg page's audio bytes flipped, its header (and CRC field) kept: what a broken client or
@@ -210,10 +261,14 @@ def test_serve_closes_corrupted_and_oversized_sessions_with_a_reason(serve_pipel
   from flmjax.serve import protocol
   from flmjax.serve.server import Server
   from flmjax.serve.session import Limits
-  server = Server(serve_pipeline, sampling=SamplingConfig(greedy=True),
-                  limits=Limits(max_message_bytes=4096, idle_s=60))
+
+  server = Server(
+    serve_pipeline,
+    sampling=SamplingConfig(greedy=True),
+    limits=Limits(max_message_bytes=4096, idle_s=60),
+  )
   writer, pcm = protocol.OpusWriter(), voice(7, 6)
-  messages = [b'\x01' + writer.encode(pcm[i * FRAME:(i + 1) * FRAME]) for i in range(6)]
+  messages = [b'\x01' + writer.encode(pcm[i * FRAME : (i + 1) * FRAME]) for i in range(6)]
 
   async def session(url, sends):
     async with aiohttp.ClientSession() as http:
@@ -250,11 +305,12 @@ def test_opus_reader_checks_pages_and_pcm():
   from serve_harness import voice
 
   from flmjax.serve import protocol
+
   writer, pcm = protocol.OpusWriter(), voice(3, 4)
-  pages = [writer.encode(pcm[i * FRAME:(i + 1) * FRAME]) for i in range(4)]
+  pages = [writer.encode(pcm[i * FRAME : (i + 1) * FRAME]) for i in range(4)]
   reader = protocol.OpusReader()
   blob = b''.join(pages)
-  out = [reader.decode(blob[i:i + 97]) for i in range(0, len(blob), 97)]  # pages split anyhow
+  out = [reader.decode(blob[i : i + 97]) for i in range(0, len(blob), 97)]  # pages split anyhow
   assert sum(o.size for o in out) == sum(protocol.OpusReader().decode(p).size for p in pages)
   reader = protocol.OpusReader()
   reader.decode(pages[0])
@@ -262,6 +318,5 @@ def test_opus_reader_checks_pages_and_pcm():
     reader.decode(_corrupt_payload(pages[1]))
   # The CRC itself, against the Ogg spec's: a page with its CRC field zeroed hashes to it.
   message = pages[2]  # one or more pages: take the first
-  page = message[:27 + message[26] + sum(message[27:27 + message[26]])]
-  assert protocol.ogg_crc(page[:22] + bytes(4) + page[26:]) == int.from_bytes(page[22:26],
-                                                                              'little')
+  page = message[: 27 + message[26] + sum(message[27 : 27 + message[26]])]
+  assert protocol.ogg_crc(page[:22] + bytes(4) + page[26:]) == int.from_bytes(page[22:26], 'little')

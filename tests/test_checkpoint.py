@@ -1,4 +1,5 @@
 """Issue 2: official checkpoint layout in and out, its errors, and sharded loading."""
+
 import json
 import os
 import shutil
@@ -50,15 +51,18 @@ def test_round_trip_is_bit_identical(tiny_model, tiny_dir, tmp_path):
   ours = st.read_header(os.path.join(out, 'model.safetensors'))
   golden = st.read_header(str(tiny_dir / 'model.safetensors'))
   assert {k: (i.shape, i.dtype) for k, i in ours.items()} == {
-      k: (i.shape, i.dtype) for k, i in golden.items()}
+    k: (i.shape, i.dtype) for k, i in golden.items()
+  }
   assert json.loads(open(os.path.join(out, 'config.json')).read()) == {
-      **json.loads((tiny_dir / 'config.json').read_text()),
-      'architectures': ['FLMAudioForCausalLM']}
+    **json.loads((tiny_dir / 'config.json').read_text()),
+    'architectures': ['FLMAudioForCausalLM'],
+  }
 
 
 def test_export_loads_in_torch_with_the_official_keys(tiny_model, tiny_dir, tmp_path):
   """A strict load_state_dict needs exactly the official keys, shapes and dtypes."""
   import safetensors.torch as torch_st  # the [test] extra installs torch and safetensors
+
   out = flmjax.save_official(tiny_model, str(tmp_path / 'export'))
   ours = torch_st.load_file(os.path.join(out, 'model.safetensors'))
   ref = torch_st.load_file(str(tiny_dir / 'model.safetensors'))
@@ -69,8 +73,9 @@ def test_export_loads_in_torch_with_the_official_keys(tiny_model, tiny_dir, tmp_
 
 
 def test_sharded_bf16_save_with_index(tiny_model, tmp_path):
-  out = flmjax.save_official(tiny_model, str(tmp_path / 'bf16'), dtype='bfloat16',
-                             max_shard_bytes=2**20)
+  out = flmjax.save_official(
+    tiny_model, str(tmp_path / 'bf16'), dtype='bfloat16', max_shard_bytes=2**20
+  )
   names = sorted(os.listdir(out))
   index = json.loads(open(os.path.join(out, 'model.safetensors.index.json')).read())
   shards = sorted(set(index['weight_map'].values()))
@@ -93,6 +98,7 @@ def test_save_refuses_to_overwrite_and_is_atomic(tiny_model, tmp_path, monkeypat
   def crash(path, specs, produce):
     calls.append(path)
     raise OSError('disk full')
+
   monkeypatch.setattr(st, 'write_file', crash)
   with pytest.raises(OSError, match='disk full'):
     flmjax.save_official(tiny_model, str(tmp_path / 'crashed'))
@@ -120,25 +126,36 @@ def test_missing_keys_are_listed(tmp_path, golden_tensors, golden_config):
 
 
 def test_unexpected_keys_are_listed(tmp_path, golden_tensors, golden_config):
-  path = _broken(tmp_path, golden_tensors, golden_config,
-                 add={'model.rotary_emb.inv_freq': np.zeros(8, np.float32)})
-  with pytest.raises(flmjax.CheckpointError, match=r"unexpected keys.*model\.rotary_emb\.inv_freq"):
+  path = _broken(
+    tmp_path,
+    golden_tensors,
+    golden_config,
+    add={'model.rotary_emb.inv_freq': np.zeros(8, np.float32)},
+  )
+  with pytest.raises(flmjax.CheckpointError, match=r'unexpected keys.*model\.rotary_emb\.inv_freq'):
     flmjax.load_official(str(path))
 
 
 def test_shape_mismatch_names_key_expected_and_found(tmp_path, golden_tensors, golden_config):
-  path = _broken(tmp_path, golden_tensors, golden_config,
-                 reshape={'model.layers.1.mlp.up_proj.weight': (161, 64)})
-  with pytest.raises(flmjax.CheckpointError,
-                     match=r'model\.layers\.1\.mlp\.up_proj\.weight: expected \(160, 64\), '
-                           r'found \(161, 64\)'):
+  path = _broken(
+    tmp_path,
+    golden_tensors,
+    golden_config,
+    reshape={'model.layers.1.mlp.up_proj.weight': (161, 64)},
+  )
+  with pytest.raises(
+    flmjax.CheckpointError,
+    match=r'model\.layers\.1\.mlp\.up_proj\.weight: expected \(160, 64\), '
+    r'found \(161, 64\)',
+  ):
     flmjax.load_official(str(path))
 
 
 def test_config_and_weights_disagree(tmp_path, golden_tensors, golden_config):
   path = _broken(tmp_path, golden_tensors, golden_config, config={'num_hidden_layers': 3})
-  with pytest.raises(flmjax.CheckpointError,
-                     match=r'config\.json and the weights disagree(.|\n)*model\.layers\.2\.'):
+  with pytest.raises(
+    flmjax.CheckpointError, match=r'config\.json and the weights disagree(.|\n)*model\.layers\.2\.'
+  ):
     flmjax.load_official(str(path))
 
 
@@ -147,7 +164,7 @@ def test_truncated_safetensors(tmp_path, tiny_dir):
   shutil.copytree(tiny_dir, dst)
   f = dst / 'model.safetensors'
   data = f.read_bytes()
-  f.write_bytes(data[:len(data) // 2])
+  f.write_bytes(data[: len(data) // 2])
   with pytest.raises(flmjax.CorruptCheckpointError, match=r'model\.safetensors: truncated'):
     flmjax.load_official(str(dst))
   f.write_bytes(data[:4])
@@ -183,8 +200,9 @@ def test_sharded_load_places_by_rules_and_matches(tiny_dir, tiny_model):
     assert value.sharding.spec == want, path
     ref = np.asarray(flat_params(tiny_model)[path])  # padded for tensor=1: vocab 384, not 512
     value = np.asarray(value)
-    np.testing.assert_array_equal(value[tuple(slice(0, n) for n in ref.shape)], ref,
-                                  err_msg=str(path))
+    np.testing.assert_array_equal(
+      value[tuple(slice(0, n) for n in ref.shape)], ref, err_msg=str(path)
+    )
     for axis, n in enumerate(ref.shape):  # the rest is padding: zeros
       assert not np.any(np.take(value, np.arange(n, value.shape[axis]), axis=axis)), path
   # e.g. q [L,D,N,H] = ('layers','embed','q_heads','head_dim') -> (None,'fsdp','tensor',None).
@@ -192,16 +210,20 @@ def test_sharded_load_places_by_rules_and_matches(tiny_dir, tiny_model):
   assert sharded.backbone.q[...].sharding.spec == want
   r = np.load(tiny_dir / 'forward.npz')
   # Batch 4 so that it splits over data x fsdp.
-  args = tuple(np.concatenate([a, a[::-1]]) for a in
-               (r['text'], r['speak'], r['listen'], r['depth_tokens'][..., :-1]))
+  args = tuple(
+    np.concatenate([a, a[::-1]])
+    for a in (r['text'], r['speak'], r['listen'], r['depth_tokens'][..., :-1])
+  )
   ref = tiny_model(*args)
 
   @nnx.jit
   def fwd(m, *a):
     return m(*a)
+
   batch = shd.batch_sharding(mesh, 2)
   out = fwd(sharded, *[jax.device_put(a, shd.batch_sharding(mesh, a.ndim)) for a in args])
   assert batch.spec[0] == ('data', 'fsdp')
   for name in ('hidden', 'text_logits', 'depth_logits'):
-    np.testing.assert_allclose(np.asarray(getattr(out, name)), np.asarray(getattr(ref, name)),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+      np.asarray(getattr(out, name)), np.asarray(getattr(ref, name)), rtol=1e-5, atol=1e-5
+    )

@@ -1,4 +1,5 @@
 """The `flmjax` command line: dispatch, help, and errors that name the problem."""
+
 from flmjax import cli
 
 
@@ -26,12 +27,26 @@ def test_old_flag_spellings_still_work(capsys, tmp_path):
   into the same option, so existing scripts keep working. Each call stops at a check that runs
   after parsing: only a parsed flag reaches it."""
   nope = str(tmp_path / 'nope.py')
-  for argv in (['train', '--config', nope, '--run_dir', str(tmp_path), '--noprogress',
-                '--init_from', str(tmp_path), '--coordinator_address', 'h:1',
-                '--num_processes', '2', '--process_id', '0'],
-               ['train', '--config', nope, '--run-dir', str(tmp_path), '--no-progress',
-                '--progress'],
-               ['main', '--config', nope, '--run_dir', str(tmp_path)]):
+  for argv in (
+    [
+      'train',
+      '--config',
+      nope,
+      '--run_dir',
+      str(tmp_path),
+      '--noprogress',
+      '--init_from',
+      str(tmp_path),
+      '--coordinator_address',
+      'h:1',
+      '--num_processes',
+      '2',
+      '--process_id',
+      '0',
+    ],
+    ['train', '--config', nope, '--run-dir', str(tmp_path), '--no-progress', '--progress'],
+    ['main', '--config', nope, '--run_dir', str(tmp_path)],
+  ):
     assert cli.main(argv) == 1
     assert 'nope.py not found' in capsys.readouterr().err, argv
   for flag in ('--stop_after', '--stop-after'):  # the same option: its own check names it

@@ -1,4 +1,5 @@
 """Mimi in JAX against the official fixtures (golden/mimi_small, golden/mimi), float32 on CPU."""
+
 import json
 
 import numpy as np
@@ -33,7 +34,7 @@ def stream_encode(mimi, pcm, state=None):
   state = mimi.init_stream(pcm.shape[0]) if state is None else state
   codes = []
   for f in range(pcm.shape[1] // FRAME):
-    state, c = mimi.encode_step(state, pcm[:, f * FRAME:(f + 1) * FRAME])
+    state, c = mimi.encode_step(state, pcm[:, f * FRAME : (f + 1) * FRAME])
     codes.append(np.asarray(c))
   return np.stack(codes, -1), state
 
@@ -67,6 +68,7 @@ def test_every_parameter_has_logical_axes(small):
   import jax
 
   from flmjax import sharding
+
   mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
   leaves = jax.tree.leaves(small.params)
   axes = jax.tree.leaves(small.axes, is_leaf=lambda a: isinstance(a, tuple))
@@ -100,7 +102,7 @@ def test_stream_parity(small, fixture):
 
 def test_stream_equals_batch_within_context(small, fixture):
   frames = small.cfg.context // small.cfg.resample_stride  # 16 frames = 32 steps at 25 Hz
-  pcm = fixture['pcm'][None, :frames * FRAME]
+  pcm = fixture['pcm'][None, : frames * FRAME]
   codes, _ = stream_encode(small, pcm)
   np.testing.assert_array_equal(codes, np.asarray(small.encode(pcm)))
   decoded, _ = stream_decode(small, fixture['codes'][:, :, :frames])
@@ -110,29 +112,30 @@ def test_stream_equals_batch_within_context(small, fixture):
 
 def test_sessions_are_independent(small, fixture):
   pcm = fixture['pcm']
-  sessions = np.stack([pcm[:20 * FRAME], pcm[30 * FRAME:50 * FRAME],
-                       0.5 * pcm[5 * FRAME:25 * FRAME]])  # [3,T]
+  sessions = np.stack(
+    [pcm[: 20 * FRAME], pcm[30 * FRAME : 50 * FRAME], 0.5 * pcm[5 * FRAME : 25 * FRAME]]
+  )  # [3,T]
   codes, _ = stream_encode(small, sessions)
   decoded, _ = stream_decode(small, codes)
   for b in range(3):
-    one_codes, _ = stream_encode(small, sessions[b:b + 1])
-    np.testing.assert_array_equal(codes[b:b + 1], one_codes)
+    one_codes, _ = stream_encode(small, sessions[b : b + 1])
+    np.testing.assert_array_equal(codes[b : b + 1], one_codes)
     one_pcm, _ = stream_decode(small, one_codes)
-    assert rel(decoded[b:b + 1], one_pcm) <= 1e-5
+    assert rel(decoded[b : b + 1], one_pcm) <= 1e-5
   assert (codes[0] != codes[1]).any()
 
 
 def test_reset_slots(small, fixture):
   pcm = fixture['pcm']
-  a, b = pcm[:24 * FRAME], pcm[24 * FRAME:48 * FRAME]
+  a, b = pcm[: 24 * FRAME], pcm[24 * FRAME : 48 * FRAME]
   # Slot 0 plays a[:12] then restarts on b; slot 1 plays a without interruption.
-  first, state = stream_encode(small, np.stack([a[:12 * FRAME], a[:12 * FRAME]]))
+  first, state = stream_encode(small, np.stack([a[: 12 * FRAME], a[: 12 * FRAME]]))
   dec_first, state = stream_decode(small, first, state)
   state = small.reset_slots(state, np.array([True, False]))
-  second, state = stream_encode(small, np.stack([b[:12 * FRAME], a[12 * FRAME:]]), state)
+  second, state = stream_encode(small, np.stack([b[: 12 * FRAME], a[12 * FRAME :]]), state)
   dec_second, _ = stream_decode(small, second, state)
 
-  fresh_b, _ = stream_encode(small, b[None, :12 * FRAME])
+  fresh_b, _ = stream_encode(small, b[None, : 12 * FRAME])
   np.testing.assert_array_equal(second[0], fresh_b[0])
   whole_a, _ = stream_encode(small, a[None])
   np.testing.assert_array_equal(np.concatenate([first[1], second[1]], -1), whole_a[0])
@@ -145,8 +148,9 @@ def test_reset_slots(small, fixture):
 def write_checkpoint(directory, state_dict, config_json):
   directory.mkdir(exist_ok=True)
   path = directory / 'mimi.safetensors'
-  safetensors_io.write_file(str(path), [(k, np.float32, v.shape) for k, v in state_dict.items()],
-                            state_dict.__getitem__)
+  safetensors_io.write_file(
+    str(path), [(k, np.float32, v.shape) for k, v in state_dict.items()], state_dict.__getitem__
+  )
   (directory / 'config.json').write_text(config_json)
   return path
 
@@ -183,13 +187,16 @@ def test_checkpoint_errors(tmp_path, golden_dir):
   shaped = dict(good)
   shaped['downsample.conv.conv.conv.weight'] = np.zeros((64, 64, 3), np.float32)
   write_checkpoint(tmp_path / 'shaped', shaped, config_json)
-  with pytest.raises(MimiCheckpointError, match=r"downsample.*shape \(64, 64, 3\), expected "
-                                               r"\(64, 64, 4\)"):
+  with pytest.raises(
+    MimiCheckpointError,
+    match=r'downsample.*shape \(64, 64, 3\), expected '
+    r'\(64, 64, 4\)',
+  ):
     load_mimi(str(tmp_path / 'shaped'))
 
   path = write_checkpoint(tmp_path / 'cut', good, config_json)
   data = path.read_bytes()
-  path.write_bytes(data[:len(data) - 1000])
+  path.write_bytes(data[: len(data) - 1000])
   with pytest.raises(MimiCheckpointError, match='truncated'):
     load_mimi(str(path))
 

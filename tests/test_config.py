@@ -1,4 +1,5 @@
 """Issue 2: ModelConfig, presets, and the official config.json format."""
+
 import dataclasses
 import json
 
@@ -10,8 +11,10 @@ from flmjax import ModelConfig
 
 @pytest.fixture(scope='module')
 def configs(golden_dir):
-  return {name: json.loads((golden_dir / name / 'config.json').read_text())
-          for name in ('flm_tiny', 'flm_8b')}
+  return {
+    name: json.loads((golden_dir / name / 'config.json').read_text())
+    for name in ('flm_tiny', 'flm_8b')
+  }
 
 
 @pytest.mark.parametrize('name', ['flm_tiny', 'flm_8b'])
@@ -24,8 +27,10 @@ def test_official_config_round_trip(configs, name):
 
 def test_presets_equal_the_official_configs(configs):
   assert ModelConfig.from_official(configs['flm_tiny'], dtype='float32') == ModelConfig.tiny()
-  assert ModelConfig.from_official(configs['flm_8b'], dtype='bfloat16',
-                                   param_dtype='bfloat16') == ModelConfig.flm_8b()
+  assert (
+    ModelConfig.from_official(configs['flm_8b'], dtype='bfloat16', param_dtype='bfloat16')
+    == ModelConfig.flm_8b()
+  )
 
 
 def test_delays_and_grid_offsets():
@@ -38,18 +43,33 @@ def test_delays_and_grid_offsets():
   assert ModelConfig.small().embed_scale == 1.0 and cfg.embed_scale == 1.5
 
 
-@pytest.mark.parametrize('edit, message', [
+@pytest.mark.parametrize(
+  'edit, message',
+  [
     ({'rope_dims': 3}, r"unknown field\(s\) \['rope_dims'\]"),
     ({'attention_bias': False}, r"field 'attention_bias' is False"),
     ({'head_dim': 32}, r"field 'head_dim' 32 times num_attention_heads 4 != hidden_size 64"),
-    ({'aud_depthgpt': {'n_embd': 32, 'n_head': 4, 'n_layer': 2, 'use_swiglu': False}},
-     r"aud_depthgpt.'use_swiglu'"),
+    (
+      {'aud_depthgpt': {'n_embd': 32, 'n_head': 4, 'n_layer': 2, 'use_swiglu': False}},
+      r"aud_depthgpt.'use_swiglu'",
+    ),
     ({'rope_scaling': {'rope_type': 'yarn'}}, r"field 'rope_scaling'"),
-    ({'mm_token_info': {'aud_pad_token_id': 2048, 'aud_emp_token_id': 2049}},
-     r"mm_token_info.'text_wait_token_id'"),
-    ({'mm_token_info': {'aud_pad_token_id': 2048, 'aud_emp_token_id': 2049,
-                        'text_wait_token_id': 999}}, r'text_wait_id: 999 is outside'),
-])
+    (
+      {'mm_token_info': {'aud_pad_token_id': 2048, 'aud_emp_token_id': 2049}},
+      r"mm_token_info.'text_wait_token_id'",
+    ),
+    (
+      {
+        'mm_token_info': {
+          'aud_pad_token_id': 2048,
+          'aud_emp_token_id': 2049,
+          'text_wait_token_id': 999,
+        }
+      },
+      r'text_wait_id: 999 is outside',
+    ),
+  ],
+)
 def test_bad_config_names_the_field(configs, edit, message):
   with pytest.raises(flmjax.ConfigError, match=message):
     ModelConfig.from_official({**configs['flm_tiny'], **edit})

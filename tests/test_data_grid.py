@@ -1,4 +1,5 @@
 """The delayed grid: delays, initial column, weights, un-delay (also against the official LMGen)."""
+
 import numpy as np
 import pytest
 
@@ -29,10 +30,10 @@ def test_delays_place_every_frame():
   assert tokens.shape == (17, 12) and tokens.dtype == np.int32
   frames = np.concatenate([text[None], speak, listen])
   for c, off in enumerate(CFG.grid_offsets):
-    np.testing.assert_array_equal(tokens[c, off:off + 10], frames[c])
+    np.testing.assert_array_equal(tokens[c, off : off + 10], frames[c])
     # before the channel's first frame: WAIT (text) / PAD (audio)
     assert (tokens[c, :off] == (WAIT if c == 0 else PAD)).all()
-    assert (tokens[c, off + 10:] == (WAIT if c == 0 else PAD)).all()
+    assert (tokens[c, off + 10 :] == (WAIT if c == 0 else PAD)).all()
 
 
 def test_initial_column():

@@ -1,4 +1,5 @@
 """Natural-monologue layout on hand-made cases: every token and WAIT position, push, cut."""
+
 import numpy as np
 import pytest
 
@@ -48,8 +49,9 @@ def test_push_accumulates_lead():
   sentences = [(4, 8, [1, 2, 3, 4, 5, 6]), (6, 7, [7]), (9, 12, [8, 9])]
   text, pushed, cut = layout_monologue(sentences, 16, 'lead', 0, W)
   # 1..6 at 4..9; [7] wanted 6 -> 10 (push 4); [8, 9] wanted 9 -> 11 (push 2).
-  np.testing.assert_array_equal(text, expect(16, {4: 1, 5: 2, 6: 3, 7: 4, 8: 5, 9: 6, 10: 7,
-                                                  11: 8, 12: 9}))
+  np.testing.assert_array_equal(
+    text, expect(16, {4: 1, 5: 2, 6: 3, 7: 4, 8: 5, 9: 6, 10: 7, 11: 8, 12: 9})
+  )
   assert (pushed, cut) == (6, 0)
 
 

@@ -1,4 +1,5 @@
 """grain pipeline: prepare -> grain -> batch equals building directly; resume; shards; mixture."""
+
 import collections
 import json
 
@@ -29,8 +30,9 @@ BIG = 128  # longer than any synthetic sample's grid: windows start at column 0
 @pytest.fixture(scope='module')
 def corpus(tmp_path_factory):
   root = tmp_path_factory.mktemp('corpus')
-  paths = synthetic.generate(str(root / 'syn'), seed=1, num_tts_asr=24, num_duplex=24,
-                             num_heldout=4)
+  paths = synthetic.generate(
+    str(root / 'syn'), seed=1, num_tts_asr=24, num_duplex=24, num_heldout=4
+  )
   tok = load_tokenizer(paths['tokenizer'])
   for name in ('tts_asr', 'duplex'):
     paths[f'{name}_prepared'] = str(root / name)
@@ -46,13 +48,19 @@ def direct_grids(paths, name, mode, offset=0, speech_stream='speak', window=BIG)
     codes = {s: np.load(p) for s, p in entry.codes.items()}
     frames = next(iter(codes.values())).shape[1]
     speaker = 'model'
-    sentences = [(s.start_frame, s.end_frame, paths['tok'].encode(s.text))
-                 for s in entry.segments if s.speaker == speaker]
+    sentences = [
+      (s.start_frame, s.end_frame, paths['tok'].encode(s.text))
+      for s in entry.segments
+      if s.speaker == speaker
+    ]
     # text past the audio extends the sample (up to one window) with PAD audio
-    text, _, _ = layout_monologue(sentences, frames, mode, offset, CFG.text_wait_id,
-                                  max_frames=frames + window)
-    codes = {s: np.pad(c, ((0, 0), (0, len(text) - frames)), constant_values=CFG.audio_pad_id)
-             for s, c in codes.items()}
+    text, _, _ = layout_monologue(
+      sentences, frames, mode, offset, CFG.text_wait_id, max_frames=frames + window
+    )
+    codes = {
+      s: np.pad(c, ((0, 0), (0, len(text) - frames)), constant_values=CFG.audio_pad_id)
+      for s, c in codes.items()
+    }
     if entry.kind == 'duplex':
       speak, listen = codes['model'], codes['user']
     else:
@@ -122,7 +130,7 @@ def find_window(full, tokens, weights, window):
   edges (a window hanging over an end of the grid trains only its own targets)."""
   for i, (t, w) in enumerate(full):
     for s in range(BIG - window + 1):
-      if (t[:, s:s + window] == tokens).all():
+      if (t[:, s : s + window] == tokens).all():
         kept = weights.any(0).nonzero()[0]  # target columns the window trains
         assert (weights[:, 0] == 0).all() and len(kept)
         assert (kept == np.arange(kept[0], kept[-1] + 1)).all(), 'masked columns not at the edges'
@@ -146,8 +154,9 @@ def test_long_records_yield_a_window_per_window_length(corpus):
   want = windows_per_record(columns, w)
   assert want.min() >= 3  # every sample is longer than 2 windows
   it = loader(corpus, [SourceSpec(corpus['duplex_prepared'])], window=w, batch_size=1)
-  got = collections.Counter(find_window(full, t, wt, w)[0]
-                            for t, wt in rows(next(it) for _ in range(int(want.sum()))))
+  got = collections.Counter(
+    find_window(full, t, wt, w)[0] for t, wt in rows(next(it) for _ in range(int(want.sum())))
+  )
   assert got == collections.Counter(dict(enumerate(want)))
 
 
@@ -168,7 +177,7 @@ def test_every_target_is_trained_about_once_per_epoch():
   data = rec_lib.encode_record(record)
   for k in range(epochs * n):
     out = make(data, np.random.default_rng(k))
-    (start,) = [s for s in range(size - w + 1) if (grid[:, s:s + w] == out['tokens']).all()]
+    (start,) = [s for s in range(size - w + 1) if (grid[:, s : s + w] == out['tokens']).all()]
     trained[start + out['weights'].any(0).nonzero()[0]] += 1
   expected = n * (w - 1) / (size + w - 3)
   assert 1 <= expected < 1.5
@@ -179,8 +188,10 @@ def test_every_target_is_trained_about_once_per_epoch():
 
 
 def test_deterministic_and_resume(corpus):
-  specs = [SourceSpec(corpus['duplex_prepared']), SourceSpec(corpus['tts_asr_prepared'],
-                                                             layout='mixed')]
+  specs = [
+    SourceSpec(corpus['duplex_prepared']),
+    SourceSpec(corpus['tts_asr_prepared'], layout='mixed'),
+  ]
   a = loader(corpus, specs, window=32, seed=5)
   first = [next(a) for _ in range(5)]  # crosses an epoch of each source
   state = a.get_state()
@@ -208,8 +219,10 @@ def test_each_host_reads_its_own_shard(corpus):
 
 
 def test_mixture_weights(corpus):
-  specs = [SourceSpec(corpus['duplex_prepared'], weight=3.0),
-           SourceSpec(corpus['tts_asr_prepared'], weight=1.0)]
+  specs = [
+    SourceSpec(corpus['duplex_prepared'], weight=3.0),
+    SourceSpec(corpus['tts_asr_prepared'], weight=1.0),
+  ]
   it = loader(corpus, specs)
   got = [t for t, _ in rows(next(it) for _ in range(8))]  # 64 rows
   duplex = sum((t[9:] != CFG.audio_pad_id).any() for t in got)  # tts_asr on speak: listen all PAD
@@ -237,21 +250,27 @@ def test_trailing_text_extends_audio_without_trailing_silence(corpus, tmp_path):
   frames, text = 10, 'what is two plus three'
   codes = np.random.default_rng(3).integers(0, 2048, (8, frames))
   np.save(tmp_path / 'u.npy', codes)
-  line = {'id': 'u', 'kind': 'tts_asr', 'codes': {'model': 'u.npy'},
-          'segments': [{'speaker': 'model', 'start': 0.0, 'end': frames / 12.5, 'text': text}]}
+  line = {
+    'id': 'u',
+    'kind': 'tts_asr',
+    'codes': {'model': 'u.npy'},
+    'segments': [{'speaker': 'model', 'start': 0.0, 'end': frames / 12.5, 'text': text}],
+  }
   (tmp_path / 'm.jsonl').write_text(json.dumps(line) + '\n')
-  prepare(str(tmp_path / 'm.jsonl'), str(tmp_path / 'prep'), corpus['tok'], strict=True,
-          progress=False)
+  prepare(
+    str(tmp_path / 'm.jsonl'), str(tmp_path / 'prep'), corpus['tok'], strict=True, progress=False
+  )
   ids = corpus['tok'].encode(text)
   offset = 1  # text starts at frame 11 and ends at frame 10 + len(ids): all past the audio
   for stream in ('listen', 'speak'):
-    spec = SourceSpec(str(tmp_path / 'prep'), layout='trail', offset_frames=offset,
-                      speech_stream=stream)
+    spec = SourceSpec(
+      str(tmp_path / 'prep'), layout='trail', offset_frames=offset, speech_stream=stream
+    )
     batch = next(loader(corpus, [spec], batch_size=1))
     tokens, weights = batch['tokens'][0], batch['weights'][0]
     text_frames = tokens[0, 1:]  # text frame f sits at column f + 1
-    np.testing.assert_array_equal(text_frames[frames + offset:frames + offset + len(ids)], ids)
-    assert (weights[0, frames + offset + 1:frames + offset + 1 + len(ids)] == 1.0).all()
+    np.testing.assert_array_equal(text_frames[frames + offset : frames + offset + len(ids)], ids)
+    assert (weights[0, frames + offset + 1 : frames + offset + 1 + len(ids)] == 1.0).all()
     grown = frames + offset + len(ids)  # frames of the extended sample
     assert batch['extended_frames'][0] == grown - frames
     assert batch['cut_tokens'][0] == 0 and batch['pushed_frames'][0] == 0
@@ -260,9 +279,9 @@ def test_trailing_text_extends_audio_without_trailing_silence(corpus, tmp_path):
     offsets = np.asarray(CFG.grid_offsets)
     for c in range(first, first + 8):
       col = frames + offsets[c]
-      assert (tokens[c, col:grown + offsets[c]] == CFG.audio_pad_id).all()
+      assert (tokens[c, col : grown + offsets[c]] == CFG.audio_pad_id).all()
       assert (weights[c, col:] == 0).all()
-      np.testing.assert_array_equal(tokens[c, offsets[c]:col], codes[c - first])
+      np.testing.assert_array_equal(tokens[c, offsets[c] : col], codes[c - first])
     # without the extension the whole sentence was cut: what prepare still reports at offset 0
   with open(tmp_path / 'prep' / 'summary.json') as f:
     assert json.load(f)['monologue_at_offset_0']['trail']['cut_tokens'] == len(ids)
@@ -275,20 +294,24 @@ def test_counts_of_pushes_cuts_and_extension_follow_the_window():
   # trail, offset 0, 12 frames of audio: [1..14] at frames 4..17; [20, 21] wants 6 and is pushed
   # 12 to 18; twelve tokens wanting 12 are pushed 8 to 20. The text may grow by one window, to
   # 28 frames: 16 extension frames, and the last 4 tokens are cut.
-  sentences = [('model', 0, 4, list(range(1, 15))), ('model', 2, 6, [20, 21]),
-               ('model', 8, 12, list(range(30, 42)))]
+  sentences = [
+    ('model', 0, 4, list(range(1, 15))),
+    ('model', 2, 6, [20, 21]),
+    ('model', 8, 12, list(range(30, 42))),
+  ]
   record = rec_lib.Record('r', 'tts_asr', {'model': np.zeros((8, 12), np.int16)}, sentences)
   spec = SourceSpec('x', layout='trail', speech_stream='listen')
   sample = record_grid(CFG, record, spec, 'trail', LW, max_extend=w)
   grid = sample.tokens
   assert grid.shape[1] == 28 + max(CFG.grid_offsets)
-  np.testing.assert_array_equal(grid[0, 1 + 20:1 + 28], range(30, 38))  # text: column f + 1
+  np.testing.assert_array_equal(grid[0, 1 + 20 : 1 + 28], range(30, 38))  # text: column f + 1
   make = _WindowedGrid(CFG, spec, w, LW)
   seen = collections.Counter()
   for k in range(200):
     out = make(rec_lib.encode_record(record), np.random.default_rng(k))
-    (start,) = [s for s in range(grid.shape[1] - w + 1)
-                if (grid[:, s:s + w] == out['tokens']).all()]
+    (start,) = [
+      s for s in range(grid.shape[1] - w + 1) if (grid[:, s : s + w] == out['tokens']).all()
+    ]
     targets = set(start + np.flatnonzero(out['weights'][0]))  # text weighs > 0 inside a sample
     assert out['pushed_frames'] == 12 * (1 + 18 in targets) + 8 * (1 + 20 in targets)
     assert out['cut_tokens'] == 4 * (1 + 20 in targets)

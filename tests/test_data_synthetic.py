@@ -1,4 +1,5 @@
 """The embedded synthetic corpus, its tokenizer and the toy codec."""
+
 import json
 import os
 
@@ -20,8 +21,9 @@ N = synthetic.NUMBERS
 
 @pytest.fixture(scope='module')
 def corpus(tmp_path_factory):
-  return synthetic.generate(str(tmp_path_factory.mktemp('syn')), seed=3, num_tts_asr=40,
-                            num_duplex=40, num_heldout=8)
+  return synthetic.generate(
+    str(tmp_path_factory.mktemp('syn')), seed=3, num_tts_asr=40, num_duplex=40, num_heldout=8
+  )
 
 
 def entries(path):
@@ -31,15 +33,17 @@ def entries(path):
 
 
 def test_generation_is_deterministic(corpus, tmp_path):
-  again = synthetic.generate(str(tmp_path / 'a'), seed=3, num_tts_asr=40, num_duplex=40,
-                             num_heldout=8)
+  again = synthetic.generate(
+    str(tmp_path / 'a'), seed=3, num_tts_asr=40, num_duplex=40, num_heldout=8
+  )
   for name in ('tts_asr', 'duplex', 'heldout_duplex', 'tokenizer'):
     with open(corpus[name], 'rb') as f, open(again[name], 'rb') as g:
       assert f.read() == g.read(), name
   e1, e2 = entries(corpus['duplex'])[5], entries(again['duplex'])[5]
   np.testing.assert_array_equal(np.load(e1.codes['user']), np.load(e2.codes['user']))
-  other = synthetic.generate(str(tmp_path / 'b'), seed=4, num_tts_asr=4, num_duplex=4,
-                             num_heldout=1)
+  other = synthetic.generate(
+    str(tmp_path / 'b'), seed=4, num_tts_asr=4, num_duplex=4, num_heldout=1
+  )
   assert open(other['duplex']).readline() != open(corpus['duplex']).readline()
 
 
@@ -94,18 +98,18 @@ def test_duplex_answers_need_the_question_audio(corpus):
         styles['barge_in'] += 1
         assert a.end_frame == nxt + 1 and a.start_frame < nxt
         assert full.startswith(a.text) and a.text
-        assert (codes['model'][0, nxt + 1:exchanges[n + 1][0][-1].end_frame] == silence).all()
+        assert (codes['model'][0, nxt + 1 : exchanges[n + 1][0][-1].end_frame] == silence).all()
       else:
         assert a.text == full
       assert 2 <= a.start_frame - parts[-1].end_frame <= 3  # the model answers after a short gap
       for p, later in zip(parts, parts[1:]):  # a pause inside the question: the model waits
         styles['pause'] += 1
         assert 4 <= later.start_frame - p.end_frame < 8
-        assert (codes['model'][0, p.end_frame:later.start_frame] == silence).all()
+        assert (codes['model'][0, p.end_frame : later.start_frame] == silence).all()
       # the model is silent while the user asks: the answer's only source is the listen stream
       for p in parts:
-        assert (codes['model'][0, p.start_frame + 1:p.end_frame] == silence).all()
-      user_sem = np.concatenate([codes['user'][0, p.start_frame:p.end_frame] for p in parts])
+        assert (codes['model'][0, p.start_frame + 1 : p.end_frame] == silence).all()
+      user_sem = np.concatenate([codes['user'][0, p.start_frame : p.end_frame] for p in parts])
       by_question.setdefault(q, set()).add(user_sem.tobytes())
   assert min(styles.values()) >= 5, styles
   # one question -> one semantic sequence (any voice); different questions sound different
@@ -118,6 +122,7 @@ def test_duplex_events_are_the_timeline(corpus):
   """The generator writes its own events; they equal what the segments imply, and the reference
   model's activity scores perfectly on them."""
   from flmjax.eval import events_from_segments, speech_activity, turn_taking
+
   counts = dict.fromkeys(('turn_end', 'pause', 'interrupt'), 0)
   for name in ('duplex', 'heldout_duplex'):
     for line in map(json.loads, open(corpus[name])):
@@ -166,6 +171,7 @@ def test_audio_manifest_matches_codes_manifest(tmp_path):
   lines = [json.loads(x) for x in open(audio['duplex'])]
   wav = os.path.join(audio['out_dir'], lines[0]['audio'])
   import soxr
+
   wave, rate = soundfile.read(wav, dtype='float32')
   soundfile.write(wav, soxr.resample(wave, rate, 16000), 16000, subtype='FLOAT')
   lines[0]['sample_rate'] = 16000
@@ -173,8 +179,9 @@ def test_audio_manifest_matches_codes_manifest(tmp_path):
     f.writelines(json.dumps(x) + '\n' for x in lines)
   for name in ('tts_asr', 'duplex'):
     prepare(codes[name], str(tmp_path / f'c_{name}'), tok, strict=True, progress=False)
-    prepare(audio[name], str(tmp_path / f'a_{name}'), tok, codec=ToyCodec(), strict=True,
-            progress=False)
+    prepare(
+      audio[name], str(tmp_path / f'a_{name}'), tok, codec=ToyCodec(), strict=True, progress=False
+    )
     for rc, ra in zip(read_all(tmp_path / f'c_{name}'), read_all(tmp_path / f'a_{name}')):
       assert rc.sentences == ra.sentences and rc.codes.keys() == ra.codes.keys()
       for s in rc.codes:
@@ -196,12 +203,16 @@ def test_toy_codec_round_trip():
 
 def test_hf_tokenizer_json(tmp_path):
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
-  tok.train_from_iterator(['what is two plus three', 'it is five'] * 10,
-                          trainers.BpeTrainer(vocab_size=300, show_progress=False,
-                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  tok.train_from_iterator(
+    ['what is two plus three', 'it is five'] * 10,
+    trainers.BpeTrainer(
+      vocab_size=300, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    ),
+  )
   tok.save(str(tmp_path / 'tokenizer.json'))
   hf = load_tokenizer(tmp_path / 'tokenizer.json')
   assert isinstance(hf, HFTokenizer) and hf.vocab_size == tok.get_vocab_size()
@@ -216,7 +227,7 @@ def test_hf_tokenizer_json(tmp_path):
 def test_cli_synth(tmp_path, capsys):
   args = ['--num-tts-asr', '2', '--num-duplex', '3', '--num-heldout', '2']
   assert cli.main(['data', 'synth', str(tmp_path / 'a')] + args) == 0
-  assert f"duplex: {tmp_path / 'a' / 'duplex.jsonl'}" in capsys.readouterr().out
+  assert f'duplex: {tmp_path / "a" / "duplex.jsonl"}' in capsys.readouterr().out
   assert len(open(tmp_path / 'a' / 'duplex.jsonl').readlines()) == 3
   # deterministic: a second run writes the same bytes, codes and events included
   assert cli.main(['data', 'synth', str(tmp_path / 'b')] + args) == 0

@@ -1,4 +1,5 @@
 """`flmjax chat` end to end on the golden tiny checkpoint."""
+
 import numpy as np
 import pytest
 
@@ -12,9 +13,22 @@ def test_chat_reproduces_the_golden_stream(tiny_dir, tmp_path, capsys):
   user = tmp_path / 'user.npy'
   np.save(user, golden['user'][0])  # [8, 24]
   out = tmp_path / 'out'
-  rc = cli.main(['chat', '--checkpoint', str(tiny_dir), '--user', str(user), '--out', str(out),
-                 '--greedy', '--repetition-penalty-text', '1.0', '--repetition-penalty-audio',
-                 '1.0'])
+  rc = cli.main(
+    [
+      'chat',
+      '--checkpoint',
+      str(tiny_dir),
+      '--user',
+      str(user),
+      '--out',
+      str(out),
+      '--greedy',
+      '--repetition-penalty-text',
+      '1.0',
+      '--repetition-penalty-audio',
+      '1.0',
+    ]
+  )
   assert rc == 0
   want = golden['out_plain'][1:]  # [23, 9]: step 0 returns nothing
   np.testing.assert_array_equal(np.load(out / 'model_codes.npy'), want[:, 1:].T)
@@ -30,6 +44,7 @@ def test_chat_with_a_tokenizer_and_a_wav(tiny_dir, tmp_path, capsys):
 
   from flmjax.codec.toy import ToyCodec
   from flmjax.data.tokenizer import train_sentencepiece
+
   words = 'what is two plus three five seven hello there yes no'.split()
   texts = [' '.join(words[i:] + words[:i]) for i in range(len(words))] * 5
   tok = train_sentencepiece(texts, tmp_path / 'sp.model', vocab_size=60)
@@ -37,9 +52,26 @@ def test_chat_with_a_tokenizer_and_a_wav(tiny_dir, tmp_path, capsys):
   codec = ToyCodec()
   soundfile.write(tmp_path / 'user.wav', codec.decode(codes), codec.sample_rate)
   out = tmp_path / 'out'
-  assert cli.main(['chat', '--checkpoint', str(tiny_dir), '--user', str(tmp_path / 'user.wav'),
-                   '--out', str(out), '--tokenizer', str(tok.path), '--tail', '1',
-                   '--seed', '3']) == 0
+  assert (
+    cli.main(
+      [
+        'chat',
+        '--checkpoint',
+        str(tiny_dir),
+        '--user',
+        str(tmp_path / 'user.wav'),
+        '--out',
+        str(out),
+        '--tokenizer',
+        str(tok.path),
+        '--tail',
+        '1',
+        '--seed',
+        '3',
+      ]
+    )
+    == 0
+  )
   text_ids = np.load(out / 'text_ids.npy')
   assert text_ids.shape == (6,)  # 6 user frames + 1 tail step -> 6 model frames
   known = [int(i) for i in text_ids if i < tok.vocab_size]
@@ -55,8 +87,9 @@ def test_chat_rejects_bad_inputs(tiny_dir, tmp_path, capsys):
   assert 'expected codes of shape [8, frames], got (4, 10)' in capsys.readouterr().err
   assert cli.main(['chat', '--checkpoint', str(tmp_path / 'nope'), '--user', str(bad)]) == 1
   assert 'no such directory' in capsys.readouterr().err
-  assert cli.main(['chat', '--checkpoint', str(tiny_dir), '--user',
-                   str(tmp_path / 'missing.wav')]) == 1
+  assert (
+    cli.main(['chat', '--checkpoint', str(tiny_dir), '--user', str(tmp_path / 'missing.wav')]) == 1
+  )
   assert 'missing.wav: no such file' in capsys.readouterr().err
 
 
@@ -68,21 +101,56 @@ def test_chat_reads_an_orbax_training_checkpoint(tiny_model, tiny_dir, tmp_path,
   from flmjax.train.checkpointing import Checkpointer
   from flmjax.train.config import to_json
   from flmjax.train.state import TrainState
+
   ckpt = Checkpointer(str(tmp_path / 'run' / 'checkpoints'), use_async=False)
   params = nnx.to_pure_dict(nnx.state(tiny_model))
-  ckpt.save(5, TrainState(params, {'count': jnp.zeros((), jnp.int32)}),
-            {'model_config': to_json(tiny_model.cfg)}, force=True)
+  ckpt.save(
+    5,
+    TrainState(params, {'count': jnp.zeros((), jnp.int32)}),
+    {'model_config': to_json(tiny_model.cfg)},
+    force=True,
+  )
   ckpt.close()
   golden = np.load(tiny_dir / 'stream.npz')
   np.save(tmp_path / 'user.npy', golden['user'][0, :, :8])
   out = tmp_path / 'out'
-  assert cli.main(['chat', '--checkpoint', str(tmp_path / 'run'), '--user',
-                   str(tmp_path / 'user.npy'), '--out', str(out), '--greedy',
-                   '--repetition-penalty-text', '1.0', '--repetition-penalty-audio', '1.0']) == 0
+  assert (
+    cli.main(
+      [
+        'chat',
+        '--checkpoint',
+        str(tmp_path / 'run'),
+        '--user',
+        str(tmp_path / 'user.npy'),
+        '--out',
+        str(out),
+        '--greedy',
+        '--repetition-penalty-text',
+        '1.0',
+        '--repetition-penalty-audio',
+        '1.0',
+      ]
+    )
+    == 0
+  )
   np.testing.assert_array_equal(np.load(out / 'text_ids.npy'), golden['out_plain'][1:8, 0])
   # --base names a LoRA run's base: on a full fine-tune it is one line, before any weights load.
-  assert cli.main(['chat', '--checkpoint', str(tmp_path / 'run'), '--user',
-                   str(tmp_path / 'user.npy'), '--base', str(tiny_dir)]) == 1
+  assert (
+    cli.main(
+      [
+        'chat',
+        '--checkpoint',
+        str(tmp_path / 'run'),
+        '--user',
+        str(tmp_path / 'user.npy'),
+        '--base',
+        str(tiny_dir),
+      ]
+    )
+    == 1
+  )
   err = capsys.readouterr().err.strip().splitlines()
-  assert err == [f'flmjax chat: error: --base: {tmp_path / "run"} is a full fine-tune, not a LoRA '
-                 'run; drop --base'], err
+  assert err == [
+    f'flmjax chat: error: --base: {tmp_path / "run"} is a full fine-tune, not a LoRA '
+    'run; drop --base'
+  ], err

@@ -1,4 +1,5 @@
 """What happens when a session outlives the KV cache: overflow='error' and overflow='slide'."""
+
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -3,6 +3,7 @@
 Frequencies come from N draws (one row per draw, one compile). With N = 20000 the standard error
 of a frequency is at most 0.0035; the tolerance 0.02 is over 5 standard errors.
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,6 +28,7 @@ def draw():
     window = jnp.zeros((N, 1), jnp.int32)
     tokens = np.asarray(fn(keys, rows, params, window, jnp.zeros((N, 1), bool)))
     return np.bincount(tokens, minlength=len(logits)) / N
+
   return run
 
 
@@ -62,10 +64,14 @@ def test_per_row_parameters():
   """Each row samples with its own parameters in the same call."""
   keys = jax.random.split(jax.random.key(1), 4)
   logits = jnp.broadcast_to(jnp.log(jnp.asarray(PROBS)), (4, len(PROBS)))
-  params = StreamParams(temp=jnp.array([1.0, 1.0, 0.0, 1.0]), top_k=jnp.array([1, 0, 0, 0]),
-                        top_p=jnp.array([0.0, 0.3, 0.0, 0.0]), penalty=jnp.ones(4),
-                        penalty_window=jnp.ones(4, jnp.int32),
-                        greedy=jnp.array([False, False, False, True]))
+  params = StreamParams(
+    temp=jnp.array([1.0, 1.0, 0.0, 1.0]),
+    top_k=jnp.array([1, 0, 0, 0]),
+    top_p=jnp.array([0.0, 0.3, 0.0, 0.0]),
+    penalty=jnp.ones(4),
+    penalty_window=jnp.ones(4, jnp.int32),
+    greedy=jnp.array([False, False, False, True]),
+  )
   tokens = sample(keys, logits, params, jnp.zeros((4, 1), jnp.int32), jnp.zeros((4, 1), bool))
   assert np.asarray(tokens).tolist() == [1, 1, 1, 1]  # top-1, top-p 0.3, temp 0, greedy
 
@@ -108,12 +114,14 @@ def test_truncation_matches_the_sorting_rule(top_k, top_p):
   """Flat distributions over 300 ids put the boundary past the 64 candidates (the binary-search
   path); peaked ones settle among them (the fast path). Both must equal the sorting rule."""
   from flmjax.decode.sampling import truncation_threshold
+
   rng = np.random.default_rng(0)
   logits = np.concatenate([rng.normal(0, 0.3, (4, 300)), rng.normal(0, 4.0, (4, 300))])
   probs = np.asarray(jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1))
   rows = len(probs)
-  thr = truncation_threshold(jnp.asarray(probs), jnp.full((rows,), top_k, jnp.int32),
-                             jnp.full((rows,), top_p, jnp.float32))
+  thr = truncation_threshold(
+    jnp.asarray(probs), jnp.full((rows,), top_k, jnp.int32), jnp.full((rows,), top_p, jnp.float32)
+  )
   got = probs >= np.asarray(thr)[:, None]
   for b in range(rows):
     np.testing.assert_array_equal(got[b], official_keep(probs[b], top_k, top_p), err_msg=f'row {b}')
@@ -124,6 +132,7 @@ def test_truncation_matches_the_sorting_rule(top_k, top_p):
 def test_penalty_window_holds_the_last_tokens_of_each_session():
   """Token of step t sits at slot t mod W; a session's window may be shorter than the buffer."""
   from flmjax.decode.frame import window_valid
+
   got = np.asarray(window_valid(jnp.array([0, 2, 7, 7]), jnp.array([3, 3, 3, 5]), 5))
   want = np.zeros((4, 5), bool)
   want[1, [0, 1]] = True  # steps 0, 1

@@ -1,6 +1,7 @@
 """Decoding under a mesh: the text token from vocab-sharded logits (never gathered) equals the
 unsharded sampler's for the same key, and the Pallas depth kernels run in shard_map over the
 session rows with replicated depth weights, giving the single-device greedy stream exactly."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,13 +28,13 @@ def logits_rows(seed=0):
 
 
 CASES = {  # name: (temp, top_k, top_p, penalty, greedy)
-    'greedy': (1.0, 0, 0.0, 1.0, True),
-    'greedy_penalty': (1.0, 0, 0.0, 1.3, True),
-    'top_k': (1.3, 5, 0.0, 1.0, False),
-    'top_k_penalty': (0.7, 40, 0.0, 1.2, False),
-    'top_p': (0.8, 0, 0.9, 1.1, False),
-    'top_p_flat': (1.0, 0, 0.97, 1.0, False),
-    'full': (1.0, 0, 0.0, 1.0, False),
+  'greedy': (1.0, 0, 0.0, 1.0, True),
+  'greedy_penalty': (1.0, 0, 0.0, 1.3, True),
+  'top_k': (1.3, 5, 0.0, 1.0, False),
+  'top_k_penalty': (0.7, 40, 0.0, 1.2, False),
+  'top_p': (0.8, 0, 0.9, 1.1, False),
+  'top_p_flat': (1.0, 0, 0.97, 1.0, False),
+  'full': (1.0, 0, 0.0, 1.0, False),
 }
 
 
@@ -75,10 +76,20 @@ def test_sharded_sampler_gathers_no_logits(samplers, mesh):
   """The compiled sampler moves only [B]-sized values and candidates between vocab shards."""
   _, sharded = samplers
   params = StreamParams(1.0, 0, 0.9, 1.1, 8, False).per_row(B)
-  logits = jax.ShapeDtypeStruct((B, VP), jnp.float32, sharding=shd.named_sharding(
-      ('batch', 'vocab'), (B, VP), mesh))
-  hlo = sharded.lower(jax.random.split(jax.random.key(0), B), logits, params,
-                      jnp.zeros((B, 8), jnp.int32), jnp.zeros((B, 8), bool)).compile().as_text()
+  logits = jax.ShapeDtypeStruct(
+    (B, VP), jnp.float32, sharding=shd.named_sharding(('batch', 'vocab'), (B, VP), mesh)
+  )
+  hlo = (
+    sharded.lower(
+      jax.random.split(jax.random.key(0), B),
+      logits,
+      params,
+      jnp.zeros((B, 8), jnp.int32),
+      jnp.zeros((B, 8), bool),
+    )
+    .compile()
+    .as_text()
+  )
   assert 'all-gather' in hlo or 'all-reduce' in hlo  # it is really split
   for width in (VP, VP // 4):  # the whole vocab, or one shard's slice
     assert collectives_carrying(hlo, (width,)) == []
@@ -98,8 +109,9 @@ def test_pallas_depth_under_mesh_gives_the_golden_greedy_stream(tiny_dir):
   greedy = SamplingConfig(greedy=True, repetition_penalty_text=1.0, repetition_penalty_audio=1.0)
   mesh = shd.make_mesh(data=4, tensor=2)
   model = flmjax.load_official(str(tiny_dir), dtype='float32', mesh=mesh)
-  dec = StreamingDecoder(model, greedy, max_len=32, mesh=mesh, use_pallas=True,
-                         pallas_interpret=True)
+  dec = StreamingDecoder(
+    model, greedy, max_len=32, mesh=mesh, use_pallas=True, pallas_interpret=True
+  )
   gate = dec.params['depth_transformer']['gate'][...]
   assert gate.sharding.is_fully_replicated  # stored whole: never gathered per frame
   assert dec.params['backbone']['q'][...].sharding.spec[2] == 'tensor'

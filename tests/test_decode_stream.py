@@ -2,6 +2,7 @@
 
 Compiles: one decoder with frame functions for B=1 and B=4, one sharded B=4 decoder.
 """
+
 import dataclasses
 
 import numpy as np
@@ -14,8 +15,9 @@ from flmjax.decode import SamplingConfig, StreamingDecoder
 
 GREEDY = SamplingConfig(greedy=True, repetition_penalty_text=1.0, repetition_penalty_audio=1.0)
 # Golden `out_penalty`: argmax after the text penalty 1.1 and the audio penalty 1.2 (window 50).
-GREEDY_PENALTY = SamplingConfig(greedy=True, repetition_penalty_text=1.1,
-                                repetition_penalty_audio=1.2)
+GREEDY_PENALTY = SamplingConfig(
+  greedy=True, repetition_penalty_text=1.1, repetition_penalty_audio=1.2
+)
 # Sampling that visibly samples (the official text temp 0.01 is almost argmax).
 SAMPLED = SamplingConfig(temp_text=1.0, temp_audio=1.0, top_p_text=0.95, top_p_audio=0.9)
 FRAMES = 16
@@ -51,9 +53,11 @@ def run(dec, state, user):
 NO_WINDOW = dataclasses.replace(GREEDY_PENALTY, penalty_window_text=0, penalty_window_audio=-1)
 
 
-@pytest.mark.parametrize('name,sampling', [('plain', GREEDY), ('penalty', GREEDY_PENALTY),
-                                           ('plain', NO_WINDOW)],
-                         ids=['plain', 'penalty', 'penalty-window-0'])
+@pytest.mark.parametrize(
+  'name,sampling',
+  [('plain', GREEDY), ('penalty', GREEDY_PENALTY), ('plain', NO_WINDOW)],
+  ids=['plain', 'penalty', 'penalty-window-0'],
+)
 def test_golden_stream_parity(decoder, stream, name, sampling):
   # Per-session sampling: the greedy settings come in through reset_slots.
   state = decoder.reset_slots(decoder.init(1), np.array([True]), sampling=sampling)
@@ -88,7 +92,7 @@ def test_outputs_and_columns_agree_with_the_data_grid(decoder, stream, tiny_mode
   assert (tokens[frame_minus_1] == cfg.audio_pad_id).all()
   tokens[frame_minus_1] = columns[frame_minus_1]
   np.testing.assert_array_equal(columns, tokens)
-  np.testing.assert_array_equal(undelay(cfg, columns)[:9], model[:, :T - max(cfg.grid_offsets)])
+  np.testing.assert_array_equal(undelay(cfg, columns)[:9], model[:, : T - max(cfg.grid_offsets)])
 
 
 @pytest.mark.slow
@@ -96,14 +100,15 @@ def test_batched_sessions_equal_single_sessions(decoder):
   user = users(4)
   state = decoder.init(4, seed=10)
   # Session 2 runs with its own parameters: greedy with penalties.
-  state = decoder.reset_slots(state, np.array([0, 0, 1, 0], bool), seeds=12,
-                              sampling=GREEDY_PENALTY)
+  state = decoder.reset_slots(
+    state, np.array([0, 0, 1, 0], bool), seeds=12, sampling=GREEDY_PENALTY
+  )
   _, batched = run(decoder, state, user)
   for b in range(4):
     single = decoder.init(1, seed=10 + b)
     if b == 2:
       single = decoder.reset_slots(single, np.array([True]), seeds=12, sampling=GREEDY_PENALTY)
-    _, alone = run(decoder, single, user[:, b:b + 1])
+    _, alone = run(decoder, single, user[:, b : b + 1])
     np.testing.assert_array_equal(batched[:, b], alone[:, 0], err_msg=f'session {b}')
   # Different seeds really sample differently (otherwise the test above proves little).
   assert (batched[1:, 0] != batched[1:, 1]).any()

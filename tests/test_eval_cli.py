@@ -1,5 +1,6 @@
 """`flmjax eval duplex` and `flmjax eval fdb` end to end on the tiny golden model (and mimi_small),
 the streaming they share, and their bad inputs."""
+
 import json
 import os
 
@@ -15,8 +16,9 @@ from flmjax.eval.stream import read_conversations, stream
 
 @pytest.fixture(scope='module')
 def corpus(tmp_path_factory):
-  return synthetic.generate(str(tmp_path_factory.mktemp('syn')), seed=5, num_tts_asr=4,
-                            num_duplex=4, num_heldout=3)
+  return synthetic.generate(
+    str(tmp_path_factory.mktemp('syn')), seed=5, num_tts_asr=4, num_duplex=4, num_heldout=3
+  )
 
 
 @pytest.mark.slow
@@ -25,23 +27,38 @@ def test_stream_equals_one_session_at_a_time(tiny_model, corpus):
   conversation the frames a single session gives it, aligned to its user's frames."""
   from flmjax.decode.sampling import SamplingConfig
   from flmjax.decode.session import run_session
+
   convs = read_conversations(corpus['heldout_duplex'], 8)
   users = [c['user'][:, :n] for c, n in zip(convs[:2], (30, 21))]
   outs, lag = stream(tiny_model, users, batch_size=2)
   assert lag == tiny_model.cfg.max_delay  # the first output comes with step max_delay
   greedy = SamplingConfig(greedy=True, repetition_penalty_text=1.0, repetition_penalty_audio=1.0)
   for user, out in zip(users, outs):
-    alone, _ = run_session(tiny_model, user, greedy, tail=tiny_model.cfg.max_delay + 1,
-                           stream=open(os.devnull, 'w'))
+    alone, _ = run_session(
+      tiny_model, user, greedy, tail=tiny_model.cfg.max_delay + 1, stream=open(os.devnull, 'w')
+    )
     assert out.shape == (9, user.shape[1])
-    np.testing.assert_array_equal(out, alone[:, :user.shape[1]])
+    np.testing.assert_array_equal(out, alone[:, : user.shape[1]])
 
 
 @pytest.mark.slow
 def test_eval_duplex_end_to_end(tiny_dir, corpus, tmp_path, capsys):
   out = tmp_path / 'report'
-  argv = ['eval', 'duplex', '--checkpoint', str(tiny_dir), '--data', corpus['heldout_duplex'],
-          '--out', str(out), '--limit', '2', '--no-progress', '--eval-batches', '1']
+  argv = [
+    'eval',
+    'duplex',
+    '--checkpoint',
+    str(tiny_dir),
+    '--data',
+    corpus['heldout_duplex'],
+    '--out',
+    str(out),
+    '--limit',
+    '2',
+    '--no-progress',
+    '--eval-batches',
+    '1',
+  ]
   assert cli.main(argv) == 0
   printed = capsys.readouterr().out
   assert '| interrupt stop rate |' in printed and 'teacher-forced TTS (speak, lead)' in printed
@@ -72,12 +89,26 @@ def test_eval_duplex_end_to_end(tiny_dir, corpus, tmp_path, capsys):
 
 def test_eval_duplex_vocab_mismatch(tiny_dir, corpus, tmp_path, capsys):
   from tokenizers import Tokenizer, models
+
   tok = Tokenizer(models.WordLevel({f'w{i}': i for i in range(400)}, unk_token='w0'))
   tok.save(str(tmp_path / 'tokenizer.json'))
-  assert cli.main(['eval', 'duplex', '--checkpoint', str(tiny_dir),
-                   '--data', corpus['heldout_duplex'],
-                   '--tokenizer', str(tmp_path / 'tokenizer.json'),
-                   '--out', str(tmp_path / 'r')]) == 1
+  assert (
+    cli.main(
+      [
+        'eval',
+        'duplex',
+        '--checkpoint',
+        str(tiny_dir),
+        '--data',
+        corpus['heldout_duplex'],
+        '--tokenizer',
+        str(tmp_path / 'tokenizer.json'),
+        '--out',
+        str(tmp_path / 'r'),
+      ]
+    )
+    == 1
+  )
   err = capsys.readouterr().err
   assert err.count('\n') == 1 and 'different vocabularies' in err and '400 ids' in err
   assert not (tmp_path / 'r').exists()
@@ -95,14 +126,27 @@ def test_eval_fdb_end_to_end(tiny_dir, golden_dir, tmp_path, capsys):
   _wav(src / 'a' / 'input.wav', 1.0, 24000)
   _wav(src / 'b' / 'c' / 'input.wav', 0.7, 16000, seed=1)  # resampled to 24 kHz
   (src / 'b' / 'notes.txt').write_text('not an input')
-  argv = ['eval', 'fdb', '--checkpoint', str(tiny_dir), '--mimi', str(golden_dir / 'mimi_small'),
-          '--in', str(src), '--out', str(out), '--no-progress']
+  argv = [
+    'eval',
+    'fdb',
+    '--checkpoint',
+    str(tiny_dir),
+    '--mimi',
+    str(golden_dir / 'mimi_small'),
+    '--in',
+    str(src),
+    '--out',
+    str(out),
+    '--no-progress',
+  ]
   assert cli.main(argv) == 0
   for rel, samples in (('a', 24000), ('b/c', 16800)):
     info = soundfile.info(str(out / rel / 'output.wav'))
     assert (info.samplerate, info.channels, info.frames) == (24000, 1, samples)
   assert sorted(p.relative_to(out).as_posix() for p in out.rglob('*') if p.is_file()) == [
-      'a/output.wav', 'b/c/output.wav']
+    'a/output.wav',
+    'b/c/output.wav',
+  ]
   # live alignment: the model's first max_delay (= 1) frames are silence
   wave, _ = soundfile.read(str(out / 'a' / 'output.wav'))
   assert not wave[:1920].any() and wave[1920:].any()
@@ -111,12 +155,20 @@ def test_eval_fdb_end_to_end(tiny_dir, golden_dir, tmp_path, capsys):
   assert cli.main(argv) == 1 and 'pass --overwrite' in capsys.readouterr().err
   assert os.path.getmtime(out / 'a' / 'output.wav') == stamp
   from flmjax.eval.fdb import check_out
+
   check_out(str(out), overwrite=True)  # --overwrite lets the same run through
 
 
 def test_eval_fdb_bad_inputs(tiny_dir, golden_dir, tmp_path, capsys):
-  base = ['eval', 'fdb', '--checkpoint', str(tiny_dir), '--mimi', str(golden_dir / 'mimi_small'),
-          '--no-progress']
+  base = [
+    'eval',
+    'fdb',
+    '--checkpoint',
+    str(tiny_dir),
+    '--mimi',
+    str(golden_dir / 'mimi_small'),
+    '--no-progress',
+  ]
   (tmp_path / 'empty').mkdir()
   (tmp_path / 'empty' / 'x.wav').write_bytes(b'')
   assert cli.main(base + ['--in', str(tmp_path / 'empty'), '--out', str(tmp_path / 'o1')]) == 1
@@ -134,12 +186,30 @@ def test_eval_fdb_bad_inputs(tiny_dir, golden_dir, tmp_path, capsys):
 @pytest.mark.slow
 def test_eval_duplex_audio_with_mimi(tiny_dir, golden_dir, tmp_path, capsys):
   """Audio manifests through Mimi: the user's channel encoded, activity from decoded energy."""
-  audio = synthetic.generate(str(tmp_path / 'syn'), seed=2, num_tts_asr=2, num_duplex=2,
-                             num_heldout=2, write_audio=True)
+  audio = synthetic.generate(
+    str(tmp_path / 'syn'), seed=2, num_tts_asr=2, num_duplex=2, num_heldout=2, write_audio=True
+  )
   out = tmp_path / 'report'
-  assert cli.main(['eval', 'duplex', '--checkpoint', str(tiny_dir),
-                   '--data', audio['heldout_duplex'], '--mimi', str(golden_dir / 'mimi_small'),
-                   '--out', str(out), '--no-progress', '--eval-batches', '1']) == 0
+  assert (
+    cli.main(
+      [
+        'eval',
+        'duplex',
+        '--checkpoint',
+        str(tiny_dir),
+        '--data',
+        audio['heldout_duplex'],
+        '--mimi',
+        str(golden_dir / 'mimi_small'),
+        '--out',
+        str(out),
+        '--no-progress',
+        '--eval-batches',
+        '1',
+      ]
+    )
+    == 0
+  )
   report = json.loads((out / 'report.json').read_text())
   lines = [json.loads(x) for x in open(audio['heldout_duplex'])]
   for conv, line in zip(report['conversations'], lines):

@@ -1,4 +1,5 @@
 """Scoring streamed conversations: sentences between WAITs, answer turns by time, pooled metrics."""
+
 import numpy as np
 
 from flmjax.config import ModelConfig
@@ -25,19 +26,33 @@ def test_split_on_wait():
 
 def test_answer_turns_are_scored_in_their_own_window():
   seg = lambda who, a, b, text: {'speaker': who, 'start': a, 'end': b, 'text': text}
-  conv = {'segments': [seg('user', 0, 4, 'q'), seg('model', 6, 9, 'w1 w2'),
-                       seg('user', 11, 15, 'q'), seg('model', 17, 20, 'w3'),  # cut at 19:
-                       seg('user', 18, 22, 'q'), seg('model', 24, 26, 'w4 w5'),
-                       seg('user', 28, 30, 'q')],  # no answer: not a turn
-          'events': [('turn_end', 4, 11), ('turn_end', 15, 18), ('interrupt', 18, 22),
-                     ('turn_end', 22, 28), ('turn_end', 30, 34)]}
+  conv = {
+    'segments': [
+      seg('user', 0, 4, 'q'),
+      seg('model', 6, 9, 'w1 w2'),
+      seg('user', 11, 15, 'q'),
+      seg('model', 17, 20, 'w3'),  # cut at 19:
+      seg('user', 18, 22, 'q'),
+      seg('model', 24, 26, 'w4 w5'),
+      seg('user', 28, 30, 'q'),
+    ],  # no answer: not a turn
+    'events': [
+      ('turn_end', 4, 11),
+      ('turn_end', 15, 18),
+      ('interrupt', 18, 22),
+      ('turn_end', 22, 28),
+      ('turn_end', 30, 34),
+    ],
+  }
   text = np.full(34, W)
   text[[4, 5]] = [1, 2]  # right, in the window [4, 11)
   text[16] = 3  # the cut answer: not scored
   text[[22, 23, 24]] = [4, 99, 5]  # one word too many: wrong
   turns = score_turns(text, conv, WordTokenizer(), CFG)
   assert [(t['frame'], t['said'], t['reference'], t['right']) for t in turns] == [
-      (4, 'w1 w2', 'w1 w2', True), (22, 'w4 w99 w5', 'w4 w5', False)]
+    (4, 'w1 w2', 'w1 w2', True),
+    (22, 'w4 w99 w5', 'w4 w5', False),
+  ]
   text[23] = W  # two sentences in one window count as their words joined
   assert score_turns(text, conv, WordTokenizer(), CFG)[1]['right']
   text[23] = 150  # an id past the tokenizer (a model-only special) is dropped
@@ -47,21 +62,44 @@ def test_answer_turns_are_scored_in_their_own_window():
 
 
 def test_pool_equals_scoring_the_events_together():
-  a = turn_taking(np.array([0, 0, 1, 1, 0, 0, 0], bool),
-                  [('turn_end', 0, 5), ('interrupt', 3, 7), ('pause', 5, 7)])
-  b = turn_taking(np.array([1, 0, 0, 0, 1, 1], bool),
-                  [('turn_end', 1, 6), ('pause', 1, 3), ('turn_end', 0, 1)])
+  a = turn_taking(
+    np.array([0, 0, 1, 1, 0, 0, 0], bool),
+    [('turn_end', 0, 5), ('interrupt', 3, 7), ('pause', 5, 7)],
+  )
+  b = turn_taking(
+    np.array([1, 0, 0, 0, 1, 1], bool), [('turn_end', 1, 6), ('pause', 1, 3), ('turn_end', 0, 1)]
+  )
   # the same timelines side by side, far enough apart that no window crosses between them
-  both = turn_taking(np.array([0, 0, 1, 1, 0, 0, 0] + [0] * 30 + [1, 0, 0, 0, 1, 1], bool),
-                     [('turn_end', 0, 5), ('interrupt', 3, 7), ('pause', 5, 7),
-                      ('turn_end', 38, 43), ('pause', 38, 40), ('turn_end', 37, 38)])
+  both = turn_taking(
+    np.array([0, 0, 1, 1, 0, 0, 0] + [0] * 30 + [1, 0, 0, 0, 1, 1], bool),
+    [
+      ('turn_end', 0, 5),
+      ('interrupt', 3, 7),
+      ('pause', 5, 7),
+      ('turn_end', 38, 43),
+      ('pause', 38, 40),
+      ('turn_end', 37, 38),
+    ],
+  )
   pooled = pool([a, b])
-  for key in ('takeover_rate', 'response_latency_ms', 'pause_takeover_rate',
-              'interrupt_stop_rate', 'interrupt_stop_latency_ms', 'counts'):
+  for key in (
+    'takeover_rate',
+    'response_latency_ms',
+    'pause_takeover_rate',
+    'interrupt_stop_rate',
+    'interrupt_stop_latency_ms',
+    'counts',
+  ):
     assert pooled[key] == both[key], key
   assert sorted(pooled['response_latency_ms_all']) == sorted(both['response_latency_ms_all'])
-  report = {'turn_taking': pooled, 'turn_accuracy': 0.5, 'right': 1, 'turns': 2,
-            'conversations': [{}, {}], 'teacher_forced': {'duplex': {'acc_text': 0.25}}}
+  report = {
+    'turn_taking': pooled,
+    'turn_accuracy': 0.5,
+    'right': 1,
+    'turns': 2,
+    'conversations': [{}, {}],
+    'teacher_forced': {'duplex': {'acc_text': 0.25}},
+  }
   table = markdown(report)
   assert '| pause takeover rate (lower is better) | 0.000 |' in table
   assert '| exact answers (turns right) | 0.500 |' in table

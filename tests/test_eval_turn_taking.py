@@ -1,4 +1,5 @@
 """Turn-taking metrics on hand-made timelines, speech activity, and events from segments."""
+
 import numpy as np
 import pytest
 
@@ -11,10 +12,15 @@ def timeline(text: str) -> np.ndarray:
 
 
 def test_takeover_and_latency():
-  act = timeline('....##....' '.....' '#...')  # F = 19
-  m = turn_taking(act, [('turn_end', 2, 10),  # speaks at 4: latency 2 frames = 160 ms
-                        ('turn_end', 10, 15),  # silent throughout its window: no takeover
-                        ('turn_end', 15, 19)])  # active at its very first frame: latency 0
+  act = timeline('....##.........#...')  # F = 19
+  m = turn_taking(
+    act,
+    [
+      ('turn_end', 2, 10),  # speaks at 4: latency 2 frames = 160 ms
+      ('turn_end', 10, 15),  # silent throughout its window: no takeover
+      ('turn_end', 15, 19),
+    ],
+  )  # active at its very first frame: latency 0
   assert m['takeover_rate'] == pytest.approx(2 / 3)
   assert m['response_latency_ms_all'] == [160.0, 0.0]
   assert m['response_latency_ms'] == 80.0  # the median of 160 and 0
@@ -40,10 +46,15 @@ def test_takeover_window_cut_by_end_and_max_wait():
 
 def test_pause_takeover():
   act = timeline('..#.....#.')
-  m = turn_taking(act, [('pause', 0, 2),  # silent in [0, 2)
-                        ('pause', 2, 4),  # active at its first frame
-                        ('pause', 3, 8),  # active at 8 = end: outside [3, 8)
-                        ('pause', 7, 9)])  # active at 8
+  m = turn_taking(
+    act,
+    [
+      ('pause', 0, 2),  # silent in [0, 2)
+      ('pause', 2, 4),  # active at its first frame
+      ('pause', 3, 8),  # active at 8 = end: outside [3, 8)
+      ('pause', 7, 9),
+    ],
+  )  # active at 8
   assert m['pause_takeover_rate'] == 0.5 and m['counts']['pause'] == 4
   assert m['takeover_rate'] is None
 
@@ -58,8 +69,12 @@ def test_interrupt_stop():
   # the window is cut by the end of the user's speech ...
   assert turn_taking(act, [('interrupt', 1, 5)], stop_frames=2)['interrupt_stop_rate'] == 0.0
   # ... and by max_wait_frames
-  assert turn_taking(act, [('interrupt', 1, 12)], stop_frames=2,
-                     max_wait_frames=4)['interrupt_stop_rate'] == 0.0
+  assert (
+    turn_taking(act, [('interrupt', 1, 12)], stop_frames=2, max_wait_frames=4)[
+      'interrupt_stop_rate'
+    ]
+    == 0.0
+  )
   # already silent at the onset: latency 0
   m = turn_taking(act, [('interrupt', 5, 9)], stop_frames=2)
   assert m['interrupt_stop_latency_ms'] == 0.0
@@ -92,20 +107,23 @@ def test_bad_arguments():
 
 def test_speech_activity_from_codes_and_wave():
   from flmjax.data.synthetic import silence_code
+
   sil = silence_code()
   codes = np.zeros((8, 5), np.int32)
   codes[0] = [sil, 7, sil, 2048, 9]  # 2048: PAD, nothing said
   np.testing.assert_array_equal(speech_activity(codes), [False, True, False, False, True])
-  np.testing.assert_array_equal(speech_activity(codes[0], silence_code=7),
-                                [True, False, True, False, True])
+  np.testing.assert_array_equal(
+    speech_activity(codes[0], silence_code=7), [True, False, True, False, True]
+  )
   t = np.arange(1920) / 24000
   loud = 0.1 * np.sin(2 * np.pi * 220 * t)  # about -23 dBFS
   faint = 0.001 * np.sin(2 * np.pi * 220 * t)  # about -63 dBFS
   # a partial last frame counts with zeros after it: 20 loud samples are about -43 dBFS
   wave = np.concatenate([np.zeros(1920), loud, faint, loud[:20]]).astype(np.float32)
   np.testing.assert_array_equal(speech_activity(wave=wave), [False, True, False, False])
-  np.testing.assert_array_equal(speech_activity(wave=wave, threshold_dbfs=-70),
-                                [False, True, True, True])
+  np.testing.assert_array_equal(
+    speech_activity(wave=wave, threshold_dbfs=-70), [False, True, True, True]
+  )
   with pytest.raises(ValueError, match='exactly one of codes'):
     speech_activity()
   with pytest.raises(ValueError, match='mono audio'):
@@ -114,12 +132,20 @@ def test_speech_activity_from_codes_and_wave():
 
 def test_events_from_segments():
   seg = lambda who, a, b: {'speaker': who, 'start': a / 12.5, 'end': b / 12.5, 'text': 'x'}
-  segments = [seg('user', 1, 4), seg('user', 8, 10),  # a pause inside the question, 4..8
-              seg('model', 12, 16),
-              seg('user', 14, 18),  # barges in on the model at 14
-              seg('model', 20, 22),
-              seg('user', 25, 27), seg('user', 27, 29)]  # abutting: one stretch, no event
+  segments = [
+    seg('user', 1, 4),
+    seg('user', 8, 10),  # a pause inside the question, 4..8
+    seg('model', 12, 16),
+    seg('user', 14, 18),  # barges in on the model at 14
+    seg('model', 20, 22),
+    seg('user', 25, 27),
+    seg('user', 27, 29),
+  ]  # abutting: one stretch, no event
   assert events_from_segments(segments, 35) == [
-      ('pause', 4, 8), ('turn_end', 10, 14), ('interrupt', 14, 18), ('turn_end', 18, 25),
-      ('turn_end', 29, 35)]
+    ('pause', 4, 8),
+    ('turn_end', 10, 14),
+    ('interrupt', 14, 18),
+    ('turn_end', 18, 25),
+    ('turn_end', 29, 35),
+  ]
   assert events_from_segments([seg('model', 0, 3)], 5) == []

@@ -1,5 +1,6 @@
 """The house rules that a test can check: CLI modules are leaves, and the kernels install as
 `flmjax.kernels` only (the top-level name `kernels` is someone else's on PyPI)."""
+
 import ast
 import os
 import pathlib
@@ -45,14 +46,19 @@ def test_every_flmjax_import_resolves():
   """Imports inside functions (experiments, lazy imports) run only when called: each `flmjax`
   name imported anywhere must still exist, so a moved module cannot strand a script."""
   import importlib
+
   found = []
   for folder in ('flmjax', 'kernels', 'experiments', 'tests'):
     for path in sorted((ROOT / folder).rglob('*.py')):
       for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
           pairs = [(a.name, None) for a in node.names if a.name.split('.')[0] == 'flmjax']
-        elif isinstance(node, ast.ImportFrom) and not node.level and node.module and (
-            node.module.split('.')[0] == 'flmjax'):
+        elif (
+          isinstance(node, ast.ImportFrom)
+          and not node.level
+          and node.module
+          and (node.module.split('.')[0] == 'flmjax')
+        ):
           pairs = [(node.module, a.name) for a in node.names]
         else:
           continue
@@ -67,8 +73,18 @@ def test_every_flmjax_import_resolves():
 
 
 # The layers of docs/architecture.md §11, bottom first: a room imports only from earlier layers.
-LAYERS = (('config', 'platforms'), ('sharding', 'distributed'), ('model',), ('kernels',),
-          ('checkpoint',), ('codec',), ('data',), ('train',), ('decode',), ('eval', 'serve', 'aot'))
+LAYERS = (
+  ('config', 'platforms'),
+  ('sharding', 'distributed'),
+  ('model',),
+  ('kernels',),
+  ('checkpoint',),
+  ('codec',),
+  ('data',),
+  ('train',),
+  ('decode',),
+  ('eval', 'serve', 'aot'),
+)
 
 
 def test_rooms_import_only_earlier_layers():
@@ -77,7 +93,8 @@ def test_rooms_import_only_earlier_layers():
   for path in sorted((ROOT / 'flmjax').rglob('*.py')) + sorted((ROOT / 'kernels').rglob('*.py')):
     rel = path.relative_to(ROOT)
     if path.name in ('cli.py', 'main.py', '__main__.py') or rel == pathlib.Path(
-        'flmjax', '__init__.py'):
+      'flmjax', '__init__.py'
+    ):
       continue  # the command line and the package's public names sit on top of every room
     room = 'kernels' if rel.parts[0] == 'kernels' else rel.parts[1].removesuffix('.py')
     for module in _imported(path):
@@ -92,6 +109,7 @@ def test_rooms_import_only_earlier_layers():
 def test_loading_a_config_builds_nothing(tmp_path, name):
   """get_config only names the corpus; `train` builds it (so `flmjax aot --config` does not)."""
   from flmjax.train.config import load_config_file
+
   tc = load_config_file(str(ROOT / 'experiments' / 'configs' / f'{name}.py'), str(tmp_path / 'run'))
   assert not (tmp_path / 'run').exists()
   assert tc.corpus.split('duplex') == str(tmp_path / 'run' / 'corpus' / 'prepared' / 'duplex')
@@ -102,11 +120,14 @@ def test_loading_a_config_builds_nothing(tmp_path, name):
 def test_kernels_import_as_flmjax_kernels_only(tmp_path):
   """Outside the repository (a temporary working directory), the installed package provides
   flmjax.kernels and no top-level `kernels`."""
-  code = ('import importlib.util, flmjax.kernels.depth_step as d; '
-          'print(importlib.util.find_spec("kernels")); print(d.select_depth_layers_fn.__name__)')
+  code = (
+    'import importlib.util, flmjax.kernels.depth_step as d; '
+    'print(importlib.util.find_spec("kernels")); print(d.select_depth_layers_fn.__name__)'
+  )
   env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
-  out = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, env=env, capture_output=True,
-                       text=True, timeout=300)
+  out = subprocess.run(
+    [sys.executable, '-c', code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+  )
   assert out.returncode == 0, out.stderr
   assert out.stdout.split() == ['None', 'select_depth_layers_fn'], out.stdout
 
@@ -120,27 +141,49 @@ def test_wheel_installs_kernels_inside_flmjax(tmp_path):
     shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns('__pycache__'))
   for name in ('setup.py', 'setup.cfg', 'pyproject.toml', 'README.md'):
     shutil.copy(ROOT / name, src / name)
-  build = subprocess.run([sys.executable, '-m', 'pip', 'wheel', '-q', '--no-deps',
-                          '--no-build-isolation', '-w', str(tmp_path / 'dist'), str(src)],
-                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+  build = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'pip',
+      'wheel',
+      '-q',
+      '--no-deps',
+      '--no-build-isolation',
+      '-w',
+      str(tmp_path / 'dist'),
+      str(src),
+    ],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    cwd=tmp_path,
+  )
   assert build.returncode == 0, build.stderr
   (wheel,) = (tmp_path / 'dist').glob('flmjax-*.whl')
   names = zipfile.ZipFile(wheel).namelist()
   tops = {n.split('/')[0] for n in names if not n.split('/')[0].endswith('.dist-info')}
   assert tops == {'flmjax'}, tops
-  assert {'flmjax/kernels/__init__.py', 'flmjax/kernels/depth_step.py',
-          'flmjax/kernels/reference.py'} <= set(names)
+  assert {
+    'flmjax/kernels/__init__.py',
+    'flmjax/kernels/depth_step.py',
+    'flmjax/kernels/reference.py',
+  } <= set(names)
   zipfile.ZipFile(wheel).extractall(tmp_path / 'site')
   env = {**os.environ, 'PYTHONPATH': str(tmp_path / 'site')}
-  code = ('import flmjax, flmjax.kernels.depth_step, importlib.util; '
-          'print(flmjax.__file__); print(importlib.util.find_spec("kernels"))')
-  out = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, env=env, capture_output=True,
-                       text=True, timeout=300)
+  code = (
+    'import flmjax, flmjax.kernels.depth_step, importlib.util; '
+    'print(flmjax.__file__); print(importlib.util.find_spec("kernels"))'
+  )
+  out = subprocess.run(
+    [sys.executable, '-c', code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+  )
   assert out.returncode == 0, out.stderr
   assert out.stdout.split() == [str(tmp_path / 'site' / 'flmjax' / '__init__.py'), 'None']
   # The browser page is package data: a wheel serves it.
   code = 'from flmjax.serve import page; print(*sorted(page.load_files()))'
-  out = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, env=env, capture_output=True,
-                       text=True, timeout=300)
+  out = subprocess.run(
+    [sys.executable, '-c', code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+  )
   assert out.returncode == 0, out.stderr
   assert out.stdout.split() == ['app.js', 'capture.js', 'index.html']

@@ -1,5 +1,6 @@
 """Greedy streaming decoding of the golden stream with the Pallas depth kernels (interpret mode)
 gives exactly the reference path's tokens, which are the official LMGen's (golden out_plain)."""
+
 import functools
 
 import jax
@@ -38,11 +39,16 @@ def reference_tokens(tiny_model, golden):
 @pytest.mark.parametrize('kernel', ['tpu', 'gpu'])
 def test_greedy_golden_stream_matches_reference(tiny_model, golden, reference_tokens, kernel):
   if kernel == 'tpu':  # the decoder's own switch: on CPU it takes the TPU kernel in interpret mode
-    decoder = StreamingDecoder(tiny_model, GREEDY, max_len=32, use_pallas=True,
-                               pallas_interpret=True)
+    decoder = StreamingDecoder(
+      tiny_model, GREEDY, max_len=32, use_pallas=True, pallas_interpret=True
+    )
   else:  # the Triton kernel set, forced, in interpret mode
-    decoder = StreamingDecoder(tiny_model, GREEDY, max_len=32,
-                               depth_layer_fn=select_depth_layer_fn(kernel='gpu', interpret=True))
+    decoder = StreamingDecoder(
+      tiny_model,
+      GREEDY,
+      max_len=32,
+      depth_layer_fn=select_depth_layer_fn(kernel='gpu', interpret=True),
+    )
   cfg = tiny_model.cfg
   # use_pallas hands the decoder the whole-stack entry (stacked weights and caches, leading L).
   stacked = kernel == 'tpu'
@@ -50,9 +56,12 @@ def test_greedy_golden_stream_matches_reference(tiny_model, golden, reference_to
   lead = (cfg.depth_layers,) if stacked else ()
   x = jnp.zeros((1, cfg.depth_dim))
   kc = jnp.zeros(lead + (1, cfg.num_codebooks, cfg.depth_heads, cfg.depth_head_dim))
-  p = {n: getattr(tiny_model.depth_transformer, n)[...] if stacked else
-       getattr(tiny_model.depth_transformer, n)[...][0]
-       for n in ('ln_1', 'qkv', 'proj', 'ln_2', 'gate', 'up', 'down')}
+  p = {
+    n: getattr(tiny_model.depth_transformer, n)[...]
+    if stacked
+    else getattr(tiny_model.depth_transformer, n)[...][0]
+    for n in ('ln_1', 'qkv', 'proj', 'ln_2', 'gate', 'up', 'down')
+  }
   traced = str(jax.make_jaxpr(functools.partial(fn, eps=1e-6))(p, x, kc, kc, jnp.int32(0)))
   assert 'pallas_call' in traced  # the decoder really runs the kernel
   tokens = decode(decoder, golden[0])

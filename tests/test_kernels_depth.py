@@ -14,6 +14,7 @@ back bit-identical to the input):
   about 0.6% off the f32 result. The elementwise maximum alone sits near 2e-2 about once in
   3000 draws (measured), so a per-element bound of 2e-2 would be flaky, not stricter.
 """
+
 import functools
 
 import jax
@@ -38,10 +39,12 @@ TINY = (32, 4, int(8 * 32 / 3))
 ODD = (40, 4, 106)
 # Variant -> (kernel, tiles per dims). The small tiles make f ragged, and several tiles per dim.
 VARIANTS = {
-    'tpu': ('tpu', {TINY: {}, ODD: dict(heads_per_block=2, f_block=32)}),
-    'gpu': ('gpu', {TINY: {}, ODD: dict(kb=16, nb=16)}),
-    'gpu_fused': ('gpu', {TINY: dict(fuse_attention=True),
-                          ODD: dict(kb=16, nb=16, fuse_attention=True)}),
+  'tpu': ('tpu', {TINY: {}, ODD: dict(heads_per_block=2, f_block=32)}),
+  'gpu': ('gpu', {TINY: {}, ODD: dict(kb=16, nb=16)}),
+  'gpu_fused': (
+    'gpu',
+    {TINY: dict(fuse_attention=True), ODD: dict(kb=16, nb=16, fuse_attention=True)},
+  ),
 }
 
 
@@ -50,10 +53,15 @@ def random_layer(seed, b, dims, dtype):
   e = d // h
   rng = np.random.default_rng(seed)  # numpy: no per-shape compiles for the draws
   n = lambda shape, scale: jnp.asarray(scale * rng.standard_normal(shape, np.float32), dtype)
-  p = {'ln_1': 1 + n((d,), 0.1), 'qkv': n((3, d, h * e), d ** -0.5),
-       'proj': n((h, e, d), d ** -0.5),
-       'ln_2': 1 + n((d,), 0.1), 'gate': n((C, d, f), d ** -0.5), 'up': n((C, d, f), d ** -0.5),
-       'down': n((C, f, d), f ** -0.5)}
+  p = {
+    'ln_1': 1 + n((d,), 0.1),
+    'qkv': n((3, d, h * e), d**-0.5),
+    'proj': n((h, e, d), d**-0.5),
+    'ln_2': 1 + n((d,), 0.1),
+    'gate': n((C, d, f), d**-0.5),
+    'up': n((C, d, f), d**-0.5),
+    'down': n((C, f, d), f**-0.5),
+  }
   return p, n((b, d), 1.0), n((b, C, h, e), 1.0), n((b, C, h, e), 1.0)
 
 
@@ -64,8 +72,11 @@ def compiled(variant, dims, interpret='plain'):
     return jax.jit(functools.partial(reference, eps=EPS))
   mode = pltpu.InterpretParams() if interpret == 'tpu_params' else True
   kernel, tiles = VARIANTS[variant]
-  return jax.jit(functools.partial(depth_step.depth_layer_step, eps=EPS, kernel=kernel,
-                                   interpret=mode, **tiles[dims]))
+  return jax.jit(
+    functools.partial(
+      depth_step.depth_layer_step, eps=EPS, kernel=kernel, interpret=mode, **tiles[dims]
+    )
+  )
 
 
 def rel_err(want, got):
@@ -98,8 +109,9 @@ def check_outputs(want, got, caches, c, dtype, what):
     if before is not None:
       others = np.arange(C) != c
       before = np.asarray(before.astype(jnp.float32))
-      np.testing.assert_array_equal(np.compress(others, g, axis=-3),
-                                    np.compress(others, before, axis=-3), f'{what} {name}')
+      np.testing.assert_array_equal(
+        np.compress(others, g, axis=-3), np.compress(others, before, axis=-3), f'{what} {name}'
+      )
       w, g = np.take(w, c, axis=-3), np.take(g, c, axis=-3)
     assert_close(w, g, dtype, f'{what} {name} c={c}')
 
@@ -139,11 +151,13 @@ def test_tpu_kernel_under_tpu_interpret_params(seed):
 @pytest.mark.parametrize('mode', [True, pltpu.InterpretParams()], ids=['plain', 'tpu_params'])
 def test_interpret_mode_poisons_unwritten_outputs(mode):
   """What the tests above rely on: an output element no kernel writes comes back NaN."""
+
   def half_writer(x_ref, o_ref):
     o_ref[:4, :] = x_ref[:4, :]
 
-  out = pl.pallas_call(half_writer, out_shape=jax.ShapeDtypeStruct((8, 128), jnp.float32),
-                       interpret=mode)(jnp.ones((8, 128), jnp.float32))
+  out = pl.pallas_call(
+    half_writer, out_shape=jax.ShapeDtypeStruct((8, 128), jnp.float32), interpret=mode
+  )(jnp.ones((8, 128), jnp.float32))
   out = np.asarray(out)
   assert (out[:4] == 1).all() and np.isnan(out[4:]).all()
 
@@ -157,10 +171,11 @@ def test_grad_matches_reference(kernel, seed):
 
   def loss(layer, p, x, kc, vc):
     out, k2, v2 = layer(p, x, kc, vc, c, EPS)
-    return jnp.sum(out * w) + jnp.sum(k2 ** 2) + jnp.sum(v2 * 0.5)
+    return jnp.sum(out * w) + jnp.sum(k2**2) + jnp.sum(v2 * 0.5)
 
-  layer = functools.partial(depth_step.depth_layer_step, kernel=kernel, interpret=True,
-                            **VARIANTS[kernel][1][TINY])
+  layer = functools.partial(
+    depth_step.depth_layer_step, kernel=kernel, interpret=True, **VARIANTS[kernel][1][TINY]
+  )
   want = jax.grad(functools.partial(loss, reference), argnums=(0, 1, 2, 3))(p, x, kc, vc)
   got = jax.jit(jax.grad(functools.partial(loss, layer), argnums=(0, 1, 2, 3)))(p, x, kc, vc)
   for path, w_leaf in jax.tree_util.tree_leaves_with_path(want):
@@ -172,8 +187,9 @@ def test_select_on_cpu():
   """CPU: the reference unless interpret mode is asked for; a named kernel is honoured."""
   p, x, kc, vc = random_layer(0, 2, TINY, jnp.float32)
   args = (p, x, kc, vc, jnp.int32(2))
-  jaxpr = lambda **kw: str(jax.make_jaxpr(
-      functools.partial(depth_step.select_depth_layer_fn(**kw), eps=EPS))(*args))
+  jaxpr = lambda **kw: str(
+    jax.make_jaxpr(functools.partial(depth_step.select_depth_layer_fn(**kw), eps=EPS))(*args)
+  )
   assert jax.default_backend() == 'cpu'
   assert 'pallas_call' not in jaxpr()  # the reference
   assert 'depth_step_tpu' in jaxpr(interpret=True)
@@ -193,5 +209,6 @@ def test_bad_arguments_name_the_problem():
   with pytest.raises(ValueError, match='kb=24 and nb=32 must be powers of two'):
     depth_step.depth_layer_step(p, x, kc, vc, 0, EPS, kernel='gpu', interpret=True, kb=24)
   with pytest.raises(ValueError, match='heads_per_block 3 does not divide the 4 depth heads'):
-    depth_step.depth_layer_step(p, x, kc, vc, 0, EPS, kernel='tpu', interpret=True,
-                                heads_per_block=3)
+    depth_step.depth_layer_step(
+      p, x, kc, vc, 0, EPS, kernel='tpu', interpret=True, heads_per_block=3
+    )

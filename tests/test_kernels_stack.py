@@ -3,6 +3,7 @@ layers in one call, the Triton kernels run per layer reading the stacked [L,...]
 caches in place. Checked in interpret mode against
 flmjax.model.depth.layers_step (the scan DepthTransformer.step runs), with the tolerances, fresh
 seeds and NaN-poisoned outputs of test_kernels_depth.py."""
+
 import functools
 
 import jax
@@ -25,10 +26,15 @@ def random_stack(seed, b, dims, dtype):
   rng = np.random.default_rng(seed)
   n = lambda shape, scale: jnp.asarray(scale * rng.standard_normal(shape, np.float32), dtype)
   L = LAYERS
-  p = {'ln_1': 1 + n((L, d), 0.1), 'qkv': n((L, 3, d, h * e), d ** -0.5),
-       'proj': n((L, h, e, d), d ** -0.5), 'ln_2': 1 + n((L, d), 0.1),
-       'gate': n((L, C, d, f), d ** -0.5), 'up': n((L, C, d, f), d ** -0.5),
-       'down': n((L, C, f, d), f ** -0.5)}
+  p = {
+    'ln_1': 1 + n((L, d), 0.1),
+    'qkv': n((L, 3, d, h * e), d**-0.5),
+    'proj': n((L, h, e, d), d**-0.5),
+    'ln_2': 1 + n((L, d), 0.1),
+    'gate': n((L, C, d, f), d**-0.5),
+    'up': n((L, C, d, f), d**-0.5),
+    'down': n((L, C, f, d), f**-0.5),
+  }
   return p, n((b, d), 1.0), n((L, b, C, h, e), 1.0), n((L, b, C, h, e), 1.0)
 
 
@@ -37,14 +43,19 @@ def compiled(variant, dims):
   if variant == 'reference':
     return jax.jit(functools.partial(reference, eps=EPS))
   kernel, tiles = VARIANTS[variant]
-  return jax.jit(functools.partial(depth_step.depth_layers_step, eps=EPS, kernel=kernel,
-                                   interpret=True, **tiles[dims]))
+  return jax.jit(
+    functools.partial(
+      depth_step.depth_layers_step, eps=EPS, kernel=kernel, interpret=True, **tiles[dims]
+    )
+  )
 
 
 @pytest.mark.parametrize('variant', list(VARIANTS))
-@pytest.mark.parametrize('dims,b,dtype', [(TINY, 8, jnp.float32), (ODD, 3, jnp.float32),
-                                          (ODD, 1, jnp.bfloat16)], ids=['tiny-B8-f32',
-                                                                       'odd-B3-f32', 'odd-B1-bf16'])
+@pytest.mark.parametrize(
+  'dims,b,dtype',
+  [(TINY, 8, jnp.float32), (ODD, 3, jnp.float32), (ODD, 1, jnp.bfloat16)],
+  ids=['tiny-B8-f32', 'odd-B3-f32', 'odd-B1-bf16'],
+)
 def test_stack_every_codebook(variant, dims, b, dtype, seed):
   p, x, kc, vc = random_stack(seed, b, dims, dtype)
   ref, fn = compiled('reference', dims), compiled(variant, dims)
@@ -61,7 +72,7 @@ def test_stack_grad_matches_reference(seed):
 
   def loss(layers, p, x, kc, vc):
     out, k2, v2 = layers(p, x, kc, vc, c, EPS)
-    return jnp.sum(out * w) + jnp.sum(k2 ** 2) + jnp.sum(v2 * 0.5)
+    return jnp.sum(out * w) + jnp.sum(k2**2) + jnp.sum(v2 * 0.5)
 
   layers = depth_step.select_depth_layers_fn(kernel='gpu', interpret=True)
   want = jax.grad(functools.partial(loss, reference), argnums=(0, 1, 2, 3))(p, x, kc, vc)
@@ -74,8 +85,11 @@ def test_stack_grad_matches_reference(seed):
 
 def test_select_layers_on_cpu():
   p, x, kc, vc = random_stack(0, 2, TINY, jnp.float32)
-  jaxpr = lambda **kw: str(jax.make_jaxpr(functools.partial(
-      depth_step.select_depth_layers_fn(**kw), eps=EPS))(p, x, kc, vc, jnp.int32(1)))
+  jaxpr = lambda **kw: str(
+    jax.make_jaxpr(functools.partial(depth_step.select_depth_layers_fn(**kw), eps=EPS))(
+      p, x, kc, vc, jnp.int32(1)
+    )
+  )
   assert 'pallas_call' not in jaxpr()
   assert jaxpr(interpret=True).count('pallas_call') == 1  # one TPU kernel for the whole stack
   assert jaxpr(kernel='gpu', interpret=True).count('pallas_call') == 5 * LAYERS  # Triton set

@@ -2,6 +2,7 @@
 depth shapes in bf16 the compiled program hands the weights to the kernel in place, with no
 weight-sized copy (a re-layout) before it. A control with the unpadded MLP (2730 units) shows
 the check catching the copies TPUs make for a layout they do not store."""
+
 import functools
 import re
 
@@ -27,11 +28,15 @@ def copies(hlo: str, min_bytes: int) -> list[str]:
   found = []
   for line in hlo.splitlines():
     m = _INSTR.match(line)
-    if not m or not (m.group(3) in ('copy', 'copy-start', 'transpose')
-                     or m.group(1).startswith(('copy', 'transpose'))):
+    if not m or not (
+      m.group(3) in ('copy', 'copy-start', 'transpose')
+      or m.group(1).startswith(('copy', 'transpose'))
+    ):
       continue
-    sizes = [_ITEMSIZE[t] * int(np.prod([int(n) for n in dims.split(',') if n]))
-             for t, dims in _ARRAY.findall(m.group(2))]
+    sizes = [
+      _ITEMSIZE[t] * int(np.prod([int(n) for n in dims.split(',') if n]))
+      for t, dims in _ARRAY.findall(m.group(2))
+    ]
     if max(sizes, default=0) >= min_bytes:
       found.append(line.strip()[:160])
   return found
@@ -40,13 +45,25 @@ def copies(hlo: str, min_bytes: int) -> list[str]:
 def compile_stack(topology: str, mlp: int, batch: int = 8):
   """The whole-stack kernel (what the decoder runs) for one chip of `topology`, MLP width mlp."""
   cfg = ModelConfig.flm_8b()
-  L, C, d, h, e = (cfg.depth_layers, cfg.num_codebooks, cfg.depth_dim, cfg.depth_heads,
-                   cfg.depth_head_dim)
+  L, C, d, h, e = (
+    cfg.depth_layers,
+    cfg.num_codebooks,
+    cfg.depth_dim,
+    cfg.depth_heads,
+    cfg.depth_head_dim,
+  )
   device = topologies.get_topology_desc(platform='tpu', topology_name=topology).devices[0]
   sharding = jax.sharding.SingleDeviceSharding(device)
   s = lambda *shape, dt=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
-  p = {'ln_1': s(L, d), 'qkv': s(L, 3, d, h * e), 'proj': s(L, h, e, d), 'ln_2': s(L, d),
-       'gate': s(L, C, d, mlp), 'up': s(L, C, d, mlp), 'down': s(L, C, mlp, d)}
+  p = {
+    'ln_1': s(L, d),
+    'qkv': s(L, 3, d, h * e),
+    'proj': s(L, h, e, d),
+    'ln_2': s(L, d),
+    'gate': s(L, C, d, mlp),
+    'up': s(L, C, d, mlp),
+    'down': s(L, C, mlp, d),
+  }
   cache = s(L, batch, C, h, e)
   fn = jax.jit(functools.partial(depth_tpu.layers_step, eps=cfg.depth_rms_eps))
   compiled = fn.lower(p, s(batch, d), cache, cache, s(dt=jnp.int32)).compile()

@@ -1,4 +1,5 @@
 """Issue 18: LoRA adapters and the int8 base inside the model's own layers; the LoRA train step."""
+
 import dataclasses
 
 import jax
@@ -23,8 +24,9 @@ ALL = L.LoraConfig(rank=4, alpha=8.0, targets=L.TARGETS, base_dtype='float32')
 @pytest.fixture(scope='module')
 def inputs(tiny_dir):
   d = np.load(tiny_dir / 'forward.npz')
-  return dict(text=d['text'], speak=d['speak'], listen=d['listen'],
-              depth_prev=d['depth_tokens'][..., :7])
+  return dict(
+    text=d['text'], speak=d['speak'], listen=d['listen'], depth_prev=d['depth_tokens'][..., :7]
+  )
 
 
 def lora_model(base_model, lc, seed=1, noise=0.0):
@@ -36,8 +38,9 @@ def lora_model(base_model, lc, seed=1, noise=0.0):
   for i, (_, v) in enumerate(nnx.to_flat_state(nnx.state(model, L.LoraParam))):
     # Adapters stay zero over the layout padding (L.real_mask), as in training.
     mask = L.real_mask(v.shape, v.get_metadata()['axes'], base_model.cfg)
-    v.set_value(v.get_value() + noise * mask * jax.random.normal(jax.random.fold_in(key, i),
-                                                                 v.shape))
+    v.set_value(
+      v.get_value() + noise * mask * jax.random.normal(jax.random.fold_in(key, i), v.shape)
+    )
   _, adapters = L.split_params(nnx.to_pure_dict(nnx.state(model)))
   return nnx.merge(graphdef, st.join(base, adapters))
 
@@ -130,14 +133,25 @@ def test_peft_adapter_loads_into_the_official_modules(tiny_model, tiny_dir, inpu
   import sys
 
   from flmjax.train import adapters
+
   model = lora_model(tiny_model, ALL, noise=0.05)
   adapters.write_peft(model, str(tmp_path / 'adapter'))
   out = tmp_path / 'merged'
   out.mkdir()
   (tmp_path / 'merge.py').write_text(PEFT_MERGE)
-  done = subprocess.run([sys.executable, 'merge.py', str(tiny_dir / 'model.safetensors'),
-                         'adapter', str(out / 'model.safetensors')], cwd=tmp_path,
-                        capture_output=True, text=True, timeout=600)
+  done = subprocess.run(
+    [
+      sys.executable,
+      'merge.py',
+      str(tiny_dir / 'model.safetensors'),
+      'adapter',
+      str(out / 'model.safetensors'),
+    ],
+    cwd=tmp_path,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   shutil.copy(tiny_dir / 'config.json', out / 'config.json')
   theirs, ours = flmjax.load_official(str(out), dtype='float32')(**inputs), model(**inputs)
@@ -184,23 +198,36 @@ def test_adapter_axes_follow_the_base():
   assert sh['depth_transformer']['qkv_lora_b'].spec == P(None, None, None, 'tensor')  # [L,r,3,n]
 
 
-@pytest.mark.parametrize('kw, match', [
-    (dict(rank=0, alpha=1.0), 'rank is 0'), (dict(rank=-2, alpha=1.0), 'rank is -2'),
-    (dict(rank=4, alpha=0.0), 'alpha is 0.0'), (dict(rank=4, alpha=-1), 'alpha is -1'),
+@pytest.mark.parametrize(
+  'kw, match',
+  [
+    (dict(rank=0, alpha=1.0), 'rank is 0'),
+    (dict(rank=-2, alpha=1.0), 'rank is -2'),
+    (dict(rank=4, alpha=0.0), 'alpha is 0.0'),
+    (dict(rank=4, alpha=-1), 'alpha is -1'),
     (dict(rank=4, alpha=1.0, targets=('attn', 'ffn')), "unknown target 'ffn'"),
     (dict(rank=4, alpha=1.0, base_dtype='int4'), "base_dtype 'int4'"),
     (dict(rank=4, alpha=1.0, dropout=1.0), r'dropout is 1.0; it must lie in \[0, 1\)'),
     (dict(rank=4, alpha=1.0, dropout=-0.1), 'dropout is -0.1'),
-])
+  ],
+)
 def test_bad_lora_config(kw, match):
   with pytest.raises(ValueError, match=match):
     L.LoraConfig(**kw)
 
 
 def _tc(lora, **kw):
-  return TrainConfig(model=ModelConfig.tiny(), stages=(StageConfig('a', 4, random_data=True),),
-                     run_dir='/nonexistent', window=12, batch_size=8, compute_dtype='float32',
-                     optim=OptimConfig(eps=1e-3), lora=lora, **kw)
+  return TrainConfig(
+    model=ModelConfig.tiny(),
+    stages=(StageConfig('a', 4, random_data=True),),
+    run_dir='/nonexistent',
+    window=12,
+    batch_size=8,
+    compute_dtype='float32',
+    optim=OptimConfig(eps=1e-3),
+    lora=lora,
+    **kw,
+  )
 
 
 @pytest.fixture(scope='module')
@@ -216,8 +243,9 @@ def lora_steps():
     fn = sp.jit_train_step(spec, tc, mesh)
     losses = []
     for _ in range(2):
-      state, m = fn(state, data_lib.to_global(batch, sp.batch_shardings(mesh)), jnp.float32(3e-3),
-                    base)
+      state, m = fn(
+        state, data_lib.to_global(batch, sp.batch_shardings(mesh)), jnp.float32(3e-3), base
+      )
       losses.append(float(m['loss']))
     out[name] = (spec, before, jax.device_get((state, base)), losses)
   return out
@@ -227,13 +255,20 @@ def lora_steps():
 def test_only_adapters_change_in_a_step(lora_steps):
   spec, (params0, base0), (state, base), losses = lora_steps['single']
   assert set(jax.tree.leaves(jax.tree.map(lambda x: str(x.dtype), base0))) == {
-      'int8', 'float32', 'bfloat16'}
+    'int8',
+    'float32',
+    'bfloat16',
+  }
   for a, b in zip(jax.tree.leaves(base0), jax.tree.leaves(base)):
     assert np.array_equal(a, b)  # the base is bit-identical
   names = {k for tree in state.params.values() for k in tree}
   assert names and all(k.endswith(('_lora_a', '_lora_b')) for k in names)
-  moved = [k for m in state.params for k in state.params[m]
-           if not np.array_equal(state.params[m][k], params0[m][k])]
+  moved = [
+    k
+    for m in state.params
+    for k in state.params[m]
+    if not np.array_equal(state.params[m][k], params0[m][k])
+  ]
   assert any(k.endswith('_lora_b') for k in moved)  # B leaves zero on the first step
   assert losses[1] < losses[0]
   # The optimizer holds moments of the adapters only.
@@ -251,7 +286,8 @@ def test_sharded_lora_step_matches_single_device(lora_steps):
   np.testing.assert_allclose(sharded[1], single[1], rtol=1e-4)
   spec = lora_steps['sharded'][0]
   assert spec.base['backbone']['q'].sharding.spec == jax.sharding.PartitionSpec(
-      None, 'fsdp', 'tensor', None)
+    None, 'fsdp', 'tensor', None
+  )
 
 
 def test_dropout_drops_the_adapters_input_only():
@@ -266,11 +302,11 @@ def test_dropout_drops_the_adapters_input_only():
   base = jnp.einsum('BTi,io->BTo', x, w)
   delta = (L.dense('BTi,io->BTo', x, p, 'up', scale, dropout=dropout) - base) / scale
   kept = jnp.abs(delta) > 1e-3
-  np.testing.assert_allclose(np.where(kept, delta, 0), np.where(kept, x / (1 - rate), 0),
-                             rtol=1e-5)
+  np.testing.assert_allclose(np.where(kept, delta, 0), np.where(kept, x / (1 - rate), 0), rtol=1e-5)
   assert 0.2 < 1 - float(kept.mean()) < 0.3
-  np.testing.assert_allclose(L.dense('BTi,io->BTo', x, p, 'up', scale), base + scale * x,
-                             rtol=1e-5)  # no dropout: nothing dropped
+  np.testing.assert_allclose(
+    L.dense('BTi,io->BTo', x, p, 'up', scale), base + scale * x, rtol=1e-5
+  )  # no dropout: nothing dropped
   again = L.dense('BTi,io->BTo', x, p, 'up', scale, dropout=dropout)
   assert np.array_equal(again, L.dense('BTi,io->BTo', x, p, 'up', scale, dropout=dropout))
   plain = {'up': w}
@@ -284,8 +320,11 @@ def test_dropout_step_is_deterministic_and_differs_from_no_dropout():
   mesh = shd.make_mesh(1, 1, 1)
   results = []
   for dropout in (0.5, 0.5, 0.0):
-    tc = _tc(L.LoraConfig(4, 8.0, targets=('attn', 'mlp', 'depth', 'heads'),
-                          dropout=dropout, base_dtype='float32'))
+    tc = _tc(
+      L.LoraConfig(
+        4, 8.0, targets=('attn', 'mlp', 'depth', 'heads'), dropout=dropout, base_dtype='float32'
+      )
+    )
     spec = st.state_spec(tc, mesh)
     state, base = st.init_state(spec, tc), st.init_base(spec, tc)
     batch = data_lib.to_global(next(data_lib.make_stage_loader(tc, 0)), sp.batch_shardings(mesh))
@@ -297,4 +336,3 @@ def test_dropout_step_is_deterministic_and_differs_from_no_dropout():
   assert loss_a == loss_b == loss_c  # B = 0: each step's forward is the base's
   moved = [not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(c))]
   assert any(moved)
-

@@ -1,5 +1,6 @@
 """The blocked text and audio losses and the fused cross-entropy against the plain ones, and the
 padded vocab / depth MLP layout."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,14 +72,17 @@ def _plain_audio(model, tokens, weights):
   """The reference: Σ w·ce per audio stream from the whole [B,T,C,A] float32 log-softmax."""
   out = model(**loss_lib.model_inputs(model.cfg, tokens))
   C = model.cfg.num_codebooks
-  tgt = jnp.swapaxes(tokens[:, 1:1 + C, 1:], 1, 2)  # [B,T,C]
-  w = jnp.swapaxes(weights[:, 1:1 + C, 1:], 1, 2)
+  tgt = jnp.swapaxes(tokens[:, 1 : 1 + C, 1:], 1, 2)  # [B,T,C]
+  w = jnp.swapaxes(weights[:, 1 : 1 + C, 1:], 1, 2)
   logp = jax.nn.log_softmax(out.depth_logits.astype(jnp.float32), axis=-1)
   ce = -jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]
   hit = (w > 0) & (jnp.argmax(out.depth_logits, -1) == tgt)
-  return {'semantic_wce': jnp.sum(w[..., 0] * ce[..., 0]),
-          'acoustic_wce': jnp.sum(w[..., 1:] * ce[..., 1:]),
-          'semantic_correct': jnp.sum(hit[..., 0]), 'acoustic_correct': jnp.sum(hit[..., 1:])}
+  return {
+    'semantic_wce': jnp.sum(w[..., 0] * ce[..., 0]),
+    'acoustic_wce': jnp.sum(w[..., 1:] * ce[..., 1:]),
+    'semantic_correct': jnp.sum(hit[..., 0]),
+    'acoustic_correct': jnp.sum(hit[..., 1:]),
+  }
 
 
 @pytest.mark.slow
@@ -104,7 +108,8 @@ def test_codebook_audio_loss_equals_plain(model):
 def test_codebook_audio_loss_bf16_against_float32(model):
   tokens, weights = _batch(model.cfg, seed=6)
   f32 = lambda m: (lambda s: s['semantic_wce'] + s['acoustic_wce'])(
-      loss_lib.loss_sums(m, tokens, weights))
+    loss_lib.loss_sums(m, tokens, weights)
+  )
   bf16 = flm.create(model.cfg.replace(dtype='bfloat16'), seed=1)  # same float32 weights
   assert _rel(jax.jit(f32)(bf16), jax.jit(f32)(model)) < BF16_TOL
   g16 = _grads(bf16, f32)['depth_transformer']['heads']
@@ -172,8 +177,10 @@ def test_official_round_trip_strips_padding_bit_exact(tiny_dir, tmp_path):
   model = flmjax.load_official(str(tiny_dir), dtype='float32', tensor_parallel=4)
   assert model.backbone.text_embed[...].shape == (512, 64)
   out = flmjax.save_official(model, str(tmp_path / 'out'), dtype='float32')
-  ours, theirs = st.read_header(out + '/model.safetensors'), st.read_header(
-      str(tiny_dir / 'model.safetensors'))
+  ours, theirs = (
+    st.read_header(out + '/model.safetensors'),
+    st.read_header(str(tiny_dir / 'model.safetensors')),
+  )
   assert sorted(ours) == sorted(theirs)
   for key in theirs:
     a, b = st.read_tensor(ours[key]), st.read_tensor(theirs[key])

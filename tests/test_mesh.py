@@ -1,4 +1,5 @@
 """Topology-aware meshes (one slice and several) and the checks of the distributed setup."""
+
 import dataclasses
 
 import jax
@@ -22,6 +23,7 @@ def test_single_slice_mesh_is_jax_make_mesh():
 @dataclasses.dataclass(frozen=True)
 class FakeDevice:
   """What mesh_utils reads of a device on a multi-slice job (CPU devices are all in slice 0)."""
+
   id: int
   slice_index: int
   process_index: int
@@ -39,8 +41,11 @@ def test_multi_slice_grid_keeps_each_slice_in_one_block_of_the_dcn_axis():
   assert (slices[0] == 0).all() and (slices[1] == 1).all()
   grid = shd.device_grid((2, 1, 2), (1, 2, 1), devices)  # dcn_fsdp: the fsdp axis spans slices
   assert (np.vectorize(lambda d: d.slice_index)(grid) == [[[0, 0], [1, 1]]] * 2).all()
-  with pytest.raises(ValueError, match=r'dcn_data x dcn_fsdp = 4 must equal the number of '
-                                       r'slices, 2'):
+  with pytest.raises(
+    ValueError,
+    match=r'dcn_data x dcn_fsdp = 4 must equal the number of '
+    r'slices, 2',
+  ):
     shd.device_grid((1, 1, 2), (4, 1, 1), devices)
 
 
@@ -51,11 +56,17 @@ def test_processes_are_the_slices_when_all_devices_are_in_slice_0():
 
 def test_mesh_config_with_dcn_axes():
   assert MeshConfig(fsdp=2, dcn_data=2).resolve(8) == (2, 2, 1)  # per slice
-  with pytest.raises(TrainConfigError, match=r'not a multiple of fsdp\*tensor\*dcn_data\*dcn_fsdp'
-                                             r' = 12'):
+  with pytest.raises(
+    TrainConfigError,
+    match=r'not a multiple of fsdp\*tensor\*dcn_data\*dcn_fsdp'
+    r' = 12',
+  ):
     MeshConfig(fsdp=3, dcn_data=2, dcn_fsdp=2).resolve(8)
-  with pytest.raises(TrainConfigError, match=r'MeshConfig.dcn_data is 0; it must be an integer '
-                                             r'>= 1$'):
+  with pytest.raises(
+    TrainConfigError,
+    match=r'MeshConfig.dcn_data is 0; it must be an integer '
+    r'>= 1$',
+  ):
     MeshConfig(dcn_data=0)
 
 
@@ -88,6 +99,7 @@ def test_persistent_compilation_cache_is_off_on_a_cpu_mesh(tmp_path):
   """XLA:CPU steps with collectives loaded from jax's persistent cache can deadlock: on several
   CPU devices a run compiles fresh, and says so once."""
   from flmjax.platforms import compile_fresh_on_cpu_mesh
+
   old_dir = jax.config.jax_compilation_cache_dir
   old_enabled = jax.config.jax_enable_compilation_cache
   lines = []

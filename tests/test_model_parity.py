@@ -1,4 +1,5 @@
 """Issue 2: the Flax model against the official PyTorch forward (golden fixtures)."""
+
 import json
 
 import jax.numpy as jnp
@@ -37,8 +38,9 @@ def test_forward_matches_official(outputs, forward_ref, name):
 
 @pytest.mark.parametrize('name', ['text_logits', 'depth_logits'])
 def test_argmax_of_every_row_matches(outputs, forward_ref, name):
-  np.testing.assert_array_equal(np.asarray(getattr(outputs, name)).argmax(-1),
-                                forward_ref[name].argmax(-1))
+  np.testing.assert_array_equal(
+    np.asarray(getattr(outputs, name)).argmax(-1), forward_ref[name].argmax(-1)
+  )
 
 
 def test_no_depth_prev_gives_no_depth_logits(tiny_model, forward_ref):
@@ -64,7 +66,7 @@ def test_cached_backbone_steps_equal_full_forward(tiny_model, forward_ref):
   cache = backbone_lib.init_cache(bb.cfg, b, max_len=t + 3)
   hs = []
   for i in range(t):
-    h, cache = bb(x[:, i:i + 1], jnp.full((b, 1), i, jnp.int32), cache)
+    h, cache = bb(x[:, i : i + 1], jnp.full((b, 1), i, jnp.int32), cache)
     hs.append(h)
   assert rel_err(jnp.concatenate(hs, axis=1), r['hidden']) < REL_TOL
 
@@ -100,6 +102,7 @@ def test_bfloat16_forward_close_to_float32(tiny_dir, forward_ref):
 
 def test_params_carry_logical_axes(tiny_model):
   from flax import nnx
+
   for path, var in nnx.to_flat_state(nnx.state(tiny_model)):
     axes = var.get_metadata().get('axes')
     assert axes is not None and len(axes) == var.get_value().ndim, path

@@ -5,6 +5,7 @@ One compiled pipeline (tiny LM, golden mimi_small, 4 slots, greedy) serves every
 send their audio up front (no pacing), so no frame of real input is ever an underrun and each
 session's replies must equal the offline replay exactly.
 """
+
 import asyncio
 
 import aiohttp
@@ -30,13 +31,18 @@ GREEDY = SamplingConfig(greedy=True)
 
 def test_settings_keys_and_text_stream(tiny_model):
   cfg = tiny_model.cfg
-  s = protocol.apply_settings(GREEDY, {'use_sampling': True, 'temp_text': 0.7,
-                                       'repetition_penalty_window_audio': 20})
+  s = protocol.apply_settings(
+    GREEDY, {'use_sampling': True, 'temp_text': 0.7, 'repetition_penalty_window_audio': 20}
+  )
   assert (s.greedy, s.temp_text, s.penalty_window_audio) == (False, 0.7, 20)
   assert protocol.settings_json(s)['use_sampling'] is True
-  for bad, word in (([1], 'JSON object'), ({'temp': 1}, "unknown setting 'temp'"),
-                    ({'top_k_text': 1.5}, 'integer'), ({'use_sampling': 1}, 'true or false'),
-                    ({'top_p_text': 2.0}, 'top_p')):
+  for bad, word in (
+    ([1], 'JSON object'),
+    ({'temp': 1}, "unknown setting 'temp'"),
+    ({'top_k_text': 1.5}, 'integer'),
+    ({'use_sampling': 1}, 'true or false'),
+    ({'top_p_text': 2.0}, 'top_p'),
+  ):
     with pytest.raises(ValueError, match=word):
       protocol.apply_settings(GREEDY, bad)
   text = protocol.TextStream(cfg)
@@ -60,21 +66,24 @@ def test_protocol_handshake_audio_text_settings(serve_pipeline, tiny_model):
       async with http.post(f'{base}/api/settings', json=body) as r:
         assert r.status == 400 and 'penalty buffer of 50' in (await r.json())['error']
       # Server-wide (the official semantics): applies to sessions that start from now on.
-      async with http.post(f'{base}/api/settings', json={'use_sampling': False,
-                                                         'repetition_penalty_text': 1.05}) as r:
+      async with http.post(
+        f'{base}/api/settings', json={'use_sampling': False, 'repetition_penalty_text': 1.05}
+      ) as r:
         assert r.status == 200 and (await r.json())['settings']['repetition_penalty_text'] == 1.05
       assert server.sampling == SamplingConfig(greedy=True, repetition_penalty_text=1.05)
       async with http.post(f'{base}/api/settings?session=nope', json={}) as r:
         assert r.status == 404
 
       async def per_session(sid):  # ours: one live session's settings, by the id header
-        async with http.post(f'{base}/api/settings?session={sid}',
-                             json={'repetition_penalty_audio': 1.3}) as r:
+        async with http.post(
+          f'{base}/api/settings?session={sid}', json={'repetition_penalty_audio': 1.3}
+        ) as r:
           assert r.status == 200
         assert server.frame_loop.find(sid).sampling.repetition_penalty_audio == 1.3
 
-      conv = await converse(f'ws://{addr}/api/chat', voice(1, 12), pace=False,
-                            session_hook=per_session)
+      conv = await converse(
+        f'ws://{addr}/api/chat', voice(1, 12), pace=False, session_hook=per_session
+      )
       async with http.get(f'{base}/healthz') as r:
         health = await r.json()
       async with http.get(f'{base}/metrics') as r:
@@ -87,16 +96,20 @@ def test_protocol_handshake_audio_text_settings(serve_pipeline, tiny_model):
   assert conv.reply_pcm.size == 11 * FRAME and np.abs(conv.reply_pcm).max() > 0
   assert conv.text and '\x02' not in conv.text and f'<{cfg.text_wait_id}>' not in conv.text
   assert health['status'] == 'ok' and health['slots'] == 4
-  for name in ('flmjax_sessions_live', 'flmjax_frame_loop_seconds_bucket',
-               'flmjax_underruns_total', 'flmjax_frame_loop_recent_seconds{quantile="0.99"}'):
+  for name in (
+    'flmjax_sessions_live',
+    'flmjax_frame_loop_seconds_bucket',
+    'flmjax_underruns_total',
+    'flmjax_frame_loop_recent_seconds{quantile="0.99"}',
+  ):
     assert name in metrics, name
   [done] = server.finished
   assert (done.frames_in, done.frames_out, done.reason) == (12, 11, 'client closed')
   # The session ran on the posted settings: the reference uses the same ones.
-  sampling = SamplingConfig(greedy=True, repetition_penalty_text=1.05,
-                            repetition_penalty_audio=1.3)
+  sampling = SamplingConfig(greedy=True, repetition_penalty_text=1.05, repetition_penalty_audio=1.3)
   assert done.sampling == sampling
   from flmjax.serve.reference import mismatches, replay
+
   ref = replay(serve_pipeline, {0: conv.sent_pcm}, sampling=sampling)
   assert mismatches(conv, cfg, *ref[0], frames=11) == []
 
@@ -115,7 +128,8 @@ def test_four_sessions_no_crosstalk(serve_pipeline, tiny_model):
 def compiled_sizes(pipeline) -> list[int]:
   """How many compilations each jitted call of the frame loop holds."""
   jits = [pipeline._frame, pipeline.mimi._reset] + list(
-      pipeline.decoder._compiled(pipeline.slots).values())
+    pipeline.decoder._compiled(pipeline.slots).values()
+  )
   return [f._cache_size() for f in jits]
 
 
@@ -127,8 +141,9 @@ def test_full_refuses_then_a_leaver_frees_its_slot(serve_pipeline, tiny_model):
     async with running(server) as addr:
       url = f'ws://{addr}/api/chat'
       # Three long sessions and one that leaves after 8 replies (mid-stream, input still queued).
-      stayers = [asyncio.create_task(converse(url, voice(20 + i, 40), pace=False))
-                 for i in range(3)]
+      stayers = [
+        asyncio.create_task(converse(url, voice(20 + i, 40), pace=False)) for i in range(3)
+      ]
       leaver = asyncio.create_task(converse(url, voice(30, 40), pace=False, replies=8))
       assert await wait_for(lambda: all(server.frame_loop.slots))
       async with aiohttp.ClientSession() as http:
@@ -163,9 +178,11 @@ def test_auth_token_checked_before_upgrade(serve_pipeline):
   async def scenario():
     async with running(server) as addr, aiohttp.ClientSession() as http:
       statuses = []
-      for url, headers in ((f'ws://{addr}/api/chat', {}),
-                           (f'ws://{addr}/api/chat?token=wrong', {}),
-                           (f'ws://{addr}/api/chat', {'Authorization': 'Bearer wrong'})):
+      for url, headers in (
+        (f'ws://{addr}/api/chat', {}),
+        (f'ws://{addr}/api/chat?token=wrong', {}),
+        (f'ws://{addr}/api/chat', {'Authorization': 'Bearer wrong'}),
+      ):
         with pytest.raises(aiohttp.WSServerHandshakeError) as e:
           await http.ws_connect(url, headers=headers)
         statuses.append(e.value.status)
@@ -173,8 +190,10 @@ def test_auth_token_checked_before_upgrade(serve_pipeline):
         statuses.append(r.status)
       async with http.get(f'http://{addr}/healthz') as r:
         statuses.append(r.status)  # open: a liveness probe carries no token
-      for url, headers in ((f'ws://{addr}/api/chat?token=s3cret', {}),
-                           (f'ws://{addr}/api/chat', {'Authorization': 'Bearer s3cret'})):
+      for url, headers in (
+        (f'ws://{addr}/api/chat?token=s3cret', {}),
+        (f'ws://{addr}/api/chat', {'Authorization': 'Bearer s3cret'}),
+      ):
         async with http.ws_connect(url, headers=headers) as ws:
           msg = await ws.receive(timeout=10)
           statuses.append(msg.data)
@@ -191,6 +210,7 @@ def test_cli_help_errors_and_client_end_to_end(serve_pipeline, tmp_path, capsys)
   import soundfile
 
   from flmjax import cli
+
   assert cli.main(['--help']) == 0
   out = capsys.readouterr().out
   assert all(f'  {name} ' in out for name in ('serve', 'client'))
@@ -199,12 +219,16 @@ def test_cli_help_errors_and_client_end_to_end(serve_pipeline, tmp_path, capsys)
     assert flag in capsys.readouterr().out
   assert cli.main(['serve', '--checkpoint', str(tmp_path / 'nope'), '--mimi', str(tmp_path)]) == 1
   assert 'flmjax serve: error: --checkpoint' in capsys.readouterr().err
-  assert cli.main(['client', '--in', str(tmp_path / 'missing.wav'), '--out',
-                   str(tmp_path / 'r.wav')]) == 1
+  assert (
+    cli.main(['client', '--in', str(tmp_path / 'missing.wav'), '--out', str(tmp_path / 'r.wav')])
+    == 1
+  )
   assert 'flmjax client: error: --in' in capsys.readouterr().err
   soundfile.write(tmp_path / 'stereo.wav', np.zeros((1920, 2), np.float32), 24000)
-  assert cli.main(['client', '--in', str(tmp_path / 'stereo.wav'), '--out',
-                   str(tmp_path / 'r.wav')]) == 1  # never averaged: the user says which channel
+  assert (
+    cli.main(['client', '--in', str(tmp_path / 'stereo.wav'), '--out', str(tmp_path / 'r.wav')])
+    == 1
+  )  # never averaged: the user says which channel
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and '2 channels; give a mono WAV' in err[0], err
   assert not (tmp_path / 'r.wav').exists()
@@ -214,13 +238,37 @@ def test_cli_help_errors_and_client_end_to_end(serve_pipeline, tmp_path, capsys)
   with socket.socket() as closed:  # a port nobody listens on
     closed.bind(('127.0.0.1', 0))
     port = closed.getsockname()[1]
-  assert cli.main(['client', '--url', f'ws://127.0.0.1:{port}/api/chat', '--in',
-                   str(tmp_path / 'user.wav'), '--out', str(tmp_path / 'reply.wav')]) == 1
+  assert (
+    cli.main(
+      [
+        'client',
+        '--url',
+        f'ws://127.0.0.1:{port}/api/chat',
+        '--in',
+        str(tmp_path / 'user.wav'),
+        '--out',
+        str(tmp_path / 'reply.wav'),
+      ]
+    )
+    == 1
+  )
   assert 'flmjax client: error: ws://127.0.0.1' in capsys.readouterr().err
   with serving_in_thread(Server(serve_pipeline, sampling=GREEDY)) as addr:
-    assert cli.main(['client', '--url', f'ws://{addr}/api/chat', '--in',
-                     str(tmp_path / 'user.wav'), '--out', str(tmp_path / 'reply.wav'),
-                     '--no-pace']) == 0
+    assert (
+      cli.main(
+        [
+          'client',
+          '--url',
+          f'ws://{addr}/api/chat',
+          '--in',
+          str(tmp_path / 'user.wav'),
+          '--out',
+          str(tmp_path / 'reply.wav'),
+          '--no-pace',
+        ]
+      )
+      == 0
+    )
   reply, rate = soundfile.read(tmp_path / 'reply.wav', dtype='float32')
   assert rate == 24000 and reply.shape == (7 * FRAME,)
   assert (tmp_path / 'reply.txt').read_text().startswith('<')
@@ -235,8 +283,9 @@ def test_session_length_limit_ends_only_that_session(serve_pipeline, tiny_model,
   async def scenario():
     async with running(server) as addr:
       url = f'ws://{addr}/api/chat'
-      long, short = await asyncio.gather(converse(url, voice(50, 20), pace=False),
-                                         converse(url, voice(51, 6), pace=False))
+      long, short = await asyncio.gather(
+        converse(url, voice(50, 20), pace=False), converse(url, voice(51, 6), pace=False)
+      )
       return long, short
 
   long, short = asyncio.run(scenario())
@@ -246,8 +295,9 @@ def test_session_length_limit_ends_only_that_session(serve_pipeline, tiny_model,
   assert long.close_code == 1000 and ended[long.session].frames_in == 8
   assert long.frames_received == 7 and short.frames_received == 5
   convs = {ended[c.session].slot: c for c in (long, short)}
-  found = check_crosstalk(serve_pipeline, tiny_model.cfg, convs, frames={
-      ended[long.session].slot: 7})
+  found = check_crosstalk(
+    serve_pipeline, tiny_model.cfg, convs, frames={ended[long.session].slot: 7}
+  )
   assert found == {slot: [] for slot in convs}, found
 
 
@@ -256,6 +306,7 @@ def test_idle_close_waits_for_buffered_audio(serve_pipeline):
   so the outcome depends on the order of events only, never on how fast the machine is."""
   from flmjax.serve.clock import ManualClock
   from flmjax.serve.session import Limits
+
   clock = ManualClock()
   server = Server(serve_pipeline, sampling=GREEDY, limits=Limits(idle_s=0.5), clock=clock)
   live = lambda: [s for s in server.frame_loop.slots if s is not None]
@@ -284,4 +335,5 @@ def test_idle_close_waits_for_buffered_audio(serve_pipeline):
   ended = {s.sid: s for s in server.finished}
   assert conv.frames_received == 19 and ended[conv.session].reason == 'client closed'
   assert [s.reason for s in server.finished if s.sid != conv.session] == [
-      'idle: no message for 0.5 s']
+    'idle: no message for 0.5 s'
+  ]

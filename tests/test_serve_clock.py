@@ -2,6 +2,7 @@
 tests depend on nothing but the code: the frame loop ticks every 80 ms and never bursts after a
 late tick, the client sends one frame per 80 ms after its lead, and a timeout fires exactly when
 virtual time passes it. Real pacing under load is measured by experiments/load_serve.py."""
+
 import asyncio
 import types
 
@@ -60,8 +61,9 @@ def test_client_paces_one_frame_per_period_after_its_lead():
     await site.start()
     port = site._server.sockets[0].getsockname()[1]
     pcm = np.zeros(10 * 1920, np.float32)
-    talk = asyncio.create_task(converse(f'ws://127.0.0.1:{port}/api/chat', pcm, lead_frames=3,
-                                        replies=0, clock=clock))
+    talk = asyncio.create_task(
+      converse(f'ws://127.0.0.1:{port}/api/chat', pcm, lead_frames=3, replies=0, clock=clock)
+    )
     while not talk.done():  # virtual time moves only while the client waits on it
       await asyncio.sleep(0.01)
       if clock.next_deadline() is not None:

@@ -1,5 +1,6 @@
 """`flmjax serve --mesh`: sessions over data, the LM's heads and KV cache over tensor. Four live
 sessions on (data=2, tensor=4) get exactly what the single-device pipeline replays offline."""
+
 import numpy as np
 import pytest
 from serve_harness import check_crosstalk, sessions_by_slot
@@ -14,14 +15,17 @@ GREEDY = SamplingConfig(greedy=True)
 
 
 @pytest.mark.slow
-def test_four_sessions_on_a_mesh_equal_the_single_device_replay(serve_pipeline, tiny_dir,
-                                                                golden_dir):
+def test_four_sessions_on_a_mesh_equal_the_single_device_replay(
+  serve_pipeline, tiny_dir, golden_dir
+):
   from flmjax.codec import load_mimi
   from flmjax.serve.pipeline import FramePipeline
+
   mesh = serving_mesh('data=2,tensor=4', 4)
   model = flmjax.load_official(str(tiny_dir), dtype='float32', mesh=mesh)
-  pipeline = FramePipeline(model, load_mimi(str(golden_dir / 'mimi_small')), 4, sampling=GREEDY,
-                           max_len=256, mesh=mesh)
+  pipeline = FramePipeline(
+    model, load_mimi(str(golden_dir / 'mimi_small')), 4, sampling=GREEDY, max_len=256, mesh=mesh
+  )
   # Sessions over data; the 4 query heads over tensor (the tiny model's 2 KV heads cannot split
   # 4 ways, so its KV cache is kept whole on each tensor shard).
   assert pipeline.lm['cache']['k'].sharding.spec[1] == 'data'
@@ -54,5 +58,6 @@ def test_mesh_flag_errors_are_named():
   assert shd.parse_axes('data=2, tensor=4') == {'data': 2, 'tensor': 4}
   assert serving_mesh(None, 4) is None
   mesh = serving_mesh('tensor=8', 5)
-  assert dict(mesh.shape) == {'data': 1, 'fsdp': 1, 'tensor': 8} and np.prod(
-      mesh.devices.shape) == 8
+  assert (
+    dict(mesh.shape) == {'data': 1, 'fsdp': 1, 'tensor': 8} and np.prod(mesh.devices.shape) == 8
+  )

@@ -3,6 +3,7 @@ from the package only, the `?codec=pcm16` variant (exact against the offline rep
 sessions counted apart in /metrics, `--queue N` (0: 503), settings windows <= 0, the text ids
 sent, and the URL printed when ready. The real-browser test is tests/test_serve_browser.py.
 """
+
 import asyncio
 
 import aiohttp
@@ -18,10 +19,21 @@ from flmjax.serve.server import SESSION_HEADER, Server
 from flmjax.serve.session import Limits
 
 GREEDY = SamplingConfig(greedy=True)
-TRAVERSALS = ('/../setup.cfg', '/static/../server.py', '/static/..%2fserver.py',
-              '/static/%2e%2e/server.py', '/static/%2E%2E%2Fserver.py', '/%2e%2e/%2e%2e/etc/passwd',
-              '/static/..%5cserver.py', '/static/page.py', '/static/', '/static/.%2e/cli.py',
-              '/static/%252e%252e%252fserver.py', '/static//etc/passwd', '/index.html')
+TRAVERSALS = (
+  '/../setup.cfg',
+  '/static/../server.py',
+  '/static/..%2fserver.py',
+  '/static/%2e%2e/server.py',
+  '/static/%2E%2E%2Fserver.py',
+  '/%2e%2e/%2e%2e/etc/passwd',
+  '/static/..%5cserver.py',
+  '/static/page.py',
+  '/static/',
+  '/static/.%2e/cli.py',
+  '/static/%252e%252e%252fserver.py',
+  '/static//etc/passwd',
+  '/index.html',
+)
 
 
 def test_page_and_assets_only_from_the_package(serve_pipeline):
@@ -48,7 +60,7 @@ def test_page_and_assets_only_from_the_package(serve_pipeline):
   assert (status, kind) == (200, 'text/html') and 'id="transcript"' in html
   assert 'static/app.js' in html and 'http' not in html.replace('http-equiv', '')  # no CDN
   assert got['/static/app.js'][:2] == (200, 'text/javascript')
-  assert 'codec: \'pcm16\'' in got['/static/app.js'][2]
+  assert "codec: 'pcm16'" in got['/static/app.js'][2]
   assert "registerProcessor('flmjax-capture'" in got['/static/capture.js'][2]
   assert got['/?token=s3cret'][2] == html
   assert refused == dict.fromkeys(TRAVERSALS, 404), refused
@@ -83,12 +95,14 @@ def test_pcm16_page_session_is_exact_and_counted_apart(serve_pipeline, tiny_mode
   quantized = np.rint(voice(3, 10) * 32768).astype(np.int16) / np.float32(32768)
   np.testing.assert_array_equal(page.sent_pcm, quantized)
   recorded = np.concatenate(ended[page.session].recorded)  # then silence until it closed
-  np.testing.assert_array_equal(recorded[:10 * FRAME], quantized)
+  np.testing.assert_array_equal(recorded[: 10 * FRAME], quantized)
   ref = replay(serve_pipeline, {0: page.sent_pcm})
   assert page.frames_received == 9
   assert mismatches(page, tiny_model.cfg, *ref[0], codec='pcm16') == []
-  assert protocol.Pcm16Reader().decode(protocol.Pcm16Writer().encode(page.reply_pcm)).tolist() \
-      == page.reply_pcm.tolist()  # the replies came as int16 too
+  assert (
+    protocol.Pcm16Reader().decode(protocol.Pcm16Writer().encode(page.reply_pcm)).tolist()
+    == page.reply_pcm.tolist()
+  )  # the replies came as int16 too
   assert ended[api.session].client == 'api' and ended[page.session].client == 'page'
   assert 'flmjax_sessions_total{client="page"} 2.0' in metrics
   assert 'flmjax_sessions_total{client="api"} 1.0' in metrics
@@ -107,14 +121,16 @@ def test_queue_notices_places_then_admits(serve_pipeline, tiny_model):
       first = await http.ws_connect(url)
       notices = {'first': [(await first.receive(timeout=10)).data]}
       seen = []
-      second = asyncio.create_task(converse(url, voice(7, 8), pace=False,
-                                            notice_hook=seen.append))
+      second = asyncio.create_task(converse(url, voice(7, 8), pace=False, notice_hook=seen.append))
       assert await wait_for(lambda: len(seen) == 1)
       with pytest.raises(aiohttp.WSServerHandshakeError) as full:  # the queue is full
         await http.ws_connect(url)
       async with http.get(f'http://{addr}/metrics') as r:
-        queued = [line for line in (await r.text()).splitlines()
-                  if line.startswith('flmjax_sessions_queued ')]
+        queued = [
+          line
+          for line in (await r.text()).splitlines()
+          if line.startswith('flmjax_sessions_queued ')
+        ]
       await first.close()  # leaves the queue: the second moves up
       assert await wait_for(lambda: len(seen) == 2)
       assert not second.done()
@@ -126,8 +142,10 @@ def test_queue_notices_places_then_admits(serve_pipeline, tiny_model):
 
   notices, seen, status, queued, conv = asyncio.run(scenario())
   assert notices['first'] == [b'\x02server full: you are number 1 in the queue for a free slot\n']
-  assert seen == ['server full: you are number 2 in the queue for a free slot\n',
-                  'server full: you are number 1 in the queue for a free slot\n']
+  assert seen == [
+    'server full: you are number 2 in the queue for a free slot\n',
+    'server full: you are number 1 in the queue for a free slot\n',
+  ]
   assert conv.notices == seen and status == 503 and queued == ['flmjax_sessions_queued 2.0']
   ended = {s.sid: s for s in server.finished}
   assert ended[conv.session].slot == 0 and ended[conv.session].frames_in == 8
@@ -165,8 +183,10 @@ def test_settings_window_zero_or_less_is_no_penalty(serve_pipeline):
 
   async def scenario():
     async with running(server) as addr, aiohttp.ClientSession() as http:
-      async with http.post(f'http://{addr}/api/settings', json={
-          'repetition_penalty_window_text': -1, 'repetition_penalty_window_audio': 0}) as r:
+      async with http.post(
+        f'http://{addr}/api/settings',
+        json={'repetition_penalty_window_text': -1, 'repetition_penalty_window_audio': 0},
+      ) as r:
         return r.status, await r.json()
 
   status, body = asyncio.run(scenario())  # the official gradio slider goes down to -1
@@ -180,24 +200,49 @@ def test_text_ids_sent_and_dropped(tiny_model):
   cfg = tiny_model.cfg
   text = protocol.TextStream(cfg)
   ids = (0, cfg.text_bos_id, 3, cfg.text_eos_id, 5, cfg.text_wait_id)
-  assert [m for i in ids for m in text.add(i)] == [b'\x02<0>', b'\x02<3>', b'\x02<5>',
-                                                   protocol.SENTENCE_END]
+  assert [m for i in ids for m in text.add(i)] == [
+    b'\x02<0>',
+    b'\x02<3>',
+    b'\x02<5>',
+    protocol.SENTENCE_END,
+  ]
 
 
 def test_serve_prints_the_page_url_and_checks_queue(tiny_dir, golden_dir, monkeypatch, capsys):
   from aiohttp import web
 
   from flmjax import cli
-  assert cli.main(['serve', '--checkpoint', str(tiny_dir), '--mimi', str(golden_dir / 'mimi'),
-                   '--queue', '-1']) == 1
+
+  assert (
+    cli.main(
+      ['serve', '--checkpoint', str(tiny_dir), '--mimi', str(golden_dir / 'mimi'), '--queue', '-1']
+    )
+    == 1
+  )
   assert 'flmjax serve: error: --queue -1' in capsys.readouterr().err
   started = []
-  monkeypatch.setattr('flmjax.serve.cli.build_server', lambda model, mimi, args, *mesh: (
-      started.append(args.queue) or Server.__new__(Server)))
+  monkeypatch.setattr(
+    'flmjax.serve.cli.build_server',
+    lambda model, mimi, args, *mesh: started.append(args.queue) or Server.__new__(Server),
+  )
   monkeypatch.setattr(Server, 'app', lambda self: None)
   monkeypatch.setattr(web, 'run_app', lambda app, print, **kw: print('listening'))
-  assert cli.main(['serve', '--checkpoint', str(tiny_dir), '--mimi',
-                   str(golden_dir / 'mimi_small'), '--port', '8991', '--queue', '3']) == 0
+  assert (
+    cli.main(
+      [
+        'serve',
+        '--checkpoint',
+        str(tiny_dir),
+        '--mimi',
+        str(golden_dir / 'mimi_small'),
+        '--port',
+        '8991',
+        '--queue',
+        '3',
+      ]
+    )
+    == 0
+  )
   assert started == [3]
   assert 'open http://127.0.0.1:8991 to talk to it' in capsys.readouterr().out
 

@@ -2,6 +2,7 @@
 underrun) and their exact outputs while, in the other two slots, clients send malformed Opus, an
 unknown kind byte, a text message, an oversized message, vanish mid-frame, or stop reading. Each
 bad session ends with its reason and frees its slot."""
+
 import asyncio
 
 import numpy as np
@@ -15,17 +16,17 @@ from flmjax.serve.session import Limits
 
 pytestmark = pytest.mark.slow  # a serving scenario with 250-frame sessions
 
-LIMITS = Limits(max_message_bytes=8192, max_unsent_bytes=4096, socket_send_buffer=4096,
-                idle_s=60)
+LIMITS = Limits(max_message_bytes=8192, max_unsent_bytes=4096, socket_send_buffer=4096, idle_s=60)
 
 
 def opus_frames(seed: int, frames: int) -> list[bytes]:
   writer, pcm = protocol.OpusWriter(), voice(seed, frames)
-  return [b'\x01' + writer.encode(pcm[i * 1920:(i + 1) * 1920]) for i in range(frames)]
+  return [b'\x01' + writer.encode(pcm[i * 1920 : (i + 1) * 1920]) for i in range(frames)]
 
 
 def bad_clients(addr: str):
   """(name, blocking function) pairs; each returns a RawSocket left open or closed."""
+
   def malformed():
     raw = RawSocket(addr)
     raw.send(opus_frames(1, 1)[0])
@@ -62,11 +63,14 @@ def bad_clients(addr: str):
       raw.send(frame)
     return raw
 
-  return [('malformed', malformed, 'malformed Opus'), ('kind', unknown_kind,
-                                                       'unknown message kind 7'),
-          ('text', text_message, 'expected binary messages, got TEXT'),
-          ('oversized', oversized, 'websocket error'),
-          ('vanished', vanished, ''), ('stalled', stalled, 'stalled reader')]
+  return [
+    ('malformed', malformed, 'malformed Opus'),
+    ('kind', unknown_kind, 'unknown message kind 7'),
+    ('text', text_message, 'expected binary messages, got TEXT'),
+    ('oversized', oversized, 'websocket error'),
+    ('vanished', vanished, ''),
+    ('stalled', stalled, 'stalled reader'),
+  ]
 
 
 def test_bad_clients_end_only_their_session(serve_pipeline, tiny_model):
@@ -79,8 +83,7 @@ def test_bad_clients_end_only_their_session(serve_pipeline, tiny_model):
       # per 80 ms through the whole scenario. Nothing here depends on the machine's speed (real
       # pacing under load is experiments/load_serve.py's, injected-clock pacing
       # test_serve_clock.py's).
-      good = [asyncio.create_task(converse(url, voice(40 + i, 250), pace=False))
-              for i in range(2)]
+      good = [asyncio.create_task(converse(url, voice(40 + i, 250), pace=False)) for i in range(2)]
       assert await wait_for(lambda: sum(s is not None for s in server.frame_loop.slots) == 2)
       ends = {}
       for name, make, _ in bad_clients(addr):

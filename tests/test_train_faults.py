@@ -1,6 +1,7 @@
 """Fault handling and host syncs of the training loop: an unreadable newest checkpoint falls back
 to the step before it (moved aside, never deleted), a truncated meta JSON is named, metrics reach
 the host only every log_every steps while the NaN stop still holds."""
+
 import os
 
 import jax
@@ -36,13 +37,17 @@ def test_unreadable_newest_steps_fall_back_and_are_moved_aside(tmp_path):
   assert sorted(os.listdir(ckpt_dir)) == ['2', '4', '5']
   _truncate(os.path.join(ckpt_dir, '5', 'meta', 'metadata'))
   params_dir = os.path.join(ckpt_dir, '4', 'params')
-  biggest = max((os.path.join(d, f) for d, _, fs in os.walk(params_dir) for f in fs),
-                key=os.path.getsize)
+  biggest = max(
+    (os.path.join(d, f) for d, _, fs in os.walk(params_dir) for f in fs), key=os.path.getsize
+  )
   _truncate(biggest)
 
   ckpt = Checkpointer(ckpt_dir, use_async=False)
-  with pytest.raises(CorruptCheckpointError, match=r'checkpoints/5/meta/metadata: the meta JSON '
-                                                   r'of step 5 is truncated or unreadable'):
+  with pytest.raises(
+    CorruptCheckpointError,
+    match=r'checkpoints/5/meta/metadata: the meta JSON '
+    r'of step 5 is truncated or unreadable',
+  ):
     ckpt.restore_meta(5)
   ckpt.close()
 
@@ -71,8 +76,10 @@ def test_metrics_reach_the_host_only_every_log_every_steps(tmp_path, monkeypatch
     return fetch(self)
 
   monkeypatch.setattr(loop._Metrics, 'fetch', counting)
-  stages = (StageConfig('a', 7, random_data=True, peak_lr=3e-3, warmup_steps=1),
-            StageConfig('b', 2, random_data=True, peak_lr=1e-3))
+  stages = (
+    StageConfig('a', 7, random_data=True, peak_lr=3e-3, warmup_steps=1),
+    StageConfig('b', 2, random_data=True, peak_lr=1e-3),
+  )
   train(_tc(tmp_path, stages=stages, log_every=3, checkpoint_every=5), log=lambda *a: None)
   # Step 1 alone (compilation), then every 3rd step, at each save (5) and each stage's end (7).
   assert fetched == [[1], [2, 3], [4, 5], [6], [7], [8, 9]]

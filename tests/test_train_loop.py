@@ -1,5 +1,6 @@
 """The training loop: stage transitions, mid-stage resume (bit-identical), restore onto another
 mesh, NaN stop, init from an official checkpoint, export round trip."""
+
 import json
 import os
 import shutil
@@ -55,7 +56,8 @@ def test_stage_transitions(full_run):
   hist = observe.history(tc.run_dir)
   assert [r['stage'] for r in hist] == ['a', 'a', 'a', 'b', 'b']
   want_lr = [learning_rate(tc.stages[0], k) for k in range(3)] + [
-      learning_rate(tc.stages[1], k) for k in range(2)]
+    learning_rate(tc.stages[1], k) for k in range(2)
+  ]
   np.testing.assert_allclose([r['lr'] for r in hist], want_lr, rtol=1e-6)
   assert want_lr[3] == pytest.approx(1e-3)  # stage b restarts its own schedule at its peak
   assert [s['stage'] for s in out['stages']] == ['a', 'b']
@@ -126,7 +128,12 @@ def test_progress_lines_when_stdout_is_not_a_terminal(tmp_path, capsys):
   out = capsys.readouterr()
   lines = [line for line in out.out.splitlines() if line.startswith('step ')]
   assert [line.split(':')[0] for line in lines] == [
-      'step 1/5 (a)', 'step 2/5 (a)', 'step 3/5 (a)', 'step 4/5 (b)', 'step 5/5 (b)']
+    'step 1/5 (a)',
+    'step 2/5 (a)',
+    'step 3/5 (a)',
+    'step 4/5 (b)',
+    'step 5/5 (b)',
+  ]
   assert 'loss ' in lines[-1] and 'steps/s' in lines[-1]
   assert '\r' not in out.out + out.err
 
@@ -135,14 +142,20 @@ def test_resume_refuses_a_changed_schedule(tmp_path):
   tc = _tc(tmp_path / 'f')
   train(tc, stop_after=2, log=lambda *a: None)
   stages = (StageConfig('a', 1, random_data=True), StageConfig('b', 4, random_data=True))
-  with pytest.raises(TrainConfigError, match=r"saved at stage 'a' step 2, but this config puts "
-                                             r"it at stage 'b' step 1: the schedule changed"):
+  with pytest.raises(
+    TrainConfigError,
+    match=r"saved at stage 'a' step 2, but this config puts "
+    r"it at stage 'b' step 1: the schedule changed",
+  ):
     train(tc.replace(stages=stages), log=lambda *a: None)
 
 
 def test_batch_must_split_over_the_mesh(tmp_path):
-  with pytest.raises(TrainConfigError, match=r'micro-batches of 6 rows, which must be a whole '
-                                             r'multiple of .* = 4'):
+  with pytest.raises(
+    TrainConfigError,
+    match=r'micro-batches of 6 rows, which must be a whole '
+    r'multiple of .* = 4',
+  ):
     train(_tc(tmp_path, batch_size=12, grad_accum=2), log=lambda *a: None)
 
 
@@ -162,24 +175,35 @@ def test_init_from_official_checkpoint(tmp_path, tiny_dir, tiny_model):
   for a, b in zip(_leaves(out['state'].params), _leaves(want)):
     assert np.array_equal(*_unpadded(a, b))  # read into the tensor=2 padding
   other = ModelConfig.tiny(hidden_size=32, head_dim=8)
-  with pytest.raises(TrainConfigError, match=r"differs from the training config in "
-                     r"\['head_dim', 'hidden_size'\]"):
+  with pytest.raises(
+    TrainConfigError,
+    match=r'differs from the training config in '
+    r"\['head_dim', 'hidden_size'\]",
+  ):
     train(_tc(tmp_path / 'bad', model=other, init_from=str(tiny_dir)), stop_after=0)
 
 
 def test_export_round_trip(full_run, tmp_path, capsys):
   from flmjax import cli
   from flmjax.checkpoint import load_official
+
   tc, full = full_run
   out_dir = str(tmp_path / 'official')
   assert cli.main(['export', tc.run_dir, out_dir, '--dtype', 'float32']) == 0
   exported = load_official(out_dir, dtype='float32')
   trained = nnx.merge(full['spec'].graphdef, jax.device_get(full['state'].params))
-  batch = next(data_lib.RandomGridIterator(tc.model, window=12, batch_size=2, seed=7,
-                                           loss_weights=data_lib._loss_weights(tc.stages[0])))
+  batch = next(
+    data_lib.RandomGridIterator(
+      tc.model, window=12, batch_size=2, seed=7, loss_weights=data_lib._loss_weights(tc.stages[0])
+    )
+  )
   tok = batch['tokens']
-  args = (tok[:, 0, :-1], tok[:, 1:9, :-1].transpose(0, 2, 1), tok[:, 9:, :-1].transpose(0, 2, 1),
-          tok[:, 1:8, 1:].transpose(0, 2, 1))
+  args = (
+    tok[:, 0, :-1],
+    tok[:, 1:9, :-1].transpose(0, 2, 1),
+    tok[:, 9:, :-1].transpose(0, 2, 1),
+    tok[:, 1:8, 1:].transpose(0, 2, 1),
+  )
   a, b = exported(*args), trained(*args)
   # float32 export of float32 params: the same numbers, so the same logits (atol 1e-6).
   np.testing.assert_allclose(np.asarray(a.text_logits), np.asarray(b.text_logits), atol=1e-6)
@@ -203,14 +227,25 @@ def test_grain_pipeline_resume_is_bit_identical(tmp_path_factory):
   from flmjax.data.corpus import ensure_synthetic_corpus
   from flmjax.data.grid import LossWeights
   from flmjax.data.pipeline import SourceSpec
-  corpus = ensure_synthetic_corpus(str(tmp_path_factory.mktemp('corpus')), num_tts_asr=16,
-                                   num_duplex=16, num_heldout=4)
-  stages = (StageConfig('asr_tts', 3, sources=(
-      SourceSpec(corpus['tts_asr'], layout='lead', offset_frames=2),
-      SourceSpec(corpus['tts_asr'], layout='trail', speech_stream='listen')),
-                        loss_weights=LossWeights(acoustic=0.2), peak_lr=3e-3),
-            StageConfig('duplex', 2, sources=(SourceSpec(corpus['duplex'], offset_frames=2),),
-                        peak_lr=1e-3))
+
+  corpus = ensure_synthetic_corpus(
+    str(tmp_path_factory.mktemp('corpus')), num_tts_asr=16, num_duplex=16, num_heldout=4
+  )
+  stages = (
+    StageConfig(
+      'asr_tts',
+      3,
+      sources=(
+        SourceSpec(corpus['tts_asr'], layout='lead', offset_frames=2),
+        SourceSpec(corpus['tts_asr'], layout='trail', speech_stream='listen'),
+      ),
+      loss_weights=LossWeights(acoustic=0.2),
+      peak_lr=3e-3,
+    ),
+    StageConfig(
+      'duplex', 2, sources=(SourceSpec(corpus['duplex'], offset_frames=2),), peak_lr=1e-3
+    ),
+  )
   make = lambda d: _tc(tmp_path_factory.mktemp(d), stages=stages)
   full = train(make('grain_full'), log=lambda *a: None)
   tc = make('grain_resumed')

@@ -1,4 +1,5 @@
 """Issue 18: LoRA training runs: checkpoints of adapters only, tied to their base; export."""
+
 import json
 
 import jax
@@ -11,7 +12,7 @@ from flmjax.train.loop import train
 
 pytestmark = pytest.mark.slow  # LoRA training runs
 
-CONFIG = '''
+CONFIG = """
 from flmjax.config import ModelConfig
 from flmjax.train.config import LoraConfig, MeshConfig, OptimConfig, StageConfig, TrainConfig
 
@@ -24,7 +25,7 @@ def get_config(run_dir, lora=LoraConfig(4, 8.0, targets=('attn', 'mlp', 'depth',
                      batch_size=8, compute_dtype='float32', optim=OptimConfig(eps=1e-3),
                      mesh=MeshConfig(2, 2, 2), checkpoint_every=2, keep_checkpoints=2,
                      log_every=1, progress_bar=False, lora=lora, seed=seed)
-'''
+"""
 
 
 @pytest.fixture(scope='module')
@@ -55,16 +56,20 @@ def test_checkpoint_holds_adapters_and_the_base_fingerprint(lora_run):
 
 def _resume(config, tc, **kw):
   import importlib.util
+
   spec = importlib.util.spec_from_file_location('cfg', config)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return train(module.get_config(tc.run_dir, **kw), log=lambda *a: None)
 
 
-@pytest.mark.parametrize('kw, match', [
+@pytest.mark.parametrize(
+  'kw, match',
+  [
     (dict(lora=None), r'holds LoRA adapters \(rank 4.*this config has no lora'),
     (dict(seed=1), 'trained on another base'),
-])
+  ],
+)
 def test_resume_refuses_another_lora_config_or_base(lora_run, kw, match):
   config, tc, _ = lora_run
   with pytest.raises(TrainConfigError, match=match):
@@ -76,9 +81,10 @@ def test_resume_with_another_rank_is_one_line_error(lora_run, capsys):
   other = config.parent / 'other_rank.py'
   other.write_text(CONFIG.replace('LoraConfig(4, 8.0', 'LoraConfig(8, 8.0'))
   from flmjax.cli import main
+
   assert main(['train', '--config', str(other), '--run_dir', tc.run_dir, '--noprogress']) == 1
   err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and "LoRA config differs in rank=4 vs 8" in err[0], err
+  assert len(err) == 1 and 'LoRA config differs in rank=4 vs 8' in err[0], err
 
 
 def test_lora_run_resumes_to_the_end(lora_run):
@@ -92,18 +98,20 @@ def test_dropout_run_resumes_bit_identical(tmp_path):
   """LoRA dropout draws from the seed and the update count: a run stopped mid-stage and resumed
   ends with the adapters of the uninterrupted run, bit for bit."""
   from flmjax.model.lora import LoraConfig
+
   config = tmp_path / 'cfg.py'
   config.write_text(CONFIG)
-  lc = LoraConfig(4, 8.0, targets=('attn', 'mlp', 'depth', 'heads'), dropout=0.3,
-                  base_dtype='int8')
+  lc = LoraConfig(4, 8.0, targets=('attn', 'mlp', 'depth', 'heads'), dropout=0.3, base_dtype='int8')
   quiet = lambda *a: None
   straight = train(load_config_file(str(config), str(tmp_path / 'a')).replace(lora=lc), log=quiet)
   tc = load_config_file(str(config), str(tmp_path / 'b')).replace(lora=lc)
   train(tc, stop_after=1, log=quiet)
   resumed = train(tc, log=quiet)
   assert resumed['global_step'] == straight['global_step'] == 4
-  for a, b in zip(jax.tree.leaves(jax.device_get(straight['state'].params)),
-                  jax.tree.leaves(jax.device_get(resumed['state'].params))):
+  for a, b in zip(
+    jax.tree.leaves(jax.device_get(straight['state'].params)),
+    jax.tree.leaves(jax.device_get(resumed['state'].params)),
+  ):
     assert np.array_equal(a, b)
 
 
@@ -114,26 +122,35 @@ def test_chat_takes_a_lora_run_whose_base_moved(tmp_path, tiny_dir, capsys):
 
   from flmjax import cli
   from flmjax.model.lora import LoraConfig
+
   base = tmp_path / 'base'
   shutil.copytree(tiny_dir, base)
   config = tmp_path / 'cfg.py'
   config.write_text(CONFIG)
   run = tmp_path / 'run'
   tc = load_config_file(str(config), str(run)).replace(
-      init_from=str(base), lora=LoraConfig(4, 8.0, base_dtype='float32'))
+    init_from=str(base), lora=LoraConfig(4, 8.0, base_dtype='float32')
+  )
   train(tc, stop_after=1, log=lambda *a: None)
   moved = base.rename(tmp_path / 'moved')
   np.save(tmp_path / 'user.npy', np.load(tiny_dir / 'stream.npz')['user'][0, :, :8])
   chat = ['chat', '--user', str(tmp_path / 'user.npy'), '--greedy']
   assert cli.main([*chat, '--checkpoint', str(run)]) == 1
   err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and f"base {base} is not there; pass --base DIR" in err[0], err
-  assert cli.main([*chat, '--checkpoint', str(run), '--base', str(moved),
-                   '--out', str(tmp_path / 'a')]) == 0
-  assert cli.main(['export', str(run), str(tmp_path / 'merged'), '--base', str(moved),
-                   '--dtype', 'float32']) == 0
-  assert cli.main([*chat, '--checkpoint', str(tmp_path / 'merged'),
-                   '--out', str(tmp_path / 'b')]) == 0
+  assert len(err) == 1 and f'base {base} is not there; pass --base DIR' in err[0], err
+  assert (
+    cli.main([*chat, '--checkpoint', str(run), '--base', str(moved), '--out', str(tmp_path / 'a')])
+    == 0
+  )
+  assert (
+    cli.main(
+      ['export', str(run), str(tmp_path / 'merged'), '--base', str(moved), '--dtype', 'float32']
+    )
+    == 0
+  )
+  assert (
+    cli.main([*chat, '--checkpoint', str(tmp_path / 'merged'), '--out', str(tmp_path / 'b')]) == 0
+  )
   for name in ('text_ids.npy', 'model_codes.npy'):
     assert np.array_equal(np.load(tmp_path / 'a' / name), np.load(tmp_path / 'b' / name))
   capsys.readouterr()
@@ -147,15 +164,18 @@ def test_merged_export_equals_the_unmerged_forward(lora_run, tmp_path, tiny_dir)
   import flmjax
   from flmjax.cli import main
   from flmjax.train import export as export_lib
+
   _, tc, _ = lora_run
-  assert main(['export', tc.run_dir, str(tmp_path / 'merged'), '--merge',
-                          '--dtype', 'float32']) == 0
+  assert (
+    main(['export', tc.run_dir, str(tmp_path / 'merged'), '--merge', '--dtype', 'float32']) == 0
+  )
   unmerged, _ = export_lib.restore_model(tc.run_dir, merge=False)
   assert unmerged.lora is not None and unmerged.backbone.q[...].dtype == np.int8
   merged = flmjax.load_official(str(tmp_path / 'merged'), dtype='float32')
   d = np.load(tiny_dir / 'forward.npz')
-  args = dict(text=d['text'], speak=d['speak'], listen=d['listen'],
-              depth_prev=d['depth_tokens'][..., :7])
+  args = dict(
+    text=d['text'], speak=d['speak'], listen=d['listen'], depth_prev=d['depth_tokens'][..., :7]
+  )
   a, b = merged(**args), unmerged(**args)
   for x, y in ((a.text_logits, b.text_logits), (a.depth_logits, b.depth_logits)):
     assert float(np.max(np.abs(x - y)) / np.max(np.abs(y))) <= 1e-5
@@ -165,6 +185,7 @@ def test_adapters_export_writes_peft_files(lora_run, tmp_path):
   from safetensors.numpy import load_file
 
   from flmjax.cli import main
+
   _, tc, _ = lora_run
   assert main(['export', tc.run_dir, str(tmp_path / 'peft'), '--adapters']) == 0
   config = json.loads((tmp_path / 'peft' / 'adapter_config.json').read_text())
@@ -178,12 +199,16 @@ def test_adapters_export_writes_peft_files(lora_run, tmp_path):
   assert tensors['base_model.model.lm_head.lora_B.weight'].shape == (320, 4)  # vocab unpadded
 
 
-@pytest.mark.parametrize('args, match', [
+@pytest.mark.parametrize(
+  'args, match',
+  [
     (['--merge', '--adapters'], '--merge and --adapters exclude each other'),
     (['--adapters', '--base', '/nonexistent/base'], 'base /nonexistent/base is not there'),
-])
+  ],
+)
 def test_export_bad_lora_flags(lora_run, tmp_path, capsys, args, match):
   from flmjax.cli import main
+
   _, tc, _ = lora_run
   assert main(['export', tc.run_dir, str(tmp_path / 'out')] + args) == 1
   err = capsys.readouterr().err.strip().splitlines()
@@ -192,6 +217,7 @@ def test_export_bad_lora_flags(lora_run, tmp_path, capsys, args, match):
 
 def test_export_adapters_of_a_full_run_is_refused(tmp_path, capsys):
   from flmjax.cli import main
+
   root = tmp_path / 'full'
   config = root / 'cfg.py'
   root.mkdir()

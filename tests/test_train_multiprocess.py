@@ -8,6 +8,7 @@ as one 8-device job: `flmjax train` unchanged in each process, the data axis acr
 - the two-process checkpoints restore in one process: at the end of the run, and by export;
   mid-stage the resume is refused with ProcessCountError.
 """
+
 import os
 import shutil
 import signal
@@ -31,7 +32,7 @@ from flmjax.train.state import graphdef_and_abstract
 
 pytestmark = pytest.mark.slow  # subprocess training jobs
 
-CONFIG = '''
+CONFIG = """
 from flmjax.config import ModelConfig
 from flmjax.data.pipeline import SourceSpec
 from flmjax.train.config import LoraConfig, MeshConfig, OptimConfig, StageConfig, TrainConfig
@@ -44,7 +45,7 @@ def get_config(run_dir):
                      batch_size=8, compute_dtype='float32', optim=OptimConfig(eps=1e-3),
                      mesh=MeshConfig(data=1, fsdp=4, dcn_data=2), checkpoint_every=2,
                      keep_checkpoints=2, log_every=1, progress_bar=False, lora={lora})
-'''
+"""
 # LoRA on an int8 base made from --init_from (the golden tiny model): adapters train, the base is
 # rebuilt in each process and fingerprinted.
 LORA = "LoraConfig(4, 8.0, targets=('attn', 'mlp', 'depth'), base_dtype='int8')"
@@ -62,17 +63,40 @@ class Job:
   """`flmjax train` as processes 0 and 1 of one job, each with 4 CPU devices."""
 
   def __init__(self, config, run_dir, logs, name, extra=()):
-    env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'JAX_PLATFORMS': 'cpu',
-           'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
+    env = {
+      **os.environ,
+      'PYTHONUNBUFFERED': '1',
+      'JAX_PLATFORMS': 'cpu',
+      'XLA_FLAGS': '--xla_force_host_platform_device_count=4',
+    }
     port = _free_port()
     self.logs = [logs / f'{name}_{i}.log' for i in range(2)]
     self.procs = [
-        subprocess.Popen([sys.executable, '-m', 'flmjax', 'train', '--config', str(config),
-                          '--run_dir', str(run_dir), '--noprogress',
-                          '--coordinator_address', f'127.0.0.1:{port}', '--num_processes', '2',
-                          '--process_id', str(i), *map(str, extra)],
-                         env=env, stdout=open(log, 'w'), stderr=subprocess.STDOUT)
-        for i, log in enumerate(self.logs)]
+      subprocess.Popen(
+        [
+          sys.executable,
+          '-m',
+          'flmjax',
+          'train',
+          '--config',
+          str(config),
+          '--run_dir',
+          str(run_dir),
+          '--noprogress',
+          '--coordinator_address',
+          f'127.0.0.1:{port}',
+          '--num_processes',
+          '2',
+          '--process_id',
+          str(i),
+          *map(str, extra),
+        ],
+        env=env,
+        stdout=open(log, 'w'),
+        stderr=subprocess.STDOUT,
+      )
+      for i, log in enumerate(self.logs)
+    ]
 
   def output(self, i=0) -> str:
     return self.logs[i].read_text()
@@ -109,9 +133,11 @@ def _wait_for(what, job, timeout=TIMEOUT):
 @pytest.fixture(scope='module')
 def setup(tmp_path_factory):
   from flmjax.data.corpus import ensure_synthetic_corpus
+
   root = tmp_path_factory.mktemp('multiprocess')
-  corpus = ensure_synthetic_corpus(str(root / 'corpus'), num_tts_asr=4, num_duplex=16,
-                                   num_heldout=2)
+  corpus = ensure_synthetic_corpus(
+    str(root / 'corpus'), num_tts_asr=4, num_duplex=16, num_heldout=2
+  )
   config = root / 'cfg.py'
   config.write_text(CONFIG.format(duplex=corpus['duplex'], lora=None))
   job = Job(config, root / 'reference', root, 'reference')
@@ -149,8 +175,7 @@ class BothShards:
       p.set_state(s)
 
 
-def test_losses_equal_the_single_process_run_on_the_same_global_batch(setup, tmp_path,
-                                                                      monkeypatch):
+def test_losses_equal_the_single_process_run_on_the_same_global_batch(setup, tmp_path, monkeypatch):
   root, config, _ = setup
   monkeypatch.setattr(data_lib, 'make_stage_loader', lambda tc, stage, **k: BothShards(tc, stage))
   tc = load_config_file(str(config), str(tmp_path / 'one')).replace(mesh=MeshConfig(2, 4, 1))
@@ -160,8 +185,9 @@ def test_losses_equal_the_single_process_run_on_the_same_global_batch(setup, tmp
   assert [r['step'] for r in two] == list(range(1, TOTAL + 1))
   # The same program on the same (2, 4) device grid; only where the collectives run differs.
   np.testing.assert_allclose([r['loss'] for r in one], [r['loss'] for r in two], rtol=1e-6)
-  np.testing.assert_allclose([r['grad_norm'] for r in one], [r['grad_norm'] for r in two],
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    [r['grad_norm'] for r in one], [r['grad_norm'] for r in two], rtol=1e-5
+  )
   want = jax.device_get(out['state'].params)
   got = _params(setup[2])
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
@@ -202,26 +228,29 @@ def test_sigkill_then_sigterm_then_resume_is_bit_identical(setup, tmp_path):
 
   # One process: mid-stage the data states of two shards cannot be resumed...
   tc = load_config_file(str(config), str(tmp_path / 'kept')).replace(mesh=MeshConfig(2, 4, 1))
-  with pytest.raises(ProcessCountError, match=r'step 2 was written by 2 processes and this run '
-                                              r'has 1: mid-stage'):
+  with pytest.raises(
+    ProcessCountError,
+    match=r'step 2 was written by 2 processes and this run '
+    r'has 1: mid-stage',
+  ):
     train(tc, log=lambda *a: None)
   # ...while the finished run restores (params onto the one-process mesh) and exports.
   done = train(tc.replace(run_dir=str(run_dir)), log=lambda *a: None)
   assert done['global_step'] == TOTAL
-  for a, b in zip(jax.tree.leaves(jax.device_get(done['state'].params)),
-                  jax.tree.leaves(_params(reference))):
+  for a, b in zip(
+    jax.tree.leaves(jax.device_get(done['state'].params)), jax.tree.leaves(_params(reference))
+  ):
     assert np.array_equal(np.asarray(a), np.asarray(b))
   from flmjax import cli
   from flmjax.checkpoint import load_official
+
   assert cli.main(['export', str(run_dir), str(tmp_path / 'exported'), '--dtype', 'float32']) == 0
-  exported = nnx.to_pure_dict(nnx.state(load_official(str(tmp_path / 'exported'),
-                                                      dtype='float32')))
+  exported = nnx.to_pure_dict(nnx.state(load_official(str(tmp_path / 'exported'), dtype='float32')))
   for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(_params(reference))):
     assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_lora_on_an_int8_base_equals_the_single_process_run(setup, tmp_path, monkeypatch,
-                                                            tiny_dir):
+def test_lora_on_an_int8_base_equals_the_single_process_run(setup, tmp_path, monkeypatch, tiny_dir):
   """Two processes train LoRA adapters over an int8 base read from --init_from: their losses,
   adapters and base fingerprint equal the single-process run's on the same global batches."""
   _, full_config, _ = setup
@@ -231,7 +260,8 @@ def test_lora_on_an_int8_base_equals_the_single_process_run(setup, tmp_path, mon
   assert job.wait() == [0, 0], job.output(0)[-3000:] + job.output(1)[-3000:]
   monkeypatch.setattr(data_lib, 'make_stage_loader', lambda tc, stage, **k: BothShards(tc, stage))
   tc = load_config_file(str(config), str(tmp_path / 'one')).replace(
-      mesh=MeshConfig(2, 4, 1), init_from=str(tiny_dir))
+    mesh=MeshConfig(2, 4, 1), init_from=str(tiny_dir)
+  )
   out = train(tc, log=lambda *a: None)
   two, one = observe.history(str(tmp_path / 'two')), observe.history(tc.run_dir)
   assert [r['step'] for r in two] == list(range(1, TOTAL + 1))

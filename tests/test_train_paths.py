@@ -1,5 +1,6 @@
 """Run-directory writes go through etils.epath: with epath's test backend standing in for a
 bucket, a `gs://` run directory gets its metrics, plots and summary (nothing lands in the cwd)."""
+
 import os
 import sys
 
@@ -13,15 +14,31 @@ from flmjax.train.observe import write_summary
 
 def _in_bucket(root):
   """epath mocks that map gs://... onto `root`/... for every path argument."""
+
   def local(arg):
-    return os.path.join(root, os.fspath(arg)[len('gs://'):]) if os.fspath(arg).startswith(
-        'gs://') else arg
+    return (
+      os.path.join(root, os.fspath(arg)[len('gs://') :])
+      if os.fspath(arg).startswith('gs://')
+      else arg
+    )
 
   def redirect(fn, *args, **kw):
     return fn(*[local(a) if isinstance(a, (str, os.PathLike)) else a for a in args], **kw)
 
-  names = ('exists', 'glob', 'isdir', 'listdir', 'makedirs', 'mkdir', 'open', 'remove',
-           'rename', 'replace', 'rmtree', 'stat')
+  names = (
+    'exists',
+    'glob',
+    'isdir',
+    'listdir',
+    'makedirs',
+    'mkdir',
+    'open',
+    'remove',
+    'rename',
+    'replace',
+    'rmtree',
+    'stat',
+  )
   return epath.testing.mock_epath(**dict.fromkeys(names, redirect))
 
 
@@ -29,9 +46,12 @@ def test_a_bucket_run_dir_gets_metrics_plots_and_summary(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   monkeypatch.setitem(sys.modules, 'tensorboardX', None)  # optional, and no GCS client here
   bucket = tmp_path / 'bucket_root'
-  tc = TrainConfig(model=ModelConfig.tiny(), stages=(StageConfig('a', 2, random_data=True),
-                                                     StageConfig('b', 1, random_data=True)),
-                   run_dir='gs://bucket/run', progress_bar=False)
+  tc = TrainConfig(
+    model=ModelConfig.tiny(),
+    stages=(StageConfig('a', 2, random_data=True), StageConfig('b', 1, random_data=True)),
+    run_dir='gs://bucket/run',
+    progress_bar=False,
+  )
   keys = observe.SUMMARY_KEYS + ('grad_norm', 'lr', 'frames_per_s')
   with _in_bucket(bucket):
     epath.Path(tc.run_dir).mkdir(parents=True, exist_ok=True)
@@ -44,6 +64,12 @@ def test_a_bucket_run_dir_gets_metrics_plots_and_summary(tmp_path, monkeypatch):
     summary = write_summary(tc.run_dir, {'global_step': 3, 'stages': [], 'eval': None})
   assert plots[0] == 'gs://bucket/run/loss_total.png' and summary == 'gs://bucket/run/summary.json'
   written = sorted(os.listdir(bucket / 'bucket' / 'run'))
-  assert written == ['loss_acoustic.png', 'loss_semantic.png', 'loss_text.png', 'loss_total.png',
-                     'metrics.jsonl', 'summary.json']
+  assert written == [
+    'loss_acoustic.png',
+    'loss_semantic.png',
+    'loss_text.png',
+    'loss_total.png',
+    'metrics.jsonl',
+    'summary.json',
+  ]
   assert not (tmp_path / 'gs:').exists()

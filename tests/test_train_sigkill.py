@@ -1,6 +1,7 @@
 """A run killed with SIGKILL resumes from its last checkpoint, and a run sent SIGTERM (a
 preemption notice) saves where it is and stops; both end bit-identical to a run that was never
 interrupted (CPU, fixed seeds)."""
+
 import os
 import re
 import signal
@@ -18,7 +19,7 @@ from flmjax.train.loop import train
 
 pytestmark = pytest.mark.slow  # subprocess training jobs, killed and resumed
 
-CONFIG = '''
+CONFIG = """
 from flmjax.config import ModelConfig
 from flmjax.train.config import LoraConfig, MeshConfig, OptimConfig, StageConfig, TrainConfig
 
@@ -33,15 +34,24 @@ def get_config(run_dir):
                      batch_size=8, compute_dtype='float32', optim=OptimConfig(eps=1e-3),
                      mesh=MeshConfig(2, 2, 2), checkpoint_every=EVERY, keep_checkpoints=2,
                      log_every=1, progress_bar=False, lora=LORA)
-'''
+"""
 # LoRA on an int8 base: the checkpoints hold the adapters and their moments only.
 LORA = "LoraConfig(4, 8.0, targets=('attn', 'mlp', 'depth'), base_dtype='int8')"
 KINDS = {'full': 'None', 'lora': LORA}
 
 
 def _train_cmd(config, run_dir):
-  return [sys.executable, '-m', 'flmjax', 'train', '--config', str(config), '--run_dir',
-          str(run_dir), '--noprogress']
+  return [
+    sys.executable,
+    '-m',
+    'flmjax',
+    'train',
+    '--config',
+    str(config),
+    '--run_dir',
+    str(run_dir),
+    '--noprogress',
+  ]
 
 
 def _complete_steps(ckpt_dir):
@@ -53,9 +63,12 @@ def _complete_steps(ckpt_dir):
 def _env(tmp_path):
   # A persistent compilation cache is set, as a user might: on the 8 CPU devices `flmjax train`
   # turns it off (flmjax.platforms.compile_fresh_on_cpu_mesh), else a resumed LoRA run deadlocks.
-  return {**os.environ, 'PYTHONUNBUFFERED': '1',
-          'JAX_COMPILATION_CACHE_DIR': str(tmp_path / 'jax_cache'),
-          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}
+  return {
+    **os.environ,
+    'PYTHONUNBUFFERED': '1',
+    'JAX_COMPILATION_CACHE_DIR': str(tmp_path / 'jax_cache'),
+    'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+  }
 
 
 def _reference(tmp_path_factory, kind):
@@ -96,8 +109,9 @@ def _sigkill_then_resume(tmp_path, reference, kind):
   run_dir = tmp_path / 'killed'
   ckpt_dir = run_dir / 'checkpoints'
   env = _env(tmp_path)
-  proc = subprocess.Popen(_train_cmd(config, run_dir), env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT)
+  proc = subprocess.Popen(
+    _train_cmd(config, run_dir), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+  )
   deadline = time.time() + 600  # generous: CI boxes are shared
   while not [s for s in _complete_steps(ckpt_dir) if s >= 3]:
     assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
@@ -109,8 +123,9 @@ def _sigkill_then_resume(tmp_path, reference, kind):
   killed_at = max(_complete_steps(ckpt_dir))
   assert 3 <= killed_at < 14
 
-  done = subprocess.run(_train_cmd(config, run_dir), env=env, capture_output=True, text=True,
-                        timeout=300)
+  done = subprocess.run(
+    _train_cmd(config, run_dir), env=env, capture_output=True, text=True, timeout=300
+  )
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
   assert re.search(r'resumed from .* at step \d+', done.stdout + done.stderr)
   _final_params_equal(ckpt_dir, reference)
@@ -126,8 +141,13 @@ def test_sigterm_saves_where_it_stops_then_resumes_bit_identical(tmp_path, refer
   config.write_text(CONFIG.format(every=100, lora='None'))  # every save is the preemption's
   run_dir = tmp_path / 'preempted'
   env = _env(tmp_path)
-  proc = subprocess.Popen(_train_cmd(config, run_dir), env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  proc = subprocess.Popen(
+    _train_cmd(config, run_dir),
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
   deadline = time.time() + 600  # generous: CI boxes are shared
   while _logged_steps(run_dir) < 2:
     assert proc.poll() is None, proc.stdout.read()[-3000:]
@@ -143,6 +163,7 @@ def test_sigterm_saves_where_it_stops_then_resumes_bit_identical(tmp_path, refer
 
   lines = []  # resumed in this process: the reference's compiled step is reused
   train(load_config_file(str(config), str(run_dir)), log=lines.append)
-  assert any(l.startswith(f'resumed from {run_dir / "checkpoints"} at step {saved[0]}')
-             for l in lines)
+  assert any(
+    l.startswith(f'resumed from {run_dir / "checkpoints"} at step {saved[0]}') for l in lines
+  )
   _final_params_equal(run_dir / 'checkpoints', reference)

@@ -27,9 +27,15 @@ LR = 3e-3
 def _tc(**kw):
   # Adam's eps 1e-3 keeps the first update g / (|g| + eps) well conditioned: with the default
   # 1e-8 it is sign(g) for near-zero gradients, which summation order alone can flip.
-  base = dict(model=ModelConfig.tiny(), stages=(StageConfig('a', 4, random_data=True),),
-              run_dir='/nonexistent', window=12, batch_size=8, compute_dtype='float32',
-              optim=OptimConfig(eps=1e-3))
+  base = dict(
+    model=ModelConfig.tiny(),
+    stages=(StageConfig('a', 4, random_data=True),),
+    run_dir='/nonexistent',
+    window=12,
+    batch_size=8,
+    compute_dtype='float32',
+    optim=OptimConfig(eps=1e-3),
+  )
   return TrainConfig(**{**base, **kw})
 
 
@@ -43,8 +49,7 @@ def _run(tc, mesh, batch_np):
   state = st.init_state(spec, tc)
   before = jax.device_get(state.params)
   fn = sp.jit_train_step(spec, tc, mesh)
-  new, metrics = fn(state, data_lib.to_global(batch_np, sp.batch_shardings(mesh)),
-                    jnp.float32(LR))
+  new, metrics = fn(state, data_lib.to_global(batch_np, sp.batch_shardings(mesh)), jnp.float32(LR))
   return before, new, jax.device_get(metrics), spec
 
 
@@ -59,24 +64,30 @@ def test_loss_matches_numpy_reference(single, batch_np):
   model = nnx.merge(spec.graphdef, before)
   tok, w = batch_np['tokens'], batch_np['weights']
   C = 8
-  out = model(tok[:, 0, :-1], tok[:, 1:9, :-1].transpose(0, 2, 1),
-              tok[:, 9:17, :-1].transpose(0, 2, 1), tok[:, 1:8, 1:].transpose(0, 2, 1))
+  out = model(
+    tok[:, 0, :-1],
+    tok[:, 1:9, :-1].transpose(0, 2, 1),
+    tok[:, 9:17, :-1].transpose(0, 2, 1),
+    tok[:, 1:8, 1:].transpose(0, 2, 1),
+  )
+
   def ce(logits, target):
     logits = np.asarray(logits, np.float64)
     logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
     return logz - np.take_along_axis(logits, target[..., None], -1)[..., 0]
+
   text_ce = ce(out.text_logits, tok[:, 0, 1:])
   audio_ce = ce(out.depth_logits, tok[:, 1:9, 1:].transpose(0, 2, 1)).transpose(0, 2, 1)
-  wt, wa = w[:, 0, 1:], w[:, 1:1 + C, 1:]
+  wt, wa = w[:, 0, 1:], w[:, 1 : 1 + C, 1:]
   assert (w[:, 9:] == 0).all() and wt.sum() > 0 and wa.sum() > 0
   want = ((wt * text_ce).sum() + (wa * audio_ce).sum()) / (wt.sum() + wa.sum())
   np.testing.assert_allclose(metrics['loss'], want, rtol=1e-5)
-  np.testing.assert_allclose(metrics['loss_semantic'],
-                             (wa[:, 0] * audio_ce[:, 0]).sum() / wa[:, 0].sum(), rtol=1e-5)
+  np.testing.assert_allclose(
+    metrics['loss_semantic'], (wa[:, 0] * audio_ce[:, 0]).sum() / wa[:, 0].sum(), rtol=1e-5
+  )
   words = (wt > 0) & (tok[:, 0, 1:] != model.cfg.text_wait_id)
   pred = np.asarray(out.text_logits).argmax(-1)
-  np.testing.assert_allclose(metrics['acc_text'],
-                             (pred == tok[:, 0, 1:])[words].mean(), atol=1e-6)
+  np.testing.assert_allclose(metrics['acc_text'], (pred == tok[:, 0, 1:])[words].mean(), atol=1e-6)
 
 
 @pytest.mark.slow
@@ -105,8 +116,9 @@ def test_grad_accumulation_equals_full_batch(single, batch_np):
   np.testing.assert_allclose(m['loss'], ref_m['loss'], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(jax.device_get(new.params)), jax.tree.leaves(ref.params)):
     np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
-  moved = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(ref.params),
-                                               jax.tree.leaves(before))]
+  moved = [
+    np.abs(a - b).max() for a, b in zip(jax.tree.leaves(ref.params), jax.tree.leaves(before))
+  ]
   assert min(moved) > 0  # every parameter got an update
 
 
@@ -135,11 +147,16 @@ def test_sharding_specs_follow_rules():
 
 
 def test_decay_mask_skips_norms_and_biases():
-  mask = st.decay_mask({'backbone': {'q': 1, 'q_bias': 1, 'input_norm': 1, 'text_embed': 1},
-                        'depth_transformer': {'ln_f': 1, 'qkv': 1}})
-  assert mask == {'backbone': {'q': True, 'q_bias': False, 'input_norm': False,
-                               'text_embed': True},
-                  'depth_transformer': {'ln_f': False, 'qkv': True}}
+  mask = st.decay_mask(
+    {
+      'backbone': {'q': 1, 'q_bias': 1, 'input_norm': 1, 'text_embed': 1},
+      'depth_transformer': {'ln_f': 1, 'qkv': 1},
+    }
+  )
+  assert mask == {
+    'backbone': {'q': True, 'q_bias': False, 'input_norm': False, 'text_embed': True},
+    'depth_transformer': {'ln_f': False, 'qkv': True},
+  }
 
 
 def test_config_errors_name_the_problem(tmp_path):
@@ -162,12 +179,14 @@ def test_config_errors_name_the_problem(tmp_path):
   with pytest.raises(TrainConfigError, match='not found'):
     load_config_file(str(tmp_path / 'missing.py'))
   with pytest.raises(TrainConfigError, match=r"batch\['tokens'\] has shape \(2, 17, 12\)"):
-    data_lib.check_batch(_tc(), {'tokens': np.zeros((2, 17, 12)), 'weights': np.zeros((2, 17, 12))},
-                         'stage a')
+    data_lib.check_batch(
+      _tc(), {'tokens': np.zeros((2, 17, 12)), 'weights': np.zeros((2, 17, 12))}, 'stage a'
+    )
 
 
 def test_train_cli_reports_bad_usage(tmp_path, capsys):
   from flmjax import cli
+
   assert cli.main(['train']) == 1  # one stderr line, exit status 1, like every flmjax command
   assert '--config is required' in capsys.readouterr().err
   assert cli.main(['train', '--config', str(tmp_path / 'none.py')]) == 1
@@ -178,11 +197,23 @@ def test_train_cli_reports_bad_usage(tmp_path, capsys):
 
 def test_schedule_positions_and_learning_rates():
   from flmjax.train.schedule import learning_rate, position
-  tc = _tc(stages=(StageConfig('a', 4, random_data=True, peak_lr=1.0, warmup_steps=2,
-                               end_lr_ratio=0.1),
-                   StageConfig('b', 3, random_data=True, peak_lr=0.5)))
+
+  tc = _tc(
+    stages=(
+      StageConfig('a', 4, random_data=True, peak_lr=1.0, warmup_steps=2, end_lr_ratio=0.1),
+      StageConfig('b', 3, random_data=True, peak_lr=0.5),
+    )
+  )
   assert [tuple(position(tc, g)) for g in range(8)] == [
-      (0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2), (2, 0)]
+    (0, 0),
+    (0, 1),
+    (0, 2),
+    (0, 3),
+    (1, 0),
+    (1, 1),
+    (1, 2),
+    (2, 0),
+  ]
   with pytest.raises(ValueError, match=r'global step 8 is outside the schedule \[0, 7\]'):
     position(tc, 8)
   a, b = tc.stages
@@ -198,8 +229,7 @@ def test_schedule_positions_and_learning_rates():
 def test_bf16_compute_with_remat_keeps_fp32_master_params(single, batch_np):
   """Mixed precision: bf16 compute (loss within 2e-2 relative of float32), fp32 params/moments."""
   _, _, ref_m, _ = single
-  _, new, m, _ = _run(_tc(compute_dtype='bfloat16', remat='full'), shd.make_mesh(1, 1, 1),
-                      batch_np)
+  _, new, m, _ = _run(_tc(compute_dtype='bfloat16', remat='full'), shd.make_mesh(1, 1, 1), batch_np)
   np.testing.assert_allclose(m['loss'], ref_m['loss'], rtol=2e-2)
   assert np.isfinite(m['grad_norm'])
   dtypes = {x.dtype for x in jax.tree.leaves(new.params)}
@@ -214,7 +244,9 @@ def test_grad_accumulation_traces_the_micro_batch_once(monkeypatch, batch_np):
   monkeypatch.setattr(sp, '_grads_and_sums', lambda *a: traced.append(1) or inner(*a))
   tc, mesh = _tc(grad_accum=4), shd.make_mesh(2, 1, 1)
   spec = st.state_spec(tc, mesh)
-  abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)
-                    for (k, v), s in zip(batch_np.items(), sp.batch_shardings(mesh).values())}
+  abstract_batch = {
+    k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)
+    for (k, v), s in zip(batch_np.items(), sp.batch_shardings(mesh).values())
+  }
   sp._jit_train_step(spec, tc, mesh).lower(spec.abstract, abstract_batch, jnp.float32(LR))
   assert len(traced) == 1

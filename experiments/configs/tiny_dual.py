@@ -8,6 +8,7 @@ conversations) that the model cannot memorise it, and the batch of 32 gives the 
 enough answered questions to learn all 40 of them: with batch 16 or fewer steps the held-out
 answers stay mostly wrong (experiments/RESULTS.md).
 """
+
 import os
 
 from flmjax.config import ModelConfig
@@ -21,8 +22,15 @@ TRAIL_FRAMES = 0
 LAYOUTS = SINGLE_SPEAKER_LAYOUTS  # single-speaker data: TTS-style (lead) and ASR-style (trail)
 
 
-def get_config(run_dir: str, *, steps=(100, 650), layouts=LAYOUTS, mix: float = 0.1,
-               no_trail: bool = False, seed: int = 0) -> TrainConfig:
+def get_config(
+  run_dir: str,
+  *,
+  steps=(100, 650),
+  layouts=LAYOUTS,
+  mix: float = 0.1,
+  no_trail: bool = False,
+  seed: int = 0,
+) -> TrainConfig:
   """layouts: the single-speaker layouts trained (the ablation's arms: both, lead only = the
   paper's no-trail, trail only); mix: the weight of each of them in the duplex stage, beside the
   conversations' 1.0, so that stage 2 keeps stage 1's skills (0: conversations only)."""
@@ -30,13 +38,33 @@ def get_config(run_dir: str, *, steps=(100, 650), layouts=LAYOUTS, mix: float = 
     layouts = ('lead',)
   # Built when training starts (run_dir/corpus), not here: loading a config has no side effects.
   corpus = SyntheticCorpus(os.path.join(run_dir, 'corpus'), num_tts_asr=2000, num_duplex=4000)
-  stages = dual_stages(corpus.split('tts_asr'), corpus.split('duplex'), steps=steps,
-                       peak_lr=(3e-3, 4e-3), warmup_steps=(20, 10), end_lr_ratio=(0.1, 0.05),
-                       lead_frames=LEAD_FRAMES, trail_frames=TRAIL_FRAMES, layouts=layouts,
-                       mix=mix)
+  stages = dual_stages(
+    corpus.split('tts_asr'),
+    corpus.split('duplex'),
+    steps=steps,
+    peak_lr=(3e-3, 4e-3),
+    warmup_steps=(20, 10),
+    end_lr_ratio=(0.1, 0.05),
+    lead_frames=LEAD_FRAMES,
+    trail_frames=TRAIL_FRAMES,
+    layouts=layouts,
+    mix=mix,
+  )
   heldout = SourceSpec(corpus.split('heldout_duplex'), layout='lead', offset_frames=LEAD_FRAMES)
   return TrainConfig(
-      model=ModelConfig.tiny(), stages=stages, run_dir=run_dir, window=64, batch_size=32,
-      seed=seed, compute_dtype='float32', optim=OptimConfig(weight_decay=0.01, clip_norm=1.0),
-      checkpoint_every=100, keep_checkpoints=2, log_every=10, eval_sources=(heldout,),
-      eval_batches=8, tokenizer=corpus.tokenizer, corpus=corpus)
+    model=ModelConfig.tiny(),
+    stages=stages,
+    run_dir=run_dir,
+    window=64,
+    batch_size=32,
+    seed=seed,
+    compute_dtype='float32',
+    optim=OptimConfig(weight_decay=0.01, clip_norm=1.0),
+    checkpoint_every=100,
+    keep_checkpoints=2,
+    log_every=10,
+    eval_sources=(heldout,),
+    eval_batches=8,
+    tokenizer=corpus.tokenizer,
+    corpus=corpus,
+  )

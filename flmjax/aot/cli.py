@@ -15,6 +15,7 @@ read_gib_per_chip (bytes a frame reads from HBM per chip: every weight, the whol
 hbm_gbps, frame_ms_estimate (read / HBM bandwidth: an HBM-bound estimate, not a measurement) and
 pallas (--pallas: the depth transformer through the Pallas TPU kernel, in shard_map).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,29 +29,53 @@ PRESETS = ('tiny', 'small', 'flm_8b')
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = ArgumentParser(prog='flmjax aot', description=__doc__.split('\n\n')[1],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = ArgumentParser(
+    prog='flmjax aot',
+    description=__doc__.split('\n\n')[1],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   p.add_argument('--topology', required=True, help='TPU topology, e.g. v5p:4x4x4, v5e:16x16')
-  p.add_argument('--config', help='a training config (experiments/configs/...): model, window, '
-                 'batch, mesh, remat and dtype come from it; other flags override')
+  p.add_argument(
+    '--config',
+    help='a training config (experiments/configs/...): model, window, '
+    'batch, mesh, remat and dtype come from it; other flags override',
+  )
   p.add_argument('--preset', choices=PRESETS, help='model preset (default flm_8b)')
   p.add_argument('--step', choices=('train', 'decode'), default='train')
   p.add_argument('--window', type=int, help='train: frames per training window (default 4096)')
-  p.add_argument('--max-len', type=int, help='decode: KV-cache positions per session (default '
-                 'the model\'s max positions; --window is read as it too)')
+  p.add_argument(
+    '--max-len',
+    type=int,
+    help='decode: KV-cache positions per session (default '
+    "the model's max positions; --window is read as it too)",
+  )
   p.add_argument('--batch', type=int, help='global batch (default 64), or decode sessions')
-  p.add_argument('--mesh', help='axis=size pairs, e.g. fsdp=16,tensor=4; data takes the rest '
-                 '(default fsdp=<all chips>)')
+  p.add_argument(
+    '--mesh',
+    help='axis=size pairs, e.g. fsdp=16,tensor=4; data takes the rest (default fsdp=<all chips>)',
+  )
   p.add_argument('--remat', choices=REMAT_POLICIES, help='remat policy (default full)')
   p.add_flag('--grad-accum', '--grad_accum', type=int, help='micro-batches per step (default 1)')
-  p.add_argument('--pallas', action='store_true', help='decode: the depth transformer through the '
-                 'Pallas TPU kernel in shard_map over the sessions (StreamingDecoder use_pallas)')
-  p.add_argument('--lora-rank', type=int, help='train LoRA adapters of rank R (alpha R) on a '
-                 'frozen base instead of every parameter')
-  p.add_argument('--lora-targets', help='comma-separated LoRA targets: attn, mlp, depth, heads, '
-                 'embed (default attn,mlp)')
-  p.add_argument('--base-dtype', choices=('bfloat16', 'int8'),
-                 help='LoRA: the frozen base in bf16 (default) or int8 (per-channel)')
+  p.add_argument(
+    '--pallas',
+    action='store_true',
+    help='decode: the depth transformer through the '
+    'Pallas TPU kernel in shard_map over the sessions (StreamingDecoder use_pallas)',
+  )
+  p.add_argument(
+    '--lora-rank',
+    type=int,
+    help='train LoRA adapters of rank R (alpha R) on a frozen base instead of every parameter',
+  )
+  p.add_argument(
+    '--lora-targets',
+    help='comma-separated LoRA targets: attn, mlp, depth, heads, embed (default attn,mlp)',
+  )
+  p.add_argument(
+    '--base-dtype',
+    choices=('bfloat16', 'int8'),
+    help='LoRA: the frozen base in bf16 (default) or int8 (per-channel)',
+  )
   return p
 
 
@@ -59,14 +84,25 @@ def main(argv: list[str]) -> int:
   args = _parser().parse_args(argv)
   from flmjax.aot.compile import compile_report, topology_devices
   from flmjax.aot.request import make_request, parse_mesh
+
   if args.mesh:
     parse_mesh(args.mesh)  # a typo fails before libtpu starts
-  req = make_request(args.topology, len(topology_devices(args.topology)), step=args.step,
-                     config=args.config, preset=args.preset,
-                     window=args.max_len if args.step == 'decode' and args.max_len else args.window,
-                     batch=args.batch, mesh=args.mesh, remat=args.remat,
-                     grad_accum=args.grad_accum, pallas=args.pallas, lora_rank=args.lora_rank,
-                     lora_targets=args.lora_targets, base_dtype=args.base_dtype)
+  req = make_request(
+    args.topology,
+    len(topology_devices(args.topology)),
+    step=args.step,
+    config=args.config,
+    preset=args.preset,
+    window=args.max_len if args.step == 'decode' and args.max_len else args.window,
+    batch=args.batch,
+    mesh=args.mesh,
+    remat=args.remat,
+    grad_accum=args.grad_accum,
+    pallas=args.pallas,
+    lora_rank=args.lora_rank,
+    lora_targets=args.lora_targets,
+    base_dtype=args.base_dtype,
+  )
   record, _ = compile_report(req, lambda *a: print(*a, flush=True))
   print(json.dumps(record), flush=True)
   return 0 if record['fits'] else 1

@@ -5,6 +5,7 @@ the real train step (flmjax.train.step) or decode frame (flmjax.decode.frame) is
 ShapeDtypeStruct arguments carrying their shardings, and the TPU compiler reports the per-chip
 memory. An over-budget program fails with RESOURCE_EXHAUSTED; its required bytes are parsed.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -23,18 +24,24 @@ from flmjax.aot import roofline
 from flmjax.aot.request import AotError, AotRequest
 from flmjax.platforms import tpu_chips_present
 
-GIB = 2 ** 30
+GIB = 2**30
 HBM_GIB = {'v5p': 95.74, 'v6e': 32.0, 'v5e': 16.0, 'v4': 32.0}  # per chip
 FIT_FRACTION = 0.9  # `fits` leaves 10% of HBM for the runtime and fragmentation
 COLLECTIVES = roofline.COLLECTIVES
-INSTALL_HINT = ('flmjax aot needs libtpu to compile for TPUs: pip install -e ".[tpu]" '
-                f'(installs jax[tpu]=={jax.__version__})')
+INSTALL_HINT = (
+  'flmjax aot needs libtpu to compile for TPUs: pip install -e ".[tpu]" '
+  f'(installs jax[tpu]=={jax.__version__})'
+)
 # libtpu looks for a TPU host when it loads; these say "compile only, no TPU here" (they silence
 # its warnings). The accelerator type is a placeholder: the compile target is the topology. No
 # chip is claimed, so several compiling processes may load libtpu at once (no lockfile).
-_COMPILE_ONLY_ENV = {'TPU_SKIP_MDS_QUERY': '1', 'TPU_WORKER_HOSTNAMES': 'localhost',
-                     'TPU_WORKER_ID': '0', 'TPU_ACCELERATOR_TYPE': 'v5litepod-4',
-                     'ALLOW_MULTIPLE_LIBTPU_LOAD': '1'}
+_COMPILE_ONLY_ENV = {
+  'TPU_SKIP_MDS_QUERY': '1',
+  'TPU_WORKER_HOSTNAMES': 'localhost',
+  'TPU_WORKER_ID': '0',
+  'TPU_ACCELERATOR_TYPE': 'v5litepod-4',
+  'ALLOW_MULTIPLE_LIBTPU_LOAD': '1',
+}
 
 
 def topology_devices(name: str) -> list:
@@ -47,6 +54,7 @@ def topology_devices(name: str) -> list:
     for k, v in _COMPILE_ONLY_ENV.items():
       os.environ.setdefault(k, v)
   from jax.experimental import topologies
+
   kw = {}
   dims = name.split(':')[-1].split('x')
   if all(d.isdigit() for d in dims) and 0 < len(dims) <= 3 and math.prod(map(int, dims)) < 4:
@@ -61,16 +69,19 @@ def topology_devices(name: str) -> list:
 def abstract_mesh_for(req: AotRequest, devices: list) -> jax.sharding.Mesh:
   n = len(devices)
   if n % (req.fsdp * req.tensor):
-    raise AotError(f'--mesh fsdp={req.fsdp},tensor={req.tensor}: {n} chips of {req.topology} '
-                   f'are not a multiple of fsdp*tensor = {req.fsdp * req.tensor}')
+    raise AotError(
+      f'--mesh fsdp={req.fsdp},tensor={req.tensor}: {n} chips of {req.topology} '
+      f'are not a multiple of fsdp*tensor = {req.fsdp * req.tensor}'
+    )
   mesh = shd.make_mesh(n // (req.fsdp * req.tensor), req.fsdp, req.tensor, devices=devices)
   shd.validate_mesh(req.model, mesh.shape)
   return mesh
 
 
 def _with_sharding(abstract, shardings):
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract, shardings)
+  return jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+  )
 
 
 def lower_train(req: AotRequest, mesh, log=print):
@@ -79,25 +90,43 @@ def lower_train(req: AotRequest, mesh, log=print):
   from flmjax.train.loop import check_batch_fits_mesh
   from flmjax.train.state import state_spec
   from flmjax.train.step import batch_shardings, jit_train_step
-  tc = TrainConfig(model=req.model, stages=(StageConfig('aot', steps=1, random_data=True),),
-                   run_dir='', window=req.window, batch_size=req.batch, grad_accum=req.grad_accum,
-                   compute_dtype=req.compute_dtype, remat=req.remat, lora=req.lora)
+
+  tc = TrainConfig(
+    model=req.model,
+    stages=(StageConfig('aot', steps=1, random_data=True),),
+    run_dir='',
+    window=req.window,
+    batch_size=req.batch,
+    grad_accum=req.grad_accum,
+    compute_dtype=req.compute_dtype,
+    remat=req.remat,
+    lora=req.lora,
+  )
   check_batch_fits_mesh(tc, mesh)
   spec = state_spec(tc, mesh)
-  for line in shd.sharding_report(spec.abstract.params, spec.shardings.params,
-                                  spec.abstract.opt_state, spec.shardings.opt_state, spec.base):
+  for line in shd.sharding_report(
+    spec.abstract.params,
+    spec.shardings.params,
+    spec.abstract.opt_state,
+    spec.shardings.opt_state,
+    spec.base,
+  ):
     log(line)
   shape = (req.batch, req.model.num_channels, req.window)
   bsh = batch_shardings(mesh)
-  batch = {'tokens': jax.ShapeDtypeStruct(shape, jnp.int32, sharding=bsh['tokens']),
-           'weights': jax.ShapeDtypeStruct(shape, jnp.float32, sharding=bsh['weights'])}
+  batch = {
+    'tokens': jax.ShapeDtypeStruct(shape, jnp.int32, sharding=bsh['tokens']),
+    'weights': jax.ShapeDtypeStruct(shape, jnp.float32, sharding=bsh['weights']),
+  }
   lr = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, P()))
   frozen = () if spec.base is None else (spec.base,)
   lowered = jit_train_step(spec, tc, mesh).lower(spec.abstract, batch, lr, *frozen)
   trainable = jax.tree.leaves(spec.abstract.params)
-  info = {'trainable_params': sum(x.size for x in trainable),
-          'trainable_gib': round(sum(x.size * x.dtype.itemsize for x in trainable) / GIB, 3),
-          'base_dtype': None if req.lora is None else req.lora.base_dtype}
+  info = {
+    'trainable_params': sum(x.size for x in trainable),
+    'trainable_gib': round(sum(x.size * x.dtype.itemsize for x in trainable) / GIB, 3),
+    'base_dtype': None if req.lora is None else req.lora.base_dtype,
+  }
   return lowered, info
 
 
@@ -109,16 +138,19 @@ def _decode_args(req: AotRequest, mesh):
   from flmjax.decode.decoder import DEPTH_LAYER_AXES
   from flmjax.decode.sampling import SamplingConfig
   from flmjax.model.flm import abstract
-  cfg = req.model.replace(dtype=req.compute_dtype, param_dtype=req.compute_dtype,
-                          tensor_parallel=mesh.shape['tensor'])
+
+  cfg = req.model.replace(
+    dtype=req.compute_dtype, param_dtype=req.compute_dtype, tensor_parallel=mesh.shape['tensor']
+  )
   graphdef, abstract_state = nnx.split(abstract(cfg))
   params = nnx.to_pure_dict(abstract_state)
   # Under the kernel the depth layer weights are stored whole, as StreamingDecoder stores them.
   rules = shd.replicating(shd.RULES, DEPTH_LAYER_AXES) if req.pallas else shd.RULES
   p_sh = nnx.to_pure_dict(shd.state_shardings(abstract_state, mesh, rules))
   sampling = SamplingConfig()
-  state = jax.eval_shape(lambda: st.init(cfg, sampling, req.batch, req.window,
-                                         jnp.zeros((req.batch,), jnp.uint32)))
+  state = jax.eval_shape(
+    lambda: st.init(cfg, sampling, req.batch, req.window, jnp.zeros((req.batch,), jnp.uint32))
+  )
   return cfg, graphdef, sampling, (params, p_sh), (state, st.shardings(state, mesh))
 
 
@@ -128,22 +160,34 @@ def lower_decode(req: AotRequest, mesh, log=print):
   from flax import nnx
 
   from flmjax.decode.frame import frame
+
   cfg, graphdef, sampling, (params, p_sh), (state, s_sh) = _decode_args(req, mesh)
   rows = shd.named_sharding(('batch', None), (req.batch, 1), mesh)
-  log(f'decode frame: {req.batch} sessions, {req.window} cache positions, {req.compute_dtype}'
-      + (', Pallas depth kernel' if req.pallas else ''))
+  log(
+    f'decode frame: {req.batch} sessions, {req.window} cache positions, {req.compute_dtype}'
+    + (', Pallas depth kernel' if req.pallas else '')
+  )
   layers_fn = None
   if req.pallas:
     from flmjax.kernels.depth_step import select_depth_layers_fn
+
     layers_fn = select_depth_layers_fn(backend='tpu')  # traced here on a CPU host
 
   def run_frame(params, state, user):
-    return frame(nnx.merge(graphdef, params), state, user,
-                 penalized=sampling.penalized_codebooks, layers_fn=layers_fn)
+    return frame(
+      nnx.merge(graphdef, params),
+      state,
+      user,
+      penalized=sampling.penalized_codebooks,
+      layers_fn=layers_fn,
+    )
 
-  step = jax.jit(shd.traced_on(mesh, run_frame), in_shardings=(p_sh, s_sh, rows),
-                 out_shardings=(s_sh, rows, shd.named_sharding(('batch',), (req.batch,), mesh)),
-                 donate_argnums=1)
+  step = jax.jit(
+    shd.traced_on(mesh, run_frame),
+    in_shardings=(p_sh, s_sh, rows),
+    out_shardings=(s_sh, rows, shd.named_sharding(('batch',), (req.batch,), mesh)),
+    donate_argnums=1,
+  )
   user = jax.ShapeDtypeStruct((req.batch, cfg.num_codebooks), jnp.int32, sharding=rows)
   return step.lower(_with_sharding(params, p_sh), _with_sharding(state, s_sh), user)
 
@@ -153,9 +197,13 @@ def decode_plan(req: AotRequest, mesh, hlo: str | None) -> dict:
   (GiB), the chip's HBM bandwidth and the HBM-bound frame time (ms, an estimate)."""
   cfg, _, _, (params, p_sh), (state, s_sh) = _decode_args(req, mesh)
   read = roofline.frame_read_bytes(params, p_sh, state, s_sh, cfg.num_codebooks, req.batch)
-  return {'largest_collective_mib': None if hlo is None else roofline.largest_collective_mib(hlo),
-          'read_gib_per_chip': round(read / GIB, 3), 'hbm_gbps': roofline.HBM_GBPS[req.chip],
-          'frame_ms_estimate': roofline.frame_ms_estimate(read, req.chip), 'pallas': req.pallas}
+  return {
+    'largest_collective_mib': None if hlo is None else roofline.largest_collective_mib(hlo),
+    'read_gib_per_chip': round(read / GIB, 3),
+    'hbm_gbps': roofline.HBM_GBPS[req.chip],
+    'frame_ms_estimate': roofline.frame_ms_estimate(read, req.chip),
+    'pallas': req.pallas,
+  }
 
 
 def collective_counts(hlo: str) -> dict[str, int]:
@@ -185,7 +233,7 @@ def required_bytes(message: str) -> int | None:
   """Bytes a RESOURCE_EXHAUSTED compile error says the program needs (None if unparsed): its
   'Used X of Y hbm' total, or the size it says exceeds HBM. The compiler may stop at the
   temporaries ('... required for HLO temporaries (33.36G) exceeds ...'): then a lower bound."""
-  units = {'': 1, 'K': 2 ** 10, 'M': 2 ** 20, 'G': 2 ** 30, 'T': 2 ** 40}
+  units = {'': 1, 'K': 2**10, 'M': 2**20, 'G': 2**30, 'T': 2**40}
   m = re.search(r'Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm', message)
   if m:
     return int(float(m.group(1)) * units[m.group(2)])
@@ -201,11 +249,20 @@ def compile_report(req: AotRequest, log=print):
   devices = topology_devices(req.topology)
   mesh = abstract_mesh_for(req, devices)
   hbm = HBM_GIB[req.chip]
-  record = {'topology': req.topology, 'chip': devices[0].device_kind, 'chips': len(devices),
-            'mesh': dict(mesh.shape), 'step': req.step, 'window': req.window,
-            'batch': req.batch, 'hbm_gib': hbm}
-  log(f'lowering the {req.step} step of {req.topology} ({len(devices)} chips), mesh '
-      f'{dict(mesh.shape)}, window {req.window}, batch {req.batch}, remat {req.remat}')
+  record = {
+    'topology': req.topology,
+    'chip': devices[0].device_kind,
+    'chips': len(devices),
+    'mesh': dict(mesh.shape),
+    'step': req.step,
+    'window': req.window,
+    'batch': req.batch,
+    'hbm_gib': hbm,
+  }
+  log(
+    f'lowering the {req.step} step of {req.topology} ({len(devices)} chips), mesh '
+    f'{dict(mesh.shape)}, window {req.window}, batch {req.batch}, remat {req.remat}'
+  )
   info = {}  # train: what is trained, the record's last keys
   if req.step == 'train':
     lowered, info = lower_train(req, mesh, log)
@@ -220,10 +277,18 @@ def compile_report(req: AotRequest, log=print):
       raise
     need = required_bytes(str(e))
     log(f'RESOURCE_EXHAUSTED: {str(e).splitlines()[0][:300]}')
-    record.update(args_gib=None, temp_gib=None, out_gib=None, alias_gib=None,
-                  peak_gib=None if need is None else round(need / GIB, 2), fits=False,
-                  peak_is_lower_bound='temporaries' in str(e),
-                  compile_s=round(time.perf_counter() - t0, 1), collectives=None, **info)
+    record.update(
+      args_gib=None,
+      temp_gib=None,
+      out_gib=None,
+      alias_gib=None,
+      peak_gib=None if need is None else round(need / GIB, 2),
+      fits=False,
+      peak_is_lower_bound='temporaries' in str(e),
+      compile_s=round(time.perf_counter() - t0, 1),
+      collectives=None,
+      **info,
+    )
     if req.step == 'decode':
       record.update(decode_plan(req, mesh, None))
     return record, None
@@ -233,10 +298,17 @@ def compile_report(req: AotRequest, log=print):
   alias, temp = mem.alias_size_in_bytes, mem.temp_size_in_bytes
   peak = args + out - alias + temp
   hlo = compiled.as_text()  # megabytes for the 8B: built once
-  record.update(args_gib=round(args / GIB, 3), temp_gib=round(temp / GIB, 3),
-                out_gib=round(out / GIB, 3), alias_gib=round(alias / GIB, 3),
-                peak_gib=round(peak / GIB, 3), fits=peak / GIB <= FIT_FRACTION * hbm,
-                compile_s=round(compile_s, 1), collectives=collective_counts(hlo), **info)
+  record.update(
+    args_gib=round(args / GIB, 3),
+    temp_gib=round(temp / GIB, 3),
+    out_gib=round(out / GIB, 3),
+    alias_gib=round(alias / GIB, 3),
+    peak_gib=round(peak / GIB, 3),
+    fits=peak / GIB <= FIT_FRACTION * hbm,
+    compile_s=round(compile_s, 1),
+    collectives=collective_counts(hlo),
+    **info,
+  )
   if req.step == 'decode':
     record.update(decode_plan(req, mesh, hlo))
     for kind, size, line in sorted(roofline.collective_sizes(hlo), key=lambda c: -c[1])[:3]:

@@ -1,5 +1,6 @@
 """What `flmjax aot` is asked to compile: the request, read from a training config or a preset
 and the command's flags, with every bad value a one-line AotError. Nothing here touches libtpu."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,6 +18,7 @@ class AotError(ValueError):
 class AotRequest:
   """What to compile. For step='decode', `window` is the KV-cache positions per session
   (`flmjax aot --max-len`) and `batch` the sessions."""
+
   topology: str  # e.g. 'v5p:4x4x4'
   model: ModelConfig
   step: str = 'train'  # 'train' | 'decode'
@@ -40,40 +42,81 @@ def parse_mesh(text: str) -> dict[str, int]:
   out = {}
   for part in filter(None, (p.strip() for p in text.split(','))):
     name, eq, size = part.partition('=')
-    if eq and name in ('fsdp', 'tensor') and size.strip().lstrip('+-').isdigit() and \
-        int(size) < 1:
+    if eq and name in ('fsdp', 'tensor') and size.strip().lstrip('+-').isdigit() and int(size) < 1:
       raise AotError(f'--mesh {text!r}: {name}={size.strip()}: mesh sizes must be >= 1')
     if not eq or name not in ('fsdp', 'tensor') or not size.isdigit() or int(size) < 1:
-      raise AotError(f'--mesh {text!r}: expected comma-separated axis=size pairs with axes fsdp '
-                     f'and tensor (data takes the remaining devices), e.g. fsdp=16,tensor=4')
+      raise AotError(
+        f'--mesh {text!r}: expected comma-separated axis=size pairs with axes fsdp '
+        f'and tensor (data takes the remaining devices), e.g. fsdp=16,tensor=4'
+      )
     out[name] = int(size)
   return out
 
 
-def make_request(topology: str, num_chips: int, *, step: str = 'train', config: str | None = None,
-                 preset: str | None = None, window: int | None = None, batch: int | None = None,
-                 mesh: str | None = None, remat: str | None = None,
-                 grad_accum: int | None = None, pallas: bool = False,
-                 lora_rank: int | None = None, lora_targets: str | None = None,
-                 base_dtype: str | None = None) -> AotRequest:
+def make_request(
+  topology: str,
+  num_chips: int,
+  *,
+  step: str = 'train',
+  config: str | None = None,
+  preset: str | None = None,
+  window: int | None = None,
+  batch: int | None = None,
+  mesh: str | None = None,
+  remat: str | None = None,
+  grad_accum: int | None = None,
+  pallas: bool = False,
+  lora_rank: int | None = None,
+  lora_targets: str | None = None,
+  base_dtype: str | None = None,
+) -> AotRequest:
   """What `flmjax aot` compiles: a training config's model, window, batch, mesh, remat, dtype
   and LoRA (loading it has no side effects), else the preset (default flm_8b); set arguments
   override. lora_rank R (alpha R) trains LoRA adapters on `lora_targets` (comma-separated,
   default attn,mlp) over a frozen `base_dtype` base (default bfloat16)."""
   from flmjax.train.config import load_config_file
-  base = dict(model=None, window=None, batch=64, remat='full', grad_accum=1,
-              compute_dtype='bfloat16', fsdp=None, tensor=1, lora=None)
+
+  base = dict(
+    model=None,
+    window=None,
+    batch=64,
+    remat='full',
+    grad_accum=1,
+    compute_dtype='bfloat16',
+    fsdp=None,
+    tensor=1,
+    lora=None,
+  )
   if config:
     tc = load_config_file(config, os.path.join('runs', 'aot'))  # the run dir is never written
-    base.update(model=tc.model, window=tc.window, batch=tc.batch_size, remat=tc.remat,
-                grad_accum=tc.grad_accum, compute_dtype=tc.compute_dtype, fsdp=tc.mesh.fsdp,
-                tensor=tc.mesh.tensor, lora=tc.lora)
+    base.update(
+      model=tc.model,
+      window=tc.window,
+      batch=tc.batch_size,
+      remat=tc.remat,
+      grad_accum=tc.grad_accum,
+      compute_dtype=tc.compute_dtype,
+      fsdp=tc.mesh.fsdp,
+      tensor=tc.mesh.tensor,
+      lora=tc.lora,
+    )
   base['lora'] = _lora_request(base['lora'], lora_rank, lora_targets, base_dtype)
   if preset or base['model'] is None:
     base['model'] = getattr(ModelConfig, preset or 'flm_8b')()
   axes = parse_mesh(mesh) if mesh else {}
-  base.update({k: v for k, v in (('window', window), ('batch', batch), ('remat', remat),
-                                 ('grad_accum', grad_accum)) if v is not None}, **axes)
+  base.update(
+    {
+      k: v
+      for k, v in (
+        ('window', window),
+        ('batch', batch),
+        ('remat', remat),
+        ('grad_accum', grad_accum),
+      )
+      if v is not None
+    },
+    **axes,
+  )
   if mesh and 'fsdp' not in axes:
     base['fsdp'] = 1
   if base['fsdp'] is None:
@@ -88,8 +131,10 @@ def make_request(topology: str, num_chips: int, *, step: str = 'train', config: 
 def _lora_request(lora, rank, targets, base_dtype):
   if rank is None and lora is None:
     if targets or base_dtype:
-      raise AotError(f'{"--lora-targets" if targets else "--base-dtype"} needs --lora-rank R '
-                     '(the base is only frozen, or quantized, under LoRA)')
+      raise AotError(
+        f'{"--lora-targets" if targets else "--base-dtype"} needs --lora-rank R '
+        '(the base is only frozen, or quantized, under LoRA)'
+      )
     return None
   kw = {} if lora is None else dataclasses.asdict(lora)
   if rank is not None:

@@ -6,6 +6,7 @@ whole KV cache are read once per frame (the cache is attended in full, masked), 
 about bytes / HBM bandwidth. The estimate leaves out compute, collectives and launch overheads:
 it is a lower bound, to be replaced by a measurement on a chip.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,12 +17,27 @@ import numpy as np
 
 from flmjax import sharding as shd
 
-MIB = 2 ** 20
+MIB = 2**20
 # HBM bandwidth per chip, GB/s (the vendors' figures).
 HBM_GBPS = {'v4': 1228.0, 'v5e': 819.0, 'v5p': 2765.0, 'v6e': 1640.0}
 COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
-_DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'f8e4m3fn': 1, 'f8e5m2': 1, 'bf16': 2, 'f16': 2,
-                's16': 2, 'u16': 2, 'f32': 4, 's32': 4, 'u32': 4, 'f64': 8, 's64': 8, 'u64': 8}
+_DTYPE_BYTES = {
+  'pred': 1,
+  's8': 1,
+  'u8': 1,
+  'f8e4m3fn': 1,
+  'f8e5m2': 1,
+  'bf16': 2,
+  'f16': 2,
+  's16': 2,
+  'u16': 2,
+  'f32': 4,
+  's32': 4,
+  'u32': 4,
+  'f64': 8,
+  's64': 8,
+  'u64': 8,
+}
 _OP = re.compile(r'\s(' + '|'.join(COLLECTIVES) + r')(?:-start)?\(')
 _SHAPE = re.compile(r'\b([a-z]+\d*[a-z\d]*)\[([\d,]*)\]')
 # Depth-transformer layer weights a frame reads once per codebook step (the others once: tables
@@ -38,8 +54,11 @@ def collective_sizes(hlo: str) -> list[tuple[str, int, str]]:
     op = _OP.search(line)
     if not op:
       continue
-    sizes = [math.prod(int(d) for d in dims.split(',') if d) * _DTYPE_BYTES[dt]
-             for dt, dims in _SHAPE.findall(line) if dt in _DTYPE_BYTES]
+    sizes = [
+      math.prod(int(d) for d in dims.split(',') if d) * _DTYPE_BYTES[dt]
+      for dt, dims in _SHAPE.findall(line)
+      if dt in _DTYPE_BYTES
+    ]
     out.append((op.group(1), max(sizes, default=0), line.strip()))
   return out
 
@@ -48,8 +67,9 @@ def largest_collective_mib(hlo: str) -> float:
   return round(max((b for _, b, _ in collective_sizes(hlo)), default=0) / MIB, 3)
 
 
-def frame_read_bytes(params, param_shardings, state, state_shardings, num_codebooks: int,
-                     batch: int) -> int:
+def frame_read_bytes(
+  params, param_shardings, state, state_shardings, num_codebooks: int, batch: int
+) -> int:
   """Bytes one decode frame reads from HBM on one chip (pure dicts of ShapeDtypeStructs and
   their NamedShardings): each weight once (depth attention weights once per codebook step;
   embedding tables only the rows looked up), the whole KV cache once, the rest of the state."""
@@ -65,8 +85,10 @@ def frame_read_bytes(params, param_shardings, state, state_shardings, num_codebo
     elif name in PER_CODEBOOK:
       read *= num_codebooks
     total += read
-  return total + sum(shd.bytes_per_device(x, s) for x, s in zip(jax.tree.leaves(state),
-                                                     jax.tree.leaves(state_shardings)))
+  return total + sum(
+    shd.bytes_per_device(x, s)
+    for x, s in zip(jax.tree.leaves(state), jax.tree.leaves(state_shardings))
+  )
 
 
 def frame_ms_estimate(read_bytes: int, chip: str) -> float:

@@ -1,4 +1,5 @@
 """Load and save the official FLM-Audio checkpoint layout (HF-style safetensors shards)."""
+
 from __future__ import annotations
 
 import itertools
@@ -20,8 +21,11 @@ from flmjax.model.flm import FLMAudio, abstract
 
 INDEX = 'model.safetensors.index.json'
 SINGLE = 'model.safetensors'
-_NP = {'float32': np.dtype(np.float32), 'bfloat16': st.DTYPES['BF16'],
-       'float16': np.dtype(np.float16)}
+_NP = {
+  'float32': np.dtype(np.float32),
+  'bfloat16': st.DTYPES['BF16'],
+  'float16': np.dtype(np.float16),
+}
 
 
 class CheckpointError(ValueError):
@@ -42,8 +46,9 @@ def _grouped(cfg: ModelConfig) -> dict[tuple[str, ...], list[Entry]]:
 def official_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
   """{official key: shape} that save_official writes, from the abstract tree (no allocation)."""
   params = _flat_params(nnx.state(abstract(cfg)))
-  return {e.key: e.torch_shape(params[e.path].get_value().shape[len(e.index):])
-          for e in entries(cfg)}
+  return {
+    e.key: e.torch_shape(params[e.path].get_value().shape[len(e.index) :]) for e in entries(cfg)
+  }
 
 
 def _tensor_index(path: str) -> dict[str, st.TensorInfo]:
@@ -61,11 +66,13 @@ def _tensor_index(path: str) -> dict[str, st.TensorInfo]:
     infos = {}
     for name in files:
       infos.update(st.read_header(os.path.join(path, name)))
-    misplaced = sorted(k for k, f in weight_map.items()
-                       if k not in infos or os.path.basename(infos[k].file) != f)
+    misplaced = sorted(
+      k for k, f in weight_map.items() if k not in infos or os.path.basename(infos[k].file) != f
+    )
     if misplaced:
-      raise CheckpointError(f'{index_file}: keys not in the shard the index names: '
-                            f'{misplaced[:20]}')
+      raise CheckpointError(
+        f'{index_file}: keys not in the shard the index names: {misplaced[:20]}'
+      )
     return infos
   if os.path.exists(single):
     return st.read_header(single)
@@ -81,15 +88,19 @@ def _check(cfg: ModelConfig, infos: dict[str, st.TensorInfo], path: str) -> None
     problems.append(f'missing keys ({len(missing)}): {missing}')
   if unexpected:
     problems.append(f'unexpected keys ({len(unexpected)}): {unexpected}')
-  wrong = [(k, expected[k], infos[k].shape) for k in sorted(expected) if k in infos
-           and tuple(infos[k].shape) != tuple(expected[k])]
+  wrong = [
+    (k, expected[k], infos[k].shape)
+    for k in sorted(expected)
+    if k in infos and tuple(infos[k].shape) != tuple(expected[k])
+  ]
   if wrong:
     listed = '; '.join(f'{k}: expected {e}, found {f}' for k, e, f in wrong)
     problems.append(f'shape mismatch ({len(wrong)}): {listed}')
   if problems:
-    raise CheckpointError(f'{path}: checkpoint does not match its config (config.json and the '
-                          f'weights disagree):\n  '
-                          + '\n  '.join(problems))
+    raise CheckpointError(
+      f'{path}: checkpoint does not match its config (config.json and the '
+      f'weights disagree):\n  ' + '\n  '.join(problems)
+    )
 
 
 def _reader(group: list[Entry], shape: tuple[int, ...], infos, np_dtype):
@@ -107,6 +118,7 @@ def _reader(group: list[Entry], shape: tuple[int, ...], infos, np_dtype):
       blocks.append(e.from_torch(st.read_tensor(infos[e.key]), shape[lead:])[rest].astype(np_dtype))
     out = np.stack(blocks) if lead else blocks[0]
     return out.reshape([len(r) for r in ranges] + list(out.shape[1:] if lead else out.shape))
+
   return read
 
 
@@ -117,17 +129,25 @@ def check_official(path: str) -> tuple[ModelConfig, dict[str, st.TensorInfo]]:
   if not os.path.isdir(path):
     raise CheckpointError(f'{path}: no such checkpoint directory')
   if not os.path.exists(config_file):
-    raise CheckpointError(f'{path}: config.json not found beside the weights; put the config.json '
-                          'of the same release (or of `flmjax export`) there')
+    raise CheckpointError(
+      f'{path}: config.json not found beside the weights; put the config.json '
+      'of the same release (or of `flmjax export`) there'
+    )
   cfg = ModelConfig.from_official(config_file)
   infos = _tensor_index(path)
   _check(cfg, infos, path)
   return cfg, infos
 
 
-def load_official(path: str, *, dtype: str | None = None, param_dtype: str | None = None,
-                  mesh: jax.sharding.Mesh | None = None, rules=shd.RULES,
-                  tensor_parallel: int | None = None) -> FLMAudio:
+def load_official(
+  path: str,
+  *,
+  dtype: str | None = None,
+  param_dtype: str | None = None,
+  mesh: jax.sharding.Mesh | None = None,
+  rules=shd.RULES,
+  tensor_parallel: int | None = None,
+) -> FLMAudio:
   """Reads config.json + safetensors (single or sharded) into an FLMAudio.
 
   `dtype` is the compute dtype and, unless `param_dtype` is given, the parameter dtype too; both
@@ -158,13 +178,20 @@ def load_official(path: str, *, dtype: str | None = None, param_dtype: str | Non
 def _host(value: jax.Array) -> np.ndarray:
   if not getattr(value, 'is_fully_addressable', True):
     from jax.experimental import multihost_utils
+
     value = multihost_utils.process_allgather(value, tiled=True)
   return np.asarray(jax.device_get(value))
 
 
-def save_official(model: FLMAudio, path: str, *, dtype: str | None = None,
-                  max_shard_bytes: int = 5 * 2**30, overwrite: bool = False,
-                  extra_files=None) -> str:
+def save_official(
+  model: FLMAudio,
+  path: str,
+  *,
+  dtype: str | None = None,
+  max_shard_bytes: int = 5 * 2**30,
+  overwrite: bool = False,
+  extra_files=None,
+) -> str:
   """Writes config.json and HF-style safetensors in the official key layout, atomically.
 
   Everything goes to a temporary directory beside `path`, renamed into place at the end, so a
@@ -212,8 +239,11 @@ def save_official(model: FLMAudio, path: str, *, dtype: str | None = None,
   try:
     with open(os.path.join(tmp, 'config.json'), 'w') as f:
       json.dump(cfg.replace(checkpoint_dtype=dtype).to_official(), f, indent=2)
-    names = ([SINGLE] if len(shards) == 1 else
-             [f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors' for i in range(len(shards))])
+    names = (
+      [SINGLE]
+      if len(shards) == 1
+      else [f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors' for i in range(len(shards))]
+    )
     weight_map, total = {}, 0
     for name, shard in zip(names, shards):
       specs = [(e.key, np_dtype, shapes[e.key]) for e in shard]
@@ -221,9 +251,11 @@ def save_official(model: FLMAudio, path: str, *, dtype: str | None = None,
       weight_map.update({e.key: name for e in shard})
     if len(shards) > 1:
       with open(os.path.join(tmp, INDEX), 'w') as f:
-        json.dump({'metadata': {'total_size': total},
-                   'weight_map': dict(sorted(weight_map.items()))},
-                  f, indent=2)
+        json.dump(
+          {'metadata': {'total_size': total}, 'weight_map': dict(sorted(weight_map.items()))},
+          f,
+          indent=2,
+        )
     if extra_files:
       extra_files(tmp)
     if os.path.exists(path):
@@ -237,7 +269,8 @@ def save_official(model: FLMAudio, path: str, *, dtype: str | None = None,
 
 def _is_checkpoint_file(name: str) -> bool:
   return name in ('config.json', SINGLE, INDEX) or (
-      name.startswith('model-') and name.endswith('.safetensors'))
+    name.startswith('model-') and name.endswith('.safetensors')
+  )
 
 
 def check_target(path: str, overwrite: bool) -> None:

@@ -1,4 +1,5 @@
 """A small safetensors reader/writer on numpy memmaps: no torch, one tensor in memory at a time."""
+
 from __future__ import annotations
 
 import json
@@ -9,10 +10,18 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-DTYPES = {'F32': np.dtype(np.float32), 'F16': np.dtype(np.float16),
-          'BF16': np.dtype(ml_dtypes.bfloat16), 'F64': np.dtype(np.float64),
-          'I64': np.dtype(np.int64), 'I32': np.dtype(np.int32), 'I16': np.dtype(np.int16),
-          'I8': np.dtype(np.int8), 'U8': np.dtype(np.uint8), 'BOOL': np.dtype(np.bool_)}
+DTYPES = {
+  'F32': np.dtype(np.float32),
+  'F16': np.dtype(np.float16),
+  'BF16': np.dtype(ml_dtypes.bfloat16),
+  'F64': np.dtype(np.float64),
+  'I64': np.dtype(np.int64),
+  'I32': np.dtype(np.int32),
+  'I16': np.dtype(np.int16),
+  'I8': np.dtype(np.int8),
+  'U8': np.dtype(np.uint8),
+  'BOOL': np.dtype(np.bool_),
+}
 NAMES = {v: k for k, v in DTYPES.items()}
 
 
@@ -39,8 +48,9 @@ def read_header(path: str) -> dict[str, TensorInfo]:
       raise CorruptCheckpointError(f'{path}: truncated safetensors file ({size} bytes, no header)')
     (n,) = struct.unpack('<Q', raw)
     if 8 + n > size:
-      raise CorruptCheckpointError(f'{path}: truncated safetensors file: header claims {n} bytes, '
-                                   f'file has {size}')
+      raise CorruptCheckpointError(
+        f'{path}: truncated safetensors file: header claims {n} bytes, file has {size}'
+      )
     try:
       header = json.loads(f.read(n))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -59,11 +69,14 @@ def read_header(path: str) -> dict[str, TensorInfo]:
     except (KeyError, TypeError, ValueError) as e:
       raise CorruptCheckpointError(f'{path}: corrupt header entry for {key!r}: {e!r}') from None
     if hi - lo != dtype.itemsize * int(np.prod(shape)):
-      raise CorruptCheckpointError(f'{path}: tensor {key!r} has {hi - lo} bytes for shape {shape} '
-                                   f'{meta["dtype"]}')
+      raise CorruptCheckpointError(
+        f'{path}: tensor {key!r} has {hi - lo} bytes for shape {shape} {meta["dtype"]}'
+      )
     if base + hi > size:
-      raise CorruptCheckpointError(f'{path}: truncated safetensors file: tensor {key!r} ends at '
-                                   f'byte {base + hi}, file has {size}')
+      raise CorruptCheckpointError(
+        f'{path}: truncated safetensors file: tensor {key!r} ends at '
+        f'byte {base + hi}, file has {size}'
+      )
     out[key] = TensorInfo(path, dtype, shape, base + lo, base + hi)
   return out
 
@@ -84,8 +97,11 @@ def write_file(path: str, specs: list[tuple[str, np.dtype, tuple[int, ...]]], pr
   header, offset = {}, 0
   for key, dtype, shape in specs:
     nbytes = np.dtype(dtype).itemsize * int(np.prod(shape))
-    header[key] = {'dtype': NAMES[np.dtype(dtype)], 'shape': list(shape),
-                   'data_offsets': [offset, offset + nbytes]}
+    header[key] = {
+      'dtype': NAMES[np.dtype(dtype)],
+      'shape': list(shape),
+      'data_offsets': [offset, offset + nbytes],
+    }
     offset += nbytes
   header['__metadata__'] = {'format': 'pt'}
   blob = json.dumps(header, separators=(',', ':')).encode()

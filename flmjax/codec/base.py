@@ -1,5 +1,6 @@
 """The speech codec interface: 24 kHz mono wave <-> 8 codebooks at 12.5 Hz
 (docs/architecture.md §1, §8)."""
+
 from __future__ import annotations
 
 import abc

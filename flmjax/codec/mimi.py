@@ -9,6 +9,7 @@ SEANet conv tails / transposed-conv overhangs, the transformers' ring KV caches 
 Batch mode equals streaming within the first `context` 25 Hz steps; after that each mode matches
 its own official counterpart (see mimi_transformer).
 """
+
 from __future__ import annotations
 
 import functools
@@ -46,8 +47,9 @@ def decode(cfg: MimiConfig, params, codes: jax.Array) -> jax.Array:
   latent = quantizer.decode(params['quantizer'], codes)  # [B,F,D]
   B, _, D = latent.shape
   zero = jnp.zeros((B, cfg.resample_stride, D), latent.dtype)
-  h, _ = seanet.depthwise_conv_transpose1d(params['upsample']['w'], latent, zero,
-                                           cfg.resample_stride)  # [B,2F,D]
+  h, _ = seanet.depthwise_conv_transpose1d(
+    params['upsample']['w'], latent, zero, cfg.resample_stride
+  )  # [B,2F,D]
   h = transformer.forward(cfg, params['decoder_transformer'], h)
   y, _ = seanet.decode(cfg, params['decoder'], seanet.init_state(cfg, B, True), h)  # [B,T,1]
   return y[:, :, 0]
@@ -58,13 +60,17 @@ def init_stream(cfg: MimiConfig, batch: int):
   """A fresh streaming state for `batch` independent sessions (all leaves [B, ...])."""
   D, S = cfg.dimension, cfg.resample_stride
   return {
-      'encoder': {'seanet': seanet.init_state(cfg, batch, False),
-                  'transformer': transformer.init_state(cfg, batch),
-                  'downsample': {'tail': jnp.zeros((batch, S, D)),
-                                 'first': jnp.ones((batch,), bool)}},
-      'decoder': {'upsample': jnp.zeros((batch, S, D)),
-                  'transformer': transformer.init_state(cfg, batch),
-                  'seanet': seanet.init_state(cfg, batch, True)}}
+    'encoder': {
+      'seanet': seanet.init_state(cfg, batch, False),
+      'transformer': transformer.init_state(cfg, batch),
+      'downsample': {'tail': jnp.zeros((batch, S, D)), 'first': jnp.ones((batch,), bool)},
+    },
+    'decoder': {
+      'upsample': jnp.zeros((batch, S, D)),
+      'transformer': transformer.init_state(cfg, batch),
+      'seanet': seanet.init_state(cfg, batch, True),
+    },
+  }
 
 
 def encode_step(cfg: MimiConfig, params, state, pcm: jax.Array):
@@ -75,16 +81,20 @@ def encode_step(cfg: MimiConfig, params, state, pcm: jax.Array):
   tail = jnp.where(first[:, None, None], h[:, :1], state['downsample']['tail'])  # [B,S,D]
   latent, tail = seanet.conv1d(params['downsample'], h, tail, stride=cfg.resample_stride)
   codes = quantizer.encode(params['quantizer'], latent)[:, :, 0]  # [B,K]
-  new = {'seanet': sea, 'transformer': tr,
-         'downsample': {'tail': tail, 'first': jnp.zeros_like(first)}}
+  new = {
+    'seanet': sea,
+    'transformer': tr,
+    'downsample': {'tail': tail, 'first': jnp.zeros_like(first)},
+  }
   return new, codes
 
 
 def decode_step(cfg: MimiConfig, params, state, codes: jax.Array):
   """state['decoder'], codes int [B,K] -> (new state['decoder'], pcm float32 [B, frame_size])."""
   latent = quantizer.decode(params['quantizer'], codes[:, :, None])  # [B,1,D]
-  h, up = seanet.depthwise_conv_transpose1d(params['upsample']['w'], latent, state['upsample'],
-                                            cfg.resample_stride)  # [B,S,D]
+  h, up = seanet.depthwise_conv_transpose1d(
+    params['upsample']['w'], latent, state['upsample'], cfg.resample_stride
+  )  # [B,S,D]
   h, tr = transformer.step(cfg, params['decoder_transformer'], state['transformer'], h)
   y, sea = seanet.decode(cfg, params['decoder'], state['seanet'], h)  # [B,frame_size,1]
   return {'upsample': up, 'transformer': tr, 'seanet': sea}, y[:, :, 0]
@@ -151,8 +161,9 @@ class Mimi:
 
   def decode_step(self, state, codes):
     """codes int [B,K] -> (state, pcm float32 [B,1920])."""
-    dec, pcm = self._decode_step(self.params, state['decoder'],
-                                 self._check_codes(codes, 'decode_step', 2))
+    dec, pcm = self._decode_step(
+      self.params, state['decoder'], self._check_codes(codes, 'decode_step', 2)
+    )
     return {**state, 'decoder': dec}, pcm
 
   def reset_slots(self, state, mask):
@@ -162,15 +173,20 @@ class Mimi:
   # -------------------------------------------------------------------------- input checks
   def _check_pcm(self, pcm, where: str, sample_rate: int | None, frame: bool = False):
     if sample_rate is not None and sample_rate != self.cfg.sample_rate:
-      raise ValueError(f'Mimi.{where}: audio at {sample_rate} Hz; Mimi takes '
-                       f'{self.cfg.sample_rate} Hz (resample first, e.g. soxr.resample)')
+      raise ValueError(
+        f'Mimi.{where}: audio at {sample_rate} Hz; Mimi takes '
+        f'{self.cfg.sample_rate} Hz (resample first, e.g. soxr.resample)'
+      )
     pcm = np.asarray(pcm)
     if pcm.ndim != 2:
-      raise ValueError(f'Mimi.{where}: pcm must be mono [batch, samples]; got shape {pcm.shape} '
-                       f'(for multi-channel audio pick one channel per session)')
+      raise ValueError(
+        f'Mimi.{where}: pcm must be mono [batch, samples]; got shape {pcm.shape} '
+        f'(for multi-channel audio pick one channel per session)'
+      )
     if frame and pcm.shape[1] != self.cfg.frame_size:
-      raise ValueError(f'Mimi.{where}: pcm must be one frame [batch, {self.cfg.frame_size}]; '
-                       f'got shape {pcm.shape}')
+      raise ValueError(
+        f'Mimi.{where}: pcm must be one frame [batch, {self.cfg.frame_size}]; got shape {pcm.shape}'
+      )
     if pcm.shape[1] == 0 or pcm.shape[0] == 0:
       raise ValueError(f'Mimi.{where}: empty audio (shape {pcm.shape})')
     if not np.issubdtype(pcm.dtype, np.floating):
@@ -184,15 +200,17 @@ class Mimi:
     K, V = self.cfg.num_codebooks, self.cfg.quantizer_bins
     want = '[batch, codebooks, frames]' if ndim == 3 else '[batch, codebooks]'
     if codes.ndim != ndim or codes.shape[1] != K:
-      raise ValueError(f'Mimi.{where}: codes must be {want} with {K} codebooks; '
-                       f'got shape {codes.shape}')
+      raise ValueError(
+        f'Mimi.{where}: codes must be {want} with {K} codebooks; got shape {codes.shape}'
+      )
     if not np.issubdtype(codes.dtype, np.integer):
       raise ValueError(f'Mimi.{where}: codes must be integers; got {codes.dtype}')
     if codes.size == 0:
       raise ValueError(f'Mimi.{where}: no codes (shape {codes.shape})')
     if codes.min() < 0 or codes.max() >= V:
-      raise ValueError(f'Mimi.{where}: codes out of range [0, {V}): min {codes.min()}, '
-                       f'max {codes.max()}')
+      raise ValueError(
+        f'Mimi.{where}: codes out of range [0, {V}): min {codes.min()}, max {codes.max()}'
+      )
     return jnp.asarray(codes, jnp.int32)
 
 

@@ -5,6 +5,7 @@ Torch layouts become NWC-friendly ones: conv [O,I,K] -> [K,I,O], transposed conv
 centroids, `embedding_sum / clamp(cluster_usage, 1e-5)`. Every parameter carries logical axis
 names (`param_axes`), mapped to mesh axes by flmjax.sharding.RULES.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,8 +45,9 @@ def _seanet_keys(cfg: MimiConfig, decoder: bool) -> dict[str, str]:
 
 
 def _codebook_prefixes(cfg: MimiConfig, count: int) -> list[str]:
-  return (['quantizer.rvq_first.vq.layers.0._codebook'] +
-          [f'quantizer.rvq_rest.vq.layers.{i}._codebook' for i in range(count - 1)])
+  return ['quantizer.rvq_first.vq.layers.0._codebook'] + [
+    f'quantizer.rvq_rest.vq.layers.{i}._codebook' for i in range(count - 1)
+  ]
 
 
 def checkpoint_layout(cfg: MimiConfig) -> dict[str, tuple[int, ...]]:
@@ -61,19 +63,28 @@ def checkpoint_layout(cfg: MimiConfig) -> dict[str, tuple[int, ...]]:
   for side in ('encoder_transformer', 'decoder_transformer'):
     for l in range(cfg.num_layers):
       p = f'{side}.transformer.layers.{l}'
-      shapes.update({f'{p}.self_attn.in_proj_weight': (3 * D, D),
-                     f'{p}.self_attn.out_proj.weight': (D, D),
-                     f'{p}.norm1.weight': (D,), f'{p}.norm1.bias': (D,),
-                     f'{p}.norm2.weight': (D,), f'{p}.norm2.bias': (D,),
-                     f'{p}.linear1.weight': (F, D), f'{p}.linear2.weight': (D, F),
-                     f'{p}.layer_scale_1.scale': (D,), f'{p}.layer_scale_2.scale': (D,)})
+      shapes.update(
+        {
+          f'{p}.self_attn.in_proj_weight': (3 * D, D),
+          f'{p}.self_attn.out_proj.weight': (D, D),
+          f'{p}.norm1.weight': (D,),
+          f'{p}.norm1.bias': (D,),
+          f'{p}.norm2.weight': (D,),
+          f'{p}.norm2.bias': (D,),
+          f'{p}.linear1.weight': (F, D),
+          f'{p}.linear2.weight': (D, F),
+          f'{p}.layer_scale_1.scale': (D,),
+          f'{p}.layer_scale_2.scale': (D,),
+        }
+      )
   Q, V = cfg.quantizer_dimension, cfg.quantizer_bins
   for group in ('rvq_first', 'rvq_rest'):
     shapes[f'quantizer.{group}.input_proj.weight'] = (Q, D, 1)
     shapes[f'quantizer.{group}.output_proj.weight'] = (D, Q, 1)
   for p in _codebook_prefixes(cfg, cfg.total_codebooks):
-    shapes.update({f'{p}._initialized': (1,), f'{p}.cluster_usage': (V,),
-                   f'{p}.embedding_sum': (V, Q)})
+    shapes.update(
+      {f'{p}._initialized': (1,), f'{p}.cluster_usage': (V,), f'{p}.embedding_sum': (V, Q)}
+    )
   shapes['downsample.conv.conv.conv.weight'] = (D, D, 2 * cfg.resample_stride)
   shapes['upsample.convtr.convtr.convtr.weight'] = (D, 1, 2 * cfg.resample_stride)
   return shapes
@@ -81,6 +92,7 @@ def checkpoint_layout(cfg: MimiConfig) -> dict[str, tuple[int, ...]]:
 
 def params_from_state_dict(cfg: MimiConfig, get: Callable[[str], np.ndarray]):
   """Builds (params, axes) trees from `get(key)` (float32 numpy in the official layout)."""
+
   def seanet_params(decoder: bool):
     keys, tree, tree_axes = _seanet_keys(cfg, decoder), {}, {}
     for name, *_ in (seanet.decoder_convs if decoder else seanet.encoder_convs)(cfg):
@@ -103,20 +115,32 @@ def params_from_state_dict(cfg: MimiConfig, get: Callable[[str], np.ndarray]):
     for l in range(cfg.num_layers):
       p = f'{side}.transformer.layers.{l}'
       norm = lambda n, p=p: {'scale': get(f'{p}.{n}.weight'), 'bias': get(f'{p}.{n}.bias')}
-      layers.append({
-          'norm1': norm('norm1'), 'norm2': norm('norm2'),
+      layers.append(
+        {
+          'norm1': norm('norm1'),
+          'norm2': norm('norm2'),
           # torch's [out, in] layout: the transformer computes W @ X^T (mimi_transformer.linear_t)
           'qkv': get(f'{p}.self_attn.in_proj_weight').reshape(3, N, H, D),
           'out': get(f'{p}.self_attn.out_proj.weight').reshape(D, N, H),
-          'linear1': get(f'{p}.linear1.weight'), 'linear2': get(f'{p}.linear2.weight'),
+          'linear1': get(f'{p}.linear1.weight'),
+          'linear2': get(f'{p}.linear2.weight'),
           'layer_scale_1': get(f'{p}.layer_scale_1.scale'),
-          'layer_scale_2': get(f'{p}.layer_scale_2.scale')})
+          'layer_scale_2': get(f'{p}.layer_scale_2.scale'),
+        }
+      )
       norm_axes = {'scale': ('norm',), 'bias': ('norm',)}
-      layer_axes.append({'norm1': norm_axes, 'norm2': norm_axes,
-                         'qkv': ('qkv', 'q_heads', 'head_dim', 'embed'),
-                         'out': ('embed', 'q_heads', 'head_dim'), 'linear1': ('mlp', 'embed'),
-                         'linear2': ('embed', 'mlp'), 'layer_scale_1': ('norm',),
-                         'layer_scale_2': ('norm',)})
+      layer_axes.append(
+        {
+          'norm1': norm_axes,
+          'norm2': norm_axes,
+          'qkv': ('qkv', 'q_heads', 'head_dim', 'embed'),
+          'out': ('embed', 'q_heads', 'head_dim'),
+          'linear1': ('mlp', 'embed'),
+          'linear2': ('embed', 'mlp'),
+          'layer_scale_1': ('norm',),
+          'layer_scale_2': ('norm',),
+        }
+      )
     return {'layers': layers}, {'layers': layer_axes}
 
   def codebook(prefix):
@@ -130,18 +154,24 @@ def params_from_state_dict(cfg: MimiConfig, get: Callable[[str], np.ndarray]):
     params[side], axes[side] = transformer_params(side)
   proj = lambda g, which: get(f'quantizer.{g}.{which}_proj.weight')[:, :, 0].T
   params['quantizer'] = {
-      'first_in': proj('rvq_first', 'input'), 'first_out': proj('rvq_first', 'output'),
-      'rest_in': proj('rvq_rest', 'input'), 'rest_out': proj('rvq_rest', 'output'),
-      'codebooks': [codebook(p) for p in _codebook_prefixes(cfg, cfg.num_codebooks)]}
+    'first_in': proj('rvq_first', 'input'),
+    'first_out': proj('rvq_first', 'output'),
+    'rest_in': proj('rvq_rest', 'input'),
+    'rest_out': proj('rvq_rest', 'output'),
+    'codebooks': [codebook(p) for p in _codebook_prefixes(cfg, cfg.num_codebooks)],
+  }
   # One array per codebook (a slice of a stacked [K,V,Q] is copied before every matmul on CPU),
   # with its squared norms precomputed for the nearest-neighbour search.
   quantizer = params['quantizer']
   quantizer['norms'] = [np.sum(np.square(c), -1) for c in quantizer['codebooks']]
-  axes['quantizer'] = {'first_in': ('embed', 'codebook_dim'),
-                       'first_out': ('codebook_dim', 'embed'),
-                       'rest_in': ('embed', 'codebook_dim'), 'rest_out': ('codebook_dim', 'embed'),
-                       'codebooks': [('codebook_entries', 'codebook_dim')] * cfg.num_codebooks,
-                       'norms': [('codebook_entries',)] * cfg.num_codebooks}
+  axes['quantizer'] = {
+    'first_in': ('embed', 'codebook_dim'),
+    'first_out': ('codebook_dim', 'embed'),
+    'rest_in': ('embed', 'codebook_dim'),
+    'rest_out': ('codebook_dim', 'embed'),
+    'codebooks': [('codebook_entries', 'codebook_dim')] * cfg.num_codebooks,
+    'norms': [('codebook_entries',)] * cfg.num_codebooks,
+  }
   down = get('downsample.conv.conv.conv.weight')
   params['downsample'] = {'w': down.transpose(2, 1, 0)}  # [K,I,O]
   axes['downsample'] = {'w': ('conv_kernel', 'conv_in', 'conv_out')}
@@ -195,8 +225,9 @@ def find_files(path_or_dir: str) -> tuple[str, str | None]:
   if os.path.isdir(path):
     found = sorted(f for f in os.listdir(path) if f.endswith('.safetensors'))
     if len(found) != 1:
-      raise MimiCheckpointError(f'{path}: expected exactly one .safetensors Mimi checkpoint, '
-                                f'found {found or "none"}')
+      raise MimiCheckpointError(
+        f'{path}: expected exactly one .safetensors Mimi checkpoint, found {found or "none"}'
+      )
     path = os.path.join(path, found[0])
   if not os.path.isfile(path):
     raise MimiCheckpointError(f'{path}: no such Mimi checkpoint file')
@@ -218,26 +249,33 @@ def read_checkpoint(path_or_dir: str, num_codebooks: int = 8):
     except (json.JSONDecodeError, ValueError, TypeError, AttributeError) as e:
       raise MimiCheckpointError(f'{config_path}: not a Mimi config ({e})') from None
   if num_codebooks > cfg.total_codebooks:
-    raise ValueError(f'load_mimi: num_codebooks={num_codebooks} is more than the '
-                     f'{cfg.total_codebooks} codebooks of {path}; pass 1..{cfg.total_codebooks}')
+    raise ValueError(
+      f'load_mimi: num_codebooks={num_codebooks} is more than the '
+      f'{cfg.total_codebooks} codebooks of {path}; pass 1..{cfg.total_codebooks}'
+    )
   cfg = dataclasses.replace(cfg, num_codebooks=num_codebooks)
   try:
     header = safetensors_io.read_header(path)
   except safetensors_io.CorruptCheckpointError as e:
     raise MimiCheckpointError(str(e)) from None
   layout = checkpoint_layout(cfg)
-  where = (config_path if config_path else
-           'the full config (no config.json next to it; a reduced Mimi needs its kwargs there)')
+  where = (
+    config_path
+    if config_path
+    else 'the full config (no config.json next to it; a reduced Mimi needs its kwargs there)'
+  )
   missing = sorted(set(layout) - set(header))
   unexpected = sorted(set(header) - set(layout))
   if missing or unexpected:
     raise MimiCheckpointError(
-        f'{path}: does not match the Mimi layout of {where}: {len(missing)} missing key(s) '
-        f'{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}')
+      f'{path}: does not match the Mimi layout of {where}: {len(missing)} missing key(s) '
+      f'{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}'
+    )
   for key, shape in layout.items():
     if header[key].shape != shape:
-      raise MimiCheckpointError(f'{path}: tensor {key!r} has shape {header[key].shape}, '
-                                f'expected {shape} ({where})')
+      raise MimiCheckpointError(
+        f'{path}: tensor {key!r} has shape {header[key].shape}, expected {shape} ({where})'
+      )
   get = lambda key: np.asarray(safetensors_io.read_tensor(header[key]), np.float32)
   params, axes = params_from_state_dict(cfg, get)
   return cfg, params, axes

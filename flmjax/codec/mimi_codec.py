@@ -7,6 +7,7 @@ into windows of `window_frames`, each warmed up on the frames before it that can
 (the receptive field: SEANet's, plus `context` steps per transformer layer), so memory stays
 bounded and the codes equal one whole-file call up to float rounding.
 """
+
 from __future__ import annotations
 
 import functools
@@ -23,9 +24,14 @@ from flmjax.codec.base import Codec
 
 
 class MimiCodec(Codec):
-
-  def __init__(self, mimi: mimi_lib.Mimi, *, samples_per_device: int = 1 << 20,
-               window_frames: int = 1000, devices=None):
+  def __init__(
+    self,
+    mimi: mimi_lib.Mimi,
+    *,
+    samples_per_device: int = 1 << 20,
+    window_frames: int = 1000,
+    devices=None,
+  ):
     cfg = self.cfg = mimi.cfg
     self.mimi = mimi
     self.sample_rate, self.frame_size = cfg.sample_rate, cfg.frame_size
@@ -54,13 +60,18 @@ class MimiCodec(Codec):
     for i, wave in enumerate(waves):
       wave = np.asarray(wave, np.float32)
       if wave.ndim != 1 or wave.size == 0 or not np.isfinite(wave).all():
-        why = ('is not mono' if wave.ndim != 1 else 'is empty' if wave.size == 0
-               else 'has NaN or infinite samples')
+        why = (
+          'is not mono'
+          if wave.ndim != 1
+          else 'is empty'
+          if wave.size == 0
+          else 'has NaN or infinite samples'
+        )
         raise ValueError(f'MimiCodec.encode_batch: wave {i} {why} (shape {wave.shape})')
       frames = -(-wave.size // F)
       for start in range(0, frames, self.window_frames):
         lo = max(0, start - self.warmup_frames)
-        pieces.append((i, start - lo, wave[lo * F:(start + self.window_frames) * F]))
+        pieces.append((i, start - lo, wave[lo * F : (start + self.window_frames) * F]))
     out: list[list[np.ndarray]] = [[] for _ in waves]
     codes_of = {}
     order = sorted(range(len(pieces)), key=lambda j: pieces[j][2].size)
@@ -68,15 +79,15 @@ class MimiCodec(Codec):
     while order:
       frames = _bucket(-(-pieces[order[-1]][2].size // F))  # the longest piece left sets the pad
       per_device = max(1, self.samples_per_device // (frames * F))
-      take, order = order[-per_device * n_dev:], order[:-per_device * n_dev]  # the longest left
+      take, order = order[-per_device * n_dev :], order[: -per_device * n_dev]  # the longest left
       batch = np.zeros((-(-len(take) // n_dev) * n_dev, frames * F), np.float32)
       for row, j in enumerate(take):
-        batch[row, :pieces[j][2].size] = pieces[j][2]
+        batch[row, : pieces[j][2].size] = pieces[j][2]
       codes = np.asarray(self._encode(self._params, jax.device_put(batch, self._rows)))
       for row, j in enumerate(take):
         codes_of[j] = codes[row]
     for j, (i, skip, pcm) in enumerate(pieces):
-      out[i].append(codes_of[j][:, skip:-(-pcm.size // F)])
+      out[i].append(codes_of[j][:, skip : -(-pcm.size // F)])
     return [np.concatenate(parts, axis=1).astype(np.int32) for parts in out]
 
 

@@ -5,6 +5,7 @@ Only what the released Mimi uses is supported (causal SEANet without norm, ELU, 
 true skips, a RoPE/LayerNorm/layer-scale transformer without projections, a split RVQ with one
 semantic codebook, learnt stride-2 resampling); anything else is refused by `from_kwargs`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,14 +45,19 @@ class MimiConfig:
     if self.channels != 1:
       raise ValueError(f'MimiConfig: channels {self.channels}: only mono Mimi is supported')
     if not 1 <= self.num_codebooks <= self.total_codebooks:
-      raise ValueError(f'MimiConfig: num_codebooks {self.num_codebooks} must be in '
-                       f'[1, {self.total_codebooks}]')
+      raise ValueError(
+        f'MimiConfig: num_codebooks {self.num_codebooks} must be in [1, {self.total_codebooks}]'
+      )
     if self.dimension % self.num_heads or self.head_dim % 2:
-      raise ValueError(f'MimiConfig: dimension {self.dimension} must split into {self.num_heads} '
-                       f'heads of an even size')
+      raise ValueError(
+        f'MimiConfig: dimension {self.dimension} must split into {self.num_heads} '
+        f'heads of an even size'
+      )
     if self.frame_size * self.frame_rate != self.sample_rate or self.resample_stride < 1:
-      raise ValueError(f'MimiConfig: sample_rate {self.sample_rate}, frame_rate '
-                       f'{self.frame_rate} and ratios {self.ratios} do not give whole frames')
+      raise ValueError(
+        f'MimiConfig: sample_rate {self.sample_rate}, frame_rate '
+        f'{self.frame_rate} and ratios {self.ratios} do not give whole frames'
+      )
 
   @property
   def hop_length(self) -> int:  # samples per 25 Hz encoder step
@@ -77,9 +83,17 @@ class MimiConfig:
   @classmethod
   def small(cls, num_codebooks: int = 8) -> MimiConfig:
     """golden/mimi_small: the same layout, reduced widths, context 32."""
-    return cls(dimension=64, n_filters=8, num_heads=4, num_layers=2, dim_feedforward=128,
-               context=32, quantizer_dimension=32, total_codebooks=8,
-               num_codebooks=num_codebooks)
+    return cls(
+      dimension=64,
+      n_filters=8,
+      num_heads=4,
+      num_layers=2,
+      dim_feedforward=128,
+      context=32,
+      quantizer_dimension=32,
+      total_codebooks=8,
+      num_codebooks=num_codebooks,
+    )
 
   @classmethod
   def from_kwargs(cls, kw: dict[str, Any], num_codebooks: int = 8) -> MimiConfig:
@@ -87,29 +101,50 @@ class MimiConfig:
     try:
       sea, tr, q = kw['seanet'], kw['transformer'], kw['quantizer']
       fixed = [
-          (sea, 'causal', True), (sea, 'activation', 'ELU'), (sea, 'norm', 'none'),
-          (sea, 'pad_mode', 'constant'), (sea, 'true_skip', True),
-          (sea, 'disable_norm_outer_blocks', 0), (tr, 'causal', True), (tr, 'gating', 'none'),
-          (tr, 'norm', 'layer_norm'), (tr, 'positional_embedding', 'rope'),
-          (tr, 'conv_layout', True), (tr, 'd_model', sea['dimension']),
-          (tr, 'input_dimension', sea['dimension']), (tr, 'output_dimensions', [sea['dimension']]),
-          (q, 'input_dimension', sea['dimension']), (q, 'output_dimension', sea['dimension']),
+        (sea, 'causal', True),
+        (sea, 'activation', 'ELU'),
+        (sea, 'norm', 'none'),
+        (sea, 'pad_mode', 'constant'),
+        (sea, 'true_skip', True),
+        (sea, 'disable_norm_outer_blocks', 0),
+        (tr, 'causal', True),
+        (tr, 'gating', 'none'),
+        (tr, 'norm', 'layer_norm'),
+        (tr, 'positional_embedding', 'rope'),
+        (tr, 'conv_layout', True),
+        (tr, 'd_model', sea['dimension']),
+        (tr, 'input_dimension', sea['dimension']),
+        (tr, 'output_dimensions', [sea['dimension']]),
+        (q, 'input_dimension', sea['dimension']),
+        (q, 'output_dimension', sea['dimension']),
       ]
       for section, name, want in fixed:
         got = section.get(name, want)
         if (list(got) if isinstance(got, tuple) else got) != want:
           raise ValueError(f'Mimi kwargs: {name}={got!r} is not supported (only {want!r})')
       return cls(
-          channels=sea['channels'], dimension=sea['dimension'], n_filters=sea['n_filters'],
-          ratios=tuple(sea['ratios']), kernel_size=sea['kernel_size'],
-          residual_kernel_size=sea['residual_kernel_size'],
-          last_kernel_size=sea['last_kernel_size'], compress=sea['compress'],
-          dilation_base=sea['dilation_base'], n_residual_layers=sea['n_residual_layers'],
-          num_heads=tr['num_heads'], num_layers=tr['num_layers'],
-          dim_feedforward=tr['dim_feedforward'], context=tr['context'],
-          max_period=float(tr['max_period']), layer_scale=float(tr['layer_scale']),
-          quantizer_dimension=q['dimension'], quantizer_bins=q['bins'], total_codebooks=q['n_q'],
-          num_codebooks=num_codebooks, sample_rate=kw.get('sample_rate', 24000),
-          frame_rate=float(kw.get('frame_rate', 12.5)))
+        channels=sea['channels'],
+        dimension=sea['dimension'],
+        n_filters=sea['n_filters'],
+        ratios=tuple(sea['ratios']),
+        kernel_size=sea['kernel_size'],
+        residual_kernel_size=sea['residual_kernel_size'],
+        last_kernel_size=sea['last_kernel_size'],
+        compress=sea['compress'],
+        dilation_base=sea['dilation_base'],
+        n_residual_layers=sea['n_residual_layers'],
+        num_heads=tr['num_heads'],
+        num_layers=tr['num_layers'],
+        dim_feedforward=tr['dim_feedforward'],
+        context=tr['context'],
+        max_period=float(tr['max_period']),
+        layer_scale=float(tr['layer_scale']),
+        quantizer_dimension=q['dimension'],
+        quantizer_bins=q['bins'],
+        total_codebooks=q['n_q'],
+        num_codebooks=num_codebooks,
+        sample_rate=kw.get('sample_rate', 24000),
+        frame_rate=float(kw.get('frame_rate', 12.5)),
+      )
     except KeyError as e:
       raise ValueError(f'Mimi kwargs: missing field {e}') from None

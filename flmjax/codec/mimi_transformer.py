@@ -10,6 +10,7 @@ Two modes, each matching its official counterpart (golden/README.md, mimi_small)
 
 Shapes: B batch, T query time, S key time, D model, N heads, H head dim, F feed-forward.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,7 +26,7 @@ from flmjax.model.layers import NEG_INF  # finite: a row with no visible key sta
 def dense(x: jax.Array, w: jax.Array, in_dims: int = 1) -> jax.Array:
   """x [..., I...] times w [I..., O...] over the `in_dims` leading dims of w, as one 2-D matmul:
   XLA:CPU runs 2-D dots several times faster than the same contraction written as an N-D einsum."""
-  lead, n_in = x.shape[:x.ndim - in_dims], int(np.prod(w.shape[:in_dims]))
+  lead, n_in = x.shape[: x.ndim - in_dims], int(np.prod(w.shape[:in_dims]))
   y = x.reshape(-1, n_in) @ w.reshape(n_in, -1)
   return y.reshape(*lead, *w.shape[in_dims:])
 
@@ -131,8 +132,10 @@ def init_state(cfg: MimiConfig, batch: int, dtype=jnp.float32):
   """Ring KV cache per layer (k [B,N,H,context], v [B,N,context,H]: the layouts `_attend_cache`
   wants) and the stream offset [B] (steps written)."""
   B, N, H, C = batch, cfg.num_heads, cfg.head_dim, cfg.context
-  layers = [{'k': jnp.zeros((B, N, H, C), dtype), 'v': jnp.zeros((B, N, C, H), dtype)}
-            for _ in range(cfg.num_layers)]
+  layers = [
+    {'k': jnp.zeros((B, N, H, C), dtype), 'v': jnp.zeros((B, N, C, H), dtype)}
+    for _ in range(cfg.num_layers)
+  ]
   return {'layers': layers, 'offset': jnp.zeros((batch,), jnp.int32)}
 
 

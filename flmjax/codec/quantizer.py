@@ -6,6 +6,7 @@ centroids and projects it back; the two projections are added.
 
 Shapes: B batch, F frames, D latent, Q quantizer dim, V codebook entries, K codebooks.
 """
+
 from __future__ import annotations
 
 import jax
@@ -18,8 +19,9 @@ def nearest(x: jax.Array, codebook: jax.Array, norms: jax.Array) -> jax.Array:
   """x [B,F,Q], codebook [V,Q], norms [V] (its squared row norms) -> int32 [B,F]: the closest
   entry in Euclidean distance."""
   dots = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), codebook, (((1,), (1,)), ((), ())))
-  dist = (jnp.sum(x * x, -1, keepdims=True) - 2 * dots.reshape(*x.shape[:-1], -1)
-          + norms)  # BFQ,VQ->BFV [B,F,V]
+  dist = (
+    jnp.sum(x * x, -1, keepdims=True) - 2 * dots.reshape(*x.shape[:-1], -1) + norms
+  )  # BFQ,VQ->BFV [B,F,V]
   return jnp.argmin(dist, axis=-1).astype(jnp.int32)
 
 

@@ -1,4 +1,5 @@
 """Audio reading: soundfile, resampling to 24 kHz with soxr, stereo split into (model, user)."""
+
 from __future__ import annotations
 
 import os
@@ -18,9 +19,14 @@ class AudioError(ValueError):
     self.reason = reason
 
 
-def read_audio(path: str | os.PathLike, *, sample_rate: int | None = None,
-               channels: int | None = None, channel: int | None = None,
-               target_rate: int = SAMPLE_RATE) -> np.ndarray:
+def read_audio(
+  path: str | os.PathLike,
+  *,
+  sample_rate: int | None = None,
+  channels: int | None = None,
+  channel: int | None = None,
+  target_rate: int = SAMPLE_RATE,
+) -> np.ndarray:
   """Reads `path` and resamples it to `target_rate` (soxr); returns float32 [channels, samples].
 
   sample_rate: the rate the file must have (a manifest's "sample_rate"); None takes the file's.
@@ -30,6 +36,7 @@ def read_audio(path: str | os.PathLike, *, sample_rate: int | None = None,
   """
   import soundfile
   import soxr
+
   path = str(path)
   if not os.path.isfile(path):
     raise AudioError(f'{path}: no such audio file', 'unreadable')
@@ -37,8 +44,9 @@ def read_audio(path: str | os.PathLike, *, sample_rate: int | None = None,
   try:
     wave, file_rate = soundfile.read(path, dtype='float32', always_2d=True)  # [S, C]
   except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
-    raise AudioError(f'{path}: not a readable audio file (WAV, FLAC or OGG): {e}',
-                     'unreadable') from None
+    raise AudioError(
+      f'{path}: not a readable audio file (WAV, FLAC or OGG): {e}', 'unreadable'
+    ) from None
   if wave.shape[0] == 0:
     raise AudioError(f'{path}: the audio holds no samples')
   if not np.isfinite(wave).all():
@@ -50,12 +58,16 @@ def read_audio(path: str | os.PathLike, *, sample_rate: int | None = None,
     raise AudioError(f'{path}: {found} channel(s); expected {channels}')
   if channel is not None:
     if not 0 <= channel < found:
-      raise AudioError(f'{path}: channel {channel} does not exist: the file has {found} '
-                       f'channel(s) (0..{found - 1})')
-    wave = wave[:, channel:channel + 1]
+      raise AudioError(
+        f'{path}: channel {channel} does not exist: the file has {found} '
+        f'channel(s) (0..{found - 1})'
+      )
+    wave = wave[:, channel : channel + 1]
   elif channels is None and found != 1:
-    raise AudioError(f'{path}: {found} channels, but one speaker is needed; choose one with '
-                     f'--channel N (0..{found - 1})')
+    raise AudioError(
+      f'{path}: {found} channels, but one speaker is needed; choose one with '
+      f'--channel N (0..{found - 1})'
+    )
   if file_rate != target_rate:
     wave = soxr.resample(wave, file_rate, target_rate, quality='HQ')  # [S', C]
   return np.ascontiguousarray(wave.T, dtype=np.float32)
@@ -77,7 +89,10 @@ def check_wav_length(path: str) -> None:
       if kind == b'data':
         have = size - at - 8
         if 0 < length < 0xFFFFFFFF and length > have:
-          raise AudioError(f'{path}: truncated WAV: its header says {length} bytes of audio, '
-                           f'the file holds {have}; copy or export the file again', 'unreadable')
+          raise AudioError(
+            f'{path}: truncated WAV: its header says {length} bytes of audio, '
+            f'the file holds {have}; copy or export the file again',
+            'unreadable',
+          )
         return
       at += 8 + length + (length & 1)  # chunks are word-aligned

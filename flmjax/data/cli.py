@@ -1,4 +1,5 @@
 """`flmjax data ...`: prepare a manifest into ArrayRecord shards, or write the synthetic corpus."""
+
 from __future__ import annotations
 
 import os
@@ -13,15 +14,26 @@ def _parser() -> ArgumentParser:
   prep.add_argument('manifest')
   prep.add_argument('out_dir')
   prep.add_argument('--tokenizer', required=True, help='SentencePiece .model or tokenizer.json')
-  prep.add_argument('--codec', choices=('none', 'toy', 'mimi'), default='none',
-                    help='codec for "audio" lines: "mimi" (needs --mimi), or "toy" for the '
-                         'synthetic corpus\'s ToyCodec audio')
+  prep.add_argument(
+    '--codec',
+    choices=('none', 'toy', 'mimi'),
+    default='none',
+    help='codec for "audio" lines: "mimi" (needs --mimi), or "toy" for the '
+    "synthetic corpus's ToyCodec audio",
+  )
   prep.add_argument('--mimi', help='Mimi checkpoint (.safetensors, or a dir holding one)')
-  prep.add_argument('--audio-batch', type=int, default=64,
-                    help='audio lines read and encoded together (batched over the devices)')
+  prep.add_argument(
+    '--audio-batch',
+    type=int,
+    default=64,
+    help='audio lines read and encoded together (batched over the devices)',
+  )
   prep.add_argument('--strict', action='store_true', help='stop at the first bad line')
-  prep.add_argument('--overwrite', action='store_true',
-                    help='replace OUT_DIR when it holds a dataset prepared before')
+  prep.add_argument(
+    '--overwrite',
+    action='store_true',
+    help='replace OUT_DIR when it holds a dataset prepared before',
+  )
   prep.add_argument('--records-per-shard', type=int, default=4096)
   prep.add_argument('--no-progress', action='store_true')
   syn = sub.add_parser('synth', help='write the embedded synthetic corpus (manifests + codes)')
@@ -38,10 +50,12 @@ def make_codec(name: str, mimi_path: str | None):
   """The codec for "audio" lines: None, ToyCodec, or Mimi batched over all devices."""
   if name == 'toy':
     from flmjax.codec.toy import ToyCodec
+
     return ToyCodec()
   if name == 'mimi':
     from flmjax.codec import load_mimi
     from flmjax.codec.mimi_codec import MimiCodec
+
     return MimiCodec(load_mimi(mimi_path))
   return None
 
@@ -51,24 +65,38 @@ def main(argv: list[str]) -> int:
   args = _parser().parse_args(argv)
   if args.command == 'synth':
     from flmjax.data import synthetic
+
     for flag in ('num_tts_asr', 'num_duplex', 'num_heldout'):
       if getattr(args, flag) < 1:
-        return fail('flmjax data synth', f'--{flag.replace("_", "-")} {getattr(args, flag)} must '
-                                         'be >= 1')
+        return fail(
+          'flmjax data synth', f'--{flag.replace("_", "-")} {getattr(args, flag)} must be >= 1'
+        )
     if os.path.isfile(args.out_dir):
       return fail('flmjax data synth', f'OUT {args.out_dir} is a file; give a directory path')
-    if os.path.isdir(args.out_dir) and os.listdir(args.out_dir) and not os.path.isfile(
-        os.path.join(args.out_dir, 'tokenizer.model')):  # only an earlier corpus is rewritten
-      return fail('flmjax data synth', f'OUT {args.out_dir} is a non-empty directory that holds '
-                                       'no synthetic corpus; choose a new directory')
-    paths = synthetic.generate(args.out_dir, seed=args.seed, num_tts_asr=args.num_tts_asr,
-                               num_duplex=args.num_duplex, num_heldout=args.num_heldout,
-                               write_audio=args.audio)
+    if (
+      os.path.isdir(args.out_dir)
+      and os.listdir(args.out_dir)
+      and not os.path.isfile(os.path.join(args.out_dir, 'tokenizer.model'))
+    ):  # only an earlier corpus is rewritten
+      return fail(
+        'flmjax data synth',
+        f'OUT {args.out_dir} is a non-empty directory that holds '
+        'no synthetic corpus; choose a new directory',
+      )
+    paths = synthetic.generate(
+      args.out_dir,
+      seed=args.seed,
+      num_tts_asr=args.num_tts_asr,
+      num_duplex=args.num_duplex,
+      num_heldout=args.num_heldout,
+      write_audio=args.audio,
+    )
     for name, path in paths.items():
       print(f'{name}: {path}')
     return 0
   from flmjax.data.prepare import check_out_dir, format_summary, prepare
   from flmjax.data.tokenizer import load_tokenizer
+
   if args.records_per_shard < 1:
     return fail('flmjax data prepare', f'--records-per-shard {args.records_per_shard} must be >= 1')
   if args.audio_batch < 1:
@@ -77,10 +105,17 @@ def main(argv: list[str]) -> int:
     return fail('flmjax data prepare', '--codec mimi and --mimi PATH go together')
   try:
     check_out_dir(os.path.abspath(args.out_dir), args.overwrite)  # before the tokenizer loads
-    summary = prepare(args.manifest, args.out_dir, load_tokenizer(args.tokenizer),
-                      codec=make_codec(args.codec, args.mimi), strict=args.strict,
-                      records_per_shard=args.records_per_shard, progress=not args.no_progress,
-                      overwrite=args.overwrite, audio_batch=args.audio_batch)
+    summary = prepare(
+      args.manifest,
+      args.out_dir,
+      load_tokenizer(args.tokenizer),
+      codec=make_codec(args.codec, args.mimi),
+      strict=args.strict,
+      records_per_shard=args.records_per_shard,
+      progress=not args.no_progress,
+      overwrite=args.overwrite,
+      audio_batch=args.audio_batch,
+    )
   except (OSError, ValueError) as e:  # ManifestError is a ValueError
     return fail('flmjax data prepare', str(e))
   print(format_summary(summary))

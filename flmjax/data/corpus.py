@@ -4,6 +4,7 @@ A config names it (`SyntheticCorpus`) without building it: its paths are known u
 `flmjax train` builds it when training starts (`build`, idempotent), so loading a config has no
 side effects.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,6 +20,7 @@ VERSION = 3  # of the generator and prepare: a corpus made by another version is
 class SyntheticCorpus:
   """flmjax.data.synthetic's corpus under `root`: raw/ (manifests, codes, tokenizer.model) and
   prepared/<split> (ArrayRecord shards), for every split in SPLITS."""
+
   root: str
   seed: int = 0
   num_tts_asr: int = 400
@@ -45,10 +47,15 @@ class SyntheticCorpus:
     from flmjax.data import synthetic
     from flmjax.data.prepare import format_summary, prepare
     from flmjax.data.tokenizer import load_tokenizer
+
     root = os.path.abspath(self.root)
     done = os.path.join(root, 'corpus.json')
-    want = {'seed': self.seed, 'num_tts_asr': self.num_tts_asr, 'num_duplex': self.num_duplex,
-            'num_heldout': self.num_heldout}
+    want = {
+      'seed': self.seed,
+      'num_tts_asr': self.num_tts_asr,
+      'num_duplex': self.num_duplex,
+      'num_heldout': self.num_heldout,
+    }
     if os.path.exists(done):
       with open(done) as f:
         info = json.load(f)

@@ -4,6 +4,7 @@ Frame f of channel c sits at column f + cfg.grid_offsets[c] (docs/architecture.m
 Column 0 is the initial column (text WAIT, speak PAD, listen acoustic PAD; listen semantic holds
 the user's frame 0, as the official LMGen writes it). Decoding's un-delay must agree with `undelay`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,6 +17,7 @@ from flmjax.config import ModelConfig
 @dataclasses.dataclass(frozen=True)
 class LossWeights:
   """Per-target loss weights (docs/architecture.md §4); each stage may set its own."""
+
   text: float = 1.0
   wait: float = 0.5
   semantic: float = 1.0
@@ -25,8 +27,9 @@ class LossWeights:
     for name in ('text', 'wait', 'semantic', 'acoustic'):
       value = getattr(self, name)
       if not (isinstance(value, (int, float)) and 0 <= value < float('inf')):
-        raise ValueError(f'LossWeights.{name} is {value!r}; a loss weight must be a finite '
-                         'number >= 0')
+        raise ValueError(
+          f'LossWeights.{name} is {value!r}; a loss weight must be a finite number >= 0'
+        )
 
 
 def _blank(cfg: ModelConfig, num_columns: int) -> np.ndarray:
@@ -68,13 +71,18 @@ def _frames(cfg: ModelConfig, text_ids, speak, listen) -> tuple[np.ndarray, np.n
   for start, codes, name in ((1, speak, 'speak'), (1 + k, listen, 'listen')):
     if codes is not None:
       _check_ids(name, np.asarray(codes), cfg.audio_vocab_size)
-      frames[start:start + k], has_data[start:start + k] = codes, True
+      frames[start : start + k], has_data[start : start + k] = codes, True
   return frames, has_data
 
 
-def build_grid(cfg: ModelConfig, text_ids, speak, listen,
-               loss_weights: LossWeights = LossWeights(),
-               num_columns: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def build_grid(
+  cfg: ModelConfig,
+  text_ids,
+  speak,
+  listen,
+  loss_weights: LossWeights = LossWeights(),
+  num_columns: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
   """Delays one sample's streams onto the grid.
 
   Args:
@@ -95,18 +103,18 @@ def build_grid(cfg: ModelConfig, text_ids, speak, listen,
   inside = np.zeros((cfg.num_channels, num_columns), bool)  # the column holds a frame of the sample
   for c, off in enumerate(offsets):
     n = max(0, min(num_frames, num_columns - off))
-    tokens[c, off:off + n] = frames[c, :n]
-    inside[c, off:off + n] = has_data[c]
+    tokens[c, off : off + n] = frames[c, :n]
+    inside[c, off : off + n] = has_data[c]
   weights = np.zeros((cfg.num_channels, num_columns), np.float32)  # [17, T]
   w = loss_weights
   k = cfg.num_codebooks
   weights[0] = np.where(tokens[0] == cfg.text_wait_id, w.wait, w.text)
   weights[1] = w.semantic
-  weights[2:1 + k] = w.acoustic
-  audio = tokens[1:1 + k]
-  weights[1:1 + k] *= (audio != cfg.audio_pad_id) & (audio != cfg.audio_emp_id)
+  weights[2 : 1 + k] = w.acoustic
+  audio = tokens[1 : 1 + k]
+  weights[1 : 1 + k] *= (audio != cfg.audio_pad_id) & (audio != cfg.audio_emp_id)
   weights *= inside
-  weights[1 + k:] = 0.0  # listen: input only
+  weights[1 + k :] = 0.0  # listen: input only
   weights[:, 0] = 0.0  # nothing predicts the initial column
   return tokens, weights
 
@@ -122,20 +130,21 @@ def undelay(cfg: ModelConfig, tokens: np.ndarray) -> np.ndarray:
     raise ValueError(f'undelay: tokens must be [{cfg.num_channels}, T], got shape {tokens.shape}')
   offsets = cfg.grid_offsets
   num_frames = max(0, tokens.shape[1] - max(offsets))
-  frames = [tokens[c, off:off + num_frames] for c, off in enumerate(offsets)]
+  frames = [tokens[c, off : off + num_frames] for c, off in enumerate(offsets)]
   return np.stack(frames).astype(np.int32)  # [17, F]
 
 
-def pad_grid(cfg: ModelConfig, tokens: np.ndarray, weights: np.ndarray, start: int,
-             window: int) -> tuple[np.ndarray, np.ndarray]:
+def pad_grid(
+  cfg: ModelConfig, tokens: np.ndarray, weights: np.ndarray, start: int, window: int
+) -> tuple[np.ndarray, np.ndarray]:
   """Columns [start, start + window) of a grid, padded past its end (WAIT/PAD, weight 0).
 
   The window's first column has weight 0: no column inside the window predicts it.
   """
   out_t = _blank(cfg, window)  # [17, W]
   out_w = np.zeros((cfg.num_channels, window), np.float32)  # [17, W]
-  part_t, part_w = tokens[:, start:start + window], weights[:, start:start + window]
-  out_t[:, :part_t.shape[1]] = part_t
-  out_w[:, :part_w.shape[1]] = part_w
+  part_t, part_w = tokens[:, start : start + window], weights[:, start : start + window]
+  out_t[:, : part_t.shape[1]] = part_t
+  out_w[:, : part_w.shape[1]] = part_w
   out_w[:, 0] = 0.0
   return out_t, out_w

@@ -8,6 +8,7 @@ One line per conversation (`duplex`) or single-speaker utterance (`tts_asr`):
    "segments": [{"speaker": "user", "start": 0.4, "end": 1.6, "text": "what is two plus three"}]}
 Exactly one of "audio" / "codes". Paths are relative to the manifest's folder.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -85,32 +86,53 @@ def parse_line(text: str, where: str, base_dir: str) -> Entry:
   _need(isinstance(obj, dict), where, 'a line must be a JSON object', 'bad_json')
   missing = [k for k in ('id', 'kind', 'segments') if k not in obj]
   _need(not missing, where, f'missing field(s) {missing}', 'missing_field')
-  _need(('audio' in obj) != ('codes' in obj), where,
-        'give exactly one of "audio" (a file) or "codes" (precomputed .npy per speaker)',
-        'missing_field')
+  _need(
+    ('audio' in obj) != ('codes' in obj),
+    where,
+    'give exactly one of "audio" (a file) or "codes" (precomputed .npy per speaker)',
+    'missing_field',
+  )
   kind = obj['kind']
   _need(kind in KINDS, where, f'field "kind" is {kind!r}; use one of {list(KINDS)}', 'bad_field')
   rate = obj.get('sample_rate')
   if 'audio' in obj:
-    _need('sample_rate' in obj, where, 'missing field(s) [\'sample_rate\']', 'missing_field')
-  _need(rate is None or (isinstance(rate, int) and rate > 0), where,
-        f'field "sample_rate" is {rate!r}; need a positive integer (Hz)', 'bad_field')
-  _need(isinstance(obj['segments'], list) and obj['segments'], where,
-        'field "segments" must be a non-empty list', 'bad_field')
+    _need('sample_rate' in obj, where, "missing field(s) ['sample_rate']", 'missing_field')
+  _need(
+    rate is None or (isinstance(rate, int) and rate > 0),
+    where,
+    f'field "sample_rate" is {rate!r}; need a positive integer (Hz)',
+    'bad_field',
+  )
+  _need(
+    isinstance(obj['segments'], list) and obj['segments'],
+    where,
+    'field "segments" must be a non-empty list',
+    'bad_field',
+  )
   segments = []
   for i, seg in enumerate(obj['segments']):
     at = f'{where}: segment {i}'
     _need(isinstance(seg, dict), at, 'must be an object', 'bad_field')
     miss = [k for k in ('speaker', 'start', 'end', 'text') if k not in seg]
     _need(not miss, at, f'missing field(s) {miss}', 'missing_field')
-    _need(seg['speaker'] in SPEAKERS, at,
-          f'speaker {seg["speaker"]!r} is not one of {list(SPEAKERS)}', 'bad_field')
-    _need(all(isinstance(seg[k], (int, float)) and not isinstance(seg[k], bool)
-              and math.isfinite(seg[k]) for k in ('start', 'end')), at,
-          f'start and end must be finite numbers (seconds), got {seg["start"]!r} and '
-          f'{seg["end"]!r}', 'bad_field')
-    _need(isinstance(seg['text'], str), at, f'text must be a string, got {seg["text"]!r}',
-          'bad_field')
+    _need(
+      seg['speaker'] in SPEAKERS,
+      at,
+      f'speaker {seg["speaker"]!r} is not one of {list(SPEAKERS)}',
+      'bad_field',
+    )
+    _need(
+      all(
+        isinstance(seg[k], (int, float)) and not isinstance(seg[k], bool) and math.isfinite(seg[k])
+        for k in ('start', 'end')
+      ),
+      at,
+      f'start and end must be finite numbers (seconds), got {seg["start"]!r} and {seg["end"]!r}',
+      'bad_field',
+    )
+    _need(
+      isinstance(seg['text'], str), at, f'text must be a string, got {seg["text"]!r}', 'bad_field'
+    )
     _need(seg['text'].strip() != '', at, 'empty text', 'empty_text')
     segments.append(Segment(seg['speaker'], float(seg['start']), float(seg['end']), seg['text']))
   audio = codes = None
@@ -118,22 +140,40 @@ def parse_line(text: str, where: str, base_dir: str) -> Entry:
     _need(isinstance(obj['audio'], str), where, 'field "audio" must be a path', 'bad_field')
     audio = os.path.join(base_dir, obj['audio'])
   else:
-    _need(isinstance(obj['codes'], dict) and obj['codes'] and set(obj['codes']) <= set(SPEAKERS)
-          and all(isinstance(v, str) for v in obj['codes'].values()), where,
-          f'field "codes" must map speakers {list(SPEAKERS)} to .npy paths, got '
-          f'{obj["codes"]!r}', 'bad_field')
+    _need(
+      isinstance(obj['codes'], dict)
+      and obj['codes']
+      and set(obj['codes']) <= set(SPEAKERS)
+      and all(isinstance(v, str) for v in obj['codes'].values()),
+      where,
+      f'field "codes" must map speakers {list(SPEAKERS)} to .npy paths, got {obj["codes"]!r}',
+      'bad_field',
+    )
     codes = {k: os.path.join(base_dir, v) for k, v in obj['codes'].items()}
   books = obj.get('num_codebooks', NUM_CODEBOOKS)
-  _need(isinstance(books, int) and not isinstance(books, bool)
-        and NUM_CODEBOOKS <= books <= MAX_CODEBOOKS, where,
-        f'field "num_codebooks" is {books!r}; need an integer in {NUM_CODEBOOKS}..{MAX_CODEBOOKS} '
-        '(the rows of each codes .npy)', 'bad_field')
-  _need(codes is not None or 'num_codebooks' not in obj, where,
-        'field "num_codebooks" describes "codes"; an "audio" line has none', 'bad_field')
+  _need(
+    isinstance(books, int)
+    and not isinstance(books, bool)
+    and NUM_CODEBOOKS <= books <= MAX_CODEBOOKS,
+    where,
+    f'field "num_codebooks" is {books!r}; need an integer in {NUM_CODEBOOKS}..{MAX_CODEBOOKS} '
+    '(the rows of each codes .npy)',
+    'bad_field',
+  )
+  _need(
+    codes is not None or 'num_codebooks' not in obj,
+    where,
+    'field "num_codebooks" describes "codes"; an "audio" line has none',
+    'bad_field',
+  )
   entry = Entry(where, str(obj['id']), kind, rate, audio, codes, tuple(segments), books)
   if kind == 'tts_asr':
-    _need(len(entry.speakers) == 1, where,
-          f'a tts_asr sample has one speaker; segments name {list(entry.speakers)}', 'bad_field')
+    _need(
+      len(entry.speakers) == 1,
+      where,
+      f'a tts_asr sample has one speaker; segments name {list(entry.speakers)}',
+      'bad_field',
+    )
   return entry
 
 
@@ -147,8 +187,12 @@ def read_manifest(path: str | os.PathLike) -> Iterator[Entry | ManifestError]:
       try:
         line = raw.decode('utf-8')
       except UnicodeDecodeError as e:
-        yield ManifestError(where, f'not UTF-8 text (byte 0x{raw[e.start]:02x} at column '
-                            f'{e.start + 1}); save the manifest as UTF-8', 'not_utf8')
+        yield ManifestError(
+          where,
+          f'not UTF-8 text (byte 0x{raw[e.start]:02x} at column '
+          f'{e.start + 1}); save the manifest as UTF-8',
+          'not_utf8',
+        )
         continue
       if not line.strip():
         continue
@@ -170,34 +214,62 @@ MAX_CODEBOOKS = 32  # Mimi's full residual quantizer; FLM-Audio reads the first 
 def _check_codes(codes: Any, where: str, name: str, num_codebooks: int | None) -> np.ndarray:
   """num_codebooks: the rows the manifest line declares (None: a codec's output, 8..32 rows)."""
   shape = getattr(codes, 'shape', type(codes).__name__)
-  _need(isinstance(codes, np.ndarray) and codes.ndim == 2, where,
-        f'codes {name!r} must be a 2-D array [codebooks, frames], got shape {shape}', 'bad_codes')
+  _need(
+    isinstance(codes, np.ndarray) and codes.ndim == 2,
+    where,
+    f'codes {name!r} must be a 2-D array [codebooks, frames], got shape {shape}',
+    'bad_codes',
+  )
   rows, cols = codes.shape
   want = num_codebooks or NUM_CODEBOOKS
-  if rows != want and cols == want or rows > MAX_CODEBOOKS and NUM_CODEBOOKS <= cols <= \
-      MAX_CODEBOOKS:
-    raise ManifestError(where, f'codes {name!r} have shape {shape}, which looks transposed '
-                        f'([frames, codebooks]); save them as [codebooks, frames] (codes.T)',
-                        'bad_codes')
+  if (
+    rows != want and cols == want or rows > MAX_CODEBOOKS and NUM_CODEBOOKS <= cols <= MAX_CODEBOOKS
+  ):
+    raise ManifestError(
+      where,
+      f'codes {name!r} have shape {shape}, which looks transposed '
+      f'([frames, codebooks]); save them as [codebooks, frames] (codes.T)',
+      'bad_codes',
+    )
   if num_codebooks is None:
-    _need(NUM_CODEBOOKS <= rows <= MAX_CODEBOOKS, where,
-          f'codes {name!r} must be [codebooks, frames] with {NUM_CODEBOOKS} to {MAX_CODEBOOKS} '
-          f'codebooks, got shape {shape}', 'bad_codes')
+    _need(
+      NUM_CODEBOOKS <= rows <= MAX_CODEBOOKS,
+      where,
+      f'codes {name!r} must be [codebooks, frames] with {NUM_CODEBOOKS} to {MAX_CODEBOOKS} '
+      f'codebooks, got shape {shape}',
+      'bad_codes',
+    )
   else:
-    hint = (f'; a dump of {rows} codebooks declares "num_codebooks": {rows} on its line'
-            if NUM_CODEBOOKS < rows <= MAX_CODEBOOKS else '')
-    _need(rows == num_codebooks, where,
-          f'codes {name!r} have shape {shape}: {rows} codebooks, but the line has '
-          f'"num_codebooks": {num_codebooks} (default {NUM_CODEBOOKS}){hint}', 'bad_codes')
-  _need(cols > 0, where, f'codes {name!r} have 0 frames (shape {shape}); drop the sample or '
-        f're-encode its audio', 'bad_codes')
-  _need(np.issubdtype(codes.dtype, np.integer), where,
-        f'codes {name!r} have dtype {codes.dtype}; need integers', 'bad_codes')
+    hint = (
+      f'; a dump of {rows} codebooks declares "num_codebooks": {rows} on its line'
+      if NUM_CODEBOOKS < rows <= MAX_CODEBOOKS
+      else ''
+    )
+    _need(
+      rows == num_codebooks,
+      where,
+      f'codes {name!r} have shape {shape}: {rows} codebooks, but the line has '
+      f'"num_codebooks": {num_codebooks} (default {NUM_CODEBOOKS}){hint}',
+      'bad_codes',
+    )
+  _need(
+    cols > 0,
+    where,
+    f'codes {name!r} have 0 frames (shape {shape}); drop the sample or re-encode its audio',
+    'bad_codes',
+  )
+  _need(
+    np.issubdtype(codes.dtype, np.integer),
+    where,
+    f'codes {name!r} have dtype {codes.dtype}; need integers',
+    'bad_codes',
+  )
   codes = codes[:NUM_CODEBOOKS]  # FLM-Audio uses Mimi's first 8 codebooks
   if codes.min() < 0 or codes.max() >= CODEBOOK_SIZE:
     bad = codes[(codes < 0) | (codes >= CODEBOOK_SIZE)].ravel()[0]
-    raise ManifestError(where, f'codes {name!r} hold {int(bad)}, outside 0..{CODEBOOK_SIZE - 1}',
-                        'bad_codes')
+    raise ManifestError(
+      where, f'codes {name!r} hold {int(bad)}, outside 0..{CODEBOOK_SIZE - 1}', 'bad_codes'
+    )
   return codes.astype(np.int16)
 
 
@@ -208,8 +280,9 @@ def read_npy(path: str) -> np.ndarray:
   try:
     return np.load(path, allow_pickle=False)
   except (ValueError, OSError, EOFError) as e:
-    raise ValueError(f'{path}: not a readable .npy file (truncated or another format: {e})') \
-        from None
+    raise ValueError(
+      f'{path}: not a readable .npy file (truncated or another format: {e})'
+    ) from None
 
 
 def load_codes(entry: Entry, codec: Codec | None) -> dict[str, np.ndarray]:
@@ -233,11 +306,19 @@ def load_codes(entry: Entry, codec: Codec | None) -> dict[str, np.ndarray]:
 def read_waves(entry: Entry, codec: Codec | None) -> dict[str, np.ndarray]:
   """An `audio` entry's wave per speaker, float32 [samples] at the codec's rate."""
   speakers = SPEAKERS if entry.kind == 'duplex' else entry.speakers
-  _need(codec is not None, entry.where,
-        'audio needs a codec (--codec mimi --mimi PATH, or give precomputed "codes")', 'no_codec')
+  _need(
+    codec is not None,
+    entry.where,
+    'audio needs a codec (--codec mimi --mimi PATH, or give precomputed "codes")',
+    'no_codec',
+  )
   try:
-    wave = audio_lib.read_audio(entry.audio, sample_rate=entry.sample_rate,
-                                channels=len(speakers), target_rate=codec.sample_rate)
+    wave = audio_lib.read_audio(
+      entry.audio,
+      sample_rate=entry.sample_rate,
+      channels=len(speakers),
+      target_rate=codec.sample_rate,
+    )
   except audio_lib.AudioError as e:
     raise ManifestError(entry.where, str(e), e.reason) from e
   return dict(zip(speakers, wave))  # duplex: ch 0 model, ch 1 user
@@ -247,11 +328,14 @@ def check_encoded(entry: Entry, codes: dict[str, np.ndarray]) -> dict[str, np.nd
   """Checks each speaker's codes (when a codec made them) and that all speakers have the same
   number of frames."""
   if entry.codes is None:
-    codes = {s: _check_codes(c, entry.where, f'{entry.audio}[{s}]', None)
-             for s, c in codes.items()}
+    codes = {s: _check_codes(c, entry.where, f'{entry.audio}[{s}]', None) for s, c in codes.items()}
   frames = {s: c.shape[1] for s, c in codes.items()}
-  _need(len(set(frames.values())) == 1, entry.where,
-        f'speakers have different numbers of frames: {frames}', 'bad_codes')
+  _need(
+    len(set(frames.values())) == 1,
+    entry.where,
+    f'speakers have different numbers of frames: {frames}',
+    'bad_codes',
+  )
   return codes
 
 
@@ -260,13 +344,21 @@ def check_segments(entry: Entry, num_frames: int):
   duration = num_frames / FRAME_RATE
   for i, s in enumerate(entry.segments):
     at = f'{entry.where}: segment {i}'
-    _need(s.end > s.start, at, f'reversed or empty: start {s.start} s, end {s.end} s',
-          'bad_segment')
-    _need(s.start >= 0 and s.end_frame <= num_frames, at,
-          f'[{s.start}, {s.end}] s lies outside the audio (0 to {duration:.2f} s)', 'bad_segment')
+    _need(
+      s.end > s.start, at, f'reversed or empty: start {s.start} s, end {s.end} s', 'bad_segment'
+    )
+    _need(
+      s.start >= 0 and s.end_frame <= num_frames,
+      at,
+      f'[{s.start}, {s.end}] s lies outside the audio (0 to {duration:.2f} s)',
+      'bad_segment',
+    )
   for speaker in SPEAKERS:
     own = sorted((s.start, s.end, i) for i, s in enumerate(entry.segments) if s.speaker == speaker)
     for (_, end_a, i), (start_b, _, j) in zip(own, own[1:]):
-      _need(start_b >= end_a, entry.where,
-            f'segments {i} and {j} of speaker {speaker!r} overlap ({start_b} s < {end_a} s)',
-            'bad_segment')
+      _need(
+        start_b >= end_a,
+        entry.where,
+        f'segments {i} and {j} of speaker {speaker!r} overlap ({start_b} s < {end_a} s)',
+        'bad_segment',
+      )

@@ -7,6 +7,7 @@ before the previous one's text ended is pushed right after it. Text that runs pa
 extend the sample (`max_frames`): trimmed ASR utterances often end right at the last word, and
 their only sentence would otherwise be cut.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -23,8 +24,9 @@ class Placed(NamedTuple):
   tokens: np.ndarray  # int32 [n]
 
 
-def place_sentences(sentences: Sequence[tuple[int, int, Sequence[int]]], mode: str,
-                    offset: int) -> list[Placed]:
+def place_sentences(
+  sentences: Sequence[tuple[int, int, Sequence[int]]], mode: str, offset: int
+) -> list[Placed]:
   """Where each sentence's text starts, in order of start_frame; nothing is cut here.
 
   Args:
@@ -50,8 +52,9 @@ def place_sentences(sentences: Sequence[tuple[int, int, Sequence[int]]], mode: s
   return placed
 
 
-def fill_text(placed: Sequence[Placed], num_frames: int, wait_id: int,
-              max_frames: int | None = None) -> tuple[np.ndarray, int]:
+def fill_text(
+  placed: Sequence[Placed], num_frames: int, wait_id: int, max_frames: int | None = None
+) -> tuple[np.ndarray, int]:
   """The text channel of placed sentences: (text_ids int32 [F], cut_tokens).
 
   F is num_frames, grown up to max_frames (default: no growth) to hold text that runs past the
@@ -63,14 +66,20 @@ def fill_text(placed: Sequence[Placed], num_frames: int, wait_id: int,
   cut = 0
   for p in placed:
     keep = max(0, min(len(p.tokens), length - p.frame))
-    text_ids[p.frame:p.frame + keep] = p.tokens[:keep]
+    text_ids[p.frame : p.frame + keep] = p.tokens[:keep]
     cut += len(p.tokens) - keep
   return text_ids, cut
 
 
-def layout_monologue(sentences: Sequence[tuple[int, int, Sequence[int]]], num_frames: int,
-                     mode: str, offset: int, wait_id: int, *,
-                     max_frames: int | None = None) -> tuple[np.ndarray, int, int]:
+def layout_monologue(
+  sentences: Sequence[tuple[int, int, Sequence[int]]],
+  num_frames: int,
+  mode: str,
+  offset: int,
+  wait_id: int,
+  *,
+  max_frames: int | None = None,
+) -> tuple[np.ndarray, int, int]:
   """Lays sentences on the text channel (`place_sentences`, then `fill_text`).
 
   Returns:

@@ -7,6 +7,7 @@ record -> random_map(decode, stage layout, build_grid, random window). Sources a
 weight, then batched. Everything is a grain MapDataset indexed from 0, so the iterator state is one
 index and restoring it resumes exactly; every random choice comes from grain's per-index seeded RNG.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,6 +31,7 @@ class SourceSpec:
   layout and speech_stream apply to tts_asr samples; duplex samples always put the model on speak,
   the user on listen, and lead the model's speech with its monologue (by offset_frames).
   """
+
   path: str  # a folder written by `flmjax data prepare`
   weight: float = 1.0  # mixture weight
   layout: str = 'lead'  # 'lead' | 'trail' | 'mixed' (lead or trail with probability 1/2)
@@ -40,8 +42,10 @@ class SourceSpec:
     if self.layout not in LAYOUTS:
       raise ValueError(f'SourceSpec({self.path!r}): layout {self.layout!r} is not one of {LAYOUTS}')
     if self.speech_stream not in SPEECH_STREAMS:
-      raise ValueError(f'SourceSpec({self.path!r}): speech_stream {self.speech_stream!r} is not '
-                       f'one of {SPEECH_STREAMS}')
+      raise ValueError(
+        f'SourceSpec({self.path!r}): speech_stream {self.speech_stream!r} is not '
+        f'one of {SPEECH_STREAMS}'
+      )
     if self.offset_frames < 0:
       raise ValueError(f'SourceSpec({self.path!r}): offset_frames {self.offset_frames} is negative')
     if not self.weight > 0:
@@ -54,14 +58,21 @@ COUNTS = ('pushed_frames', 'cut_tokens', 'extended_frames')  # per window, see _
 @dataclasses.dataclass(frozen=True)
 class SampleGrid:
   """One sample laid out under its stage's layout, before windowing."""
+
   tokens: np.ndarray  # int32 [17, T]
   weights: np.ndarray  # float32 [17, T]
   num_frames: int  # frames of audio; text past them extends the sample (PAD audio, weight 0)
   placed: list  # monologue.Placed per sentence
 
 
-def record_grid(cfg: ModelConfig, record: rec_lib.Record, spec: SourceSpec, mode: str,
-                loss_weights: LossWeights, max_extend: int = 0) -> SampleGrid:
+def record_grid(
+  cfg: ModelConfig,
+  record: rec_lib.Record,
+  spec: SourceSpec,
+  mode: str,
+  loss_weights: LossWeights,
+  max_extend: int = 0,
+) -> SampleGrid:
   """A whole sample's grid under the stage layout.
 
   Text that runs past the last audio frame (ASR-style trailing text of trimmed audio) extends the
@@ -79,8 +90,11 @@ def record_grid(cfg: ModelConfig, record: rec_lib.Record, spec: SourceSpec, mode
   text, _ = fill_text(placed, frames, cfg.text_wait_id, frames + max_extend)  # [F']
   extra = text.shape[0] - frames
   if extra:
-    pad = lambda codes: None if codes is None else np.pad(
-        codes, ((0, 0), (0, extra)), constant_values=cfg.audio_pad_id)  # [8, F']
+    pad = lambda codes: (
+      None
+      if codes is None
+      else np.pad(codes, ((0, 0), (0, extra)), constant_values=cfg.audio_pad_id)
+    )  # [8, F']
     speak, listen = pad(speak), pad(listen)
   tokens, weights = build_grid(cfg, text, speak, listen, loss_weights)
   return SampleGrid(tokens, weights, frames, placed)
@@ -121,35 +135,54 @@ class _WindowedGrid:
       start = min(max(raw, 0), size - w)
       lo, hi = max(raw, start) + 1, min(raw, start) + w  # targets [lo, hi)
     tokens, weights = pad_grid(self.cfg, sample.tokens, sample.weights, start, w)
-    weights[:, :lo - start] = 0.0
-    weights[:, hi - start:] = 0.0
+    weights[:, : lo - start] = 0.0
+    weights[:, hi - start :] = 0.0
     text_col = self.cfg.grid_offsets[0]  # text frame f sits at column f + text_col
     last = sample.tokens.shape[1] - 1 - max(self.cfg.grid_offsets) + text_col  # last text column
     inside = lambda frame: lo <= min(frame + text_col, last) < hi
     ext = range(sample.num_frames + text_col, last + 1)  # text columns of the extension
-    return {'tokens': tokens, 'weights': weights,
-            'pushed_frames': np.int32(sum(p.pushed for p in sample.placed if inside(p.frame))),
-            'cut_tokens': np.int32(sum(max(0, p.frame + len(p.tokens) - 1 - last + text_col)
-                                       for p in sample.placed if inside(p.frame))),
-            'extended_frames': np.int32(len(range(max(lo, ext.start), min(hi, ext.stop))))}
+    return {
+      'tokens': tokens,
+      'weights': weights,
+      'pushed_frames': np.int32(sum(p.pushed for p in sample.placed if inside(p.frame))),
+      'cut_tokens': np.int32(
+        sum(
+          max(0, p.frame + len(p.tokens) - 1 - last + text_col)
+          for p in sample.placed
+          if inside(p.frame)
+        )
+      ),
+      'extended_frames': np.int32(len(range(max(lo, ext.start), min(hi, ext.stop)))),
+    }
 
 
 def _seed(seed: int, source: int, salt: int) -> int:
   return int(np.random.SeedSequence([seed, source, salt]).generate_state(1)[0])
 
 
-def make_dataset(cfg: ModelConfig, sources: Sequence[SourceSpec], *, window: int, batch_size: int,
-                 seed: int, loss_weights: LossWeights = LossWeights(),
-                 shard_index: int | None = None, shard_count: int | None = None):
+def make_dataset(
+  cfg: ModelConfig,
+  sources: Sequence[SourceSpec],
+  *,
+  window: int,
+  batch_size: int,
+  seed: int,
+  loss_weights: LossWeights = LossWeights(),
+  shard_index: int | None = None,
+  shard_count: int | None = None,
+):
   """The batched grain MapDataset behind `make_loader` (infinite)."""
   import grain
+
   if not sources:
     raise ValueError('make_loader: no sources given')
   if window < 2 or batch_size < 1:
-    raise ValueError(f'make_loader: need window >= 2 and batch_size >= 1 '
-                     f'(got {window}, {batch_size})')
+    raise ValueError(
+      f'make_loader: need window >= 2 and batch_size >= 1 (got {window}, {batch_size})'
+    )
   if shard_index is None or shard_count is None:
     import jax
+
     shard_index = jax.process_index() if shard_index is None else shard_index
     shard_count = jax.process_count() if shard_count is None else shard_count
   if not 0 <= shard_index < shard_count:
@@ -160,15 +193,19 @@ def make_dataset(cfg: ModelConfig, sources: Sequence[SourceSpec], *, window: int
     records = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(files))
     records = records[shard_index::shard_count]  # each host reads its own records
     if len(records) == 0:
-      raise ValueError(f'make_loader: {spec.path!r} has no records for shard {shard_index} of '
-                       f'{shard_count}')
+      raise ValueError(
+        f'make_loader: {spec.path!r} has no records for shard {shard_index} of {shard_count}'
+      )
     frames = rec_lib.record_frames(spec.path)[shard_index::shard_count]  # [records]
     if len(frames) != len(records):
-      raise ValueError(f'make_loader: {spec.path!r} lists {len(frames)} record lengths for '
-                       f'{len(records)} records (run `flmjax data prepare` again)')
+      raise ValueError(
+        f'make_loader: {spec.path!r} lists {len(frames)} record lengths for '
+        f'{len(records)} records (run `flmjax data prepare` again)'
+      )
     # One element per window: a long record yields several, each at its own random offset.
-    owners = np.repeat(np.arange(len(records)),
-                       windows_per_record(frames + max(cfg.grid_offsets), window))  # [windows]
+    owners = np.repeat(
+      np.arange(len(records)), windows_per_record(frames + max(cfg.grid_offsets), window)
+    )  # [windows]
     ds = grain.MapDataset.source(owners)
     ds = ds.shuffle(seed=_seed(seed, i, 0)).repeat(None)  # a new order every epoch
     ds = ds.map(lambda owner, records=records: records[int(owner)])
@@ -178,10 +215,19 @@ def make_dataset(cfg: ModelConfig, sources: Sequence[SourceSpec], *, window: int
   return ds.batch(batch_size, drop_remainder=True)
 
 
-def make_loader(cfg: ModelConfig, sources: Sequence[SourceSpec], *, window: int, batch_size: int,
-                seed: int, loss_weights: LossWeights = LossWeights(),
-                shard_index: int | None = None, shard_count: int | None = None,
-                num_threads: int = 2, prefetch: int = 8):
+def make_loader(
+  cfg: ModelConfig,
+  sources: Sequence[SourceSpec],
+  *,
+  window: int,
+  batch_size: int,
+  seed: int,
+  loss_weights: LossWeights = LossWeights(),
+  shard_index: int | None = None,
+  shard_count: int | None = None,
+  num_threads: int = 2,
+  prefetch: int = 8,
+):
   """Infinite iterator of {'tokens': int32 [B, 17, window], 'weights': float32 [B, 17, window],
   'pushed_frames' / 'cut_tokens' / 'extended_frames': int32 [B]} (the monologue counts of each
   window's targets).
@@ -190,7 +236,16 @@ def make_loader(cfg: ModelConfig, sources: Sequence[SourceSpec], *, window: int,
   shard_index / shard_count default to jax.process_index() / jax.process_count().
   """
   import grain
-  ds = make_dataset(cfg, sources, window=window, batch_size=batch_size, seed=seed,
-                    loss_weights=loss_weights, shard_index=shard_index, shard_count=shard_count)
+
+  ds = make_dataset(
+    cfg,
+    sources,
+    window=window,
+    batch_size=batch_size,
+    seed=seed,
+    loss_weights=loss_weights,
+    shard_index=shard_index,
+    shard_count=shard_count,
+  )
   options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
   return iter(ds.to_iter_dataset(options))

@@ -5,6 +5,7 @@ silently: summary.json and the printed summary list every skipped line and why. 
 written to a temporary folder beside OUT_DIR and renamed into place only when complete, so a
 failure leaves no partial output and an existing dataset is replaced only with overwrite=True.
 """
+
 from __future__ import annotations
 
 import collections
@@ -24,8 +25,12 @@ from flmjax.data.records import FRAMES, SUMMARY, Record, encode_record, monologu
 from flmjax.data.tokenizer import Tokenizer
 
 
-def entry_to_record(entry: mf.Entry, tokenizer: Tokenizer, codec: Codec | None,
-                    codes: dict[str, np.ndarray] | None = None) -> Record:
+def entry_to_record(
+  entry: mf.Entry,
+  tokenizer: Tokenizer,
+  codec: Codec | None,
+  codes: dict[str, np.ndarray] | None = None,
+) -> Record:
   """Loads (unless `codes` are given), validates and tokenizes one manifest entry; raises
   ManifestError."""
   codes = mf.load_codes(entry, codec) if codes is None else codes
@@ -35,8 +40,9 @@ def entry_to_record(entry: mf.Entry, tokenizer: Tokenizer, codec: Codec | None,
   for i, s in enumerate(entry.segments):
     ids = tokenizer.encode(s.text)
     if not ids:
-      raise mf.ManifestError(f'{entry.where}: segment {i}', f'text {s.text!r} has no tokens',
-                             'empty_text')
+      raise mf.ManifestError(
+        f'{entry.where}: segment {i}', f'text {s.text!r} has no tokens', 'empty_text'
+      )
     sentences.append((s.speaker, s.start_frame, s.end_frame, ids))
   return Record(entry.id, entry.kind, codes, sentences)
 
@@ -89,11 +95,14 @@ def check_out_dir(out_dir: str, overwrite: bool) -> None:
   if not os.path.isdir(out_dir) or not os.listdir(out_dir):
     return
   if not os.path.isfile(os.path.join(out_dir, SUMMARY)):
-    raise FileExistsError(f'OUT_DIR {out_dir} exists and is not a prepared dataset (no {SUMMARY}); '
-                          'choose a new directory')
+    raise FileExistsError(
+      f'OUT_DIR {out_dir} exists and is not a prepared dataset (no {SUMMARY}); '
+      'choose a new directory'
+    )
   if not overwrite:
-    raise FileExistsError(f'OUT_DIR {out_dir} already holds a prepared dataset; pass --overwrite '
-                          'to replace it')
+    raise FileExistsError(
+      f'OUT_DIR {out_dir} already holds a prepared dataset; pass --overwrite to replace it'
+    )
 
 
 def _replace_dir(tmp: str, out_dir: str) -> None:
@@ -108,29 +117,50 @@ def _replace_dir(tmp: str, out_dir: str) -> None:
   shutil.rmtree(old)
 
 
-def prepare(manifest: str, out_dir: str, tokenizer: Tokenizer, *, codec: Codec | None = None,
-            strict: bool = False, records_per_shard: int = 4096, progress: bool = True,
-            overwrite: bool = False, audio_batch: int = 64) -> dict:
+def prepare(
+  manifest: str,
+  out_dir: str,
+  tokenizer: Tokenizer,
+  *,
+  codec: Codec | None = None,
+  strict: bool = False,
+  records_per_shard: int = 4096,
+  progress: bool = True,
+  overwrite: bool = False,
+  audio_batch: int = 64,
+) -> dict:
   """Writes `out_dir/records-NNNNN.array_record` and `out_dir/summary.json`; returns the summary."""
   from tqdm import tqdm
+
   out_dir = os.path.abspath(out_dir)
   if not os.path.isfile(manifest):
-    raise FileNotFoundError(f'manifest {manifest}: ' + ('is a directory; give the .jsonl file'
-                                                        if os.path.isdir(manifest) else
-                                                        'no such file'))
+    raise FileNotFoundError(
+      f'manifest {manifest}: '
+      + ('is a directory; give the .jsonl file' if os.path.isdir(manifest) else 'no such file')
+    )
   total = mf.count_lines(manifest)
   if total == 0:
-    raise mf.ManifestError(manifest, 'the manifest is empty: one JSON object per line '
-                           '(see docs/data.md)', 'empty_manifest')
+    raise mf.ManifestError(
+      manifest,
+      'the manifest is empty: one JSON object per line (see docs/data.md)',
+      'empty_manifest',
+    )
   check_out_dir(out_dir, overwrite)
   os.makedirs(os.path.dirname(out_dir), exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(out_dir)}.tmp-', dir=os.path.dirname(out_dir))
   os.chmod(tmp, 0o755)  # mkdtemp's 0700 would survive the rename
-  entries = tqdm(mf.read_manifest(manifest), total=total, desc='prepare', unit='sample',
-                 disable=not progress, file=sys.stderr)
+  entries = tqdm(
+    mf.read_manifest(manifest),
+    total=total,
+    desc='prepare',
+    unit='sample',
+    disable=not progress,
+    file=sys.stderr,
+  )
   try:
-    summary = _write(entries, manifest, tmp, tokenizer, codec, strict, records_per_shard,
-                     audio_batch)
+    summary = _write(
+      entries, manifest, tmp, tokenizer, codec, strict, records_per_shard, audio_batch
+    )
     _replace_dir(tmp, out_dir)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
@@ -140,9 +170,18 @@ def prepare(manifest: str, out_dir: str, tokenizer: Tokenizer, *, codec: Codec |
   return summary
 
 
-def _write(entries, manifest: str, out_dir: str, tokenizer: Tokenizer, codec: Codec | None,
-           strict: bool, records_per_shard: int, audio_batch: int) -> dict:
+def _write(
+  entries,
+  manifest: str,
+  out_dir: str,
+  tokenizer: Tokenizer,
+  codec: Codec | None,
+  strict: bool,
+  records_per_shard: int,
+  audio_batch: int,
+) -> dict:
   from array_record.python.array_record_module import ArrayRecordWriter
+
   files, skipped, kinds = [], [], collections.Counter()
   layout = {m: collections.Counter() for m in MODES}  # pushes and cuts at offset 0, for the report
   frames = []  # per record, for the loader's window count
@@ -152,7 +191,7 @@ def _write(entries, manifest: str, out_dir: str, tokenizer: Tokenizer, codec: Co
   try:
     for record in _records(entries, tokenizer, codec, audio_batch, stats):
       if stats['audio_seconds'] and hasattr(entries, 'set_postfix_str'):
-        entries.set_postfix_str(f"{stats['audio_seconds'] / 3600:.2f} h audio", refresh=False)
+        entries.set_postfix_str(f'{stats["audio_seconds"] / 3600:.2f} h audio', refresh=False)
       if isinstance(record, mf.ManifestError):
         if strict:
           raise record
@@ -166,8 +205,9 @@ def _write(entries, manifest: str, out_dir: str, tokenizer: Tokenizer, codec: Co
         writer = ArrayRecordWriter(os.path.join(out_dir, files[-1]), 'group_size:1')
       writer.write(encode_record(record))
       for mode in MODES:
-        _, pushed, cut = layout_monologue(monologue_sentences(record), record.num_frames, mode,
-                                          0, -1)
+        _, pushed, cut = layout_monologue(
+          monologue_sentences(record), record.num_frames, mode, 0, -1
+        )
         layout[mode].update(pushed_frames=pushed, cut_tokens=cut)
       kinds[record.kind] += 1
       frames.append(record.num_frames)
@@ -178,16 +218,27 @@ def _write(entries, manifest: str, out_dir: str, tokenizer: Tokenizer, codec: Co
   reasons = dict(collections.Counter(s['reason'] for s in skipped))
   if not kinds:
     first = f'; first: {skipped[0]["message"]}' if skipped else ''
-    raise mf.ManifestError(manifest, f'no usable samples: all {len(skipped)} line(s) were '
-                           f'rejected {reasons}{first}', 'no_samples')
+    raise mf.ManifestError(
+      manifest,
+      f'no usable samples: all {len(skipped)} line(s) were rejected {reasons}{first}',
+      'no_samples',
+    )
   summary = {
-      'manifest': os.path.abspath(manifest), 'files': files, 'num_records': kinds.total(),
-      'num_frames': sum(frames), 'kinds': dict(kinds), 'num_skipped': len(skipped),
-      'skipped_by_reason': reasons, 'skipped': skipped,
-      'audio_hours': stats['audio_seconds'] / 3600, 'wall_seconds': wall,
-      'encode_seconds': stats['encode_seconds'],
-      'monologue_at_offset_0': {m: {'pushed_frames': c['pushed_frames'],
-                                    'cut_tokens': c['cut_tokens']} for m, c in layout.items()},
+    'manifest': os.path.abspath(manifest),
+    'files': files,
+    'num_records': kinds.total(),
+    'num_frames': sum(frames),
+    'kinds': dict(kinds),
+    'num_skipped': len(skipped),
+    'skipped_by_reason': reasons,
+    'skipped': skipped,
+    'audio_hours': stats['audio_seconds'] / 3600,
+    'wall_seconds': wall,
+    'encode_seconds': stats['encode_seconds'],
+    'monologue_at_offset_0': {
+      m: {'pushed_frames': c['pushed_frames'], 'cut_tokens': c['cut_tokens']}
+      for m, c in layout.items()
+    },
   }
   np.save(os.path.join(out_dir, FRAMES), np.asarray(frames, np.int32))
   with open(os.path.join(out_dir, SUMMARY), 'w') as f:
@@ -196,16 +247,22 @@ def _write(entries, manifest: str, out_dir: str, tokenizer: Tokenizer, codec: Co
 
 
 def format_summary(summary: dict) -> str:
-  lines = [f"prepared {summary['num_records']} samples ({summary['num_frames']} frames, "
-           f"{summary['kinds']}) from {summary['manifest']}",
-           "monologue at offset 0 (frames pushed, tokens cut): " + ', '.join(
-               f"{m} {c['pushed_frames']}, {c['cut_tokens']}"
-               for m, c in summary['monologue_at_offset_0'].items()),
-           f"skipped {summary['num_skipped']}: {summary['skipped_by_reason'] or 'none'}"]
+  lines = [
+    f'prepared {summary["num_records"]} samples ({summary["num_frames"]} frames, '
+    f'{summary["kinds"]}) from {summary["manifest"]}',
+    'monologue at offset 0 (frames pushed, tokens cut): '
+    + ', '.join(
+      f'{m} {c["pushed_frames"]}, {c["cut_tokens"]}'
+      for m, c in summary['monologue_at_offset_0'].items()
+    ),
+    f'skipped {summary["num_skipped"]}: {summary["skipped_by_reason"] or "none"}',
+  ]
   if summary.get('audio_hours'):
     hours, wall = summary['audio_hours'], summary['wall_seconds']
-    lines.append(f"encoded {hours:.3f} h of audio in {wall:.1f} s of wall time: "
-                 f"{hours / max(wall, 1e-9):.4f} h of audio per second "
-                 f"({summary['encode_seconds']:.1f} s in the codec)")
-  lines += [f"  skipped {s['message']}" for s in summary['skipped']]
+    lines.append(
+      f'encoded {hours:.3f} h of audio in {wall:.1f} s of wall time: '
+      f'{hours / max(wall, 1e-9):.4f} h of audio per second '
+      f'({summary["encode_seconds"]:.1f} s in the codec)'
+    )
+  lines += [f'  skipped {s["message"]}' for s in summary['skipped']]
   return '\n'.join(lines)

@@ -1,5 +1,6 @@
 """One prepared sample as an ArrayRecord record (msgpack): codes per speaker and tokenized
 sentences, before any layout (layout happens at load time, per stage)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,18 +35,24 @@ def monologue_sentences(record: Record) -> list[tuple[int, int, list[int]]]:
 
 
 def encode_record(r: Record) -> bytes:
-  return msgpack.packb({
-      'id': r.id, 'kind': r.kind, 'frames': r.num_frames,
+  return msgpack.packb(
+    {
+      'id': r.id,
+      'kind': r.kind,
+      'frames': r.num_frames,
       'codes': {s: np.ascontiguousarray(c, np.int16).tobytes() for s, c in r.codes.items()},
       'sentences': [[s, int(a), int(b), [int(t) for t in ids]] for s, a, b, ids in r.sentences],
-  }, use_bin_type=True)
+    },
+    use_bin_type=True,
+  )
 
 
 def decode_record(data: bytes) -> Record:
   obj = msgpack.unpackb(data, raw=False)
   frames = obj['frames']
-  codes = {s: np.frombuffer(b, np.int16).reshape(NUM_CODEBOOKS, frames)
-           for s, b in obj['codes'].items()}
+  codes = {
+    s: np.frombuffer(b, np.int16).reshape(NUM_CODEBOOKS, frames) for s, b in obj['codes'].items()
+  }
   sentences = [(s, a, b, ids) for s, a, b, ids in obj['sentences']]
   return Record(obj['id'], obj['kind'], codes, sentences)
 
@@ -55,16 +62,19 @@ def record_files(prepared_dir: str | os.PathLike) -> list[str]:
   prepared_dir = str(prepared_dir)
   summary = os.path.join(prepared_dir, SUMMARY)
   if not os.path.isfile(summary):
-    raise FileNotFoundError(f'{prepared_dir!r} is not a prepared dataset: no {SUMMARY} '
-                            '(run `flmjax data prepare MANIFEST OUT_DIR` first)')
+    raise FileNotFoundError(
+      f'{prepared_dir!r} is not a prepared dataset: no {SUMMARY} '
+      '(run `flmjax data prepare MANIFEST OUT_DIR` first)'
+    )
   with open(summary) as f:
     files = [os.path.join(prepared_dir, name) for name in json.load(f)['files']]
   if not files:
     raise ValueError(f'{prepared_dir!r}: the prepared dataset holds no records ({summary})')
   missing = [p for p in files if not os.path.isfile(p)]
   if missing:
-    raise FileNotFoundError(f'{prepared_dir!r}: shard(s) listed in {SUMMARY} are missing: '
-                            f'{missing}')
+    raise FileNotFoundError(
+      f'{prepared_dir!r}: shard(s) listed in {SUMMARY} are missing: {missing}'
+    )
   return files
 
 
@@ -73,14 +83,17 @@ def record_frames(prepared_dir: str | os.PathLike) -> np.ndarray:
   that the loader can size its windows without reading the records."""
   path = os.path.join(str(prepared_dir), FRAMES)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'{prepared_dir!r}: no {FRAMES}; it was prepared by an older flmjax '
-                            '(run `flmjax data prepare MANIFEST OUT_DIR` again)')
+    raise FileNotFoundError(
+      f'{prepared_dir!r}: no {FRAMES}; it was prepared by an older flmjax '
+      '(run `flmjax data prepare MANIFEST OUT_DIR` again)'
+    )
   return np.load(path)
 
 
 def read_all(prepared_dir: str | os.PathLike) -> list[Record]:
   """Every record of a prepared folder, in order (for tests and tools, not for training)."""
   from array_record.python.array_record_module import ArrayRecordReader
+
   out = []
   for path in record_files(prepared_dir):
     reader = ArrayRecordReader(path)

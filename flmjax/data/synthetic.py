@@ -13,6 +13,7 @@
   `.npy` codes (or, with write_audio, as ToyCodec wav files), so they take exactly the real
   data's code path.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,12 +26,29 @@ from flmjax.codec.toy import ToyCodec
 from flmjax.config import ModelConfig
 from flmjax.data.tokenizer import train_sentencepiece
 
-NUMBERS = ('zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen '
-           'fifteen sixteen seventeen eighteen nineteen twenty').split()
-FILLERS = ('hello there', 'good morning', 'thank you', 'i think so', 'okay', 'yes', 'no',
-           'the answer is easy', 'ask me a question', 'that is right')
-WORDS = tuple(sorted(set(NUMBERS) | set('what is plus minus comes after before it'.split()) |
-                     {w for s in FILLERS for w in s.split()}))
+NUMBERS = (
+  'zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen '
+  'fifteen sixteen seventeen eighteen nineteen twenty'
+).split()
+FILLERS = (
+  'hello there',
+  'good morning',
+  'thank you',
+  'i think so',
+  'okay',
+  'yes',
+  'no',
+  'the answer is easy',
+  'ask me a question',
+  'that is right',
+)
+WORDS = tuple(
+  sorted(
+    set(NUMBERS)
+    | set('what is plus minus comes after before it'.split())
+    | {w for s in FILLERS for w in s.split()}
+  )
+)
 MODEL_SPEAKER = 0  # the model speaks with one voice; users and tts_asr speakers vary
 NUM_SPEAKERS = 4
 # Text ids must stay below the tiny config's specials (BOS 316, WAIT 317, EOS 318).
@@ -117,10 +135,18 @@ class _Track:
       words.append((w, start + len(units)))
       units += [(self.speech.index[w], i) for i in range(self.speech.lengths[self.speech.index[w]])]
     self._pad(max(self.frames, start + len(units)))
-    assert all(u[0] == SILENCE for u in own[start:start + len(units)]), 'a speaker overlaps itself'
-    own[start:start + len(units)] = units
-    self.segments.append({'speaker': speaker, 'start': _seconds(start),
-                          'end': _seconds(start + len(units)), 'text': text})
+    assert all(u[0] == SILENCE for u in own[start : start + len(units)]), (
+      'a speaker overlaps itself'
+    )
+    own[start : start + len(units)] = units
+    self.segments.append(
+      {
+        'speaker': speaker,
+        'start': _seconds(start),
+        'end': _seconds(start + len(units)),
+        'text': text,
+      }
+    )
     self.words.append(words)
     return len(self.segments) - 1
 
@@ -202,13 +228,18 @@ def duplex_sample(speech: ToySpeech, rng, answer_style: str = 'it is') -> _Track
     track.pause(int(rng.integers(2, 5)))
   onsets = [round(s['start'] * FRAME_RATE) for s in track.segments if s['speaker'] == 'user']
   track.events = sorted(
-      ((k, s, e if e is not None else min([o for o in onsets if o > s], default=track.frames))
-       for k, s, e in track.events), key=lambda e: (e[1], e[0]))
+    (
+      (k, s, e if e is not None else min([o for o in onsets if o > s], default=track.frames))
+      for k, s, e in track.events
+    ),
+    key=lambda e: (e[1], e[0]),
+  )
   return track
 
 
-def _write(out_dir: str, name: str, kind: str, tracks: list[_Track], write_audio: bool,
-           codec: ToyCodec) -> str:
+def _write(
+  out_dir: str, name: str, kind: str, tracks: list[_Track], write_audio: bool, codec: ToyCodec
+) -> str:
   os.makedirs(os.path.join(out_dir, 'codes'), exist_ok=True)
   path = os.path.join(out_dir, f'{name}.jsonl')
   with open(path, 'w') as f:
@@ -218,6 +249,7 @@ def _write(out_dir: str, name: str, kind: str, tracks: list[_Track], write_audio
       codes = track.codes()
       if write_audio:
         import soundfile
+
         wave = np.stack([codec.decode(c) for c in codes.values()], axis=1)  # [S, C]
         line['audio'] = f'codes/{sid}.wav'
         soundfile.write(os.path.join(out_dir, line['audio']), wave, SAMPLE_RATE, subtype='FLOAT')
@@ -233,26 +265,44 @@ def _write(out_dir: str, name: str, kind: str, tracks: list[_Track], write_audio
   return path
 
 
-def generate(out_dir: str, *, seed: int = 0, num_tts_asr: int = 400, num_duplex: int = 400,
-             num_heldout: int = 64, write_audio: bool = False, vocab_size: int = 200) -> dict:
+def generate(
+  out_dir: str,
+  *,
+  seed: int = 0,
+  num_tts_asr: int = 400,
+  num_duplex: int = 400,
+  num_heldout: int = 64,
+  write_audio: bool = False,
+  vocab_size: int = 200,
+) -> dict:
   """Writes the corpus (manifests, codes, tokenizer.model) under out_dir; returns their paths."""
   os.makedirs(out_dir, exist_ok=True)
   rng = np.random.default_rng(seed)
   speech, codec = ToySpeech(), ToyCodec()
   make = {'tts_asr': tts_asr_sample, 'duplex': duplex_sample}
-  splits = {'tts_asr': ('tts_asr', num_tts_asr), 'duplex': ('duplex', num_duplex),
-            'heldout_tts_asr': ('tts_asr', num_heldout), 'heldout_duplex': ('duplex', num_heldout)}
-  splits = {name: (kind, [make[kind](speech, rng) for _ in range(n)])
-            for name, (kind, n) in splits.items()}
+  splits = {
+    'tts_asr': ('tts_asr', num_tts_asr),
+    'duplex': ('duplex', num_duplex),
+    'heldout_tts_asr': ('tts_asr', num_heldout),
+    'heldout_duplex': ('duplex', num_heldout),
+  }
+  splits = {
+    name: (kind, [make[kind](speech, rng) for _ in range(n)]) for name, (kind, n) in splits.items()
+  }
   # the tokenizer learns from the training splits only (plus every word once, for coverage)
-  texts = [' '.join(WORDS)] + [s['text'] for name, (_, tracks) in splits.items()
-                               if not name.startswith('heldout')
-                               for t in tracks for s in t.segments]
+  texts = [' '.join(WORDS)] + [
+    s['text']
+    for name, (_, tracks) in splits.items()
+    if not name.startswith('heldout')
+    for t in tracks
+    for s in t.segments
+  ]
   paths = {'out_dir': out_dir, 'tokenizer': os.path.join(out_dir, 'tokenizer.model')}
   tok = train_sentencepiece(texts, paths['tokenizer'], vocab_size)
   if tok.vocab_size > MAX_TEXT_ID:
-    raise ValueError(f'synthetic tokenizer has {tok.vocab_size} ids; the tiny config allows '
-                     f'{MAX_TEXT_ID}')
+    raise ValueError(
+      f'synthetic tokenizer has {tok.vocab_size} ids; the tiny config allows {MAX_TEXT_ID}'
+    )
   for name, (kind, tracks) in splits.items():
     paths[name] = _write(out_dir, name, kind, tracks, write_audio, codec)
   return paths

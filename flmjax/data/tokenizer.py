@@ -4,6 +4,7 @@
 - SentencePiece (`.model`) for the embedded default, trained deterministically on the synthetic
   corpus's text.
 """
+
 from __future__ import annotations
 
 import io
@@ -16,16 +17,15 @@ from typing import Protocol, runtime_checkable
 class Tokenizer(Protocol):
   vocab_size: int
 
-  def encode(self, text: str) -> list[int]:
-    ...
+  def encode(self, text: str) -> list[int]: ...
 
-  def decode(self, ids: list[int]) -> str:
-    ...
+  def decode(self, ids: list[int]) -> str: ...
 
 
 class SentencePieceTokenizer:
   def __init__(self, path: str | os.PathLike):
     import sentencepiece as spm
+
     self.path = str(path)
     self._sp = spm.SentencePieceProcessor(model_file=self.path)
     self.vocab_size = int(self._sp.get_piece_size())
@@ -42,6 +42,7 @@ class HFTokenizer:
 
   def __init__(self, path: str | os.PathLike):
     from tokenizers import Tokenizer as _Tok
+
     self.path = str(path)
     self._tok = _Tok.from_file(self.path)
     self.vocab_size = int(self._tok.get_vocab_size())
@@ -63,28 +64,43 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
   try:
     return SentencePieceTokenizer(path) if path.endswith('.model') else HFTokenizer(path)
   except Exception as e:  # both libraries raise bare RuntimeError/Exception for a bad file
-    raise ValueError(f'tokenizer: {path!r} is not a readable '
-                     f'{"SentencePiece model" if path.endswith(".model") else "tokenizer.json"} '
-                     f'({str(e).splitlines()[0] if str(e) else type(e).__name__})') from None
+    raise ValueError(
+      f'tokenizer: {path!r} is not a readable '
+      f'{"SentencePiece model" if path.endswith(".model") else "tokenizer.json"} '
+      f'({str(e).splitlines()[0] if str(e) else type(e).__name__})'
+    ) from None
 
 
-def train_sentencepiece(texts: Iterable[str], model_path: str | os.PathLike,
-                        vocab_size: int) -> SentencePieceTokenizer:
+def train_sentencepiece(
+  texts: Iterable[str], model_path: str | os.PathLike, vocab_size: int
+) -> SentencePieceTokenizer:
   """Trains a BPE SentencePiece model deterministically (one thread, no sampling or shuffling).
 
   Ids are 0..vocab_size-1 with unk = 0 and no BOS/EOS/PAD pieces: FLM-Audio's specials live in the
   model config, above the tokenizer's range.
   """
   import sentencepiece as spm
+
   model_path = str(model_path)
   if not model_path.endswith('.model'):
     raise ValueError(f'train_sentencepiece: {model_path!r} must end in .model')
   proto = io.BytesIO()
   spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(list(texts)), model_writer=proto, vocab_size=vocab_size,
-      model_type='bpe', character_coverage=1.0, num_threads=1, hard_vocab_limit=False,
-      shuffle_input_sentence=False, input_sentence_size=0, unk_id=0, bos_id=-1, eos_id=-1,
-      pad_id=-1, minloglevel=2)
+    sentence_iterator=iter(list(texts)),
+    model_writer=proto,
+    vocab_size=vocab_size,
+    model_type='bpe',
+    character_coverage=1.0,
+    num_threads=1,
+    hard_vocab_limit=False,
+    shuffle_input_sentence=False,
+    input_sentence_size=0,
+    unk_id=0,
+    bos_id=-1,
+    eos_id=-1,
+    pad_id=-1,
+    minloglevel=2,
+  )
   with open(model_path, 'wb') as f:
     f.write(proto.getvalue())
   return SentencePieceTokenizer(model_path)
@@ -113,7 +129,7 @@ class StreamingText:
     self.ids.append(token)
     text = self.text()
     continues = text.startswith(self.shown)
-    new = text[len(self.shown):] if continues else text
+    new = text[len(self.shown) :] if continues else text
     self.shown = text
     return new, continues
 

@@ -1,4 +1,5 @@
 """StreamingDecoder: continuous-batching full-duplex decoding, one jitted function per frame."""
+
 from __future__ import annotations
 
 import functools
@@ -46,14 +47,25 @@ class StreamingDecoder:
     flmjax.kernels.depth_step.select_depth_layers_fn (pallas_interpret=True: interpret mode).
   """
 
-  def __init__(self, model: FLMAudio, sampling: SamplingConfig | None = None, *,
-               max_len: int | None = None, mesh: jax.sharding.Mesh | None = None,
-               overflow: str = 'error', depth_layer_fn=None, depth_layers_fn=None,
-               use_pallas: bool = False, pallas_interpret: bool = False, rules=shd.RULES):
+  def __init__(
+    self,
+    model: FLMAudio,
+    sampling: SamplingConfig | None = None,
+    *,
+    max_len: int | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    overflow: str = 'error',
+    depth_layer_fn=None,
+    depth_layers_fn=None,
+    use_pallas: bool = False,
+    pallas_interpret: bool = False,
+    rules=shd.RULES,
+  ):
     if overflow not in OVERFLOW_POLICIES:
       raise ValueError(f'overflow={overflow!r}: use one of {OVERFLOW_POLICIES}')
     if getattr(model, 'lora', None) is not None:  # a LoRA model decodes merged (plain weights)
       from flmjax.model.lora import merge
+
       model = merge(model)
     self.cfg = cfg = model.cfg
     self.sampling = sampling or SamplingConfig()
@@ -72,6 +84,7 @@ class StreamingDecoder:
       # The whole-stack entry: the kernels read each layer's weights from the stacked arrays in
       # place, where a per-layer layer_fn under the scan would get sliced (copied) weights.
       from flmjax.kernels.depth_step import select_depth_layers_fn
+
       depth_layers_fn = select_depth_layers_fn(interpret=pallas_interpret)
     self.depth_layer_fn = depth_layer_fn or depth.layer_step
     self.depth_layers_fn = depth_layers_fn
@@ -84,8 +97,9 @@ class StreamingDecoder:
   # ---- compiled functions, one set per batch size ------------------------------------------
   def state_shardings(self, batch: int):
     """The NamedShardings of a state with `batch` rows on the decoder's mesh."""
-    shape = jax.eval_shape(lambda: st.init(self.cfg, self.sampling, batch, self.max_len,
-                                           jnp.zeros((batch,), jnp.uint32)))
+    shape = jax.eval_shape(
+      lambda: st.init(self.cfg, self.sampling, batch, self.max_len, jnp.zeros((batch,), jnp.uint32))
+    )
     return st.shardings(shape, self.mesh, self.rules)
 
   def _compiled(self, batch: int) -> dict:
@@ -95,29 +109,47 @@ class StreamingDecoder:
 
     def run_frame(params, state, user):
       model = nnx.merge(self.graphdef, params)
-      return frame(model, state, user, penalized=sampling.penalized_codebooks,
-                   layer_fn=self.depth_layer_fn, layers_fn=self.depth_layers_fn)
+      return frame(
+        model,
+        state,
+        user,
+        penalized=sampling.penalized_codebooks,
+        layer_fn=self.depth_layer_fn,
+        layers_fn=self.depth_layers_fn,
+      )
 
     run_frame = shd.traced_on(self.mesh, run_frame)
     make = lambda seeds: st.init(cfg, sampling, batch, max_len, seeds)
     reset = functools.partial(st.reset, cfg)
     if self.mesh is None:
-      fns = dict(frame=jax.jit(run_frame, donate_argnums=1), init=jax.jit(make),
-                 reset=jax.jit(reset, donate_argnums=0),
-                 release=jax.jit(st.release, donate_argnums=0))
+      fns = dict(
+        frame=jax.jit(run_frame, donate_argnums=1),
+        init=jax.jit(make),
+        reset=jax.jit(reset, donate_argnums=0),
+        release=jax.jit(st.release, donate_argnums=0),
+      )
     else:
       s = self.state_shardings(batch)
-      rows = lambda ndim: shd.named_sharding(('batch',) + (None,) * (ndim - 1),
-                                             (batch,) + (1,) * (ndim - 1), self.mesh, self.rules)
+      rows = lambda ndim: shd.named_sharding(
+        ('batch',) + (None,) * (ndim - 1), (batch,) + (1,) * (ndim - 1), self.mesh, self.rules
+      )
       params = self.param_shardings
       fns = dict(
-          frame=jax.jit(run_frame, in_shardings=(params, s, rows(2)),
-                        out_shardings=(s, rows(2), rows(1)), donate_argnums=1),
-          init=jax.jit(make, in_shardings=(rows(1),), out_shardings=s),
-          reset=jax.jit(reset, in_shardings=(s, rows(1), rows(1), s['text'], s['audio']),
-                        out_shardings=s, donate_argnums=0),
-          release=jax.jit(st.release, in_shardings=(s, rows(1)), out_shardings=s,
-                          donate_argnums=0))
+        frame=jax.jit(
+          run_frame,
+          in_shardings=(params, s, rows(2)),
+          out_shardings=(s, rows(2), rows(1)),
+          donate_argnums=1,
+        ),
+        init=jax.jit(make, in_shardings=(rows(1),), out_shardings=s),
+        reset=jax.jit(
+          reset,
+          in_shardings=(s, rows(1), rows(1), s['text'], s['audio']),
+          out_shardings=s,
+          donate_argnums=0,
+        ),
+        release=jax.jit(st.release, in_shardings=(s, rows(1)), out_shardings=s, donate_argnums=0),
+      )
     self._jits[batch] = fns
     return fns
 
@@ -139,13 +171,15 @@ class StreamingDecoder:
       full = np.flatnonzero(active & (offsets >= self.max_len))
       if full.size:
         raise SessionOverflowError(
-            f'session slot(s) {full.tolist()} reached max_len={self.max_len} frames: the KV cache '
-            f'is full. Release or reset them, build the decoder with a larger max_len, or use '
-            f"overflow='slide' to attend to the last max_len frames only")
+          f'session slot(s) {full.tolist()} reached max_len={self.max_len} frames: the KV cache '
+          f'is full. Release or reset them, build the decoder with a larger max_len, or use '
+          f"overflow='slide' to attend to the last max_len frames only"
+        )
     return self._compiled(batch)['frame'](self.params, state, user)
 
-  def reset_slots(self, state: dict, mask, *, seeds=None,
-                  sampling: SamplingConfig | None = None) -> dict:
+  def reset_slots(
+    self, state: dict, mask, *, seeds=None, sampling: SamplingConfig | None = None
+  ) -> dict:
     """Starts fresh sessions in the slots where mask [B] is True (continuous batching).
 
     seeds: an int or [B] ints for the new sessions' PRNG keys (default: fresh ones). sampling:
@@ -157,13 +191,17 @@ class StreamingDecoder:
     for kind in ('text', 'audio'):
       have, want = getattr(sampling, f'penalty_window_{kind}'), self.sampling.penalty_buffer(kind)
       if have > want:
-        raise ValueError(f'reset_slots: sampling.penalty_window_{kind}={have} exceeds the '
-                         f'decoder\'s penalty buffer of {want}; build the decoder with the larger '
-                         'window')
+        raise ValueError(
+          f'reset_slots: sampling.penalty_window_{kind}={have} exceeds the '
+          f"decoder's penalty buffer of {want}; build the decoder with the larger "
+          'window'
+        )
     if sampling.penalized_codebooks != self.sampling.penalized_codebooks:
-      raise ValueError(f'reset_slots: sampling.penalized_codebooks='
-                       f'{sampling.penalized_codebooks} must equal the decoder\'s '
-                       f'{self.sampling.penalized_codebooks} (it fixes the compiled frame)')
+      raise ValueError(
+        f'reset_slots: sampling.penalized_codebooks='
+        f"{sampling.penalized_codebooks} must equal the decoder's "
+        f'{self.sampling.penalized_codebooks} (it fixes the compiled frame)'
+      )
     if seeds is None:
       seeds = np.array([next(self._seeds) for _ in range(batch)], np.uint32)
     seeds = np.broadcast_to(np.asarray(seeds, np.uint32), (batch,))
@@ -187,22 +225,25 @@ class StreamingDecoder:
     user = np.asarray(user_codes)
     want = (batch, cfg.num_codebooks)
     if user.shape != want:
-      raise ValueError(f'user_codes: expected shape {want} ([batch, codebooks]) for this state, '
-                       f'got {user.shape}')
+      raise ValueError(
+        f'user_codes: expected shape {want} ([batch, codebooks]) for this state, got {user.shape}'
+      )
     if not np.issubdtype(user.dtype, np.integer):
       raise ValueError(f'user_codes: expected integer codes, got dtype {user.dtype}')
     bad = (user < 0) | (user > cfg.audio_pad_id)
     if bad.any():
       b, c = np.argwhere(bad)[0]
-      raise ValueError(f'user_codes: code {int(user[b, c])} at [slot {b}, codebook {c}] is out of '
-                       f'range: expected 0..{cfg.audio_pad_id - 1}, or {cfg.audio_pad_id} (PAD)')
+      raise ValueError(
+        f'user_codes: code {int(user[b, c])} at [slot {b}, codebook {c}] is out of '
+        f'range: expected 0..{cfg.audio_pad_id - 1}, or {cfg.audio_pad_id} (PAD)'
+      )
     return user.astype(np.int32)
 
   @staticmethod
   def _check_mask(mask, batch: int) -> np.ndarray:
     mask = np.asarray(mask)
     if mask.shape != (batch,) or mask.dtype != bool:
-      raise ValueError(f'slot mask: expected a bool array of shape ({batch},), got '
-                       f'{mask.dtype} {mask.shape}')
+      raise ValueError(
+        f'slot mask: expected a bool array of shape ({batch},), got {mask.dtype} {mask.shape}'
+      )
     return mask
-

@@ -1,5 +1,6 @@
 """The sampling flags every decoding command shares (`flmjax chat`, `flmjax serve`): one flag per
 SamplingConfig field, and the config they give."""
+
 from __future__ import annotations
 
 import re

@@ -14,6 +14,7 @@ It follows the official LMGen.step:
 Shape letters: B session slots, Z channels, R ring columns, C codebooks, V text vocab, A audio
 vocab.
 """
+
 from __future__ import annotations
 
 import jax
@@ -34,8 +35,15 @@ def window_valid(offset: jax.Array, window: jax.Array, size: int) -> jax.Array:
   return age < jnp.minimum(offset, window)[:, None]
 
 
-def frame(model: FLMAudio, state: dict, user: jax.Array, *, penalized: int,
-          layer_fn=depth.layer_step, layers_fn=None) -> tuple[dict, jax.Array, jax.Array]:
+def frame(
+  model: FLMAudio,
+  state: dict,
+  user: jax.Array,
+  *,
+  penalized: int,
+  layer_fn=depth.layer_step,
+  layers_fn=None,
+) -> tuple[dict, jax.Array, jax.Array]:
   """state, user [B,C] int32 -> (state, out [B,1+C] int32, valid [B] bool)."""
   cfg = model.cfg
   C, Z, max_delay = cfg.num_codebooks, cfg.num_channels, cfg.max_delay
@@ -47,25 +55,32 @@ def frame(model: FLMAudio, state: dict, user: jax.Array, *, penalized: int,
 
   # 1. The user's codes at column offset + delay.
   listen = jnp.arange(1 + C, Z)[None, :]
-  cols = (offset[:, None] + delays[1 + C:][None, :]) % R  # [B,C]
+  cols = (offset[:, None] + delays[1 + C :][None, :]) % R  # [B,C]
   ring = ring.at[rows, listen, cols].set(keep(user.astype(jnp.int32), ring[rows, listen, cols]))
 
   # 2. The backbone on column `offset`.
   column = ring[rows[:, 0], :, offset % R]  # [B,Z]
-  x = model.backbone.embed(column[:, None, 0], column[:, None, 1:1 + C], column[:, None, 1 + C:],
-                           gather_tables=False)
+  x = model.backbone.embed(
+    column[:, None, 0], column[:, None, 1 : 1 + C], column[:, None, 1 + C :], gather_tables=False
+  )
   h, cache = model.backbone(x, offset[:, None], state['cache'])  # h [B,1,D]
   # The padded vocab (padding at NEG_INF, never drawn) keeps the tensor split of the logits.
   text_logits = model.backbone.text_logits(h, padded=True)[:, 0]  # [B,Vp]
 
   keys = jax.random.wrap_key_data(state['keys'])  # [B] typed
-  next_keys, text_keys, audio_keys = jnp.moveaxis(jax.vmap(lambda k: jax.random.split(k, 3))(keys),
-                                                  1, 0)  # each [B]
+  next_keys, text_keys, audio_keys = jnp.moveaxis(
+    jax.vmap(lambda k: jax.random.split(k, 3))(keys), 1, 0
+  )  # each [B]
 
   # 3. Text.
   text_win = state['text_window']
-  text = sample_sharded(text_keys, text_logits, state['text'], text_win,
-                        window_valid(offset, state['text'].penalty_window, text_win.shape[1]))
+  text = sample_sharded(
+    text_keys,
+    text_logits,
+    state['text'],
+    text_win,
+    window_valid(offset, state['text'].penalty_window, text_win.shape[1]),
+  )
 
   # 4. The depth transformer, one scan step per codebook.
   cond = model.depth_transformer.conditioning(h[:, 0])  # [B,C,d]
@@ -75,10 +90,12 @@ def frame(model: FLMAudio, state: dict, user: jax.Array, *, penalized: int,
   def depth_step(carry, c):
     prev, dcache = carry
     kernel = {} if layers_fn is None else {'layers_fn': layers_fn}
-    logits, dcache = model.depth_transformer.step(cond, prev, c, dcache, layer_fn=layer_fn,
-                                                  **kernel)
-    win = jax.lax.dynamic_index_in_dim(audio_win, jnp.minimum(c, audio_win.shape[1] - 1), 1,
-                                       keepdims=False)  # [B,Wa]
+    logits, dcache = model.depth_transformer.step(
+      cond, prev, c, dcache, layer_fn=layer_fn, **kernel
+    )
+    win = jax.lax.dynamic_index_in_dim(
+      audio_win, jnp.minimum(c, audio_win.shape[1] - 1), 1, keepdims=False
+    )  # [B,Wa]
     code_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(audio_keys, c)
     code = sample(code_keys, logits, state['audio'], win, audio_valid & (c < penalized))
     return (code, dcache), code
@@ -91,21 +108,26 @@ def frame(model: FLMAudio, state: dict, user: jax.Array, *, penalized: int,
   own = jnp.arange(1 + C)[None, :]
   nxt = jnp.broadcast_to(((offset + 1) % R)[:, None], (B, 1 + C))
   ring = ring.at[rows, own, nxt].set(
-      keep(jnp.concatenate([text[:, None], audio], axis=1), ring[rows, own, nxt]))
+    keep(jnp.concatenate([text[:, None], audio], axis=1), ring[rows, own, nxt])
+  )
   t_slot = offset % text_win.shape[1]
   text_win = text_win.at[rows[:, 0], t_slot].set(keep(text, text_win[rows[:, 0], t_slot]))
   a_slot = offset % audio_win.shape[2]
-  pen = audio[:, :audio_win.shape[1]]  # [B,P]
+  pen = audio[:, : audio_win.shape[1]]  # [B,P]
   audio_win = audio_win.at[rows[:, 0], :, a_slot].set(keep(pen, audio_win[rows[:, 0], :, a_slot]))
   offset = offset + active.astype(jnp.int32)
 
   # 6. The un-delayed output.
-  out_cols = (offset[:, None] - max_delay + delays[None, :1 + C]) % R  # [B,1+C]
+  out_cols = (offset[:, None] - max_delay + delays[None, : 1 + C]) % R  # [B,1+C]
   out = ring[rows, own, out_cols]
   valid = active & (offset > max_delay)
   new_state = {
-      **state, 'cache': cache, 'ring': ring, 'offset': offset, 'text_window': text_win,
-      'audio_window': audio_win,
-      'keys': keep(jax.random.key_data(next_keys), state['keys']),
+    **state,
+    'cache': cache,
+    'ring': ring,
+    'offset': offset,
+    'text_window': text_win,
+    'audio_window': audio_win,
+    'keys': keep(jax.random.key_data(next_keys), state['keys']),
   }
   return new_state, out, valid

@@ -4,6 +4,7 @@ Order (official FLM/moshi): HF-style repetition penalty over a window of recent 
 greedy argmax, or softmax(logits / temp) truncated by top-p (if top_p > 0), else top-k (if
 top_k > 0), else the full distribution. Shape letters: B rows, V vocab, W window.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,6 +20,7 @@ from flmjax import sharding as shd
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
   """Sampling parameters of one session; the defaults are the official LMGen's."""
+
   temp_text: float = 0.01
   temp_audio: float = 0.5
   top_k_text: int = 1
@@ -36,13 +38,18 @@ class SamplingConfig:
     def need(ok, field, why):
       if not ok:
         raise ValueError(f'SamplingConfig.{field}={getattr(self, field)!r}: {why}')
+
     for s in ('text', 'audio'):
       need(getattr(self, f'temp_{s}') >= 0, f'temp_{s}', 'temperature must be >= 0')
       need(getattr(self, f'top_k_{s}') >= 0, f'top_k_{s}', 'top_k must be >= 0 (0 = off)')
-      need(0 <= getattr(self, f'top_p_{s}') <= 1, f'top_p_{s}',
-           'top_p must lie in [0, 1] (0 = off)')
-      need(getattr(self, f'repetition_penalty_{s}') >= 1.0, f'repetition_penalty_{s}',
-           'the official sample_token requires a penalty >= 1.0')
+      need(
+        0 <= getattr(self, f'top_p_{s}') <= 1, f'top_p_{s}', 'top_p must lie in [0, 1] (0 = off)'
+      )
+      need(
+        getattr(self, f'repetition_penalty_{s}') >= 1.0,
+        f'repetition_penalty_{s}',
+        'the official sample_token requires a penalty >= 1.0',
+      )
     need(self.penalized_codebooks >= 0, 'penalized_codebooks', 'must be >= 0')
 
   def penalty_buffer(self, kind: str) -> int:
@@ -52,17 +59,21 @@ class SamplingConfig:
 
   def stream(self, kind: str) -> StreamParams:
     """Scalar parameters of the 'text' or 'audio' stream."""
-    return StreamParams(temp=getattr(self, f'temp_{kind}'), top_k=getattr(self, f'top_k_{kind}'),
-                        top_p=getattr(self, f'top_p_{kind}'),
-                        penalty=getattr(self, f'repetition_penalty_{kind}'),
-                        penalty_window=getattr(self, f'penalty_window_{kind}'),
-                        greedy=self.greedy)
+    return StreamParams(
+      temp=getattr(self, f'temp_{kind}'),
+      top_k=getattr(self, f'top_k_{kind}'),
+      top_p=getattr(self, f'top_p_{kind}'),
+      penalty=getattr(self, f'repetition_penalty_{kind}'),
+      penalty_window=getattr(self, f'penalty_window_{kind}'),
+      greedy=self.greedy,
+    )
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class StreamParams:
   """One stream's sampling parameters; each field a scalar or a per-row [B] array."""
+
   temp: jax.Array
   top_k: jax.Array
   top_p: jax.Array
@@ -72,14 +83,22 @@ class StreamParams:
 
   def per_row(self, batch: int) -> StreamParams:
     """Every field as a [B] array of its canonical dtype."""
-    dtypes = dict(temp=jnp.float32, top_k=jnp.int32, top_p=jnp.float32, penalty=jnp.float32,
-                  penalty_window=jnp.int32, greedy=jnp.bool_)
-    return StreamParams(**{f: jnp.broadcast_to(jnp.asarray(getattr(self, f), d), (batch,))
-                           for f, d in dtypes.items()})
+    dtypes = dict(
+      temp=jnp.float32,
+      top_k=jnp.int32,
+      top_p=jnp.float32,
+      penalty=jnp.float32,
+      penalty_window=jnp.int32,
+      greedy=jnp.bool_,
+    )
+    return StreamParams(
+      **{f: jnp.broadcast_to(jnp.asarray(getattr(self, f), d), (batch,)) for f, d in dtypes.items()}
+    )
 
 
-def repetition_penalty(logits: jax.Array, window: jax.Array, valid: jax.Array,
-                       penalty: jax.Array, base=0) -> jax.Array:
+def repetition_penalty(
+  logits: jax.Array, window: jax.Array, valid: jax.Array, penalty: jax.Array, base=0
+) -> jax.Array:
   """HF-style penalty: logits [B,V]; window [B,W] recent ids where `valid` [B,W]; penalty [B].
 
   A token seen in the window gets logit * penalty when negative, logit / penalty otherwise; once,
@@ -138,14 +157,16 @@ class _Vocab:
     return vals, jnp.take_along_axis(ids, at, axis=-1)
 
 
-def _bisect_threshold(probs: jax.Array, top_k: jax.Array, top_p: jax.Array,
-                      vocab: _Vocab) -> jax.Array:
+def _bisect_threshold(
+  probs: jax.Array, top_k: jax.Array, top_p: jax.Array, vocab: _Vocab
+) -> jax.Array:
   """[B]: the smallest kept probability, found by binary search on float32 bit patterns.
 
   Kept under top-p: p_i with mass(p > p_i) <= top_p; under top-k: p_i with count(p > p_i) < k.
   Both tests are monotone in the threshold, so the smallest passing value is the last kept
   probability, exactly (31 masked reductions instead of a sort).
   """
+
   def passes(bits):  # bits [B] int32 >= 0
     x = jax.lax.bitcast_convert_type(bits, jnp.float32)[:, None]
     above = probs > x
@@ -174,13 +195,16 @@ def _threshold(probs, vals, top_k, top_p, vocab: _Vocab, vocab_size: int) -> jax
   thr_p = jnp.take_along_axis(vals, last_p[:, None], axis=-1)[:, 0]
   thr_k = jnp.take_along_axis(vals, jnp.clip(top_k - 1, 0, k - 1)[:, None], axis=-1)[:, 0]
   use_p, use_k = top_p > 0, (top_p <= 0) & (top_k > 0)
-  settled = jnp.where(use_p, (jnp.sum(vals, axis=-1) > top_p) | (k == vocab_size),
-                      jnp.where(use_k, top_k <= k, True))
+  settled = jnp.where(
+    use_p, (jnp.sum(vals, axis=-1) > top_p) | (k == vocab_size), jnp.where(use_k, top_k <= k, True)
+  )
   fast = jnp.where(use_p, thr_p, jnp.where(use_k, thr_k, 0.0))
   # Tensor peers hold the same rows, so they agree on the predicate (collectives inside agree).
-  return jax.lax.cond(jnp.all(settled), lambda: fast,
-                      lambda: jnp.where(settled, fast,
-                                        _bisect_threshold(probs, top_k, top_p, vocab)))
+  return jax.lax.cond(
+    jnp.all(settled),
+    lambda: fast,
+    lambda: jnp.where(settled, fast, _bisect_threshold(probs, top_k, top_p, vocab)),
+  )
 
 
 def truncation_threshold(probs: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -196,8 +220,15 @@ def truncation_threshold(probs: jax.Array, top_k: jax.Array, top_p: jax.Array) -
   return _threshold(probs, vals, top_k, top_p, vocab, probs.shape[-1])
 
 
-def sample(keys: jax.Array, logits: jax.Array, params: StreamParams, window: jax.Array,
-           valid: jax.Array, *, axis=None) -> jax.Array:
+def sample(
+  keys: jax.Array,
+  logits: jax.Array,
+  params: StreamParams,
+  window: jax.Array,
+  valid: jax.Array,
+  *,
+  axis=None,
+) -> jax.Array:
   """The official sample_token for B rows: keys [B] typed PRNG keys, logits [B,V] -> [B] int32.
 
   `params` holds [B] arrays; `window` [B,W] with `valid` [B,W] is the repetition-penalty window
@@ -207,8 +238,7 @@ def sample(keys: jax.Array, logits: jax.Array, params: StreamParams, window: jax
   """
   vocab = _Vocab(axis, logits.shape[-1])
   vocab_size = logits.shape[-1] * (1 if axis is None else jax.lax.axis_size(axis))
-  logits = repetition_penalty(logits.astype(jnp.float32), window, valid, params.penalty,
-                              vocab.base)
+  logits = repetition_penalty(logits.astype(jnp.float32), window, valid, params.penalty, vocab.base)
   best = vocab.argmax(logits)
   argmax_rows = params.greedy | (params.temp <= 0)
 
@@ -226,9 +256,11 @@ def sample(keys: jax.Array, logits: jax.Array, params: StreamParams, window: jax
     # (another sharding, another batch) cannot change the draw. When every kept token is a
     # candidate (top-k, and top-p over a peaked distribution) it runs on the candidates alone.
     in_candidates = vocab.sum(jnp.sum(keep, axis=-1)) == jnp.sum(vals >= thr[:, None], axis=-1)
-    return jax.lax.cond(jnp.all(in_candidates),
-                        lambda: _draw_candidates(vals, ids, thr, u),
-                        lambda: _draw_vocab(probs, keep, u, vocab, vocab_size))
+    return jax.lax.cond(
+      jnp.all(in_candidates),
+      lambda: _draw_candidates(vals, ids, thr, u),
+      lambda: _draw_vocab(probs, keep, u, vocab, vocab_size),
+    )
 
   # Truncation costs most of the sampling time; skip it when every row is greedy.
   drawn = jax.lax.cond(jnp.all(argmax_rows), lambda: best, draw)
@@ -252,16 +284,16 @@ def _draw_vocab(probs, keep, u, vocab: _Vocab, vocab_size: int) -> jax.Array:
   totals = vocab.gather(cdf[:, -1:])  # [B,shards]
   shard = vocab.base // vocab.size
   before = jnp.sum(jnp.where(jnp.arange(totals.shape[-1]) < shard, totals, 0.0), axis=-1)
-  at = vocab.sum(jnp.sum(cdf + before[:, None] <= (u * jnp.sum(totals, axis=-1))[:, None],
-                         axis=-1))
+  at = vocab.sum(jnp.sum(cdf + before[:, None] <= (u * jnp.sum(totals, axis=-1))[:, None], axis=-1))
   # u * total rounding up to the total would count every token: take the last kept one then.
   ids = jnp.arange(probs.shape[-1]) + vocab.base
   last = vocab.max(jnp.max(jnp.where(kept > 0, ids, -1), axis=-1))
   return jnp.minimum(at, last).astype(jnp.int32)
 
 
-def sample_sharded(keys: jax.Array, logits: jax.Array, params: StreamParams, window: jax.Array,
-                   valid: jax.Array) -> jax.Array:
+def sample_sharded(
+  keys: jax.Array, logits: jax.Array, params: StreamParams, window: jax.Array, valid: jax.Array
+) -> jax.Array:
   """`sample` on logits [B,V] whose vocab the mesh in context splits (the rules' activation_vocab,
   tensor): each shard reduces its own slice; only [B]-sized values and 64 candidates a row cross
   shards, never the logits. Without a mesh (or with an unsplit vocab) it is `sample`.
@@ -280,7 +312,10 @@ def sample_sharded(keys: jax.Array, logits: jax.Array, params: StreamParams, win
   per_row = P(rows)
   wide = P(rows, None)
   fn = functools.partial(sample, axis=split)
-  return jax.shard_map(fn, mesh=mesh, check_vma=False,
-                       in_specs=(per_row, P(rows, split), jax.tree.map(lambda _: per_row, params),
-                                 wide, wide),
-                       out_specs=per_row)(keys, logits, params, window, valid)
+  return jax.shard_map(
+    fn,
+    mesh=mesh,
+    check_vma=False,
+    in_specs=(per_row, P(rows, split), jax.tree.map(lambda _: per_row, params), wide, wide),
+    out_specs=per_row,
+  )(keys, logits, params, window, valid)

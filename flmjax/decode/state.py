@@ -3,6 +3,7 @@
 Shape letters: B session slots, L layers, S cache positions, K KV heads, H head dim, R ring columns,
 Z channels (17), W penalty window, P penalized codebooks.
 """
+
 from __future__ import annotations
 
 import jax
@@ -33,8 +34,9 @@ def key_data(seeds: jax.Array) -> jax.Array:
   return jax.vmap(lambda s: jax.random.key_data(jax.random.key(s)))(seeds)
 
 
-def init(cfg: ModelConfig, sampling: SamplingConfig, batch: int, max_len: int,
-         seeds: jax.Array) -> dict:
+def init(
+  cfg: ModelConfig, sampling: SamplingConfig, batch: int, max_len: int, seeds: jax.Array
+) -> dict:
   """A state whose B slots are all fresh, active sessions. Pure; jit it for large caches.
 
   Leaves:
@@ -47,24 +49,32 @@ def init(cfg: ModelConfig, sampling: SamplingConfig, batch: int, max_len: int,
     keys [B,2] uint32: per-session PRNG key data;
     text, audio: StreamParams of [B] arrays: per-session sampling parameters.
   """
-  ring = jnp.broadcast_to(jnp.asarray(initial_column(cfg))[None, :, None],
-                          (batch, cfg.num_channels, ring_size(cfg)))
+  ring = jnp.broadcast_to(
+    jnp.asarray(initial_column(cfg))[None, :, None], (batch, cfg.num_channels, ring_size(cfg))
+  )
   return {
-      'cache': backbone.init_cache(cfg, batch, max_len),
-      'ring': ring,
-      'offset': jnp.zeros((batch,), jnp.int32),
-      'active': jnp.ones((batch,), bool),
-      'text_window': jnp.zeros((batch, sampling.penalty_buffer('text')), jnp.int32),
-      'audio_window': jnp.zeros((batch, max(sampling.penalized_codebooks, 1),
-                                 sampling.penalty_buffer('audio')), jnp.int32),
-      'keys': key_data(jnp.asarray(seeds, jnp.uint32)),
-      'text': sampling.stream('text').per_row(batch),
-      'audio': sampling.stream('audio').per_row(batch),
+    'cache': backbone.init_cache(cfg, batch, max_len),
+    'ring': ring,
+    'offset': jnp.zeros((batch,), jnp.int32),
+    'active': jnp.ones((batch,), bool),
+    'text_window': jnp.zeros((batch, sampling.penalty_buffer('text')), jnp.int32),
+    'audio_window': jnp.zeros(
+      (batch, max(sampling.penalized_codebooks, 1), sampling.penalty_buffer('audio')), jnp.int32
+    ),
+    'keys': key_data(jnp.asarray(seeds, jnp.uint32)),
+    'text': sampling.stream('text').per_row(batch),
+    'audio': sampling.stream('audio').per_row(batch),
   }
 
 
-def reset(cfg: ModelConfig, state: dict, mask: jax.Array, seeds: jax.Array,
-          text: StreamParams, audio: StreamParams) -> dict:
+def reset(
+  cfg: ModelConfig,
+  state: dict,
+  mask: jax.Array,
+  seeds: jax.Array,
+  text: StreamParams,
+  audio: StreamParams,
+) -> dict:
   """Restarts the slots where mask [B] as fresh, active sessions. Pure.
 
   Their KV rows are zeroed too: attention masks stale slots anyway, but zeroing keeps even a
@@ -74,15 +84,15 @@ def reset(cfg: ModelConfig, state: dict, mask: jax.Array, seeds: jax.Array,
   kv = lambda x: jnp.where(mask[None, :, None, None, None], jnp.zeros((), x.dtype), x)
   init_ring = jnp.asarray(initial_column(cfg))[None, :, None]
   return {
-      'cache': {'k': kv(state['cache']['k']), 'v': kv(state['cache']['v'])},
-      'ring': rows(state['ring'], init_ring),
-      'offset': rows(state['offset'], 0),
-      'active': rows(state['active'], True),
-      'text_window': rows(state['text_window'], 0),
-      'audio_window': rows(state['audio_window'], 0),
-      'keys': rows(state['keys'], key_data(jnp.asarray(seeds, jnp.uint32))),
-      'text': jax.tree.map(rows, state['text'], text),
-      'audio': jax.tree.map(rows, state['audio'], audio),
+    'cache': {'k': kv(state['cache']['k']), 'v': kv(state['cache']['v'])},
+    'ring': rows(state['ring'], init_ring),
+    'offset': rows(state['offset'], 0),
+    'active': rows(state['active'], True),
+    'text_window': rows(state['text_window'], 0),
+    'audio_window': rows(state['audio_window'], 0),
+    'keys': rows(state['keys'], key_data(jnp.asarray(seeds, jnp.uint32))),
+    'text': jax.tree.map(rows, state['text'], text),
+    'audio': jax.tree.map(rows, state['audio'], audio),
   }
 
 
@@ -94,8 +104,10 @@ def release(state: dict, mask: jax.Array) -> dict:
 def shardings(state, mesh: jax.sharding.Mesh, rules=shd.RULES):
   """NamedShardings for a state (or its eval_shape): sessions over the batch axes, the KV cache's
   heads over tensor, by the same rules table as the parameters."""
+
   def one(path, x):
     top = getattr(path[0], 'key', None)
     axes = CACHE_AXES if top == 'cache' else ('batch',) + (None,) * (len(x.shape) - 1)
     return shd.named_sharding(axes, x.shape, mesh, rules)
+
   return jax.tree_util.tree_map_with_path(one, state)

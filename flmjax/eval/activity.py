@@ -1,4 +1,5 @@
 """The model's speech activity per 80 ms frame, from its codes (toy codec) or its audio (Mimi)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,15 +25,20 @@ def frame_dbfs(wave: np.ndarray, frame_size: int = FRAME_SIZE) -> np.ndarray:
     raise ValueError(f'speech_activity: expected mono audio [samples], got shape {wave.shape}')
   frames = -(-wave.shape[0] // frame_size)
   padded = np.zeros(frames * frame_size)
-  padded[:wave.shape[0]] = wave
+  padded[: wave.shape[0]] = wave
   rms = np.sqrt((padded.reshape(frames, frame_size) ** 2).mean(axis=1))  # [F]
   with np.errstate(divide='ignore'):
     return 20 * np.log10(rms)
 
 
-def speech_activity(codes=None, *, wave=None, silence_code: int | None = None,
-                    frame_size: int = FRAME_SIZE, threshold_dbfs: float = THRESHOLD_DBFS
-                    ) -> np.ndarray:
+def speech_activity(
+  codes=None,
+  *,
+  wave=None,
+  silence_code: int | None = None,
+  frame_size: int = FRAME_SIZE,
+  threshold_dbfs: float = THRESHOLD_DBFS,
+) -> np.ndarray:
   """bool [F]: is the model speaking in each frame? Give exactly one of
   - codes: int [C, F] (or the semantic row [F]) of the toy speech: a frame is speech unless its
     semantic code is the silence code (default: the synthetic corpus's) or outside the codebook
@@ -47,9 +53,11 @@ def speech_activity(codes=None, *, wave=None, silence_code: int | None = None,
   codes = np.asarray(codes)
   semantic = codes[0] if codes.ndim == 2 else codes  # [F]
   if semantic.ndim != 1 or not np.issubdtype(semantic.dtype, np.integer):
-    raise ValueError(f'speech_activity: expected integer codes [C, F] or [F], got {codes.dtype} '
-                     f'{codes.shape}')
+    raise ValueError(
+      f'speech_activity: expected integer codes [C, F] or [F], got {codes.dtype} {codes.shape}'
+    )
   if silence_code is None:
     from flmjax.data.synthetic import silence_code as toy_silence
+
     silence_code = toy_silence()
   return (semantic != silence_code) & (semantic >= 0) & (semantic < CODEBOOK_SIZE)

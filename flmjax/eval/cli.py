@@ -7,6 +7,7 @@
 (turn-taking beside exact answers and teacher-forced accuracies) and timelines/<id>.png.
 `fdb` writes Full-Duplex-Bench outputs: an output.wav beside every input.wav (docs/evaluation.md).
 """
+
 from __future__ import annotations
 
 import os
@@ -23,13 +24,20 @@ def _parser() -> ArgumentParser:
   d = sub.add_parser('duplex', help='held-out conversations: turn-taking and content accuracy')
   d.add_argument('--checkpoint', required=True, help='official-layout dir or orbax run dir')
   d.add_argument('--data', required=True, help='held-out duplex manifest (JSONL)')
-  d.add_argument('--asr-tts', help='held-out single-speaker manifest for the teacher-forced ASR '
-                                   'and TTS accuracies (default: heldout_tts_asr.jsonl beside '
-                                   '--data, if there)')
-  d.add_argument('--tokenizer', help='default: tokenizer.model/.json beside --data, else beside '
-                                     'the checkpoint')
-  d.add_argument('--mimi', help='Mimi checkpoint: encodes audio lines, and speech activity comes '
-                                'from the decoded audio energy (else: the toy speech codes)')
+  d.add_argument(
+    '--asr-tts',
+    help='held-out single-speaker manifest for the teacher-forced ASR '
+    'and TTS accuracies (default: heldout_tts_asr.jsonl beside '
+    '--data, if there)',
+  )
+  d.add_argument(
+    '--tokenizer', help='default: tokenizer.model/.json beside --data, else beside the checkpoint'
+  )
+  d.add_argument(
+    '--mimi',
+    help='Mimi checkpoint: encodes audio lines, and speech activity comes '
+    'from the decoded audio energy (else: the toy speech codes)',
+  )
   d.add_argument('--out', default=os.path.join('reports', 'duplex'), help='report directory')
   d.add_argument('--overwrite', action='store_true', help='replace an earlier report in --out')
   d.add_argument('--limit', type=int, default=None, help='evaluate the first N conversations')
@@ -51,14 +59,16 @@ def _parser() -> ArgumentParser:
 
 def _tokenizer(args, model_dir: str):
   from flmjax.data.tokenizer import load_tokenizer
+
   if args.tokenizer:
     return load_tokenizer(args.tokenizer)
   for folder in (os.path.dirname(os.path.abspath(args.data)), model_dir):
     for name in ('tokenizer.model', 'tokenizer.json'):
       if os.path.isfile(os.path.join(folder, name)):
         return load_tokenizer(os.path.join(folder, name))
-  raise FileNotFoundError(f'no tokenizer beside --data {args.data} or --checkpoint {model_dir}; '
-                          'pass --tokenizer')
+  raise FileNotFoundError(
+    f'no tokenizer beside --data {args.data} or --checkpoint {model_dir}; pass --tokenizer'
+  )
 
 
 def _codec(path: str | None, num_codebooks: int):
@@ -66,6 +76,7 @@ def _codec(path: str | None, num_codebooks: int):
     return None
   from flmjax.codec import load_mimi
   from flmjax.codec.mimi_codec import MimiCodec
+
   return MimiCodec(load_mimi(path, num_codebooks=num_codebooks))
 
 
@@ -74,19 +85,26 @@ def _teacher_forced(model, args, tokenizer, codec) -> dict:
   from flmjax.data.pipeline import SourceSpec
   from flmjax.data.prepare import prepare
   from flmjax.eval.teacher_forced import teacher_forced
-  asr_tts = args.asr_tts or os.path.join(os.path.dirname(os.path.abspath(args.data)),
-                                         'heldout_tts_asr.jsonl')
+
+  asr_tts = args.asr_tts or os.path.join(
+    os.path.dirname(os.path.abspath(args.data)), 'heldout_tts_asr.jsonl'
+  )
   with tempfile.TemporaryDirectory() as tmp:
-    prep = lambda manifest, name: (prepare(manifest, os.path.join(tmp, name), tokenizer,
-                                           codec=codec, strict=True, progress=False),
-                                   os.path.join(tmp, name))[1]
+    prep = lambda manifest, name: (
+      prepare(
+        manifest, os.path.join(tmp, name), tokenizer, codec=codec, strict=True, progress=False
+      ),
+      os.path.join(tmp, name),
+    )[1]
     sets = {'duplex': (SourceSpec(prep(args.data, 'duplex'), offset_frames=args.lead_frames),)}
     if os.path.isfile(asr_tts):
       single = prep(asr_tts, 'single')
-      sets['ASR (listen, trail)'] = (SourceSpec(single, layout='trail', speech_stream='listen',
-                                                offset_frames=args.trail_frames),)
-      sets['TTS (speak, lead)'] = (SourceSpec(single, layout='lead',
-                                              offset_frames=args.lead_frames),)
+      sets['ASR (listen, trail)'] = (
+        SourceSpec(single, layout='trail', speech_stream='listen', offset_frames=args.trail_frames),
+      )
+      sets['TTS (speak, lead)'] = (
+        SourceSpec(single, layout='lead', offset_frames=args.lead_frames),
+      )
     return teacher_forced(model, sets, num_batches=args.eval_batches)
 
 
@@ -94,6 +112,7 @@ def duplex(args) -> int:
   from flmjax.decode.session import check_out, load_model
   from flmjax.eval.duplex import check_vocab, evaluate_duplex
   from flmjax.eval.report import markdown, write_report
+
   for flag, value in (('--limit', args.limit), ('--batch-size', args.batch_size)):
     if value is not None and value < 1:
       raise ValueError(f'{flag} {value} must be >= 1')
@@ -104,30 +123,48 @@ def duplex(args) -> int:
   tokenizer = _tokenizer(args, args.checkpoint)
   check_vocab(model.cfg, tokenizer, f'--data {args.data}')
   codec = _codec(args.mimi, model.cfg.num_codebooks)
-  report = evaluate_duplex(model, args.data, tokenizer, limit=args.limit,
-                           batch_size=args.batch_size, codec=codec,
-                           progress=not args.no_progress)
-  report['teacher_forced'] = {k: {m: v[m] for m in ('acc_text', 'acc_semantic', 'loss')}
-                              for k, v in _teacher_forced(model, args, tokenizer, codec).items()}
+  report = evaluate_duplex(
+    model,
+    args.data,
+    tokenizer,
+    limit=args.limit,
+    batch_size=args.batch_size,
+    codec=codec,
+    progress=not args.no_progress,
+  )
+  report['teacher_forced'] = {
+    k: {m: v[m] for m in ('acc_text', 'acc_semantic', 'loss')}
+    for k, v in _teacher_forced(model, args, tokenizer, codec).items()
+  }
   report.update(checkpoint=os.path.abspath(args.checkpoint), data=os.path.abspath(args.data))
   paths = write_report(report, args.out, tokenizer, model.cfg)
   print(markdown(report))
-  print(f'wrote {paths[0]}, {paths[1]} and {len(paths) - 2} timelines under '
-        f'{os.path.join(args.out, "timelines")}')
+  print(
+    f'wrote {paths[0]}, {paths[1]} and {len(paths) - 2} timelines under '
+    f'{os.path.join(args.out, "timelines")}'
+  )
   return 0
 
 
 def fdb(args) -> int:
   from flmjax.decode.session import load_model
   from flmjax.eval.fdb import check_out, find_inputs, run_fdb
+
   if args.batch_size is not None and args.batch_size < 1:
     raise ValueError(f'--batch-size {args.batch_size} must be >= 1')
   check_out(args.out, args.overwrite)
   find_inputs(args.in_dir)  # before the model loads
   model = load_model(args.checkpoint)
   codec = _codec(args.mimi, model.cfg.num_codebooks)
-  written = run_fdb(model, codec, args.in_dir, args.out, overwrite=args.overwrite,
-                    batch_size=args.batch_size, progress=not args.no_progress)
+  written = run_fdb(
+    model,
+    codec,
+    args.in_dir,
+    args.out,
+    overwrite=args.overwrite,
+    batch_size=args.batch_size,
+    progress=not args.no_progress,
+  )
   print(f'wrote {len(written)} {written and os.path.basename(written[0])} files under {args.out}')
   return 0
 

@@ -1,5 +1,6 @@
 """`evaluate_duplex`: held-out conversations streamed through a model, scored for turn-taking and
 for content (exact answers). The teacher-forced accuracies are teacher_forced.py's."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -44,8 +45,9 @@ def score_turns(text_ids: np.ndarray, conv: dict, tokenizer, cfg) -> list[dict]:
     if not ref:
       continue
     said = decode_text(text_ids[start:end], tokenizer, cfg)
-    turns.append({'frame': start, 'said': said, 'reference': ref[0]['text'],
-                  'right': said == ref[0]['text']})
+    turns.append(
+      {'frame': start, 'said': said, 'reference': ref[0]['text'], 'right': said == ref[0]['text']}
+    )
   return turns
 
 
@@ -54,30 +56,44 @@ def user_activity(conv: dict) -> np.ndarray:
   active = np.zeros(conv['user'].shape[1], bool)
   for s in conv['segments']:
     if s['speaker'] == 'user':
-      active[s['start']:s['end']] = True
+      active[s['start'] : s['end']] = True
   return active
 
 
 def pool(metrics: list[dict]) -> dict:
   """turn_taking results of many conversations -> one, as if their events were scored together."""
   counts = {k: sum(m['counts'][k] for m in metrics) for k in EVENT_KINDS}
-  rate = lambda key, kind: (sum((m[key] or 0) * m['counts'][kind] for m in metrics) / counts[kind]
-                            if counts[kind] else None)
+  rate = lambda key, kind: (
+    sum((m[key] or 0) * m['counts'][kind] for m in metrics) / counts[kind] if counts[kind] else None
+  )
   latencies = [x for m in metrics for x in m['response_latency_ms_all']]
   stops = [x for m in metrics for x in m['interrupt_stop_latency_ms_all']]
   median = lambda v: float(np.median(v)) if v else None
-  return {'takeover_rate': rate('takeover_rate', 'turn_end'),
-          'response_latency_ms': median(latencies), 'response_latency_ms_all': latencies,
-          'pause_takeover_rate': rate('pause_takeover_rate', 'pause'),
-          'interrupt_stop_rate': rate('interrupt_stop_rate', 'interrupt'),
-          'interrupt_stop_latency_ms': median(stops), 'interrupt_stop_latency_ms_all': stops,
-          'counts': counts}
+  return {
+    'takeover_rate': rate('takeover_rate', 'turn_end'),
+    'response_latency_ms': median(latencies),
+    'response_latency_ms_all': latencies,
+    'pause_takeover_rate': rate('pause_takeover_rate', 'pause'),
+    'interrupt_stop_rate': rate('interrupt_stop_rate', 'interrupt'),
+    'interrupt_stop_latency_ms': median(stops),
+    'interrupt_stop_latency_ms_all': stops,
+    'counts': counts,
+  }
 
 
-def evaluate_duplex(model, manifest: str, tokenizer, *, limit: int | None = None,
-                    batch_size: int | None = None, codec=None, sampling=None,
-                    progress: bool = False, conversations: list[dict] | None = None,
-                    decoder=None) -> dict:
+def evaluate_duplex(
+  model,
+  manifest: str,
+  tokenizer,
+  *,
+  limit: int | None = None,
+  batch_size: int | None = None,
+  codec=None,
+  sampling=None,
+  progress: bool = False,
+  conversations: list[dict] | None = None,
+  decoder=None,
+) -> dict:
   """Streams the held-out conversations of `manifest` (greedy by default) and scores them.
 
   codec: a Mimi codec reads audio lines and measures the model's speech activity from its decoded
@@ -87,35 +103,55 @@ def evaluate_duplex(model, manifest: str, tokenizer, *, limit: int | None = None
   per conversation its id, events, activity, text_ids, turns and metrics}.
   """
   cfg = model.cfg
-  convs = conversations or read_conversations(manifest, cfg.num_codebooks, limit=limit,
-                                              codec=codec)
-  outputs, _ = stream(model, [c['user'] for c in convs], sampling=sampling,
-                      batch_size=batch_size, progress=progress, desc='eval duplex',
-                      decoder=decoder)
+  convs = conversations or read_conversations(manifest, cfg.num_codebooks, limit=limit, codec=codec)
+  outputs, _ = stream(
+    model,
+    [c['user'] for c in convs],
+    sampling=sampling,
+    batch_size=batch_size,
+    progress=progress,
+    desc='eval duplex',
+    decoder=decoder,
+  )
   per, metrics = [], []
   for conv, out in zip(convs, outputs):
     text_ids, speak = out[0], out[1:]  # [F], [C, F]
     if codec is None or isinstance(codec, ToyCodec):
       active = speech_activity(speak)
     else:  # Mimi: the energy of the decoded audio
-      active = speech_activity(wave=codec.decode(playable(speak)))[:speak.shape[1]]
+      active = speech_activity(wave=codec.decode(playable(speak)))[: speak.shape[1]]
     m = turn_taking(active, conv['events'])
     metrics.append(m)
     turns = score_turns(text_ids, conv, tokenizer, cfg)
-    per.append({'id': conv['id'], 'events': [list(e) for e in conv['events']],
-                'segments': conv['segments'], 'model_active': active.astype(int).tolist(),
-                'user_active': user_activity(conv).astype(int).tolist(),
-                'text_ids': text_ids.tolist(), 'turns': turns, 'turn_taking': m})
+    per.append(
+      {
+        'id': conv['id'],
+        'events': [list(e) for e in conv['events']],
+        'segments': conv['segments'],
+        'model_active': active.astype(int).tolist(),
+        'user_active': user_activity(conv).astype(int).tolist(),
+        'text_ids': text_ids.tolist(),
+        'turns': turns,
+        'turn_taking': m,
+      }
+    )
   right = sum(t['right'] for c in per for t in c['turns'])
   total = sum(len(c['turns']) for c in per)
-  return {'turn_taking': pool(metrics), 'turns': total, 'right': right,
-          'turn_accuracy': right / total if total else None, 'conversations': per}
+  return {
+    'turn_taking': pool(metrics),
+    'turns': total,
+    'right': right,
+    'turn_accuracy': right / total if total else None,
+    'conversations': per,
+  }
 
 
 def check_vocab(cfg, tokenizer, where: str) -> None:
   """The data's tokenizer must fit under the checkpoint's text specials."""
   limit = min(cfg.text_wait_id, cfg.text_bos_id, cfg.text_eos_id, cfg.vocab_size)
   if tokenizer.vocab_size > limit:
-    raise ValueError(f'{where}: the data\'s tokenizer has {tokenizer.vocab_size} ids, but the '
-                     f'checkpoint\'s text vocabulary holds {cfg.vocab_size} with specials from '
-                     f'{limit}: the checkpoint and the data come from different vocabularies')
+    raise ValueError(
+      f"{where}: the data's tokenizer has {tokenizer.vocab_size} ids, but the "
+      f"checkpoint's text vocabulary holds {cfg.vocab_size} with specials from "
+      f'{limit}: the checkpoint and the data come from different vocabularies'
+    )

@@ -1,12 +1,14 @@
 """What a trained run learned, on held-out data: teacher-forced accuracies next to the untrained
 model's (`heldout_sets`, `show`), and streaming chat on held-out conversations (`chat`).
 `flmjax main` prints these."""
+
 from __future__ import annotations
 
 
 def heldout_sets(tc) -> dict[str, tuple]:
   """Held-out evaluation sets: each is how one task lays out the held-out samples."""
   from flmjax.data.pipeline import SourceSpec
+
   sets = {'duplex (lead)': tc.eval_sources}
   if tc.corpus is not None:  # the synthetic corpus also holds held-out single-speaker samples
     tts_asr = tc.corpus.split('heldout_tts_asr')
@@ -20,12 +22,18 @@ def show(tc, result, sets: dict) -> dict:
   """Teacher-forced metrics on held-out data, trained vs untrained."""
   from flmjax.train.evaluate import evaluate
   from flmjax.train.state import init_state
+
   spec, mesh = result['spec'], result['mesh']
   untrained = init_state(spec, tc).params
   table = {}
-  keys = (('acc_text', 'text acc (non-WAIT)'), ('wait_rate_pred', 'WAIT rate pred'),
-          ('wait_rate_target', 'WAIT rate target'), ('acc_semantic', 'semantic acc'),
-          ('acc_acoustic', 'acoustic acc'), ('loss', 'loss'))
+  keys = (
+    ('acc_text', 'text acc (non-WAIT)'),
+    ('wait_rate_pred', 'WAIT rate pred'),
+    ('wait_rate_target', 'WAIT rate target'),
+    ('acc_semantic', 'semantic acc'),
+    ('acc_acoustic', 'acoustic acc'),
+    ('loss', 'loss'),
+  )
   for name, sources in sets.items():
     trained = evaluate(tc, spec, mesh, result['state'].params, sources)
     base = evaluate(tc, spec, mesh, untrained, sources)
@@ -48,6 +56,7 @@ def chat(tc, result, limit: int = 32) -> dict:
   from flmjax.data.tokenizer import load_tokenizer
   from flmjax.eval.duplex import evaluate_duplex
   from flmjax.eval.report import markdown
+
   if tc.corpus is None:
     raise ValueError('held-out chat needs the synthetic corpus (TrainConfig.corpus)')
   tokenizer = load_tokenizer(tc.corpus.tokenizer)
@@ -57,12 +66,18 @@ def chat(tc, result, limit: int = 32) -> dict:
   for conv in report['conversations'][:3]:
     print(f'  [{conv["id"]}]')
     for turn in conv['turns']:
-      print(f'    at {turn["frame"] * 0.08:5.2f} s  model: {turn["said"] or "(nothing)":16s} '
-            f'(reference: {turn["reference"]})')
-  print(f'  turns answered exactly right: {report["right"]}/{report["turns"]} '
-        f'({100 * report["turn_accuracy"]:.0f}%)')
-  print('\nturn-taking on the same conversations (user pauses, barge-ins; docs/evaluation.md):\n'
-        + markdown(report))
+      print(
+        f'    at {turn["frame"] * 0.08:5.2f} s  model: {turn["said"] or "(nothing)":16s} '
+        f'(reference: {turn["reference"]})'
+      )
+  print(
+    f'  turns answered exactly right: {report["right"]}/{report["turns"]} '
+    f'({100 * report["turn_accuracy"]:.0f}%)'
+  )
+  print(
+    '\nturn-taking on the same conversations (user pauses, barge-ins; docs/evaluation.md):\n'
+    + markdown(report)
+  )
   for conv in report['conversations']:  # heldout.json keeps the summary, not the timelines
     for key in ('model_active', 'user_active', 'text_ids', 'segments'):
       del conv[key]

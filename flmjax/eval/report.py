@@ -1,5 +1,6 @@
 """The evaluation report: report.json, report.md (one markdown table) and a PNG timeline per
 conversation (user and model activity, the turn-taking events, the model's text on top)."""
+
 from __future__ import annotations
 
 import json
@@ -10,12 +11,12 @@ import numpy as np
 FRAME_MS = 80
 
 ROWS = (  # (label, key in the report, format)
-    ('exact answers (turns right)', 'turn_accuracy', '{:.3f}'),
-    ('takeover rate (turn ends answered)', 'takeover_rate', '{:.3f}'),
-    ('response latency, median ms', 'response_latency_ms', '{:.0f}'),
-    ('pause takeover rate (lower is better)', 'pause_takeover_rate', '{:.3f}'),
-    ('interrupt stop rate', 'interrupt_stop_rate', '{:.3f}'),
-    ('interrupt stop latency, median ms', 'interrupt_stop_latency_ms', '{:.0f}'),
+  ('exact answers (turns right)', 'turn_accuracy', '{:.3f}'),
+  ('takeover rate (turn ends answered)', 'takeover_rate', '{:.3f}'),
+  ('response latency, median ms', 'response_latency_ms', '{:.0f}'),
+  ('pause takeover rate (lower is better)', 'pause_takeover_rate', '{:.3f}'),
+  ('interrupt stop rate', 'interrupt_stop_rate', '{:.3f}'),
+  ('interrupt stop latency, median ms', 'interrupt_stop_latency_ms', '{:.0f}'),
 )
 
 
@@ -27,10 +28,14 @@ def markdown(report: dict) -> str:
   """One table: turn-taking beside content accuracy (streamed), then teacher-forced accuracies."""
   tt, counts = report['turn_taking'], report['turn_taking']['counts']
   flat = dict(tt, turn_accuracy=report['turn_accuracy'])
-  lines = [f'held-out conversations: {len(report["conversations"])}; events: '
-           + ', '.join(f'{v} {k}' for k, v in counts.items())
-           + f'; answer turns: {report["right"]}/{report["turns"]} right', '',
-           '| metric | value |', '|---|---|']
+  lines = [
+    f'held-out conversations: {len(report["conversations"])}; events: '
+    + ', '.join(f'{v} {k}' for k, v in counts.items())
+    + f'; answer turns: {report["right"]}/{report["turns"]} right',
+    '',
+    '| metric | value |',
+    '|---|---|',
+  ]
   lines += [f'| {label} | {_cell(flat[key], fmt)} |' for label, key, fmt in ROWS]
   for name, m in report.get('teacher_forced', {}).items():
     lines.append(f'| teacher-forced {name}: text acc | {m["acc_text"]:.3f} |')
@@ -40,10 +45,12 @@ def markdown(report: dict) -> str:
 def plot_timeline(conv: dict, tokenizer, cfg, path: str) -> None:
   """One conversation: user and model activity rows, events shaded, model text above."""
   import matplotlib
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
 
   from flmjax.eval.duplex import split_on_wait
+
   user, model = np.asarray(conv['user_active'], bool), np.asarray(conv['model_active'], bool)
   frames = len(model)
   fig, ax = plt.subplots(figsize=(max(6.0, frames * 0.12), 3.0))

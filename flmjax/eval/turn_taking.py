@@ -7,6 +7,7 @@ Events are `(kind, start_frame, end_frame)`:
   user speech: the model should stop and yield.
 `events_from_segments` derives them from a manifest's segments; `turn_taking` scores them.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
@@ -26,9 +27,13 @@ def _rate(hits: int, total: int) -> float | None:
   return hits / total if total else None
 
 
-def turn_taking(model_active, events: Iterable[tuple[str, int, int]],
-                frame_rate: float = FRAME_RATE, max_wait_frames: int = 25,
-                stop_frames: int = 3) -> dict:
+def turn_taking(
+  model_active,
+  events: Iterable[tuple[str, int, int]],
+  frame_rate: float = FRAME_RATE,
+  max_wait_frames: int = 25,
+  stop_frames: int = 3,
+) -> dict:
   """model_active bool [F] and the events -> a dict of metrics (rates and medians over zero
   events are None):
 
@@ -50,12 +55,14 @@ def turn_taking(model_active, events: Iterable[tuple[str, int, int]],
   if active.ndim != 1:
     raise ValueError(f'model_active: expected a bool array [frames], got shape {active.shape}')
   if stop_frames < 1 or max_wait_frames < 1 or not frame_rate > 0:
-    raise ValueError(f'stop_frames={stop_frames} and max_wait_frames={max_wait_frames} must be '
-                     f'>= 1 and frame_rate={frame_rate} > 0')
+    raise ValueError(
+      f'stop_frames={stop_frames} and max_wait_frames={max_wait_frames} must be '
+      f'>= 1 and frame_rate={frame_rate} > 0'
+    )
   num_frames = active.shape[0]
   # silent[g]: frames g .. g + stop_frames - 1 are all inactive (past the end counts as inactive)
   padded = np.concatenate([active, np.zeros(stop_frames, bool)])  # [F + stop]
-  window_any = np.lib.stride_tricks.sliding_window_view(padded, stop_frames)[:num_frames + 1]
+  window_any = np.lib.stride_tricks.sliding_window_view(padded, stop_frames)[: num_frames + 1]
   silent = ~window_any.any(axis=1)  # [F + 1]
   counts = dict.fromkeys(EVENT_KINDS, 0)
   latencies, stop_latencies = [], []
@@ -77,21 +84,21 @@ def turn_taking(model_active, events: Iterable[tuple[str, int, int]],
     elif kind == 'pause':
       pause_hits += bool(active[start:end].any())
     else:
-      quiet = np.flatnonzero(silent[min(start, num_frames):min(stop, num_frames + 1)])
+      quiet = np.flatnonzero(silent[min(start, num_frames) : min(stop, num_frames + 1)])
       if start >= num_frames and stop > start:  # the whole window lies past F: silent
         quiet = np.zeros(1, np.int64)
       if quiet.size:
         stops += 1
         stop_latencies.append(ms(int(quiet[0])))
   return {
-      'takeover_rate': _rate(takeovers, counts['turn_end']),
-      'response_latency_ms': _median(latencies),
-      'response_latency_ms_all': latencies,
-      'pause_takeover_rate': _rate(pause_hits, counts['pause']),
-      'interrupt_stop_rate': _rate(stops, counts['interrupt']),
-      'interrupt_stop_latency_ms': _median(stop_latencies),
-      'interrupt_stop_latency_ms_all': stop_latencies,
-      'counts': counts,
+    'takeover_rate': _rate(takeovers, counts['turn_end']),
+    'response_latency_ms': _median(latencies),
+    'response_latency_ms_all': latencies,
+    'pause_takeover_rate': _rate(pause_hits, counts['pause']),
+    'interrupt_stop_rate': _rate(stops, counts['interrupt']),
+    'interrupt_stop_latency_ms': _median(stop_latencies),
+    'interrupt_stop_latency_ms_all': stop_latencies,
+    'counts': counts,
   }
 
 
@@ -100,8 +107,9 @@ def seconds_to_frame(t: float, frame_rate: float = FRAME_RATE) -> int:
   return int(round(float(t) * frame_rate))
 
 
-def events_from_segments(segments: Sequence[dict], num_frames: int,
-                         frame_rate: float = FRAME_RATE) -> list[tuple[str, int, int]]:
+def events_from_segments(
+  segments: Sequence[dict], num_frames: int, frame_rate: float = FRAME_RATE
+) -> list[tuple[str, int, int]]:
   """A conversation's events from its manifest segments ({'speaker', 'start', 'end'} in seconds).
 
   The end of a user segment is a 'pause' when the user's next segment starts before any model

@@ -13,6 +13,7 @@ Every path takes q·k and the softmax in float32. The decoder's one-frame step k
 path (layers.gqa_attention over the cache).
 Shape letters as in layers.py.
 """
+
 from __future__ import annotations
 
 import functools
@@ -38,8 +39,9 @@ def platform() -> str:
   return _PLATFORM.get(name, 'cpu')
 
 
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = 'auto',
-                     block: int | None = None) -> jax.Array:
+def causal_attention(
+  q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = 'auto', block: int | None = None
+) -> jax.Array:
   """q [B,T,N,H], k/v [B,T,K,H] -> [B,T,N,H]: query t attends keys 0..t (GQA: head n reads KV
   head n // G). `impl` forces one path ('plain' is the reference); `block` (default BLOCK) is
   the chunked path's block of query rows."""
@@ -100,12 +102,22 @@ def cudnn(q: jax.Array, k: jax.Array, v: jax.Array, *, fallback) -> jax.Array:
 def _splash_kernel(num_heads: int, t: int, interpret: bool):
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
   mask = sm.MultiHeadMask([sm.CausalMask((t, t)) for _ in range(num_heads)])
   bq = next(s for s in _SPLASH_BLOCKS if t % s == 0)
-  sizes = sk.BlockSizes(block_q=bq, block_kv=bq, block_kv_compute=bq, block_q_dkv=bq,
-                        block_kv_dkv=bq, block_kv_dkv_compute=bq, block_q_dq=bq, block_kv_dq=bq)
-  return sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                            interpret=interpret)
+  sizes = sk.BlockSizes(
+    block_q=bq,
+    block_kv=bq,
+    block_kv_compute=bq,
+    block_q_dkv=bq,
+    block_kv_dkv=bq,
+    block_kv_dkv_compute=bq,
+    block_q_dq=bq,
+    block_kv_dq=bq,
+  )
+  return sk.make_splash_mha(
+    mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
+  )
 
 
 def splash(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: bool = False) -> jax.Array:
@@ -116,15 +128,17 @@ def splash(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: bool = False)
   tp = -(-t // 128) * 128
   pad = lambda x: jnp.pad(x, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
   # Splash does not scale: scale q in float32 (the plain path scales the float32 logits).
-  q = (q.astype(jnp.float32) * h ** -0.5).astype(q.dtype)
+  q = (q.astype(jnp.float32) * h**-0.5).astype(q.dtype)
   q, k, v = pad(q), pad(k), pad(v)
   mesh = jax.sharding.get_abstract_mesh()
   q_spec = k_spec = P(None, None, None, None)
   if not mesh.empty:
     q_spec = shd.logical_to_spec(
-        ('activation_batch', 'activation_length', 'activation_heads', None), q.shape, mesh)
+      ('activation_batch', 'activation_length', 'activation_heads', None), q.shape, mesh
+    )
     k_spec = shd.logical_to_spec(
-        ('activation_batch', 'activation_length', 'activation_kv_heads', None), k.shape, mesh)
+      ('activation_batch', 'activation_length', 'activation_kv_heads', None), k.shape, mesh
+    )
     if q_spec[2] != k_spec[2]:  # GQA with fewer KV heads than tensor shards
       k, v = (jnp.repeat(x, n // k.shape[2], axis=2) for x in (k, v))
       k_spec = q_spec
@@ -138,8 +152,9 @@ def splash(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: bool = False)
   if mesh.empty:
     out = local(q, k, v)
   else:
-    out = jax.shard_map(local, mesh=mesh, in_specs=(q_spec, k_spec, k_spec), out_specs=q_spec,
-                        check_vma=False)(q, k, v)
+    out = jax.shard_map(
+      local, mesh=mesh, in_specs=(q_spec, k_spec, k_spec), out_specs=q_spec, check_vma=False
+    )(q, k, v)
   return out[:, :t]
 
 

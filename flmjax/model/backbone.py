@@ -3,6 +3,7 @@
 Layers are stacked on a leading 'layers' axis and run with `jax.lax.scan`, so compile time does
 not grow with depth and the KV cache is one array per tensor kind.
 """
+
 from __future__ import annotations
 
 import jax
@@ -14,8 +15,20 @@ from flmjax.config import ModelConfig
 from flmjax.model import attention, layers, lora
 from flmjax.model.params import param, values
 
-LAYER_PARAMS = ('input_norm', 'q', 'q_bias', 'k', 'k_bias', 'v', 'v_bias', 'o', 'post_norm',
-                'gate', 'up', 'down')
+LAYER_PARAMS = (
+  'input_norm',
+  'q',
+  'q_bias',
+  'k',
+  'k_bias',
+  'v',
+  'v_bias',
+  'o',
+  'post_norm',
+  'gate',
+  'up',
+  'down',
+)
 
 Cache = dict  # {'k': [L,B,S,K,H], 'v': [L,B,S,K,H]}; entry s holds position s (mod S).
 CACHE_AXES = ('layers', 'batch', 'time', 'kv_heads', 'head_dim')  # logical axes of each
@@ -37,10 +50,22 @@ class Backbone(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    L, D, N, K, H, F = (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
-                        cfg.head_dim, cfg.intermediate_size)
-    C, A, V, Vp, dt, std = (cfg.num_codebooks, cfg.audio_vocab_size, cfg.vocab_size,
-                            cfg.padded_vocab_size, cfg.weight_dtype, cfg.initializer_range)
+    L, D, N, K, H, F = (
+      cfg.num_layers,
+      cfg.hidden_size,
+      cfg.num_heads,
+      cfg.num_kv_heads,
+      cfg.head_dim,
+      cfg.intermediate_size,
+    )
+    C, A, V, Vp, dt, std = (
+      cfg.num_codebooks,
+      cfg.audio_vocab_size,
+      cfg.vocab_size,
+      cfg.padded_vocab_size,
+      cfg.weight_dtype,
+      cfg.initializer_range,
+    )
     p = lambda shape, axes, init='normal', real=None: param(rngs, shape, axes, dt, init, std, real)
     self.text_embed = p((Vp, D), ('vocab', 'embed'), real=(V, D))
     self.speak_embed = p((C, A, D), ('embed_codebook', 'audio_vocab', 'embed'))
@@ -60,8 +85,9 @@ class Backbone(nnx.Module):
     self.final_norm = p((D,), ('norm',), 'ones')
     self.lm_head = p((D, Vp), ('embed', 'vocab'), real=(D, V))
 
-  def embed(self, text: jax.Array, speak: jax.Array, listen: jax.Array,
-            gather_tables: bool = True) -> jax.Array:
+  def embed(
+    self, text: jax.Array, speak: jax.Array, listen: jax.Array, gather_tables: bool = True
+  ) -> jax.Array:
     """text [B,T], speak/listen [B,T,C] -> [B,T,D]: the sum of 1 + 2C embeddings, times muP.
 
     gather_tables=False (decoding: B·T rows, far fewer than the tables') leaves the tables as
@@ -77,8 +103,14 @@ class Backbone(nnx.Module):
     x = x + lora.rows(self, 'listen_embed', (codebooks, listen), dt, pin((None,) * 3)).sum(axis=2)
     return x * jnp.asarray(self.cfg.embed_scale, dt)
 
-  def __call__(self, x: jax.Array, positions: jax.Array, cache: Cache | None = None,
-               remat_policy=None, dropout=None) -> tuple[jax.Array, Cache | None]:
+  def __call__(
+    self,
+    x: jax.Array,
+    positions: jax.Array,
+    cache: Cache | None = None,
+    remat_policy=None,
+    dropout=None,
+  ) -> tuple[jax.Array, Cache | None]:
     """x [B,T,D] embedded frames, positions [B,T] -> final-normed hidden [B,T,D], new cache.
     `dropout` (key, rate): LoRA dropout in training (flmjax.model.lora.dense), a stream per layer.
 
@@ -98,8 +130,9 @@ class Backbone(nnx.Module):
       # xs/ys, XLA copied the full cache several times per decoded frame).
       x, ck, cv = carry
       p, i = xs
-      dense = lambda spec, x, p, name: lora.dense(spec, x, p, name, self.lora_scale,
-                                                  dropout=lora.fold(dropout, i))
+      dense = lambda spec, x, p, name: lora.dense(
+        spec, x, p, name, self.lora_scale, dropout=lora.fold(dropout, i)
+      )
       x = shd.constrain(x, BTD)
       h = layers.rms_norm(x, p['input_norm'], cfg.rms_norm_eps)
       q = shd.constrain(dense('BTD,DNH->BTNH', h, p, 'q') + p['q_bias'], BTNH)
@@ -110,8 +143,9 @@ class Backbone(nnx.Module):
         att = attention.causal_attention(q, k, v)
       else:
         # Pinned as stored: left free, a cache whose KV heads tensor cannot split was gathered.
-        ck, cv = (shd.constrain(_write(c, new, i, positions), CACHE_AXES) for c, new in
-                  ((ck, k), (cv, v)))
+        ck, cv = (
+          shd.constrain(_write(c, new, i, positions), CACHE_AXES) for c, new in ((ck, k), (cv, v))
+        )
         att = layers.gqa_attention(q, ck[i], cv[i], mask)
       att = shd.constrain(att, BTNH)
       x = shd.constrain(x + dense('BTNH,NHD->BTD', att, p, 'o'), BTD)
@@ -122,8 +156,9 @@ class Backbone(nnx.Module):
 
     if remat_policy is not None:
       layer = jax.checkpoint(layer, policy=remat_policy, prevent_cse=False)
-    carry = (x.astype(cfg.compute_dtype),) + ((None, None) if cache is None else
-                                              (cache['k'], cache['v']))
+    carry = (x.astype(cfg.compute_dtype),) + (
+      (None, None) if cache is None else (cache['k'], cache['v'])
+    )
     (x, ck, cv), _ = jax.lax.scan(layer, carry, (stacked, jnp.arange(cfg.num_layers)))
     h = layers.rms_norm(x, self.final_norm[...].astype(cfg.compute_dtype), cfg.rms_norm_eps)
     return shd.constrain(h, BTD), (None if cache is None else {'k': ck, 'v': cv})
@@ -132,12 +167,18 @@ class Backbone(nnx.Module):
     """h [B,T,D] -> [B,T,V], with the muP output scale; padded=True gives the padded vocab
     [B,T,Vp] with the padding's logits at NEG_INF (what the chunked loss reads)."""
     cfg = self.cfg
-    logits = lora.dense('BTD,DV->BTV', h, values(self, ('lm_head',), h.dtype), 'lm_head',
-                        self.lora_scale, dropout=dropout)
+    logits = lora.dense(
+      'BTD,DV->BTV',
+      h,
+      values(self, ('lm_head',), h.dtype),
+      'lm_head',
+      self.lora_scale,
+      dropout=dropout,
+    )
     logits = shd.constrain(logits, ('activation_batch', 'activation_length', 'activation_vocab'))
     logits = logits * jnp.asarray(cfg.text_logit_scale, logits.dtype)
     if not padded:
-      return logits[..., :cfg.vocab_size]
+      return logits[..., : cfg.vocab_size]
     real = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
     return jnp.where(real, logits, jnp.asarray(layers.NEG_INF, logits.dtype))
 

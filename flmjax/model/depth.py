@@ -5,6 +5,7 @@ of codebook c-1 otherwise. Every step has its own SwiGLU MLP and output head.
 Shape letters as in layers.py: R rows (B·T; B when stepping), C codebooks (= depth positions),
 S cache positions, lowercase d/h/e/f the depth dim, heads, head dim and MLP dim, A audio vocab.
 """
+
 from __future__ import annotations
 
 import functools
@@ -32,9 +33,16 @@ def init_cache(cfg: ModelConfig, batch: int, dtype=None) -> dict:
   return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
 
 
-def layer(p: dict, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, start: jax.Array,
-          eps: float, lora_scale: float = 0.0,
-          dropout=None) -> tuple[jax.Array, jax.Array, jax.Array]:
+def layer(
+  p: dict,
+  x: jax.Array,
+  k_cache: jax.Array,
+  v_cache: jax.Array,
+  start: jax.Array,
+  eps: float,
+  lora_scale: float = 0.0,
+  dropout=None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """One depth layer at the C' consecutive positions start..start+C'-1 of R rows: the one
   implementation behind the teacher-forced pass (C' = C from 0, on an empty cache) and the
   decoder's step (C' = 1).
@@ -64,16 +72,16 @@ def layer(p: dict, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, start: 
   # Codebook-major inside the MLP: the matmuls are batched over C, which XLA wants leading, so
   # only the d-wide in and out are transposed, never the f-wide activations.
   y = jnp.swapaxes(y, 0, 1)  # [C',R,d]
-  dense = lambda spec, x, name: lora.dense(spec, x, p, name, lora_scale, take=mlp,
-                                          dropout=dropout)
+  dense = lambda spec, x, name: lora.dense(spec, x, p, name, lora_scale, take=mlp, dropout=dropout)
   g = shd.constrain(dense('CRd,Cdf->CRf', y, 'gate'), CRF)
   u = shd.constrain(dense('CRd,Cdf->CRf', y, 'up'), CRF)
   x = x + jnp.swapaxes(dense('CRf,Cfd->CRd', jax.nn.silu(g) * u, 'down'), 0, 1)
   return x, k_cache, v_cache
 
 
-def layer_step(p: dict, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, c: jax.Array,
-               eps: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+def layer_step(
+  p: dict, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, c: jax.Array, eps: float
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """`layer` at the one position c for B rows: x [B,d], caches [B,C,h,e], c a scalar int.
 
   Returns (x [B,d], k_cache, v_cache). This is the reference the Pallas kernels must match.
@@ -82,9 +90,17 @@ def layer_step(p: dict, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, c:
   return x[:, 0], k_cache, v_cache
 
 
-def layers_step(p: dict, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, c: jax.Array,
-                eps: float, layer_fn=layer_step) -> tuple[jax.Array, jax.Array, jax.Array]:
+def layers_step(
+  p: dict,
+  x: jax.Array,
+  k_cache: jax.Array,
+  v_cache: jax.Array,
+  c: jax.Array,
+  eps: float,
+  layer_fn=layer_step,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """All L layers at position c: p's leaves stacked [L,...], caches [L,B,C,h,e]; scans layer_fn."""
+
   def layer(x, xs):
     lp, ck, cv = xs
     x, ck, cv = layer_fn(lp, x, ck, cv, c, eps)
@@ -99,12 +115,20 @@ class DepthTransformer(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    L, C, D, d, h, e, f, A = (cfg.depth_layers, cfg.num_codebooks, cfg.hidden_size, cfg.depth_dim,
-                              cfg.depth_heads, cfg.depth_head_dim, cfg.padded_depth_mlp_dim,
-                              cfg.audio_vocab_size)
+    L, C, D, d, h, e, f, A = (
+      cfg.depth_layers,
+      cfg.num_codebooks,
+      cfg.hidden_size,
+      cfg.depth_dim,
+      cfg.depth_heads,
+      cfg.depth_head_dim,
+      cfg.padded_depth_mlp_dim,
+      cfg.audio_vocab_size,
+    )
     f_real = cfg.depth_mlp_dim  # units past it are zeros: silu(0) * 0 adds nothing
     p = lambda shape, axes, init='normal', real=None: param(
-        rngs, shape, axes, cfg.weight_dtype, init, cfg.initializer_range, real)
+      rngs, shape, axes, cfg.weight_dtype, init, cfg.initializer_range, real
+    )
     self.linear_in = p((D, C, d), ('embed', 'codebook', 'depth_embed'))
     self.wtes = p((C, A, d), ('codebook', 'audio_vocab', 'depth_embed'))
     self.wpe = p((C, d), ('codebook', 'depth_embed'))
@@ -114,26 +138,34 @@ class DepthTransformer(nnx.Module):
     self.qkv = p((L, 3, d, h * e), ('layers', 'qkv', 'depth_embed', 'depth_heads'))
     self.proj = p((L, h, e, d), ('layers', 'depth_heads', 'head_dim', 'depth_embed'))
     self.ln_2 = p((L, d), ('layers', 'norm'), 'ones')
-    self.gate = p((L, C, d, f), ('layers', 'codebook', 'depth_embed', 'depth_mlp'),
-                  real=(L, C, d, f_real))
-    self.up = p((L, C, d, f), ('layers', 'codebook', 'depth_embed', 'depth_mlp'),
-                real=(L, C, d, f_real))
-    self.down = p((L, C, f, d), ('layers', 'codebook', 'depth_mlp', 'depth_embed'),
-                  real=(L, C, f_real, d))
+    self.gate = p(
+      (L, C, d, f), ('layers', 'codebook', 'depth_embed', 'depth_mlp'), real=(L, C, d, f_real)
+    )
+    self.up = p(
+      (L, C, d, f), ('layers', 'codebook', 'depth_embed', 'depth_mlp'), real=(L, C, d, f_real)
+    )
+    self.down = p(
+      (L, C, f, d), ('layers', 'codebook', 'depth_mlp', 'depth_embed'), real=(L, C, f_real, d)
+    )
     self.ln_f = p((d,), ('norm',), 'ones')
     self.heads = p((C, d, A), ('codebook', 'depth_embed', 'audio_vocab'))
 
   def conditioning(self, h: jax.Array, dropout=None) -> jax.Array:
     """h [..., D] -> [..., C, d]: conditioning vector c is added to depth step c's input."""
-    return lora.dense('...D,DCd->...Cd', h, values(self, ('linear_in',), h.dtype), 'linear_in',
-                      self.lora_scale, dropout=dropout)
+    return lora.dense(
+      '...D,DCd->...Cd',
+      h,
+      values(self, ('linear_in',), h.dtype),
+      'linear_in',
+      self.lora_scale,
+      dropout=dropout,
+    )
 
   def __call__(self, h: jax.Array, prev: jax.Array, remat_policy=None) -> jax.Array:
     """Teacher-forced: h [B,T,D], prev [B,T,C-1] (codes of codebooks 0..C-2) -> [B,T,C,A]."""
     return self.logits(self.features(h, prev, remat_policy))
 
-  def features(self, h: jax.Array, prev: jax.Array, remat_policy=None,
-               dropout=None) -> jax.Array:
+  def features(self, h: jax.Array, prev: jax.Array, remat_policy=None, dropout=None) -> jax.Array:
     """Teacher-forced final-normed states: h [B,T,D], prev [B,T,C-1] -> [B,T,C,d]; the loss
     applies the heads itself, a codebook at a time (train.loss.audio_cross_entropy).
     `dropout` (key, rate): LoRA dropout in training, a stream per layer."""
@@ -149,8 +181,16 @@ class DepthTransformer(nnx.Module):
 
     def body(x, xs):
       p, i = xs
-      return layer(p, shd.constrain(x, RCD), empty, empty, 0, cfg.depth_rms_eps,
-                   self.lora_scale, lora.fold(dropout, i))[0], None
+      return layer(
+        p,
+        shd.constrain(x, RCD),
+        empty,
+        empty,
+        0,
+        cfg.depth_rms_eps,
+        self.lora_scale,
+        lora.fold(dropout, i),
+      )[0], None
 
     if remat_policy is not None:
       body = jax.checkpoint(body, policy=remat_policy, prevent_cse=False)
@@ -162,12 +202,26 @@ class DepthTransformer(nnx.Module):
     """x [B,T,C,d] -> [B,T,C,A]."""
     b, t, C, d = x.shape
     logits = shd.constrain(
-        lora.dense('RCd,CdA->RCA', x.reshape(b * t, C, d), values(self, ('heads',), x.dtype),
-                   'heads', self.lora_scale), ('activation_batch', None, None))
+      lora.dense(
+        'RCd,CdA->RCA',
+        x.reshape(b * t, C, d),
+        values(self, ('heads',), x.dtype),
+        'heads',
+        self.lora_scale,
+      ),
+      ('activation_batch', None, None),
+    )
     return logits.reshape(b, t, C, self.cfg.audio_vocab_size)
 
-  def step(self, cond: jax.Array, prev: jax.Array, c: jax.Array, cache: dict,
-           layer_fn=layer_step, layers_fn=None) -> tuple[jax.Array, dict]:
+  def step(
+    self,
+    cond: jax.Array,
+    prev: jax.Array,
+    c: jax.Array,
+    cache: dict,
+    layer_fn=layer_step,
+    layers_fn=None,
+  ) -> tuple[jax.Array, dict]:
     """One depth position for B rows: cond [B,C,d], prev [B] -> logits [B,A], new cache.
 
     `layer_fn` has `layer_step`'s signature; the decoder passes a Pallas kernel here.
@@ -180,8 +234,9 @@ class DepthTransformer(nnx.Module):
     pos = jax.lax.dynamic_index_in_dim(self.wpe[...], c, 0, keepdims=False).astype(dt)
     x = emb + pos + jax.lax.dynamic_index_in_dim(cond, c, 1, keepdims=False)
     layers_fn = layers_fn or functools.partial(layers_step, layer_fn=layer_fn)
-    x, ck, cv = layers_fn(values(self, LAYER_PARAMS, dt), x, cache['k'], cache['v'], c,
-                          cfg.depth_rms_eps)
+    x, ck, cv = layers_fn(
+      values(self, LAYER_PARAMS, dt), x, cache['k'], cache['v'], c, cfg.depth_rms_eps
+    )
     x = layers.rms_norm(x, self.ln_f[...].astype(dt), cfg.depth_rms_eps)
     head = jax.lax.dynamic_index_in_dim(self.heads[...], c, 0, keepdims=False).astype(dt)
     return jnp.einsum('Bd,dA->BA', x, head), {'k': ck, 'v': cv}

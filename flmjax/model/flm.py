@@ -1,4 +1,5 @@
 """FLMAudio: backbone + text head + depth transformer, teacher-forced."""
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -32,35 +33,45 @@ def check_inputs(cfg: ModelConfig, text, speak, listen, depth_prev, positions=No
   b, t = text.shape
   limit = cfg.max_position_embeddings
   if positions is None and t > limit:
-    raise ValueError(f'FLMAudio: {t} frames exceed max_position_embeddings {limit}; split the '
-                     f'sequence into windows of at most {limit} frames')
+    raise ValueError(
+      f'FLMAudio: {t} frames exceed max_position_embeddings {limit}; split the '
+      f'sequence into windows of at most {limit} frames'
+    )
   if positions is not None and not isinstance(positions, jax.core.Tracer) and positions.size:
     lo, hi = int(jnp.min(positions)), int(jnp.max(positions))
     if lo < 0 or hi >= limit:
-      raise ValueError(f'FLMAudio: positions holds {lo if lo < 0 else hi}, outside '
-                       f'0..{limit - 1} (max_position_embeddings {limit})')
+      raise ValueError(
+        f'FLMAudio: positions holds {lo if lo < 0 else hi}, outside '
+        f'0..{limit - 1} (max_position_embeddings {limit})'
+      )
   c = cfg.num_codebooks
   want = {'speak': (b, t, c), 'listen': (b, t, c), 'depth_prev': (b, t, c - 1)}
-  ranges = {'text': cfg.vocab_size - 1, 'speak': cfg.audio_pad_id, 'listen': cfg.audio_pad_id,
-            'depth_prev': cfg.audio_vocab_size - 1}
+  ranges = {
+    'text': cfg.vocab_size - 1,
+    'speak': cfg.audio_pad_id,
+    'listen': cfg.audio_pad_id,
+    'depth_prev': cfg.audio_vocab_size - 1,
+  }
   for name, x in (('text', text), ('speak', speak), ('listen', listen), ('depth_prev', depth_prev)):
     if x is None:
       continue
     if name in want and tuple(x.shape) != want[name]:
-      raise ValueError(f'FLMAudio: {name} must have shape {want[name]} (B, T, ...), '
-                       f'got {tuple(x.shape)}')
+      raise ValueError(
+        f'FLMAudio: {name} must have shape {want[name]} (B, T, ...), got {tuple(x.shape)}'
+      )
     if not jnp.issubdtype(x.dtype, jnp.integer):
       raise ValueError(f'FLMAudio: {name} has dtype {x.dtype}; token ids must be integers')
     if isinstance(x, jax.core.Tracer) or x.size == 0:
       continue
     lo, hi = int(jnp.min(x)), int(jnp.max(x))
     if lo < 0 or hi > ranges[name]:
-      raise ValueError(f'FLMAudio: {name} holds id {lo if lo < 0 else hi}, outside '
-                       f'0..{ranges[name]}' + (' (PAD)' if name in ('speak', 'listen') else ''))
+      raise ValueError(
+        f'FLMAudio: {name} holds id {lo if lo < 0 else hi}, outside '
+        f'0..{ranges[name]}' + (' (PAD)' if name in ('speak', 'listen') else '')
+      )
 
 
 class FLMAudio(nnx.Module):
-
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lora: LoraConfig | None = None):
     """`lora` adds adapters (and int8 scales) beside the target weights (flmjax.model.lora),
     drawn after the base, so a seed gives the same base with and without them."""
@@ -71,9 +82,17 @@ class FLMAudio(nnx.Module):
     if lora is not None:
       attach(self, lora, rngs)
 
-  def __call__(self, text: jax.Array, speak: jax.Array, listen: jax.Array,
-               depth_prev: jax.Array | None = None, positions: jax.Array | None = None,
-               remat_policy=None, with_logits: bool = True, dropout=None) -> Output:
+  def __call__(
+    self,
+    text: jax.Array,
+    speak: jax.Array,
+    listen: jax.Array,
+    depth_prev: jax.Array | None = None,
+    positions: jax.Array | None = None,
+    remat_policy=None,
+    with_logits: bool = True,
+    dropout=None,
+  ) -> Output:
     """text [B,T], speak/listen [B,T,C], depth_prev [B,T,C-1] or None (integer ids).
 
     with_logits=False leaves the [B,T,V] and [B,T,C,A] logits to the caller (the blocked loss):
@@ -82,8 +101,9 @@ class FLMAudio(nnx.Module):
     (backbone) and 1 (depth transformer) here, 2 and 3 for the heads in the loss.
     """
     if dropout is not None and with_logits:
-      raise ValueError('LoRA dropout is for training, where the loss applies the heads: pass '
-                       'with_logits=False')
+      raise ValueError(
+        'LoRA dropout is for training, where the loss applies the heads: pass with_logits=False'
+      )
     text, speak, listen = jnp.asarray(text), jnp.asarray(speak), jnp.asarray(listen)
     depth_prev = None if depth_prev is None else jnp.asarray(depth_prev)
     positions = None if positions is None else jnp.asarray(positions)
@@ -92,11 +112,17 @@ class FLMAudio(nnx.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     x = self.backbone.embed(text, speak, listen)
-    hidden, _ = self.backbone(x, positions, remat_policy=remat_policy,
-                              dropout=lora_lib.fold(dropout, 0))
+    hidden, _ = self.backbone(
+      x, positions, remat_policy=remat_policy, dropout=lora_lib.fold(dropout, 0)
+    )
     if not with_logits:
-      features = None if depth_prev is None else self.depth_transformer.features(
-          hidden, depth_prev, remat_policy=remat_policy, dropout=lora_lib.fold(dropout, 1))
+      features = (
+        None
+        if depth_prev is None
+        else self.depth_transformer.features(
+          hidden, depth_prev, remat_policy=remat_policy, dropout=lora_lib.fold(dropout, 1)
+        )
+      )
       return Output(hidden, None, None, features)
     text_logits = self.backbone.text_logits(hidden)
     depth_logits = None

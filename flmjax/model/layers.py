@@ -8,6 +8,7 @@ The einsum letters, one meaning each in flmjax/model, kernels/ and flmjax/train/
   A audio vocab     depth transformer, lowercase: d dim, h heads, e head dim, n = h·e,
                     f MLP dim, s the q/k/v split, l a lane block (Pallas kernels)
 """
+
 from __future__ import annotations
 
 import jax
@@ -23,8 +24,9 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
   return y.astype(x.dtype) * weight.astype(x.dtype)
 
 
-def rope_tables(positions: jax.Array, head_dim: int, theta: float,
-                dtype) -> tuple[jax.Array, jax.Array]:
+def rope_tables(
+  positions: jax.Array, head_dim: int, theta: float, dtype
+) -> tuple[jax.Array, jax.Array]:
   """positions [B, T] -> cos, sin [B, T, H]; computed in float32, rotate-half layout."""
   inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
   freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
@@ -48,7 +50,7 @@ def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
   kv = k.shape[2]
   q = q.reshape(b, t, kv, n // kv, h)
   logits = jnp.einsum('BTKGH,BSKH->BKGTS', q, k, preferred_element_type=jnp.float32)
-  logits = logits * (h ** -0.5)
+  logits = logits * (h**-0.5)
   logits = jnp.where(mask[:, None, None, :, :], logits, NEG_INF)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   out = jnp.einsum('BKGTS,BSKH->BTKGH', probs, v)

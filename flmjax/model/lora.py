@@ -12,6 +12,7 @@ bf16 copy of the base exists.
 Each site below names a weight and the role of each of its dims: b stacked or batched (layers,
 codebooks), i input (contracted), o output. A letters = b + i + r, B letters = b + r + o.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,15 +33,28 @@ RANK = 'lora_rank'  # the logical axis of r (replicated: see flmjax.sharding.RUL
 
 # target -> ((module, weight, roles), ...)
 SITES = {
-    'attn': (('backbone', 'q', 'bioo'), ('backbone', 'k', 'bioo'), ('backbone', 'v', 'bioo'),
-             ('backbone', 'o', 'biio')),
-    'mlp': (('backbone', 'gate', 'bio'), ('backbone', 'up', 'bio'), ('backbone', 'down', 'bio')),
-    'depth': (('depth_transformer', 'linear_in', 'ioo'), ('depth_transformer', 'qkv', 'boio'),
-              ('depth_transformer', 'proj', 'biio'), ('depth_transformer', 'gate', 'bbio'),
-              ('depth_transformer', 'up', 'bbio'), ('depth_transformer', 'down', 'bbio')),
-    'heads': (('backbone', 'lm_head', 'io'), ('depth_transformer', 'heads', 'bio')),
-    'embed': (('backbone', 'text_embed', 'io'), ('backbone', 'speak_embed', 'bio'),
-              ('backbone', 'listen_embed', 'bio'), ('depth_transformer', 'wtes', 'bio')),
+  'attn': (
+    ('backbone', 'q', 'bioo'),
+    ('backbone', 'k', 'bioo'),
+    ('backbone', 'v', 'bioo'),
+    ('backbone', 'o', 'biio'),
+  ),
+  'mlp': (('backbone', 'gate', 'bio'), ('backbone', 'up', 'bio'), ('backbone', 'down', 'bio')),
+  'depth': (
+    ('depth_transformer', 'linear_in', 'ioo'),
+    ('depth_transformer', 'qkv', 'boio'),
+    ('depth_transformer', 'proj', 'biio'),
+    ('depth_transformer', 'gate', 'bbio'),
+    ('depth_transformer', 'up', 'bbio'),
+    ('depth_transformer', 'down', 'bbio'),
+  ),
+  'heads': (('backbone', 'lm_head', 'io'), ('depth_transformer', 'heads', 'bio')),
+  'embed': (
+    ('backbone', 'text_embed', 'io'),
+    ('backbone', 'speak_embed', 'bio'),
+    ('backbone', 'listen_embed', 'bio'),
+    ('depth_transformer', 'wtes', 'bio'),
+  ),
 }
 # The int8 base quantizes the scanned layers' matrices (85% of flm_8b's weights); embeddings,
 # heads, norms and biases stay in bfloat16.
@@ -51,6 +65,7 @@ QUANTIZED = SITES['attn'] + SITES['mlp'] + SITES['depth'][1:]
 class LoraConfig:
   """LoRA on the named target groups (TARGETS); the rest of the model, the base, is frozen and
   stored in `base_dtype` ('int8': per-channel symmetric weight-only quantization)."""
+
   rank: int
   alpha: float
   targets: tuple[str, ...] = ('attn', 'mlp')
@@ -66,8 +81,10 @@ class LoraConfig:
       raise ValueError(f'LoraConfig.alpha is {self.alpha!r}; it must be a number > 0')
     unknown = [t for t in targets if t not in TARGETS]
     if unknown or not targets:
-      raise ValueError(f'LoraConfig.targets {list(targets)}: unknown target '
-                       f'{unknown[0] if unknown else "(none given)"!r}; use some of {TARGETS}')
+      raise ValueError(
+        f'LoraConfig.targets {list(targets)}: unknown target '
+        f'{unknown[0] if unknown else "(none given)"!r}; use some of {TARGETS}'
+      )
     if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
       raise ValueError(f'LoraConfig.dropout is {self.dropout!r}; it must lie in [0, 1)')
     if self.base_dtype not in BASE_DTYPES:
@@ -97,8 +114,12 @@ def adapter_shapes(shape, axes, roles, rank):
   """(A shape, A axes, B shape, B axes) for a weight of `shape`/`axes` with dim `roles`."""
   b, i, o = (_pick(shape, roles, r) for r in 'bio')
   take = lambda idx, xs: tuple(xs[k] for k in idx)
-  return (take(b + i, shape) + (rank,), take(b + i, axes) + (RANK,),
-          take(b, shape) + (rank,) + take(o, shape), take(b, axes) + (RANK,) + take(o, axes))
+  return (
+    take(b + i, shape) + (rank,),
+    take(b + i, axes) + (RANK,),
+    take(b, shape) + (rank,) + take(o, shape),
+    take(b, axes) + (RANK,) + take(o, axes),
+  )
 
 
 def attach(model: nnx.Module, lora: LoraConfig, rngs: nnx.Rngs) -> None:
@@ -109,8 +130,9 @@ def attach(model: nnx.Module, lora: LoraConfig, rngs: nnx.Rngs) -> None:
   for module, name, roles in lora.sites():
     owner = getattr(model, module)
     w = getattr(owner, name)
-    a_shape, a_axes, b_shape, b_axes = adapter_shapes(w.shape, w.get_metadata()['axes'], roles,
-                                                      lora.rank)
+    a_shape, a_axes, b_shape, b_axes = adapter_shapes(
+      w.shape, w.get_metadata()['axes'], roles, lora.rank
+    )
     fan_in = math.prod(w.shape[k] for k in _pick(w.shape, roles, 'i'))
     a = jax.random.normal(rngs.params(), a_shape, jnp.float32) / math.sqrt(fan_in)
     a = a * real_mask(a_shape, a_axes, model.cfg)
@@ -140,8 +162,11 @@ def real_mask(shape, axes, cfg) -> jax.Array:
 
 def siblings(module: nnx.Module, name: str) -> dict[str, jax.Array]:
   """The adapter and scale arrays of weight `name` that `module` has, as is (float32)."""
-  return {f'{name}{s}': getattr(module, f'{name}{s}')[...]
-          for s in ('_lora_a', '_lora_b', '_scale') if hasattr(module, f'{name}{s}')}
+  return {
+    f'{name}{s}': getattr(module, f'{name}{s}')[...]
+    for s in ('_lora_a', '_lora_b', '_scale')
+    if hasattr(module, f'{name}{s}')
+  }
 
 
 def weight(p: dict, name: str, dtype) -> jax.Array:
@@ -164,8 +189,15 @@ def fold(dropout: Dropout | None, data) -> Dropout | None:
 _SITE_IDS = {n: i for i, n in enumerate(sorted({w for s in SITES.values() for _, w, _ in s}))}
 
 
-def dense(spec: str, x: jax.Array, p: dict, name: str, scale: float, take=None,
-          dropout: Dropout | None = None) -> jax.Array:
+def dense(
+  spec: str,
+  x: jax.Array,
+  p: dict,
+  name: str,
+  scale: float,
+  take=None,
+  dropout: Dropout | None = None,
+) -> jax.Array:
   """einsum(spec, x, W) + einsum((x A), B) * scale for p's weight `name` (one layer slice) and
   its adapters, if any; `take` maps each of W, A, B and the int8 scale first (e.g. a slice of
   the codebooks). The low-rank einsums come from `spec`: letters shared by x, W and the output
@@ -189,8 +221,9 @@ def dense(spec: str, x: jax.Array, p: dict, name: str, scale: float, take=None,
   outs = ''.join(c for c in ws if c not in xs)
   mid = ''.join(c for c in xs if c not in ins) + 'r'
   xa = jnp.einsum(f'{ell}{xs},{batch}{ins}r->{ell}{mid}', x, q[f'{name}_lora_a'].astype(x.dtype))
-  delta = jnp.einsum(f'{ell}{mid},{batch}r{outs}->{ell}{out}', xa,
-                     q[f'{name}_lora_b'].astype(x.dtype))
+  delta = jnp.einsum(
+    f'{ell}{mid},{batch}r{outs}->{ell}{out}', xa, q[f'{name}_lora_b'].astype(x.dtype)
+  )
   return y + delta * jnp.asarray(scale, x.dtype)
 
 
@@ -212,10 +245,16 @@ def rows(module: nnx.Module, name: str, index: tuple, dtype, axes) -> jax.Array:
 
 def delta(a: jax.Array, b: jax.Array, roles: str, scale: float) -> jax.Array:
   """A @ B * scale in the layout of the weight whose dims have `roles` (for merging)."""
-  letters = 'abcdefghijklmnopq'[:len(roles)]
+  letters = 'abcdefghijklmnopq'[: len(roles)]
   pick = lambda which: ''.join(c for c, r in zip(letters, roles) if r in which)
-  return jnp.einsum(f'{pick("b")}{pick("i")}z,{pick("b")}z{pick("o")}->{letters}',
-                    a.astype(jnp.float32), b.astype(jnp.float32)) * scale
+  return (
+    jnp.einsum(
+      f'{pick("b")}{pick("i")}z,{pick("b")}z{pick("o")}->{letters}',
+      a.astype(jnp.float32),
+      b.astype(jnp.float32),
+    )
+    * scale
+  )
 
 
 def quantize(w: jax.Array, roles: str) -> tuple[jax.Array, jax.Array]:
@@ -238,19 +277,23 @@ def fingerprint(cfg, base_dtype: str, base) -> str:
   fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in LAYOUT_FIELDS}
   flat = jax.tree_util.tree_flatten_with_path(base)[0]
   sums = jax.device_get(_checksums([x for _, x in flat]))
-  tensors = [[jax.tree_util.keystr(path), str(np.dtype(x.dtype)), int(s)]
-             for (path, x), s in zip(flat, sums)]
-  text = json.dumps({'config': fields, 'base_dtype': base_dtype, 'tensors': tensors},
-                    sort_keys=True, default=str)
+  tensors = [
+    [jax.tree_util.keystr(path), str(np.dtype(x.dtype)), int(s)] for (path, x), s in zip(flat, sums)
+  ]
+  text = json.dumps(
+    {'config': fields, 'base_dtype': base_dtype, 'tensors': tensors}, sort_keys=True, default=str
+  )
   return hashlib.sha256(text.encode()).hexdigest()
 
 
 @jax.jit
 def _checksums(xs: list[jax.Array]) -> list[jax.Array]:
   """One uint32 per array: its bits summed mod 2^32 (one compiled program for the whole base)."""
+
   def one(x):
     bits = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
     return jnp.sum(jax.lax.bitcast_convert_type(x, bits).astype(jnp.uint32), dtype=jnp.uint32)
+
   return [one(x) for x in xs]
 
 
@@ -269,21 +312,25 @@ def split_params(params: dict) -> tuple[dict, dict]:
 def merged_params(params: dict, lora: LoraConfig) -> dict:
   """A LoRA model's pure dict (base + adapters, int8 or not) -> the plain model's, float32:
   int8 weights dequantized, W + A @ B * alpha / rank folded in (what `dense` computes)."""
-  out = {m: {k: v for k, v in tree.items() if not k.endswith(ADAPTER_SUFFIXES)}
-         for m, tree in params.items()}
+  out = {
+    m: {k: v for k, v in tree.items() if not k.endswith(ADAPTER_SUFFIXES)}
+    for m, tree in params.items()
+  }
   for module, name, _ in QUANTIZED:
     if f'{name}_scale' in params[module]:
       out[module][name] = weight(params[module], name, jnp.float32)
   for module, name, roles in lora.sites():
     tree = params[module]
     out[module][name] = out[module][name].astype(jnp.float32) + delta(
-        tree[f'{name}_lora_a'], tree[f'{name}_lora_b'], roles, lora.scale)
+      tree[f'{name}_lora_a'], tree[f'{name}_lora_b'], roles, lora.scale
+    )
   return jax.tree.map(lambda x: x.astype(jnp.float32), out)
 
 
 def merge(model: nnx.Module) -> nnx.Module:
   """A LoRA FLMAudio -> a plain FLMAudio (float32 params) with the adapters merged in."""
   from flmjax.model.flm import abstract
+
   cfg = model.cfg.replace(param_dtype='float32')
   graphdef, _ = nnx.split(abstract(cfg))
   return nnx.merge(graphdef, merged_params(nnx.to_pure_dict(nnx.state(model)), model.lora))

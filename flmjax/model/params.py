@@ -1,4 +1,5 @@
 """Parameter creation with logical axis names (see flmjax/sharding.py for the rules table)."""
+
 from __future__ import annotations
 
 import jax
@@ -8,9 +9,15 @@ from flax import nnx
 from flmjax.model import lora
 
 
-def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype,
-          init: str = 'normal', std: float = 0.02,
-          real_shape: tuple[int, ...] | None = None) -> nnx.Param:
+def param(
+  rngs: nnx.Rngs | None,
+  shape: tuple[int, ...],
+  axes: tuple[str | None, ...],
+  dtype,
+  init: str = 'normal',
+  std: float = 0.02,
+  real_shape: tuple[int, ...] | None = None,
+) -> nnx.Param:
   """A Param carrying `axes` (one logical name per dim) as metadata.
 
   real_shape: the unpadded extent; `init` fills it (the same draws as an unpadded param) and the

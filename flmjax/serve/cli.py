@@ -15,6 +15,7 @@ sends a mono WAV as Ogg/Opus in 80 ms frames (raw int16 samples with --codec pcm
 variant), in real time (or as fast as possible with --no-pace), and writes the reply audio (WAV)
 and the monologue text (reply.txt).
 """
+
 from __future__ import annotations
 
 import logging
@@ -38,35 +39,64 @@ def _address_parser() -> ArgumentParser:
 
 def _parser() -> ArgumentParser:
   from flmjax.decode.flags import add_sampling_flags
-  ap = ArgumentParser(prog='flmjax serve', description=__doc__.split('\n\n')[0],
-                      parents=[_address_parser()])
+
+  ap = ArgumentParser(
+    prog='flmjax serve', description=__doc__.split('\n\n')[0], parents=[_address_parser()]
+  )
   ap.add_argument('--checkpoint', required=True, help='official-layout dir or orbax run dir')
-  ap.add_argument('--base', help="a LoRA run's base (the official checkpoint it trained on), "
-                                 'where its init_from has moved')
+  ap.add_argument(
+    '--base',
+    help="a LoRA run's base (the official checkpoint it trained on), where its init_from has moved",
+  )
   ap.add_argument('--mimi', required=True, help='Mimi safetensors file or directory')
   ap.add_argument('--slots', type=int, default=16, help='concurrent sessions (batch rows)')
-  ap.add_argument('--queue', type=int, default=0,
-                  help='clients that may wait for a free slot (each told its place); '
-                       '0 = answer 503 when every slot is busy')
-  ap.add_argument('--mesh', help='axis=size pairs, e.g. data=2,tensor=4: sessions over data '
-                  '(and fsdp), the model and KV cache over tensor (default: one device)')
-  ap.add_argument('--auth-token', default=os.environ.get('FLMJAX_TOKEN'),
-                  help='require "Authorization: Bearer TOKEN" or ?token=TOKEN '
-                       '(default: $FLMJAX_TOKEN; unset = no auth)')
+  ap.add_argument(
+    '--queue',
+    type=int,
+    default=0,
+    help='clients that may wait for a free slot (each told its place); '
+    '0 = answer 503 when every slot is busy',
+  )
+  ap.add_argument(
+    '--mesh',
+    help='axis=size pairs, e.g. data=2,tensor=4: sessions over data '
+    '(and fsdp), the model and KV cache over tensor (default: one device)',
+  )
+  ap.add_argument(
+    '--auth-token',
+    default=os.environ.get('FLMJAX_TOKEN'),
+    help='require "Authorization: Bearer TOKEN" or ?token=TOKEN '
+    '(default: $FLMJAX_TOKEN; unset = no auth)',
+  )
   ap.add_argument('--tokenizer', help='SentencePiece .model or tokenizer.json for the text')
   ap.add_argument('--dtype', choices=('float32', 'bfloat16', 'float16'), default=None)
-  ap.add_argument('--max-len', type=int, default=None,
-                  help='frames per session (KV cache; default the model\'s max positions)')
+  ap.add_argument(
+    '--max-len',
+    type=int,
+    default=None,
+    help="frames per session (KV cache; default the model's max positions)",
+  )
   ap.add_argument('--max-message-bytes', type=int, default=1 << 20)
-  ap.add_argument('--max-buffer-s', type=float, default=30.0,
-                  help='input audio buffered ahead before the socket stops being read')
-  ap.add_argument('--max-queue-frames', type=int, default=50,
-                  help='unsent reply messages before a client counts as a stalled reader')
+  ap.add_argument(
+    '--max-buffer-s',
+    type=float,
+    default=30.0,
+    help='input audio buffered ahead before the socket stops being read',
+  )
+  ap.add_argument(
+    '--max-queue-frames',
+    type=int,
+    default=50,
+    help='unsent reply messages before a client counts as a stalled reader',
+  )
   ap.add_argument('--idle-s', type=float, default=30.0, help='close a session silent this long')
   ap.add_argument('--greedy', action='store_true', help='argmax after the repetition penalty')
-  ap.add_argument('--pallas', action='store_true',
-                  help='the depth transformer through the Pallas kernels (GPU: Triton, TPU: '
-                       'Mosaic), under --mesh in shard_map over the sessions')
+  ap.add_argument(
+    '--pallas',
+    action='store_true',
+    help='the depth transformer through the Pallas kernels (GPU: Triton, TPU: '
+    'Mosaic), under --mesh in shard_map over the sessions',
+  )
   add_sampling_flags(ap)
   return ap
 
@@ -74,8 +104,15 @@ def _parser() -> ArgumentParser:
 # flag -> the least value it takes (every numeric flag of `flmjax serve`; floats must be finite).
 # Below a frame of audio, or a KiB per message (one Opus page is a few hundred bytes), no session
 # could run.
-MINIMUMS = {'--slots': 1, '--queue': 0, '--max-len': 1, '--max-message-bytes': 1024,
-            '--max-buffer-s': 0.08, '--max-queue-frames': 1, '--idle-s': 0.08}
+MINIMUMS = {
+  '--slots': 1,
+  '--queue': 0,
+  '--max-len': 1,
+  '--max-message-bytes': 1024,
+  '--max-buffer-s': 0.08,
+  '--max-queue-frames': 1,
+  '--idle-s': 0.08,
+}
 
 
 def check_port(port: int) -> None:
@@ -90,15 +127,20 @@ def check_flags(args) -> None:
     if value is None:
       continue
     if not math.isfinite(value) or value < low:
-      raise ValueError(f'{flag} {value:g} must be >= {low:g}' + (
-          ' (one 80 ms frame)' if low == 0.08 else ''))
+      raise ValueError(
+        f'{flag} {value:g} must be >= {low:g}' + (' (one 80 ms frame)' if low == 0.08 else '')
+      )
   from flmjax.decode.flags import sampling_from_flags
+
   sampling_from_flags(args)
   if args.pallas:
     import jax
+
     if jax.default_backend() not in ('gpu', 'tpu'):
-      raise ValueError(f'--pallas: the Pallas depth kernels compile for a GPU or a TPU, and this '
-                       f'host runs on {jax.default_backend()}; leave --pallas off here')
+      raise ValueError(
+        f'--pallas: the Pallas depth kernels compile for a GPU or a TPU, and this '
+        f'host runs on {jax.default_backend()}; leave --pallas off here'
+      )
 
 
 def build_server(model, mimi, args, mesh=None):
@@ -106,18 +148,37 @@ def build_server(model, mimi, args, mesh=None):
   from flmjax.serve.pipeline import FramePipeline
   from flmjax.serve.server import Server
   from flmjax.serve.session import Limits
+
   sampling = sampling_from_flags(args)
-  pipeline = FramePipeline(model, mimi, args.slots, sampling=sampling, max_len=args.max_len,
-                           mesh=mesh, use_pallas=args.pallas)
+  pipeline = FramePipeline(
+    model,
+    mimi,
+    args.slots,
+    sampling=sampling,
+    max_len=args.max_len,
+    mesh=mesh,
+    use_pallas=args.pallas,
+  )
   pipeline.warmup()
   tokenizer = None
   if args.tokenizer:
     from flmjax.data.tokenizer import load_tokenizer
+
     tokenizer = load_tokenizer(args.tokenizer)
-  limits = Limits(max_message_bytes=args.max_message_bytes, max_buffer_s=args.max_buffer_s,
-                  max_queue_frames=args.max_queue_frames, idle_s=args.idle_s)
-  return Server(pipeline, sampling=sampling, limits=limits, auth_token=args.auth_token,
-                tokenizer=tokenizer, queue=args.queue)
+  limits = Limits(
+    max_message_bytes=args.max_message_bytes,
+    max_buffer_s=args.max_buffer_s,
+    max_queue_frames=args.max_queue_frames,
+    idle_s=args.idle_s,
+  )
+  return Server(
+    pipeline,
+    sampling=sampling,
+    limits=limits,
+    auth_token=args.auth_token,
+    tokenizer=tokenizer,
+    queue=args.queue,
+  )
 
 
 @command('flmjax serve')
@@ -125,6 +186,7 @@ def main(argv: list[str]) -> int:
   sock = None
   if not {'-h', '--help'} & set(argv):  # a busy port fails at once, before jax and the model
     from flmjax.serve.net import bind_socket
+
     where, _ = _address_parser().parse_known_args(argv)
     check_port(where.port)
     sock = bind_socket(where.host, where.port)
@@ -132,6 +194,7 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     check_flags(args)
     from flmjax.serve.pipeline import serving_mesh
+
     mesh = serving_mesh(args.mesh, args.slots)  # a mesh this host cannot make: before loading
     logging.basicConfig(level=logging.WARNING, format='%(asctime)s %(levelname)s %(message)s')
     log = logging.getLogger('flmjax.serve')
@@ -140,19 +203,29 @@ def main(argv: list[str]) -> int:
 
     from flmjax.codec import load_mimi
     from flmjax.decode.session import load_model
+
     model = load_model(args.checkpoint, args.dtype, mesh, args.base)  # errors name the flag
     mimi = load_mimi(args.mimi)
     log.info('compiling the frame loop for %d slots', args.slots)
     server = build_server(model, mimi, args, mesh)
     port = sock.getsockname()[1]
-    log.info('serving ws://%s:%d/api/chat (%d slots%s)', args.host, port, args.slots,
-             ', bearer token required' if args.auth_token else '')
+    log.info(
+      'serving ws://%s:%d/api/chat (%d slots%s)',
+      args.host,
+      port,
+      args.slots,
+      ', bearer token required' if args.auth_token else '',
+    )
     host = '127.0.0.1' if args.host in ('0.0.0.0', '', '::') else args.host
     host = f'[{host}]' if ':' in host else host
-    ready = (f'open http://{host}:{port}' + (
-        '/?token=TOKEN (the --auth-token)' if args.auth_token else '') + ' to talk to it')
-    web.run_app(server.app(), sock=sock, access_log=None,
-                print=lambda _: print(ready, flush=True))  # printed once the port listens
+    ready = (
+      f'open http://{host}:{port}'
+      + ('/?token=TOKEN (the --auth-token)' if args.auth_token else '')
+      + ' to talk to it'
+    )
+    web.run_app(
+      server.app(), sock=sock, access_log=None, print=lambda _: print(ready, flush=True)
+    )  # printed once the port listens
   finally:
     if sock is not None:
       sock.close()
@@ -167,6 +240,7 @@ def read_wav(path: str) -> np.ndarray:
 
   from flmjax.data.audio import AudioError, check_wav_length
   from flmjax.serve import protocol
+
   if not os.path.isfile(path):
     raise FileNotFoundError(f'--in {path}: no such file')
   try:
@@ -178,14 +252,21 @@ def read_wav(path: str) -> np.ndarray:
   except RuntimeError as e:  # soundfile's LibsndfileError
     raise ValueError(f'--in {path}: not a readable WAV ({e})') from None
   if wave.shape[1] != 1:
-    raise ValueError(f'--in {path}: {wave.shape[1]} channels; give a mono WAV (the user\'s '
-                     'speech only, e.g. `sox IN.wav OUT.wav remix 1`)')
+    raise ValueError(
+      f"--in {path}: {wave.shape[1]} channels; give a mono WAV (the user's "
+      'speech only, e.g. `sox IN.wav OUT.wav remix 1`)'
+    )
   wave = wave[:, 0]
   if wave.size < rate * 0.08:  # not one 80 ms frame: the session would "succeed" with nothing
-    raise ValueError(f'--in {path}: {wave.size / rate * 1000:.0f} ms of audio, shorter than one '
-                     '80 ms frame; nothing to send')
-  return soxr.resample(wave, rate, protocol.SAMPLE_RATE).astype(np.float32) if (
-      rate != protocol.SAMPLE_RATE) else wave
+    raise ValueError(
+      f'--in {path}: {wave.size / rate * 1000:.0f} ms of audio, shorter than one '
+      '80 ms frame; nothing to send'
+    )
+  return (
+    soxr.resample(wave, rate, protocol.SAMPLE_RATE).astype(np.float32)
+    if (rate != protocol.SAMPLE_RATE)
+    else wave
+  )
 
 
 def check_out(path: str) -> None:
@@ -202,9 +283,12 @@ def check_out(path: str) -> None:
 def refused(url: str, status: int, message: str, token: str | None) -> str:
   """A refused websocket upgrade as one line that says what to do."""
   if status == 401:
-    return (f'{url}: the server refused the --token (401 unauthorized); check the token'
-            if token else f'{url}: the server needs a bearer token (401 unauthorized): pass '
-            '--token TOKEN or set $FLMJAX_TOKEN')
+    return (
+      f'{url}: the server refused the --token (401 unauthorized); check the token'
+      if token
+      else f'{url}: the server needs a bearer token (401 unauthorized): pass '
+      '--token TOKEN or set $FLMJAX_TOKEN'
+    )
   if status == 503:
     return f'{url}: the server is full (503); retry later'
   return f'{url}: the server refused the session: {status} {message}'
@@ -219,34 +303,50 @@ def client_main(argv: list[str]) -> int:
 
   from flmjax.serve import protocol
   from flmjax.serve.client import converse
+
   ap = ArgumentParser(prog='flmjax client', description=CLIENT_DOC)
   ap.add_argument('--url', default='ws://127.0.0.1:8990/api/chat')
   ap.add_argument('--in', dest='input', required=True, help='the user side, a WAV file')
   ap.add_argument('--out', required=True, help='reply WAV (the text goes beside it, as .txt)')
   ap.add_argument('--no-pace', action='store_true', help='send as fast as possible')
-  ap.add_argument('--codec', choices=tuple(protocol.CODECS), default='opus',
-                  help='0x01 payload: Ogg/Opus (official) or raw int16 samples (pcm16)')
-  ap.add_argument('--token', default=os.environ.get('FLMJAX_TOKEN'),
-                  help='bearer token (default: $FLMJAX_TOKEN)')
+  ap.add_argument(
+    '--codec',
+    choices=tuple(protocol.CODECS),
+    default='opus',
+    help='0x01 payload: Ogg/Opus (official) or raw int16 samples (pcm16)',
+  )
+  ap.add_argument(
+    '--token', default=os.environ.get('FLMJAX_TOKEN'), help='bearer token (default: $FLMJAX_TOKEN)'
+  )
   args = ap.parse_args(argv)
   pcm = read_wav(args.input)
   check_out(args.out)
   try:
-    conv = asyncio.run(converse(args.url, pcm, pace=not args.no_pace, token=args.token,
-                                codec=args.codec,
-                                notice_hook=lambda t: print(t, end='', flush=True)))
+    conv = asyncio.run(
+      converse(
+        args.url,
+        pcm,
+        pace=not args.no_pace,
+        token=args.token,
+        codec=args.codec,
+        notice_hook=lambda t: print(t, end='', flush=True),
+      )
+    )
   except aiohttp.WSServerHandshakeError as e:
     return fail('flmjax client', refused(args.url, e.status, e.message, args.token))
   except (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError) as e:
     return fail('flmjax client', f'{args.url}: {type(e).__name__}: {e}')
   import soundfile
+
   base = os.path.splitext(args.out)[0]
   tmp = args.out + '.tmp.wav'
   soundfile.write(tmp, conv.reply_pcm, protocol.SAMPLE_RATE)
   os.replace(tmp, args.out)
   with open(base + '.txt', 'w') as f:
     f.write(conv.text + '\n')
-  print(f'session {conv.session}: sent {conv.frames_sent} frames, received '
-        f'{conv.frames_received}; wrote {args.out} and {base}.txt')
+  print(
+    f'session {conv.session}: sent {conv.frames_sent} frames, received '
+    f'{conv.frames_received}; wrote {args.out} and {base}.txt'
+  )
   print(conv.text)
   return 0

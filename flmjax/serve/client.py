@@ -1,6 +1,7 @@
 """A client session against `flmjax serve` (or the official server), over the official protocol:
 `converse` sends 24 kHz audio in 80 ms frames (Ogg/Opus, or raw int16 samples in the page's pcm16
 variant) and collects the reply audio and text (`flmjax client` wraps it)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -19,6 +20,7 @@ class Conversation:
   """What one client session saw. sent_pcm: the input as the server decodes it (our own Opus
   bytes through a fresh decoder); reply_pcm: the reply audio; text: the 0x02 payloads joined,
   up to the last reply kept (a frame's text comes before its audio)."""
+
   session: str
   frames_sent: int
   frames_received: int
@@ -31,11 +33,21 @@ class Conversation:
   notices: list = dataclasses.field(default_factory=list)  # 0x02 before the handshake (queue)
 
 
-async def converse(url: str, pcm: np.ndarray, *, pace: bool = True, lead_frames: int = 0,
-                   token: str | None = None, replies: int | None = None,
-                   reply_timeout_s: float = 10.0, handshake_timeout_s: float = 30.0,
-                   session_hook=None, codec: str = 'opus', notice_hook=None,
-                   clock: Clock | None = None) -> Conversation:
+async def converse(
+  url: str,
+  pcm: np.ndarray,
+  *,
+  pace: bool = True,
+  lead_frames: int = 0,
+  token: str | None = None,
+  replies: int | None = None,
+  reply_timeout_s: float = 10.0,
+  handshake_timeout_s: float = 30.0,
+  session_hook=None,
+  codec: str = 'opus',
+  notice_hook=None,
+  clock: Clock | None = None,
+) -> Conversation:
   """One session: sends pcm float32 [T] at 24 kHz in 1920-sample frames (the first lead_frames at
   once, then one per 80 ms when pacing), then waits until `replies` reply frames arrived (default:
   one per frame sent, less the model's first silent step) or reply_timeout_s passed, and closes.
@@ -46,7 +58,7 @@ async def converse(url: str, pcm: np.ndarray, *, pace: bool = True, lead_frames:
   come before the handshake, go to notice_hook(text), and the wait for a slot has no timeout.
   clock: what the pacing waits on and send/receive times read (real time by default)."""
   clock = clock or Clock()
-  frames = [pcm[i:i + FRAME_SIZE] for i in range(0, len(pcm) - FRAME_SIZE + 1, FRAME_SIZE)]
+  frames = [pcm[i : i + FRAME_SIZE] for i in range(0, len(pcm) - FRAME_SIZE + 1, FRAME_SIZE)]
   want = max(len(frames) - 1, 0) if replies is None else replies
   if codec not in protocol.CODECS:
     raise ValueError(f'codec {codec!r}: known codecs are {", ".join(protocol.CODECS)}')
@@ -68,8 +80,9 @@ async def converse(url: str, pcm: np.ndarray, *, pace: bool = True, lead_frames:
           notice_hook(notices[-1])
         first = await ws.receive()  # queued: as long as it takes
       if first.type != aiohttp.WSMsgType.BINARY or first.data[:1] != b'\x00':
-        raise ConnectionError(f'{url}: expected the 0x00 handshake, got {first.type.name} '
-                              f'{first.data!r:.60}')
+        raise ConnectionError(
+          f'{url}: expected the 0x00 handshake, got {first.type.name} {first.data!r:.60}'
+        )
       if session_hook is not None:
         await session_hook(sid)
       got_all = asyncio.Event()
@@ -118,5 +131,15 @@ async def converse(url: str, pcm: np.ndarray, *, pace: bool = True, lead_frames:
       code = ws.close_code
   cat = lambda xs: np.concatenate(xs) if xs else np.zeros((0,), np.float32)
   reply = cat(reply_pcm)
-  return Conversation(sid, len(send_times), reply.size // FRAME_SIZE, cat(sent_pcm), reply,
-                      ''.join(text), send_times, receive_times, code, notices)
+  return Conversation(
+    sid,
+    len(send_times),
+    reply.size // FRAME_SIZE,
+    cat(sent_pcm),
+    reply,
+    ''.join(text),
+    send_times,
+    receive_times,
+    code,
+    notices,
+  )

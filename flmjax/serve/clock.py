@@ -1,6 +1,7 @@
 """The serving clock: what the frame loop's 80 ms ticks, the client's pacing and the sessions' idle
 timers wait on. `Clock` is real time (the event loop's); `ManualClock` is virtual time that moves
 only when told, so tests check pacing and timeouts without depending on the machine's speed."""
+
 from __future__ import annotations
 
 import asyncio

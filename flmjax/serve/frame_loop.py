@@ -2,6 +2,7 @@
 pipeline for all slots in a worker thread (jitted calls release the GIL, so sockets keep moving)
 and fans the replies out. Sessions join and leave between ticks by masking rows.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -17,7 +18,7 @@ from flmjax.serve.clock import Clock
 from flmjax.serve.pipeline import FramePipeline
 from flmjax.serve.session import Session, log
 
-LATENCY_BUCKETS = (.005, .01, .02, .03, .04, .05, .06, .08, .1, .15, .2, .4, .8)
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.15, 0.2, 0.4, 0.8)
 
 
 class Metrics:
@@ -27,40 +28,62 @@ class Metrics:
     self.registry = r = prom.CollectorRegistry()
     self.live = prom.Gauge('flmjax_sessions_live', 'sessions holding a slot', registry=r)
     prom.Gauge('flmjax_slots', 'session slots of the batched frame loop', registry=r).set(slots)
-    self.sessions = prom.Counter('flmjax_sessions', 'sessions given a slot, by client: the '
-                                 'browser page or any other (api)', ['client'], registry=r)
+    self.sessions = prom.Counter(
+      'flmjax_sessions',
+      'sessions given a slot, by client: the browser page or any other (api)',
+      ['client'],
+      registry=r,
+    )
     for client in ('page', 'api'):
       self.sessions.labels(client)  # both series exist from the start
     self.queued = prom.Gauge('flmjax_sessions_queued', 'sessions waiting for a slot', registry=r)
-    self.refused = prom.Counter('flmjax_sessions_refused', 'sessions refused (all slots taken '
-                                'and the queue full)', registry=r)
+    self.refused = prom.Counter(
+      'flmjax_sessions_refused', 'sessions refused (all slots taken and the queue full)', registry=r
+    )
     self.frames = prom.Counter('flmjax_frames', 'session frames computed', registry=r)
-    self.underruns = prom.Counter('flmjax_underruns', 'frames a client was late for (silence fed)',
-                                  registry=r)
-    self.bad_audio = prom.Counter('flmjax_bad_audio_sessions', 'sessions ended by malformed or '
-                                  'corrupted audio (Opus errors, Ogg CRC, non-finite pcm)',
-                                  registry=r)
-    self.late_ticks = prom.Counter('flmjax_late_ticks', 'ticks that started a frame late',
-                                   registry=r)
-    self.latency = prom.Histogram('flmjax_frame_loop_seconds', 'time of one tick: gather, '
-                                  'encode, LM step, decode, fan-out', buckets=LATENCY_BUCKETS,
-                                  registry=r)
-    quantiles = prom.Gauge('flmjax_frame_loop_recent_seconds', 'tick time quantiles over the '
-                           'last ticks', ['quantile'], registry=r)
+    self.underruns = prom.Counter(
+      'flmjax_underruns', 'frames a client was late for (silence fed)', registry=r
+    )
+    self.bad_audio = prom.Counter(
+      'flmjax_bad_audio_sessions',
+      'sessions ended by malformed or corrupted audio (Opus errors, Ogg CRC, non-finite pcm)',
+      registry=r,
+    )
+    self.late_ticks = prom.Counter(
+      'flmjax_late_ticks', 'ticks that started a frame late', registry=r
+    )
+    self.latency = prom.Histogram(
+      'flmjax_frame_loop_seconds',
+      'time of one tick: gather, encode, LM step, decode, fan-out',
+      buckets=LATENCY_BUCKETS,
+      registry=r,
+    )
+    quantiles = prom.Gauge(
+      'flmjax_frame_loop_recent_seconds',
+      'tick time quantiles over the last ticks',
+      ['quantile'],
+      registry=r,
+    )
     for q in (0.5, 0.99):
       quantiles.labels(str(q)).set_function(
-          lambda q=q: float(np.quantile(recent_latencies, q)) if recent_latencies else 0.0)
+        lambda q=q: float(np.quantile(recent_latencies, q)) if recent_latencies else 0.0
+      )
 
   def text(self) -> bytes:
     return prom.generate_latest(self.registry)
 
 
 class FrameLoop:
-
   """clock: what the ticks wait on (real time by default; tests pass a ManualClock)."""
 
-  def __init__(self, pipeline: FramePipeline, *, period_s: float = 0.08, recent: int = 10000,
-               clock: Clock | None = None):
+  def __init__(
+    self,
+    pipeline: FramePipeline,
+    *,
+    period_s: float = 0.08,
+    recent: int = 10000,
+    clock: Clock | None = None,
+  ):
     self.pipeline, self.period, self.clock = pipeline, period_s, clock or Clock()
     B = pipeline.slots
     self.slots: list[Session | None] = [None] * B
@@ -165,7 +188,8 @@ class FrameLoop:
       return False
     updates, self.sampling_updates = self.sampling_updates, {}
     out = await asyncio.get_running_loop().run_in_executor(
-        self._worker, self._compute, stop, starts, updates, pcm)
+      self._worker, self._compute, stop, starts, updates, pcm
+    )
     self.ticks += 1
     self.metrics.frames.inc(len(live))
     for slot, s in live:  # a session that left during the compute (maybe replaced) gets none

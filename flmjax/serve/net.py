@@ -1,5 +1,6 @@
 """The listening socket, bound before the model loads: a busy or forbidden port is reported at
 once, not after a minute of loading and compiling. Imports nothing heavy."""
+
 from __future__ import annotations
 
 import errno
@@ -22,10 +23,12 @@ def bind_socket(host: str, port: int) -> socket.socket:
     sock.listen(BACKLOG)
   except OSError as e:
     sock.close()
-    why = {errno.EADDRINUSE: 'the port is in use (another server?); pass another --port',
-           errno.EACCES: 'permission denied (ports below 1024 need privileges); pass another '
-                         '--port',
-           errno.EADDRNOTAVAIL: 'no such address on this machine; pass another --host'}
-    raise OSError(f'--host {host} --port {port}: cannot listen: '
-                  f'{why.get(e.errno, e.strerror)}') from None
+    why = {
+      errno.EADDRINUSE: 'the port is in use (another server?); pass another --port',
+      errno.EACCES: 'permission denied (ports below 1024 need privileges); pass another --port',
+      errno.EADDRNOTAVAIL: 'no such address on this machine; pass another --host',
+    }
+    raise OSError(
+      f'--host {host} --port {port}: cannot listen: {why.get(e.errno, e.strerror)}'
+    ) from None
   return sock

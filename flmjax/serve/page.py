@@ -2,14 +2,20 @@
 once at start-up. Only those files are served: any other name, `..` in any spelling included,
 is a 404, so nothing outside the package can be reached.
 """
+
 from __future__ import annotations
 
 import importlib.resources
 
 from aiohttp import web
 
-TYPES = {'.html': 'text/html', '.js': 'text/javascript', '.css': 'text/css',
-         '.png': 'image/png', '.svg': 'image/svg+xml'}
+TYPES = {
+  '.html': 'text/html',
+  '.js': 'text/javascript',
+  '.css': 'text/css',
+  '.png': 'image/png',
+  '.svg': 'image/svg+xml',
+}
 PREFIX = '/static/'  # the page's assets; `/` is static/index.html
 
 
@@ -37,8 +43,12 @@ def add_routes(app: web.Application) -> None:
     if name not in files:
       raise web.HTTPNotFound(text='not found')
     body, kind = files[name]
-    return web.Response(body=body, content_type=kind, charset='utf-8' if kind.startswith('text')
-                        else None, headers={'Cache-Control': 'no-cache'})
+    return web.Response(
+      body=body,
+      content_type=kind,
+      charset='utf-8' if kind.startswith('text') else None,
+      headers={'Cache-Control': 'no-cache'},
+    )
 
   async def index(request: web.Request) -> web.Response:
     return respond('index.html')

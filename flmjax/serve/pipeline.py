@@ -5,6 +5,7 @@ every slot (one dispatch, one host sync). The server's frame loop calls it once 
 flmjax.serve.reference replays the same call offline (the cross-talk reference). Shape letters:
 B session slots, S samples per frame (1920), C codebooks.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,8 +24,19 @@ from flmjax.decode import SamplingConfig, StreamingDecoder
 from flmjax.decode.frame import frame as lm_frame
 
 
-def frame_step(mimi_cfg, graphdef, layer_fn, layers_fn, penalized: int, mimi_params, lm_params,
-               encoder, lm, decoder, pcm):
+def frame_step(
+  mimi_cfg,
+  graphdef,
+  layer_fn,
+  layers_fn,
+  penalized: int,
+  mimi_params,
+  lm_params,
+  encoder,
+  lm,
+  decoder,
+  pcm,
+):
   """Pure: pcm [B,S] -> (encoder, lm, decoder, out [B,1+C], valid [B], reply [B,S]).
 
   encoder / decoder: the user's and the model's Mimi stream states; lm: the StreamingDecoder
@@ -32,15 +44,22 @@ def frame_step(mimi_cfg, graphdef, layer_fn, layers_fn, penalized: int, mimi_par
   LMGen.step returns None and nothing is decoded), so it is kept fresh until then.
   """
   encoder, codes = mimi_lib.encode_step(mimi_cfg, mimi_params, encoder, pcm)  # [B,C]
-  lm, out, valid = lm_frame(nnx.merge(graphdef, lm_params), lm, codes, penalized=penalized,
-                            layer_fn=layer_fn, layers_fn=layers_fn)
+  lm, out, valid = lm_frame(
+    nnx.merge(graphdef, lm_params),
+    lm,
+    codes,
+    penalized=penalized,
+    layer_fn=layer_fn,
+    layers_fn=layers_fn,
+  )
   # A tiny random LM can emit PAD/EMP ids as speech; Mimi has codes 0..bins-1 only.
   speak = jnp.minimum(out[:, 1:], mimi_cfg.quantizer_bins - 1)
   new, reply = mimi_lib.decode_step(mimi_cfg, mimi_params, decoder, speak)
   fresh = mimi_lib.init_stream(mimi_cfg, pcm.shape[0])['decoder']
   keep = ~valid
-  decoder = jax.tree.map(lambda f, n: jnp.where(keep.reshape((-1,) + (1,) * (n.ndim - 1)), f, n),
-                         fresh, new)
+  decoder = jax.tree.map(
+    lambda f, n: jnp.where(keep.reshape((-1,) + (1,) * (n.ndim - 1)), f, n), fresh, new
+  )
   return encoder, lm, decoder, out, valid, reply
 
 
@@ -52,8 +71,10 @@ def serving_mesh(text: str | None, slots: int):
   mesh = shd.make_mesh(**sizes)
   rows = sizes.get('data', 1) * sizes.get('fsdp', 1)
   if slots % rows:
-    raise ValueError(f'--slots {slots}: the sessions shard over data x fsdp = {rows} devices of '
-                     f'--mesh {text}; use a multiple of {rows}')
+    raise ValueError(
+      f'--slots {slots}: the sessions shard over data x fsdp = {rows} devices of '
+      f'--mesh {text}; use a multiple of {rows}'
+    )
   return mesh
 
 
@@ -61,6 +82,7 @@ def serving_mesh(text: str | None, slots: int):
 class FrameOut:
   """One tick's results, host arrays: text [B] int32, pcm [B,S] float32, valid [B] bool (a slot's
   first max_delay steps return nothing, as the official LMGen.step returns None)."""
+
   text: np.ndarray
   pcm: np.ndarray
   valid: np.ndarray
@@ -77,24 +99,41 @@ class FramePipeline:
   mesh in context. use_pallas: the Pallas depth kernels (StreamingDecoder's switch).
   """
 
-  def __init__(self, model, mimi, slots: int, *, sampling: SamplingConfig | None = None,
-               max_len: int | None = None, mesh: jax.sharding.Mesh | None = None,
-               use_pallas: bool = False):
+  def __init__(
+    self,
+    model,
+    mimi,
+    slots: int,
+    *,
+    sampling: SamplingConfig | None = None,
+    max_len: int | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    use_pallas: bool = False,
+  ):
     self.cfg = model.cfg
     self.mimi, self.slots, self.mesh = mimi, slots, mesh
     self.frame_size = int(mimi.frame_size)
-    self.decoder = dec = StreamingDecoder(model, sampling, max_len=max_len, mesh=mesh,
-                                          use_pallas=use_pallas)
+    self.decoder = dec = StreamingDecoder(
+      model, sampling, max_len=max_len, mesh=mesh, use_pallas=use_pallas
+    )
     self.max_len = dec.max_len
     self.lm = dec.release_slots(dec.init(slots), np.ones((slots,), bool))
     self.mimi_params = mimi.params
-    self.user_stream = mimi.init_stream(slots)   # encoder side: the user's audio -> codes
+    self.user_stream = mimi.init_stream(slots)  # encoder side: the user's audio -> codes
     self.model_stream = mimi.init_stream(slots)  # decoder side: the model's codes -> audio
     self.active = np.zeros((slots,), bool)
     self.frames = np.zeros((slots,), np.int64)  # steps taken by each slot's current session
-    step = shd.traced_on(mesh, functools.partial(
-        frame_step, mimi.cfg, dec.graphdef, dec.depth_layer_fn, dec.depth_layers_fn,
-        dec.sampling.penalized_codebooks))
+    step = shd.traced_on(
+      mesh,
+      functools.partial(
+        frame_step,
+        mimi.cfg,
+        dec.graphdef,
+        dec.depth_layer_fn,
+        dec.depth_layers_fn,
+        dec.sampling.penalized_codebooks,
+      ),
+    )
     if mesh is None:
       self._frame = jax.jit(step, donate_argnums=(2, 3, 4))
       return
@@ -104,13 +143,17 @@ class FramePipeline:
     self.mimi_params = jax.device_put(mimi.params, NamedSharding(mesh, P()))
     self.user_stream = self._rows(self.user_stream)
     self.model_stream = self._rows(self.model_stream)
-    enc, mdl = (self._row_shardings(x) for x in (self.user_stream['encoder'],
-                                                 self.model_stream['decoder']))
+    enc, mdl = (
+      self._row_shardings(x) for x in (self.user_stream['encoder'], self.model_stream['decoder'])
+    )
     replicated = jax.tree.map(lambda _: NamedSharding(mesh, P()), self.mimi_params)
     pcm, out = shd.batch_sharding(mesh, 2), shd.batch_sharding(mesh, 1)
-    self._frame = jax.jit(step, donate_argnums=(2, 3, 4),
-                          in_shardings=(replicated, dec.param_shardings, enc, lm, mdl, pcm),
-                          out_shardings=(enc, lm, mdl, pcm, out, pcm))
+    self._frame = jax.jit(
+      step,
+      donate_argnums=(2, 3, 4),
+      in_shardings=(replicated, dec.param_shardings, enc, lm, mdl, pcm),
+      out_shardings=(enc, lm, mdl, pcm, out, pcm),
+    )
 
   def _row_shardings(self, tree):
     return jax.tree.map(lambda x: shd.batch_sharding(self.mesh, x.ndim), tree)
@@ -153,8 +196,9 @@ class FramePipeline:
     self.check_sampling(sampling)
     for kind in ('text', 'audio'):
       new = sampling.stream(kind).per_row(self.slots)
-      self.lm[kind] = jax.tree.map(lambda n, o: jnp.where(jnp.asarray(mask), n, o), new,
-                                   self.lm[kind])
+      self.lm[kind] = jax.tree.map(
+        lambda n, o: jnp.where(jnp.asarray(mask), n, o), new, self.lm[kind]
+      )
       if self.mesh is not None:  # back where the frame's jit takes it
         self.lm[kind] = jax.device_put(self.lm[kind], self._lm_shardings[kind])
 
@@ -163,8 +207,10 @@ class FramePipeline:
     base = self.decoder.sampling
     for kind in ('text', 'audio'):
       if getattr(sampling, f'penalty_window_{kind}') > base.penalty_buffer(kind):
-        raise ValueError(f'penalty_window_{kind}={getattr(sampling, f"penalty_window_{kind}")} '
-                         f'exceeds the server\'s penalty buffer of {base.penalty_buffer(kind)}')
+        raise ValueError(
+          f'penalty_window_{kind}={getattr(sampling, f"penalty_window_{kind}")} '
+          f"exceeds the server's penalty buffer of {base.penalty_buffer(kind)}"
+        )
     if sampling.penalized_codebooks != base.penalized_codebooks:
       raise ValueError(f'penalized_codebooks must stay {base.penalized_codebooks}')
 
@@ -178,14 +224,22 @@ class FramePipeline:
     if pcm.shape != (self.slots, self.frame_size):
       raise ValueError(f'pcm: expected [{self.slots}, {self.frame_size}], got {pcm.shape}')
     if self.active.any() and self.frames[self.active].max() >= self.max_len:
-      raise ValueError(f'slot(s) {np.flatnonzero(self.full()).tolist()} reached max_len='
-                       f'{self.max_len} frames: stop them first')
+      raise ValueError(
+        f'slot(s) {np.flatnonzero(self.full()).tolist()} reached max_len='
+        f'{self.max_len} frames: stop them first'
+      )
     encoder, self.lm, decoder, out, valid, reply = self._frame(
-        self.mimi_params, self.decoder.params, self.user_stream['encoder'], self.lm,
-        self.model_stream['decoder'], pcm)
+      self.mimi_params,
+      self.decoder.params,
+      self.user_stream['encoder'],
+      self.lm,
+      self.model_stream['decoder'],
+      pcm,
+    )
     self.user_stream = {**self.user_stream, 'encoder': encoder}
     self.model_stream = {**self.model_stream, 'decoder': decoder}
     out, valid = np.asarray(out), np.asarray(valid)  # [B,1+C], [B]
     self.frames[self.active] += 1
-    return FrameOut(text=out[:, 0].astype(np.int32), pcm=np.asarray(reply, np.float32),
-                    valid=valid & self.active)
+    return FrameOut(
+      text=out[:, 0].astype(np.int32), pcm=np.asarray(reply, np.float32), valid=valid & self.active
+    )

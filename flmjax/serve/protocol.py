@@ -6,6 +6,7 @@ session's slot is ready), 0x01 Ogg/Opus audio at 24 kHz (both ways), 0x02 UTF-8 
 (server -> client; WAIT is not sent, b"\\x02\\n" ends a sentence). A client that connects with
 `?codec=pcm16` (the browser page) sends and gets 0x01 as raw int16 samples instead of Ogg/Opus.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -61,8 +62,8 @@ class OggPages:
 
   def check(self, data: bytes) -> None:
     buf, at = self._pending + data, 0
-    while len(buf) - at >= 27 and buf[at:at + 4] == b'OggS':
-      segments = buf[at + 27:at + 27 + buf[at + 26]]
+    while len(buf) - at >= 27 and buf[at : at + 4] == b'OggS':
+      segments = buf[at + 27 : at + 27 + buf[at + 26]]
       end = at + 27 + buf[at + 26] + sum(segments)
       if len(segments) < buf[at + 26] or end > len(buf):
         break  # the rest of this page comes in a later message
@@ -74,7 +75,7 @@ class OggPages:
       at = end
     rest = buf[at:]
     # Bytes that are no Ogg page at all are sphn's to report; a page is at most 65,307 bytes.
-    self._pending = rest if rest[:4] == b'OggS'[:len(rest)] and len(rest) < 65536 else b''
+    self._pending = rest if rest[:4] == b'OggS'[: len(rest)] and len(rest) < 65536 else b''
 
 
 class OpusReader:
@@ -127,13 +128,17 @@ CODECS = {'opus': (OpusReader, OpusWriter), 'pcm16': (Pcm16Reader, Pcm16Writer)}
 # The official server sets these LMGen attributes from the JSON body of POST /api/settings; ours
 # maps them onto SamplingConfig fields (use_sampling=False is greedy).
 SETTINGS_KEYS = {
-    'use_sampling': 'greedy', 'temp_audio': 'temp_audio', 'temp_text': 'temp_text',
-    'top_k_audio': 'top_k_audio', 'top_k_text': 'top_k_text',
-    'top_p_audio': 'top_p_audio', 'top_p_text': 'top_p_text',
-    'repetition_penalty_audio': 'repetition_penalty_audio',
-    'repetition_penalty_text': 'repetition_penalty_text',
-    'repetition_penalty_window_audio': 'penalty_window_audio',
-    'repetition_penalty_window_text': 'penalty_window_text',
+  'use_sampling': 'greedy',
+  'temp_audio': 'temp_audio',
+  'temp_text': 'temp_text',
+  'top_k_audio': 'top_k_audio',
+  'top_k_text': 'top_k_text',
+  'top_p_audio': 'top_p_audio',
+  'top_p_text': 'top_p_text',
+  'repetition_penalty_audio': 'repetition_penalty_audio',
+  'repetition_penalty_text': 'repetition_penalty_text',
+  'repetition_penalty_window_audio': 'penalty_window_audio',
+  'repetition_penalty_window_text': 'penalty_window_text',
 }
 
 
@@ -152,10 +157,14 @@ def apply_settings(base: SamplingConfig, settings) -> SamplingConfig:
       if not isinstance(value, bool):
         raise ValueError(f'{key} must be true or false, got {value!r}')
       fields[field] = (not value) if key == 'use_sampling' else value
-    elif isinstance(value, bool) or not isinstance(value, (int, float)) or (
-        kind is int and value != int(value)):
-      raise ValueError(f'{key} must be a number{" (integer)" if kind is int else ""}, '
-                       f'got {value!r}')
+    elif (
+      isinstance(value, bool)
+      or not isinstance(value, (int, float))
+      or (kind is int and value != int(value))
+    ):
+      raise ValueError(
+        f'{key} must be a number{" (integer)" if kind is int else ""}, got {value!r}'
+      )
     else:
       fields[field] = kind(value)
   return dataclasses.replace(base, **fields)  # SamplingConfig checks the ranges

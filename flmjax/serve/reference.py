@@ -4,6 +4,7 @@ jitted calls (FramePipeline) from the input audio the server decoded.
 A session's replies depend only on its own input, so each session's text and reply audio must
 equal this reference exactly; a row mixed up with another slot's would not.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -13,8 +14,12 @@ from flmjax.serve import protocol
 from flmjax.serve.pipeline import FramePipeline
 
 
-def replay(pipeline: FramePipeline, inputs: dict[int, np.ndarray],
-           sampling: SamplingConfig | None = None, seeds=None) -> dict[int, tuple]:
+def replay(
+  pipeline: FramePipeline,
+  inputs: dict[int, np.ndarray],
+  sampling: SamplingConfig | None = None,
+  seeds=None,
+) -> dict[int, tuple]:
   """Offline reference: feeds inputs {slot: pcm float32 [frames*S]} from their first frame, all
   slots starting together, through the same jitted calls -> {slot: (text ids [n], pcm [n*S])}
   of the valid steps. A fresh pipeline of the server's shape gives the server's numbers."""
@@ -29,19 +34,25 @@ def replay(pipeline: FramePipeline, inputs: dict[int, np.ndarray],
     batch = np.zeros((B, S), np.float32)
     for s, x in inputs.items():
       if (t + 1) * S <= len(x):
-        batch[s] = x[t * S:(t + 1) * S]
+        batch[s] = x[t * S : (t + 1) * S]
     out = pipeline.step(batch)
     for s, x in inputs.items():
       if (t + 1) * S <= len(x) and out.valid[s]:
         texts[s].append(int(out.text[s]))
         pcms[s].append(out.pcm[s])
   pipeline.stop(mask)
-  return {s: (np.asarray(texts[s], np.int32),
-              np.concatenate(pcms[s]) if pcms[s] else np.zeros((0,), np.float32)) for s in inputs}
+  return {
+    s: (
+      np.asarray(texts[s], np.int32),
+      np.concatenate(pcms[s]) if pcms[s] else np.zeros((0,), np.float32),
+    )
+    for s in inputs
+  }
 
 
-def expected_reply(cfg, text_ids: np.ndarray, pcm: np.ndarray, tokenizer=None,
-                   codec: str = 'opus') -> tuple:
+def expected_reply(
+  cfg, text_ids: np.ndarray, pcm: np.ndarray, tokenizer=None, codec: str = 'opus'
+) -> tuple:
   """Offline (text ids [n], pcm [n*S]) -> (the 0x02 text a client joins, the reply pcm it
   decodes): the server's TextStream and per-frame encoding (Opus or pcm16), then a fresh
   decoder."""
@@ -49,12 +60,19 @@ def expected_reply(cfg, text_ids: np.ndarray, pcm: np.ndarray, tokenizer=None,
   stream, writer, reader = protocol.TextStream(cfg, tokenizer), make_writer(), make_reader()
   text = ''.join(m[1:].decode('utf-8') for i in text_ids for m in stream.add(int(i)))
   S = len(pcm) // max(len(text_ids), 1)
-  frames = [reader.decode(writer.encode(pcm[t * S:(t + 1) * S])) for t in range(len(text_ids))]
+  frames = [reader.decode(writer.encode(pcm[t * S : (t + 1) * S])) for t in range(len(text_ids))]
   return text, (np.concatenate(frames) if frames else np.zeros((0,), np.float32))
 
 
-def mismatches(conv, cfg, text_ids: np.ndarray, pcm: np.ndarray, frames: int | None = None,
-               tokenizer=None, codec: str = 'opus') -> list[str]:
+def mismatches(
+  conv,
+  cfg,
+  text_ids: np.ndarray,
+  pcm: np.ndarray,
+  frames: int | None = None,
+  tokenizer=None,
+  codec: str = 'opus',
+) -> list[str]:
   """Where a client's Conversation differs from the offline reference (text ids [n], pcm [n*S],
   from `replay`) over its first `frames` reply frames (default: all n, the replies to its real
   input); [] if equal. The client's text must begin with the reference text of those frames
@@ -68,8 +86,8 @@ def mismatches(conv, cfg, text_ids: np.ndarray, pcm: np.ndarray, frames: int | N
   if conv.frames_received < n:
     problems.append(f'received {conv.frames_received} reply frames, expected {n}')
     n = conv.frames_received
-  text, reply = expected_reply(cfg, text_ids[:n], pcm[:n * S], tokenizer, codec)
-  got = conv.reply_pcm[:n * S].reshape(n, S)
+  text, reply = expected_reply(cfg, text_ids[:n], pcm[: n * S], tokenizer, codec)
+  got = conv.reply_pcm[: n * S].reshape(n, S)
   differ = np.flatnonzero(np.any(got != reply.reshape(n, S), axis=1))
   if differ.size:
     problems.append(f'reply audio differs in {differ.size} of {n} frames (first: {differ[0]})')

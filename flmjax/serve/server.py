@@ -3,6 +3,7 @@ browser page at `/`, GET /healthz and GET /metrics, an optional bearer token che
 upgrade, an optional queue for clients that find every slot busy, and the frame loop's lifetime
 tied to the app's.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -40,16 +41,24 @@ class _WebSocket(web.WebSocketResponse):
 
 
 class Server:
-
   """queue: how many clients may wait, upgraded, for a free slot (0: refuse with 503 at once).
   record_input: sessions keep the frames the model got (Session.recorded), for tests.
   clock: what the frame loop's ticks and the sessions' idle timers wait on (real time by default;
   tests pass a flmjax.serve.clock.ManualClock)."""
 
-  def __init__(self, pipeline: FramePipeline, *, sampling: SamplingConfig | None = None,
-               limits: Limits | None = None, auth_token: str | None = None, tokenizer=None,
-               period_s: float = 0.08, queue: int = 0, record_input: bool = False,
-               clock: Clock | None = None):
+  def __init__(
+    self,
+    pipeline: FramePipeline,
+    *,
+    sampling: SamplingConfig | None = None,
+    limits: Limits | None = None,
+    auth_token: str | None = None,
+    tokenizer=None,
+    period_s: float = 0.08,
+    queue: int = 0,
+    record_input: bool = False,
+    clock: Clock | None = None,
+  ):
     if queue < 0:
       raise ValueError(f'queue={queue}: need 0 (no queue) or more')
     self.pipeline = pipeline
@@ -86,13 +95,15 @@ class Server:
 
   @web.middleware
   async def _auth(self, request, handler):
-    if self.auth_token is not None and not (request.path in OPEN_PATHS or
-                                            page.is_open(request.path)):
+    if self.auth_token is not None and not (
+      request.path in OPEN_PATHS or page.is_open(request.path)
+    ):
       header = request.headers.get('Authorization', '')
       given = header[7:] if header.startswith('Bearer ') else request.query.get('token', '')
       if not hmac.compare_digest(given.encode(), self.auth_token.encode()):
-        return web.json_response({'error': 'unauthorized: send "Authorization: Bearer TOKEN" '
-                                           'or ?token=TOKEN'}, status=401)
+        return web.json_response(
+          {'error': 'unauthorized: send "Authorization: Bearer TOKEN" or ?token=TOKEN'}, status=401
+        )
     return await handler(request)
 
   # ---- routes -------------------------------------------------------------------------------
@@ -102,15 +113,21 @@ class Server:
     loop = self.frame_loop
     codec = request.query.get('codec', 'opus')
     if codec not in protocol.CODECS:
-      return web.json_response({'error': f'codec={codec!r}: known codecs are '
-                                         f'{", ".join(protocol.CODECS)}'}, status=400)
+      return web.json_response(
+        {'error': f'codec={codec!r}: known codecs are {", ".join(protocol.CODECS)}'}, status=400
+      )
     ws = _WebSocket(max_msg_size=self.limits.max_message_bytes)
     upgrade = ws.can_prepare(request).ok
     slot = loop.claim()
     if slot is None and (not upgrade or len(self.waiting) >= self.queue_size):
       loop.metrics.refused.inc()
-      return web.json_response({'error': f'server full: all {len(loop.slots)} session slots are '
-                                         f'busy{self._queue_words()}; retry later'}, status=503)
+      return web.json_response(
+        {
+          'error': f'server full: all {len(loop.slots)} session slots are '
+          f'busy{self._queue_words()}; retry later'
+        },
+        status=503,
+      )
     if not upgrade:
       return web.json_response({'error': 'GET /api/chat upgrades to a websocket'}, status=400)
     sock = request.transport.get_extra_info('socket') if request.transport else None
@@ -118,11 +135,22 @@ class Server:
       sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.limits.socket_send_buffer)
     sid = uuid.uuid4().hex[:12]
     ws.headers[SESSION_HEADER] = sid
-    session = Session(sid, slot, ws, self.cfg, self.sampling, self.limits,
-                      self.pipeline.frame_size, peer=str(request.remote), tokenizer=self.tokenizer,
-                      transport=request.transport, codec=codec,
-                      client='page' if request.query.get('client') == 'page' else 'api',
-                      record=self.record_input, clock=self.clock)
+    session = Session(
+      sid,
+      slot,
+      ws,
+      self.cfg,
+      self.sampling,
+      self.limits,
+      self.pipeline.frame_size,
+      peer=str(request.remote),
+      tokenizer=self.tokenizer,
+      transport=request.transport,
+      codec=codec,
+      client='page' if request.query.get('client') == 'page' else 'api',
+      record=self.record_input,
+      clock=self.clock,
+    )
     if slot is None:
       self.waiting.append(session)
     else:
@@ -143,8 +171,9 @@ class Server:
         done = {t for t in tasks if t.done()}
       for task in done:
         if task is not ended and task.exception() is not None:
-          session.end(f'client vanished: {type(task.exception()).__name__}: '
-                      f'{task.exception()}', 1011)
+          session.end(
+            f'client vanished: {type(task.exception()).__name__}: {task.exception()}', 1011
+          )
       ended.cancel()
     except ConnectionError as e:
       session.end(f'client vanished: {type(e).__name__}', 1011)
@@ -175,8 +204,9 @@ class Server:
     if session.queue.full():  # queue notices it never read
       session.end(f'stalled reader: {session.queue.qsize()} messages unsent')
       return
-    session.queue.put_nowait(bytes([protocol.HANDSHAKE]) + (
-        session.sid.encode() if session.client == 'page' else b''))
+    session.queue.put_nowait(
+      bytes([protocol.HANDSHAKE]) + (session.sid.encode() if session.client == 'page' else b'')
+    )
 
   def _admit(self) -> None:
     """Hands free slots to the queue's first sessions (synchronously: nobody overtakes them)."""
@@ -193,8 +223,10 @@ class Server:
     for place, session in enumerate(self.waiting, 1):
       if session.place != place and not session.queue.full():
         session.place = place
-        session.queue.put_nowait(bytes([protocol.TEXT]) + (
-            f'server full: you are number {place} in the queue for a free slot\n').encode())
+        session.queue.put_nowait(
+          bytes([protocol.TEXT])
+          + (f'server full: you are number {place} in the queue for a free slot\n').encode()
+        )
 
   def _queue_words(self) -> str:
     return f' and the queue of {self.queue_size} is full' if self.queue_size else ''
@@ -204,8 +236,9 @@ class Server:
     if ws.closed or not ws.prepared:
       return
     try:
-      await asyncio.wait_for(ws.close(code=session.close_code,
-                                      message=session.reason.encode()[:120]), 1.0)
+      await asyncio.wait_for(
+        ws.close(code=session.close_code, message=session.reason.encode()[:120]), 1.0
+      )
     except (asyncio.TimeoutError, ConnectionError, RuntimeError):
       if request.transport is not None:
         request.transport.abort()
@@ -235,9 +268,18 @@ class Server:
   async def handle_healthz(self, request: web.Request):
     loop = self.frame_loop
     live = sum(s is not None for s in loop.slots)
-    return web.json_response({'status': 'ok', 'slots': len(loop.slots), 'live_sessions': live,
-                              'queued': len(self.waiting), 'ticks': loop.ticks})
+    return web.json_response(
+      {
+        'status': 'ok',
+        'slots': len(loop.slots),
+        'live_sessions': live,
+        'queued': len(self.waiting),
+        'ticks': loop.ticks,
+      }
+    )
 
   async def handle_metrics(self, request: web.Request):
-    return web.Response(body=self.frame_loop.metrics.text(),
-                        headers={'Content-Type': 'text/plain; version=0.0.4; charset=utf-8'})
+    return web.Response(
+      body=self.frame_loop.metrics.text(),
+      headers={'Content-Type': 'text/plain; version=0.0.4; charset=utf-8'},
+    )

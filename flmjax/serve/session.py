@@ -5,6 +5,7 @@ underrun when the client is late) and hands replies to `push` (a full queue mean
 stopped reading: the session ends). A failure ends only its own session. A session that waits
 in the server's queue has no slot (slot None): it reads and drops its client's audio meanwhile.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -35,6 +36,7 @@ class Limits:
     as a stalled reader.
   idle_s: how long a session may send no message once its buffered audio has run out.
   """
+
   max_message_bytes: int = 1 << 20
   max_buffer_s: float = 30.0
   max_queue_frames: int = 50
@@ -48,10 +50,23 @@ class Session:
   for the metrics and the log; record: keep every frame the model got (`recorded`, including
   the silence of underruns), for tests and debugging."""
 
-  def __init__(self, sid: str, slot: int | None, ws, cfg, sampling: SamplingConfig,
-               limits: Limits, frame_size: int, peer: str = '?', tokenizer=None, transport=None,
-               codec: str = 'opus', client: str = 'api', record: bool = False,
-               clock: Clock | None = None):
+  def __init__(
+    self,
+    sid: str,
+    slot: int | None,
+    ws,
+    cfg,
+    sampling: SamplingConfig,
+    limits: Limits,
+    frame_size: int,
+    peer: str = '?',
+    tokenizer=None,
+    transport=None,
+    codec: str = 'opus',
+    client: str = 'api',
+    record: bool = False,
+    clock: Clock | None = None,
+  ):
     self.sid, self.slot, self.ws, self.peer = sid, slot, ws, peer
     self.transport = transport
     self.sampling, self.limits, self.frame_size = sampling, limits, frame_size
@@ -94,7 +109,7 @@ class Session:
     while filled < S:  # only the chunks this frame needs: a client far ahead costs nothing
       chunk = self.chunks[0]
       take = min(S - filled, chunk.size)
-      frame[filled:filled + take] = chunk[:take]
+      frame[filled : filled + take] = chunk[:take]
       if take == chunk.size:
         self.chunks.popleft()
       else:
@@ -141,13 +156,13 @@ class Session:
         if self.buffered >= self.frame_size or self.slot is None:
           continue  # not idle: its sent-ahead audio plays, or it waits in the queue
         return self.end(f'idle: no message for {self.limits.idle_s:g} s')
-      if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING,
-                      aiohttp.WSMsgType.CLOSED):
+      if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
         return self.end('client closed', 1000)
       if msg.type == aiohttp.WSMsgType.ERROR:
         # aiohttp's WebSocketError carries the close code (1009 for an oversized message).
-        return self.end(f'websocket error: {ws.exception()}',
-                        int(getattr(ws.exception(), 'code', 1002)))
+        return self.end(
+          f'websocket error: {ws.exception()}', int(getattr(ws.exception(), 'code', 1002))
+        )
       if msg.type != aiohttp.WSMsgType.BINARY:
         return self.end(f'expected binary messages, got {msg.type.name}', 1003)
       data = msg.data
@@ -178,9 +193,11 @@ class Session:
       await self.ws.send_bytes(message)
 
   def summary(self) -> str:
-    return (f'session {self.sid} slot {self.slot} peer {self.peer} ({self.client}): start '
-            f'{time.strftime("%H:%M:%S", time.gmtime(self.start_time))} end '
-            f'{time.strftime("%H:%M:%S", time.gmtime())} '
-            f'({time.time() - self.start_time:.1f} s), frames in {self.frames_in} '
-            f'out {self.frames_out}, underruns {self.underruns} (first at frame '
-            f'{self.first_underrun}), reason: {self.reason}')
+    return (
+      f'session {self.sid} slot {self.slot} peer {self.peer} ({self.client}): start '
+      f'{time.strftime("%H:%M:%S", time.gmtime(self.start_time))} end '
+      f'{time.strftime("%H:%M:%S", time.gmtime())} '
+      f'({time.time() - self.start_time:.1f} s), frames in {self.frames_in} '
+      f'out {self.frames_out}, underruns {self.underruns} (first at frame '
+      f'{self.first_underrun}), reason: {self.reason}'
+    )

@@ -1,4 +1,5 @@
 """Training: sharded train step, the dual schedule, orbax checkpoints, export."""
+
 from flmjax.train.config import (
   DistributedConfig,
   MeshConfig,

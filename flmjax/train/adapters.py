@@ -1,6 +1,7 @@
 """LoRA runs outside training: the adapters restored onto their base (checked by fingerprint),
 merged into a plain model (export --merge, chat, serve, StreamingDecoder), or written as a PEFT
 adapter named after the official PyTorch model's modules (export --adapters)."""
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,9 @@ def lora_config(meta: dict) -> lora_lib.LoraConfig | None:
   d = meta.get('lora')
   if d is None:
     return None
-  return lora_lib.LoraConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                for k, v in d.items() if k != '__type__'})
+  return lora_lib.LoraConfig(
+    **{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k != '__type__'}
+  )
 
 
 def base_source(meta: dict, base: str | None = None) -> str | None:
@@ -42,16 +44,20 @@ def base_source(meta: dict, base: str | None = None) -> str | None:
   return base or (meta.get('train_config') or {}).get('init_from')
 
 
-def restore_base(cfg: ModelConfig, lc: lora_lib.LoraConfig, meta: dict,
-                 base: str | None = None) -> dict:
+def restore_base(
+  cfg: ModelConfig, lc: lora_lib.LoraConfig, meta: dict, base: str | None = None
+) -> dict:
   """The frozen base as the run stored it (on one CPU device), checked against the run's
   fingerprint. cfg: the checkpoint's model config (its padding), float32."""
   source = base_source(meta, base)
   if source:
     from flmjax.checkpoint import load_official
+
     if not os.path.isdir(source):
-      raise FileNotFoundError(f'the LoRA run\'s base {source} is not there; pass --base DIR (the '
-                              'official checkpoint it was trained on)')
+      raise FileNotFoundError(
+        f"the LoRA run's base {source} is not there; pass --base DIR (the "
+        'official checkpoint it was trained on)'
+      )
     dtype = 'float32' if lc.base_dtype == 'float32' else 'bfloat16'
     model = load_official(source, dtype=dtype, tensor_parallel=cfg.tensor_parallel)
     weights = nnx.to_pure_dict(nnx.state(model))
@@ -63,19 +69,21 @@ def restore_base(cfg: ModelConfig, lc: lora_lib.LoraConfig, meta: dict,
   got, want = lora_lib.fingerprint(cfg, lc.base_dtype, params), meta.get('base_fingerprint')
   if got != want:
     raise BaseMismatchError(
-        f'the base {source or "from the seed"} is not the one this run\'s adapters were trained '
-        f'on (fingerprint {got[:12]}, the run\'s {str(want)[:12]}); pass --base DIR with the '
-        'official checkpoint the run used')
+      f"the base {source or 'from the seed'} is not the one this run's adapters were trained "
+      f"on (fingerprint {got[:12]}, the run's {str(want)[:12]}); pass --base DIR with the "
+      'official checkpoint the run used'
+    )
   return params
 
 
-def restore_lora_model(ckpt: Checkpointer, step: int, meta: dict,
-                       base: str | None = None) -> FLMAudio:
+def restore_lora_model(
+  ckpt: Checkpointer, step: int, meta: dict, base: str | None = None
+) -> FLMAudio:
   """A LoRA run's model, unmerged (base + adapters, float32 compute), on one CPU device."""
   from flmjax.train.config import model_config_from_json
+
   lc = lora_config(meta)
-  cfg = model_config_from_json(meta['model_config']).replace(dtype='float32',
-                                                             param_dtype='float32')
+  cfg = model_config_from_json(meta['model_config']).replace(dtype='float32', param_dtype='float32')
   graphdef, state = nnx.split(abstract(cfg, lc))
   _, a_adapters = lora_lib.split_params(nnx.to_pure_dict(state))
   adapters = ckpt.restore_params(abstract_on_cpu(a_adapters), step)
@@ -97,8 +105,8 @@ def peft_tensors(model: FLMAudio) -> dict[str, np.ndarray]:
     owner = getattr(model, e.path[0])
     a = np.asarray(getattr(owner, f'{e.path[1]}_lora_a')[...], np.float32)[e.index]
     b = np.asarray(getattr(owner, f'{e.path[1]}_lora_b')[...], np.float32)[e.index]
-    sliced = roles[e.path][len(e.index):]  # the roles of one slice: i and o dims
-    real = e.real or getattr(owner, e.path[1]).shape[len(e.index):]
+    sliced = roles[e.path][len(e.index) :]  # the roles of one slice: i and o dims
+    real = e.real or getattr(owner, e.path[1]).shape[len(e.index) :]
     ins = tuple(s for s, r in zip(real, sliced) if r == 'i')
     outs = tuple(s for s, r in zip(real, sliced) if r == 'o')
     a = a[tuple(slice(0, s) for s in ins)].reshape(-1, lc.rank)  # [in, r]
@@ -115,12 +123,23 @@ def write_peft(model: FLMAudio, out_dir: str, base_name: str | None = None) -> s
   """adapter_config.json + adapter_model.safetensors (float32) into `out_dir`."""
   lc = model.lora
   tensors = peft_tensors(model)
-  modules = sorted({k[len(PEFT_PREFIX):].rsplit('.lora_', 1)[0] for k in tensors})
-  config = {'peft_type': 'LORA', 'task_type': None, 'base_model_name_or_path': base_name,
-            'r': lc.rank, 'lora_alpha': lc.alpha, 'lora_dropout': lc.dropout,
-            'target_modules': modules, 'bias': 'none', 'fan_in_fan_out': False,
-            'init_lora_weights': True, 'use_rslora': False, 'use_dora': False,
-            'modules_to_save': None, 'inference_mode': True}
+  modules = sorted({k[len(PEFT_PREFIX) :].rsplit('.lora_', 1)[0] for k in tensors})
+  config = {
+    'peft_type': 'LORA',
+    'task_type': None,
+    'base_model_name_or_path': base_name,
+    'r': lc.rank,
+    'lora_alpha': lc.alpha,
+    'lora_dropout': lc.dropout,
+    'target_modules': modules,
+    'bias': 'none',
+    'fan_in_fan_out': False,
+    'init_lora_weights': True,
+    'use_rslora': False,
+    'use_dora': False,
+    'modules_to_save': None,
+    'inference_mode': True,
+  }
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, PEFT_CONFIG), 'w') as f:
     json.dump(config, f, indent=2)

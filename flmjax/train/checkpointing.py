@@ -9,6 +9,7 @@ run killed at any moment resumes from the last whole one. A step that is complet
 read (a truncated file, bad metadata) is moved aside to `<dir>_corrupt/`, never deleted, and the
 step before it is used.
 """
+
 from __future__ import annotations
 
 import base64
@@ -56,7 +57,8 @@ def _data_handler() -> ocp.JsonCheckpointHandler:
   """Every process writes its own `process_I-of-N.json` (grain's naming)."""
   name = f'process_{jax.process_index()}-of-{jax.process_count()}.json'
   return ocp.JsonCheckpointHandler(
-      name, multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=None))
+    name, multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=None)
+  )
 
 
 def _one_line(e: BaseException) -> str:
@@ -69,22 +71,27 @@ def _all_agree(ok: bool) -> bool:
   if jax.process_count() == 1:
     return ok
   from jax.experimental import multihost_utils
+
   return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
 class Checkpointer:
   """Keeps the last `keep` checkpoints of `directory`, one every `every` steps."""
 
-  def __init__(self, directory: str | os.PathLike, *, every: int = 1, keep: int = 3,
-               use_async: bool = True):
+  def __init__(
+    self, directory: str | os.PathLike, *, every: int = 1, keep: int = 3, use_async: bool = True
+  ):
     self.directory = as_path(directory)
     self.aside = self.directory.parent / f'{self.directory.name}_corrupt'
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=every, max_to_keep=keep, create=True,
-        enable_async_checkpointing=use_async)
-    handlers = {'params': ocp.StandardCheckpointHandler(),
-                'opt_state': ocp.StandardCheckpointHandler(),
-                'meta': ocp.JsonCheckpointHandler(), 'data': _data_handler()}
+      save_interval_steps=every, max_to_keep=keep, create=True, enable_async_checkpointing=use_async
+    )
+    handlers = {
+      'params': ocp.StandardCheckpointHandler(),
+      'opt_state': ocp.StandardCheckpointHandler(),
+      'meta': ocp.JsonCheckpointHandler(),
+      'data': _data_handler(),
+    }
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def latest_step(self) -> int | None:
@@ -93,21 +100,26 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
-  def save(self, step: int, state: TrainState, meta: dict, data_state: Any = None,
-           force: bool = False) -> bool:
+  def save(
+    self, step: int, state: TrainState, meta: dict, data_state: Any = None, force: bool = False
+  ) -> bool:
     """Starts an async save when `step` is due (or `force`); returns whether it started."""
     meta = {**meta, 'process_count': jax.process_count()}
     data = {'state': None if data_state is None else encode_data_state(data_state)}
-    args = ocp.args.Composite(params=ocp.args.StandardSave(state.params),
-                              opt_state=ocp.args.StandardSave(state.opt_state),
-                              meta=ocp.args.JsonSave(meta), data=ocp.args.JsonSave(data))
+    args = ocp.args.Composite(
+      params=ocp.args.StandardSave(state.params),
+      opt_state=ocp.args.StandardSave(state.opt_state),
+      meta=ocp.args.JsonSave(meta),
+      data=ocp.args.JsonSave(data),
+    )
     return self.manager.save(step, args=args, force=force)
 
   def _step(self, step: int | None) -> int:
     step = self.latest_step() if step is None else step
     if step is None or step not in self.manager.all_steps():
-      raise CheckpointMissingError(f'{self.directory}: no complete checkpoint'
-                                   + ('' if step is None else f' at step {step}'))
+      raise CheckpointMissingError(
+        f'{self.directory}: no complete checkpoint' + ('' if step is None else f' at step {step}')
+      )
     return step
 
   def restore_meta(self, step: int | None = None) -> dict:
@@ -117,11 +129,13 @@ class Checkpointer:
       meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
       return meta['meta']
     except (json.JSONDecodeError, FileNotFoundError, UnicodeDecodeError) as e:
-      raise CorruptCheckpointError(f'{path}: the meta JSON of step {step} is truncated or '
-                                   f'unreadable ({_one_line(e)})') from e
+      raise CorruptCheckpointError(
+        f'{path}: the meta JSON of step {step} is truncated or unreadable ({_one_line(e)})'
+      ) from e
 
-  def restore(self, abstract: TrainState, step: int | None = None, *,
-              with_data: bool = True) -> tuple[TrainState, dict, Any]:
+  def restore(
+    self, abstract: TrainState, step: int | None = None, *, with_data: bool = True
+  ) -> tuple[TrainState, dict, Any]:
     """Restores onto `abstract`'s shardings (any mesh shape) -> (state, meta, data state).
 
     The data state is this process's; it is only read when `with_data` (a mid-stage resume),
@@ -132,12 +146,15 @@ class Checkpointer:
     wrote = int(meta.get('process_count', 1))
     if with_data and wrote != jax.process_count():
       raise ProcessCountError(
-          f'{self.directory}: step {step} was written by {wrote} processes and this run has '
-          f'{jax.process_count()}: mid-stage, each process resumes its own shard of the data, so '
-          f'resume with {wrote} processes (or export the checkpoint and start a new --run-dir '
-          f'with --init-from)')
-    items = dict(params=ocp.args.StandardRestore(abstract.params),
-                 opt_state=ocp.args.StandardRestore(abstract.opt_state))
+        f'{self.directory}: step {step} was written by {wrote} processes and this run has '
+        f'{jax.process_count()}: mid-stage, each process resumes its own shard of the data, so '
+        f'resume with {wrote} processes (or export the checkpoint and start a new --run-dir '
+        f'with --init-from)'
+      )
+    items = dict(
+      params=ocp.args.StandardRestore(abstract.params),
+      opt_state=ocp.args.StandardRestore(abstract.opt_state),
+    )
     if with_data:
       items['data'] = ocp.args.JsonRestore()
     out = self.manager.restore(step, args=ocp.args.Composite(**items))
@@ -145,9 +162,13 @@ class Checkpointer:
     state = TrainState(out['params'], out['opt_state'])
     return state, meta, None if data is None else decode_data_state(data)
 
-  def restore_latest(self, abstract: TrainState | Callable[[dict], TrainState], *,
-                     check: Callable[[dict], bool],
-                     log=print) -> tuple[TrainState, dict, Any] | None:
+  def restore_latest(
+    self,
+    abstract: TrainState | Callable[[dict], TrainState],
+    *,
+    check: Callable[[dict], bool],
+    log=print,
+  ) -> tuple[TrainState, dict, Any] | None:
     """The newest step that restores, or None when there is none.
 
     `abstract` may be a function of the step's meta (the layout it was saved in).
@@ -174,8 +195,9 @@ class Checkpointer:
           return restored
       self._set_aside(step, problem, log)
     if steps:
-      raise CorruptCheckpointError(f'{self.directory}: none of the steps {steps} restores; they '
-                                   f'were moved to {self.aside}')
+      raise CorruptCheckpointError(
+        f'{self.directory}: none of the steps {steps} restores; they were moved to {self.aside}'
+      )
     return None
 
   def _set_aside(self, step: int, problem: BaseException | None, log) -> None:
@@ -185,20 +207,24 @@ class Checkpointer:
       n += 1
       target = self.aside / f'{step}.{n}'
     reason = _one_line(problem) if problem is not None else 'another process could not read it'
-    log(f'checkpoint step {step} does not restore ({reason}); moved it to {target} and fell '
-        f'back to the step before it')
+    log(
+      f'checkpoint step {step} does not restore ({reason}); moved it to {target} and fell '
+      f'back to the step before it'
+    )
     if jax.process_index() == 0:
       self.aside.mkdir(parents=True, exist_ok=True)
       (self.directory / str(step)).rename(target)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
+
       multihost_utils.sync_global_devices(f'flmjax_set_aside_{step}')
     self.manager.reload()
 
   def restore_params(self, abstract_params, step: int | None = None):
     step = self._step(step)
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract_params)))
+    out = self.manager.restore(
+      step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
+    )
     return out['params']
 
   def wait(self) -> None:

@@ -3,6 +3,7 @@
 A config file is a Python file with `get_config(run_dir: str) -> TrainConfig`
 (see experiments/configs/tiny_dual.py).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,6 +26,7 @@ class TrainConfigError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
   """AdamW with gradient clipping; the learning rate comes from each stage's schedule."""
+
   b1: float = 0.9
   b2: float = 0.95
   eps: float = 1e-8
@@ -32,10 +34,13 @@ class OptimConfig:
   clip_norm: float = 1.0
 
   def __post_init__(self):
-    for name, ok, why in (('b1', 0 <= self.b1 < 1, 'in [0, 1)'),
-                          ('b2', 0 <= self.b2 < 1, 'in [0, 1)'), ('eps', self.eps > 0, '> 0'),
-                          ('weight_decay', self.weight_decay >= 0, '>= 0'),
-                          ('clip_norm', self.clip_norm > 0, '> 0')):
+    for name, ok, why in (
+      ('b1', 0 <= self.b1 < 1, 'in [0, 1)'),
+      ('b2', 0 <= self.b2 < 1, 'in [0, 1)'),
+      ('eps', self.eps > 0, '> 0'),
+      ('weight_decay', self.weight_decay >= 0, '>= 0'),
+      ('clip_norm', self.clip_norm > 0, '> 0'),
+    ):
       if not ok:  # NaN fails every comparison, so it lands here too
         raise TrainConfigError(f'OptimConfig.{name} is {getattr(self, name)!r}; it must be {why}')
 
@@ -47,6 +52,7 @@ class MeshConfig:
   dcn_data / dcn_fsdp: slices (processes on CPU/GPU) that multiply the data / fsdp axis across
   the data-center network (multi-slice); the mesh axes stay (data, fsdp, tensor).
   """
+
   data: int = -1
   fsdp: int = 1
   tensor: int = 1
@@ -57,8 +63,10 @@ class MeshConfig:
     for name in ('data', 'fsdp', 'tensor', 'dcn_data', 'dcn_fsdp'):
       value = getattr(self, name)
       if not (isinstance(value, int) and (value >= 1 or (name == 'data' and value == -1))):
-        raise TrainConfigError(f'MeshConfig.{name} is {value!r}; it must be an integer >= 1'
-                               + (' (or -1: every device left)' if name == 'data' else ''))
+        raise TrainConfigError(
+          f'MeshConfig.{name} is {value!r}; it must be an integer >= 1'
+          + (' (or -1: every device left)' if name == 'data' else '')
+        )
 
   def resolve(self, num_devices: int) -> tuple[int, int, int]:
     """(data, fsdp, tensor) per slice."""
@@ -67,8 +75,9 @@ class MeshConfig:
       if self.dcn_data * self.dcn_fsdp != 1:
         rest, what = rest * self.dcn_data * self.dcn_fsdp, 'fsdp*tensor*dcn_data*dcn_fsdp'
       if num_devices % rest:
-        raise TrainConfigError(f'MeshConfig: {num_devices} devices are not a multiple of '
-                               f'{what} = {rest}')
+        raise TrainConfigError(
+          f'MeshConfig: {num_devices} devices are not a multiple of {what} = {rest}'
+        )
       return num_devices // rest, self.fsdp, self.tensor
     return self.data, self.fsdp, self.tensor
 
@@ -81,6 +90,7 @@ class DistributedConfig:
   `multihost=True` calls jax.distributed.initialize() with no arguments (Cloud TPU VM).
   The job must form within coordinator_timeout_s seconds (all processes joined).
   """
+
   coordinator_address: str | None = None  # host:port of process 0
   num_processes: int | None = None
   process_id: int | None = None
@@ -96,6 +106,7 @@ class StageConfig:
   speech_stream); `loss_weights` a flmjax.data.grid.LossWeights (None: its defaults).
   `random_data=True` trains on random grids instead (tests and benchmarks only).
   """
+
   name: str
   steps: int
   sources: tuple[Any, ...] = ()
@@ -109,17 +120,21 @@ class StageConfig:
     if self.steps <= 0:
       raise TrainConfigError(f'stage {self.name!r}: steps must be > 0, got {self.steps}')
     if not 0 <= self.warmup_steps <= self.steps:
-      raise TrainConfigError(f'stage {self.name!r}: warmup_steps {self.warmup_steps} must lie '
-                             f'in [0, steps={self.steps}]')
+      raise TrainConfigError(
+        f'stage {self.name!r}: warmup_steps {self.warmup_steps} must lie in [0, steps={self.steps}]'
+      )
     if not (math.isfinite(self.peak_lr) and self.peak_lr > 0):
-      raise TrainConfigError(f'stage {self.name!r}: peak_lr {self.peak_lr!r} must be a positive '
-                             'number')
+      raise TrainConfigError(
+        f'stage {self.name!r}: peak_lr {self.peak_lr!r} must be a positive number'
+      )
     if not 0 <= self.end_lr_ratio <= 1:
-      raise TrainConfigError(f'stage {self.name!r}: end_lr_ratio {self.end_lr_ratio!r} must lie '
-                             'in [0, 1]')
+      raise TrainConfigError(
+        f'stage {self.name!r}: end_lr_ratio {self.end_lr_ratio!r} must lie in [0, 1]'
+      )
     if not self.sources and not self.random_data:
-      raise TrainConfigError(f'stage {self.name!r}: no data sources (set sources=... or '
-                             f'random_data=True)')
+      raise TrainConfigError(
+        f'stage {self.name!r}: no data sources (set sources=... or random_data=True)'
+      )
 
 
 REMAT_POLICIES = ('none', 'full', 'dots')
@@ -156,24 +171,31 @@ class TrainConfig:
       raise TrainConfigError('TrainConfig: stages is empty')
     for name in ('batch_size', 'grad_accum', 'log_every', 'eval_batches'):
       if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
-        raise TrainConfigError(f'TrainConfig.{name} is {getattr(self, name)!r}; it must be an '
-                               'integer >= 1')
+        raise TrainConfigError(
+          f'TrainConfig.{name} is {getattr(self, name)!r}; it must be an integer >= 1'
+        )
     names = [s.name for s in self.stages]
     if len(set(names)) != len(names):
       raise TrainConfigError(f'TrainConfig: stage names must be unique, got {names}')
     if self.batch_size % self.grad_accum:
-      raise TrainConfigError(f'TrainConfig: batch_size {self.batch_size} is not a multiple of '
-                             f'grad_accum {self.grad_accum}')
+      raise TrainConfigError(
+        f'TrainConfig: batch_size {self.batch_size} is not a multiple of '
+        f'grad_accum {self.grad_accum}'
+      )
     if self.remat not in REMAT_POLICIES:
       raise TrainConfigError(f'TrainConfig: remat {self.remat!r} is not one of {REMAT_POLICIES}')
     if self.window < 2:
       raise TrainConfigError(f'TrainConfig: window must be >= 2 columns, got {self.window}')
     if self.window - 1 > self.model.max_position_embeddings:
-      raise TrainConfigError(f'TrainConfig: window {self.window} exceeds the model\'s '
-                             f'max_position_embeddings {self.model.max_position_embeddings}')
+      raise TrainConfigError(
+        f"TrainConfig: window {self.window} exceeds the model's "
+        f'max_position_embeddings {self.model.max_position_embeddings}'
+      )
     if self.lora is not None and not isinstance(self.lora, LoraConfig):
-      raise TrainConfigError(f'TrainConfig.lora is a {type(self.lora).__name__}; give a '
-                             'flmjax.train.config.LoraConfig(rank, alpha, targets) or None')
+      raise TrainConfigError(
+        f'TrainConfig.lora is a {type(self.lora).__name__}; give a '
+        'flmjax.train.config.LoraConfig(rank, alpha, targets) or None'
+      )
     if self.checkpoint_every <= 0 or self.keep_checkpoints <= 0:
       raise TrainConfigError('TrainConfig: checkpoint_every and keep_checkpoints must be > 0')
 
@@ -188,8 +210,10 @@ class TrainConfig:
 def to_json(obj: Any) -> Any:
   """A JSON-able description of a (nested) config, for the checkpoint and the logs."""
   if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-    return {'__type__': type(obj).__name__,
-            **{f.name: to_json(getattr(obj, f.name)) for f in dataclasses.fields(obj)}}
+    return {
+      '__type__': type(obj).__name__,
+      **{f.name: to_json(getattr(obj, f.name)) for f in dataclasses.fields(obj)},
+    }
   if isinstance(obj, (list, tuple)):
     return [to_json(x) for x in obj]
   if isinstance(obj, dict):
@@ -210,21 +234,38 @@ def _unknown_field(e: TypeError) -> str | None:
     return None
   import flmjax.data.grid
   import flmjax.data.pipeline
-  known = {c.__name__: c for c in (TrainConfig, StageConfig, OptimConfig, MeshConfig, ModelConfig,
-                                   LoraConfig, flmjax.data.pipeline.SourceSpec,
-                                   flmjax.data.grid.LossWeights)}
+
+  known = {
+    c.__name__: c
+    for c in (
+      TrainConfig,
+      StageConfig,
+      OptimConfig,
+      MeshConfig,
+      ModelConfig,
+      LoraConfig,
+      flmjax.data.pipeline.SourceSpec,
+      flmjax.data.grid.LossWeights,
+    )
+  }
   if m[1] not in known:
     return None
   fields = [f.name for f in dataclasses.fields(known[m[1]])]
   close = difflib.get_close_matches(m[2], fields, n=1)
-  return (f'{m[1]} has no field {m[2]!r}' + (f' (did you mean {close[0]!r}?)' if close else '')
-          + f'; its fields: {", ".join(fields)}')
+  return (
+    f'{m[1]} has no field {m[2]!r}'
+    + (f' (did you mean {close[0]!r}?)' if close else '')
+    + f'; its fields: {", ".join(fields)}'
+  )
 
 
 def _where(path: str, e: BaseException) -> str:
   """'path:line' of the deepest traceback frame inside the config file."""
-  lines = [f.lineno for f in traceback.extract_tb(e.__traceback__)
-           if os.path.abspath(f.filename) == os.path.abspath(path)]
+  lines = [
+    f.lineno
+    for f in traceback.extract_tb(e.__traceback__)
+    if os.path.abspath(f.filename) == os.path.abspath(path)
+  ]
   return f'{path}:{lines[-1]}' if lines else path
 
 
@@ -234,10 +275,12 @@ def load_config_file(path: str, run_dir: str | None = None) -> TrainConfig:
   if not os.path.isfile(path):
     raise TrainConfigError(f'config file {path} not found')
   if not path.endswith('.py'):
-    raise TrainConfigError(f'config file {path}: a config is a Python file (.py) defining '
-                           'get_config(run_dir)')
+    raise TrainConfigError(
+      f'config file {path}: a config is a Python file (.py) defining get_config(run_dir)'
+    )
   spec = importlib.util.spec_from_file_location(
-      f'_flmjax_cfg_{os.path.splitext(os.path.basename(path))[0]}', path)
+    f'_flmjax_cfg_{os.path.splitext(os.path.basename(path))[0]}', path
+  )
   module = importlib.util.module_from_spec(spec)
   default_dir = os.path.join('runs', os.path.splitext(os.path.basename(path))[0])
   try:
@@ -251,8 +294,9 @@ def load_config_file(path: str, run_dir: str | None = None) -> TrainConfig:
   except SyntaxError as e:
     raise TrainConfigError(f'{e.filename or path}:{e.lineno}: syntax error: {e.msg}') from None
   except Exception as e:  # a config file is user code: name where it failed, not a traceback
-    message = (_unknown_field(e) if isinstance(e, TypeError) else None) or \
-        f'{type(e).__name__}: {e}'
+    message = (
+      _unknown_field(e) if isinstance(e, TypeError) else None
+    ) or f'{type(e).__name__}: {e}'
     raise TrainConfigError(f'{_where(path, e)}: {message}') from None
   if not isinstance(cfg, TrainConfig):
     raise TrainConfigError(f'{path}: get_config returned {type(cfg).__name__}, not TrainConfig')

@@ -1,4 +1,5 @@
 """Teacher-forced evaluation on held-out data: per-stream loss and accuracy."""
+
 from __future__ import annotations
 
 import jax
@@ -9,8 +10,18 @@ from flmjax.train.loss import metrics_from_sums
 from flmjax.train.step import batch_shardings, jit_eval_step
 
 
-def evaluate(tc: TrainConfig, spec, mesh, params, sources, *, stage_index: int = -1,
-             num_batches: int | None = None, seed: int = 12345, step=None) -> dict[str, float]:
+def evaluate(
+  tc: TrainConfig,
+  spec,
+  mesh,
+  params,
+  sources,
+  *,
+  stage_index: int = -1,
+  num_batches: int | None = None,
+  seed: int = 12345,
+  step=None,
+) -> dict[str, float]:
   """Sums the loss over `num_batches` batches of `sources` (with the loss weights of stage
   `stage_index`), then turns the sums into metrics. A fixed seed makes it comparable across runs.
   step: a jit_eval_step(spec, tc, mesh) built before, so that many evaluations compile once."""
@@ -29,10 +40,14 @@ def evaluate(tc: TrainConfig, spec, mesh, params, sources, *, stage_index: int =
 
 
 def format_metrics(m: dict[str, float]) -> str:
-  rows = [('text (non-WAIT) accuracy', m['acc_text']), ('text loss', m['loss_text']),
-          ('WAIT rate: predicted', m['wait_rate_pred']),
-          ('WAIT rate: targets', m['wait_rate_target']),
-          ('semantic accuracy', m['acc_semantic']), ('semantic loss', m['loss_semantic']),
-          ('acoustic accuracy', m['acc_acoustic']), ('acoustic loss', m['loss_acoustic'])]
+  rows = [
+    ('text (non-WAIT) accuracy', m['acc_text']),
+    ('text loss', m['loss_text']),
+    ('WAIT rate: predicted', m['wait_rate_pred']),
+    ('WAIT rate: targets', m['wait_rate_target']),
+    ('semantic accuracy', m['acc_semantic']),
+    ('semantic loss', m['loss_semantic']),
+    ('acoustic accuracy', m['acc_acoustic']),
+    ('acoustic loss', m['loss_acoustic']),
+  ]
   return '\n'.join(f'  {k:26s} {v:8.4f}' for k, v in rows)
-

@@ -1,6 +1,7 @@
 """An orbax training checkpoint -> the trained model (`restore_model`), or the official PyTorch
 layout with the run's tokenizer files beside the weights (`export`, behind `flmjax export`). A
 LoRA run is merged into its base, or written as a PEFT adapter (peft=True)."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,13 @@ from flmjax.train.config import model_config_from_json
 from flmjax.train.storage import as_path, check_remote
 
 # Files a Hugging Face tokenizer directory may hold beside tokenizer.json: copied along with it.
-HF_TOKENIZER_FILES = ('tokenizer_config.json', 'special_tokens_map.json', 'vocab.json',
-                      'merges.txt', 'added_tokens.json')
+HF_TOKENIZER_FILES = (
+  'tokenizer_config.json',
+  'special_tokens_map.json',
+  'vocab.json',
+  'merges.txt',
+  'added_tokens.json',
+)
 
 
 def checkpoint_dir(path: str) -> epath.Path:
@@ -36,16 +42,21 @@ def checkpoint_dir(path: str) -> epath.Path:
   if inner.is_dir():
     return inner
   if (path / 'config.json').is_file():
-    raise CheckpointMissingError(f'{path} is an official checkpoint already (config.json); give '
-                                 'a training run directory (RUN_DIR or RUN_DIR/checkpoints)')
+    raise CheckpointMissingError(
+      f'{path} is an official checkpoint already (config.json); give '
+      'a training run directory (RUN_DIR or RUN_DIR/checkpoints)'
+    )
   if not any(p.name.isdigit() for p in path.iterdir()):
-    raise CheckpointMissingError(f'{path}: no training checkpoints here; give a training run '
-                                 'directory (RUN_DIR or RUN_DIR/checkpoints)')
+    raise CheckpointMissingError(
+      f'{path}: no training checkpoints here; give a training run '
+      'directory (RUN_DIR or RUN_DIR/checkpoints)'
+    )
   return path
 
 
-def restore_model(ckpt_dir: str, step: int | None = None, *, base: str | None = None,
-                  merge: bool = True) -> tuple[FLMAudio, dict]:
+def restore_model(
+  ckpt_dir: str, step: int | None = None, *, base: str | None = None, merge: bool = True
+) -> tuple[FLMAudio, dict]:
   """The trained model (float32, on one CPU device) and the checkpoint's meta. A LoRA run's
   adapters are restored onto their base (`base`, else the run's init_from or seed; checked by
   fingerprint) and merged into it, unless merge=False."""
@@ -57,8 +68,9 @@ def restore_model(ckpt_dir: str, step: int | None = None, *, base: str | None = 
       if meta.get('lora') is not None:
         model = adapters.restore_lora_model(ckpt, step, meta, base)
         return (lora.merge(model) if merge else model), meta
-      cfg = model_config_from_json(meta['model_config']).replace(dtype='float32',
-                                                                 param_dtype='float32')
+      cfg = model_config_from_json(meta['model_config']).replace(
+        dtype='float32', param_dtype='float32'
+      )
       graphdef, state = nnx.split(abstract(cfg))
       params = ckpt.restore_params(abstract_on_cpu(nnx.to_pure_dict(state)), step)
     except (CheckpointMissingError, adapters.BaseMismatchError, FileNotFoundError):
@@ -66,9 +78,9 @@ def restore_model(ckpt_dir: str, step: int | None = None, *, base: str | None = 
     except Exception as e:  # orbax and tensorstore raise many types for damaged files
       others = [s for s in ckpt.all_steps() if s != step]
       raise CorruptCheckpointError(
-          f'{ckpt.directory}: checkpoint step {step} is unreadable (corrupt or incomplete: '
-          f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}); '
-          + (f'try --step with one of {others}' if others else 'no other step to fall back to')
+        f'{ckpt.directory}: checkpoint step {step} is unreadable (corrupt or incomplete: '
+        f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}); '
+        + (f'try --step with one of {others}' if others else 'no other step to fall back to')
       ) from None
   finally:
     ckpt.close()
@@ -81,8 +93,9 @@ def copy_tokenizer(tokenizer: str, out_dir: str) -> list[str]:
   if tokenizer.endswith('.json'):
     names = {tokenizer: 'tokenizer.json'}
     src = os.path.dirname(tokenizer)
-    names.update({os.path.join(src, n): n for n in HF_TOKENIZER_FILES
-                  if os.path.isfile(os.path.join(src, n))})
+    names.update(
+      {os.path.join(src, n): n for n in HF_TOKENIZER_FILES if os.path.isfile(os.path.join(src, n))}
+    )
   else:
     names = {tokenizer: 'tokenizer.model'}
   for src, name in names.items():
@@ -93,16 +106,33 @@ def copy_tokenizer(tokenizer: str, out_dir: str) -> list[str]:
   return sorted(os.listdir(out_dir))
 
 
-def export(ckpt_dir: str, out_dir: str, *, step: int | None = None, dtype: str | None = None,
-           overwrite: bool = False, peft: bool = False, base: str | None = None,
-           log=print) -> str:
+def export(
+  ckpt_dir: str,
+  out_dir: str,
+  *,
+  step: int | None = None,
+  dtype: str | None = None,
+  overwrite: bool = False,
+  peft: bool = False,
+  base: str | None = None,
+  log=print,
+) -> str:
   """The official layout (a LoRA run merged into its base), or with peft=True a LoRA run's
   PEFT adapter (adapter_config.json + adapter_model.safetensors)."""
   from flmjax.checkpoint import save_official
   from flmjax.checkpoint.official import check_target
+
   if '://' in out_dir:  # a bucket: export locally, then copy each file up
-    return _export_remote(ckpt_dir, epath.Path(out_dir), step=step, dtype=dtype,
-                          overwrite=overwrite, peft=peft, base=base, log=log)
+    return _export_remote(
+      ckpt_dir,
+      epath.Path(out_dir),
+      step=step,
+      dtype=dtype,
+      overwrite=overwrite,
+      peft=peft,
+      base=base,
+      log=log,
+    )
   check_target(os.path.abspath(out_dir), overwrite)  # before the (slow) restore
   model, meta = restore_model(ckpt_dir, step, base=base, merge=not peft)
   if peft:
@@ -110,8 +140,10 @@ def export(ckpt_dir: str, out_dir: str, *, step: int | None = None, dtype: str |
   dtype = dtype or meta['model_config'].get('checkpoint_dtype', 'bfloat16')
   tokenizer = (meta.get('train_config') or {}).get('tokenizer')
   if tokenizer and not os.path.isfile(tokenizer):
-    log(f'warning: the run\'s tokenizer {tokenizer} is gone; exporting the weights without it',
-        file=sys.stderr)
+    log(
+      f"warning: the run's tokenizer {tokenizer} is gone; exporting the weights without it",
+      file=sys.stderr,
+    )
     tokenizer = None
   extra = (lambda d: copy_tokenizer(tokenizer, d)) if tokenizer else None
   return save_official(model, out_dir, dtype=dtype, overwrite=overwrite, extra_files=extra)
@@ -119,8 +151,10 @@ def export(ckpt_dir: str, out_dir: str, *, step: int | None = None, dtype: str |
 
 def _export_remote(ckpt_dir: str, out: epath.Path, **kw) -> str:
   if out.exists() and not kw['overwrite']:
-    raise FileExistsError(f'OUT_DIR {out} exists; pass --overwrite to replace its checkpoint '
-                          'files (other files in it are kept)')
+    raise FileExistsError(
+      f'OUT_DIR {out} exists; pass --overwrite to replace its checkpoint '
+      'files (other files in it are kept)'
+    )
   with tempfile.TemporaryDirectory() as tmp:
     local = export(ckpt_dir, os.path.join(tmp, 'export'), **{**kw, 'overwrite': False})
     out.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
 """The training loop: stages in order, resumable mid-stage from the last orbax checkpoint."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,6 +42,7 @@ def check_init_from(tc: TrainConfig) -> None:
   """--init-from must be an official checkpoint of the training config's model: checked from
   its config.json and safetensors headers before the run creates anything."""
   from flmjax.checkpoint.official import CheckpointError, check_official
+
   try:
     cfg, _ = check_official(tc.init_from)
   except CheckpointError as e:
@@ -48,13 +50,15 @@ def check_init_from(tc: TrainConfig) -> None:
   ours, theirs = dataclasses.asdict(tc.model), dataclasses.asdict(cfg)
   diff = sorted(k for k in ours if k not in _LAYOUT_FIELDS and ours[k] != theirs[k])
   if diff:
-    raise TrainConfigError(f'--init-from {tc.init_from}: its config.json differs from the '
-                           f'training config in {diff}: ' +
-                           ', '.join(f'{k}={theirs[k]!r} vs {ours[k]!r}' for k in diff))
+    raise TrainConfigError(
+      f'--init-from {tc.init_from}: its config.json differs from the '
+      f'training config in {diff}: ' + ', '.join(f'{k}={theirs[k]!r} vs {ours[k]!r}' for k in diff)
+    )
 
 
 def _official_params(tc: TrainConfig, mesh: jax.sharding.Mesh):
   from flmjax.checkpoint import load_official
+
   # Read straight into the training shardings (padded for the mesh's tensor axis): the full fp32
   # model never sits on one device. A LoRA base is read in bf16 (then quantized, or kept).
   dtype = 'bfloat16' if tc.lora is not None and tc.lora.base_dtype != 'float32' else 'float32'
@@ -64,17 +68,22 @@ def _official_params(tc: TrainConfig, mesh: jax.sharding.Mesh):
 def _check_schedule(tc: TrainConfig, meta: dict, directory: str) -> None:
   """A resumed step must sit at the same stage and step in stage as when it was saved: an edited
   schedule would otherwise apply one stage's data-iterator state to another."""
-  saved = f'{directory}: step {meta["global_step"]} was saved at stage {meta["stage_name"]!r} ' \
-          f'step {meta["step_in_stage"]}'
+  saved = (
+    f'{directory}: step {meta["global_step"]} was saved at stage {meta["stage_name"]!r} '
+    f'step {meta["step_in_stage"]}'
+  )
   if int(meta['global_step']) > tc.total_steps:
-    raise TrainConfigError(f'{saved}, but this config has only {tc.total_steps} steps: the '
-                           'schedule changed; use a new --run-dir')
+    raise TrainConfigError(
+      f'{saved}, but this config has only {tc.total_steps} steps: the '
+      'schedule changed; use a new --run-dir'
+    )
   pos = position(tc, int(meta['global_step']))
   name = tc.stages[pos.stage].name if pos.stage < len(tc.stages) else 'done'
   if (name, pos.step_in_stage) != (meta['stage_name'], int(meta['step_in_stage'])):
     raise TrainConfigError(
-        f'{saved}, but this config puts it at stage {name!r} step {pos.step_in_stage}: the '
-        'schedule changed; use a new --run-dir')
+      f'{saved}, but this config puts it at stage {name!r} step {pos.step_in_stage}: the '
+      'schedule changed; use a new --run-dir'
+    )
 
 
 def check_batch_fits_mesh(tc: TrainConfig, mesh: jax.sharding.Mesh) -> None:
@@ -82,19 +91,26 @@ def check_batch_fits_mesh(tc: TrainConfig, mesh: jax.sharding.Mesh) -> None:
   micro = tc.batch_size // max(tc.grad_accum, 1)
   if tc.batch_size % max(tc.grad_accum, 1) or micro % ways:
     raise TrainConfigError(
-        f'batch_size {tc.batch_size} with grad_accum {tc.grad_accum} gives micro-batches of '
-        f'{tc.batch_size / max(tc.grad_accum, 1):g} rows, which must be a whole multiple of the '
-        f'mesh\'s data x fsdp = {mesh.shape["data"]} x {mesh.shape["fsdp"]} = {ways}')
+      f'batch_size {tc.batch_size} with grad_accum {tc.grad_accum} gives micro-batches of '
+      f'{tc.batch_size / max(tc.grad_accum, 1):g} rows, which must be a whole multiple of the '
+      f"mesh's data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']} = {ways}"
+    )
 
 
-def _meta(tc: TrainConfig, global_step: int, tensor_parallel: int,
-          fingerprint: str | None) -> dict:
+def _meta(tc: TrainConfig, global_step: int, tensor_parallel: int, fingerprint: str | None) -> dict:
   pos = position(tc, global_step)
   name = tc.stages[pos.stage].name if pos.stage < len(tc.stages) else 'done'
   model = dataclasses.asdict(tc.model.replace(tensor_parallel=tensor_parallel))
-  return {'global_step': global_step, 'stage': pos.stage, 'stage_name': name,
-          'step_in_stage': pos.step_in_stage, 'model_config': model, 'train_config': to_json(tc),
-          'lora': to_json(tc.lora), 'base_fingerprint': fingerprint}
+  return {
+    'global_step': global_step,
+    'stage': pos.stage,
+    'stage_name': name,
+    'step_in_stage': pos.step_in_stage,
+    'model_config': model,
+    'train_config': to_json(tc),
+    'lora': to_json(tc.lora),
+    'base_fingerprint': fingerprint,
+  }
 
 
 def _check_lora(tc: TrainConfig, meta: dict, fingerprint: str | None, directory) -> None:
@@ -103,21 +119,29 @@ def _check_lora(tc: TrainConfig, meta: dict, fingerprint: str | None, directory)
   if saved is None and ours is None:
     return
   if saved is None:
-    raise TrainConfigError(f'{directory}: the checkpoint is a full fine-tune; this config sets '
-                           f'lora={tc.lora}: use a new --run_dir (or export it and --init_from)')
+    raise TrainConfigError(
+      f'{directory}: the checkpoint is a full fine-tune; this config sets '
+      f'lora={tc.lora}: use a new --run_dir (or export it and --init_from)'
+    )
   if ours is None:
-    raise TrainConfigError(f'{directory}: the checkpoint holds LoRA adapters (rank '
-                           f'{saved["rank"]}, targets {saved["targets"]}) but this config has no '
-                           'lora: set TrainConfig.lora as the run had it')
+    raise TrainConfigError(
+      f'{directory}: the checkpoint holds LoRA adapters (rank '
+      f'{saved["rank"]}, targets {saved["targets"]}) but this config has no '
+      'lora: set TrainConfig.lora as the run had it'
+    )
   if saved != ours:
     diff = sorted(k for k in ours if saved.get(k) != ours[k])
-    raise TrainConfigError(f"{directory}: the checkpoint's LoRA config differs in "
-                           + ', '.join(f'{k}={saved.get(k)!r} vs {ours[k]!r}' for k in diff)
-                           + '; use a new --run_dir')
+    raise TrainConfigError(
+      f"{directory}: the checkpoint's LoRA config differs in "
+      + ', '.join(f'{k}={saved.get(k)!r} vs {ours[k]!r}' for k in diff)
+      + '; use a new --run_dir'
+    )
   if meta.get('base_fingerprint') != fingerprint:
-    raise TrainConfigError(f"{directory}: the checkpoint's adapters were trained on another base "
-                           f'(fingerprint {str(meta.get("base_fingerprint"))[:12]}, this base '
-                           f'{str(fingerprint)[:12]}): give the --init_from the run used')
+    raise TrainConfigError(
+      f"{directory}: the checkpoint's adapters were trained on another base "
+      f'(fingerprint {str(meta.get("base_fingerprint"))[:12]}, this base '
+      f'{str(fingerprint)[:12]}): give the --init_from the run used'
+    )
 
 
 def _padded_for(meta: dict) -> int:
@@ -127,12 +151,19 @@ def _padded_for(meta: dict) -> int:
 
 def _check_model(tc: TrainConfig, meta: dict, directory) -> None:
   saved, ours = meta['model_config'], dataclasses.asdict(tc.model)
-  diff = sorted(k for k in ours if k not in _LAYOUT_FIELDS and saved.get(k) != ours[k]
-                and not (isinstance(ours[k], tuple) and tuple(saved.get(k) or ()) == ours[k]))
+  diff = sorted(
+    k
+    for k in ours
+    if k not in _LAYOUT_FIELDS
+    and saved.get(k) != ours[k]
+    and not (isinstance(ours[k], tuple) and tuple(saved.get(k) or ()) == ours[k])
+  )
   if diff:
-    raise TrainConfigError(f'{directory}: the checkpoint was trained with another model '
-                           f'config ({", ".join(f"{k}={saved.get(k)!r}" for k in diff)}); '
-                           f'use a new --run-dir')
+    raise TrainConfigError(
+      f'{directory}: the checkpoint was trained with another model '
+      f'config ({", ".join(f"{k}={saved.get(k)!r}" for k in diff)}); '
+      f'use a new --run-dir'
+    )
 
 
 class _Metrics:
@@ -147,8 +178,9 @@ class _Metrics:
     self.pending: list[tuple[int, int, int, dict, dict]] = []
     self.t0 = time.perf_counter()
 
-  def add(self, global_step: int, stage: int, step_in_stage: int, metrics: dict,
-          counts: dict) -> None:
+  def add(
+    self, global_step: int, stage: int, step_in_stage: int, metrics: dict, counts: dict
+  ) -> None:
     self.pending.append((global_step, stage, step_in_stage, metrics, counts))
 
   def restart_clock(self) -> None:
@@ -167,17 +199,23 @@ class _Metrics:
       if not (math.isfinite(m['loss']) and math.isfinite(m['grad_norm'])):
         self.pending.clear()
         raise NonFiniteError(
-            f'non-finite loss ({m["loss"]}) or grad norm ({m["grad_norm"]}) at step {step} '
-            f'(stage {self.tc.stages[stage].name!r}, step {in_stage + 1} of the stage); stopping '
-            f'without saving this state (last checkpoint: {self.ckpt.latest_step()})')
+          f'non-finite loss ({m["loss"]}) or grad norm ({m["grad_norm"]}) at step {step} '
+          f'(stage {self.tc.stages[stage].name!r}, step {in_stage + 1} of the stage); stopping '
+          f'without saving this state (last checkpoint: {self.ckpt.latest_step()})'
+        )
       m['frames_per_s'] = frames_per_s  # averaged over the steps of this fetch
       m.update(c)
       self.obs.record(step, stage, m)
     self.pending.clear()
 
 
-def train(tc: TrainConfig, *, mesh: jax.sharding.Mesh | None = None,
-          stop_after: int | None = None, log=print) -> dict:
+def train(
+  tc: TrainConfig,
+  *,
+  mesh: jax.sharding.Mesh | None = None,
+  stop_after: int | None = None,
+  log=print,
+) -> dict:
   """Runs (or resumes) `tc` until the schedule ends, `stop_after` global steps, or a preemption
   notice (SIGTERM), which saves first.
 
@@ -199,15 +237,24 @@ def train(tc: TrainConfig, *, mesh: jax.sharding.Mesh | None = None,
     check_init_from(tc)
   run_dir = make_run_dir(tc.run_dir)
   spec = state_spec(tc, mesh)
-  for line in shd.sharding_report(spec.abstract.params, spec.shardings.params,
-                                  spec.abstract.opt_state, spec.shardings.opt_state, spec.base):
+  for line in shd.sharding_report(
+    spec.abstract.params,
+    spec.shardings.params,
+    spec.abstract.opt_state,
+    spec.shardings.opt_state,
+    spec.base,
+  ):
     log(line)
   base, fingerprint = None, None
   if tc.lora is not None:  # the frozen base first: a resume checks it is the run's base
     base = init_base(spec, tc, _official_params(tc, mesh) if tc.init_from else None)
     fingerprint = lora_lib.fingerprint(tc.model, tc.lora.base_dtype, base)
-  ckpt = ckpt_lib.Checkpointer(run_dir / 'checkpoints', every=tc.checkpoint_every,
-                               keep=tc.keep_checkpoints, use_async=tc.async_checkpointing)
+  ckpt = ckpt_lib.Checkpointer(
+    run_dir / 'checkpoints',
+    every=tc.checkpoint_every,
+    keep=tc.keep_checkpoints,
+    use_async=tc.async_checkpointing,
+  )
 
   def check(meta: dict) -> bool:
     _check_model(tc, meta, ckpt.directory)
@@ -227,11 +274,15 @@ def train(tc: TrainConfig, *, mesh: jax.sharding.Mesh | None = None,
     state, meta, data_state = restored
     if _padded_for(meta) != mesh.shape['tensor']:
       state = relayout(state, spec)
-      log(f'vocab and depth MLP padding changed from tensor={_padded_for(meta)} to '
-          f'tensor={mesh.shape["tensor"]}')
+      log(
+        f'vocab and depth MLP padding changed from tensor={_padded_for(meta)} to '
+        f'tensor={mesh.shape["tensor"]}'
+      )
     global_step = int(meta['global_step'])
-    log(f'resumed from {ckpt.directory} at step {global_step} '
-        f'(stage {meta["stage_name"]!r}, step {meta["step_in_stage"]} in stage)')
+    log(
+      f'resumed from {ckpt.directory} at step {global_step} '
+      f'(stage {meta["stage_name"]!r}, step {meta["step_in_stage"]} in stage)'
+    )
   else:
     official = tc.init_from and tc.lora is None
     state = init_state(spec, tc, _official_params(tc, mesh) if official else None)
@@ -259,22 +310,36 @@ def train(tc: TrainConfig, *, mesh: jax.sharding.Mesh | None = None,
         batch = next(loader)
         if first or pos.step_in_stage == 0:
           data_lib.check_batch(tc, batch, f'stage {stage.name!r}')
-        state, step_metrics = step_fn(state, data_lib.to_global(batch, bsh),
-                                      jnp.float32(lrs[pos.step_in_stage]), *frozen)
-        metrics.add(global_step + 1, pos.stage, pos.step_in_stage, step_metrics,
-                    data_lib.data_counts(batch, all_hosts=False))
+        state, step_metrics = step_fn(
+          state, data_lib.to_global(batch, bsh), jnp.float32(lrs[pos.step_in_stage]), *frozen
+        )
+        metrics.add(
+          global_step + 1,
+          pos.stage,
+          pos.step_in_stage,
+          step_metrics,
+          data_lib.data_counts(batch, all_hosts=False),
+        )
         global_step += 1
         if first:  # the first step includes compilation: keep it out of frames/s
           metrics.fetch()
           first = False
         preempted = watch.reached(global_step)
         nxt = position(tc, global_step)
-        if (preempted or global_step % tc.checkpoint_every == 0
-            or global_step in (end, tc.total_steps)):  # a stop loses nothing
+        if (
+          preempted
+          or global_step % tc.checkpoint_every == 0
+          or global_step in (end, tc.total_steps)
+        ):  # a stop loses nothing
           metrics.fetch()
           keep_data = nxt.stage == loader_stage  # a finished stage's iterator is not carried over
-          ckpt.save(global_step, state, _meta(tc, global_step, mesh.shape['tensor'], fingerprint),
-                    loader.get_state() if keep_data else None, force=True)
+          ckpt.save(
+            global_step,
+            state,
+            _meta(tc, global_step, mesh.shape['tensor'], fingerprint),
+            loader.get_state() if keep_data else None,
+            force=True,
+          )
         elif global_step % tc.log_every == 0:
           metrics.fetch()
         if nxt.stage != loader_stage or global_step == end or preempted:
@@ -287,13 +352,22 @@ def train(tc: TrainConfig, *, mesh: jax.sharding.Mesh | None = None,
     ckpt.close()
     obs.close()
   summaries = obs.stage_summaries
-  result = {'state': state, 'global_step': global_step, 'spec': spec, 'mesh': mesh,
-            'stages': summaries, 'eval': None, 'preempted': preempted, 'base': base}
+  result = {
+    'state': state,
+    'global_step': global_step,
+    'spec': spec,
+    'mesh': mesh,
+    'stages': summaries,
+    'eval': None,
+    'preempted': preempted,
+    'base': base,
+  }
   if global_step == tc.total_steps:
     if primary:
       result['plots'] = observe.write_plots(tc.run_dir, tc)
     if tc.eval_sources:
       from flmjax.train.evaluate import evaluate, format_metrics
+
       result['eval'] = evaluate(tc, spec, mesh, join(base, state.params), tc.eval_sources)
       log('held-out teacher-forced metrics:\n' + format_metrics(result['eval']))
   return result

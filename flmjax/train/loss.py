@@ -7,6 +7,7 @@ turns them into per-stream losses and accuracies. The text loss runs over blocks
 [B,T,V] nor the [B,T,C,A] float32 logits exist at once.
 Shape letters as in flmjax/model/layers.py (Z: the 1 + 2C channels of the grid).
 """
+
 from __future__ import annotations
 
 import functools
@@ -28,10 +29,12 @@ def model_inputs(cfg: ModelConfig, tokens: jax.Array) -> dict[str, jax.Array]:
   """tokens [B,Z,T] -> the model's teacher-forced inputs over T-1 columns."""
   C = cfg.num_codebooks
   inp, nxt = tokens[:, :, :-1], tokens[:, :, 1:]
-  return dict(text=inp[:, 0],  # [B,T-1]
-              speak=jnp.swapaxes(inp[:, 1:1 + C], 1, 2),  # [B,T-1,C]
-              listen=jnp.swapaxes(inp[:, 1 + C:], 1, 2),  # [B,T-1,C]
-              depth_prev=jnp.swapaxes(nxt[:, 1:C], 1, 2))  # [B,T-1,C-1]: codes 0..C-2 of j+1
+  return dict(
+    text=inp[:, 0],  # [B,T-1]
+    speak=jnp.swapaxes(inp[:, 1 : 1 + C], 1, 2),  # [B,T-1,C]
+    listen=jnp.swapaxes(inp[:, 1 + C :], 1, 2),  # [B,T-1,C]
+    depth_prev=jnp.swapaxes(nxt[:, 1:C], 1, 2),
+  )  # [B,T-1,C-1]: codes 0..C-2 of j+1
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -74,21 +77,34 @@ def _blocks(f, xs: tuple, axis: int, size: int) -> tuple:
   if t <= size:
     return f(*xs)
   n = -(-t // size)
+
   def split(x):
     pad = [(0, 0)] * x.ndim
     pad[axis] = (0, n * size - t)
     x = jnp.pad(x, pad)
-    return jnp.moveaxis(x.reshape(*x.shape[:axis], n, size, *x.shape[axis + 1:]), axis, 0)
+    return jnp.moveaxis(x.reshape(*x.shape[:axis], n, size, *x.shape[axis + 1 :]), axis, 0)
+
   outs = jax.lax.map(jax.checkpoint(lambda blk: f(*blk)), tuple(split(x) for x in xs))
+
   def join(y):  # [n, ..., size, ...] -> [..., t, ...]
     y = jnp.moveaxis(y, 0, axis)
-    return jax.lax.slice_in_dim(y.reshape(*y.shape[:axis], n * size, *y.shape[axis + 2:]),
-                                0, t, axis=axis)
+    return jax.lax.slice_in_dim(
+      y.reshape(*y.shape[:axis], n * size, *y.shape[axis + 2 :]), 0, t, axis=axis
+    )
+
   return tuple(join(y) for y in outs)
 
 
-def text_cross_entropy(backbone: Backbone, hidden: jax.Array, target: jax.Array, *,
-                       block: int = 256, constrain=None, also: int = -1, dropout=None):
+def text_cross_entropy(
+  backbone: Backbone,
+  hidden: jax.Array,
+  target: jax.Array,
+  *,
+  block: int = 256,
+  constrain=None,
+  also: int = -1,
+  dropout=None,
+):
   """hidden [B,T,D], target [B,T] -> (cross-entropy, hit, also_hit) [B,T] of the text head
   (see _ce).
 
@@ -96,6 +112,7 @@ def text_cross_entropy(backbone: Backbone, hidden: jax.Array, target: jax.Array,
   logits are [B,block,Vp]. Values and gradients equal the plain loss's. `dropout`: LoRA
   dropout (key, rate) of an lm_head adapter, a stream per block (named by its first column).
   """
+
   def one(h, tgt, column):
     logits = backbone.text_logits(h, padded=True, dropout=lora.fold(dropout, column[0, 0]))
     if constrain is not None:  # logits [B,block,Vp]; padding at NEG_INF
@@ -106,8 +123,9 @@ def text_cross_entropy(backbone: Backbone, hidden: jax.Array, target: jax.Array,
   return _blocks(one, (hidden, target, columns), 1, block)
 
 
-def audio_cross_entropy(depth: DepthTransformer, features: jax.Array, target: jax.Array, *,
-                        constrain=None, dropout=None):
+def audio_cross_entropy(
+  depth: DepthTransformer, features: jax.Array, target: jax.Array, *, constrain=None, dropout=None
+):
   """features [B,T,C,d] (DepthTransformer.features), target [B,T,C] -> (cross-entropy, hit)
   [B,T,C] (see _ce).
 
@@ -119,20 +137,29 @@ def audio_cross_entropy(depth: DepthTransformer, features: jax.Array, target: ja
   heads = values(depth, ('heads',), features.dtype)  # [C,d,A], with LoRA adapters [C,...]
 
   def one(x, w, tgt, c):  # [B,T,d], {'heads': [d,A], ...}, [B,T], codebook
-    logits = lora.dense('BTd,dA->BTA', x, w, 'heads', depth.lora_scale,
-                        dropout=lora.fold(dropout, c))
+    logits = lora.dense(
+      'BTd,dA->BTA', x, w, 'heads', depth.lora_scale, dropout=lora.fold(dropout, c)
+    )
     if constrain is not None:
       logits = constrain(logits, ('batch', 'time', 'audio_vocab'))
     return _ce(logits, tgt)[:2]
 
-  ce, hit = jax.lax.map(jax.checkpoint(lambda blk: one(*blk)),
-                        (jnp.moveaxis(features, 2, 0), heads, jnp.moveaxis(target, 2, 0),
-                         jnp.arange(target.shape[2])))
+  ce, hit = jax.lax.map(
+    jax.checkpoint(lambda blk: one(*blk)),
+    (jnp.moveaxis(features, 2, 0), heads, jnp.moveaxis(target, 2, 0), jnp.arange(target.shape[2])),
+  )
   return jnp.moveaxis(ce, 0, 2), jnp.moveaxis(hit, 0, 2)  # [B,T,C]
 
 
-def loss_sums(model: FLMAudio, tokens: jax.Array, weights: jax.Array, remat_policy=None,
-              constrain=None, text_block: int = 256, dropout=None) -> dict[str, jax.Array]:
+def loss_sums(
+  model: FLMAudio,
+  tokens: jax.Array,
+  weights: jax.Array,
+  remat_policy=None,
+  constrain=None,
+  text_block: int = 256,
+  dropout=None,
+) -> dict[str, jax.Array]:
   """tokens int32 [B,Z,T], weights float32 [B,Z,T] -> dict of float32 scalar sums.
 
   `constrain(x, logical_axes)` pins the sharding of the largest activations, the logits.
@@ -141,17 +168,28 @@ def loss_sums(model: FLMAudio, tokens: jax.Array, weights: jax.Array, remat_poli
   """
   cfg = model.cfg
   C = cfg.num_codebooks
-  out = model(**model_inputs(cfg, tokens), remat_policy=remat_policy, with_logits=False,
-              dropout=dropout)
-  tgt, w = tokens[:, :1 + C, 1:], weights[:, :1 + C, 1:].astype(jnp.float32)  # [B,1+C,T-1]
+  out = model(
+    **model_inputs(cfg, tokens), remat_policy=remat_policy, with_logits=False, dropout=dropout
+  )
+  tgt, w = tokens[:, : 1 + C, 1:], weights[:, : 1 + C, 1:].astype(jnp.float32)  # [B,1+C,T-1]
 
   text_ce, text_hit, wait_p = text_cross_entropy(
-      model.backbone, out.hidden, tgt[:, 0], block=text_block, constrain=constrain,
-      also=cfg.text_wait_id, dropout=lora.fold(dropout, 2))  # [B,T-1]
+    model.backbone,
+    out.hidden,
+    tgt[:, 0],
+    block=text_block,
+    constrain=constrain,
+    also=cfg.text_wait_id,
+    dropout=lora.fold(dropout, 2),
+  )  # [B,T-1]
   speak_tgt = jnp.swapaxes(tgt[:, 1:], 1, 2)  # [B,T-1,C]
-  audio_ce, audio_hit = audio_cross_entropy(model.depth_transformer, out.depth_features,
-                                            speak_tgt, constrain=constrain,
-                                            dropout=lora.fold(dropout, 3))  # [B,T-1,C]
+  audio_ce, audio_hit = audio_cross_entropy(
+    model.depth_transformer,
+    out.depth_features,
+    speak_tgt,
+    constrain=constrain,
+    dropout=lora.fold(dropout, 3),
+  )  # [B,T-1,C]
   audio_w = jnp.swapaxes(w[:, 1:], 1, 2)
 
   s = {}

@@ -1,5 +1,6 @@
 """Observability: progress bar (plain progress lines when stdout is not a terminal), TensorBoard
 scalars, metrics.jsonl, per-stage summaries and one loss-curve PNG per stream."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,17 @@ from flmjax.train.config import TrainConfig
 
 DATA_COUNTS = ('pushed_frames', 'cut_tokens', 'extended_frames')  # the loader's, per step
 SUMMARY = 'summary.json'
-SUMMARY_KEYS = ('loss', 'loss_text', 'acc_text', 'wait_rate_pred', 'wait_rate_target',
-                'loss_semantic', 'acc_semantic', 'loss_acoustic', 'acc_acoustic')
+SUMMARY_KEYS = (
+  'loss',
+  'loss_text',
+  'acc_text',
+  'wait_rate_pred',
+  'wait_rate_target',
+  'loss_semantic',
+  'acc_semantic',
+  'loss_acoustic',
+  'acc_acoustic',
+)
 
 
 def history(run_dir: str) -> list[dict]:
@@ -51,9 +61,11 @@ class Observer:
     self._last_line = (time.perf_counter(), initial_step)
     if tc.progress_bar and not self._lines:
       from tqdm import tqdm
+
       self._bar = tqdm(total=total, initial=initial_step, unit='step', dynamic_ncols=True)
     try:
       from tensorboardX import SummaryWriter
+
       self._tb = SummaryWriter(os.fspath(epath.Path(tc.run_dir) / 'tensorboard'))
     except (ImportError, OSError, NotImplementedError):
       # TensorBoard is optional (and tensorboardX cannot write to every filesystem epath can);
@@ -87,8 +99,12 @@ class Observer:
       self._progress_line(step, stage, metrics)
     if self._bar is not None:
       self._bar.update(1)
-      self._bar.set_postfix(loss=f'{metrics["loss"]:.3f}', text=f'{metrics["acc_text"]:.2f}',
-                            sem=f'{metrics["acc_semantic"]:.2f}', refresh=False)
+      self._bar.set_postfix(
+        loss=f'{metrics["loss"]:.3f}',
+        text=f'{metrics["acc_text"]:.2f}',
+        sem=f'{metrics["acc_semantic"]:.2f}',
+        refresh=False,
+      )
 
   def _progress_line(self, step: int, stage: int, metrics: dict) -> None:
     t0, step0 = self._last_line
@@ -96,9 +112,12 @@ class Observer:
     rate = (step - step0) / max(now - t0, 1e-9)
     self._last_line = (now, step)
     left = (self._total - step) / max(rate, 1e-9)
-    print(f'step {step}/{self._total} ({self.tc.stages[stage].name}): loss {metrics["loss"]:.3f}, '
-          f'text acc {metrics["acc_text"]:.2f}, semantic acc {metrics["acc_semantic"]:.2f}; '
-          f'{rate:.2f} steps/s, {left:.0f}s left', flush=True)
+    print(
+      f'step {step}/{self._total} ({self.tc.stages[stage].name}): loss {metrics["loss"]:.3f}, '
+      f'text acc {metrics["acc_text"]:.2f}, semantic acc {metrics["acc_semantic"]:.2f}; '
+      f'{rate:.2f} steps/s, {left:.0f}s left',
+      flush=True,
+    )
 
   def end_stage(self, stage: int, log, finished: bool) -> None:
     recs = self._stage_records
@@ -106,22 +125,30 @@ class Observer:
       return
     n = max(1, min(10, len(recs) // 5))  # average a few steps: single steps are noisy
     mean = lambda rs, k: float(np.mean([r[k] for r in rs]))
-    summary = {'stage': self.tc.stages[stage].name, 'steps_this_run': len(recs),
-               'finished': finished, 'seconds': time.perf_counter() - self._stage_t0,
-               'frames_per_s': mean(recs[n:] or recs, 'frames_per_s'),
-               'first': {k: mean(recs[:n], k) for k in SUMMARY_KEYS},
-               'last': {k: mean(recs[-n:], k) for k in SUMMARY_KEYS},
-               'data': dict(self._data_totals)}
+    summary = {
+      'stage': self.tc.stages[stage].name,
+      'steps_this_run': len(recs),
+      'finished': finished,
+      'seconds': time.perf_counter() - self._stage_t0,
+      'frames_per_s': mean(recs[n:] or recs, 'frames_per_s'),
+      'first': {k: mean(recs[:n], k) for k in SUMMARY_KEYS},
+      'last': {k: mean(recs[-n:], k) for k in SUMMARY_KEYS},
+      'data': dict(self._data_totals),
+    }
     self.stage_summaries.append(summary)
     if self.enabled:
       f, l = summary['first'], summary['last']
-      lines = [f'stage {summary["stage"]!r}: {len(recs)} steps in {summary["seconds"]:.1f}s '
-               f'({summary["frames_per_s"]:.0f} frames/s){"" if finished else " (stopped)"}']
+      lines = [
+        f'stage {summary["stage"]!r}: {len(recs)} steps in {summary["seconds"]:.1f}s '
+        f'({summary["frames_per_s"]:.0f} frames/s){"" if finished else " (stopped)"}'
+      ]
       for k in SUMMARY_KEYS:
         lines.append(f'  {k:18s} {f[k]:8.4f} -> {l[k]:8.4f}')
       d = summary['data']
-      lines.append(f'  monologue: {d["pushed_frames"]:.0f} frames pushed, {d["cut_tokens"]:.0f} '
-                   f'tokens cut, {d["extended_frames"]:.0f} frames of extension past the audio')
+      lines.append(
+        f'  monologue: {d["pushed_frames"]:.0f} frames pushed, {d["cut_tokens"]:.0f} '
+        f'tokens cut, {d["extended_frames"]:.0f} frames of extension past the audio'
+      )
       (self._bar.write if self._bar is not None else log)('\n'.join(lines))
     if self._tb is not None:
       self._tb.add_text('stage_summary', json.dumps(summary), recs[-1]['step'])
@@ -138,16 +165,22 @@ class Observer:
 def write_plots(run_dir: str, tc: TrainConfig) -> list[str]:
   """One PNG per stream (loss_{total,text,semantic,acoustic}.png) with stage boundaries."""
   import matplotlib
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
+
   recs = history(run_dir)
   if not recs:
     return []
   steps = np.array([r['step'] for r in recs])
   bounds = np.cumsum([s.steps for s in tc.stages])[:-1]
   paths = []
-  for key, title in (('loss', 'total'), ('loss_text', 'text'), ('loss_semantic', 'semantic'),
-                     ('loss_acoustic', 'acoustic')):
+  for key, title in (
+    ('loss', 'total'),
+    ('loss_text', 'text'),
+    ('loss_semantic', 'semantic'),
+    ('loss_acoustic', 'acoustic'),
+  ):
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(steps, [r[key] for r in recs], lw=1)
     for b in bounds:

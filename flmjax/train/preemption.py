@@ -1,5 +1,6 @@
 """Preemption: a SIGTERM (the notice Cloud TPU and most schedulers send) makes the loop save a
 checkpoint at a step every process agrees on, then stop."""
+
 from __future__ import annotations
 
 import signal
@@ -34,6 +35,7 @@ class PreemptionWatch:
   def reached(self, step: int) -> bool:
     if self._distributed:
       from jax.experimental import multihost_utils
+
       return multihost_utils.reached_preemption_sync_point(step)
     return self.requested
 

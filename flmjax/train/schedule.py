@@ -1,5 +1,6 @@
 """The dual schedule: its two stages (`dual_stages`), where a global step falls among the stages,
 and each stage's lr (optax)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,11 +19,19 @@ from flmjax.train.config import StageConfig, TrainConfig
 SINGLE_SPEAKER_LAYOUTS = ('lead', 'trail')  # TTS-style and ASR-style
 
 
-def dual_stages(tts_asr: str, duplex: str, *, steps: tuple[int, int],
-                peak_lr: tuple[float, float], warmup_steps: tuple[int, int],
-                end_lr_ratio: tuple[float, float], lead_frames: int = 2, trail_frames: int = 0,
-                layouts: tuple[str, ...] = SINGLE_SPEAKER_LAYOUTS,
-                mix: float = 0.0) -> tuple[StageConfig, StageConfig]:
+def dual_stages(
+  tts_asr: str,
+  duplex: str,
+  *,
+  steps: tuple[int, int],
+  peak_lr: tuple[float, float],
+  warmup_steps: tuple[int, int],
+  end_lr_ratio: tuple[float, float],
+  lead_frames: int = 2,
+  trail_frames: int = 0,
+  layouts: tuple[str, ...] = SINGLE_SPEAKER_LAYOUTS,
+  mix: float = 0.0,
+) -> tuple[StageConfig, StageConfig]:
   """The paper's dual schedule (docs/architecture.md §7) as two stages; each tuple argument holds
   (stage 1, stage 2).
 
@@ -31,17 +40,27 @@ def dual_stages(tts_asr: str, duplex: str, *, steps: tuple[int, int],
   trailing by trail_frames). 'duplex': the conversations at `duplex`, the monologue leading by
   lead_frames, beside each single-speaker layout at weight `mix` (0: conversations only).
   """
-  single = {'lead': SourceSpec(tts_asr, layout='lead', offset_frames=lead_frames,
-                               speech_stream='speak'),
-            'trail': SourceSpec(tts_asr, layout='trail', offset_frames=trail_frames,
-                                speech_stream='listen')}
+  single = {
+    'lead': SourceSpec(tts_asr, layout='lead', offset_frames=lead_frames, speech_stream='speak'),
+    'trail': SourceSpec(
+      tts_asr, layout='trail', offset_frames=trail_frames, speech_stream='listen'
+    ),
+  }
   conversations = SourceSpec(duplex, layout='lead', offset_frames=lead_frames)
   mixed = tuple(dataclasses.replace(single[k], weight=mix) for k in layouts) if mix else ()
   sources = (tuple(single[k] for k in layouts), (conversations,) + mixed)
-  return tuple(StageConfig(name, steps=steps[i], sources=sources[i], loss_weights=LossWeights(),
-                           peak_lr=peak_lr[i], warmup_steps=warmup_steps[i],
-                           end_lr_ratio=end_lr_ratio[i])
-               for i, name in enumerate(('asr_tts', 'duplex')))
+  return tuple(
+    StageConfig(
+      name,
+      steps=steps[i],
+      sources=sources[i],
+      loss_weights=LossWeights(),
+      peak_lr=peak_lr[i],
+      warmup_steps=warmup_steps[i],
+      end_lr_ratio=end_lr_ratio[i],
+    )
+    for i, name in enumerate(('asr_tts', 'duplex'))
+  )
 
 
 class Position(NamedTuple):

@@ -4,6 +4,7 @@ shardings from the params' logical `axes` metadata through flmjax.sharding's rul
 With `TrainConfig.lora`, the trained params are the LoRA adapters only (flmjax.model.lora) and
 the frozen base is a separate pytree in `LoraConfig.base_dtype`: it gets no gradient and no
 optimizer state, and the step reads it as an argument it does not donate."""
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -29,14 +30,16 @@ class TrainState(NamedTuple):
   opt_state: Any
 
 
-def compute_model_config(tc: TrainConfig, mesh: Mesh | None = None,
-                         tensor_parallel: int | None = None) -> ModelConfig:
+def compute_model_config(
+  tc: TrainConfig, mesh: Mesh | None = None, tensor_parallel: int | None = None
+) -> ModelConfig:
   """fp32 master params, compute in tc.compute_dtype (bf16 for real runs), and the vocab and
   depth MLP padded for `tensor_parallel` (default: the mesh's tensor axis, else tc.mesh's)."""
   if tensor_parallel is None:
     tensor_parallel = mesh.shape.get('tensor', 1) if mesh is not None else tc.mesh.tensor
-  return tc.model.replace(param_dtype='float32', dtype=tc.compute_dtype,
-                          tensor_parallel=tensor_parallel)
+  return tc.model.replace(
+    param_dtype='float32', dtype=tc.compute_dtype, tensor_parallel=tensor_parallel
+  )
 
 
 def _no_decay(name: str) -> bool:
@@ -45,17 +48,16 @@ def _no_decay(name: str) -> bool:
 
 def decay_mask(params: Params):
   """Weight decay on matrices and embeddings; none on norms and biases."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: not _no_decay(str(path[-1].key)), params)
+  return jax.tree_util.tree_map_with_path(lambda path, _: not _no_decay(str(path[-1].key)), params)
 
 
 def make_optimizer(oc: OptimConfig) -> optax.GradientTransformation:
   """AdamW direction without the lr: the step multiplies by -lr from the stage's schedule, so
   the schedule lives outside the optimizer state and stages can change it."""
   return optax.chain(
-      optax.clip_by_global_norm(oc.clip_norm),
-      optax.scale_by_adam(b1=oc.b1, b2=oc.b2, eps=oc.eps),
-      optax.add_decayed_weights(oc.weight_decay, mask=decay_mask),
+    optax.clip_by_global_norm(oc.clip_norm),
+    optax.scale_by_adam(b1=oc.b1, b2=oc.b2, eps=oc.eps),
+    optax.add_decayed_weights(oc.weight_decay, mask=decay_mask),
   )
 
 
@@ -73,12 +75,13 @@ def opt_shardings(tx, abstract_params: Params, p_shardings: Params, mesh: Mesh):
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   replicated = NamedSharding(mesh, P())
   return optax.tree_map_params(
-      tx, lambda _, s: s, abstract_opt, p_shardings,
-      transform_non_params=lambda _: replicated)
+    tx, lambda _, s: s, abstract_opt, p_shardings, transform_non_params=lambda _: replicated
+  )
 
 
 class StateSpec(NamedTuple):
   """Everything static about the state: how to rebuild the model and where each array lives."""
+
   graphdef: Any
   tx: optax.GradientTransformation
   abstract: TrainState  # ShapeDtypeStructs
@@ -96,15 +99,18 @@ def state_spec(tc: TrainConfig, mesh: Mesh, tensor_parallel: int | None = None) 
   a_base = None
   if tc.lora is not None:
     (a_base, a_params), (b_sh, p_sh) = lora_lib.split_params(a_params), lora_lib.split_params(p_sh)
-    weights = {m: {k: v for k, v in t.items() if not k.endswith('_scale')}
-               for m, t in a_base.items()}
-    a_base = jax.tree.map(with_sh, jax.eval_shape(
-        lambda b: lora_lib.cast_base(b, tc.lora.base_dtype), weights), b_sh)
+    weights = {
+      m: {k: v for k, v in t.items() if not k.endswith('_scale')} for m, t in a_base.items()
+    }
+    a_base = jax.tree.map(
+      with_sh, jax.eval_shape(lambda b: lora_lib.cast_base(b, tc.lora.base_dtype), weights), b_sh
+    )
   tx = make_optimizer(tc.optim)
   o_sh = opt_shardings(tx, a_params, p_sh, mesh)
   a_opt = jax.eval_shape(tx.init, a_params)
-  abstract_ts = TrainState(jax.tree.map(with_sh, a_params, p_sh),
-                           jax.tree.map(with_sh, a_opt, o_sh))
+  abstract_ts = TrainState(
+    jax.tree.map(with_sh, a_params, p_sh), jax.tree.map(with_sh, a_opt, o_sh)
+  )
   return StateSpec(graphdef, tx, abstract_ts, TrainState(p_sh, o_sh), a_base)
 
 
@@ -169,13 +175,14 @@ def relayout(state: TrainState, spec: StateSpec) -> TrainState:
   """A state padded for another tensor size, in `spec`'s layout and shardings. The padding holds
   zeros in params and moments alike (its gradients are zero), so cutting or extending it with
   zeros changes no number of the model or the optimizer."""
+
   def fit(x, target):
     if x.shape == target.shape:
       return x
     x = x[tuple(slice(0, min(a, b)) for a, b in zip(x.shape, target.shape))]
     return jnp.pad(x, [(0, b - a) for a, b in zip(x.shape, target.shape)])
-  return jax.jit(lambda s: jax.tree.map(fit, s, spec.abstract),
-                 out_shardings=spec.shardings)(state)
+
+  return jax.jit(lambda s: jax.tree.map(fit, s, spec.abstract), out_shardings=spec.shardings)(state)
 
 
 def params_from_model(model: FLMAudio) -> Params:

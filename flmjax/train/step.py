@@ -1,4 +1,5 @@
 """The pure train step and eval step, jitted with explicit shardings and a donated state."""
+
 from __future__ import annotations
 
 import jax
@@ -16,9 +17,11 @@ from flmjax.train.state import StateSpec, TrainState, join, shardings_of
 
 
 def remat_policy(name: str):
-  return {'none': None,
-          'full': jax.checkpoint_policies.nothing_saveable,
-          'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[name]
+  return {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  }[name]
 
 
 def batch_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
@@ -31,20 +34,23 @@ def activation_constraint(mesh: Mesh):
   """x, logical axes -> x pinned to the rules table's sharding (batch over data+fsdp, vocab over
   tensor), so the logits stay sharded instead of being gathered."""
   return lambda x, axes: jax.lax.with_sharding_constraint(
-      x, shd.named_sharding(axes, x.shape, mesh))
+    x, shd.named_sharding(axes, x.shape, mesh)
+  )
 
 
 traced_on = shd.traced_on  # the mesh-in-context wrapper, shared with the decoder
 
 
-def _grads_and_sums(graphdef, params, tokens, weights, policy, constrain, base=None,
-                    dropout=None):
+def _grads_and_sums(graphdef, params, tokens, weights, policy, constrain, base=None, dropout=None):
   """Gradient of Σ w·ce (not yet divided by Σ w) and the loss sums of one micro-batch; with a
   LoRA `base`, the gradient of the adapters only (the base is a constant here)."""
+
   def f(p):
-    s = loss_sums(nnx.merge(graphdef, join(base, p)), tokens, weights, policy, constrain,
-                  dropout=dropout)
+    s = loss_sums(
+      nnx.merge(graphdef, join(base, p)), tokens, weights, policy, constrain, dropout=dropout
+    )
     return objective(s)[0], s
+
   (_, sums), grads = jax.value_and_grad(f, has_aux=True)(params)
   return grads, sums
 
@@ -67,22 +73,34 @@ def train_step_fn(spec: StateSpec, tc: TrainConfig, mesh: Mesh):
     # resumed run draws what the uninterrupted one did.
     dropout = None
     if rate:
-      dropout = (jax.random.fold_in(jax.random.key(tc.seed),
-                                    optax.tree.get(state.opt_state, 'count')), rate)
+      dropout = (
+        jax.random.fold_in(jax.random.key(tc.seed), optax.tree.get(state.opt_state, 'count')),
+        rate,
+      )
     if A == 1:
-      grads, sums = _grads_and_sums(spec.graphdef, state.params, tokens, weights, policy,
-                                     constrain, base, dropout)
+      grads, sums = _grads_and_sums(
+        spec.graphdef, state.params, tokens, weights, policy, constrain, base, dropout
+      )
     else:
       b = tokens.shape[0] // A
       # Micro-batch a takes rows a, a+A, ...: each stays spread over the batch shards.
       split = lambda x: jax.lax.with_sharding_constraint(
-          jnp.swapaxes(x.reshape(b, A, *x.shape[1:]), 0, 1),
-          NamedSharding(mesh, P(None, batch_axes, None, None)))
+        jnp.swapaxes(x.reshape(b, A, *x.shape[1:]), 0, 1),
+        NamedSharding(mesh, P(None, batch_axes, None, None)),
+      )
       tok, wts = split(tokens), split(weights)  # [grad_accum,b,Z,T]
 
       def body(acc, xs):
-        g, s = _grads_and_sums(spec.graphdef, state.params, xs[0], xs[1], policy, constrain,
-                               base, lora_lib.fold(dropout, xs[2]))
+        g, s = _grads_and_sums(
+          spec.graphdef,
+          state.params,
+          xs[0],
+          xs[1],
+          policy,
+          constrain,
+          base,
+          lora_lib.fold(dropout, xs[2]),
+        )
         return jax.tree.map(jnp.add, acc, g), s
 
       # One trace of the forward/backward, in the scan body: the gradient sum starts at zeros
@@ -109,8 +127,7 @@ _COMPILED: dict = {}
 
 def _key(tc: TrainConfig, mesh: Mesh, kind: str):
   seed = tc.seed if _dropout_rate(tc) else None  # dropout's stream
-  return (kind, tc.model, tc.compute_dtype, tc.optim, tc.remat, tc.grad_accum, tc.lora, seed,
-          mesh)
+  return (kind, tc.model, tc.compute_dtype, tc.optim, tc.remat, tc.grad_accum, tc.lora, seed, mesh)
 
 
 def jit_train_step(spec: StateSpec, tc: TrainConfig, mesh: Mesh):
@@ -125,10 +142,12 @@ def _jit_train_step(spec: StateSpec, tc: TrainConfig, mesh: Mesh):
   read in place, neither donated nor returned."""
   replicated = NamedSharding(mesh, P())
   base = () if spec.base is None else (shardings_of(spec.base),)
-  return jax.jit(train_step_fn(spec, tc, mesh),
-                 in_shardings=(spec.shardings, batch_shardings(mesh), replicated) + base,
-                 out_shardings=(spec.shardings, replicated),
-                 donate_argnums=(0,))
+  return jax.jit(
+    train_step_fn(spec, tc, mesh),
+    in_shardings=(spec.shardings, batch_shardings(mesh), replicated) + base,
+    out_shardings=(spec.shardings, replicated),
+    donate_argnums=(0,),
+  )
 
 
 def model_shardings(spec: StateSpec):
@@ -145,10 +164,16 @@ def jit_eval_step(spec: StateSpec, tc: TrainConfig, mesh: Mesh):
   replicated = NamedSharding(mesh, P())
 
   def evaluate(params, batch):
-    return loss_sums(nnx.merge(spec.graphdef, params), batch['tokens'], batch['weights'],
-                     constrain=activation_constraint(mesh))
+    return loss_sums(
+      nnx.merge(spec.graphdef, params),
+      batch['tokens'],
+      batch['weights'],
+      constrain=activation_constraint(mesh),
+    )
 
-  _COMPILED[key] = jax.jit(traced_on(mesh, evaluate),
-                           in_shardings=(model_shardings(spec), batch_shardings(mesh)),
-                           out_shardings=replicated)
+  _COMPILED[key] = jax.jit(
+    traced_on(mesh, evaluate),
+    in_shardings=(model_shardings(spec), batch_shardings(mesh)),
+    out_shardings=replicated,
+  )
   return _COMPILED[key]

@@ -1,5 +1,6 @@
 """Run directories, local or in a bucket (gs://): created up front, with one-line errors that
 name the path and the reason, and a bounded wait for a bucket that does not answer."""
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,12 @@ def _exists(path: str) -> bool:
   return epath.Path(path).exists()
 
 
-def check_remote(path: str | os.PathLike, *, timeout_s: float | None = None,
-                 probe: Callable[[str], object] | None = None) -> None:
+def check_remote(
+  path: str | os.PathLike,
+  *,
+  timeout_s: float | None = None,
+  probe: Callable[[str], object] | None = None,
+) -> None:
   """For a URL run directory: its filesystem package is installed, and the bucket answers
   (credentials, network) within timeout_s (default REMOTE_TIMEOUT_S). OSError with one line
   otherwise. probe(path) is what is asked of the bucket (default: whether the path exists)."""
@@ -44,10 +49,12 @@ def check_remote(path: str | os.PathLike, *, timeout_s: float | None = None,
     try:
       __import__(package)
     except ImportError:
-      how = f'pip install "{extra}" (or pip install {package})' if extra else \
-          f'pip install {package}'
-      raise OSError(f'{text}: {scheme}:// paths need the {package} package, which is not '
-                    f'installed: {how}') from None
+      how = (
+        f'pip install "{extra}" (or pip install {package})' if extra else f'pip install {package}'
+      )
+      raise OSError(
+        f'{text}: {scheme}:// paths need the {package} package, which is not installed: {how}'
+      ) from None
   probe = probe or _exists
   outcome: list = []
 
@@ -61,13 +68,17 @@ def check_remote(path: str | os.PathLike, *, timeout_s: float | None = None,
   worker.start()
   worker.join(timeout_s)
   if not outcome:
-    raise OSError(f'{text}: no answer from {scheme}:// within {timeout_s:g} s; check the network '
-                  'and the credentials (e.g. gcloud auth application-default login)')
+    raise OSError(
+      f'{text}: no answer from {scheme}:// within {timeout_s:g} s; check the network '
+      'and the credentials (e.g. gcloud auth application-default login)'
+    )
   kind, value = outcome[0]
   if kind == 'error':
     first = (str(value).strip().splitlines() or [''])[0][:200]
-    raise OSError(f'{text}: cannot reach it: {type(value).__name__}: {first} (check the '
-                  'credentials and the network)')
+    raise OSError(
+      f'{text}: cannot reach it: {type(value).__name__}: {first} (check the '
+      'credentials and the network)'
+    )
 
 
 def make_run_dir(path: str | os.PathLike, *, timeout_s: float | None = None) -> epath.Path:
@@ -82,8 +93,10 @@ def make_run_dir(path: str | os.PathLike, *, timeout_s: float | None = None) -> 
     if not is_remote(path):  # a read-only mount or folder fails here, not at the first save
       tempfile.TemporaryFile(dir=os.fspath(run_dir)).close()
   except OSError as e:
-    raise OSError(f'run directory {path} cannot be created or written: '
-                  f'{e.strerror or e}; pass another --run-dir') from None
+    raise OSError(
+      f'run directory {path} cannot be created or written: '
+      f'{e.strerror or e}; pass another --run-dir'
+    ) from None
   return run_dir
 
 
@@ -93,9 +106,12 @@ def _no_file_in_the_way(path: str) -> None:
   while not os.path.exists(path) and os.path.dirname(path) != path:
     path = os.path.dirname(path)
   if os.path.exists(path) and not os.path.isdir(path):
-    raise OSError(f'run directory {target} is a file; pass another --run-dir' if path == target
-                  else f'run directory {target} cannot be created: {path} is a file, not a '
-                  'directory; pass another --run-dir')
+    raise OSError(
+      f'run directory {target} is a file; pass another --run-dir'
+      if path == target
+      else f'run directory {target} cannot be created: {path} is a file, not a '
+      'directory; pass another --run-dir'
+    )
 
 
 def check_run_dir(path: str | os.PathLike, *, timeout_s: float | None = None) -> None:
