@@ -124,7 +124,7 @@ def test_duplex_events_are_the_timeline(corpus):
   from flmjax.eval import events_from_segments, speech_activity, turn_taking
 
   counts = dict.fromkeys(('turn_end', 'pause', 'interrupt'), 0)
-  for name in ('duplex', 'heldout_duplex'):
+  for name in ('duplex', 'heldout_duplex', *synthetic.HELDOUT_VARIANTS):
     for line in map(json.loads, open(corpus[name])):
       model = np.load(os.path.join(corpus['out_dir'], line['codes']['model']))
       events = [tuple(e) for e in line['events']]
@@ -132,7 +132,9 @@ def test_duplex_events_are_the_timeline(corpus):
       m = turn_taking(speech_activity(model), events)
       assert m['takeover_rate'] == 1.0
       assert m['pause_takeover_rate'] in (None, 0.0) and m['interrupt_stop_rate'] in (None, 1.0)
-      assert all(160 <= x <= 240 for x in m['response_latency_ms_all'])  # the 2-3 frame gap
+      timing = synthetic.HELDOUT_VARIANTS.get(name, (synthetic.TRAINING,))[0]
+      low, high = (80 * g for g in timing.answer_gap)
+      assert all(low <= x <= high for x in m['response_latency_ms_all'])  # the answer gap
       for k, v in m['counts'].items():
         counts[k] += v
   assert min(counts.values()) >= 5, counts
@@ -235,3 +237,41 @@ def test_cli_synth(tmp_path, capsys):
   assert len(files) > 10
   for rel in files:
     assert (tmp_path / 'a' / rel).read_bytes() == (tmp_path / 'b' / rel).read_bytes(), rel
+
+
+def test_timing_ranges_shape_the_held_out_sets(corpus):
+  """Long pauses are 8-15 frames and split every question; the slow set's user words last twice
+  their frames; each set is drawn from its own seed (not the training draws)."""
+  speech = synthetic.ToySpeech()
+  pauses = [
+    e[2] - e[1]
+    for line in map(json.loads, open(corpus['heldout_long_pauses']))
+    for e in line['events']
+    if e[0] == 'pause'
+  ]
+  turns = sum(
+    e[0] == 'turn_end'
+    for line in map(json.loads, open(corpus['heldout_long_pauses']))
+    for e in line['events']
+  )
+  assert pauses and min(pauses) >= 8 and max(pauses) <= 15 and len(pauses) == turns
+  for name, factor in (('heldout_slow', 2), ('heldout_duplex', None)):
+    ratios = []
+    for line in map(json.loads, open(corpus[name])):
+      for seg in line['segments']:
+        if seg['speaker'] == 'user':
+          base = sum(int(speech.lengths[speech.index[w]]) for w in seg['text'].split())
+          ratios.append(round((seg['end'] - seg['start']) * 12.5) / base)
+    if factor:
+      assert set(ratios) == {2.0}
+    else:
+      assert min(ratios) >= 1.0 and max(ratios) <= 2.0 and len(set(ratios)) > 3
+  # a rate of 2 repeats every frame of a word
+  track = synthetic._Track(speech, {'user': 1}, np.random.default_rng(0))
+  track.say('user', 'what comes after nine', rate=2.0)
+  units = track.units['user']
+  assert units[::2] == units[1::2] and len(units) == 2 * len(
+    speech.speak('what comes after nine', 1, np.random.default_rng(0))[0]
+  )
+  with pytest.raises(ValueError, match='pause_frames'):
+    synthetic.Timing(pause_frames=(5, 3))

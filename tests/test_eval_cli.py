@@ -217,3 +217,63 @@ def test_eval_duplex_audio_with_mimi(tiny_dir, golden_dir, tmp_path, capsys):
     assert len(conv['model_active']) == len(conv['text_ids']) == frames
     assert conv['events'] == line['events']
   assert set(report['teacher_forced']) == {'duplex', 'ASR (listen, trail)', 'TTS (speak, lead)'}
+
+
+def _fdb_sample(root, name, task, stamp, chunks):
+  """An FDB sample folder: input.wav, its task's json, and an ASR's output.json."""
+  folder = root / name
+  _wav(folder / 'input.wav', 0.5, 24000)
+  (folder / f'{task}.json').write_text(json.dumps([{'text': 'x', 'timestamp': stamp}]))
+  words = [{'text': w, 'timestamp': t} for w, t in chunks]
+  return words
+
+
+def test_fdb_score_by_its_rules(tmp_path):
+  """FDB's smooth turn-taking and pause handling rules on output.json files; every reply short
+  gives takeover 0 and a mean latency of None (FDB's own script divides by zero there)."""
+  from flmjax.eval.fdb import score
+
+  src, asr = tmp_path / 'in', tmp_path / 'asr'
+  samples = {
+    's1': ('turn_taking', [2.0, 2.4], [('yes', [2.5, 2.8])]),  # short: no takeover
+    's2': ('turn_taking', [2.0, 2.4], [('ok', [1.5, 1.9]), ('so', [2.3, 2.9])]),  # 1.4 s: early
+    's3': ('pause', [1.0, 1.5], [('a', [1.2, 1.3]), ('b', [1.3, 1.4])]),  # short: no takeover
+  }
+  for name, (task, stamp, chunks) in samples.items():
+    words = _fdb_sample(src, name, task, stamp, chunks)
+    os.makedirs(asr / name)
+    (asr / name / 'output.json').write_text(json.dumps({'text': '', 'chunks': words}))
+  m = score(str(src), str(tmp_path / 'none'), transcripts=str(asr))
+  assert m['takeover_rate'] == 0.5 and m['pause_takeover_rate'] == 0.0
+  assert m['response_latency_s_mean'] == 0.0  # s2 starts before the turn ends: latency 0
+  assert m['counts'] == {'turn_taking': 2, 'pause': 1} and 'external ASR' in m['source']
+  (asr / 's2' / 'output.json').write_text(json.dumps({'text': '', 'chunks': []}))
+  m = score(str(src), str(tmp_path / 'none'), transcripts=str(asr))
+  assert m['takeover_rate'] == 0.0 and m['response_latency_s_mean'] is None
+  with pytest.raises(FileNotFoundError, match='no output.json'):
+    score(str(src), str(tmp_path / 'none'))
+
+
+@pytest.mark.slow
+def test_eval_fdb_toy_codec_in_place_with_words(tiny_dir, corpus, tmp_path, capsys):
+  """Without --mimi the toy codec runs; --out equal to --in writes beside every input.wav
+  (FDB's layout); output.json holds the model's words, labelled, and --rules fdb scores them."""
+  src = tmp_path / 'fdb'
+  _fdb_sample(src, 's1', 'turn_taking', [0.3, 0.4], [])
+  _fdb_sample(src, 's2', 'pause', [0.1, 0.2], [])
+  tok = os.path.join(os.path.dirname(corpus['heldout_duplex']), 'tokenizer.model')
+  argv = ['eval', 'fdb', '--checkpoint', str(tiny_dir), '--tokenizer', tok, '--in', str(src)]
+  argv += ['--out', str(src), '--no-progress', '--rules', 'fdb']
+  assert cli.main(argv) == 0
+  for name in ('s1', 's2'):
+    assert soundfile.info(str(src / name / 'output.wav')).frames == 12000
+    doc = json.loads((src / name / 'output.json').read_text())
+    assert 'not an ASR' in doc['source'] and isinstance(doc['chunks'], list)
+    assert all(0 <= c['timestamp'][0] < c['timestamp'][1] for c in doc['chunks'])
+  out = capsys.readouterr().out
+  assert '"rules": "fdb"' in out and '"turn_taking": 1' in out
+  # in place again: refused without --overwrite, nothing touched
+  stamp = os.path.getmtime(src / 's1' / 'output.wav')
+  assert cli.main(argv) == 1 and 'pass --overwrite' in capsys.readouterr().err
+  assert os.path.getmtime(src / 's1' / 'output.wav') == stamp
+  assert cli.main(argv + ['--overwrite']) == 0

@@ -149,3 +149,86 @@ def test_events_from_segments():
     ('turn_end', 29, 35),
   ]
   assert events_from_segments([seg('model', 0, 3)], 5) == []
+
+
+def test_fdb_rules_short_replies_are_no_takeover():
+  """Full-Duplex-Bench's rule (eval_smooth_turn_taking.py): a reply whose words span < 1 s with 3
+  words or fewer is no takeover; the latency is the first word's start, summarised by its mean."""
+  act = np.zeros(80, bool)
+  events = [('turn_end', 0, 20), ('turn_end', 20, 40), ('turn_end', 40, 60), ('pause', 60, 70)]
+  words = [
+    (2, 4),
+    (4, 6),
+    (6, 8),  # 3 words over 6 frames = 0.48 s: short, no takeover
+    (23, 25),
+    (25, 27),
+    (27, 29),
+    (29, 31),  # 4 words in 0.64 s: a takeover, latency 3 frames
+    (45, 60),  # one word of 15 frames = 1.2 s: a takeover, latency 5 frames
+    (62, 63),  # a short word inside the pause: no pause takeover under FDB's rule
+  ]
+  m = turn_taking(act, events, rules='fdb', words=words)
+  assert m['rules'] == 'fdb'
+  assert m['takeover_rate'] == pytest.approx(2 / 3)
+  assert m['response_latency_ms_all'] == [240.0, 400.0]
+  assert m['response_latency_ms_mean'] == 320.0 and m['response_latency_ms'] == 320.0
+  assert m['pause_takeover_rate'] == 0.0
+  # activity alone (our rule) takes every turn over: the model is never active here, so none
+  assert turn_taking(act, events)['takeover_rate'] == 0.0
+  # exactly 1 s (12.5 frames: 13 > 12.5) counts; the window is [start, min(end, start + wait))
+  assert turn_taking(act, [('turn_end', 0, 20)], rules='fdb', words=[(0, 13)])['takeover_rate'] == 1
+  late = turn_taking(act, [('turn_end', 0, 20)], rules='fdb', words=[(5, 30)], max_wait_frames=5)
+  assert late['takeover_rate'] == 0.0
+
+
+def test_fdb_rules_every_reply_short_divides_by_nothing():
+  """FDB's own script divides by zero when every reply is short; here the latencies are None."""
+  m = turn_taking(np.ones(20, bool), [('turn_end', 0, 20)], rules='fdb', words=[(1, 2)])
+  assert m['takeover_rate'] == 0.0
+  assert m['response_latency_ms'] is None and m['response_latency_ms_mean'] is None
+  assert m['response_latency_ms_p10'] is None and m['response_latency_ms_all'] == []
+  none = turn_taking(np.ones(5, bool), [], rules='fdb', words=[])
+  assert none['takeover_rate'] is None and none['pause_takeover_rate'] is None
+  with pytest.raises(ValueError, match="rules='fdb' scores the model's words"):
+    turn_taking(np.ones(5, bool), [], rules='fdb')
+  with pytest.raises(ValueError, match="rules='asr'"):
+    turn_taking(np.ones(5, bool), [], rules='asr')
+
+
+def test_latency_percentiles():
+  act = timeline('.#..#...#....#.....#')
+  events = [('turn_end', 0, 4), ('turn_end', 3, 8), ('turn_end', 6, 13), ('turn_end', 10, 19)]
+  m = turn_taking(act, events)
+  assert m['response_latency_ms_all'] == [80.0, 80.0, 160.0, 240.0]
+  assert m['response_latency_ms_p10'] == pytest.approx(80.0)
+  assert m['response_latency_ms_p90'] == pytest.approx(np.percentile([80, 80, 160, 240], 90))
+  assert m['response_latency_ms_mean'] == 140.0
+
+
+class _Words:
+  """A tokenizer whose ids are word pieces: 0 'what', 1 'com' + 2 'es' -> 'comes', 3 'ten'."""
+
+  vocab_size = 4
+  pieces = ('▁what', '▁com', 'es', '▁ten')
+
+  def decode(self, ids):
+    return ''.join(self.pieces[i] for i in ids).replace('▁', ' ').strip()
+
+
+def test_words_from_the_text_stream():
+  from flmjax.config import ModelConfig
+  from flmjax.eval.words import output_json, words_from_text
+
+  cfg = ModelConfig.tiny()
+  W = cfg.text_wait_id
+  text = [W, 0, 1, 2, W, W, W, W, 3, W, W, W, W, W]
+  active = timeline('...######.###.')
+  words = words_from_text(text, active, _Words(), cfg, lead_frames=2)
+  assert words == [
+    {'text': 'what', 'start': 3, 'end': 4},
+    {'text': 'comes', 'start': 4, 'end': 9},  # the sentence's last word: until the speech stops
+    {'text': 'ten', 'start': 10, 'end': 13},
+  ]
+  doc = output_json(words, 12.5, shift_frames=1)
+  assert doc['chunks'][0] == {'text': 'what', 'timestamp': [0.32, 0.4]}
+  assert doc['text'] == 'what comes ten' and 'not an ASR' in doc['source']

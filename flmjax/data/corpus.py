@@ -12,8 +12,11 @@ import json
 import os
 import shutil
 
-SPLITS = ('tts_asr', 'duplex', 'heldout_tts_asr', 'heldout_duplex')
-VERSION = 3  # of the generator and prepare: a corpus made by another version is made again
+from flmjax.data.timing import HELDOUT_VARIANTS, TRAINING, Timing
+
+SPLITS = ('tts_asr', 'duplex', 'heldout_tts_asr', 'heldout_duplex')  # prepared for training
+HELDOUT_DUPLEX = ('heldout_duplex', *HELDOUT_VARIANTS)  # raw manifests, streamed by `flmjax main`
+VERSION = 4  # of the generator and prepare: a corpus made by another version is made again
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +29,7 @@ class SyntheticCorpus:
   num_tts_asr: int = 400
   num_duplex: int = 400
   num_heldout: int = 64
+  timing: Timing = TRAINING  # the conversations' ranges (flmjax.data.timing)
 
   def split(self, name: str) -> str:
     """The prepared directory of split `name`, built or not."""
@@ -38,7 +42,11 @@ class SyntheticCorpus:
     return os.path.join(os.path.abspath(self.root), 'raw', 'tokenizer.model')
 
   def manifest(self, name: str) -> str:
-    """The raw JSONL manifest of split `name`."""
+    """The raw JSONL manifest of split `name` (SPLITS and the held-out variants)."""
+    if name not in SPLITS + HELDOUT_DUPLEX:
+      raise ValueError(
+        f'synthetic corpus: no manifest {name!r}; there are {SPLITS + HELDOUT_DUPLEX}'
+      )
     return os.path.join(os.path.abspath(self.root), 'raw', f'{name}.jsonl')
 
   def build(self, log=print) -> dict[str, str]:
@@ -56,12 +64,14 @@ class SyntheticCorpus:
       'num_duplex': self.num_duplex,
       'num_heldout': self.num_heldout,
     }
+    # as JSON holds it (tuples become lists), so that the comparison below can hold
+    want_json = json.loads(json.dumps(dict(want, timing=dataclasses.asdict(self.timing))))
     if os.path.exists(done):
       with open(done) as f:
         info = json.load(f)
-      if info.get('args') == want and info.get('version') == VERSION:
+      if info.get('args') == want_json and info.get('version') == VERSION:
         return info['paths']
-    raw = synthetic.generate(os.path.join(root, 'raw'), **want)
+    raw = synthetic.generate(os.path.join(root, 'raw'), timing=self.timing, **want)
     tokenizer = load_tokenizer(raw['tokenizer'])
     paths = {'tokenizer': raw['tokenizer']}
     for split in SPLITS:
@@ -71,7 +81,7 @@ class SyntheticCorpus:
       log(format_summary(prepare(raw[split], out, tokenizer, progress=False)))
       paths[split] = out
     with open(done, 'w') as f:
-      json.dump({'args': want, 'version': VERSION, 'paths': paths}, f, indent=2)
+      json.dump({'args': want_json, 'version': VERSION, 'paths': paths}, f, indent=2)
     return paths
 
 

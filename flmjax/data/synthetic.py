@@ -24,6 +24,7 @@ import numpy as np
 from flmjax.codec.base import CODEBOOK_SIZE, FRAME_RATE, NUM_CODEBOOKS, SAMPLE_RATE
 from flmjax.codec.toy import ToyCodec
 from flmjax.config import ModelConfig
+from flmjax.data.timing import HELDOUT_VARIANTS, TRAINING, Timing
 from flmjax.data.tokenizer import train_sentencepiece
 
 NUMBERS = (
@@ -125,15 +126,18 @@ class _Track:
   def pause(self, n: int):
     self._pad(self.frames + n)
 
-  def say(self, speaker: str, text: str, start: int | None = None) -> int:
+  def say(self, speaker: str, text: str, start: int | None = None, rate: float = 1.0) -> int:
     """Speaks `text` from frame `start` (default: the end of the timeline), where this speaker is
-    silent; the other speakers may talk at the same time. Returns the segment's index."""
+    silent; the other speakers may talk at the same time. At `rate` a word of L frames lasts
+    max(1, round(L * rate)), each of its frames repeated. Returns the segment's index."""
     start = self.frames if start is None else start
     own, words = self.units[speaker], []
     units = []
     for w in text.split():
       words.append((w, start + len(units)))
-      units += [(self.speech.index[w], i) for i in range(self.speech.lengths[self.speech.index[w]])]
+      length = int(self.speech.lengths[self.speech.index[w]])
+      n = max(1, round(length * rate))
+      units += [(self.speech.index[w], j * length // n) for j in range(n)]
     self._pad(max(self.frames, start + len(units)))
     assert all(u[0] == SILENCE for u in own[start : start + len(units)]), (
       'a speaker overlaps itself'
@@ -184,48 +188,48 @@ def tts_asr_sample(speech: ToySpeech, rng) -> _Track:
   return track
 
 
-# A duplex exchange is plain, or the user pauses inside the question, or the user barges in while
-# the model is answering the previous question (then the model stops a frame later).
-EXCHANGE_STYLES = ('plain', 'pause', 'barge_in')
-STYLE_P = (0.5, 0.25, 0.25)
-PAUSE_FRAMES = (4, 8)  # [low, high) inside a question: longer than the 2-3 frame answer gap
-
-
-def duplex_sample(speech: ToySpeech, rng, answer_style: str = 'it is') -> _Track:
-  """2-5 exchanges: the user asks, the model answers after a short gap. A question may be split by
-  a pause (the model must wait: the question is not complete) or may cut the model's previous
-  answer short (a barge-in: the model must stop). track.events holds the timeline's events.
+def duplex_sample(
+  speech: ToySpeech, rng, answer_style: str = 'it is', timing: Timing = TRAINING
+) -> _Track:
+  """2-5 exchanges: the user asks (at one speaking rate per conversation), the model answers after
+  a gap. A question may be split by a pause (the model must wait: the question is not complete)
+  and may cut the model's previous answer short (a barge-in: the model must stop a frame or two
+  later). `timing` draws every length; track.events holds the timeline's events.
   `answer_style` starts every answer (see question_answer)."""
   voices = {'model': MODEL_SPEAKER, 'user': int(rng.integers(1, NUM_SPEAKERS))}
   track = _Track(speech, voices, rng)
+  rate = timing.speaking_rate(rng)
   track.pause(int(rng.integers(1, 4)))
   answer = None  # the segment index of the model's previous answer
   for _ in range(int(rng.integers(2, 6))):
     q, a = question_answer(rng, answer_style)
-    style = EXCHANGE_STYLES[rng.choice(len(EXCHANGE_STYLES), p=STYLE_P)]
-    if style == 'barge_in' and answer is not None:
+    barge_in = answer is not None and rng.random() < timing.barge_in_p
+    words = q.split()
+    split = int(rng.integers(1, len(words))) if rng.random() < timing.pause_p else len(words)
+    first, rest = ' '.join(words[:split]), ' '.join(words[split:])
+    if barge_in:
       start = round(track.segments[answer]['start'] * FRAME_RATE)
       end = round(track.segments[answer]['end'] * FRAME_RATE)
       onset = start + int(rng.integers(1, end - start - 1))  # the model has begun, not finished
-      track.cut(answer, onset + 1)  # the answer was the last speech: the rest is silence
-      track.truncate(onset + 1)
-      asked = track.say('user', q, start=onset)
+      stop = min(onset + timing.frames(rng, 'cut_frames'), end)
+      track.cut(answer, stop)  # the answer was the last speech: the rest is silence
+      track.truncate(stop)
+      asked = track.say('user', first, start=onset, rate=rate)
       track.events.append(('interrupt', onset, round(track.segments[asked]['end'] * FRAME_RATE)))
-    elif style == 'pause':
-      words = q.split()
-      split = int(rng.integers(1, len(words)))
-      track.say('user', ' '.join(words[:split]))
-      pause_start = track.frames
-      track.pause(int(rng.integers(*PAUSE_FRAMES)))
-      track.events.append(('pause', pause_start, track.frames))
-      track.say('user', ' '.join(words[split:]))
     else:
-      track.say('user', q)
-    turn_end = track.frames
-    track.pause(int(rng.integers(2, 4)))  # the model answers after a short gap
+      track.say('user', first, rate=rate)
+    # gaps count from the user's last frame: a cut model may outlast a short first word by a frame
+    user_end = lambda: round(track.segments[-1]['end'] * FRAME_RATE)
+    if rest:
+      pause_start = user_end()
+      track._pad(max(track.frames, pause_start + timing.frames(rng, 'pause_frames')))
+      track.events.append(('pause', pause_start, track.frames))
+      track.say('user', rest, rate=rate)
+    turn_end = user_end()
+    track._pad(max(track.frames, turn_end + timing.frames(rng, 'answer_gap')))
     answer = track.say('model', a)
     track.events.append(('turn_end', turn_end, None))  # until the user's next onset
-    track.pause(int(rng.integers(2, 5)))
+    track.pause(timing.frames(rng, 'after_answer'))
   onsets = [round(s['start'] * FRAME_RATE) for s in track.segments if s['speaker'] == 'user']
   track.events = sorted(
     (
@@ -274,12 +278,19 @@ def generate(
   num_heldout: int = 64,
   write_audio: bool = False,
   vocab_size: int = 200,
+  timing: Timing = TRAINING,
+  variants: bool = True,
 ) -> dict:
-  """Writes the corpus (manifests, codes, tokenizer.model) under out_dir; returns their paths."""
+  """Writes the corpus (manifests, codes, tokenizer.model) under out_dir; returns their paths.
+  `timing`: the training and standard held-out conversations' ranges; `variants`: also the
+  held-out sets of HELDOUT_VARIANTS (num_heldout each, their own timing and generator seed)."""
   os.makedirs(out_dir, exist_ok=True)
   rng = np.random.default_rng(seed)
   speech, codec = ToySpeech(), ToyCodec()
-  make = {'tts_asr': tts_asr_sample, 'duplex': duplex_sample}
+  make = {
+    'tts_asr': tts_asr_sample,
+    'duplex': lambda speech, rng: duplex_sample(speech, rng, timing=timing),
+  }
   splits = {
     'tts_asr': ('tts_asr', num_tts_asr),
     'duplex': ('duplex', num_duplex),
@@ -289,6 +300,12 @@ def generate(
   splits = {
     name: (kind, [make[kind](speech, rng) for _ in range(n)]) for name, (kind, n) in splits.items()
   }
+  for name, (variant, offset) in HELDOUT_VARIANTS.items() if variants else ():
+    own = np.random.default_rng((seed + offset, 29))  # independent of the splits above
+    splits[name] = (
+      'duplex',
+      [duplex_sample(speech, own, timing=variant) for _ in range(num_heldout)],
+    )
   # the tokenizer learns from the training splits only (plus every word once, for coverage)
   texts = [' '.join(WORDS)] + [
     s['text']

@@ -1,11 +1,15 @@
 """`flmjax eval duplex|fdb`: measure a checkpoint as a full-duplex talker.
 
   flmjax eval duplex --checkpoint DIR --data HELDOUT.jsonl [--mimi PATH] [--out REPORT_DIR]
-  flmjax eval fdb --checkpoint DIR --mimi PATH --in DIR --out DIR [--overwrite]
+                     [--rules flmjax|fdb]
+  flmjax eval fdb --checkpoint DIR --in DIR --out DIR [--mimi PATH] [--overwrite]
+                  [--rules fdb] [--transcripts DIR]
 
 `duplex` streams held-out conversations through the decoder and writes report.json, report.md
 (turn-taking beside exact answers and teacher-forced accuracies) and timelines/<id>.png.
-`fdb` writes Full-Duplex-Bench outputs: an output.wav beside every input.wav (docs/evaluation.md).
+`fdb` writes Full-Duplex-Bench outputs: output.wav and output.json (the model's words) for every
+input.wav, under --out or in place (--out equal to --in); --rules fdb then scores them by FDB's
+rules (docs/evaluation.md).
 """
 
 from __future__ import annotations
@@ -46,12 +50,30 @@ def _parser() -> ArgumentParser:
   d.add_argument('--trail-frames', type=int, default=0, help='ASR-style monologue trail')
   d.add_argument('--eval-batches', type=int, default=4, help='teacher-forced batches of 8')
   d.add_argument('--no-progress', action='store_true')
-  f = sub.add_parser('fdb', help='Full-Duplex-Bench: output.wav beside every input.wav')
+  d.add_argument(
+    '--rules',
+    choices=('flmjax', 'fdb'),
+    default='flmjax',
+    help="fdb: Full-Duplex-Bench's takeover rule (a reply under 1 s of 3 words or fewer is none)",
+  )
+  f = sub.add_parser('fdb', help='Full-Duplex-Bench: output.wav/.json beside every input.wav')
   f.add_argument('--checkpoint', required=True)
-  f.add_argument('--mimi', required=True, help='Mimi checkpoint (.safetensors or its dir)')
+  f.add_argument(
+    '--mimi', help='Mimi checkpoint (.safetensors or its dir); default: the toy codec (tests)'
+  )
   f.add_argument('--in', dest='in_dir', required=True, help='folder with */input.wav')
-  f.add_argument('--out', required=True, help='folder for */output.wav (same relative paths)')
-  f.add_argument('--overwrite', action='store_true', help='replace output.wav files in --out')
+  f.add_argument(
+    '--out', required=True, help='folder for */output.wav (same relative paths); --in: in place'
+  )
+  f.add_argument('--overwrite', action='store_true', help='replace output.wav/.json files')
+  f.add_argument('--tokenizer', help='for output.json; default: beside the checkpoint')
+  f.add_argument('--lead-frames', type=int, default=2, help="the model's text lead over speech")
+  f.add_argument(
+    '--rules', choices=('fdb',), help="score turn_taking.json/pause.json samples by FDB's rules"
+  )
+  f.add_argument(
+    '--transcripts', help="an external ASR's */output.json to score instead of the model's words"
+  )
   f.add_argument('--batch-size', type=int, default=None)
   f.add_argument('--no-progress', action='store_true')
   return ap
@@ -131,6 +153,8 @@ def duplex(args) -> int:
     batch_size=args.batch_size,
     codec=codec,
     progress=not args.no_progress,
+    rules=args.rules,
+    lead_frames=args.lead_frames,
   )
   report['teacher_forced'] = {
     k: {m: v[m] for m in ('acc_text', 'acc_semantic', 'loss')}
@@ -147,25 +171,53 @@ def duplex(args) -> int:
 
 
 def fdb(args) -> int:
+  import json
+
   from flmjax.decode.session import load_model
-  from flmjax.eval.fdb import check_out, find_inputs, run_fdb
+  from flmjax.eval.fdb import check_out, find_inputs, run_fdb, score
 
   if args.batch_size is not None and args.batch_size < 1:
     raise ValueError(f'--batch-size {args.batch_size} must be >= 1')
-  check_out(args.out, args.overwrite)
+  if args.transcripts is not None and not os.path.isdir(args.transcripts):
+    raise FileNotFoundError(f'--transcripts {args.transcripts}: no such directory')
+  if args.transcripts is not None and args.rules is None:
+    raise ValueError('--transcripts are scored: pass --rules fdb with them')
+  check_out(args.out, args.overwrite, args.in_dir)
   find_inputs(args.in_dir)  # before the model loads
   model = load_model(args.checkpoint)
-  codec = _codec(args.mimi, model.cfg.num_codebooks)
+  tokenizer = None
+  for name in ('tokenizer.model', 'tokenizer.json'):
+    candidate = args.tokenizer or os.path.join(args.checkpoint, name)
+    if os.path.isfile(candidate):
+      from flmjax.data.tokenizer import load_tokenizer
+
+      tokenizer = load_tokenizer(candidate)
+      break
+  if tokenizer is None and args.tokenizer:
+    raise FileNotFoundError(f'--tokenizer {args.tokenizer}: no such file')
+  if tokenizer is None:
+    print(f'no tokenizer beside {args.checkpoint} (--tokenizer): output.json is not written')
+  if args.mimi is None:
+    from flmjax.codec.toy import ToyCodec
+
+    codec = ToyCodec()
+  else:
+    codec = _codec(args.mimi, model.cfg.num_codebooks)
   written = run_fdb(
     model,
     codec,
     args.in_dir,
     args.out,
+    tokenizer=tokenizer,
+    lead_frames=args.lead_frames,
     overwrite=args.overwrite,
     batch_size=args.batch_size,
     progress=not args.no_progress,
   )
-  print(f'wrote {len(written)} {written and os.path.basename(written[0])} files under {args.out}')
+  print(f'wrote {len(written)} output.wav/output.json files under {args.out}')
+  if args.rules == 'fdb':
+    scores = score(args.in_dir, args.out, args.transcripts)
+    print(json.dumps(scores, indent=1))
   return 0
 
 

@@ -8,7 +8,8 @@ import numpy as np
 from flmjax.codec.toy import ToyCodec
 from flmjax.eval.activity import playable, speech_activity
 from flmjax.eval.stream import read_conversations, stream
-from flmjax.eval.turn_taking import EVENT_KINDS, turn_taking
+from flmjax.eval.turn_taking import EVENT_KINDS, latency_summary, turn_taking
+from flmjax.eval.words import words_from_text
 
 
 def split_on_wait(text_ids, cfg) -> list[list[int]]:
@@ -70,9 +71,9 @@ def pool(metrics: list[dict]) -> dict:
   stops = [x for m in metrics for x in m['interrupt_stop_latency_ms_all']]
   median = lambda v: float(np.median(v)) if v else None
   return {
+    'rules': metrics[0]['rules'] if metrics else 'flmjax',
     'takeover_rate': rate('takeover_rate', 'turn_end'),
-    'response_latency_ms': median(latencies),
-    'response_latency_ms_all': latencies,
+    **latency_summary(latencies),
     'pause_takeover_rate': rate('pause_takeover_rate', 'pause'),
     'interrupt_stop_rate': rate('interrupt_stop_rate', 'interrupt'),
     'interrupt_stop_latency_ms': median(stops),
@@ -93,14 +94,19 @@ def evaluate_duplex(
   progress: bool = False,
   conversations: list[dict] | None = None,
   decoder=None,
+  rules: str = 'flmjax',
+  lead_frames: int = 2,
 ) -> dict:
   """Streams the held-out conversations of `manifest` (greedy by default) and scores them.
 
   codec: a Mimi codec reads audio lines and measures the model's speech activity from its decoded
   audio; None uses the toy speech's silence code (and ToyCodec for audio lines). conversations:
-  read_conversations' result, read once for many models; decoder: see stream.
-  Returns {'turn_taking': pooled metrics, 'turns', 'right', 'turn_accuracy', 'conversations':
-  per conversation its id, events, activity, text_ids, turns and metrics}.
+  read_conversations' result, read once for many models; decoder: see stream. rules: how
+  'turn_taking' scores ('flmjax' or 'fdb', see turn_taking); 'turn_taking_fdb' always holds FDB's
+  rules, from the model's words (flmjax.eval.words, text leading speech by lead_frames).
+  Returns {'turn_taking': pooled metrics, 'turn_taking_fdb', 'turns', 'right', 'turn_accuracy',
+  'conversations': per conversation its id, events, activity, text_ids, words, turns and
+  metrics}.
   """
   cfg = model.cfg
   convs = conversations or read_conversations(manifest, cfg.num_codebooks, limit=limit, codec=codec)
@@ -113,15 +119,19 @@ def evaluate_duplex(
     desc='eval duplex',
     decoder=decoder,
   )
-  per, metrics = [], []
+  per, metrics, fdb_metrics = [], [], []
   for conv, out in zip(convs, outputs):
     text_ids, speak = out[0], out[1:]  # [F], [C, F]
     if codec is None or isinstance(codec, ToyCodec):
       active = speech_activity(speak)
     else:  # Mimi: the energy of the decoded audio
       active = speech_activity(wave=codec.decode(playable(speak)))[: speak.shape[1]]
-    m = turn_taking(active, conv['events'])
+    words = words_from_text(text_ids, active, tokenizer, cfg, lead_frames)
+    spans = [(w['start'], w['end']) for w in words]
+    fdb = turn_taking(active, conv['events'], rules='fdb', words=spans)
+    m = fdb if rules == 'fdb' else turn_taking(active, conv['events'], rules=rules)
     metrics.append(m)
+    fdb_metrics.append(fdb)
     turns = score_turns(text_ids, conv, tokenizer, cfg)
     per.append(
       {
@@ -131,6 +141,7 @@ def evaluate_duplex(
         'model_active': active.astype(int).tolist(),
         'user_active': user_activity(conv).astype(int).tolist(),
         'text_ids': text_ids.tolist(),
+        'words': words,
         'turns': turns,
         'turn_taking': m,
       }
@@ -139,6 +150,7 @@ def evaluate_duplex(
   total = sum(len(c['turns']) for c in per)
   return {
     'turn_taking': pool(metrics),
+    'turn_taking_fdb': pool(fdb_metrics),
     'turns': total,
     'right': right,
     'turn_accuracy': right / total if total else None,

@@ -48,22 +48,40 @@ def show(tc, result, sets: dict) -> dict:
   return table
 
 
-def chat(tc, result, limit: int = 32) -> dict:
-  """Streams held-out conversations through the decoder; prints transcripts, exact answers and
-  the turn-taking table (flmjax.eval.duplex)."""
+def chat(tc, result, limit: int = 64) -> dict:
+  """Streams each held-out duplex set (flmjax.data.corpus.HELDOUT_DUPLEX: standard, long pauses,
+  2x slower, another seed and settings) through the decoder; prints transcripts of the standard
+  set, then one table: exact answers and turn-taking per set (docs/evaluation.md)."""
   from flax import nnx
 
+  from flmjax.data.corpus import HELDOUT_DUPLEX
   from flmjax.data.tokenizer import load_tokenizer
+  from flmjax.decode.decoder import StreamingDecoder
+  from flmjax.decode.sampling import SamplingConfig
   from flmjax.eval.duplex import evaluate_duplex
-  from flmjax.eval.report import markdown
+  from flmjax.eval.report import sets_markdown
+  from flmjax.eval.stream import read_conversations
 
   if tc.corpus is None:
     raise ValueError('held-out chat needs the synthetic corpus (TrainConfig.corpus)')
   tokenizer = load_tokenizer(tc.corpus.tokenizer)
   model = nnx.merge(result['spec'].graphdef, result['state'].params)
-  report = evaluate_duplex(model, tc.corpus.manifest('heldout_duplex'), tokenizer, limit=limit)
-  print(f'\nfull-duplex chat, greedy, {limit} held-out conversations streamed as one batch:')
-  for conv in report['conversations'][:3]:
+  cfg = model.cfg
+  convs = {
+    name: read_conversations(tc.corpus.manifest(name), cfg.num_codebooks, limit=limit)
+    for name in HELDOUT_DUPLEX
+  }
+  longest = max(c['user'].shape[1] for cs in convs.values() for c in cs) + cfg.max_delay + 1
+  sampling = SamplingConfig(greedy=True, repetition_penalty_text=1.0, repetition_penalty_audio=1.0)
+  decoder = StreamingDecoder(model, sampling, max_len=longest)  # compiled once for every set
+  reports = {}
+  for name, conversations in convs.items():
+    reports[name] = evaluate_duplex(
+      model, None, tokenizer, conversations=conversations, decoder=decoder, sampling=sampling
+    )
+  standard = reports['heldout_duplex']
+  print(f'\nfull-duplex chat, greedy, {limit} held-out conversations a set, streamed as a batch:')
+  for conv in standard['conversations'][:3]:
     print(f'  [{conv["id"]}]')
     for turn in conv['turns']:
       print(
@@ -71,14 +89,11 @@ def chat(tc, result, limit: int = 32) -> dict:
         f'(reference: {turn["reference"]})'
       )
   print(
-    f'  turns answered exactly right: {report["right"]}/{report["turns"]} '
-    f'({100 * report["turn_accuracy"]:.0f}%)'
+    '\nturn-taking and exact answers per held-out set (docs/evaluation.md; FDB: '
+    "Full-Duplex-Bench's takeover rule on the model's words):\n" + sets_markdown(reports)
   )
-  print(
-    '\nturn-taking on the same conversations (user pauses, barge-ins; docs/evaluation.md):\n'
-    + markdown(report)
-  )
-  for conv in report['conversations']:  # heldout.json keeps the summary, not the timelines
-    for key in ('model_active', 'user_active', 'text_ids', 'segments'):
-      del conv[key]
-  return report
+  for report in reports.values():  # heldout.json keeps the summaries, not the timelines
+    for conv in report['conversations']:
+      for key in ('model_active', 'user_active', 'text_ids', 'segments', 'words'):
+        del conv[key]
+  return reports
