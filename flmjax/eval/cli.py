@@ -51,6 +51,12 @@ def _parser() -> ArgumentParser:
   d.add_argument('--eval-batches', type=int, default=4, help='teacher-forced batches of 8')
   d.add_argument('--no-progress', action='store_true')
   d.add_argument(
+    '--vad',
+    choices=('energy', 'silero'),
+    default='energy',
+    help='with --mimi: speech activity from the audio energy or Silero VAD (the vad extra)',
+  )
+  d.add_argument(
     '--rules',
     choices=('flmjax', 'fdb'),
     default='flmjax',
@@ -155,6 +161,7 @@ def duplex(args) -> int:
     progress=not args.no_progress,
     rules=args.rules,
     lead_frames=args.lead_frames,
+    vad=args.vad,
   )
   report['teacher_forced'] = {
     k: {m: v[m] for m in ('acc_text', 'acc_semantic', 'loss')}

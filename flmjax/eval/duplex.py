@@ -96,11 +96,13 @@ def evaluate_duplex(
   decoder=None,
   rules: str = 'flmjax',
   lead_frames: int = 2,
+  vad: str = 'energy',
 ) -> dict:
   """Streams the held-out conversations of `manifest` (greedy by default) and scores them.
 
   codec: a Mimi codec reads audio lines and measures the model's speech activity from its decoded
-  audio; None uses the toy speech's silence code (and ToyCodec for audio lines). conversations:
+  audio (its energy, or with vad='silero' Silero VAD); None uses the toy speech's silence code
+  (and ToyCodec for audio lines). conversations:
   read_conversations' result, read once for many models; decoder: see stream. rules: how
   'turn_taking' scores ('flmjax' or 'fdb', see turn_taking); 'turn_taking_fdb' always holds FDB's
   rules, from the model's words (flmjax.eval.words, text leading speech by lead_frames).
@@ -125,7 +127,9 @@ def evaluate_duplex(
     if codec is None or isinstance(codec, ToyCodec):
       active = speech_activity(speak)
     else:  # Mimi: the energy of the decoded audio
-      active = speech_activity(wave=codec.decode(playable(speak)))[: speak.shape[1]]
+      wave = codec.decode(playable(speak))
+      active = speech_activity(wave=wave, vad=vad, sample_rate=codec.sample_rate)
+      active = active[: speak.shape[1]]
     words = words_from_text(text_ids, active, tokenizer, cfg, lead_frames)
     spans = [(w['start'], w['end']) for w in words]
     fdb = turn_taking(active, conv['events'], rules='fdb', words=spans)
