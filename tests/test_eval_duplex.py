@@ -105,3 +105,46 @@ def test_pool_equals_scoring_the_events_together():
   assert '| exact answers (turns right) | 0.500 |' in table
   assert '| teacher-forced duplex: text acc | 0.250 |' in table
   assert '| interrupt stop rate | 1.000 |' in table
+
+
+def test_timeline_shows_references_marks_and_metrics(tmp_path):
+  """A timeline PNG: the title holds the conversation's metrics; every answer turn's reference is
+  drawn with a check (right) or a cross (wrong)."""
+  import matplotlib
+
+  matplotlib.use('Agg')
+  from unittest import mock
+
+  import matplotlib.axes
+
+  from flmjax.eval import report as report_lib
+
+  cfg = ModelConfig.tiny()
+  active = np.zeros(30, bool)
+  active[5:9] = active[20:24] = True
+  events = [('turn_end', 3, 15), ('turn_end', 18, 30), ('pause', 1, 2)]
+  conv = {
+    'id': 'c1',
+    'events': events,
+    'user_active': [1, 0, 1] + [0] * 27,
+    'model_active': active.astype(int).tolist(),
+    'text_ids': [cfg.text_wait_id] * 30,
+    'turns': [
+      {'frame': 3, 'said': 'it is ten', 'reference': 'it is ten', 'right': True},
+      {'frame': 18, 'said': 'it is two', 'reference': 'it is four', 'right': False},
+    ],
+    'turn_taking': turn_taking(active, events),
+  }
+  title = report_lib._title(conv)
+  assert title.startswith('c1: answers 1/2 right; takeover 1.00, pause takeover 0.00')
+  assert 'latency median 160 ms' in title
+  drawn = []
+  real_text = matplotlib.axes.Axes.text
+  with mock.patch.object(
+    matplotlib.axes.Axes,
+    'text',
+    lambda ax, x, y, s, **kw: drawn.append(s) or real_text(ax, x, y, s, **kw),
+  ):
+    report_lib.plot_timeline(conv, WordTokenizer(), cfg, str(tmp_path / 'c1.png'))
+  assert '\u2713 ref: it is ten' in drawn and '\u2717 ref: it is four' in drawn
+  assert (tmp_path / 'c1.png').stat().st_size > 1000

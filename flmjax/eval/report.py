@@ -151,7 +151,7 @@ def plot_timeline(conv: dict, tokenizer, cfg, path: str) -> None:
   for turn in conv['turns']:  # the reference under the model's row, marked right or wrong
     mark, color = ('\u2713', 'tab:green') if turn['right'] else ('\u2717', 'tab:red')
     ax.text(
-      turn['frame'] * width, -0.35, f'{mark} ref: {turn["reference"]}', fontsize=7, color=color
+      turn['frame'] * width, -0.35, f'{mark} ref: {turn["reference"]}', fontsize=8, color=color
     )
   ax.set_ylim(-0.6, 2.9)
   ax.set_xlim(0, frames * width)
