@@ -2,7 +2,8 @@
 
 Trains experiments/configs/tiny_dual.py (synthetic corpus, ASR+TTS stage then duplex stage) and
 shows what the trained model does: teacher-forced accuracies per stream on held-out samples,
-next to the untrained model's, then full-duplex streaming chat on held-out conversations.
+next to the untrained model's, then full-duplex streaming chat on the held-out conversation sets
+(flmjax.data.corpus.HELDOUT_DUPLEX: standard, long pauses, 2x slower, another seed and settings).
 `--parity` instead checks the forward against the golden fixtures.
 """
 
