@@ -89,6 +89,9 @@ def test_pool_equals_scoring_the_events_together():
     'interrupt_stop_rate',
     'interrupt_stop_latency_ms',
     'counts',
+    'response_latency_ms_mean',
+    'response_latency_ms_p10',
+    'response_latency_ms_p90',
   ):
     assert pooled[key] == both[key], key
   assert sorted(pooled['response_latency_ms_all']) == sorted(both['response_latency_ms_all'])
@@ -148,3 +151,25 @@ def test_timeline_shows_references_marks_and_metrics(tmp_path):
     report_lib.plot_timeline(conv, WordTokenizer(), cfg, str(tmp_path / 'c1.png'))
   assert '\u2713 ref: it is ten' in drawn and '\u2717 ref: it is four' in drawn
   assert (tmp_path / 'c1.png').stat().st_size > 1000
+
+
+def test_markdown_under_fdb_rules_and_the_sets_table():
+  from flmjax.eval.report import sets_markdown, wilson
+
+  fdb = turn_taking(np.zeros(30, bool), [('turn_end', 0, 30)], rules='fdb', words=[(2, 20)])
+  report = {
+    'turn_taking': fdb,
+    'turn_taking_fdb': fdb,
+    'turns': 2,
+    'right': 1,
+    'turn_accuracy': 0.5,
+  }
+  report['conversations'] = [{}]
+  table = markdown(report)
+  assert "under Full-Duplex-Bench's rules" in table
+  assert '| response latency, mean ms | 160 |' in table and 'FDB rules |' not in table
+  row = sets_markdown({'standard': report}).splitlines()[2]
+  low, high = wilson(1, 2)
+  assert row.startswith(f'| standard (1) | 0.500 [{low:.2f}, {high:.2f}] (1/2) | 1.000')
+  assert '| 160/160/160 |' in row
+  assert wilson(0, 0) is None and wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == 1.0
