@@ -24,7 +24,7 @@ from flmjax.data.tokenizer import load_tokenizer
 
 CFG = ModelConfig.tiny()
 LW = LossWeights()
-BIG = 128  # longer than any synthetic sample's grid: windows start at column 0
+BIG = 256  # longer than any synthetic sample's grid (slow users, long pauses): windows start at 0
 
 
 @pytest.fixture(scope='module')
