@@ -37,7 +37,7 @@ GOLDEN = ROOT / 'tests' / 'golden'
 FRAME = FRAME_SIZE  # samples per 80 ms frame
 LOG_LINE = re.compile(
   r'session (\w+) slot (\d+) .* frames in (\d+) out (\d+), underruns (\d+) '
-  r'\(first at frame (-?\d+)\), reason: (.*)'
+  r'\(first at frame (-?\d+)\)(?:, clipped in \d+ out \d+)?, reason: (.*)'
 )
 
 

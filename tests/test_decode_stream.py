@@ -114,6 +114,27 @@ def test_batched_sessions_equal_single_sessions(decoder):
   assert (batched[1:, 0] != batched[1:, 1]).any()
 
 
+@pytest.mark.slow
+def test_penalty_windows_past_the_decoders_own_are_exact(tiny_model):
+  """A decoder whose penalty rings hold a whole session (penalty_buffer, as the server's) runs a
+  session with window 100 beside one with the default 50: each equals a decoder built for its
+  window alone, through the first 50 frames (every window fits 50: the short read) and after."""
+  wide = dataclasses.replace(GREEDY_PENALTY, penalty_window_text=100, penalty_window_audio=100)
+  user = users(2, frames=120, seed=3)
+  session = StreamingDecoder(tiny_model, GREEDY_PENALTY, max_len=128, penalty_buffer=128)
+  assert session.max_window('text') is None  # any window: the ring holds every frame
+  state = session.reset_slots(session.init(2), np.array([True, False]), seeds=0, sampling=wide)
+  _, got = run(session, state, user)
+  want = {}
+  for name, sampling in (('wide', wide), ('default', GREEDY_PENALTY)):
+    own = StreamingDecoder(tiny_model, sampling, max_len=128)  # rings of its window exactly
+    _, want[name] = run(own, own.init(2), user)
+  np.testing.assert_array_equal(got[:, 0], want['wide'][:, 0])
+  np.testing.assert_array_equal(got[:, 1], want['default'][:, 1])
+  # The wider window changes the session (else the check above proves little).
+  assert (want['wide'][:, 0] != want['default'][:, 0]).any()
+
+
 def test_slot_reset_midway_does_not_leak(decoder):
   user = users(4, frames=2 * FRAMES, seed=1)
   state = decoder.init(4, seed=20)
@@ -146,7 +167,7 @@ def test_sharded_decode_equals_unsharded(decoder, tiny_dir):
   np.testing.assert_array_equal(got, want)
 
 
-def test_bad_user_codes_are_rejected(decoder):
+def test_bad_user_codes_are_rejected(decoder, tiny_model):
   state = decoder.init(1)
   with pytest.raises(ValueError, match=r'expected shape \(1, 8\).*got \(8,\)'):
     decoder.step(state, np.zeros(8, np.int32))
@@ -158,8 +179,11 @@ def test_bad_user_codes_are_rejected(decoder):
     decoder.step(state, np.zeros((1, 8), np.float32))
   with pytest.raises(ValueError, match=r'slot mask: expected a bool array of shape \(1,\)'):
     decoder.reset_slots(state, np.array([1, 0]))
-  with pytest.raises(ValueError, match='penalty_window_text=60 exceeds the decoder'):
-    decoder.reset_slots(state, np.array([True]), sampling=SamplingConfig(penalty_window_text=60))
+  # Its 50-entry rings hold all of a 32-frame session, so any window fits; not one of 64.
+  decoder.reset_slots(state, np.array([True]), sampling=SamplingConfig(penalty_window_text=60))
+  longer = StreamingDecoder(tiny_model, SAMPLED, max_len=64)
+  with pytest.raises(ValueError, match='penalty_window_text=60 exceeds the penalty buffer of 50'):
+    longer.reset_slots(state, np.array([True]), sampling=SamplingConfig(penalty_window_text=60))
 
 
 def test_bad_decoder_settings_are_rejected(tiny_model):

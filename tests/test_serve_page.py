@@ -5,6 +5,8 @@ sent, and the URL printed when ready. The real-browser test is tests/test_serve_
 """
 
 import asyncio
+import re
+import time
 
 import aiohttp
 import numpy as np
@@ -134,13 +136,14 @@ def test_queue_notices_places_then_admits(serve_pipeline, tiny_model):
       await first.close()  # leaves the queue: the second moves up
       assert await wait_for(lambda: len(seen) == 2)
       assert not second.done()
+      freed = time.time()
       await holders[0].close()  # a slot frees: the second gets it
       conv = await asyncio.wait_for(second, 120)
       for ws in holders[1:]:
         await ws.close()
-      return notices, seen, full.value.status, queued, conv
+      return notices, seen, full.value.status, queued, conv, freed
 
-  notices, seen, status, queued, conv = asyncio.run(scenario())
+  notices, seen, status, queued, conv, freed = asyncio.run(scenario())
   assert notices['first'] == [b'\x02server full: you are number 1 in the queue for a free slot\n']
   assert seen == [
     'server full: you are number 2 in the queue for a free slot\n',
@@ -152,6 +155,12 @@ def test_queue_notices_places_then_admits(serve_pipeline, tiny_model):
   ref = replay(serve_pipeline, {0: conv.sent_pcm})
   assert conv.frames_received == 7 and mismatches(conv, tiny_model.cfg, *ref[0]) == []
   assert [s.reason for s in server.finished if s.slot is None] == ['client closed']
+  # The log line's start is when the session got its slot, its wait in the queue beside it.
+  admitted = ended[conv.session]
+  assert admitted.connect_time < freed <= admitted.start_time
+  assert re.search(r'start \d\d:\d\d:\d\d \(queued \d+\.\d s\) end ', admitted.summary())
+  [left] = [s for s in server.finished if s.slot is None]
+  assert re.search(r'\(queued \d+\.\d s, never started\)', left.summary())
   assert not server.waiting and all(s is None for s in server.frame_loop.slots)
 
 

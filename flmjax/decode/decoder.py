@@ -36,12 +36,19 @@ class StreamingDecoder:
     max_len frames. Past that, overflow='error' raises SessionOverflowError from the host before
     the step; overflow='slide' keeps attending to the last max_len frames (the cache is a ring,
     RoPE positions keep counting), which is a sliding-window approximation of the official model.
-  A LoRA model (flmjax.model.lora) is merged into its base first.
+  A LoRA model (flmjax.model.lora) is merged into its base first (load_weights, which also
+  swaps in another model's weights later).
   mesh: sessions shard over the mesh's batch axes (data, fsdp), heads and the KV cache over
     tensor, by flmjax.sharding.RULES. Load the model with load_official(..., mesh=mesh). The
     frame is traced with the mesh in context (flmjax.sharding.traced_on): the model's activation
     constraints apply, the text token is sampled from vocab-sharded logits, and the Pallas depth
     kernels run in shard_map over the session rows, with the depth weights replicated.
+  penalty_buffer: ring entries held for each repetition-penalty window (default: the sampling's
+    windows). Sessions may then use any window up to it (reset_slots' sampling); one of at
+    least max_len (a server's choice) fits every window, since a session never holds more than
+    max_len tokens under overflow='error'. Frames whose windows all fit the decoder's sampling
+    read only that many entries (flmjax.decode.frame.with_penalty), so a large buffer costs
+    only while a session uses a large window.
   depth_layer_fn: a drop-in for flmjax.model.depth.layer_step. depth_layers_fn: a drop-in for
     the whole depth layer stack (depth.layers_step's signature); use_pallas=True takes it from
     flmjax.kernels.depth_step.select_depth_layers_fn (pallas_interpret=True: interpret mode).
@@ -55,6 +62,7 @@ class StreamingDecoder:
     max_len: int | None = None,
     mesh: jax.sharding.Mesh | None = None,
     overflow: str = 'error',
+    penalty_buffer: int | None = None,
     depth_layer_fn=None,
     depth_layers_fn=None,
     use_pallas: bool = False,
@@ -63,23 +71,22 @@ class StreamingDecoder:
   ):
     if overflow not in OVERFLOW_POLICIES:
       raise ValueError(f'overflow={overflow!r}: use one of {OVERFLOW_POLICIES}')
-    if getattr(model, 'lora', None) is not None:  # a LoRA model decodes merged (plain weights)
-      from flmjax.model.lora import merge
-
-      model = merge(model)
-    self.cfg = cfg = model.cfg
-    self.sampling = sampling or SamplingConfig()
-    self.max_len = int(max_len or cfg.max_position_embeddings)
-    if self.max_len < 1:
-      raise ValueError(f'max_len={self.max_len}: a session needs at least one cache position')
     self.overflow, self.mesh = overflow, mesh
     # The Pallas depth step cannot be partitioned: it runs on whole rows with every depth weight
     # at hand, so those are stored replicated rather than gathered on every frame.
     if use_pallas and mesh is not None:
       rules = shd.replicating(rules, DEPTH_LAYER_AXES)
     self.rules = rules
-    if mesh is not None:
-      shd.validate_mesh(cfg, mesh.shape)
+    self.graphdef = self.param_shardings = None
+    self.load_weights(model)  # sets cfg (the merged model's, for a LoRA model)
+    cfg = self.cfg
+    self.sampling = sampling or SamplingConfig()
+    self.max_len = int(max_len or cfg.max_position_embeddings)
+    if self.max_len < 1:
+      raise ValueError(f'max_len={self.max_len}: a session needs at least one cache position')
+    self.penalty_buffers = {
+      k: max(self.sampling.penalty_buffer(k), int(penalty_buffer or 0)) for k in ('text', 'audio')
+    }
     if use_pallas:
       # The whole-stack entry: the kernels read each layer's weights from the stacked arrays in
       # place, where a per-layer layer_fn under the scan would get sliced (copied) weights.
@@ -88,17 +95,48 @@ class StreamingDecoder:
       depth_layers_fn = select_depth_layers_fn(interpret=pallas_interpret)
     self.depth_layer_fn = depth_layer_fn or depth.layer_step
     self.depth_layers_fn = depth_layers_fn
-    self.graphdef, params = nnx.split(model)
-    self.param_shardings = None if mesh is None else shd.state_shardings(params, mesh, rules)
-    self.params = params if mesh is None else jax.device_put(params, self.param_shardings)
     self._seeds = itertools.count(1 << 20)  # default seeds for reset_slots, past init's
     self._jits: dict[int, dict] = {}
+
+  def load_weights(self, model: FLMAudio) -> None:
+    """The weights every frame runs from now on, the one way in: a LoRA model is merged into
+    its base first (plain weights), and the result is placed on the decoder's mesh. A later
+    model must have the first one's parameter tree and shapes (dtypes may differ), so the
+    compiled functions stay valid."""
+    if getattr(model, 'lora', None) is not None:  # a LoRA model decodes merged (plain weights)
+      from flmjax.model.lora import merge
+
+      model = merge(model)
+    graphdef, params = nnx.split(model)
+    if self.graphdef is None:  # the first model fixes the config and the placement
+      self.cfg = model.cfg
+      if self.mesh is not None:
+        shd.validate_mesh(self.cfg, self.mesh.shape)
+        self.param_shardings = shd.state_shardings(params, self.mesh, self.rules)
+    else:
+      shapes = lambda p: jax.tree.map(lambda x: x.shape, nnx.to_pure_dict(p))
+      if jax.tree.structure(params) != jax.tree.structure(self.params) or shapes(params) != shapes(
+        self.params
+      ):
+        raise ValueError(
+          "load_weights: the model's parameters differ from the ones this decoder was built "
+          'for (another config?); build a new StreamingDecoder for it'
+        )
+    self.graphdef = graphdef
+    self.params = params if self.mesh is None else jax.device_put(params, self.param_shardings)
 
   # ---- compiled functions, one set per batch size ------------------------------------------
   def state_shardings(self, batch: int):
     """The NamedShardings of a state with `batch` rows on the decoder's mesh."""
     shape = jax.eval_shape(
-      lambda: st.init(self.cfg, self.sampling, batch, self.max_len, jnp.zeros((batch,), jnp.uint32))
+      lambda: st.init(
+        self.cfg,
+        self.sampling,
+        batch,
+        self.max_len,
+        jnp.zeros((batch,), jnp.uint32),
+        self.penalty_buffers,
+      )
     )
     return st.shardings(shape, self.mesh, self.rules)
 
@@ -116,10 +154,11 @@ class StreamingDecoder:
         penalized=sampling.penalized_codebooks,
         layer_fn=self.depth_layer_fn,
         layers_fn=self.depth_layers_fn,
+        fast_windows=self.fast_windows,
       )
 
     run_frame = shd.traced_on(self.mesh, run_frame)
-    make = lambda seeds: st.init(cfg, sampling, batch, max_len, seeds)
+    make = lambda seeds: st.init(cfg, sampling, batch, max_len, seeds, self.penalty_buffers)
     reset = functools.partial(st.reset, cfg)
     if self.mesh is None:
       fns = dict(
@@ -188,14 +227,7 @@ class StreamingDecoder:
     batch = state['offset'].shape[0]
     mask = self._check_mask(mask, batch)
     sampling = sampling or self.sampling
-    for kind in ('text', 'audio'):
-      have, want = getattr(sampling, f'penalty_window_{kind}'), self.sampling.penalty_buffer(kind)
-      if have > want:
-        raise ValueError(
-          f'reset_slots: sampling.penalty_window_{kind}={have} exceeds the '
-          f"decoder's penalty buffer of {want}; build the decoder with the larger "
-          'window'
-        )
+    self.check_windows(sampling, 'reset_slots: sampling.')
     if sampling.penalized_codebooks != self.sampling.penalized_codebooks:
       raise ValueError(
         f'reset_slots: sampling.penalized_codebooks='
@@ -207,6 +239,27 @@ class StreamingDecoder:
     seeds = np.broadcast_to(np.asarray(seeds, np.uint32), (batch,))
     text, audio = (sampling.stream(k).per_row(batch) for k in ('text', 'audio'))
     return self._compiled(batch)['reset'](state, mask, seeds, text, audio)
+
+  @property
+  def fast_windows(self) -> tuple[int, int]:
+    """The (text, audio) windows a frame reads alone while every session fits them."""
+    return tuple(self.sampling.penalty_buffer(k) for k in ('text', 'audio'))
+
+  def max_window(self, kind: str) -> int | None:
+    """The largest 'text' or 'audio' penalty window a session may use; None: any (the buffer
+    holds a whole session, and a session never outgrows max_len under overflow='error')."""
+    buffer = self.penalty_buffers[kind]
+    return None if self.overflow == 'error' and buffer >= self.max_len else buffer
+
+  def check_windows(self, sampling: SamplingConfig, where: str = '') -> None:
+    """ValueError unless `sampling`'s penalty windows fit this decoder's buffers."""
+    for kind in ('text', 'audio'):
+      have, most = getattr(sampling, f'penalty_window_{kind}'), self.max_window(kind)
+      if most is not None and have > most:
+        raise ValueError(
+          f'{where}penalty_window_{kind}={have} exceeds the penalty buffer of {most}; build '
+          'the decoder with penalty_buffer (a server: --max-len) at least that large'
+        )
 
   def release_slots(self, state: dict, mask) -> dict:
     """Frees the slots where mask [B]: they stop advancing and return valid=False."""

@@ -35,6 +35,28 @@ def window_valid(offset: jax.Array, window: jax.Array, size: int) -> jax.Array:
   return age < jnp.minimum(offset, window)[:, None]
 
 
+def newest(ring: jax.Array, offset: jax.Array, n: int) -> jax.Array:
+  """ring [B,W] (the token of step t at entry t mod W) -> [B,n]: its newest n entries, newest
+  first, before step `offset`."""
+  at = (offset[:, None] - 1 - jnp.arange(n)[None, :]) % ring.shape[1]
+  return jnp.take_along_axis(ring, at, axis=1)
+
+
+def with_penalty(fn, ring: jax.Array, offset: jax.Array, window: jax.Array, fast: int | None):
+  """fn(entries [B,n], valid [B,n]) over a penalty ring [B,W] whose valid entries are each row's
+  last min(offset, window [B]) tokens. When every row's window fits in `fast` entries (the
+  decoder's own windows) it reads only the newest `fast`: the same tokens, so the same result,
+  at the cost of the window in use rather than of the whole ring (which a server sizes to the
+  session, so that a session may ask for any window)."""
+  W = ring.shape[1]
+  whole = lambda: fn(ring, window_valid(offset, window, W))
+  if fast is None or fast >= W:
+    return whole()
+  count = jnp.minimum(offset, window)  # [B] tokens in each row's window
+  short = lambda: fn(newest(ring, offset, fast), jnp.arange(fast)[None, :] < count[:, None])
+  return jax.lax.cond(jnp.all(count <= fast), short, whole)
+
+
 def frame(
   model: FLMAudio,
   state: dict,
@@ -43,8 +65,12 @@ def frame(
   penalized: int,
   layer_fn=depth.layer_step,
   layers_fn=None,
+  fast_windows: tuple[int, int] | None = None,
 ) -> tuple[dict, jax.Array, jax.Array]:
-  """state, user [B,C] int32 -> (state, out [B,1+C] int32, valid [B] bool)."""
+  """state, user [B,C] int32 -> (state, out [B,1+C] int32, valid [B] bool).
+
+  fast_windows: (text, audio) penalty windows that every session usually fits in (the decoder's
+  sampling's); the penalty then reads only that many ring entries (see `penalized`)."""
   cfg = model.cfg
   C, Z, max_delay = cfg.num_codebooks, cfg.num_channels, cfg.max_delay
   delays = jnp.asarray(cfg.delays, jnp.int32)
@@ -73,19 +99,19 @@ def frame(
   )  # each [B]
 
   # 3. Text.
+  fast_text, fast_audio = fast_windows or (None, None)
   text_win = state['text_window']
-  text = sample_sharded(
-    text_keys,
-    text_logits,
-    state['text'],
+  text = with_penalty(
+    lambda win, valid: sample_sharded(text_keys, text_logits, state['text'], win, valid),
     text_win,
-    window_valid(offset, state['text'].penalty_window, text_win.shape[1]),
+    offset,
+    state['text'].penalty_window,
+    fast_text,
   )
 
   # 4. The depth transformer, one scan step per codebook.
   cond = model.depth_transformer.conditioning(h[:, 0])  # [B,C,d]
   audio_win = state['audio_window']  # [B,P,Wa]
-  audio_valid = window_valid(offset, state['audio'].penalty_window, audio_win.shape[2])  # [B,Wa]
 
   def depth_step(carry, c):
     prev, dcache = carry
@@ -97,7 +123,13 @@ def frame(
       audio_win, jnp.minimum(c, audio_win.shape[1] - 1), 1, keepdims=False
     )  # [B,Wa]
     code_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(audio_keys, c)
-    code = sample(code_keys, logits, state['audio'], win, audio_valid & (c < penalized))
+    code = with_penalty(
+      lambda win, valid: sample(code_keys, logits, state['audio'], win, valid & (c < penalized)),
+      win,
+      offset,
+      state['audio'].penalty_window,
+      fast_audio,
+    )
     return (code, dcache), code
 
   start = (jnp.full((B,), cfg.audio_emp_id, jnp.int32), depth.init_cache(cfg, B, cond.dtype))

@@ -35,9 +35,16 @@ def key_data(seeds: jax.Array) -> jax.Array:
 
 
 def init(
-  cfg: ModelConfig, sampling: SamplingConfig, batch: int, max_len: int, seeds: jax.Array
+  cfg: ModelConfig,
+  sampling: SamplingConfig,
+  batch: int,
+  max_len: int,
+  seeds: jax.Array,
+  buffers: dict | None = None,
 ) -> dict:
   """A state whose B slots are all fresh, active sessions. Pure; jit it for large caches.
+  buffers: {'text', 'audio'} ring entries of the penalty windows (default: the sampling's
+  windows; sessions may use any window up to them).
 
   Leaves:
     cache: {'k','v'} [L,B,S,K,H], slot s holds position s (s mod S when sliding);
@@ -52,14 +59,15 @@ def init(
   ring = jnp.broadcast_to(
     jnp.asarray(initial_column(cfg))[None, :, None], (batch, cfg.num_channels, ring_size(cfg))
   )
+  buffers = buffers or {k: sampling.penalty_buffer(k) for k in ('text', 'audio')}
   return {
     'cache': backbone.init_cache(cfg, batch, max_len),
     'ring': ring,
     'offset': jnp.zeros((batch,), jnp.int32),
     'active': jnp.ones((batch,), bool),
-    'text_window': jnp.zeros((batch, sampling.penalty_buffer('text')), jnp.int32),
+    'text_window': jnp.zeros((batch, buffers['text']), jnp.int32),
     'audio_window': jnp.zeros(
-      (batch, max(sampling.penalized_codebooks, 1), sampling.penalty_buffer('audio')), jnp.int32
+      (batch, max(sampling.penalized_codebooks, 1), buffers['audio']), jnp.int32
     ),
     'keys': key_data(jnp.asarray(seeds, jnp.uint32)),
     'text': sampling.stream('text').per_row(batch),

@@ -97,7 +97,9 @@ def stream(
   steps before the first output: a live listener hears frame f at step f + that).
 
   decoder: a StreamingDecoder built before for a model of the same config, long enough
-  (max_len); it then runs `model`'s weights with the functions it has compiled already."""
+  (max_len); it then runs `model`'s weights (StreamingDecoder.load_weights: a LoRA model
+  merged, placed on the decoder's mesh) with the functions it has compiled already, and its own
+  sampling (`sampling` is for a decoder built here)."""
   from tqdm import tqdm
 
   from flmjax.decode.decoder import StreamingDecoder
@@ -113,11 +115,9 @@ def stream(
   if decoder is None:
     decoder = StreamingDecoder(model, sampling, max_len=steps)
   else:
-    from flax import nnx
-
     if decoder.max_len < steps:
       raise ValueError(f'stream: the decoder holds {decoder.max_len} frames; need {steps}')
-    decoder.params = nnx.split(model)[1]  # the compiled frame takes the weights as an argument
+    decoder.load_weights(model)  # merged if LoRA, on the decoder's mesh; nothing recompiles
   outputs, lag = [None] * len(users), None
   bar = tqdm(
     total=sum(u.shape[1] for u in users),

@@ -302,7 +302,7 @@ def client_main(argv: list[str]) -> int:
   import aiohttp
 
   from flmjax.serve import protocol
-  from flmjax.serve.client import converse
+  from flmjax.serve.client import ReplyStreamError, converse
 
   ap = ArgumentParser(prog='flmjax client', description=CLIENT_DOC)
   ap.add_argument('--url', default='ws://127.0.0.1:8990/api/chat')
@@ -334,6 +334,8 @@ def client_main(argv: list[str]) -> int:
     )
   except aiohttp.WSServerHandshakeError as e:
     return fail('flmjax client', refused(args.url, e.status, e.message, args.token))
+  except ReplyStreamError as e:  # already names the url and the cause
+    return fail('flmjax client', str(e))
   except (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError) as e:
     return fail('flmjax client', f'{args.url}: {type(e).__name__}: {e}')
   import soundfile
@@ -348,5 +350,10 @@ def client_main(argv: list[str]) -> int:
     f'session {conv.session}: sent {conv.frames_sent} frames, received '
     f'{conv.frames_received}; wrote {args.out} and {base}.txt'
   )
+  if conv.clipped:
+    print(
+      f'{conv.clipped} reply frames peaked past full scale (up to {conv.reply_peak:.2f}): '
+      'clipped to [-1, 1]'
+    )
   print(conv.text)
   return 0

@@ -15,11 +15,19 @@ from flmjax.serve import protocol
 from flmjax.serve.clock import Clock
 
 
+class ReplyStreamError(ConnectionError):
+  """The reply stream failed on the client's side (undecodable audio, a page that fails its CRC,
+  non-finite samples, or any other error while receiving): the conversation ended there. The
+  original exception is its __cause__."""
+
+
 @dataclasses.dataclass
 class Conversation:
   """What one client session saw. sent_pcm: the input as the server decodes it (our own Opus
   bytes through a fresh decoder); reply_pcm: the reply audio; text: the 0x02 payloads joined,
-  up to the last reply kept (a frame's text comes before its audio)."""
+  up to the last reply kept (a frame's text comes before its audio). clipped: reply messages
+  that peaked past full scale (played clipped to [-1, 1]); reply_peak: the loudest sample before
+  clipping."""
 
   session: str
   frames_sent: int
@@ -31,6 +39,8 @@ class Conversation:
   receive_times: list
   close_code: int | None
   notices: list = dataclasses.field(default_factory=list)  # 0x02 before the handshake (queue)
+  clipped: int = 0
+  reply_peak: float = 0.0
 
 
 async def converse(
@@ -56,7 +66,11 @@ async def converse(
   codec: 'opus' (the official protocol) or 'pcm16' (asks the server for the raw int16 variant).
   A server whose slots are busy may queue the session: its 0x02 notices (the place in the queue)
   come before the handshake, go to notice_hook(text), and the wait for a slot has no timeout.
-  clock: what the pacing waits on and send/receive times read (real time by default)."""
+  clock: what the pacing waits on and send/receive times read (real time by default).
+
+  Loud replies are clipped to [-1, 1] and kept (Conversation.clipped counts them). Any failure
+  while receiving ends the conversation at once, sending included, and raises ReplyStreamError.
+  """
   clock = clock or Clock()
   frames = [pcm[i : i + FRAME_SIZE] for i in range(0, len(pcm) - FRAME_SIZE + 1, FRAME_SIZE)]
   want = max(len(frames) - 1, 0) if replies is None else replies
@@ -106,28 +120,44 @@ async def converse(
                 got_all.set()
           elif msg.data[0] == protocol.TEXT and not got_all.is_set():
             text.append(msg.data[1:].decode('utf-8'))
-        got_all.set()  # the server closed the session
 
-      receiver = asyncio.create_task(receive())
-      start = clock.time()
-      for i, frame in enumerate(frames):
-        if pace and i >= lead_frames:
-          await clock.sleep_until(start + (i - lead_frames) * 0.08)
-        if receiver.done() or ws.closed:
-          break  # the server ended the session
-        data = writer.encode(frame)
-        try:
-          await ws.send_bytes(bytes([protocol.AUDIO]) + data)
-        except ConnectionError:
-          break
-        sent_pcm.append(own_reader.decode(data))
-        send_times.append(clock.time())
+      async def send():
+        start = clock.time()
+        for i, frame in enumerate(frames):
+          if pace and i >= lead_frames:
+            await clock.sleep_until(start + (i - lead_frames) * 0.08)
+          if ws.closed:
+            return  # the server ended the session
+          data = writer.encode(frame)
+          try:
+            await ws.send_bytes(bytes([protocol.AUDIO]) + data)
+          except ConnectionError:
+            return
+          sent_pcm.append(own_reader.decode(data))
+          send_times.append(clock.time())
+
+      receiver, sender = asyncio.create_task(receive()), asyncio.create_task(send())
+      replied = asyncio.create_task(got_all.wait())
       try:
-        await asyncio.wait_for(got_all.wait(), reply_timeout_s)
-      except asyncio.TimeoutError:
-        pass
-      await ws.close()
-      receiver.cancel()
+        # Sending runs until its last frame, unless the receiver ends first: the server closed
+        # (nothing more to send) or receiving failed (raised below, at once).
+        await asyncio.wait({receiver, sender}, return_when=asyncio.FIRST_COMPLETED)
+        if sender.done():
+          sender.result()  # a failure of its own (ConnectionError is the server leaving)
+          await asyncio.wait(
+            {receiver, replied}, timeout=reply_timeout_s, return_when=asyncio.FIRST_COMPLETED
+          )
+        if receiver.done() and receiver.exception() is not None:
+          e = receiver.exception()
+          raise ReplyStreamError(
+            f'{url}: the reply stream failed after {len(reply_pcm)} reply messages: '
+            f'{type(e).__name__}: {e}'
+          ) from e
+      finally:
+        for task in (receiver, sender, replied):
+          task.cancel()
+        await asyncio.gather(receiver, sender, replied, return_exceptions=True)
+        await ws.close()
       code = ws.close_code
   cat = lambda xs: np.concatenate(xs) if xs else np.zeros((0,), np.float32)
   reply = cat(reply_pcm)
@@ -142,4 +172,6 @@ async def converse(
     receive_times,
     code,
     notices,
+    reply_reader.clipped,
+    reply_reader.peak,
   )

@@ -46,9 +46,19 @@ class Metrics:
     )
     self.bad_audio = prom.Counter(
       'flmjax_bad_audio_sessions',
-      'sessions ended by malformed or corrupted audio (Opus errors, Ogg CRC, non-finite pcm)',
+      'sessions ended by malformed or corrupted audio (Opus errors, Ogg CRC, non-finite pcm; '
+      'never its level)',
       registry=r,
     )
+    self.clipped = prom.Counter(
+      'flmjax_clipped',
+      'audio clipped to [-1, 1] and played (never refused for its level): input messages '
+      'from clients, reply frames from the model',
+      ['stream'],
+      registry=r,
+    )
+    for stream in ('input', 'reply'):
+      self.clipped.labels(stream)
     self.late_ticks = prom.Counter(
       'flmjax_late_ticks', 'ticks that started a frame late', registry=r
     )

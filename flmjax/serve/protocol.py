@@ -37,12 +37,18 @@ class OpusWriter:
 
 
 class CorruptAudioError(ValueError):
-  """Ogg/Opus bytes that fail a check: a page's CRC, or pcm no encoder of speech produces."""
+  """Ogg/Opus bytes that fail a check: a page's CRC, or pcm with NaN or infinite samples. Loud
+  audio is no corruption: it is clipped (`clip`), never refused."""
 
 
-# Decoded pcm peaking past this is no speech (Opus overshoots full scale only slightly); up to it,
-# samples past full scale are clipped to [-1, 1].
-MAX_PEAK = 1.5
+def clip(pcm: np.ndarray) -> tuple[np.ndarray, float]:
+  """pcm -> (pcm clipped to [-1, 1], its peak before), as any player would play it. Opus
+  overshoots full scale slightly, a loud microphone or a model's reply by more; either way the
+  level is the speaker's, not a sign of corruption."""
+  peak = float(np.abs(pcm).max()) if pcm.size else 0.0
+  return (np.clip(pcm, -1.0, 1.0) if peak > 1.0 else pcm), peak
+
+
 _BIT_REVERSED = bytes(int(f'{i:08b}'[::-1], 2) for i in range(256))
 
 
@@ -79,13 +85,15 @@ class OggPages:
 
 
 class OpusReader:
-  """Ogg/Opus bytes -> float32 pcm. CorruptAudioError on a page that fails its CRC or decodes into
-  non-finite or far-past-full-scale pcm; ValueError (sphn) on a malformed stream."""
+  """Ogg/Opus bytes -> float32 pcm in [-1, 1]. CorruptAudioError on a page that fails its CRC or
+  decodes into non-finite pcm; ValueError (sphn) on a malformed stream. Louder pcm is clipped:
+  `clipped` counts the messages that were, `peak` is the loudest sample seen before clipping."""
 
   def __init__(self, sample_rate: int = SAMPLE_RATE):
     self._reader = sphn.OpusStreamReader(sample_rate)
     self._legacy = hasattr(self._reader, 'read_pcm')
     self._pages = OggPages()
+    self.clipped, self.peak = 0, 0.0
 
   def decode(self, data: bytes) -> np.ndarray:
     self._pages.check(data)
@@ -96,11 +104,9 @@ class OpusReader:
     if pcm.size:
       if not np.isfinite(pcm).all():
         raise CorruptAudioError('decoded audio holds NaN or infinite samples')
-      peak = float(np.abs(pcm).max())
-      if peak > MAX_PEAK:
-        raise CorruptAudioError(f'decoded audio peaks at {peak:.2f}, far past full scale')
-      if peak > 1.0:
-        pcm = np.clip(pcm, -1.0, 1.0)
+      pcm, peak = clip(pcm)
+      self.clipped += peak > 1.0
+      self.peak = max(self.peak, peak)
     return pcm
 
 
@@ -114,7 +120,10 @@ class Pcm16Writer:
 
 
 class Pcm16Reader:
-  """Little-endian int16 bytes -> float32 pcm (sample / 32768); ValueError on an odd length."""
+  """Little-endian int16 bytes -> float32 pcm (sample / 32768); ValueError on an odd length.
+  int16 cannot pass full scale: nothing is ever clipped."""
+
+  clipped, peak = 0, 0.0
 
   def decode(self, data: bytes) -> np.ndarray:
     if len(data) % 2:

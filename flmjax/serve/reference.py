@@ -54,13 +54,16 @@ def expected_reply(
   cfg, text_ids: np.ndarray, pcm: np.ndarray, tokenizer=None, codec: str = 'opus'
 ) -> tuple:
   """Offline (text ids [n], pcm [n*S]) -> (the 0x02 text a client joins, the reply pcm it
-  decodes): the server's TextStream and per-frame encoding (Opus or pcm16), then a fresh
-  decoder."""
+  decodes): the server's TextStream, clipping and per-frame encoding (Opus or pcm16), then a
+  fresh decoder."""
   make_reader, make_writer = protocol.CODECS[codec]
   stream, writer, reader = protocol.TextStream(cfg, tokenizer), make_writer(), make_reader()
   text = ''.join(m[1:].decode('utf-8') for i in text_ids for m in stream.add(int(i)))
   S = len(pcm) // max(len(text_ids), 1)
-  frames = [reader.decode(writer.encode(pcm[t * S : (t + 1) * S])) for t in range(len(text_ids))]
+  frames = [  # clipped, as the server plays a reply
+    reader.decode(writer.encode(protocol.clip(pcm[t * S : (t + 1) * S])[0]))
+    for t in range(len(text_ids))
+  ]
   return text, (np.concatenate(frames) if frames else np.zeros((0,), np.float32))
 
 

@@ -11,6 +11,7 @@ import collections
 import hmac
 import json
 import socket
+import time
 import uuid
 
 from aiohttp import web
@@ -150,6 +151,7 @@ class Server:
       client='page' if request.query.get('client') == 'page' else 'api',
       record=self.record_input,
       clock=self.clock,
+      on_clip=lambda stream: loop.metrics.clipped.labels(stream).inc(),
     )
     if slot is None:
       self.waiting.append(session)
@@ -199,6 +201,7 @@ class Server:
   def _join(self, session: Session) -> None:
     """Gives the session its slot and queues its handshake (the page's carries its id)."""
     self.frame_loop.join(session)
+    session.start_time = time.time()  # the log's start: a queued session starts now
     session.place = 0
     session.admitted.set()
     if session.queue.full():  # queue notices it never read

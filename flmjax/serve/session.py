@@ -48,7 +48,8 @@ class Limits:
 class Session:
   """codec: 'opus' (the official 0x01) or 'pcm16'; client: 'page' (the browser page) or 'api',
   for the metrics and the log; record: keep every frame the model got (`recorded`, including
-  the silence of underruns), for tests and debugging."""
+  the silence of underruns), for tests and debugging. on_clip(stream): called for each input
+  message ('input') or reply frame ('reply') clipped to [-1, 1] (the server's metric)."""
 
   def __init__(
     self,
@@ -66,6 +67,7 @@ class Session:
     client: str = 'api',
     record: bool = False,
     clock: Clock | None = None,
+    on_clip=None,
   ):
     self.sid, self.slot, self.ws, self.peer = sid, slot, ws, peer
     self.transport = transport
@@ -88,7 +90,10 @@ class Session:
     self.bad_audio = False  # ended by malformed or corrupted audio (counted in /metrics)
     self.frames_in = self.frames_out = self.underruns = 0
     self.first_underrun = -1  # session frame index of the first underrun
-    self.start_time = time.time()
+    self.clipped = {'input': 0, 'reply': 0}  # messages / reply frames clipped to [-1, 1]
+    self.on_clip = on_clip
+    self.queued = slot is None  # it waited in the server's queue for a slot
+    self.connect_time = self.start_time = time.time()  # start: when it got its slot (`admit`)
 
   # ---- called by the frame loop (never awaits) ----------------------------------------------
   def has_frame(self) -> bool:
@@ -125,6 +130,9 @@ class Session:
 
   def push(self, pcm: np.ndarray, text_id: int) -> None:
     """Queues one reply frame (Opus) and its text messages."""
+    pcm, peak = protocol.clip(pcm)  # a loud reply is played clipped, as any player would
+    if peak > 1.0:
+      self._clipped('reply', peak)
     # Text first: a client holding reply frame k then holds the text of frames <= k too.
     messages = self.text.add(text_id) + [bytes([protocol.AUDIO]) + self.writer.encode(pcm)]
     unsent = self.transport.get_write_buffer_size() if self.transport is not None else 0
@@ -137,6 +145,20 @@ class Session:
         return
       self.queue.put_nowait(message)
     self.frames_out += 1
+
+  def _clipped(self, stream: str, peak: float) -> None:
+    """Counts audio clipped to [-1, 1]; the session's first clip is logged, once."""
+    if not any(self.clipped.values()):
+      log.warning(
+        'session %s: %s audio peaks at %.2f, past full scale: clipped to [-1, 1] and played '
+        '(counted in flmjax_clipped_total; logged once per session)',
+        self.sid,
+        stream,
+        peak,
+      )
+    self.clipped[stream] += 1
+    if self.on_clip is not None:
+      self.on_clip(stream)
 
   def end(self, reason: str, code: int = 1008) -> None:
     """Ends the session (first reason wins); `code` is the websocket close code to send."""
@@ -170,6 +192,7 @@ class Session:
         continue  # the official server skips empty messages too
       if data[0] != protocol.AUDIO:
         return self.end(f'unknown message kind {data[0]}', 1003)
+      clipped = self.reader.clipped
       try:
         pcm = self.reader.decode(data[1:])
       except protocol.CorruptAudioError as e:  # never fed to the model
@@ -178,6 +201,8 @@ class Session:
       except Exception as e:  # sphn raises ValueError (and others) on a malformed stream
         self.bad_audio = True
         return self.end(f'malformed {"Opus" if self.codec == "opus" else self.codec}: {e}', 1007)
+      if self.reader.clipped > clipped:  # loud, not corrupt: clipped and played
+        self._clipped('input', self.reader.peak)
       if self.slot is None:
         continue  # queued: decoded (the Opus stream stays in sync), then dropped
       if pcm.size:
@@ -193,11 +218,23 @@ class Session:
       await self.ws.send_bytes(message)
 
   def summary(self) -> str:
+    """One log line; start is when the session got its slot, with its wait in the queue beside
+    it (a session that left the queue never started: start is when it connected)."""
+    hms = lambda t: time.strftime('%H:%M:%S', time.gmtime(t))
+    now, wait = time.time(), ''
+    if self.queued and self.admitted.is_set():
+      wait = f' (queued {self.start_time - self.connect_time:.1f} s)'
+    elif self.queued:
+      wait = f' (queued {now - self.connect_time:.1f} s, never started)'
+    clipped = (
+      f', clipped in {self.clipped["input"]} out {self.clipped["reply"]}'
+      if any(self.clipped.values())
+      else ''
+    )
     return (
       f'session {self.sid} slot {self.slot} peer {self.peer} ({self.client}): start '
-      f'{time.strftime("%H:%M:%S", time.gmtime(self.start_time))} end '
-      f'{time.strftime("%H:%M:%S", time.gmtime())} '
-      f'({time.time() - self.start_time:.1f} s), frames in {self.frames_in} '
+      f'{hms(self.start_time)}{wait} end {hms(now)} '
+      f'({now - self.start_time:.1f} s), frames in {self.frames_in} '
       f'out {self.frames_out}, underruns {self.underruns} (first at frame '
-      f'{self.first_underrun}), reason: {self.reason}'
+      f'{self.first_underrun}){clipped}, reason: {self.reason}'
     )
