@@ -36,7 +36,7 @@ async def running(server: Server):
   await runner.setup()
   site = web.TCPSite(runner, '127.0.0.1', 0)
   await site.start()
-  port = site._server.sockets[0].getsockname()[1]
+  [(_, port)] = runner.addresses  # the port the kernel chose
   try:
     yield f'127.0.0.1:{port}'
   finally:

@@ -244,24 +244,29 @@ def test_cli_help_errors_and_client_end_to_end(serve_pipeline, tmp_path, capsys)
 
   # `flmjax client` against a live server (its own event loop, in a thread): WAV in, WAV out.
   soundfile.write(tmp_path / 'user.wav', voice(5, 8), 24000)  # 8 frames at 24 kHz
-  with socket.socket() as closed:  # a port nobody listens on
+  # A port nobody listens on, held for the whole call: bound (so no other server on the box can
+  # take it, and the client's own connection cannot be given it and connect to itself) but not
+  # listening, so the connection is refused every time.
+  with socket.socket() as closed:
     closed.bind(('127.0.0.1', 0))
     port = closed.getsockname()[1]
-  assert (
-    cli.main(
-      [
-        'client',
-        '--url',
-        f'ws://127.0.0.1:{port}/api/chat',
-        '--in',
-        str(tmp_path / 'user.wav'),
-        '--out',
-        str(tmp_path / 'reply.wav'),
-      ]
+    assert (
+      cli.main(
+        [
+          'client',
+          '--url',
+          f'ws://127.0.0.1:{port}/api/chat',
+          '--in',
+          str(tmp_path / 'user.wav'),
+          '--out',
+          str(tmp_path / 'reply.wav'),
+        ]
+      )
+      == 1
     )
-    == 1
-  )
-  assert 'flmjax client: error: ws://127.0.0.1' in capsys.readouterr().err
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith(f'flmjax client: error: ws://127.0.0.1:{port}/'), err
+  assert 'Cannot connect' in err[0], err
   with serving_in_thread(Server(serve_pipeline, sampling=GREEDY)) as addr:
     assert (
       cli.main(

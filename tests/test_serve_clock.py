@@ -59,7 +59,7 @@ def test_client_paces_one_frame_per_period_after_its_lead():
     await runner.setup()
     site = web.TCPSite(runner, '127.0.0.1', 0)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]
+    [(_, port)] = runner.addresses
     pcm = np.zeros(10 * 1920, np.float32)
     talk = asyncio.create_task(
       converse(f'ws://127.0.0.1:{port}/api/chat', pcm, lead_frames=3, replies=0, clock=clock)
