@@ -181,13 +181,16 @@ def test_merged_export_equals_the_unmerged_forward(lora_run, tmp_path, tiny_dir)
     assert float(np.max(np.abs(x - y)) / np.max(np.abs(y))) <= 1e-5
 
 
-def test_adapters_export_writes_peft_files(lora_run, tmp_path):
+def test_adapters_export_writes_peft_files(lora_run, tmp_path, capsys):
   from safetensors.numpy import load_file
 
   from flmjax.cli import main
 
   _, tc, _ = lora_run
   assert main(['export', tc.run_dir, str(tmp_path / 'peft'), '--adapters']) == 0
+  # The run's base is int8: one warning line that PEFT's full-precision base is another model.
+  [warning] = capsys.readouterr().err.strip().splitlines()
+  assert warning.startswith('warning: ') and 'int8 base' in warning and '--merge' in warning
   config = json.loads((tmp_path / 'peft' / 'adapter_config.json').read_text())
   assert config['peft_type'] == 'LORA' and config['r'] == 4 and config['lora_alpha'] == 8.0
   assert 'model.layers.0.self_attn.q_proj' in config['target_modules']

@@ -54,6 +54,14 @@ def checkpoint_dir(path: str) -> epath.Path:
   return path
 
 
+# One line, on `export --adapters` of a run whose frozen base is int8 (docs/training.md).
+INT8_PEFT_WARNING = (
+  "warning: this run's adapters were trained on an int8 base; PEFT applies them to the "
+  "full-precision official base, which differs from flmjax's int8-base model (measured: 0.049 "
+  'text and 0.237 depth logits apart); only --merge reproduces it'
+)
+
+
 def restore_model(
   ckpt_dir: str, step: int | None = None, *, base: str | None = None, merge: bool = True
 ) -> tuple[FLMAudio, dict]:
@@ -136,6 +144,8 @@ def export(
   check_target(os.path.abspath(out_dir), overwrite)  # before the (slow) restore
   model, meta = restore_model(ckpt_dir, step, base=base, merge=not peft)
   if peft:
+    if model.lora.base_dtype == 'int8':
+      log(INT8_PEFT_WARNING, file=sys.stderr)
     return adapters.write_peft(model, out_dir, adapters.base_source(meta, base))
   dtype = dtype or meta['model_config'].get('checkpoint_dtype', 'bfloat16')
   tokenizer = (meta.get('train_config') or {}).get('tokenizer')
