@@ -336,3 +336,29 @@ def test_dropout_step_is_deterministic_and_differs_from_no_dropout():
   assert loss_a == loss_b == loss_c  # B = 0: each step's forward is the base's
   moved = [not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(c))]
   assert any(moved)
+
+
+@pytest.mark.slow
+def test_stream_with_a_built_decoder_runs_a_lora_model_merged_and_placed(tiny_model):
+  """eval's stream(model, ..., decoder=d) loads the model into d (StreamingDecoder.load_weights):
+  a LoRA model on an int8 base decodes merged, on one device and on a (2,1,4) mesh, exactly as a
+  decoder built for it alone."""
+  from flmjax.decode import SamplingConfig, StreamingDecoder
+  from flmjax.eval.stream import stream
+
+  model = lora_model(tiny_model, dataclasses.replace(ALL, base_dtype='int8'), noise=0.5)
+  rng = np.random.default_rng(4)
+  users = [rng.integers(0, 2048, (8, n)).astype(np.int32) for n in (14, 9)]
+  want, _ = stream(model, users)  # a decoder of its own, built from the LoRA model
+  greedy = SamplingConfig(greedy=True, repetition_penalty_text=1.0, repetition_penalty_audio=1.0)
+  plain = StreamingDecoder(tiny_model, greedy, max_len=16)
+  base, _ = stream(tiny_model, users, decoder=plain)
+  assert any((a != b).any() for a, b in zip(base, want))  # the adapters change the stream
+  got, _ = stream(model, users, decoder=plain)
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(a, b)
+  sharded = StreamingDecoder(tiny_model, greedy, max_len=16, mesh=shd.make_mesh(2, 1, 4))
+  got, _ = stream(model, users, decoder=sharded)
+  assert sharded.params['backbone']['q'][...].sharding.spec[2] == 'tensor'
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(a, b)

@@ -154,10 +154,11 @@ async def converse(
             f'{type(e).__name__}: {e}'
           ) from e
       finally:
-        for task in (receiver, sender, replied):
-          task.cancel()
+        sender.cancel()
+        replied.cancel()
+        await ws.close()  # the close handshake ends the receiver's loop (cancelled if not)
+        receiver.cancel()
         await asyncio.gather(receiver, sender, replied, return_exceptions=True)
-        await ws.close()
       code = ws.close_code
   cat = lambda xs: np.concatenate(xs) if xs else np.zeros((0,), np.float32)
   reply = cat(reply_pcm)
