@@ -192,6 +192,10 @@ def run(args, sessions: int) -> dict:
   report['frame_loop_p50_ms'] = 1000 * metrics['flmjax_frame_loop_recent_seconds{quantile="0.5"}']
   report['frame_loop_p99_ms'] = 1000 * metrics['flmjax_frame_loop_recent_seconds{quantile="0.99"}']
   report['late_ticks'] = metrics.get('flmjax_late_ticks_total', 0)
+  report['clipped'] = {  # input messages, reply frames past full scale (clipped, played)
+    s: metrics.get(f'flmjax_clipped_total{{stream="{s}"}}', 0) for s in ('input', 'reply')
+  }
+  report['clients_clipped_replies'] = sum(c.clipped for c in convs)
   report['server_cpu_percent'] = round(100 * (sum(cpu1[:2]) - sum(cpu0[:2])) / wall, 1)
   report['clients_cpu_percent'] = round(100 * (sum(me1[:2]) - sum(me0[:2])) / wall, 1)
   lat = []
