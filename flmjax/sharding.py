@@ -97,15 +97,22 @@ def device_grid(
   )
 
 
-def parse_axes(text: str, flag: str = '--mesh') -> dict[str, int]:
-  """'data=2,tensor=4' -> {'data': 2, 'tensor': 4}: sizes of the named mesh axes (others 1)."""
+def parse_axes(
+  text: str, flag: str = '--mesh', axes: Sequence[str] = MESH_AXES, example: str = 'data=2,tensor=4'
+) -> dict[str, int]:
+  """'data=2,tensor=4' -> {'data': 2, 'tensor': 4}: sizes of the named mesh `axes` (others 1).
+  ValueError naming the flag: a size below 1, or text that is not axis=size pairs."""
   out = {}
   for part in filter(None, (p.strip() for p in text.split(','))):
-    name, eq, size = part.partition('=')
-    if not eq or name not in MESH_AXES or name in out or not size.isdigit() or int(size) < 1:
+    name, eq, size = (x.strip() for x in part.partition('='))
+    number = size[1:] if size[:1] in '+-' else size
+    if eq and name in axes and name not in out and number.isdigit() and int(size) < 1:
+      raise ValueError(f'{flag} {text!r}: {name}={size}: mesh sizes must be >= 1')
+    if not eq or name not in axes or name in out or not number.isdigit():
+      listed = ', '.join(axes[:-1]) + ' and ' + axes[-1] if len(axes) > 1 else axes[0]
       raise ValueError(
-        f'{flag} {text!r}: expected comma-separated axis=size pairs, axes among '
-        f'{", ".join(MESH_AXES)}, e.g. data=2,tensor=4'
+        f'{flag} {text!r}: expected comma-separated axis=size pairs with axes {listed}, '
+        f'e.g. {example}'
       )
     out[name] = int(size)
   return out

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from flmjax import sharding as shd
 from flmjax.config import ModelConfig
 from flmjax.model.lora import LoraConfig
 
@@ -39,18 +40,10 @@ class AotRequest:
 
 def parse_mesh(text: str) -> dict[str, int]:
   """'fsdp=16,tensor=4' -> {'fsdp': 16, 'tensor': 4}; data takes the remaining devices."""
-  out = {}
-  for part in filter(None, (p.strip() for p in text.split(','))):
-    name, eq, size = part.partition('=')
-    if eq and name in ('fsdp', 'tensor') and size.strip().lstrip('+-').isdigit() and int(size) < 1:
-      raise AotError(f'--mesh {text!r}: {name}={size.strip()}: mesh sizes must be >= 1')
-    if not eq or name not in ('fsdp', 'tensor') or not size.isdigit() or int(size) < 1:
-      raise AotError(
-        f'--mesh {text!r}: expected comma-separated axis=size pairs with axes fsdp '
-        f'and tensor (data takes the remaining devices), e.g. fsdp=16,tensor=4'
-      )
-    out[name] = int(size)
-  return out
+  try:
+    return shd.parse_axes(text, axes=('fsdp', 'tensor'), example='fsdp=16,tensor=4')
+  except ValueError as e:
+    raise AotError(f'{e} (data takes the remaining devices)') from None
 
 
 def make_request(

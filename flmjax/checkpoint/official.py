@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from flmjax import sharding as shd
+from flmjax.checkpoint import kinds
 from flmjax.checkpoint import safetensors_io as st
 from flmjax.checkpoint.layout import Entry, entries
 from flmjax.config import ModelConfig
@@ -126,6 +127,9 @@ def check_official(path: str) -> tuple[ModelConfig, dict[str, st.TensorInfo]]:
   """(config, tensor index) of an official checkpoint, from config.json and the safetensors
   headers only (cheap: no weights read); CheckpointError names what is missing or mismatched."""
   config_file = os.path.join(path, 'config.json')
+  problem = kinds.misplaced(path, (kinds.OFFICIAL,))  # a run, adapter or Mimi: say so
+  if problem:
+    raise CheckpointError(problem)
   if not os.path.isdir(path):
     raise CheckpointError(f'{path}: no such checkpoint directory')
   if not os.path.exists(config_file):

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from flmjax.checkpoint import safetensors_io
+from flmjax.checkpoint import kinds, safetensors_io
 from flmjax.codec import seanet
 from flmjax.codec.mimi_config import MimiConfig
 
@@ -239,6 +239,9 @@ def read_checkpoint(path_or_dir: str, num_codebooks: int = 8):
   """-> (MimiConfig, params, axes). Named errors for a truncated file, wrong keys or shapes."""
   if isinstance(num_codebooks, bool) or not isinstance(num_codebooks, int) or num_codebooks < 1:
     raise ValueError(f'load_mimi: num_codebooks={num_codebooks!r} must be an integer >= 1')
+  problem = kinds.misplaced(path_or_dir, (kinds.MIMI,))
+  if problem:
+    raise MimiCheckpointError(problem)
   path, config_path = find_files(path_or_dir)
   if config_path is None:
     cfg = MimiConfig.full()

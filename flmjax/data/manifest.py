@@ -177,29 +177,71 @@ def parse_line(text: str, where: str, base_dir: str) -> Entry:
   return entry
 
 
-def read_manifest(path: str | os.PathLike) -> Iterator[Entry | ManifestError]:
-  """Yields one Entry, or the ManifestError that rejects it, per non-blank line."""
+def manifest_lines(path: str | os.PathLike) -> Iterator[tuple[int, str | ManifestError]]:
+  """(line number, the line's text or the ManifestError of a line that is not UTF-8) per
+  non-blank line, decoded one at a time: one bad byte rejects one line, not the file."""
   path = str(path)
-  base = os.path.dirname(os.path.abspath(path))
-  with open(path, 'rb') as f:  # decoded line by line: one bad byte rejects one line, not all
+  with open(path, 'rb') as f:
     for n, raw in enumerate(f, start=1):
       where = f'{path}:{n}'
       try:
         line = raw.decode('utf-8')
       except UnicodeDecodeError as e:
-        yield ManifestError(
-          where,
-          f'not UTF-8 text (byte 0x{raw[e.start]:02x} at column '
-          f'{e.start + 1}); save the manifest as UTF-8',
-          'not_utf8',
+        yield (
+          n,
+          ManifestError(
+            where,
+            f'not UTF-8 text (byte 0x{raw[e.start]:02x} at column '
+            f'{e.start + 1}); save the manifest as UTF-8',
+            'not_utf8',
+          ),
         )
         continue
-      if not line.strip():
-        continue
-      try:
-        yield parse_line(line, where, base)
-      except ManifestError as e:
-        yield e
+      if line.strip():
+        yield n, line
+
+
+def read_manifest(path: str | os.PathLike) -> Iterator[Entry | ManifestError]:
+  """Yields one Entry, or the ManifestError that rejects it, per non-blank line."""
+  base = os.path.dirname(os.path.abspath(str(path)))
+  for n, line in manifest_lines(path):
+    if isinstance(line, ManifestError):
+      yield line
+      continue
+    try:
+      yield parse_line(line, f'{path}:{n}', base)
+    except ManifestError as e:
+      yield e
+
+
+def check_manifest(path: str | os.PathLike, flag: str = 'manifest') -> int:
+  """A manifest to read whole: a file (not a folder), not empty, and text rather than binary
+  data (a NUL byte, which no JSON text holds). Returns its count of non-blank lines; the error
+  names `flag` and the path."""
+  path = str(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+      f'{flag} {path}: '
+      + ('is a directory; give the .jsonl file' if os.path.isdir(path) else 'no such file')
+    )
+  with open(path, 'rb') as f:
+    head = f.read(1 << 16)
+  nul = head.find(b'\0')
+  if nul >= 0:
+    raise ManifestError(
+      f'{flag} {path}',
+      f'binary data, not a JSONL manifest (a NUL byte at offset {nul}); give the manifest: '
+      'UTF-8 text, one JSON object per line (see docs/data.md)',
+      'binary',
+    )
+  total = count_lines(path)
+  if total == 0:
+    raise ManifestError(
+      f'{flag} {path}',
+      'the manifest is empty: one JSON object per line (see docs/data.md)',
+      'empty_manifest',
+    )
+  return total
 
 
 def count_lines(path: str | os.PathLike) -> int:

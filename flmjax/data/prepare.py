@@ -133,18 +133,7 @@ def prepare(
   from tqdm import tqdm
 
   out_dir = os.path.abspath(out_dir)
-  if not os.path.isfile(manifest):
-    raise FileNotFoundError(
-      f'manifest {manifest}: '
-      + ('is a directory; give the .jsonl file' if os.path.isdir(manifest) else 'no such file')
-    )
-  total = mf.count_lines(manifest)
-  if total == 0:
-    raise mf.ManifestError(
-      manifest,
-      'the manifest is empty: one JSON object per line (see docs/data.md)',
-      'empty_manifest',
-    )
+  total = mf.check_manifest(manifest)
   check_out_dir(out_dir, overwrite)
   os.makedirs(os.path.dirname(out_dir), exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(out_dir)}.tmp-', dir=os.path.dirname(out_dir))

@@ -10,13 +10,20 @@ import time
 import numpy as np
 
 
-def load_model(path: str, dtype: str | None = None, mesh=None, base: str | None = None):
+def load_model(
+  path: str, dtype: str | None = None, mesh=None, base: str | None = None, mimi_flag=None
+):
   """An official-layout dir through load_official (in `dtype`, default the checkpoint's; with a
   mesh, each device reads its own block), else an orbax training checkpoint: a LoRA run is
   merged into its base (`base`, the official checkpoint it trained on, where its init_from has
-  moved; else its init_from or seed)."""
+  moved; else its init_from or seed). mimi_flag: the command's flag for a Mimi codec, named
+  when `path` is one."""
   import flmjax
+  from flmjax.checkpoint import kinds
 
+  problem = kinds.misplaced(path, (kinds.OFFICIAL, kinds.RUN, kinds.LORA_RUN), mimi_flag=mimi_flag)
+  if problem:
+    raise ValueError(f'--checkpoint {problem}')
   if not os.path.isdir(path):
     raise FileNotFoundError(f'--checkpoint {path}: no such directory')
   if os.path.exists(os.path.join(path, 'config.json')):

@@ -137,6 +137,7 @@ def _teacher_forced(model, args, tokenizer, codec) -> dict:
 
 
 def duplex(args) -> int:
+  from flmjax.data.manifest import check_manifest
   from flmjax.decode.session import check_out, load_model
   from flmjax.eval.duplex import check_vocab, evaluate_duplex
   from flmjax.eval.report import markdown, write_report
@@ -144,10 +145,11 @@ def duplex(args) -> int:
   for flag, value in (('--limit', args.limit), ('--batch-size', args.batch_size)):
     if value is not None and value < 1:
       raise ValueError(f'{flag} {value} must be >= 1')
-  if not os.path.isfile(args.data):
-    raise FileNotFoundError(f'--data {args.data}: no such file')
+  check_manifest(args.data, '--data')  # before the model loads
+  if args.asr_tts:
+    check_manifest(args.asr_tts, '--asr-tts')
   check_out(args.out, args.overwrite, REPORT_FILES)
-  model = load_model(args.checkpoint)
+  model = load_model(args.checkpoint, mimi_flag='--mimi')
   tokenizer = _tokenizer(args, args.checkpoint)
   check_vocab(model.cfg, tokenizer, f'--data {args.data}')
   codec = _codec(args.mimi, model.cfg.num_codebooks)
@@ -191,7 +193,7 @@ def fdb(args) -> int:
     raise ValueError('--transcripts are scored: pass --rules fdb with them')
   check_out(args.out, args.overwrite, args.in_dir)
   find_inputs(args.in_dir)  # before the model loads
-  model = load_model(args.checkpoint)
+  model = load_model(args.checkpoint, mimi_flag='--mimi')
   tokenizer = None
   for name in ('tokenizer.model', 'tokenizer.json'):
     candidate = args.tokenizer or os.path.join(args.checkpoint, name)

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 
+from flmjax.data.manifest import ManifestError, manifest_lines
 from flmjax.eval.turn_taking import events_from_segments, seconds_to_frame
 
 
@@ -19,64 +20,65 @@ def read_conversations(
   channel 1 is the user) go through `codec` (default: the synthetic corpus's ToyCodec)."""
   root = os.path.dirname(os.path.abspath(manifest))
   out = []
-  with open(manifest, encoding='utf-8') as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        item = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f'{manifest}:{number}: invalid JSON ({e.msg})') from None
-      if item.get('kind') != 'duplex':
-        continue
-      if 'codes' in item:
-        from flmjax.data.manifest import read_npy
+  for number, line in manifest_lines(manifest):
+    if isinstance(line, ManifestError):
+      raise line
+    try:
+      item = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{manifest}:{number}: invalid JSON ({e.msg})') from None
+    if not isinstance(item, dict):
+      raise ValueError(f'{manifest}:{number}: not a JSON object (one per line)')
+    if item.get('kind') != 'duplex':
+      continue
+    if 'codes' in item:
+      from flmjax.data.manifest import read_npy
 
-        user = read_npy(os.path.join(root, item['codes']['user']))
-      elif 'audio' in item:
-        from flmjax.data.audio import read_audio
+      user = read_npy(os.path.join(root, item['codes']['user']))
+    elif 'audio' in item:
+      from flmjax.data.audio import read_audio
 
-        if codec is None:
-          from flmjax.codec.toy import ToyCodec
+      if codec is None:
+        from flmjax.codec.toy import ToyCodec
 
-          codec = ToyCodec()
-        wave = read_audio(
-          os.path.join(root, item['audio']), channels=2, target_rate=codec.sample_rate
-        )[1]  # [S]: channel 1 is the user
-        user = codec.encode(wave)
-      else:
-        raise ValueError(f'{manifest}:{number}: a duplex line needs "codes" or "audio"')
-      if user.ndim != 2 or user.shape[0] < num_codebooks:
-        raise ValueError(
-          f'{manifest}:{number}: user codes of shape {user.shape}; the checkpoint '
-          f'needs [{num_codebooks}, frames]'
-        )
-      user = np.asarray(user[:num_codebooks], np.int32)
-      frames = user.shape[1]
-      segments = [
-        {
-          'speaker': s['speaker'],
-          'start': seconds_to_frame(s['start']),
-          'end': seconds_to_frame(s['end']),
-          'text': s['text'],
-        }
-        for s in item.get('segments', [])
-      ]
-      events = (
-        [tuple(e) for e in item['events']]
-        if 'events' in item
-        else events_from_segments(item.get('segments', []), frames)
+        codec = ToyCodec()
+      wave = read_audio(
+        os.path.join(root, item['audio']), channels=2, target_rate=codec.sample_rate
+      )[1]  # [S]: channel 1 is the user
+      user = codec.encode(wave)
+    else:
+      raise ValueError(f'{manifest}:{number}: a duplex line needs "codes" or "audio"')
+    if user.ndim != 2 or user.shape[0] < num_codebooks:
+      raise ValueError(
+        f'{manifest}:{number}: user codes of shape {user.shape}; the checkpoint '
+        f'needs [{num_codebooks}, frames]'
       )
-      out.append(
-        {
-          'id': item.get('id', f'line{number}'),
-          'user': user,
-          'events': events,
-          'segments': segments,
-        }
-      )
-      if limit is not None and len(out) == limit:
-        break
+    user = np.asarray(user[:num_codebooks], np.int32)
+    frames = user.shape[1]
+    segments = [
+      {
+        'speaker': s['speaker'],
+        'start': seconds_to_frame(s['start']),
+        'end': seconds_to_frame(s['end']),
+        'text': s['text'],
+      }
+      for s in item.get('segments', [])
+    ]
+    events = (
+      [tuple(e) for e in item['events']]
+      if 'events' in item
+      else events_from_segments(item.get('segments', []), frames)
+    )
+    out.append(
+      {
+        'id': item.get('id', f'line{number}'),
+        'user': user,
+        'events': events,
+        'segments': segments,
+      }
+    )
+    if limit is not None and len(out) == limit:
+      break
   if not out:
     raise ValueError(f'{manifest}: no duplex conversations')
   return out

@@ -204,7 +204,7 @@ def main(argv: list[str]) -> int:
     from flmjax.codec import load_mimi
     from flmjax.decode.session import load_model
 
-    model = load_model(args.checkpoint, args.dtype, mesh, args.base)  # errors name the flag
+    model = load_model(args.checkpoint, args.dtype, mesh, args.base, '--mimi')  # errors name flags
     mimi = load_mimi(args.mimi)
     log.info('compiling the frame loop for %d slots', args.slots)
     server = build_server(model, mimi, args, mesh)

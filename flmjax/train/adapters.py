@@ -11,6 +11,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from flmjax.checkpoint import kinds
 from flmjax.checkpoint import safetensors_io as st
 from flmjax.checkpoint.layout import entries
 from flmjax.config import ModelConfig
@@ -19,8 +20,7 @@ from flmjax.model.flm import FLMAudio, abstract
 from flmjax.train.checkpointing import Checkpointer, abstract_on_cpu
 from flmjax.train.state import build_base, join
 
-PEFT_CONFIG = 'adapter_config.json'
-PEFT_WEIGHTS = 'adapter_model.safetensors'
+PEFT_CONFIG, PEFT_WEIGHTS = kinds.ADAPTER_CONFIG, kinds.ADAPTER_WEIGHTS
 PEFT_PREFIX = 'base_model.model.'
 
 
