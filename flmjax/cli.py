@@ -39,6 +39,8 @@ COMMANDS = {
   ),
 }
 
+RUN_MODELS = ('main', 'train', 'chat', 'serve', 'eval')  # the commands that run on a device
+
 # What a user's input can raise: a message that names the file, field and fix, not a bug.
 INPUT_ERRORS = (OSError, ValueError)
 
@@ -92,7 +94,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
-  cpu_unless_accelerator()
+  platform_note = cpu_unless_accelerator()
   if not argv or argv[0] in ('-h', '--help'):
     print('usage: flmjax COMMAND [ARGS]\n\ncommands:')
     for name, (_, _, text) in COMMANDS.items():
@@ -102,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     return fail(
       'flmjax', f'unknown command {argv[0]!r}; use one of {list(COMMANDS)} (see flmjax --help)'
     )
+  if platform_note and argv[0] in RUN_MODELS and not {'-h', '--help'} & set(argv):
+    print(f'flmjax {argv[0]}: {platform_note}')  # stdout: an error stays one stderr line
   module, func, _ = COMMANDS[argv[0]]
   entry = getattr(importlib.import_module(module), func)
   return command(f'flmjax {argv[0]}')(entry)(argv[1:])  # a no-op for an already decorated main

@@ -22,6 +22,7 @@ import jax
 from flmjax.platforms import tpu_chips_present
 
 DEFAULT_TIMEOUT_S = 300.0  # --coordinator-timeout-s
+PROGRESS_S = 30.0  # while waiting, one line this often: who is awaited, where, how long so far
 
 # Environment variables of a multi-process job that jax.distributed.initialize() reads by itself
 # (its cluster auto-detection: Kubernetes TPU, SLURM, Open MPI, an explicit coordinator).
@@ -52,6 +53,9 @@ def initialize_distributed(
   *,
   log: Callable[[str], None] = print,
   on_timeout: Callable[[str], None] = _exit_with,
+  progress_s: float = PROGRESS_S,
+  clock: Callable[[], float] = time.monotonic,
+  sleep: Callable[[float], None] = time.sleep,
 ) -> bool:
   """Joins a multi-process job before any device is touched; returns whether one was joined.
 
@@ -60,7 +64,8 @@ def initialize_distributed(
   jax.distributed.initialize() runs with no arguments when the environment names a cluster or
   `multihost` is set (a Cloud TPU VM pod slice needs nothing else). A single process does nothing.
   The job must form within timeout_s: else DistributedError (no coordinator), or on_timeout(line)
-  from a watchdog thread (the default prints it and exits with status 1).
+  from a watchdog thread (the default prints it and exits with status 1). While it waits, a line
+  every progress_s seconds (of `clock`) says for whom and how long so far.
   """
   if jax.distributed.is_initialized():
     return True
@@ -74,7 +79,8 @@ def initialize_distributed(
     raise DistributedError(
       f'distributed: --coordinator-timeout-s {timeout_s} must be a number > 0 (seconds)'
     )
-  deadline = time.monotonic() + timeout_s
+  started = clock()
+  deadline = started + timeout_s
   if None not in (coordinator_address, num_processes, process_id):
     if num_processes < 1 or not 0 <= process_id < num_processes:
       raise DistributedError(
@@ -88,15 +94,33 @@ def initialize_distributed(
       + ('the other processes' if process_id == 0 else 'the coordinator (process 0)')
       + ' (--coordinator-timeout-s)'
     )
+    where = f'{who}, coordinator {coordinator_address}'
     if process_id != 0:
-      _wait_for_port(host, port, deadline, f'{who}, coordinator {coordinator_address}', timeout_s)
+      waiting = Progress(
+        f'distributed: {where}: waiting for the coordinator (process 0)',
+        started,
+        timeout_s,
+        progress_s,
+        log,
+        clock,
+      )
+      _wait_for_port(host, port, deadline, where, timeout_s, waiting, clock, sleep)
     # CPU processes exchange collectives through gloo (the setting does nothing on TPU or GPU).
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    awaited = (
+      f'the other {num_processes - 1} process(es) to join'
+      if process_id == 0
+      else f'all {num_processes} processes to join'
+    )
+    waiting = Progress(
+      f'distributed: {where}: waiting for {awaited}', started, timeout_s, progress_s, log, clock
+    )
     _initialize(
       deadline,
       timeout_s,
       on_timeout,
-      f'{who}, coordinator {coordinator_address}',
+      where,
+      waiting,
       coordinator_address,
       num_processes,
       process_id,
@@ -115,11 +139,20 @@ def initialize_distributed(
       f'distributed: discovering the job ({"--multihost" if multihost else "cluster env"}); '
       f'waiting up to {timeout_s:g} s (--coordinator-timeout-s)'
     )
+    waiting = Progress(
+      'distributed: waiting for the discovered job to form',
+      started,
+      timeout_s,
+      progress_s,
+      log,
+      clock,
+    )
     _initialize(
       deadline,
       timeout_s,
       on_timeout,
       'the discovered job',
+      waiting,
       coordinator_address,
       num_processes,
       process_id,
@@ -145,30 +178,61 @@ def parse_address(address: str) -> tuple[str, int]:
   return host, int(port)
 
 
-def _wait_for_port(host: str, port: int, deadline: float, who: str, timeout_s: float) -> None:
+class Progress:
+  """`what: N s so far (up to T s)`, logged once per `every_s` of `clock` since `started`, when
+  `tick` finds another period gone by (a loop calls it, or `report_until` from a thread)."""
+
+  def __init__(self, what, started, timeout_s, every_s, log, clock=time.monotonic):
+    self.what, self.started, self.timeout_s = what, started, timeout_s
+    self.every_s, self.log, self.clock = every_s, log, clock
+    self.next = every_s
+
+  def tick(self) -> None:
+    waited = self.clock() - self.started
+    if waited >= self.next:
+      self.log(f'{self.what}: {int(waited)} s so far (up to {self.timeout_s:g} s)')
+      self.next = (waited // self.every_s + 1) * self.every_s
+
+  def report_until(self, stop: threading.Event) -> None:
+    """Ticks every every_s until `stop` is set (a thread's body while jax blocks)."""
+    while not stop.wait(self.every_s):
+      self.tick()
+
+
+def _wait_for_port(
+  host: str,
+  port: int,
+  deadline: float,
+  who: str,
+  timeout_s: float,
+  waiting: Progress,
+  clock=time.monotonic,
+  sleep=time.sleep,
+) -> None:
   """Until the coordinator accepts TCP connections, or the deadline."""
   while True:
+    waiting.tick()
     try:
-      with socket.create_connection(
-        (host, port), timeout=max(0.1, min(2.0, deadline - time.monotonic()))
-      ):
+      with socket.create_connection((host, port), timeout=max(0.1, min(2.0, deadline - clock()))):
         return
     except socket.gaierror as e:
       raise DistributedError(
         f'distributed: {who}: cannot resolve host {host!r} ({e.strerror})'
       ) from None
     except OSError:
-      if time.monotonic() >= deadline:
+      if clock() >= deadline:
         raise DistributedError(
           f'distributed: {who}: no coordinator answered within {timeout_s:g} s; start process 0 '
           'with the same address, check the host, port and firewall, or raise '
           '--coordinator-timeout-s'
         ) from None
-      time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+      sleep(min(0.5, max(0.0, deadline - clock())))
 
 
-def _initialize(deadline: float, timeout_s: float, on_timeout, who: str, *args) -> None:
-  left = max(deadline - time.monotonic(), 0.1)
+def _initialize(
+  deadline: float, timeout_s: float, on_timeout, who: str, waiting: Progress, *args
+) -> None:
+  left = max(deadline - waiting.clock(), 0.1)
   watchdog = threading.Timer(
     left,
     on_timeout,
@@ -179,11 +243,14 @@ def _initialize(deadline: float, timeout_s: float, on_timeout, who: str, *args) 
   )
   watchdog.daemon = True
   watchdog.start()
+  joined = threading.Event()
+  threading.Thread(target=waiting.report_until, args=(joined,), daemon=True).start()
   try:  # jax's own bound comes later: the watchdog speaks first
     jax.distributed.initialize(*args, initialization_timeout=int(left) + 30)
   except (IndexError, ValueError, RuntimeError) as e:
     raise DistributedError(f'distributed: {who}: {type(e).__name__}: {e}') from None
   finally:
+    joined.set()
     watchdog.cancel()
 
 

@@ -13,9 +13,11 @@ step before it is used.
 from __future__ import annotations
 
 import base64
+import gc
 import json
 import os
 import pickle
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -61,9 +63,35 @@ def _data_handler() -> ocp.JsonCheckpointHandler:
   )
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
+  """`Type: first line` of an error; orbax's read errors lose their TensorStore spec dump."""
   text = str(e).strip().splitlines()
-  return f'{type(e).__name__}: {text[0][:300] if text else ""}'
+  first = text[0].split(' See full TensorStore details')[0] if text else ''
+  return f'{type(e).__name__}: {first[:300]}'
+
+
+def drop_abandoned_reads() -> None:
+  """Call once a damaged step failed to restore. The reads orbax ran beside the failed one are
+  abandoned: each is collected unawaited and printed ("Exception ignored in: <coroutine ...>"
+  with its whole TensorStore spec, tens of lines), and their completion callbacks find orbax's
+  event loop closed (a traceback each). flmjax names the step in one line; from here on this
+  process drops those two echoes, and only them: any other unraisable or uncaught exception
+  still prints. Collects the abandoned reads now, while the step's failure is being handled."""
+  if not getattr(sys.unraisablehook, 'flmjax_drops_reads', False):
+    unraisable, excepthook = sys.unraisablehook, sys.excepthook
+
+    def quiet_unraisable(u):
+      code = getattr(u.object, 'cr_code', None)  # a coroutine of orbax's
+      if code is None or f'{os.sep}orbax{os.sep}' not in code.co_filename:
+        unraisable(u)
+
+    def quiet_excepthook(kind, value, tb):
+      if not (kind is RuntimeError and str(value) == 'Event loop is closed'):
+        excepthook(kind, value, tb)
+
+    quiet_unraisable.flmjax_drops_reads = True
+    sys.unraisablehook, sys.excepthook = quiet_unraisable, quiet_excepthook
+  gc.collect()
 
 
 def _all_agree(ok: bool) -> bool:
@@ -130,7 +158,7 @@ class Checkpointer:
       return meta['meta']
     except (json.JSONDecodeError, FileNotFoundError, UnicodeDecodeError) as e:
       raise CorruptCheckpointError(
-        f'{path}: the meta JSON of step {step} is truncated or unreadable ({_one_line(e)})'
+        f'{path}: the meta JSON of step {step} is truncated or unreadable ({one_line(e)})'
       ) from e
 
   def restore(
@@ -191,6 +219,7 @@ class Checkpointer:
           raise
         except Exception as e:  # anything unreadable: the step is bad, the run is not
           restored, problem = None, e
+          drop_abandoned_reads()
         if _all_agree(problem is None):  # one process's failure makes all fall back together
           return restored
       self._set_aside(step, problem, log)
@@ -206,7 +235,7 @@ class Checkpointer:
     while target.exists():  # an earlier bad step of the same number stays too
       n += 1
       target = self.aside / f'{step}.{n}'
-    reason = _one_line(problem) if problem is not None else 'another process could not read it'
+    reason = one_line(problem) if problem is not None else 'another process could not read it'
     log(
       f'checkpoint step {step} does not restore ({reason}); moved it to {target} and fell '
       f'back to the step before it'

@@ -17,7 +17,13 @@ from flmjax.checkpoint.safetensors_io import CorruptCheckpointError
 from flmjax.model import lora
 from flmjax.model.flm import FLMAudio, abstract
 from flmjax.train import adapters
-from flmjax.train.checkpointing import Checkpointer, CheckpointMissingError, abstract_on_cpu
+from flmjax.train.checkpointing import (
+  Checkpointer,
+  CheckpointMissingError,
+  abstract_on_cpu,
+  drop_abandoned_reads,
+  one_line,
+)
 from flmjax.train.config import model_config_from_json
 from flmjax.train.storage import as_path, check_remote
 
@@ -84,10 +90,11 @@ def restore_model(
     except (CheckpointMissingError, adapters.BaseMismatchError, FileNotFoundError):
       raise
     except Exception as e:  # orbax and tensorstore raise many types for damaged files
+      drop_abandoned_reads()
       others = [s for s in ckpt.all_steps() if s != step]
       raise CorruptCheckpointError(
         f'{ckpt.directory}: checkpoint step {step} is unreadable (corrupt or incomplete: '
-        f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}); '
+        f'{one_line(e)}); '
         + (f'try --step with one of {others}' if others else 'no other step to fall back to')
       ) from None
   finally:

@@ -3,6 +3,7 @@ name the path and the reason, and a bounded wait for a bucket that does not answ
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import threading
@@ -28,6 +29,40 @@ def is_remote(path: str | os.PathLike) -> bool:
 def _exists(path: str) -> bool:
   """What check_remote asks of a bucket (tests stand in for it: no bucket is reachable here)."""
   return epath.Path(path).exists()
+
+
+# What the storage clients log while they retry (gcsfs logs each failed request with its
+# traceback, google.auth its credential lookup); check_remote's one line carries the cause.
+CLIENT_LOGGERS = ('fsspec', 'google', 'botocore', 'aiobotocore')
+
+
+class _QuietLoggers:
+  """Holds back the records of `names` (and their children) from stderr while it is on; the
+  records are kept in `records` (for tests and a debugger)."""
+
+  def __init__(self, names):
+    self.records: list[logging.LogRecord] = []
+    self._saved = []
+    for name in names:
+      logger = logging.getLogger(name)
+      handler = _Keep(self.records)
+      self._saved.append((logger, handler, logger.propagate, list(logger.handlers)))
+      logger.handlers = [handler]  # also keeps logging's last-resort stderr handler away
+      logger.propagate = False
+
+  def restore(self) -> None:
+    for logger, _, propagate, handlers in self._saved:
+      logger.handlers, logger.propagate = handlers, propagate
+    self._saved = []
+
+
+class _Keep(logging.Handler):
+  def __init__(self, records: list):
+    super().__init__()
+    self.records = records
+
+  def emit(self, record):
+    self.records.append(record)
 
 
 def check_remote(
@@ -64,9 +99,12 @@ def check_remote(
     except BaseException as e:  # anything the client raises becomes the message
       outcome.append(('error', e))
 
+  quiet = _QuietLoggers((package or scheme, *CLIENT_LOGGERS))
   worker = threading.Thread(target=ask, daemon=True)  # a hung client never blocks the exit
   worker.start()
   worker.join(timeout_s)
+  if outcome:  # a hung client may log on: it stays quiet until the exit
+    quiet.restore()
   if not outcome:
     raise OSError(
       f'{text}: no answer from {scheme}:// within {timeout_s:g} s; check the network '
