@@ -286,3 +286,144 @@ def test_process_0_without_peers_ends_at_the_bound(tmp_path):
   assert 'Check failure' not in proc.stderr and 'Traceback' not in proc.stderr
   assert 'waiting up to 3 s for the other processes' in proc.stdout
   assert not (tmp_path / 'run').exists()
+
+
+# ---- issue 25 §4: a checkpoint of another kind, a bucket's logs, the coordinator's wait ------
+
+
+def _run_dir(tmp_path, tiny_model, lora=None):
+  """A training run's checkpoint at step 1 of GOOD's schedule (a LoRA run's meta with `lora`)."""
+  from flmjax.train.checkpointing import Checkpointer
+  from flmjax.train.config import load_config_file
+  from flmjax.train.loop import _meta
+  from flmjax.train.state import TrainState
+
+  name = 'lora_run' if lora else 'run'
+  tc = load_config_file(config_file(tmp_path, GOOD), str(tmp_path / name)).replace(lora=lora)
+  ckpt = Checkpointer(str(tmp_path / name / 'checkpoints'), use_async=False)
+  ckpt.save(
+    1,
+    TrainState(nnx.to_pure_dict(nnx.state(tiny_model)), {'count': jnp.zeros((), jnp.int32)}),
+    _meta(tc, 1, 1, 'f' * 64 if lora else None),
+    force=True,
+  )
+  ckpt.close()
+  return tmp_path / name
+
+
+def test_init_from_another_kind_of_checkpoint(capsys, tmp_path, tiny_model, golden_dir):
+  from flmjax.model.lora import LoraConfig
+
+  lora_run = _run_dir(tmp_path, tiny_model, LoraConfig(4, 8.0, targets=('attn',)))
+  full_run = _run_dir(tmp_path, tiny_model)
+  path = config_file(tmp_path, GOOD)
+  init = lambda src: error_line(
+    capsys, 'train', '--config', path, '--run-dir', tmp_path / 'new', '--init-from', src
+  )
+  assert (
+    f'--init-from {lora_run} is a LoRA training run, not an official checkpoint; merge it '
+    f'into its base first: `flmjax export --merge {lora_run} OUT_DIR`, then give OUT_DIR'
+  ) in init(lora_run)
+  inner = lora_run / 'checkpoints'
+  assert f'--init-from {inner} is a LoRA training run' in init(inner)
+  assert (
+    f'--init-from {full_run} is a training run, not an official checkpoint; export it first: '
+    f'`flmjax export {full_run} OUT_DIR`, then give OUT_DIR'
+  ) in init(full_run)
+  mimi = golden_dir / 'mimi_small'
+  for given in (mimi, mimi / 'mimi.safetensors'):
+    assert (
+      f'--init-from {given} is a Mimi codec checkpoint (the audio tokenizer), not an '
+      'FLM-Audio model; here give the model (config.json + model.safetensors)'
+    ) in init(given)
+  assert not (tmp_path / 'new').exists()
+
+
+def test_gs_client_logs_stay_off_stderr(capsys, tmp_path, monkeypatch, tiny_model):
+  """gcsfs without a network logs each failed request with its traceback, and a credential
+  warning, on its logger (which has no handler: logging's last resort prints them). Only the
+  one line is shown, with the client's error as its cause. Simulated: no bucket is contacted."""
+  import logging
+
+  from flmjax.train import storage
+
+  monkeypatch.setitem(sys.modules, 'gcsfs', types.ModuleType('gcsfs'))
+
+  class ClientConnectorDNSError(OSError):
+    pass
+
+  def offline(path):
+    log = logging.getLogger('gcsfs')
+    log.warning('Could not determine bucket type: Your default credentials were not found.')
+    try:
+      raise ClientConnectorDNSError('Cannot connect to host storage.googleapis.com:443')
+    except OSError as e:
+      log.exception('_request out of retries on exception: %s', e)
+      logging.getLogger('google.auth._default').warning('No project ID could be determined.')
+      raise
+
+  monkeypatch.setattr(storage, '_exists', offline)
+  for argv in (
+    ('train', '--config', config_file(tmp_path, GOOD), '--run-dir', 'gs://bucket/run'),
+    ('export', _run_dir(tmp_path, tiny_model), 'gs://bucket/out'),
+  ):
+    rc, out, err = run(capsys, *argv)
+    assert rc == 1 and len(err.splitlines()) == 1, err  # no traceback, no warnings
+    assert (
+      'cannot reach it: ClientConnectorDNSError: Cannot connect to host '
+      'storage.googleapis.com:443 (check the credentials and the network)' in err
+    ), err
+  assert logging.getLogger('gcsfs').handlers == [] and logging.getLogger('gcsfs').propagate
+
+
+def test_coordinator_wait_says_its_progress(no_job_env):
+  """Process 1 of 2 with no coordinator: a line every 30 s of the (injected) clock, naming who
+  is awaited, where and for how long, then the error at the bound."""
+  from flmjax.distributed import DistributedError, initialize_distributed
+
+  port = _free_port()
+  now, lines = [0.0], []
+
+  def sleep(s):
+    now[0] += s
+
+  with pytest.raises(DistributedError, match='no coordinator answered within 100 s'):
+    initialize_distributed(
+      f'127.0.0.1:{port}',
+      2,
+      1,
+      timeout_s=100,
+      log=lines.append,
+      clock=lambda: now[0],
+      sleep=sleep,
+    )
+  where = f'distributed: process 1 of 2, coordinator 127.0.0.1:{port}'
+  assert lines == [
+    f'{where}: waiting up to 100 s for the coordinator (process 0) (--coordinator-timeout-s)',
+    f'{where}: waiting for the coordinator (process 0): 30 s so far (up to 100 s)',
+    f'{where}: waiting for the coordinator (process 0): 60 s so far (up to 100 s)',
+    f'{where}: waiting for the coordinator (process 0): 90 s so far (up to 100 s)',
+  ]
+
+
+def test_progress_while_jax_blocks():
+  """The thread beside jax.distributed.initialize: one line per period until the job forms."""
+  from flmjax.distributed import Progress
+
+  now, lines = [0.0], []
+
+  class Joined:  # the job forms after three periods
+    def __init__(self):
+      self.waits = 0
+
+    def wait(self, seconds):
+      self.waits += 1
+      now[0] += seconds
+      return self.waits > 3
+
+  Progress(
+    'waiting for the other 3 process(es) to join', 0.0, 300, 30, lines.append, lambda: now[0]
+  ).report_until(Joined())
+  assert lines == [
+    f'waiting for the other 3 process(es) to join: {s} s so far (up to 300 s)' for s in (30, 60, 90)
+  ]
