@@ -197,3 +197,39 @@ def test_chat_stereo_with_a_channel_and_another_rate(capsys, tiny_dir, tmp_path)
   np.testing.assert_array_equal(
     np.load(tmp_path / 'o1' / 'text_ids.npy'), np.load(tmp_path / 'o2' / 'text_ids.npy')
   )
+
+
+def test_chat_checkpoint_of_another_kind(capsys, tiny_dir, golden_dir, tmp_path):
+  """A PEFT adapter (as `flmjax export --adapters` writes it) or the Mimi codec given as
+  --checkpoint: named for what it is, with the way to use it (issue 25)."""
+  import jax
+  from flax import nnx
+
+  from flmjax.config import ModelConfig
+  from flmjax.model.flm import abstract
+  from flmjax.model.lora import LoraConfig
+  from flmjax.train import adapters
+
+  user = tmp_path / 'user.npy'
+  np.save(user, np.zeros((8, 3), np.int32))
+  cfg = ModelConfig.from_official(str(tiny_dir / 'config.json'))
+  graphdef, state = nnx.split(abstract(cfg, LoraConfig(4, 8.0, targets=('attn',))))
+  zeros = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), state)  # the values do not matter
+  model = nnx.merge(graphdef, zeros)
+  adapter = adapters.write_peft(model, str(tmp_path / 'adapter'), base_name=str(tiny_dir))
+  line = chat_error(capsys, adapter, user)
+  assert (
+    f'--checkpoint {adapter} is a LoRA adapter (PEFT, from `flmjax export --adapters`), not a '
+    'whole model; give the LoRA training run it came from, or merge it into its base once: '
+    '`flmjax export --merge RUN_DIR OUT_DIR` and give OUT_DIR (PyTorch: load it onto its base '
+    f'model ({tiny_dir}) with peft)' in line
+  )
+  assert 'is a LoRA adapter' in chat_error(
+    capsys, os.path.join(adapter, 'adapter_model.safetensors'), user
+  )
+  line = chat_error(capsys, golden_dir / 'mimi_small', user)
+  assert (
+    'mimi_small is a Mimi codec checkpoint (the audio tokenizer), not an FLM-Audio model; '
+    'here give the model (config.json + model.safetensors, or a training run)' in line
+  )
+  assert sorted(os.listdir(tmp_path)) == ['adapter', 'user.npy']  # nothing written

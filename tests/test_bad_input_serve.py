@@ -320,3 +320,49 @@ def test_opus_reader_checks_pages_and_pcm():
   message = pages[2]  # one or more pages: take the first
   page = message[: 27 + message[26] + sum(message[27 : 27 + message[26]])]
   assert protocol.ogg_crc(page[:22] + bytes(4) + page[26:]) == int.from_bytes(page[22:26], 'little')
+
+
+# ---- issue 25 §4: --mesh sizes, a Mimi checkpoint as --checkpoint ---------------------------
+
+
+@pytest.mark.parametrize(
+  'mesh, message',
+  [
+    ('data=0', "--mesh 'data=0': data=0: mesh sizes must be >= 1"),
+    ('tensor=-1', "--mesh 'tensor=-1': tensor=-1: mesh sizes must be >= 1"),
+    ('data=2,fsdp=0', "--mesh 'data=2,fsdp=0': fsdp=0: mesh sizes must be >= 1"),
+    ('data=2,data=2', 'expected comma-separated axis=size pairs with axes data, fsdp and tensor'),
+    ('model=2', 'expected comma-separated axis=size pairs with axes data, fsdp and tensor'),
+  ],
+  ids=['data_zero', 'tensor_negative', 'fsdp_zero', 'repeated', 'unknown_axis'],
+)
+def test_serve_mesh_sizes(capsys, mesh, message):
+  """The same parser (flmjax.sharding.parse_axes) as `aot --mesh`, before anything loads."""
+  assert message in error_line(capsys, *SERVE, *ANY_PORT, '--mesh', mesh)
+
+
+def test_one_mesh_parser_for_serve_and_aot():
+  from flmjax import sharding as shd
+  from flmjax.aot.request import AotError, parse_mesh
+
+  with pytest.raises(ValueError, match=r"--mesh 'tensor=-1': tensor=-1: mesh sizes must be >= 1"):
+    shd.parse_axes('tensor=-1')
+  with pytest.raises(AotError, match=r"'data=2': expected .* with axes fsdp and tensor"):
+    parse_mesh('data=2')  # aot's data axis takes the remaining devices
+  assert shd.parse_axes(' data = 2 ,tensor=4') == {'data': 2, 'tensor': 4}
+
+
+def test_serve_checkpoint_of_another_kind(capsys, golden_dir, tmp_path):
+  for mimi in (golden_dir / 'mimi_small', golden_dir / 'mimi_small' / 'mimi.safetensors'):
+    line = error_line(capsys, 'serve', '--checkpoint', mimi, '--mimi', mimi, *ANY_PORT)
+    assert (
+      f'--checkpoint {mimi} is a Mimi codec checkpoint (the audio tokenizer), not an FLM-Audio '
+      'model; pass it as --mimi, and here the model (config.json + model.safetensors, or a '
+      'training run)' in line
+    )
+  tiny = golden_dir / 'flm_tiny'
+  line = error_line(capsys, 'serve', '--checkpoint', tiny, '--mimi', tiny, *ANY_PORT)
+  assert (
+    f'{tiny} is an FLM-Audio model checkpoint, not the Mimi codec; give it as --checkpoint, '
+    'and as the codec the Mimi .safetensors (or its folder)' in line
+  )
