@@ -277,3 +277,63 @@ def test_eval_fdb_toy_codec_in_place_with_words(tiny_dir, corpus, tmp_path, caps
   assert cli.main(argv) == 1 and 'pass --overwrite' in capsys.readouterr().err
   assert os.path.getmtime(src / 's1' / 'output.wav') == stamp
   assert cli.main(argv + ['--overwrite']) == 0
+
+
+def test_eval_duplex_bad_data(tiny_dir, corpus, tmp_path, capsys):
+  """--data that is no manifest: one line naming it, exit 1, no report (issue 25). Binary data,
+  an empty file and a folder are refused before the model loads; a line that is not UTF-8 or
+  not a JSON object is named by its number."""
+  rng = np.random.default_rng(0)
+  (tmp_path / 'random.bin').write_bytes(rng.bytes(3000))
+  no_nul = bytes(b for b in rng.bytes(3000) if b not in (0, 10))
+  (tmp_path / 'latin.jsonl').write_bytes(b'\xe9' + no_nul + b'\n')
+  (tmp_path / 'empty.jsonl').write_text('\n\n')
+  (tmp_path / 'folder').mkdir()
+  (tmp_path / 'list.jsonl').write_text('[1, 2]\n')
+  (tmp_path / 'tts.jsonl').write_text('{"kind": "tts_asr"}\n')
+  cases = {
+    'random.bin': 'random.bin: binary data, not a JSONL manifest (a NUL byte at offset ',
+    'latin.jsonl': 'latin.jsonl:1: not UTF-8 text (byte 0xe9 at column 1); save the manifest '
+    'as UTF-8',
+    'empty.jsonl': 'empty.jsonl: the manifest is empty: one JSON object per line',
+    'folder': 'folder: is a directory; give the .jsonl file',
+    'list.jsonl': 'list.jsonl:1: not a JSON object (one per line)',
+    'tts.jsonl': 'tts.jsonl: no duplex conversations',
+  }
+  for name, message in cases.items():
+    argv = ['eval', 'duplex', '--checkpoint', str(tiny_dir), '--data', str(tmp_path / name)]
+    argv += ['--tokenizer', corpus['tokenizer'], '--out', str(tmp_path / 'r'), '--no-progress']
+    assert cli.main(argv) == 1, name
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'Traceback' not in err, err
+    assert err.startswith('flmjax eval: error: ') and message in err, (name, err)
+    before_model = name not in ('latin.jsonl', 'list.jsonl', 'tts.jsonl')  # these name a line
+    assert f'--data {tmp_path / name}: ' in err if before_model else f'{tmp_path / name}:' in err
+    assert not (tmp_path / 'r').exists()
+
+
+def cli_error(capsys, argv) -> str:
+  assert cli.main(argv) == 1
+  return capsys.readouterr().err
+
+
+def test_eval_checkpoint_of_another_kind(tiny_dir, golden_dir, tmp_path, capsys):
+  """eval fdb --checkpoint given the Mimi codec (and --mimi the model): named, before anything
+  is written (issue 25)."""
+  _wav(tmp_path / 'in' / 'a' / 'input.wav', 0.3, 24000)
+  mimi = golden_dir / 'mimi_small'
+  base = ['eval', 'fdb', '--in', str(tmp_path / 'in'), '--out', str(tmp_path / 'o')]
+  err = cli_error(capsys, base + ['--checkpoint', str(mimi), '--mimi', str(mimi)])
+  assert err.count('\n') == 1 and (
+    f'--checkpoint {mimi} is a Mimi codec checkpoint (the audio tokenizer), not an FLM-Audio '
+    'model; pass it as --mimi, and here the model (config.json + model.safetensors, or a '
+    'training run)' in err
+  )
+  err = cli_error(capsys, base + ['--checkpoint', str(tiny_dir), '--mimi', str(tiny_dir)])
+  assert err.count('\n') == 1 and f'{tiny_dir} is an FLM-Audio model checkpoint' in err
+  err = cli_error(
+    capsys,
+    ['eval', 'duplex', '--checkpoint', str(mimi), '--data', str(tmp_path / 'x.jsonl')],
+  )
+  assert 'x.jsonl: no such file' in err  # --data first, then the checkpoint
+  assert not (tmp_path / 'o').exists()
