@@ -1,5 +1,7 @@
 """The `flmjax` command line: dispatch, help, and errors that name the problem."""
 
+import pytest
+
 from flmjax import cli
 
 
@@ -59,3 +61,93 @@ def test_old_flag_spellings_still_work(capsys, tmp_path):
   out = capsys.readouterr().out
   options = out.split('options:')[1].split('Several processes')[0]
   assert '--run-dir' in options and '--run_dir' not in options  # the old spellings stay hidden
+
+
+# ---- a [tpu] install on a machine without a TPU (issue 25) ----------------------------------
+
+
+def _machine(tmp_path, *files):
+  """A fake root: device files, and PCI vendor files as 'path=content'."""
+  for spec in files:
+    path, _, content = spec.partition('=')
+    (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / path).write_text(content)
+  return str(tmp_path)
+
+
+def _installed(*packages):
+  return lambda name: object() if name in packages else None
+
+
+def test_libtpu_without_tpu_chips_leaves_the_tpu_out(tmp_path):
+  from flmjax.platforms import cpu_unless_accelerator as pick
+
+  nic = 'sys/bus/pci/devices/0000:00:04.0/vendor=0x1ae0'  # a Google PCI device
+  cases = [  # (files, installed packages, env before) -> (JAX_PLATFORMS, line shown)
+    ((), ('libtpu',), {}, 'cpu', True),
+    (('dev/vfio/0',), ('libtpu',), {}, 'cpu', True),  # vfio passing through something else
+    (('dev/vfio/0', nic), ('libtpu',), {}, None, False),  # a v5p/v6e TPU VM
+    (('dev/accel0',), ('libtpu',), {}, None, False),  # a v4/v5e TPU VM
+    (('dev/nvidia0',), ('libtpu', 'jax_cuda12_plugin'), {}, 'cuda,cpu', False),
+    ((), ('libtpu', 'jax_cuda12_plugin'), {}, 'cpu', True),  # the plugin, but no GPU
+    ((), ('libtpu',), {'JAX_PLATFORMS': 'tpu'}, 'tpu', False),  # the user's choice wins
+    ((), (), {}, None, False),  # no libtpu: nothing to avoid
+  ]
+  for i, (files, packages, env, platforms, shown) in enumerate(cases):
+    root = _machine(tmp_path / str(i), *files)
+    line = pick(env, root=root, find_spec=_installed(*packages))
+    assert env.get('JAX_PLATFORMS') == platforms, (i, env)
+    assert (
+      (line == 'libtpu is installed, but this machine has no TPU chips: running on the CPU')
+      if shown
+      else line is None
+    ), (i, line)
+
+
+@pytest.mark.slow
+def test_tpu_extra_on_a_cpu_machine_is_quiet(tmp_path, tiny_dir):
+  """The test extra installs jax[tpu], so this machine is one: plain jax logs libtpu's failed
+  TPU search (the control); `flmjax chat` shows one stdout line and nothing on stderr."""
+  import importlib.util
+  import os
+  import subprocess
+  import sys
+
+  import numpy as np
+
+  assert importlib.util.find_spec('libtpu') is not None  # setup.cfg's test extra: jax[tpu]
+  env = {k: v for k, v in os.environ.items() if k not in ('JAX_PLATFORMS', 'XLA_FLAGS')}
+  control = subprocess.run(
+    [sys.executable, '-c', 'import jax; jax.devices()'],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert 'TPU' in control.stderr, control.stderr  # libtpu speaks when jax is left alone
+  np.save(tmp_path / 'user.npy', np.zeros((8, 3), np.int32))
+  chat = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'flmjax',
+      'chat',
+      '--checkpoint',
+      str(tiny_dir),
+      '--user',
+      str(tmp_path / 'user.npy'),
+      '--out',
+      str(tmp_path / 'out'),
+      '--greedy',
+    ],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert chat.returncode == 0, chat.stderr[-2000:]
+  assert chat.stderr == '', chat.stderr[-2000:]
+  assert chat.stdout.splitlines()[0] == (
+    'flmjax chat: libtpu is installed, but this machine has no TPU chips: running on the CPU'
+  )
+  assert sum('TPU' in line for line in chat.stdout.splitlines()) == 1
