@@ -194,8 +194,8 @@ class Progress:
       self.next = (waited // self.every_s + 1) * self.every_s
 
   def report_until(self, stop: threading.Event) -> None:
-    """Ticks every every_s until `stop` is set (a thread's body while jax blocks)."""
-    while not stop.wait(self.every_s):
+    """Ticks at each period's end until `stop` is set (a thread's body while jax blocks)."""
+    while not stop.wait(max(self.started + self.next - self.clock(), 0.0) + 0.05):
       self.tick()
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import gc
 import json
+import logging
 import os
 import pickle
 import sys
@@ -73,10 +74,14 @@ def one_line(e: BaseException) -> str:
 def drop_abandoned_reads() -> None:
   """Call once a damaged step failed to restore. The reads orbax ran beside the failed one are
   abandoned: each is collected unawaited and printed ("Exception ignored in: <coroutine ...>"
-  with its whole TensorStore spec, tens of lines), and their completion callbacks find orbax's
-  event loop closed (a traceback each). flmjax names the step in one line; from here on this
-  process drops those two echoes, and only them: any other unraisable or uncaught exception
+  with its whole TensorStore spec, tens of lines), their gathering future logs its exception as
+  never retrieved (asyncio's logger), and their completion callbacks find orbax's event loop
+  closed (a traceback each). flmjax names the step in one line; from here on this process drops
+  those echoes, and only them: any other unraisable exception, uncaught error or asyncio record
   still prints. Collects the abandoned reads now, while the step's failure is being handled."""
+  asyncio_log = logging.getLogger('asyncio')
+  if not any(isinstance(f, _AbandonedReads) for f in asyncio_log.filters):
+    asyncio_log.addFilter(_AbandonedReads())
   if not getattr(sys.unraisablehook, 'flmjax_drops_reads', False):
     unraisable, excepthook = sys.unraisablehook, sys.excepthook
 
@@ -92,6 +97,14 @@ def drop_abandoned_reads() -> None:
     quiet_unraisable.flmjax_drops_reads = True
     sys.unraisablehook, sys.excepthook = quiet_unraisable, quiet_excepthook
   gc.collect()
+
+
+class _AbandonedReads(logging.Filter):
+  """Drops asyncio's 'exception was never retrieved' for orbax's failed TensorStore reads."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    text = record.getMessage()
+    return not ('never retrieved' in text and 'TensorStore' in text)
 
 
 def _all_agree(ok: bool) -> bool:
