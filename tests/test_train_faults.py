@@ -149,6 +149,20 @@ def test_resume_past_a_truncated_step_shows_only_flmjax_lines(tmp_path):
   assert first.returncode == 0, first.stderr[-2000:]
   params = tmp_path / 'run' / 'checkpoints' / '2' / 'params'
   _truncate(max((p for p in params.rglob('*') if p.is_file()), key=lambda p: p.stat().st_size))
+  export = subprocess.run(
+    [sys.executable, '-m', 'flmjax', 'export', 'run', 'out'],
+    cwd=tmp_path,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert export.returncode == 1 and len(export.stderr.splitlines()) == 1, export.stderr[-3000:]
+  assert 'checkpoint step 2 is unreadable (corrupt or incomplete: Exception: ' in export.stderr
+  assert (
+    'try --step with one of [1]' in export.stderr and 'TensorStore details' not in export.stderr
+  )
+  assert not (tmp_path / 'out').exists()
   resumed = train_cli()
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert resumed.stderr == '', resumed.stderr[-3000:]

@@ -12,6 +12,16 @@ from flmjax.data.manifest import ManifestError, manifest_lines
 from flmjax.eval.turn_taking import events_from_segments, seconds_to_frame
 
 
+def _json_object(line: str, where: str) -> dict:
+  try:
+    item = json.loads(line)
+  except json.JSONDecodeError as e:
+    raise ValueError(f'{where}: invalid JSON ({e.msg})') from None
+  if not isinstance(item, dict):
+    raise ValueError(f'{where}: not a JSON object (one per line)')
+  return item
+
+
 def read_conversations(
   manifest: str, num_codebooks: int, *, limit: int | None = None, codec=None
 ) -> list[dict]:
@@ -23,12 +33,7 @@ def read_conversations(
   for number, line in manifest_lines(manifest):
     if isinstance(line, ManifestError):
       raise line
-    try:
-      item = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise ValueError(f'{manifest}:{number}: invalid JSON ({e.msg})') from None
-    if not isinstance(item, dict):
-      raise ValueError(f'{manifest}:{number}: not a JSON object (one per line)')
+    item = _json_object(line, f'{manifest}:{number}')
     if item.get('kind') != 'duplex':
       continue
     if 'codes' in item:

@@ -103,8 +103,7 @@ def check_remote(
   worker = threading.Thread(target=ask, daemon=True)  # a hung client never blocks the exit
   worker.start()
   worker.join(timeout_s)
-  if outcome:  # a hung client may log on: it stays quiet until the exit
-    quiet.restore()
+  quiet.restore()
   if not outcome:
     raise OSError(
       f'{text}: no answer from {scheme}:// within {timeout_s:g} s; check the network '
