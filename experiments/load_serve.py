@@ -244,6 +244,9 @@ def crosstalk(args, slots: int, convs: dict, clean: dict) -> dict:
 
 
 def main() -> int:
+  from flmjax.platforms import cpu_unless_accelerator
+
+  cpu_unless_accelerator()  # the replay below imports jax: no libtpu start-up logs on a CPU host
   ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   ap.add_argument('--sessions', type=int, default=16)
   ap.add_argument('--seconds', type=float, default=60)
