@@ -230,3 +230,36 @@ def test_export_adapters_of_a_full_run_is_refused(tmp_path, capsys):
   assert main(['export', tc.run_dir, str(tmp_path / 'out'), '--adapters']) == 1
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and 'is a full fine-tune, not a LoRA run' in err[0], err
+
+
+def test_a_lora_run_or_its_adapter_where_a_model_is_wanted(lora_run, tmp_path, capsys):
+  """Issue 25: --init-from a LoRA run points to `flmjax export --merge`; the run's PEFT adapter
+  given to chat as --checkpoint says what it is and how to use it. Nothing is created."""
+  from probe import error_line
+
+  from flmjax import cli
+
+  config, tc, _ = lora_run
+  line = error_line(
+    capsys, 'train', '--config', config, '--run-dir', tmp_path / 'new', '--init-from', tc.run_dir
+  )
+  assert (
+    f'--init-from {tc.run_dir} is a LoRA training run, not an official checkpoint; merge it '
+    f'into its base first: `flmjax export --merge {tc.run_dir} OUT_DIR`, then give OUT_DIR'
+  ) in line
+  assert not (tmp_path / 'new').exists()
+  assert cli.main(['export', tc.run_dir, str(tmp_path / 'adapter'), '--adapters']) == 0
+  capsys.readouterr()
+  np.save(tmp_path / 'user.npy', np.zeros((8, 3), np.int32))
+  line = error_line(
+    capsys,
+    'chat',
+    '--checkpoint',
+    tmp_path / 'adapter',
+    '--user',
+    tmp_path / 'user.npy',
+    '--out',
+    tmp_path / 'out',
+  )
+  assert f'--checkpoint {tmp_path / "adapter"} is a LoRA adapter (PEFT' in line
+  assert '`flmjax export --merge RUN_DIR OUT_DIR`' in line and not (tmp_path / 'out').exists()
