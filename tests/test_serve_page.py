@@ -234,7 +234,7 @@ def test_serve_prints_the_page_url_and_checks_queue(tiny_dir, golden_dir, monkey
     'flmjax.serve.cli.build_server',
     lambda model, mimi, args, *mesh: started.append(args.queue) or Server.__new__(Server),
   )
-  monkeypatch.setattr(Server, 'app', lambda self: None)
+  monkeypatch.setattr(Server, 'app', lambda self: web.Application())
   monkeypatch.setattr(web, 'run_app', lambda app, print, **kw: print('listening'))
   assert (
     cli.main(

@@ -1,12 +1,14 @@
 """`flmjax serve`: many live full-duplex sessions on one model, over the official protocol.
 
   flmjax serve --checkpoint DIR --mimi PATH [--slots 16] [--queue 0] [--host 127.0.0.1]
-      [--port 8990] [--mesh data=2,tensor=4]
+      [--port 8990] [--mesh data=2,tensor=4] [--drain-s 60] [--agent-port PORT]
       # then open http://127.0.0.1:8990 (the page) or use a client
 
 --checkpoint: an official-layout dir (config.json + safetensors) or an orbax training run.
 --mimi: a Mimi safetensors file or a directory with one (a config.json beside it selects a
 reduced config, e.g. golden/mimi_small). Clients: `flmjax client`, or the official client.
+SIGTERM drains (no new session; live ones get up to --drain-s, then 1001; exit 0); SIGINT stops
+at once. Behind a load balancer: docs/serving.md.
 
   flmjax client --url ws://127.0.0.1:8990/api/chat --in user.wav --out reply.wav [--no-pace]
       [--codec opus|pcm16]
@@ -34,6 +36,13 @@ def _address_parser() -> ArgumentParser:
   ap = ArgumentParser(prog='flmjax serve', add_help=False)
   ap.add_argument('--host', default='127.0.0.1', help='bind address (0.0.0.0 exposes it)')
   ap.add_argument('--port', type=int, default=8990, help='0 takes any free port')
+  ap.add_argument(
+    '--agent-port',
+    type=int,
+    default=None,
+    help="an HAProxy agent-check port on --host: answers the free capacity ('ready up 50%% "
+    "maxconn:16') or 'drain' (default: none)",
+  )
   return ap
 
 
@@ -90,6 +99,13 @@ def _parser() -> ArgumentParser:
     help='unsent reply messages before a client counts as a stalled reader',
   )
   ap.add_argument('--idle-s', type=float, default=30.0, help='close a session silent this long')
+  ap.add_argument(
+    '--drain-s',
+    type=float,
+    default=60.0,
+    help='on SIGTERM: admit no session, let live ones run up to this long, then close them '
+    '(1001) and exit 0; queued ones are sent away at once (1013)',
+  )
   ap.add_argument('--greedy', action='store_true', help='argmax after the repetition penalty')
   ap.add_argument(
     '--pallas',
@@ -112,12 +128,13 @@ MINIMUMS = {
   '--max-buffer-s': 0.08,
   '--max-queue-frames': 1,
   '--idle-s': 0.08,
+  '--drain-s': 0,
 }
 
 
-def check_port(port: int) -> None:
+def check_port(port: int, flag: str = '--port') -> None:
   if not 0 <= port <= 65535:
-    raise ValueError(f'--port {port} must lie in 0..65535 (0: any free port)')
+    raise ValueError(f'{flag} {port} must lie in 0..65535 (0: any free port)')
 
 
 def check_flags(args) -> None:
@@ -183,13 +200,21 @@ def build_server(model, mimi, args, mesh=None):
 
 @command('flmjax serve')
 def main(argv: list[str]) -> int:
-  sock = None
+  sock = agent_sock = None
   if not {'-h', '--help'} & set(argv):  # a busy port fails at once, before jax and the model
     from flmjax.serve.net import bind_socket
 
     where, _ = _address_parser().parse_known_args(argv)
     check_port(where.port)
+    if where.agent_port is not None:
+      check_port(where.agent_port, '--agent-port')
     sock = bind_socket(where.host, where.port)
+    if where.agent_port is not None:
+      try:
+        agent_sock = bind_socket(where.host, where.agent_port, '--agent-port')
+      except OSError:
+        sock.close()
+        raise
   try:
     args = _parser().parse_args(argv)
     check_flags(args)
@@ -223,13 +248,33 @@ def main(argv: list[str]) -> int:
       + ('/?token=TOKEN (the --auth-token)' if args.auth_token else '')
       + ' to talk to it'
     )
+    from flmjax.serve import drain
+
+    app = server.app()
+    drain.install(app, server, args.drain_s, on_drained=stop_app)
+    if agent_sock is not None:
+      drain.add_agent(app, server, agent_sock)
+      log.info('HAProxy agent-check on %s:%d', args.host, agent_sock.getsockname()[1])
     web.run_app(
-      server.app(), sock=sock, access_log=None, print=lambda _: print(ready, flush=True)
+      app, sock=sock, access_log=None, print=lambda _: print(ready, flush=True)
     )  # printed once the port listens
   finally:
-    if sock is not None:
-      sock.close()
+    for s in (sock, agent_sock):
+      if s is not None:
+        s.close()
   return 0
+
+
+def stop_app() -> None:
+  """Ends `web.run_app` as its own SIGINT handler does (it then cleans up and returns)."""
+  import asyncio
+
+  from aiohttp.web_runner import GracefulExit
+
+  def stop():
+    raise GracefulExit
+
+  asyncio.get_running_loop().call_soon(stop)
 
 
 def read_wav(path: str) -> np.ndarray:

@@ -9,7 +9,7 @@ import socket
 BACKLOG = 128  # aiohttp's default
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
+def bind_socket(host: str, port: int, flag: str = '--port') -> socket.socket:
   """A listening TCP socket on host:port (port 0: any free port); OSError naming the flag."""
   try:
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -24,11 +24,11 @@ def bind_socket(host: str, port: int) -> socket.socket:
   except OSError as e:
     sock.close()
     why = {
-      errno.EADDRINUSE: 'the port is in use (another server?); pass another --port',
-      errno.EACCES: 'permission denied (ports below 1024 need privileges); pass another --port',
+      errno.EADDRINUSE: f'the port is in use (another server?); pass another {flag}',
+      errno.EACCES: f'permission denied (ports below 1024 need privileges); pass another {flag}',
       errno.EADDRNOTAVAIL: 'no such address on this machine; pass another --host',
     }
     raise OSError(
-      f'--host {host} --port {port}: cannot listen: {why.get(e.errno, e.strerror)}'
+      f'--host {host} {flag} {port}: cannot listen: {why.get(e.errno, e.strerror)}'
     ) from None
   return sock

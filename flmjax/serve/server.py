@@ -1,7 +1,8 @@
 """The aiohttp application: the official routes (GET /api/chat, POST /api/settings) plus the
 browser page at `/`, GET /healthz and GET /metrics, an optional bearer token checked before any
 upgrade, an optional queue for clients that find every slot busy, and the frame loop's lifetime
-tied to the app's.
+tied to the app's. A draining server (flmjax.serve.drain) admits no session and answers /healthz
+with 503.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from aiohttp import web
 from flmjax.decode import SamplingConfig
 from flmjax.serve import page, protocol
 from flmjax.serve.clock import Clock
+from flmjax.serve.drain import DrainMetrics
 from flmjax.serve.frame_loop import FrameLoop
 from flmjax.serve.pipeline import FramePipeline
 from flmjax.serve.session import Limits, Session, log
@@ -73,6 +75,9 @@ class Server:
     self.queue_size, self.record_input = queue, record_input
     self.waiting: list[Session] = []  # queued sessions, first come first served
     self.frame_loop.metrics.queued.set_function(lambda: len(self.waiting))
+    self.draining = False  # set by flmjax.serve.drain.drain: no session is admitted any more
+    self.handling: set[asyncio.Task] = set()  # session handlers under way (the drain awaits them)
+    self.drain_metrics = DrainMetrics(self.frame_loop.metrics.registry)
 
   def app(self) -> web.Application:
     app = web.Application(middlewares=[self._auth], client_max_size=self.limits.max_message_bytes)
@@ -117,6 +122,12 @@ class Server:
       return web.json_response(
         {'error': f'codec={codec!r}: known codecs are {", ".join(protocol.CODECS)}'}, status=400
       )
+    if self.draining:
+      self.drain_metrics.refused.inc()
+      return web.json_response(
+        {'error': 'server draining (shutting down): retry; a load balancer sends you elsewhere'},
+        status=503,
+      )
     ws = _WebSocket(max_msg_size=self.limits.max_message_bytes)
     upgrade = ws.can_prepare(request).ok
     slot = loop.claim()
@@ -153,6 +164,7 @@ class Server:
       clock=self.clock,
       on_clip=lambda stream: loop.metrics.clipped.labels(stream).inc(),
     )
+    self.handling.add(asyncio.current_task())
     if slot is None:
       self.waiting.append(session)
     else:
@@ -196,6 +208,7 @@ class Server:
         loop.metrics.bad_audio.inc()
       self.finished.append(session)
       log.info(session.summary())
+      self.handling.discard(asyncio.current_task())
     return ws
 
   def _join(self, session: Session) -> None:
@@ -273,12 +286,14 @@ class Server:
     live = sum(s is not None for s in loop.slots)
     return web.json_response(
       {
-        'status': 'ok',
+        'status': 'draining' if self.draining else 'ok',
         'slots': len(loop.slots),
+        'free_slots': 0 if self.draining else len(loop.slots) - live,
         'live_sessions': live,
         'queued': len(self.waiting),
         'ticks': loop.ticks,
-      }
+      },
+      status=503 if self.draining else 200,  # a balancer's health check stops routing here
     )
 
   async def handle_metrics(self, request: web.Request):
