@@ -134,7 +134,7 @@ def test_sigterm_drains_queue_at_once_live_sessions_up_to_drain_s_then_1001():
 
   seen, metrics = asyncio.run(scenario())
   assert seen['agent_empty'] == 'ready up 100% maxconn:3\n'
-  assert seen['agent_full'] == 'ready up 0% maxconn:3\n'  # 2 slots and the one queue place taken
+  assert seen['agent_full'] == 'ready up 1% maxconn:3\n'  # 2 slots and the one queue place taken
   assert seen['queued_close'][:2] == (aiohttp.WSMsgType.CLOSE, 1013)
   assert 'server draining' in seen['queued_close'][2]
   assert seen['healthz'] == (503, 'draining')

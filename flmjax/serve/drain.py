@@ -8,9 +8,9 @@ through the balancer reaches another replica), lets live sessions run up to `dra
 then closes those still open with 1001 ("going away"). `install` wires it to SIGTERM.
 
 The agent (`start_agent`): HAProxy's agent-check connects to a TCP port and reads one line;
-`agent_reply` answers "ready up P% maxconn:N", P the share of free places (slots and queue) and
-N all places, or "drain" while draining. HAProxy scales the server's weight by P, so a replica
-with more free slots gets more of the new sessions, and a full one (0%) none.
+`agent_reply` answers "ready up P% maxconn:N", P the share of free places (slots and queue, at
+least 1%) and N all places, or "drain" while draining. HAProxy scales the server's weight by P,
+so a replica with more free slots gets more of the new sessions, and caps its connections at N.
 """
 
 from __future__ import annotations
@@ -117,7 +117,9 @@ def agent_reply(server) -> str:
   live = sum(s is not None for s in server.frame_loop.slots)
   places = slots + server.queue_size
   free = places - live - len(server.waiting)
-  percent = 0 if free <= 0 else max(1, 100 * free // places)  # 0% only when nothing is free
+  # Never 0%: weight 0 takes the server out, and a full replica must still get the sessions
+  # HAProxy queued for it (its maxconn holds them back until a slot frees).
+  percent = max(1, 100 * free // places)
   return f'ready up {percent}% maxconn:{places}\n'
 
 
