@@ -8,14 +8,17 @@ the model's output); the whole path through replicas and HAProxy is tests/test_s
 import asyncio
 import os
 import signal
+import socket
 
 import aiohttp
 import numpy as np
 from aiohttp import web
+from probe import error_line
 
 from flmjax.config import ModelConfig
 from flmjax.decode import SamplingConfig
 from flmjax.serve import drain, protocol
+from flmjax.serve.client import converse
 from flmjax.serve.clock import ManualClock
 from flmjax.serve.net import bind_socket
 from flmjax.serve.pipeline import FrameOut
@@ -81,19 +84,34 @@ def test_sigterm_drains_queue_at_once_live_sessions_up_to_drain_s_then_1001():
     seen = {}
     async with aiohttp.ClientSession() as http:
       seen['agent_empty'] = await agent_says(agent_port)
-      ws = [await http.ws_connect(f'{url}/api/chat?codec=pcm16') for _ in range(3)]
-      for w in ws[:2]:
+      ws = [await http.ws_connect(f'{url}/api/chat?codec=pcm16') for _ in range(2)]
+      for w in ws:
         assert (await w.receive()).data == bytes([protocol.HANDSHAKE])
-      notice = await ws[2].receive()  # the third waits in the queue
-      assert notice.data.startswith(b'\x02server full: you are number 1')
+      notices = []  # the third session waits in the queue
+      queued = asyncio.create_task(
+        converse(
+          f'ws://127.0.0.1:{port}/api/chat',
+          np.zeros(3 * S, np.float32),
+          codec='pcm16',
+          notice_hook=notices.append,
+          clock=clock,
+        )
+      )
+      for _ in range(1000):
+        if notices:
+          break
+        await asyncio.sleep(0.01)
+      assert notices == ['server full: you are number 1 in the queue for a free slot\n']
       seen['agent_full'] = await agent_says(agent_port)
 
       start = clock.time()
       os.kill(os.getpid(), signal.SIGTERM)  # the handler `install` put on the running loop
       for _ in range(50):
         await asyncio.sleep(0)
-      queued = await ws[2].receive()  # sent away before any virtual time passed
-      seen['queued_close'] = (queued.type, queued.data, queued.extra)
+      try:  # sent away before any virtual time passed
+        await queued
+      except ConnectionError as e:
+        seen['queued_close'] = str(e)
       async with http.get(f'{url}/healthz') as r:
         seen['healthz'] = (r.status, (await r.json())['status'])
       async with http.get(f'{url}/api/chat') as r:  # a new session (plain GET is refused first)
@@ -135,8 +153,10 @@ def test_sigterm_drains_queue_at_once_live_sessions_up_to_drain_s_then_1001():
   seen, metrics = asyncio.run(scenario())
   assert seen['agent_empty'] == 'ready up 100% maxconn:3\n'
   assert seen['agent_full'] == 'ready up 1% maxconn:3\n'  # 2 slots and the one queue place taken
-  assert seen['queued_close'][:2] == (aiohttp.WSMsgType.CLOSE, 1013)
-  assert 'server draining' in seen['queued_close'][2]
+  assert seen['queued_close'].endswith(
+    'closed before the session began: 1013 server draining: no slot was given; reconnect to '
+    'reach another replica'
+  )
   assert seen['healthz'] == (503, 'draining')
   assert seen['new_session'] == 503
   assert seen['agent_draining'] == 'drain\n'
@@ -158,3 +178,23 @@ def test_drain_with_nothing_live_returns_at_once():
   server = Server(EchoPipeline(1), sampling=SamplingConfig(), clock=ManualClock())
   assert asyncio.run(drain.drain(server, 60.0)) == 0
   assert server.draining
+
+
+SERVE = ('serve', '--checkpoint', '/nonexistent/ckpt', '--mimi', '/nonexistent/mimi', '--port', '0')
+
+
+def test_drain_and_agent_flags_checked_before_loading(capsys):
+  line = error_line(capsys, *SERVE, '--drain-s', '-1')
+  assert 'flmjax serve: error: --drain-s -1 must be >= 0' in line
+  line = error_line(capsys, *SERVE, '--agent-port', '70000')
+  assert '--agent-port 70000 must lie in 0..65535' in line
+  with socket.socket() as taken:
+    taken.bind(('127.0.0.1', 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    line = error_line(capsys, *SERVE, '--agent-port', str(port))
+  assert f'--agent-port {port}: cannot listen: the port is in use' in line
+  assert 'pass another --agent-port' in line
+  # Both ports free: bound, then the missing checkpoint is what fails (and both are freed).
+  line = error_line(capsys, *SERVE, '--agent-port', '0', '--drain-s', '0')
+  assert '--checkpoint' in line

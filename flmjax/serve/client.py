@@ -93,6 +93,8 @@ async def converse(
         if notice_hook is not None:
           notice_hook(notices[-1])
         first = await ws.receive()  # queued: as long as it takes
+      if first.type == aiohttp.WSMsgType.CLOSE:  # e.g. 1013 from a draining server's queue
+        raise ConnectionError(f'{url}: closed before the session began: {first.data} {first.extra}')
       if first.type != aiohttp.WSMsgType.BINARY or first.data[:1] != b'\x00':
         raise ConnectionError(
           f'{url}: expected the 0x00 handshake, got {first.type.name} {first.data!r:.60}'
