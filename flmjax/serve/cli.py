@@ -251,7 +251,7 @@ def main(argv: list[str]) -> int:
     from flmjax.serve import drain
 
     app = server.app()
-    drain.install(app, server, args.drain_s, on_drained=stop_app)
+    drain.install(app, server, args.drain_s)  # then web.run_app returns
     if agent_sock is not None:
       drain.add_agent(app, server, agent_sock)
       log.info('HAProxy agent-check on %s:%d', args.host, agent_sock.getsockname()[1])
@@ -263,18 +263,6 @@ def main(argv: list[str]) -> int:
       if s is not None:
         s.close()
   return 0
-
-
-def stop_app() -> None:
-  """Ends `web.run_app` as its own SIGINT handler does (it then cleans up and returns)."""
-  import asyncio
-
-  from aiohttp.web_runner import GracefulExit
-
-  def stop():
-    raise GracefulExit
-
-  asyncio.get_running_loop().call_soon(stop)
 
 
 def read_wav(path: str) -> np.ndarray:

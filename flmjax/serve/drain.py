@@ -19,6 +19,7 @@ import asyncio
 import signal
 
 import prometheus_client as prom
+from aiohttp.web_runner import GracefulExit
 
 from flmjax.serve.session import log
 
@@ -88,10 +89,20 @@ async def _handlers_done(server) -> None:
     await asyncio.wait(set(server.handling))
 
 
-def install(app, server, drain_s: float, on_drained) -> None:
-  """On SIGTERM, drains `server` and then calls on_drained() (the CLI exits 0 there). Installed
-  at the app's startup, after aiohttp's own SIGTERM handler, which it replaces; SIGINT still
-  stops at once. A second SIGTERM while draining changes nothing."""
+def stop_run_app() -> None:
+  """Ends `aiohttp.web.run_app` as its own SIGINT handler does: it cleans up and returns."""
+
+  def stop():
+    raise GracefulExit
+
+  asyncio.get_running_loop().call_soon(stop)
+
+
+def install(app, server, drain_s: float, on_drained=stop_run_app) -> None:
+  """On SIGTERM, drains `server` and then calls on_drained() (by default `web.run_app` returns,
+  and `flmjax serve` exits 0). Installed at the app's startup, after aiohttp's own SIGTERM
+  handler, which it replaces; SIGINT still stops at once. A second SIGTERM while draining
+  changes nothing."""
 
   tasks = []  # the drain task, held so that it is not collected while it runs
 
