@@ -181,13 +181,16 @@ def test_replica_drained_mid_conversation_loses_no_session(request, tiny_model, 
         return (await get_json(http, f'http://127.0.0.1:{ports[drained]}/healthz'))[0] == 503
 
       await until(draining, 'healthz 503 on the drained replica')
-      pcms = [voice(200 + i, SECOND_FRAMES) for i in range(SECOND)]
-      second = [asyncio.create_task(converse(url, pcm, pace=False)) for pcm in pcms]
 
       async def out_of_rotation():
         return not haproxy_servers(sock_path)[f'r{drained + 1}']['status'].startswith('UP')
 
+      # Until its next check (500 ms) HAProxy may still pick the draining replica: the 503 is
+      # then retried elsewhere, unless the others are full (as here), when the client gets it
+      # (docs/serving.md). The new sessions come once HAProxy took the replica out.
       await until(out_of_rotation, 'HAProxy takes the drained replica out')
+      pcms = [voice(200 + i, SECOND_FRAMES) for i in range(SECOND)]
+      second = [asyncio.create_task(converse(url, pcm, pace=False)) for pcm in pcms]
       convs = await asyncio.gather(*first, *second)
       stats = haproxy_servers(sock_path)
       return convs, sigterm_at, drained, others, live, stats
