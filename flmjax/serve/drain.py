@@ -85,8 +85,8 @@ async def drain(server, drain_s: float) -> int:
 
 async def _handlers_done(server) -> None:
   """Until every session handler (live, queued or closing) has returned."""
-  while server.handling:
-    await asyncio.wait(set(server.handling))
+  while pending := {task for task in server.handling if not task.done()}:
+    await asyncio.wait(pending)
 
 
 def stop_run_app() -> None:
