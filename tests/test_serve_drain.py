@@ -26,6 +26,7 @@ from flmjax.serve.server import Server
 from flmjax.serve.session import Limits
 
 S = 1920
+BOUND = 30.0  # real seconds: only ends a failing run (the test's time is virtual)
 
 
 class EchoPipeline:
@@ -86,7 +87,7 @@ def test_sigterm_drains_queue_at_once_live_sessions_up_to_drain_s_then_1001():
       seen['agent_empty'] = await agent_says(agent_port)
       ws = [await http.ws_connect(f'{url}/api/chat?codec=pcm16') for _ in range(2)]
       for w in ws:
-        assert (await w.receive()).data == bytes([protocol.HANDSHAKE])
+        assert (await w.receive(timeout=BOUND)).data == bytes([protocol.HANDSHAKE])
       notices = []  # the third session waits in the queue
       queued = asyncio.create_task(
         converse(
@@ -109,7 +110,7 @@ def test_sigterm_drains_queue_at_once_live_sessions_up_to_drain_s_then_1001():
       for _ in range(50):
         await asyncio.sleep(0)
       try:  # sent away before any virtual time passed
-        await queued
+        await asyncio.wait_for(queued, BOUND)
       except ConnectionError as e:
         seen['queued_close'] = str(e)
       async with http.get(f'{url}/healthz') as r:
@@ -128,7 +129,7 @@ def test_sigterm_drains_queue_at_once_live_sessions_up_to_drain_s_then_1001():
         await asyncio.sleep(0.01)
       replies = []
       while len(replies) < 3:
-        msg = await ws[1].receive()
+        msg = await ws[1].receive(timeout=BOUND)
         if msg.data[0] == protocol.AUDIO:
           replies.append(protocol.Pcm16Reader().decode(msg.data[1:]))
       seen['echo'] = np.concatenate(replies)
@@ -141,16 +142,21 @@ def test_sigterm_drains_queue_at_once_live_sessions_up_to_drain_s_then_1001():
       live = sum(s is not None for s in server.frame_loop.slots)
       seen['at_4.9s'] = (ws[1].closed, drained.is_set(), live)
       await clock.advance(0.2)  # 5.1 s: the drain time ran out
-      last = await ws[1].receive()
+      last = await ws[1].receive(timeout=BOUND)
       while last.type == aiohttp.WSMsgType.BINARY:  # replies still queued before the close
-        last = await ws[1].receive()
+        last = await ws[1].receive(timeout=BOUND)
       seen['live_close'] = (last.type, last.data, last.extra)
-      await asyncio.wait_for(drained.wait(), 10)
+      await asyncio.wait_for(drained.wait(), BOUND)
       metrics = (await (await http.get(f'{url}/metrics')).read()).decode()
     await runner.cleanup()
     return seen, metrics
 
-  seen, metrics = asyncio.run(scenario())
+  # Should `install` fail to take SIGTERM, the signal must fail this test, not end pytest.
+  previous = signal.signal(signal.SIGTERM, lambda *_: None)
+  try:
+    seen, metrics = asyncio.run(scenario())
+  finally:
+    signal.signal(signal.SIGTERM, previous)
   assert seen['agent_empty'] == 'ready up 100% maxconn:3\n'
   assert seen['agent_full'] == 'ready up 1% maxconn:3\n'  # 2 slots and the one queue place taken
   assert seen['queued_close'].endswith(
