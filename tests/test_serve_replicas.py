@@ -24,9 +24,9 @@ pytestmark = pytest.mark.slow  # subprocess replicas and HAProxy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(ROOT, 'tests', 'golden')
-# 80 and 40 frames: these sessions' replies peak at most 1.35 before Opus, and 5 runs passed. With
-# 100 frames (later replies up to 1.47 before Opus) one client stopped receiving at reply 91 of 99
-# (close 1006), most likely the client's 1.5 peak bound on decoded audio (issue 25 section 1).
+# The golden tiny model's replies peak near the client's 1.5 bound on decoded audio (issue 25
+# section 1; up to 1.47 before Opus for these inputs). 80 and 40 frames passed 5 runs; with 100
+# one client stopped at reply 91 of 99 (close 1006), most likely on that bound.
 SLOTS, FIRST, FIRST_FRAMES, SECOND, SECOND_FRAMES = 4, 6, 80, 6, 40
 DOC_PORTS = {'8080': 'front', '8990': 0, '8991': 1, '8992': 2, '9990': 3, '9991': 4, '9992': 5}
 # A replica's line per session: its slot, and its first underrun (-1: none).
