@@ -5,7 +5,8 @@ on this host, nothing runs) with 8192 KV-cache positions, one compile at a time,
 process, appending the JSON lines to --out (rows already there are not compiled again), then
 prints the markdown table: peak GiB per chip, fits, the largest collective, the HBM-bound frame
 time (an estimate: bytes a frame reads per chip / HBM bandwidth) and the sessions per chip that
-stay within the 80 ms frame (the most that fit with an estimated frame <= 80 ms).
+stay within the 80 ms frame (the most that fit with an estimated frame <= 80 ms). Paged rows
+(`--kv-pages`) read the whole pool in the estimate: the read at the pool's fill.
 
   nice -n 10 python experiments/serving_plan.py --out experiments/serving_plan.jsonl
 """
@@ -20,18 +21,31 @@ import sys
 
 MAX_LEN = 8192
 FRAME_MS = 80.0
-ROWS = [  # (topology, --mesh, sessions)
+ROWS = [  # (topology, --mesh, sessions[, paged cache flags])
   *(('v5e:2x2', 'tensor=4', b) for b in (16, 64, 128)),
   *(('v5e:2x4', 'tensor=4', b) for b in (16, 64, 128)),  # data takes the other 2
   *(('v6e:2x2', 'tensor=4', b) for b in (16, 64, 128)),
+  # Paged (issue 27): a pool of 2048 positions a session on average, any one up to 8192.
+  ('v5e:2x2', 'tensor=4', 256, ('--kv-pages', '4096', '--page-size', '128')),
+  ('v5e:2x2', 'tensor=4', 512, ('--kv-pages', '8192', '--page-size', '128', '--kv-dtype', 'int8')),
 ]
 
 
-def key(topology, mesh, batch):
-  return f'{topology} {mesh} {batch}'
+def key(topology, mesh, batch, paged=()):
+  return ' '.join((topology, mesh, str(batch)) + tuple(paged))
 
 
-def compile_row(topology, mesh, batch) -> dict:
+def record_key(r: dict) -> str:
+  return key(r['topology'], r['mesh_flag'], r['batch'], r.get('paged_flags', ()))
+
+
+def kv_words(r: dict) -> str:
+  if not r.get('kv_pages'):
+    return 'contiguous'
+  return f'paged {r["kv_pages"]} x {r["page_size"]} {r["kv_dtype"]}'
+
+
+def compile_row(topology, mesh, batch, paged=()) -> dict:
   cmd = [
     sys.executable,
     '-m',
@@ -49,6 +63,7 @@ def compile_row(topology, mesh, batch) -> dict:
     str(MAX_LEN),
     '--mesh',
     mesh,
+    *paged,
   ]
   print('$', ' '.join(cmd[1:]), flush=True)
   done = subprocess.run(cmd, capture_output=True, text=True)
@@ -57,30 +72,32 @@ def compile_row(topology, mesh, batch) -> dict:
     raise RuntimeError(f'{key(topology, mesh, batch)}: no record\n{done.stderr[-3000:]}')
   record = json.loads(lines[-1])
   record['mesh_flag'] = mesh
+  record['paged_flags'] = list(paged)
   return record
 
 
 def table(records: list[dict]) -> str:
   out = [
-    '| topology | mesh | sessions | peak GiB/chip | fits | largest collective MiB | '
+    '| topology | mesh | KV cache | sessions | peak GiB/chip | fits | largest collective MiB | '
     'read GiB/chip/frame | est. frame ms (HBM-bound) | sessions/chip within 80 ms (rows) |',
-    '|---|---|---|---|---|---|---|---|---|',
+    '|---|---|---|---|---|---|---|---|---|---|',
   ]
   best = {}
   for r in records:
     ok = r['fits'] and r['frame_ms_estimate'] <= FRAME_MS
     if ok:
-      best[r['topology']] = max(best.get(r['topology'], 0), r['batch'] / r['chips'])
+      at = (r['topology'], kv_words(r))
+      best[at] = max(best.get(at, 0), r['batch'] / r['chips'])
   for r in records:
     mesh = ','.join(f'{k}={v}' for k, v in r['mesh'].items() if v > 1)
     fmt = lambda v, f='{:.2f}': '-' if v is None else f.format(v)
     out.append(
-      f'| {r["topology"]} | {mesh} | {r["batch"]} | {fmt(r["peak_gib"])} | '
+      f'| {r["topology"]} | {mesh} | {kv_words(r)} | {r["batch"]} | {fmt(r["peak_gib"])} | '
       f'{"yes" if r["fits"] else "no"} | {fmt(r["largest_collective_mib"])} | '
       f'{fmt(r["read_gib_per_chip"])} | {fmt(r["frame_ms_estimate"], "{:.1f}")} | '
-      f'{best.get(r["topology"], 0):g} |'
+      f'{best.get((r["topology"], kv_words(r)), 0):g} |'
     )
-  return '\n'.join(out + [''] + limits(records))
+  return '\n'.join(out + [''] + limits([r for r in records if not r.get('kv_pages')]))
 
 
 def _reach(lo: dict, hi: dict, key: str, cap: float) -> int:
@@ -126,7 +143,7 @@ def main(argv=None) -> int:
   if os.path.exists(args.out):
     with open(args.out) as f:
       records = [json.loads(line) for line in f if line.strip()]
-  have = {key(r['topology'], r['mesh_flag'], r['batch']) for r in records}
+  have = {record_key(r) for r in records}
   for row in ROWS:
     if args.table_only or key(*row) in have:
       continue
@@ -135,7 +152,7 @@ def main(argv=None) -> int:
     with open(args.out, 'a') as f:
       f.write(json.dumps(record) + '\n')
   order = {key(*row): i for i, row in enumerate(ROWS)}
-  records.sort(key=lambda r: order.get(key(r['topology'], r['mesh_flag'], r['batch']), 99))
+  records.sort(key=lambda r: order.get(record_key(r), 99))
   print(table(records))
   return 0
 

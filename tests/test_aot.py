@@ -321,3 +321,16 @@ def test_cli_bad_lora_flags(argv, match, capsys):
   code = cli.main(['aot', '--topology', 'v5e:1x1', '--preset', 'tiny'] + argv)
   err = capsys.readouterr().err.strip().splitlines()
   assert code == 1 and len(err) == 1 and match in err[0], err
+
+
+def test_paged_decode_flags_are_checked():
+  req = make_request(
+    'v5e:2x2', 4, step='decode', preset='small', window=256, batch=8, kv_pages=16, page_size=64
+  )
+  assert (req.kv_pages, req.page_size, req.kv_dtype) == (16, 64, 'bf16')
+  with pytest.raises(AotError, match='a paged KV cache is for --step decode'):
+    make_request('v5e:2x2', 4, step='train', preset='small', kv_pages=16)
+  with pytest.raises(AotError, match='need --kv-pages N'):
+    make_request('v5e:2x2', 4, step='decode', preset='small', kv_dtype='int8')
+  with pytest.raises(AotError, match='--max-len 200 is not a multiple of --page-size 128'):
+    make_request('v5e:2x2', 4, step='decode', preset='small', window=200, kv_pages=4)

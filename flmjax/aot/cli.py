@@ -13,7 +13,9 @@ For --step decode, --max-len is the KV-cache positions per session and --batch t
 the line also has largest_collective_mib (the largest collective in the compiled frame),
 read_gib_per_chip (bytes a frame reads from HBM per chip: every weight, the whole KV cache),
 hbm_gbps, frame_ms_estimate (read / HBM bandwidth: an HBM-bound estimate, not a measurement) and
-pallas (--pallas: the depth transformer through the Pallas TPU kernel, in shard_map).
+pallas (--pallas: the depth transformer through the Pallas TPU kernel, in shard_map), and
+kv_pages, page_size, kv_dtype (--kv-pages: a paged cache through JAX's TPU paged-attention
+kernel; read_gib_per_chip then counts the whole pool: the read at the pool's fill).
 """
 
 from __future__ import annotations
@@ -76,6 +78,16 @@ def _parser() -> argparse.ArgumentParser:
     choices=('bfloat16', 'int8'),
     help='LoRA: the frozen base in bf16 (default) or int8 (per-channel)',
   )
+  p.add_argument(
+    '--kv-pages',
+    type=int,
+    help='decode: a paged KV cache of N pages per layer (the TPU paged-attention kernel); '
+    '--max-len is then the most positions one session may reach',
+  )
+  p.add_argument('--page-size', type=int, help='decode, paged: positions a page (default 128)')
+  p.add_argument(
+    '--kv-dtype', choices=('bf16', 'int8'), help='decode, paged: the pool in bf16 or int8'
+  )
   return p
 
 
@@ -102,6 +114,9 @@ def main(argv: list[str]) -> int:
     lora_rank=args.lora_rank,
     lora_targets=args.lora_targets,
     base_dtype=args.base_dtype,
+    kv_pages=args.kv_pages,
+    page_size=args.page_size,
+    kv_dtype=args.kv_dtype,
   )
   record, _ = compile_report(req, lambda *a: print(*a, flush=True))
   print(json.dumps(record), flush=True)

@@ -148,10 +148,24 @@ def _decode_args(req: AotRequest, mesh):
   rules = shd.replicating(shd.RULES, DEPTH_LAYER_AXES) if req.pallas else shd.RULES
   p_sh = nnx.to_pure_dict(shd.state_shardings(abstract_state, mesh, rules))
   sampling = SamplingConfig()
+  kv = paged_kv(req)
   state = jax.eval_shape(
-    lambda: st.init(cfg, sampling, req.batch, req.window, jnp.zeros((req.batch,), jnp.uint32))
+    lambda: st.init(cfg, sampling, req.batch, req.window, jnp.zeros((req.batch,), jnp.uint32), kv)
   )
   return cfg, graphdef, sampling, (params, p_sh), (state, st.shardings(state, mesh))
+
+
+def paged_kv(req: AotRequest):
+  """The request's paged cache (None: contiguous), read through the TPU paged-attention kernel."""
+  if not req.kv_pages:
+    return None
+  from flmjax.decode.pages import PagedKV
+
+  # int8 pages go through the XLA path: the kernel's int8 format broadcasts the per-token
+  # scales to the head dim in HBM ([K, pages, P, H] float32, 4x the int8 pool), which measured
+  # 39.26 GiB of temporaries for 8192 pages of the 8B on v5e (docs/decoding.md).
+  impl = 'kernel' if req.kv_dtype == 'bf16' else 'xla'
+  return PagedKV(req.kv_pages, req.page_size, req.window // req.page_size, req.kv_dtype, impl)
 
 
 def lower_decode(req: AotRequest, mesh, log=print):
@@ -166,6 +180,11 @@ def lower_decode(req: AotRequest, mesh, log=print):
   log(
     f'decode frame: {req.batch} sessions, {req.window} cache positions, {req.compute_dtype}'
     + (', Pallas depth kernel' if req.pallas else '')
+    + (
+      f', paged: {req.kv_pages} pages of {req.page_size} ({req.kv_dtype}), TPU kernel'
+      if req.kv_pages
+      else ''
+    )
   )
   layers_fn = None
   if req.pallas:
@@ -180,8 +199,11 @@ def lower_decode(req: AotRequest, mesh, log=print):
       user,
       penalized=sampling.penalized_codebooks,
       layers_fn=layers_fn,
+      kv=kv,
+      span=1 if kv is None else kv.max_pages,
     )
 
+  kv = paged_kv(req)
   step = jax.jit(
     shd.traced_on(mesh, run_frame),
     in_shardings=(p_sh, s_sh, rows),
@@ -203,6 +225,9 @@ def decode_plan(req: AotRequest, mesh, hlo: str | None) -> dict:
     'hbm_gbps': roofline.HBM_GBPS[req.chip],
     'frame_ms_estimate': roofline.frame_ms_estimate(read, req.chip),
     'pallas': req.pallas,
+    'kv_pages': req.kv_pages,
+    'page_size': req.page_size if req.kv_pages else None,
+    'kv_dtype': req.kv_dtype,
   }
 
 

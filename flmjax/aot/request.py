@@ -32,6 +32,9 @@ class AotRequest:
   compute_dtype: str = 'bfloat16'
   pallas: bool = False  # decode: the Mosaic depth kernel in shard_map, as use_pallas=True runs
   lora: LoraConfig | None = None  # train: LoRA adapters on a frozen base (int8 or bf16)
+  kv_pages: int | None = None  # decode: a paged KV cache of this many pages (None: contiguous)
+  page_size: int = 128
+  kv_dtype: str = 'bf16'  # decode, paged: 'bf16' (the compute dtype) or 'int8'
 
   @property
   def chip(self) -> str:
@@ -62,6 +65,9 @@ def make_request(
   lora_rank: int | None = None,
   lora_targets: str | None = None,
   base_dtype: str | None = None,
+  kv_pages: int | None = None,
+  page_size: int | None = None,
+  kv_dtype: str | None = None,
 ) -> AotRequest:
   """What `flmjax aot` compiles: a training config's model, window, batch, mesh, remat, dtype
   and LoRA (loading it has no side effects), else the preset (default flm_8b); set arguments
@@ -118,7 +124,18 @@ def make_request(
     base['window'] = 4096 if step == 'train' else base['model'].max_position_embeddings
   if pallas and step != 'decode':
     raise AotError('--pallas: the Pallas depth kernel is compiled with --step decode only')
-  return AotRequest(topology=topology, step=step, pallas=pallas, **base)
+  if (kv_pages or page_size or kv_dtype) and step != 'decode':
+    raise AotError('--kv-pages/--page-size/--kv-dtype: a paged KV cache is for --step decode')
+  if (page_size or kv_dtype) and not kv_pages:
+    raise AotError('--page-size/--kv-dtype need --kv-pages N (the paged cache)')
+  paged = {}
+  if kv_pages:
+    paged = dict(kv_pages=kv_pages, page_size=page_size or 128, kv_dtype=kv_dtype or 'bf16')
+    if base['window'] % paged['page_size']:
+      raise AotError(
+        f'--max-len {base["window"]} is not a multiple of --page-size {paged["page_size"]}'
+      )
+  return AotRequest(topology=topology, step=step, pallas=pallas, **base, **paged)
 
 
 def _lora_request(lora, rank, targets, base_dtype):

@@ -11,8 +11,10 @@ import numpy as np
 from flax import nnx
 
 from flmjax import sharding as shd
+from flmjax.decode import pages
 from flmjax.decode import state as st
 from flmjax.decode.frame import frame
+from flmjax.decode.pages import PagedKV
 from flmjax.decode.sampling import SamplingConfig
 from flmjax.model import depth
 from flmjax.model.flm import FLMAudio
@@ -24,6 +26,11 @@ DEPTH_LAYER_AXES = ('depth_embed', 'depth_heads', 'depth_mlp')
 
 class SessionOverflowError(RuntimeError):
   """A session reached the end of the decoder's KV cache under overflow='error'."""
+
+
+class PoolFullError(SessionOverflowError):
+  """A session needs a page of the paged KV cache and the pool has none free: under
+  overflow='error' for any such session, under 'slide' for a session that holds no page yet."""
 
 
 class StreamingDecoder:
@@ -49,6 +56,14 @@ class StreamingDecoder:
     max_len tokens under overflow='error'. Frames whose windows all fit the decoder's sampling
     read only that many entries (flmjax.decode.frame.with_penalty), so a large buffer costs
     only while a session uses a large window.
+  kv='paged': the KV cache is one pool of `pages` pages of `page_size` positions per layer
+    (flmjax.decode.pages); a session takes a page as it grows and returns its pages when its slot
+    is reset or released, and attention reads only the pages in use. max_len (a multiple of
+    page_size) bounds one session. A session that needs a page when none is free slides over
+    the pages it holds under overflow='slide'; under 'error' the step raises PoolFullError
+    before it runs, so no running session is touched. kv_dtype='int8' stores the pool in int8
+    with a scale per token and KV head. paged_impl: flmjax.model.paged.IMPLS ('auto': the TPU
+    kernel on TPU, XLA elsewhere; 'interpret': the TPU kernel in interpret mode).
   depth_layer_fn: a drop-in for flmjax.model.depth.layer_step. depth_layers_fn: a drop-in for
     the whole depth layer stack (depth.layers_step's signature); use_pallas=True takes it from
     flmjax.kernels.depth_step.select_depth_layers_fn (pallas_interpret=True: interpret mode).
@@ -68,10 +83,16 @@ class StreamingDecoder:
     use_pallas: bool = False,
     pallas_interpret: bool = False,
     rules=shd.RULES,
+    kv: str = 'contiguous',
+    pages: int | None = None,
+    page_size: int = 128,
+    kv_dtype: str = 'bf16',
+    paged_impl: str = 'auto',
   ):
     if overflow not in OVERFLOW_POLICIES:
       raise ValueError(f'overflow={overflow!r}: use one of {OVERFLOW_POLICIES}')
     self.overflow, self.mesh = overflow, mesh
+    self.kv = self._paged(kv, pages, page_size, kv_dtype, paged_impl)
     # The Pallas depth step cannot be partitioned: it runs on whole rows with every depth weight
     # at hand, so those are stored replicated rather than gathered on every frame.
     if use_pallas and mesh is not None:
@@ -136,13 +157,29 @@ class StreamingDecoder:
         self.max_len,
         jnp.zeros((batch,), jnp.uint32),
         self.penalty_buffers,
+        self.kv,
       )
     )
     return st.shardings(shape, self.mesh, self.rules)
 
-  def _compiled(self, batch: int) -> dict:
-    if batch in self._jits:
-      return self._jits[batch]
+  def _paged(self, kv, pages, page_size, kv_dtype, impl):
+    if kv == 'contiguous':
+      if kv_dtype != 'bf16':
+        raise ValueError(f"kv_dtype={kv_dtype!r} needs kv='paged' (int8 is paged-only)")
+      return None
+    if kv != 'paged':
+      raise ValueError(f"kv={kv!r}: use 'contiguous' or 'paged'")
+    if pages is None:
+      raise ValueError("kv='paged' needs pages=N, the pool's size in pages")
+    if self.max_len % page_size:
+      raise ValueError(
+        f'max_len={self.max_len} is not a multiple of page_size={page_size}; use a multiple'
+      )
+    return PagedKV(pages, page_size, self.max_len // page_size, kv_dtype, impl)
+
+  def _compiled(self, batch: int, span: int = 1) -> dict:
+    if (batch, span) in self._jits:
+      return self._jits[(batch, span)]
     cfg, sampling, max_len = self.cfg, self.sampling, self.max_len
 
     def run_frame(params, state, user):
@@ -155,10 +192,14 @@ class StreamingDecoder:
         layer_fn=self.depth_layer_fn,
         layers_fn=self.depth_layers_fn,
         fast_windows=self.fast_windows,
+        kv=self.kv,
+        span=span,
       )
 
     run_frame = shd.traced_on(self.mesh, run_frame)
-    make = lambda seeds: st.init(cfg, sampling, batch, max_len, seeds, self.penalty_buffers)
+    make = lambda seeds: st.init(
+      cfg, sampling, batch, max_len, seeds, self.penalty_buffers, self.kv
+    )
     reset = functools.partial(st.reset, cfg)
     if self.mesh is None:
       fns = dict(
@@ -189,7 +230,7 @@ class StreamingDecoder:
         ),
         release=jax.jit(st.release, in_shardings=(s, rows(1)), out_shardings=s, donate_argnums=0),
       )
-    self._jits[batch] = fns
+    self._jits[(batch, span)] = fns
     return fns
 
   # ---- public API --------------------------------------------------------------------------
@@ -214,7 +255,26 @@ class StreamingDecoder:
           f'is full. Release or reset them, build the decoder with a larger max_len, or use '
           f"overflow='slide' to attend to the last max_len frames only"
         )
-    return self._compiled(batch)['frame'](self.params, state, user)
+    span = 1
+    if self.kv is not None:
+      span = self.check_pages(state)
+    return self._compiled(batch, span)['frame'](self.params, state, user)
+
+  def check_pages(self, state: dict) -> int:
+    """Host check of a paged state before a frame: raises PoolFullError for a session that
+    needs a page the pool cannot give (under overflow='error', or holding none); returns the
+    frame's span (flmjax.decode.pages.span)."""
+    short = pages.shortfall(state, self.kv)
+    held = np.asarray(state['held'])
+    stuck = short if self.overflow == 'error' else short[held[short] == 0]
+    if stuck.size:
+      raise PoolFullError(
+        f'session slot(s) {stuck.tolist()} need a KV page and the pool of {self.kv.pages} '
+        'pages has none free. Release sessions, build the decoder with more pages, or use '
+        "overflow='slide' to let running sessions slide over the pages they hold"
+      )
+    offset, active = np.asarray(state['offset']), np.asarray(state['active'])
+    return pages.span(offset, active, self.kv)
 
   def reset_slots(
     self, state: dict, mask, *, seeds=None, sampling: SamplingConfig | None = None

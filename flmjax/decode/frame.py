@@ -20,6 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from flmjax.decode import pages
 from flmjax.decode.sampling import sample, sample_sharded
 from flmjax.model import depth
 from flmjax.model.flm import FLMAudio
@@ -66,11 +67,15 @@ def frame(
   layer_fn=depth.layer_step,
   layers_fn=None,
   fast_windows: tuple[int, int] | None = None,
+  kv: pages.PagedKV | None = None,
+  span: int = 1,
 ) -> tuple[dict, jax.Array, jax.Array]:
   """state, user [B,C] int32 -> (state, out [B,1+C] int32, valid [B] bool).
 
   fast_windows: (text, audio) penalty windows that every session usually fits in (the decoder's
-  sampling's); the penalty then reads only that many ring entries (see `penalized`)."""
+  sampling's); the penalty then reads only that many ring entries (see `penalized`).
+  kv: the state's paged cache (None: contiguous); span: the table columns its XLA path reads
+  (flmjax.decode.pages.span)."""
   cfg = model.cfg
   C, Z, max_delay = cfg.num_codebooks, cfg.num_channels, cfg.max_delay
   delays = jnp.asarray(cfg.delays, jnp.int32)
@@ -89,7 +94,20 @@ def frame(
   x = model.backbone.embed(
     column[:, None, 0], column[:, None, 1 : 1 + C], column[:, None, 1 + C :], gather_tables=False
   )
-  h, cache = model.backbone(x, offset[:, None], state['cache'])  # h [B,1,D]
+  if kv is None:
+    h, cache = model.backbone(x, offset[:, None], state['cache'])  # h [B,1,D]
+  else:  # paged: take this frame's pages, then read the first `span` table columns
+    state = pages.take(state, kv.page_size)
+    view = {
+      **state['cache'],
+      'table': state['table'],
+      'held': state['held'],
+      'writes': active & (state['held'] > 0),
+      'read': state['table'][:, :span],
+      'pages': kv.pages,
+      'impl': kv.impl,
+    }
+    h, cache = model.backbone(x, offset[:, None], view)
   # The padded vocab (padding at NEG_INF, never drawn) keeps the tensor split of the logits.
   text_logits = model.backbone.text_logits(h, padded=True)[:, 0]  # [B,Vp]
 

@@ -12,8 +12,9 @@ import numpy as np
 
 from flmjax import sharding as shd
 from flmjax.config import ModelConfig
+from flmjax.decode import pages
 from flmjax.decode.sampling import SamplingConfig, StreamParams
-from flmjax.model import backbone
+from flmjax.model import backbone, paged
 
 # Logical axes of the backbone KV cache [L,B,S,K,H]; every other leaf is ('batch', None...).
 CACHE_AXES = backbone.CACHE_AXES
@@ -41,6 +42,7 @@ def init(
   max_len: int,
   seeds: jax.Array,
   buffers: dict | None = None,
+  kv: pages.PagedKV | None = None,
 ) -> dict:
   """A state whose B slots are all fresh, active sessions. Pure; jit it for large caches.
   buffers: {'text', 'audio'} ring entries of the penalty windows (default: the sampling's
@@ -55,13 +57,17 @@ def init(
       slot t mod W;
     keys [B,2] uint32: per-session PRNG key data;
     text, audio: StreamParams of [B] arrays: per-session sampling parameters.
+  With kv (a paged cache), 'cache' is the page pool and table, held, free are added
+  (flmjax.decode.pages).
   """
   ring = jnp.broadcast_to(
     jnp.asarray(initial_column(cfg))[None, :, None], (batch, cfg.num_channels, ring_size(cfg))
   )
   buffers = buffers or {k: sampling.penalty_buffer(k) for k in ('text', 'audio')}
+  cache = {'cache': backbone.init_cache(cfg, batch, max_len)} if kv is None else {}
   return {
-    'cache': backbone.init_cache(cfg, batch, max_len),
+    **cache,
+    **({} if kv is None else pages.init(cfg, kv, batch)),
     'ring': ring,
     'offset': jnp.zeros((batch,), jnp.int32),
     'active': jnp.ones((batch,), bool),
@@ -91,8 +97,14 @@ def reset(
   rows = lambda x, new: jnp.where(mask.reshape((-1,) + (1,) * (x.ndim - 1)), new, x)
   kv = lambda x: jnp.where(mask[None, :, None, None, None], jnp.zeros((), x.dtype), x)
   init_ring = jnp.asarray(initial_column(cfg))[None, :, None]
+  if 'table' in state:  # paged: the rows' pages go back to the pool (the session rewrites
+    # each entry before it reads it)
+    fresh = pages.give_back(state, mask)
+  else:
+    fresh = {'cache': {'k': kv(state['cache']['k']), 'v': kv(state['cache']['v'])}}
   return {
-    'cache': {'k': kv(state['cache']['k']), 'v': kv(state['cache']['v'])},
+    **state,
+    **fresh,
     'ring': rows(state['ring'], init_ring),
     'offset': rows(state['offset'], 0),
     'active': rows(state['active'], True),
@@ -105,7 +117,10 @@ def reset(
 
 
 def release(state: dict, mask: jax.Array) -> dict:
-  """Marks the slots where mask [B] free: they stop advancing and return valid=False."""
+  """Marks the slots where mask [B] free: they stop advancing and return valid=False. A paged
+  state's pages return to the pool."""
+  if 'table' in state:
+    state = pages.give_back(state, mask & state['active'])
   return {**state, 'active': state['active'] & ~mask}
 
 
@@ -113,9 +128,18 @@ def shardings(state, mesh: jax.sharding.Mesh, rules=shd.RULES):
   """NamedShardings for a state (or its eval_shape): sessions over the batch axes, the KV cache's
   heads over tensor, by the same rules table as the parameters."""
 
+  paged_pool = 'table' in state
+
   def one(path, x):
     top = getattr(path[0], 'key', None)
-    axes = CACHE_AXES if top == 'cache' else ('batch',) + (None,) * (len(x.shape) - 1)
+    if top == 'cache' and paged_pool:
+      axes = paged.POOL_AXES if len(x.shape) == 4 else paged.SCALE_AXES
+    elif top == 'cache':
+      axes = CACHE_AXES
+    elif top == 'free':  # the pool's free pages: every shard allocates alike
+      axes = (None,)
+    else:
+      axes = ('batch',) + (None,) * (len(x.shape) - 1)
     return shd.named_sharding(axes, x.shape, mesh, rules)
 
   return jax.tree_util.tree_map_with_path(one, state)

@@ -12,7 +12,7 @@ from flax import nnx
 
 from flmjax import sharding as shd
 from flmjax.config import ModelConfig
-from flmjax.model import attention, layers, lora
+from flmjax.model import attention, layers, lora, paged
 from flmjax.model.params import param, values
 
 LAYER_PARAMS = (
@@ -121,14 +121,20 @@ class Backbone(nnx.Module):
     cfg = self.cfg
     stacked = values(self, LAYER_PARAMS, cfg.compute_dtype)
     cos, sin = layers.rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.compute_dtype)
-    if cache is not None:
+    paged_cache = cache is not None and 'table' in cache
+    if paged_cache:  # a one-frame step over a paged pool (flmjax.model.paged)
+      pool = {n: cache[n] for n in paged.POOL_NAMES if n in cache}
+      pages, page_size = cache['pages'], pool['k'].shape[2]
+      pos = positions[:, 0]
+      count = paged.counts(pos, cache['held'], page_size)
+    elif cache is not None:
       entries = jnp.arange(cache['k'].shape[2])
       mask = entries[None, None, :] <= positions[:, :, None]  # [B,T,S]
 
     def layer(carry, xs):
       # The whole cache [L,B,S,K,H] rides in the carry so each step updates it in place (as scan
       # xs/ys, XLA copied the full cache several times per decoded frame).
-      x, ck, cv = carry
+      x, kv = carry
       p, i = xs
       dense = lambda spec, x, p, name: lora.dense(
         spec, x, p, name, self.lora_scale, dropout=lora.fold(dropout, i)
@@ -139,29 +145,40 @@ class Backbone(nnx.Module):
       k = shd.constrain(dense('BTD,DKH->BTKH', h, p, 'k') + p['k_bias'], BTKH)
       v = shd.constrain(dense('BTD,DKH->BTKH', h, p, 'v') + p['v_bias'], BTKH)
       q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
-      if ck is None:
+      if kv is None:
         att = attention.causal_attention(q, k, v)
+      elif paged_cache:
+        page, slot = paged.locate(
+          pos, cache['table'], cache['held'], i, pages, page_size, cache['writes']
+        )
+        kv = paged.write(paged.write(kv, 'k', k[:, 0], page, slot), 'v', v[:, 0], page, slot)
+        kv = paged.constrain(kv)
+        att = paged.attend(q, kv, cache, i * pages, count)
       else:
         # Pinned as stored: left free, a cache whose KV heads tensor cannot split was gathered.
         ck, cv = (
-          shd.constrain(_write(c, new, i, positions), CACHE_AXES) for c, new in ((ck, k), (cv, v))
+          shd.constrain(_write(c, new, i, positions), CACHE_AXES)
+          for c, new in ((kv['k'], k), (kv['v'], v))
         )
+        kv = {'k': ck, 'v': cv}
         att = layers.gqa_attention(q, ck[i], cv[i], mask)
       att = shd.constrain(att, BTNH)
       x = shd.constrain(x + dense('BTNH,NHD->BTD', att, p, 'o'), BTD)
       h = layers.rms_norm(x, p['post_norm'], cfg.rms_norm_eps)
       g, u = dense('BTD,DF->BTF', h, p, 'gate'), dense('BTD,DF->BTF', h, p, 'up')  # SwiGLU
       x = x + shd.constrain(dense('BTF,FD->BTD', jax.nn.silu(g) * u, p, 'down'), BTD)
-      return (x, ck, cv), None
+      return (x, kv), None
 
     if remat_policy is not None:
       layer = jax.checkpoint(layer, policy=remat_policy, prevent_cse=False)
-    carry = (x.astype(cfg.compute_dtype),) + (
-      (None, None) if cache is None else (cache['k'], cache['v'])
+    kv = None
+    if cache is not None:
+      kv = pool if paged_cache else {'k': cache['k'], 'v': cache['v']}
+    (x, kv), _ = jax.lax.scan(
+      layer, (x.astype(cfg.compute_dtype), kv), (stacked, jnp.arange(cfg.num_layers))
     )
-    (x, ck, cv), _ = jax.lax.scan(layer, carry, (stacked, jnp.arange(cfg.num_layers)))
     h = layers.rms_norm(x, self.final_norm[...].astype(cfg.compute_dtype), cfg.rms_norm_eps)
-    return shd.constrain(h, BTD), (None if cache is None else {'k': ck, 'v': cv})
+    return shd.constrain(h, BTD), kv
 
   def text_logits(self, h: jax.Array, padded: bool = False, dropout=None) -> jax.Array:
     """h [B,T,D] -> [B,T,V], with the muP output scale; padded=True gives the padded vocab

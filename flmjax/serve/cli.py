@@ -113,6 +113,24 @@ def _parser() -> ArgumentParser:
     help='the depth transformer through the Pallas kernels (GPU: Triton, TPU: '
     'Mosaic), under --mesh in shard_map over the sessions',
   )
+  ap.add_argument(
+    '--kv-pages',
+    type=int,
+    default=None,
+    help='a paged KV cache of N pages per layer shared by all slots (default: contiguous, '
+    'max-len positions a slot); a session takes pages as it grows',
+  )
+  ap.add_argument('--page-size', type=int, default=128, help='positions a KV page (paged)')
+  ap.add_argument(
+    '--kv-dtype', choices=('bf16', 'int8'), default='bf16', help='the paged pool in bf16 or int8'
+  )
+  ap.add_argument(
+    '--overflow',
+    choices=('error', 'slide'),
+    default='error',
+    help='a session at max-len, or needing a page of a full pool: end it (error) or let it '
+    'attend to the positions it holds (slide)',
+  )
   add_sampling_flags(ap)
   return ap
 
@@ -124,6 +142,8 @@ MINIMUMS = {
   '--slots': 1,
   '--queue': 0,
   '--max-len': 1,
+  '--kv-pages': 1,
+  '--page-size': 1,
   '--max-message-bytes': 1024,
   '--max-buffer-s': 0.08,
   '--max-queue-frames': 1,
@@ -150,6 +170,10 @@ def check_flags(args) -> None:
   from flmjax.decode.flags import sampling_from_flags
 
   sampling_from_flags(args)
+  if args.kv_dtype != 'bf16' and args.kv_pages is None:
+    raise ValueError(f'--kv-dtype {args.kv_dtype} needs --kv-pages N (int8 is paged-only)')
+  if args.kv_pages is not None and args.max_len is not None and args.max_len % args.page_size:
+    raise ValueError(f'--max-len {args.max_len} must be a multiple of --page-size {args.page_size}')
   if args.pallas:
     import jax
 
@@ -175,6 +199,10 @@ def build_server(model, mimi, args, mesh=None):
     max_len=args.max_len,
     mesh=mesh,
     use_pallas=args.pallas,
+    overflow=args.overflow,
+    kv_pages=args.kv_pages,
+    page_size=args.page_size,
+    kv_dtype=args.kv_dtype,
   )
   pipeline.warmup()
   tokenizer = None

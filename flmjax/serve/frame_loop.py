@@ -41,6 +41,14 @@ class Metrics:
       'flmjax_sessions_refused', 'sessions refused (all slots taken and the queue full)', registry=r
     )
     self.frames = prom.Counter('flmjax_frames', 'session frames computed', registry=r)
+    self.pool_full = prom.Counter(
+      'flmjax_kv_pool_full',
+      'sessions ended because they needed a KV page and the paged pool had none free',
+      registry=r,
+    )
+    self.pages_free = prom.Gauge(
+      'flmjax_kv_pages_free', 'free pages of the paged KV pool', registry=r
+    )
     self.underruns = prom.Counter(
       'flmjax_underruns', 'frames a client was late for (silence fed)', registry=r
     )
@@ -108,6 +116,8 @@ class FrameLoop:
   # ---- slots --------------------------------------------------------------------------------
   def claim(self) -> int | None:
     """A free slot, or None when every slot is taken."""
+    if self.pipeline.free_pages() == 0:  # paged: a new session would find no page
+      return None
     for slot, s in enumerate(self.slots):
       if s is None:
         return slot
@@ -179,9 +189,15 @@ class FrameLoop:
     starts: dict[SamplingConfig, np.ndarray] = {}
     pcm = np.zeros((B, S), np.float32)
     live = []
+    starved = self.pipeline.starved()
+    sliding = self.pipeline.decoder.overflow == 'slide'
     for slot, s in enumerate(self.slots):
-      if s is not None and s.started and self.pipeline.frames[slot] >= self.pipeline.max_len:
+      at_max = not sliding and self.pipeline.frames[slot] >= self.pipeline.max_len
+      if s is not None and s.started and at_max:
         s.end(f'session length limit: {self.pipeline.max_len} frames', code=1000)
+      if s is not None and s.started and starved[slot] and not s.closed.is_set():
+        self.metrics.pool_full.inc()
+        s.end('the KV page pool is full: the session cannot grow', code=1000)
       if s is None or s.closed.is_set():
         stop[slot] |= s is not None and s.started  # ended, not yet left: stop its row now
         continue
@@ -197,9 +213,15 @@ class FrameLoop:
     if not live and not stop.any():
       return False
     updates, self.sampling_updates = self.sampling_updates, {}
-    out = await asyncio.get_running_loop().run_in_executor(
+    out, late = await asyncio.get_running_loop().run_in_executor(
       self._worker, self._compute, stop, starts, updates, pcm
     )
+    for slot in np.flatnonzero(late):  # started this tick, and the pool had no page left
+      self.metrics.pool_full.inc()
+      if self.slots[slot] is not None:
+        self.slots[slot].end('the KV page pool is full: retry later', code=1013)
+    if (free := self.pipeline.free_pages()) is not None:
+      self.metrics.pages_free.set(free)
     self.ticks += 1
     self.metrics.frames.inc(len(live))
     for slot, s in live:  # a session that left during the compute (maybe replaced) gets none
@@ -217,4 +239,6 @@ class FrameLoop:
       mask = np.zeros((p.slots,), bool)
       mask[slot] = True
       p.set_sampling(mask, sampling)
-    return p.step(pcm)
+    late = p.starved()  # sessions started this tick that found no page: stopped, never run
+    p.stop(late)
+    return p.step(pcm), late

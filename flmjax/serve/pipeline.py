@@ -31,6 +31,8 @@ def frame_step(
   layers_fn,
   penalized: int,
   fast_windows: tuple[int, int],
+  kv,
+  span: int,
   mimi_params,
   lm_params,
   encoder,
@@ -53,6 +55,8 @@ def frame_step(
     layer_fn=layer_fn,
     layers_fn=layers_fn,
     fast_windows=fast_windows,
+    kv=kv,
+    span=span,
   )
   # A tiny random LM can emit PAD/EMP ids as speech; Mimi has codes 0..bins-1 only.
   speak = jnp.minimum(out[:, 1:], mimi_cfg.quantizer_bins - 1)
@@ -111,6 +115,10 @@ class FramePipeline:
     max_len: int | None = None,
     mesh: jax.sharding.Mesh | None = None,
     use_pallas: bool = False,
+    overflow: str = 'error',
+    kv_pages: int | None = None,
+    page_size: int = 128,
+    kv_dtype: str = 'bf16',
   ):
     self.cfg = model.cfg
     self.mimi, self.slots, self.mesh = mimi, slots, mesh
@@ -118,17 +126,28 @@ class FramePipeline:
     # The penalty rings hold a whole session: a client may ask for any window (the official
     # gradio client's slider goes to 100), and frames cost more only while one does.
     session = int(max_len or model.cfg.max_position_embeddings)
+    paged = {} if kv_pages is None else dict(kv='paged', pages=kv_pages, page_size=page_size)
     self.decoder = dec = StreamingDecoder(
-      model, sampling, max_len=session, mesh=mesh, use_pallas=use_pallas, penalty_buffer=session
+      model,
+      sampling,
+      max_len=session,
+      mesh=mesh,
+      use_pallas=use_pallas,
+      penalty_buffer=session,
+      overflow=overflow,
+      kv_dtype=kv_dtype,
+      **paged,
     )
     self.max_len = dec.max_len
     self.lm = dec.release_slots(dec.init(slots), np.ones((slots,), bool))
+    self._free_pages = None if dec.kv is None else dec.kv.pages
     self.mimi_params = mimi.params
     self.user_stream = mimi.init_stream(slots)  # encoder side: the user's audio -> codes
     self.model_stream = mimi.init_stream(slots)  # decoder side: the model's codes -> audio
     self.active = np.zeros((slots,), bool)
     self.frames = np.zeros((slots,), np.int64)  # steps taken by each slot's current session
-    step = shd.traced_on(
+    self._frames: dict[int, object] = {}  # one jitted frame per paged span
+    self._step = lambda span: shd.traced_on(
       mesh,
       functools.partial(
         frame_step,
@@ -138,10 +157,13 @@ class FramePipeline:
         dec.depth_layers_fn,
         dec.sampling.penalized_codebooks,
         dec.fast_windows,
+        dec.kv,
+        span,
       ),
     )
     if mesh is None:
-      self._frame = jax.jit(step, donate_argnums=(2, 3, 4))
+      self._jit = lambda step: jax.jit(step, donate_argnums=(2, 3, 4))
+      self._frame = self._frames[1] = self._jit(self._step(1))
       return
     # Sessions over the batch axes (Mimi's stream states are [B,...] throughout), Mimi's
     # weights replicated, the LM as the decoder places it (heads and KV cache over tensor).
@@ -154,12 +176,13 @@ class FramePipeline:
     )
     replicated = jax.tree.map(lambda _: NamedSharding(mesh, P()), self.mimi_params)
     pcm, out = shd.batch_sharding(mesh, 2), shd.batch_sharding(mesh, 1)
-    self._frame = jax.jit(
+    self._jit = lambda step: jax.jit(
       step,
       donate_argnums=(2, 3, 4),
       in_shardings=(replicated, dec.param_shardings, enc, lm, mdl, pcm),
       out_shardings=(enc, lm, mdl, pcm, out, pcm),
     )
+    self._frame = self._frames[1] = self._jit(self._step(1))  # the contiguous cache's only one
 
   def _row_shardings(self, tree):
     return jax.tree.map(lambda x: shd.batch_sharding(self.mesh, x.ndim), tree)
@@ -173,10 +196,27 @@ class FramePipeline:
     """Compiles every call the frame loop makes (start, both kinds of step, stop), so the
     first session does not stall the others."""
     every = np.ones((self.slots,), bool)
+    if self.decoder.kv is not None:  # a paged pool may hold fewer first pages than slots
+      every = np.arange(self.slots) < self.decoder.kv.pages
     self.start(every)
     for _ in range(self.cfg.max_delay + 1):
       self.step(np.zeros((self.slots, self.frame_size), np.float32))
     self.stop(every)
+    kv = self.decoder.kv
+    if kv is not None:  # the paged frame of every span a session may grow into, compiled now
+      args = (
+        self.mimi_params,
+        self.decoder.params,
+        self.user_stream['encoder'],
+        self.lm,
+        self.model_stream['decoder'],
+        np.zeros((self.slots, self.frame_size), np.float32),
+      )
+      span = 2
+      while span <= kv.max_pages:
+        if span not in self._frames:
+          self._frames[span] = self._jit(self._step(span)).lower(*args).compile()
+        span *= 2
 
   def start(self, mask, sampling: SamplingConfig | None = None, seeds=None) -> None:
     """Fresh sessions in the slots where mask [B]; `sampling` applies to those slots only."""
@@ -195,6 +235,7 @@ class FramePipeline:
     if mask.any():
       self.lm = self.decoder.release_slots(self.lm, mask)
       self.active &= ~mask
+      self._count_free()
 
   def set_sampling(self, mask, sampling: SamplingConfig) -> None:
     """New sampling parameters for the live sessions where mask [B], without a restart."""
@@ -215,6 +256,29 @@ class FramePipeline:
     if sampling.penalized_codebooks != base.penalized_codebooks:
       raise ValueError(f'penalized_codebooks must stay {base.penalized_codebooks}')
 
+  def free_pages(self) -> int | None:
+    """Free pages of the paged KV pool after the latest call (None: a contiguous cache). A host
+    copy: the frame loop's thread reads it while the worker's step holds (donates) the state."""
+    return self._free_pages
+
+  def _count_free(self) -> None:
+    if self.decoder.kv is not None:
+      self._free_pages = int(np.asarray(self.lm['free']).sum())
+
+  def starved(self) -> np.ndarray:
+    """[B] bool: live slots that need a KV page this frame that the pool cannot give and may
+    not slide (overflow='error', or holding no page yet). The frame loop ends them before the
+    step, as it ends sessions at max_len; nobody else is touched."""
+    out = np.zeros((self.slots,), bool)
+    if self.decoder.kv is None:
+      return out
+    from flmjax.decode.pages import shortfall
+
+    short = shortfall(self.lm, self.decoder.kv)
+    held = np.asarray(self.lm['held'])
+    out[short if self.decoder.overflow == 'error' else short[held[short] == 0]] = True
+    return out & self.active
+
   def full(self) -> np.ndarray:
     """[B] bool: live slots whose session filled the LM's KV cache (max_len frames)."""
     return self.active & (self.frames >= self.max_len)
@@ -224,12 +288,16 @@ class FramePipeline:
     pcm = np.asarray(pcm, np.float32)
     if pcm.shape != (self.slots, self.frame_size):
       raise ValueError(f'pcm: expected [{self.slots}, {self.frame_size}], got {pcm.shape}')
-    if self.active.any() and self.frames[self.active].max() >= self.max_len:
+    slide = self.decoder.overflow == 'slide'
+    if not slide and self.active.any() and self.frames[self.active].max() >= self.max_len:
       raise ValueError(
         f'slot(s) {np.flatnonzero(self.full()).tolist()} reached max_len='
         f'{self.max_len} frames: stop them first'
       )
-    encoder, self.lm, decoder, out, valid, reply = self._frame(
+    span = 1 if self.decoder.kv is None else self.decoder.check_pages(self.lm)
+    if span not in self._frames:
+      self._frames[span] = self._jit(self._step(span))
+    encoder, self.lm, decoder, out, valid, reply = self._frames[span](
       self.mimi_params,
       self.decoder.params,
       self.user_stream['encoder'],
@@ -241,6 +309,7 @@ class FramePipeline:
     self.model_stream = {**self.model_stream, 'decoder': decoder}
     out, valid = np.asarray(out), np.asarray(valid)  # [B,1+C], [B]
     self.frames[self.active] += 1
+    self._count_free()
     return FrameOut(
       text=out[:, 0].astype(np.int32), pcm=np.asarray(reply, np.float32), valid=valid & self.active
     )
