@@ -92,7 +92,6 @@ class StreamingDecoder:
     if overflow not in OVERFLOW_POLICIES:
       raise ValueError(f'overflow={overflow!r}: use one of {OVERFLOW_POLICIES}')
     self.overflow, self.mesh = overflow, mesh
-    self.kv = self._paged(kv, pages, page_size, kv_dtype, paged_impl)
     # The Pallas depth step cannot be partitioned: it runs on whole rows with every depth weight
     # at hand, so those are stored replicated rather than gathered on every frame.
     if use_pallas and mesh is not None:
@@ -105,6 +104,7 @@ class StreamingDecoder:
     self.max_len = int(max_len or cfg.max_position_embeddings)
     if self.max_len < 1:
       raise ValueError(f'max_len={self.max_len}: a session needs at least one cache position')
+    self.kv = self._paged(kv, pages, page_size, kv_dtype, paged_impl)
     self.penalty_buffers = {
       k: max(self.sampling.penalty_buffer(k), int(penalty_buffer or 0)) for k in ('text', 'audio')
     }
