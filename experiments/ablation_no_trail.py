@@ -121,7 +121,7 @@ class Judge:
 
 
 def run(arm: str, seed: int, root: str, judge_box: list) -> dict:
-  from flmjax.train.export import restore_model
+  from flmjax.checkpoint.restore import restore_model
   from flmjax.train.loop import train
 
   tc = load_config(os.path.join(root, f'{arm}_seed{seed}'), root, arm, seed)

@@ -30,6 +30,7 @@ import numpy as np
 
 from flmjax import sharding as shd
 from flmjax.config import ModelConfig
+from flmjax.model import transforms
 from flmjax.model.lora import LoraConfig
 from flmjax.platforms import cpu_unless_accelerator
 from flmjax.train import data as data_lib
@@ -125,7 +126,7 @@ def bench(
     'mode': 'full' if lora is None else f'lora r{lora.rank}',
     'trainable_M': st.num_params(state.params) / 1e6,
     'state_MiB': state_bytes / 2**20,
-    'params_M': st.num_params(st.join(frozen[0] if frozen else None, state.params)) / 1e6,
+    'params_M': st.num_params(transforms.join(frozen[0] if frozen else None, state.params)) / 1e6,
     'batch': batch,
     'window': window,
     'dtype': dtype,

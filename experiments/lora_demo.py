@@ -6,7 +6,7 @@ to answer "that is ten" from 2000 new-style conversations, 150 steps of batch 32
 frozen. Design fixed before the run:
 - new-style held-out: 64 conversations of a corpus seed the training never saw, streamed
   greedily through the decoder (flmjax.eval.duplex.evaluate_duplex) with the base and with the
-  LoRA run merged at load (flmjax.train.export.restore_model);
+  LoRA run merged at load (flmjax.checkpoint.restore.restore_model);
 - a turn is in the new style when its sentence starts with "that is"; right when it equals the
   reference ("that is X"); target: >= 80% of held-out turns in the new style;
 - the base checkpoint's files (sha256) and the frozen base the run trained on (bit for bit)
@@ -79,13 +79,13 @@ def main() -> None:
   from flax import nnx
 
   import flmjax
+  from flmjax.checkpoint.restore import restore_model
   from flmjax.config import ModelConfig
   from flmjax.data.pipeline import SourceSpec
   from flmjax.data.tokenizer import load_tokenizer
   from flmjax.eval.duplex import evaluate_duplex
   from flmjax.model.lora import LoraConfig
   from flmjax.train.config import OptimConfig, StageConfig, TrainConfig
-  from flmjax.train.export import restore_model
   from flmjax.train.loop import train
 
   out = os.path.abspath(args.out)

@@ -313,6 +313,13 @@ _MAPPED = {
 }
 
 
+def model_config_from_json(d: dict) -> ModelConfig:
+  """The ModelConfig a checkpoint's meta stored with dataclasses.asdict (lists back to tuples)."""
+  fields = {f.name for f in dataclasses.fields(ModelConfig)}
+  kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in fields}
+  return ModelConfig(**kw)
+
+
 def _parse_official(cfg: dict[str, Any]) -> dict[str, Any]:
   known = (
     set(_FIXED) | _IGNORED | set(_MAPPED) | {'aud_depthgpt', 'mm_token_info', 'aud_vocab_size'}

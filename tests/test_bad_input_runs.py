@@ -25,7 +25,7 @@ def _free_port() -> int:
 def test_resume_with_a_shorter_schedule(capsys, tmp_path, tiny_model):
   """A run saved at step 2 of 2, resumed by a config of 1 step: the same message as a schedule
   that moved the step to another stage."""
-  from flmjax.train.checkpointing import Checkpointer
+  from flmjax.checkpoint.checkpointer import Checkpointer
   from flmjax.train.config import load_config_file
   from flmjax.train.loop import _meta
   from flmjax.train.state import TrainState
@@ -118,7 +118,7 @@ def test_gs_run_dir_without_gcsfs(capsys, tmp_path, monkeypatch):
 def test_gs_run_dir_unreachable_in_bounded_time(capsys, tmp_path, monkeypatch):
   """No network or no credentials: one line within the bound, never a hang. The bucket's answer
   is simulated (nothing here may contact Google Cloud Storage)."""
-  from flmjax.train import storage
+  from flmjax.checkpoint import storage
 
   monkeypatch.setitem(sys.modules, 'gcsfs', types.ModuleType('gcsfs'))
   monkeypatch.setattr(storage, 'REMOTE_TIMEOUT_S', 0.3)

@@ -228,7 +228,7 @@ def test_summary_keeps_every_stage_across_resumes(tmp_path):
 def orbax_run(tiny_model, tmp_path):
   """A training run directory holding one orbax checkpoint of the tiny model, whose config names
   a tokenizer.json (with a Hugging Face tokenizer_config.json beside it)."""
-  from flmjax.train.checkpointing import Checkpointer
+  from flmjax.checkpoint.checkpointer import Checkpointer
   from flmjax.train.config import StageConfig, TrainConfig, to_json
   from flmjax.train.state import TrainState
 

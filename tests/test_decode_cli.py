@@ -98,7 +98,7 @@ def test_chat_reads_an_orbax_training_checkpoint(tiny_model, tiny_dir, tmp_path,
   import jax.numpy as jnp
   from flax import nnx
 
-  from flmjax.train.checkpointing import Checkpointer
+  from flmjax.checkpoint.checkpointer import Checkpointer
   from flmjax.train.config import to_json
   from flmjax.train.state import TrainState
 

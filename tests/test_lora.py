@@ -12,6 +12,7 @@ import flmjax
 from flmjax import sharding as shd
 from flmjax.config import ModelConfig
 from flmjax.model import lora as L
+from flmjax.model import transforms
 from flmjax.model.flm import FLMAudio, abstract
 from flmjax.train import data as data_lib
 from flmjax.train import state as st
@@ -42,7 +43,7 @@ def lora_model(base_model, lc, seed=1, noise=0.0):
       v.get_value() + noise * mask * jax.random.normal(jax.random.fold_in(key, i), v.shape)
     )
   _, adapters = L.split_params(nnx.to_pure_dict(nnx.state(model)))
-  return nnx.merge(graphdef, st.join(base, adapters))
+  return nnx.merge(graphdef, transforms.join(base, adapters))
 
 
 def rel(a, b):
@@ -63,7 +64,7 @@ def test_adapters_change_the_forward_and_merge_exactly(tiny_model, inputs, tmp_p
   gives the unmerged forward's logits (float32, <= 1e-5 relative); every group matters."""
   model = lora_model(tiny_model, ALL, noise=0.05)
   ours = model(**inputs)
-  out = flmjax.save_official(L.merge(model), str(tmp_path / 'merged'))
+  out = flmjax.save_official(transforms.merge(model), str(tmp_path / 'merged'))
   merged = flmjax.load_official(out, dtype='float32')(**inputs)
   assert rel(merged.text_logits, ours.text_logits) <= 1e-5
   assert rel(merged.depth_logits, ours.depth_logits) <= 1e-5
@@ -132,10 +133,10 @@ def test_peft_adapter_loads_into_the_official_modules(tiny_model, tiny_dir, inpu
   import subprocess
   import sys
 
-  from flmjax.train import adapters
+  from flmjax.checkpoint import peft
 
   model = lora_model(tiny_model, ALL, noise=0.05)
-  adapters.write_peft(model, str(tmp_path / 'adapter'))
+  peft.write_peft(model, str(tmp_path / 'adapter'))
   out = tmp_path / 'merged'
   out.mkdir()
   (tmp_path / 'merge.py').write_text(PEFT_MERGE)
@@ -172,7 +173,7 @@ def test_int8_base_forward_within_tolerance(tiny_model, inputs):
   assert rel(got.text_logits, want.text_logits) <= 2e-2
   assert rel(got.depth_logits, want.depth_logits) <= 2e-2
   assert rel(got.text_logits, want.text_logits) > 0  # it is quantized
-  merged = L.merge(model)(**inputs)
+  merged = transforms.merge(model)(**inputs)
   assert rel(merged.text_logits, got.text_logits) <= 1e-5
 
 

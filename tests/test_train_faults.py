@@ -14,8 +14,8 @@ from conftest import random_data_config as _tc  # the shared shapes: one compile
 from poisoned import poison_batch
 
 from flmjax import CorruptCheckpointError
+from flmjax.checkpoint.checkpointer import Checkpointer
 from flmjax.train import loop
-from flmjax.train.checkpointing import Checkpointer
 from flmjax.train.config import StageConfig
 from flmjax.train.loop import NonFiniteError, train
 

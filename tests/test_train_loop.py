@@ -12,10 +12,10 @@ from conftest import random_data_config as _tc  # the shared shapes: one compile
 from flax import nnx
 from poisoned import poison_batch
 
+from flmjax.checkpoint.checkpointer import Checkpointer
 from flmjax.config import ModelConfig
 from flmjax.train import data as data_lib
 from flmjax.train import observe
-from flmjax.train.checkpointing import Checkpointer
 from flmjax.train.config import MeshConfig, StageConfig, TrainConfigError
 from flmjax.train.loop import NonFiniteError, train
 from flmjax.train.schedule import learning_rate

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from flmjax.train.checkpointing import Checkpointer
+from flmjax.checkpoint.checkpointer import Checkpointer
 from flmjax.train.config import TrainConfigError, load_config_file
 from flmjax.train.loop import train
 
@@ -162,14 +162,14 @@ def test_merged_export_equals_the_unmerged_forward(lora_run, tmp_path, tiny_dir)
   """flmjax export RUN OUT (--merge): the official layout, read back by load_official, gives the
   logits of the run's unmerged model (int8 base + adapters, float32, <= 1e-5 relative)."""
   import flmjax
+  from flmjax.checkpoint import restore as restore_lib
   from flmjax.cli import main
-  from flmjax.train import export as export_lib
 
   _, tc, _ = lora_run
   assert (
     main(['export', tc.run_dir, str(tmp_path / 'merged'), '--merge', '--dtype', 'float32']) == 0
   )
-  unmerged, _ = export_lib.restore_model(tc.run_dir, merge=False)
+  unmerged, _ = restore_lib.restore_model(tc.run_dir, merge=False)
   assert unmerged.lora is not None and unmerged.backbone.q[...].dtype == np.int8
   merged = flmjax.load_official(str(tmp_path / 'merged'), dtype='float32')
   d = np.load(tiny_dir / 'forward.npz')

@@ -22,10 +22,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from flmjax.checkpoint.checkpointer import Checkpointer, ProcessCountError, abstract_on_cpu
 from flmjax.config import ModelConfig
 from flmjax.train import data as data_lib
 from flmjax.train import observe
-from flmjax.train.checkpointing import Checkpointer, ProcessCountError, abstract_on_cpu
 from flmjax.train.config import MeshConfig, load_config_file
 from flmjax.train.loop import train
 from flmjax.train.state import graphdef_and_abstract

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from flmjax.train.checkpointing import Checkpointer, abstract_on_cpu
+from flmjax.checkpoint.checkpointer import Checkpointer, abstract_on_cpu
 from flmjax.train.config import load_config_file
 from flmjax.train.loop import train
 

@@ -16,7 +16,7 @@ from flmjax.decode import state as st
 from flmjax.decode.frame import frame
 from flmjax.decode.pages import PagedKV
 from flmjax.decode.sampling import SamplingConfig
-from flmjax.model import depth
+from flmjax.model import depth, transforms
 from flmjax.model.flm import FLMAudio
 
 OVERFLOW_POLICIES = ('error', 'slide')
@@ -125,9 +125,7 @@ class StreamingDecoder:
     model must have the first one's parameter tree and shapes (dtypes may differ), so the
     compiled functions stay valid."""
     if getattr(model, 'lora', None) is not None:  # a LoRA model decodes merged (plain weights)
-      from flmjax.model.lora import merge
-
-      model = merge(model)
+      model = transforms.merge(model)
     graphdef, params = nnx.split(model)
     if self.graphdef is None:  # the first model fixes the config and the placement
       self.cfg = model.cfg

@@ -46,12 +46,8 @@ def load_model(
       f'--checkpoint {path}: neither an official checkpoint (config.json + '
       'safetensors) nor a training run (orbax steps under checkpoints/)'
     )
-  try:
-    from flmjax.train.export import require_lora, restore_model
-  except ImportError as e:
-    raise FileNotFoundError(
-      f'--checkpoint {path}: no config.json, and no training checkpoint reader is installed ({e})'
-    ) from None
+  from flmjax.checkpoint.restore import require_lora, restore_model
+
   if base is not None:  # before any weights are read
     require_lora(path, None, '--base')
   return restore_model(path, base=base)[0]

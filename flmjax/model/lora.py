@@ -327,15 +327,6 @@ def merged_params(params: dict, lora: LoraConfig) -> dict:
   return jax.tree.map(lambda x: x.astype(jnp.float32), out)
 
 
-def merge(model: nnx.Module) -> nnx.Module:
-  """A LoRA FLMAudio -> a plain FLMAudio (float32 params) with the adapters merged in."""
-  from flmjax.model.flm import abstract
-
-  cfg = model.cfg.replace(param_dtype='float32')
-  graphdef, _ = nnx.split(abstract(cfg))
-  return nnx.merge(graphdef, merged_params(nnx.to_pure_dict(nnx.state(model)), model.lora))
-
-
 def quantize_base(base: dict) -> dict:
   """A base pure dict (weights, no adapters) -> the int8 base: QUANTIZED weights as int8 with
   their `_scale` beside them; everything else in bfloat16."""

@@ -84,7 +84,7 @@ def main(argv: list[str]) -> int:
     tc = load_config_file(fv.config, fv.run_dir)
   except TrainConfigError as e:
     return fail(PROG, str(e))
-  from flmjax.train.storage import check_run_dir
+  from flmjax.checkpoint.storage import check_run_dir
 
   check_run_dir(tc.run_dir)  # OSError: one line (a file in the way, a bucket out of reach)
   from flmjax.distributed import initialize_distributed
@@ -139,8 +139,9 @@ def main(argv: list[str]) -> int:
 def export_main(argv: list[str]) -> int:
   """`flmjax export CKPT_DIR OUT_DIR`: an orbax training checkpoint -> the official layout; a
   LoRA run merged (--merge, the default) or as a PEFT adapter (--adapters)."""
-  from flmjax.train.export import checkpoint_dir, export, require_lora
-  from flmjax.train.storage import check_remote
+  from flmjax.checkpoint.restore import checkpoint_dir, require_lora
+  from flmjax.checkpoint.storage import check_remote
+  from flmjax.train.export import export
 
   ap = ArgumentParser(
     prog='flmjax export', description='orbax training checkpoint -> official safetensors'

@@ -221,12 +221,6 @@ def to_json(obj: Any) -> Any:
   return obj
 
 
-def model_config_from_json(d: dict) -> ModelConfig:
-  fields = {f.name for f in dataclasses.fields(ModelConfig)}
-  kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in fields}
-  return ModelConfig(**kw)
-
-
 def _unknown_field(e: TypeError) -> str | None:
   """'X.__init__() got an unexpected keyword argument 'y'' -> a message listing X's fields."""
   m = re.search(r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'", str(e))

@@ -10,18 +10,19 @@ import jax
 import jax.numpy as jnp
 
 from flmjax import sharding as shd
+from flmjax.checkpoint import checkpointer as ckpt_lib
+from flmjax.checkpoint.storage import make_run_dir
 from flmjax.distributed import initialize_distributed
 from flmjax.model import lora as lora_lib
+from flmjax.model.transforms import join
 from flmjax.platforms import compile_fresh_on_cpu_mesh
-from flmjax.train import checkpointing as ckpt_lib
 from flmjax.train import data as data_lib
 from flmjax.train import observe
 from flmjax.train.config import TrainConfig, TrainConfigError, to_json
 from flmjax.train.preemption import PreemptionWatch
 from flmjax.train.schedule import learning_rates, position, stage_start
-from flmjax.train.state import init_base, init_state, join, params_from_model, relayout, state_spec
+from flmjax.train.state import init_base, init_state, params_from_model, relayout, state_spec
 from flmjax.train.step import batch_shardings, jit_train_step
-from flmjax.train.storage import make_run_dir
 
 
 class NonFiniteError(FloatingPointError):

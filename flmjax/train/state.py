@@ -20,6 +20,7 @@ from flmjax import sharding as shd
 from flmjax.config import ModelConfig
 from flmjax.model import lora as lora_lib
 from flmjax.model.flm import FLMAudio, abstract, create
+from flmjax.model.transforms import build_base
 from flmjax.train.config import OptimConfig, TrainConfig
 
 Params = dict  # nested {'backbone': {...}, 'depth_transformer': {...}} of fp32 arrays
@@ -116,22 +117,6 @@ def state_spec(tc: TrainConfig, mesh: Mesh, tensor_parallel: int | None = None) 
 
 def shardings_of(tree):
   return jax.tree.map(lambda a: a.sharding, tree)
-
-
-def join(base: Params | None, params: Params) -> Params:
-  """The model's whole pure dict: the frozen base (LoRA) with the trained params beside it."""
-  if base is None:
-    return params
-  return {m: {**base[m], **params[m]} for m in base}
-
-
-def build_base(cfg, seed: int, base_dtype: str, weights: Params | None = None) -> Params:
-  """LoRA's frozen base: `weights` (an official checkpoint's, without adapters) or the seed's
-  initialisation, cast to `base_dtype`. Callers jit it (training and restore alike): eager ops
-  may round the initialisation and the int8 scales differently in the last bit."""
-  if weights is None:
-    weights = nnx.to_pure_dict(nnx.state(create(cfg, seed)))
-  return lora_lib.cast_base(weights, base_dtype)
 
 
 def init_base(spec: StateSpec, tc: TrainConfig, params: Params | None = None) -> Params:

@@ -11,9 +11,10 @@ from jax.sharding import PartitionSpec as P
 
 from flmjax import sharding as shd
 from flmjax.model import lora as lora_lib
+from flmjax.model.transforms import join
 from flmjax.train.config import TrainConfig
 from flmjax.train.loss import loss_sums, metrics_from_sums, objective
-from flmjax.train.state import StateSpec, TrainState, join, shardings_of
+from flmjax.train.state import StateSpec, TrainState, shardings_of
 
 
 def remat_policy(name: str):
@@ -151,13 +152,13 @@ def _jit_train_step(spec: StateSpec, tc: TrainConfig, mesh: Mesh):
 
 
 def model_shardings(spec: StateSpec):
-  """Shardings of the model's whole pure dict (state.join of the base and the params)."""
+  """Shardings of the model's whole pure dict (transforms.join of the base and the params)."""
   return join(None if spec.base is None else shardings_of(spec.base), spec.shardings.params)
 
 
 def jit_eval_step(spec: StateSpec, tc: TrainConfig, mesh: Mesh):
   """(params, batch) -> loss sums (add them over batches, then metrics_from_sums); with LoRA,
-  params is the whole model, state.join(base, adapters)."""
+  params is the whole model, transforms.join(base, adapters)."""
   key = _key(tc, mesh, 'eval')
   if key in _COMPILED:
     return _COMPILED[key]

@@ -20,17 +20,24 @@ import os
 import pickle
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 from flmjax.checkpoint.safetensors_io import CorruptCheckpointError
-from flmjax.train.state import TrainState
-from flmjax.train.storage import as_path
+from flmjax.checkpoint.storage import as_path
 
 ITEMS = ('params', 'opt_state', 'meta', 'data')
+
+
+class TrainState(Protocol):
+  """What a checkpoint holds of a train state (flmjax.train.state.TrainState): a NamedTuple of
+  params and optimizer state; restore gives back the abstract state's own type."""
+
+  params: Any
+  opt_state: Any
 
 
 class CheckpointMissingError(FileNotFoundError):
@@ -200,7 +207,7 @@ class Checkpointer:
       items['data'] = ocp.args.JsonRestore()
     out = self.manager.restore(step, args=ocp.args.Composite(**items))
     data = out['data']['state'] if with_data else None
-    state = TrainState(out['params'], out['opt_state'])
+    state = type(abstract)(out['params'], out['opt_state'])
     return state, meta, None if data is None else decode_data_state(data)
 
   def restore_latest(
