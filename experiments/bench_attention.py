@@ -6,7 +6,7 @@ dim 128), forward + backward of sum(out * cotangent):
   - temporary bytes of the compiled program (XLA's memory_analysis) and the time per call.
 Paths: plain (the [B,K,G,T,S] float32 scores), chunked, and on GPU cudnn
 (jax.nn.dot_product_attention), on TPU splash.
-For the text loss (flmjax/train/loss.py), --loss compares the compiled temporaries of the plain
+For the text loss (flmjax/model/loss.py), --loss compares the compiled temporaries of the plain
 log-softmax over [B,T,V] with the blocked one, forward + backward, at flm_8b's vocab.
 
   python experiments/bench_attention.py [--window 4096] [--batch 1] [--loss]
@@ -99,8 +99,8 @@ def loss_rows(b: int, t: int) -> list[str]:
   from flax import nnx
 
   from flmjax.config import ModelConfig
+  from flmjax.model import loss as loss_lib
   from flmjax.model.backbone import Backbone
-  from flmjax.train import loss as loss_lib
 
   cfg = ModelConfig.flm_8b(num_layers=1, dtype='bfloat16', param_dtype='float32')
   bb = nnx.eval_shape(lambda: Backbone(cfg, rngs=nnx.Rngs(params=0)))

@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if ok else 1
   from flmjax.eval import heldout as heldout_lib
   from flmjax.train.config import load_config_file
+  from flmjax.train.evaluate import show as show_heldout
   from flmjax.train.loop import train
 
   t0 = time.time()
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
   )
   result = train(tc)
   train_s = time.time() - t0
-  table = heldout_lib.show(tc, result, heldout)
+  table = show_heldout(tc, result, heldout)
   table['chat'] = heldout_lib.chat(tc, result)
   with open(os.path.join(tc.run_dir, 'heldout.json'), 'w') as f:
     json.dump(table, f, indent=2)

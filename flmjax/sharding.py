@@ -201,6 +201,26 @@ def batch_sharding(mesh: Mesh, ndim: int, rules=RULES) -> NamedSharding:
   return NamedSharding(mesh, P(names, *([None] * (ndim - 1))))
 
 
+def batch_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
+  """tokens/weights [B,Z,T]: batch over (data, fsdp), channels and columns replicated."""
+  s = batch_sharding(mesh, 3)
+  return {'tokens': s, 'weights': s}
+
+
+def activation_constraint(mesh: Mesh):
+  """x, logical axes -> x pinned to the rules table's sharding (batch over data+fsdp, vocab over
+  tensor), so the logits stay sharded instead of being gathered."""
+  return lambda x, axes: jax.lax.with_sharding_constraint(x, named_sharding(axes, x.shape, mesh))
+
+
+def to_global(batch: dict, shardings: dict) -> dict[str, jax.Array]:
+  """This host's rows -> global arrays laid out by `shardings` (works single- and multi-host)."""
+  return {
+    k: jax.make_array_from_process_local_data(shardings[k], np.asarray(batch[k]))
+    for k in ('tokens', 'weights')
+  }
+
+
 def valid_tensor_sizes(num_heads: int) -> list[int]:
   return [n for n in range(1, num_heads + 1) if num_heads % n == 0]
 

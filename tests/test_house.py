@@ -105,6 +105,81 @@ def test_rooms_import_only_earlier_layers():
   assert not found, found
 
 
+def _module_name(path: pathlib.Path) -> str:
+  parts = list(path.relative_to(ROOT).with_suffix('').parts)
+  if parts[0] == 'kernels':
+    parts.insert(0, 'flmjax')
+  return '.'.join(parts[:-1] if parts[-1] == '__init__' else parts)
+
+
+def _import_graph() -> dict[str, set[str]]:
+  """module -> the flmjax modules it imports, at module level or inside a function (a lazy
+  import runs too). `from a import b` is an edge to a.b when that is a module, else to a; a
+  module's own parent packages are loaded before it, so they are no edge."""
+  paths = sorted((ROOT / 'flmjax').rglob('*.py')) + sorted((ROOT / 'kernels').rglob('*.py'))
+  modules = {_module_name(p): p for p in paths}
+  graph = {}
+  for name, path in modules.items():
+    edges = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+      if isinstance(node, ast.Import):
+        targets = [a.name for a in node.names]
+      elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+        subs = [f'{node.module}.{a.name}' for a in node.names]
+        targets = [t for t in subs if t in modules] + [node.module] * any(
+          t not in modules for t in subs
+        )
+      else:
+        continue
+      for target in targets:
+        parts = target.split('.')
+        edges.update('.'.join(parts[: i + 1]) for i in range(len(parts)))  # parents load first
+    graph[name] = {e for e in edges if e in modules and e != name and not name.startswith(e + '.')}
+  return graph
+
+
+def test_no_import_cycle():
+  """No module reaches itself through imports, inside a package or across packages (Tarjan's
+  strongly connected components over the graph)."""
+  graph, index, low, stack, cycles = _import_graph(), {}, {}, [], []
+
+  def visit(v):
+    index[v] = low[v] = len(index)
+    stack.append(v)
+    for w in sorted(graph[v]):
+      if w not in index:
+        visit(w)
+        low[v] = min(low[v], low[w])
+      elif w in stack:
+        low[v] = min(low[v], index[w])
+    if low[v] == index[v]:
+      component = stack[stack.index(v) :]
+      del stack[stack.index(v) :]
+      if len(component) > 1:
+        cycles.append(sorted(component))
+
+  for v in sorted(graph):
+    if v not in index:
+      visit(v)
+  assert not cycles, cycles
+
+
+def test_decode_serve_eval_never_reach_train():
+  """Serving and evaluation rest on flmjax.checkpoint and flmjax.model: no module under
+  decode/, serve/ or eval/ imports flmjax.train, directly or through another module."""
+  graph, found = _import_graph(), []
+  for start in sorted(graph):
+    if start.split('.')[1:2] not in (['decode'], ['serve'], ['eval']):
+      continue
+    seen, todo = set(), [start]
+    while todo:
+      for w in graph[todo.pop()] - seen:
+        seen.add(w)
+        todo.append(w)
+    found += [f'{start} reaches {m}' for m in sorted(seen) if m.startswith('flmjax.train')][:1]
+  assert not found, found
+
+
 @pytest.mark.parametrize('name', ['tiny_dual', 'small_dual'])
 def test_loading_a_config_builds_nothing(tmp_path, name):
   """get_config only names the corpus; `train` builds it (so `flmjax aot --config` does not)."""

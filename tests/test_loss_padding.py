@@ -11,7 +11,7 @@ import flmjax
 from flmjax.checkpoint import safetensors_io as st
 from flmjax.config import ModelConfig
 from flmjax.model import flm
-from flmjax.train import loss as loss_lib
+from flmjax.model import loss as loss_lib
 
 F32_TOL = 1e-6  # float32, relative: the blocks compute the same numbers as the whole
 BF16_TOL = 2e-2  # bf16 compute vs float32, relative error of the loss and of its gradient

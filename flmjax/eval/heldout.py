@@ -1,6 +1,6 @@
-"""What a trained run learned, on held-out data: teacher-forced accuracies next to the untrained
-model's (`heldout_sets`, `show`), and streaming chat on held-out conversations (`chat`).
-`flmjax main` prints these."""
+"""What a trained run learned, on held-out data: the held-out sets (`heldout_sets`; their
+teacher-forced accuracies next to the untrained model's are flmjax.train.evaluate.show), and
+streaming chat on held-out conversations (`chat`). `flmjax main` prints these."""
 
 from __future__ import annotations
 
@@ -16,36 +16,6 @@ def heldout_sets(tc) -> dict[str, tuple]:
     lead = tc.eval_sources[0].offset_frames if tc.eval_sources else 0
     sets['TTS (speak, lead)'] = (SourceSpec(tts_asr, layout='lead', offset_frames=lead),)
   return sets
-
-
-def show(tc, result, sets: dict) -> dict:
-  """Teacher-forced metrics on held-out data, trained vs untrained."""
-  from flmjax.train.evaluate import evaluate
-  from flmjax.train.state import init_state
-
-  spec, mesh = result['spec'], result['mesh']
-  untrained = init_state(spec, tc).params
-  table = {}
-  keys = (
-    ('acc_text', 'text acc (non-WAIT)'),
-    ('wait_rate_pred', 'WAIT rate pred'),
-    ('wait_rate_target', 'WAIT rate target'),
-    ('acc_semantic', 'semantic acc'),
-    ('acc_acoustic', 'acoustic acc'),
-    ('loss', 'loss'),
-  )
-  for name, sources in sets.items():
-    trained = evaluate(tc, spec, mesh, result['state'].params, sources)
-    base = evaluate(tc, spec, mesh, untrained, sources)
-    table[name] = {'trained': trained, 'untrained': base}
-    print(f'\nheld-out {name}: teacher-forced, {int(trained["targets_text"])} text targets')
-    print(f'  {"":22s} {"untrained":>10s} {"trained":>10s}')
-    for k, label in keys:
-      if k in ('acc_semantic', 'acc_acoustic') and not trained['targets_semantic']:
-        print(f'  {label:22s} {"-":>10s} {"-":>10s}   (no speak targets)')
-        continue
-      print(f'  {label:22s} {base[k]:10.4f} {trained[k]:10.4f}')
-  return table
 
 
 def chat(tc, result, limit: int = 64) -> dict:

@@ -167,7 +167,7 @@ class DepthTransformer(nnx.Module):
 
   def features(self, h: jax.Array, prev: jax.Array, remat_policy=None, dropout=None) -> jax.Array:
     """Teacher-forced final-normed states: h [B,T,D], prev [B,T,C-1] -> [B,T,C,d]; the loss
-    applies the heads itself, a codebook at a time (train.loss.audio_cross_entropy).
+    applies the heads itself, a codebook at a time (loss.audio_cross_entropy).
     `dropout` (key, rate): LoRA dropout in training, a stream per layer."""
     cfg, dt = self.cfg, h.dtype
     b, t, _ = h.shape

@@ -1,6 +1,6 @@
 """Pure functions shared by the model, the decoder and the kernels' references.
 
-The einsum letters, one meaning each in flmjax/model, kernels/ and flmjax/train/loss.py:
+The einsum letters, one meaning each in flmjax/model, kernels/ and flmjax/model/loss.py:
   L layers          B batch (the rows of a decode step)   R rows: B·T flattened
   T query time      S key time / cache positions              Z grid channels (1 + 2C)
   D model dim       N query heads     K KV heads           G = N // K query heads per KV head

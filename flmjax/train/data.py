@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from flmjax import sharding as shd
 from flmjax.config import ModelConfig
 from flmjax.train.config import StageConfig, TrainConfig, TrainConfigError
 
@@ -167,9 +168,4 @@ def sum_over_hosts(counts: list[dict[str, float]]) -> list[dict[str, float]]:
   return [{k: float(v) for k, v in zip(keys, row)} for row in total]
 
 
-def to_global(batch: dict, shardings: dict) -> dict[str, jax.Array]:
-  """This host's rows -> global arrays laid out by `shardings` (works single- and multi-host)."""
-  return {
-    k: jax.make_array_from_process_local_data(shardings[k], np.asarray(batch[k]))
-    for k in ('tokens', 'weights')
-  }
+to_global = shd.to_global  # this host's rows -> global arrays

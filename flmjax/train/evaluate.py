@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import jax
-
+from flmjax.model.loss import evaluate_batches
 from flmjax.train import data as data_lib
 from flmjax.train.config import TrainConfig
-from flmjax.train.loss import metrics_from_sums
 from flmjax.train.step import batch_shardings, jit_eval_step
 
 
@@ -29,14 +27,37 @@ def evaluate(
   stage_index = stage_index % len(tc.stages)
   loader = data_lib.make_stage_loader(tc, stage_index, seed=seed, sources=tuple(sources))
   step, bsh = step or jit_eval_step(spec, tc, mesh), batch_shardings(mesh)
-  total = None
-  for _ in range(num_batches):
-    sums = jax.device_get(step(params, data_lib.to_global(next(loader), bsh)))
-    total = sums if total is None else {k: total[k] + sums[k] for k in sums}
-  out = {k: float(v) for k, v in metrics_from_sums(total).items()}
-  out['targets_text'] = float(total['text_n'])
-  out['targets_semantic'] = float(total['semantic_n'])
-  return out
+  batches = (data_lib.to_global(next(loader), bsh) for _ in range(num_batches))
+  return evaluate_batches(step, params, batches)
+
+
+def show(tc, result, sets: dict) -> dict:
+  """Teacher-forced metrics on held-out data, trained vs untrained."""
+  from flmjax.train.state import init_state
+
+  spec, mesh = result['spec'], result['mesh']
+  untrained = init_state(spec, tc).params
+  table = {}
+  keys = (
+    ('acc_text', 'text acc (non-WAIT)'),
+    ('wait_rate_pred', 'WAIT rate pred'),
+    ('wait_rate_target', 'WAIT rate target'),
+    ('acc_semantic', 'semantic acc'),
+    ('acc_acoustic', 'acoustic acc'),
+    ('loss', 'loss'),
+  )
+  for name, sources in sets.items():
+    trained = evaluate(tc, spec, mesh, result['state'].params, sources)
+    base = evaluate(tc, spec, mesh, untrained, sources)
+    table[name] = {'trained': trained, 'untrained': base}
+    print(f'\nheld-out {name}: teacher-forced, {int(trained["targets_text"])} text targets')
+    print(f'  {"":22s} {"untrained":>10s} {"trained":>10s}')
+    for k, label in keys:
+      if k in ('acc_semantic', 'acc_acoustic') and not trained['targets_semantic']:
+        print(f'  {label:22s} {"-":>10s} {"-":>10s}   (no speak targets)')
+        continue
+      print(f'  {label:22s} {base[k]:10.4f} {trained[k]:10.4f}')
+  return table
 
 
 def format_metrics(m: dict[str, float]) -> str:

@@ -11,9 +11,9 @@ from jax.sharding import PartitionSpec as P
 
 from flmjax import sharding as shd
 from flmjax.model import lora as lora_lib
+from flmjax.model.loss import loss_sums, metrics_from_sums, objective
 from flmjax.model.transforms import join
 from flmjax.train.config import TrainConfig
-from flmjax.train.loss import loss_sums, metrics_from_sums, objective
 from flmjax.train.state import StateSpec, TrainState, shardings_of
 
 
@@ -25,20 +25,9 @@ def remat_policy(name: str):
   }[name]
 
 
-def batch_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
-  """tokens/weights [B,Z,T]: batch over (data, fsdp), channels and columns replicated."""
-  s = shd.batch_sharding(mesh, 3)
-  return {'tokens': s, 'weights': s}
-
-
-def activation_constraint(mesh: Mesh):
-  """x, logical axes -> x pinned to the rules table's sharding (batch over data+fsdp, vocab over
-  tensor), so the logits stay sharded instead of being gathered."""
-  return lambda x, axes: jax.lax.with_sharding_constraint(
-    x, shd.named_sharding(axes, x.shape, mesh)
-  )
-
-
+# The step's shardings and activation pins, shared with the teacher-forced evaluation.
+batch_shardings = shd.batch_shardings
+activation_constraint = shd.activation_constraint
 traced_on = shd.traced_on  # the mesh-in-context wrapper, shared with the decoder
 
 

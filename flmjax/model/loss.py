@@ -230,3 +230,16 @@ def metrics_from_sums(s: dict[str, jax.Array]) -> dict[str, jax.Array]:
   m['wait_rate_pred'] = div(s['wait_pred'], s['text_valid'])
   m['wait_rate_target'] = div(s['wait_target'], s['text_valid'])
   return m
+
+
+def evaluate_batches(step, params, batches) -> dict[str, float]:
+  """Adds `step(params, batch)`'s loss sums over `batches`, then turns them into metrics, with
+  the target counts beside them (training's evaluate and flmjax.eval.teacher_forced)."""
+  total = None
+  for batch in batches:
+    sums = jax.device_get(step(params, batch))
+    total = sums if total is None else {k: total[k] + sums[k] for k in sums}
+  out = {k: float(v) for k, v in metrics_from_sums(total).items()}
+  out['targets_text'] = float(total['text_n'])
+  out['targets_semantic'] = float(total['semantic_n'])
+  return out
