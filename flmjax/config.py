@@ -12,8 +12,10 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from flmjax.errors import FlmjaxError
 
-class ConfigError(ValueError):
+
+class ConfigError(FlmjaxError, ValueError):
   """A config.json field is unknown, missing or inconsistent."""
 
 

@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import jax
 
+from flmjax.errors import FlmjaxError
 from flmjax.platforms import tpu_chips_present
 
 DEFAULT_TIMEOUT_S = 300.0  # --coordinator-timeout-s
@@ -35,7 +36,7 @@ _CLUSTER_MARKERS = (
 )
 
 
-class DistributedError(ValueError):
+class DistributedError(FlmjaxError, ValueError):
   """The multi-process settings are wrong, or the job did not form in time."""
 
 

@@ -1,14 +1,16 @@
 """`flmjax main`: the embedded default, end to end.
 
-Trains experiments/configs/tiny_dual.py (synthetic corpus, ASR+TTS stage then duplex stage) and
-shows what the trained model does: teacher-forced accuracies per stream on held-out samples,
-next to the untrained model's, then full-duplex streaming chat on the held-out conversation sets
-(flmjax.data.corpus.HELDOUT_DUPLEX: standard, long pauses, 2x slower, another seed and settings).
-`--parity` instead checks the forward against the golden fixtures.
+Trains flmjax/configs/tiny_dual.py, which ships inside the package (synthetic corpus, ASR+TTS
+stage then duplex stage; `--steps 2,2` for a smoke run) and shows what the trained model does:
+teacher-forced accuracies per stream on held-out samples, next to the untrained model's, then
+full-duplex streaming chat on the held-out conversation sets (flmjax.data.corpus.HELDOUT_DUPLEX:
+standard, long pauses, 2x slower, another seed and settings). `--parity` instead checks the
+forward against the golden fixtures.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import time
@@ -18,7 +20,7 @@ import numpy as np
 from flmjax.cli import ArgumentParser
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_CONFIG = os.path.join(REPO, 'experiments', 'configs', 'tiny_dual.py')
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'tiny_dual.py')
 
 
 def parity(golden_dir: str) -> dict[str, float]:
@@ -40,12 +42,27 @@ def parity(golden_dir: str) -> dict[str, float]:
   return report
 
 
+def _steps(text: str) -> tuple[int, ...]:
+  try:
+    steps = tuple(int(n) for n in text.split(','))
+  except ValueError:
+    steps = ()
+  if not steps or min(steps) < 1:
+    raise argparse.ArgumentTypeError(f'{text!r}: give whole numbers >= 1, one per stage (e.g. 2,2)')
+  return steps
+
+
 def main(argv: list[str] | None = None) -> int:
   ap = ArgumentParser(prog='flmjax main')
   ap.add_argument('--config', default=DEFAULT_CONFIG)
   ap.add_flag('--run-dir', '--run_dir', default=os.path.join('runs', 'tiny_dual'))
   ap.add_argument('--parity', action='store_true', help='only check golden forward parity')
   ap.add_argument('--golden', default=os.path.join(REPO, 'tests', 'golden'))
+  ap.add_argument(
+    '--steps',
+    type=_steps,
+    help="steps of each stage, e.g. 2,2 (a smoke run); default: the config's own",
+  )
   args = ap.parse_args(argv)
   if args.parity:
     report = parity(args.golden)
@@ -60,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
   from flmjax.train.loop import train
 
   t0 = time.time()
-  tc = load_config_file(args.config, args.run_dir)
+  tc = load_config_file(args.config, args.run_dir, **({'steps': args.steps} if args.steps else {}))
   heldout = heldout_lib.heldout_sets(tc)
   tc = tc.replace(eval_sources=())  # evaluated below, next to the untrained model
   print(

@@ -13,6 +13,8 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from flmjax.errors import FlmjaxError
+
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
 # logical axis -> mesh axis (or a tuple of them, or None = replicated). Parameters are named by
@@ -64,7 +66,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 REPLICATED_IF_INDIVISIBLE = frozenset({'kv_heads', 'activation_kv_heads', 'embed_codebook'})
 
 
-class ShardingError(ValueError):
+class ShardingError(FlmjaxError, ValueError):
   """The mesh does not fit the model: a dim it shards is not a multiple of its mesh axes."""
 
 

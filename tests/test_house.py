@@ -74,6 +74,7 @@ def test_every_flmjax_import_resolves():
 
 # The layers of docs/architecture.md §11, bottom first: a room imports only from earlier layers.
 LAYERS = (
+  ('errors',),
   ('config', 'platforms'),
   ('sharding', 'distributed'),
   ('model',),
@@ -83,7 +84,7 @@ LAYERS = (
   ('data',),
   ('train',),
   ('decode',),
-  ('eval', 'serve', 'aot'),
+  ('eval', 'serve', 'aot', 'configs'),
 )
 
 
@@ -262,3 +263,39 @@ def test_wheel_installs_kernels_inside_flmjax(tmp_path):
   )
   assert out.returncode == 0, out.stderr
   assert out.stdout.split() == ['app.js', 'capture.js', 'index.html']
+
+
+def test_public_names_resolve():
+  """flmjax.__all__ is the curated public API (docs/api.md lists it): each name loads."""
+  import flmjax
+
+  assert 'FlmjaxError' in flmjax.__all__
+  missing = [name for name in flmjax.__all__ if getattr(flmjax, name, None) is None]
+  assert not missing, missing
+  assert set(flmjax.__all__) <= set((ROOT / 'docs' / 'api.md').read_text().split('`'))
+
+
+def test_every_error_has_the_one_base():
+  """Each exception class flmjax defines is a FlmjaxError and keeps a builtin base (ValueError,
+  FileNotFoundError, ...), so callers may catch either."""
+  import builtins
+  import importlib
+  import inspect
+
+  from flmjax.errors import FlmjaxError
+
+  found, checked = [], 0
+  for name in sorted(_import_graph()):
+    if name.endswith('__main__'):
+      continue
+    module = importlib.import_module(name)
+    for cls in vars(module).values():
+      if not (inspect.isclass(cls) and issubclass(cls, BaseException)) or cls is FlmjaxError:
+        continue
+      if cls.__module__ != name:
+        continue
+      checked += 1
+      builtin = [b for b in cls.__mro__ if getattr(builtins, b.__name__, None) is b]
+      if not issubclass(cls, FlmjaxError) or builtin[0] is Exception:
+        found.append(f'{name}.{cls.__name__}')
+  assert checked >= 17 and not found, found

@@ -8,10 +8,11 @@ import os
 
 from flmjax import sharding as shd
 from flmjax.config import ModelConfig
+from flmjax.errors import FlmjaxError
 from flmjax.model.lora import LoraConfig
 
 
-class AotError(ValueError):
+class AotError(FlmjaxError, ValueError):
   """A compile request is malformed, or libtpu is missing."""
 
 

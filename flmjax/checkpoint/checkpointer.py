@@ -28,6 +28,7 @@ import orbax.checkpoint as ocp
 
 from flmjax.checkpoint.safetensors_io import CorruptCheckpointError
 from flmjax.checkpoint.storage import as_path
+from flmjax.errors import FlmjaxError
 
 ITEMS = ('params', 'opt_state', 'meta', 'data')
 
@@ -40,11 +41,11 @@ class TrainState(Protocol):
   opt_state: Any
 
 
-class CheckpointMissingError(FileNotFoundError):
+class CheckpointMissingError(FlmjaxError, FileNotFoundError):
   """No complete checkpoint in a directory."""
 
 
-class ProcessCountError(ValueError):
+class ProcessCountError(FlmjaxError, ValueError):
   """A mid-stage checkpoint resumed by another number of processes than wrote it."""
 
 

@@ -18,6 +18,7 @@ from flmjax.checkpoint import kinds
 from flmjax.checkpoint import safetensors_io as st
 from flmjax.checkpoint.layout import Entry, entries
 from flmjax.config import ModelConfig
+from flmjax.errors import FlmjaxError
 from flmjax.model.flm import FLMAudio, abstract
 
 INDEX = 'model.safetensors.index.json'
@@ -29,7 +30,7 @@ _NP = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(FlmjaxError, ValueError):
   """Keys, shapes or config of a checkpoint do not match the model."""
 
 

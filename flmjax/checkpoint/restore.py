@@ -22,12 +22,13 @@ from flmjax.checkpoint.official import load_official
 from flmjax.checkpoint.safetensors_io import CorruptCheckpointError
 from flmjax.checkpoint.storage import as_path, check_remote
 from flmjax.config import ModelConfig, model_config_from_json
+from flmjax.errors import FlmjaxError
 from flmjax.model import lora as lora_lib
 from flmjax.model import transforms
 from flmjax.model.flm import FLMAudio, abstract
 
 
-class BaseMismatchError(ValueError):
+class BaseMismatchError(FlmjaxError, ValueError):
   """The base a LoRA run is restored onto is not the one its adapters were trained on."""
 
 

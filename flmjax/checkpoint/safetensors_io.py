@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
+from flmjax.errors import FlmjaxError
+
 DTYPES = {
   'F32': np.dtype(np.float32),
   'F16': np.dtype(np.float16),
@@ -25,7 +27,7 @@ DTYPES = {
 NAMES = {v: k for k, v in DTYPES.items()}
 
 
-class CorruptCheckpointError(ValueError):
+class CorruptCheckpointError(FlmjaxError, ValueError):
   """A checkpoint exists but cannot be read: a truncated safetensors file or unreadable header,
   an unreadable index, or a training checkpoint step that does not restore. The one error of its
   kind in flmjax (flmjax.CorruptCheckpointError)."""

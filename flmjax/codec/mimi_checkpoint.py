@@ -19,9 +19,10 @@ import numpy as np
 from flmjax.checkpoint import kinds, safetensors_io
 from flmjax.codec import seanet
 from flmjax.codec.mimi_config import MimiConfig
+from flmjax.errors import FlmjaxError
 
 
-class MimiCheckpointError(ValueError):
+class MimiCheckpointError(FlmjaxError, ValueError):
   """A Mimi checkpoint is missing, truncated, or does not match the config's layout."""
 
 

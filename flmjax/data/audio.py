@@ -8,9 +8,10 @@ import struct
 import numpy as np
 
 from flmjax.codec.base import SAMPLE_RATE
+from flmjax.errors import FlmjaxError
 
 
-class AudioError(ValueError):
+class AudioError(FlmjaxError, ValueError):
   """An audio file is unreadable or does not match what was asked of it; the message names the
   file. `reason` is a short category ('unreadable' or 'bad_audio_format')."""
 

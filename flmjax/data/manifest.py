@@ -27,12 +27,13 @@ from flmjax.codec.base import (
   Codec,
 )
 from flmjax.data import audio as audio_lib
+from flmjax.errors import FlmjaxError
 
 KINDS = ('tts_asr', 'duplex')
 SPEAKERS = ('model', 'user')
 
 
-class ManifestError(ValueError):
+class ManifestError(FlmjaxError, ValueError):
   """A manifest line is bad; the message names the file and line. `reason` is a short category."""
 
   def __init__(self, where: str, message: str, reason: str):

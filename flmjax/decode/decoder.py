@@ -16,6 +16,7 @@ from flmjax.decode import state as st
 from flmjax.decode.frame import frame
 from flmjax.decode.pages import PagedKV
 from flmjax.decode.sampling import SamplingConfig
+from flmjax.errors import FlmjaxError
 from flmjax.model import depth, transforms
 from flmjax.model.flm import FLMAudio
 
@@ -24,7 +25,7 @@ OVERFLOW_POLICIES = ('error', 'slide')
 DEPTH_LAYER_AXES = ('depth_embed', 'depth_heads', 'depth_mlp')
 
 
-class SessionOverflowError(RuntimeError):
+class SessionOverflowError(FlmjaxError, RuntimeError):
   """A session reached the end of the decoder's KV cache under overflow='error'."""
 
 

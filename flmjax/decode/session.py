@@ -9,6 +9,8 @@ import time
 
 import numpy as np
 
+from flmjax.errors import FlmjaxError
+
 
 def load_model(
   path: str, dtype: str | None = None, mesh=None, base: str | None = None, mimi_flag=None
@@ -66,7 +68,7 @@ def check_out(out: str, overwrite: bool, outputs: tuple[str, ...]) -> None:
     )
 
 
-class IncompleteSession(RuntimeError):
+class IncompleteSession(FlmjaxError, RuntimeError):
   """A session stopped early; `out` and `transcript` hold what was decoded until then."""
 
   def __init__(self, message: str, out: np.ndarray, transcript: str):

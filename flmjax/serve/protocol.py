@@ -18,6 +18,7 @@ import sphn
 from flmjax.codec.base import SAMPLE_RATE  # noqa: F401 (protocol.SAMPLE_RATE: the wire rate)
 from flmjax.data.tokenizer import StreamingText
 from flmjax.decode import SamplingConfig
+from flmjax.errors import FlmjaxError
 
 HANDSHAKE, AUDIO, TEXT = 0, 1, 2
 SENTENCE_END = b'\x02\n'
@@ -36,7 +37,7 @@ class OpusWriter:
     return bytes(self._writer.read_bytes()) if self._legacy else bytes(out)
 
 
-class CorruptAudioError(ValueError):
+class CorruptAudioError(FlmjaxError, ValueError):
   """Ogg/Opus bytes that fail a check: a page's CRC, or pcm with NaN or infinite samples. Loud
   audio is no corruption: it is clipped (`clip`), never refused."""
 

@@ -16,10 +16,11 @@ import traceback
 from typing import Any
 
 from flmjax.config import ModelConfig
+from flmjax.errors import FlmjaxError
 from flmjax.model.lora import LoraConfig
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(FlmjaxError, ValueError):
   """A training config is inconsistent or cannot be loaded."""
 
 
@@ -263,9 +264,9 @@ def _where(path: str, e: BaseException) -> str:
   return f'{path}:{lines[-1]}' if lines else path
 
 
-def load_config_file(path: str, run_dir: str | None = None) -> TrainConfig:
-  """Imports a config file and calls its `get_config(run_dir)`. Any error in it becomes a
-  TrainConfigError naming the file and line."""
+def load_config_file(path: str, run_dir: str | None = None, **kwargs) -> TrainConfig:
+  """Imports a config file and calls its `get_config(run_dir, **kwargs)`. Any error in it
+  becomes a TrainConfigError naming the file and line."""
   if not os.path.isfile(path):
     raise TrainConfigError(f'config file {path} not found')
   if not path.endswith('.py'):
@@ -281,7 +282,7 @@ def load_config_file(path: str, run_dir: str | None = None) -> TrainConfig:
     spec.loader.exec_module(module)
     if not hasattr(module, 'get_config'):
       raise TrainConfigError(f'{path}: defines no get_config(run_dir) function')
-    cfg = module.get_config(run_dir or default_dir)
+    cfg = module.get_config(run_dir or default_dir, **kwargs)
   except TrainConfigError as e:
     where = _where(path, e)
     raise TrainConfigError(str(e) if str(e).startswith(path) else f'{where}: {e}') from None

@@ -13,6 +13,7 @@ from flmjax import sharding as shd
 from flmjax.checkpoint import checkpointer as ckpt_lib
 from flmjax.checkpoint.storage import make_run_dir
 from flmjax.distributed import initialize_distributed
+from flmjax.errors import FlmjaxError
 from flmjax.model import lora as lora_lib
 from flmjax.model.transforms import join
 from flmjax.platforms import compile_fresh_on_cpu_mesh
@@ -25,7 +26,7 @@ from flmjax.train.state import init_base, init_state, params_from_model, relayou
 from flmjax.train.step import batch_shardings, jit_train_step
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(FlmjaxError, FloatingPointError):
   """The loss or the gradients became NaN/inf; the run stops without saving that state."""
 
 

@@ -1,0 +1,70 @@
+"""The embedded default: the tiny model on the synthetic corpus with the dual schedule.
+
+Stage 1 (asr_tts): single-speaker data two ways at once: TTS-style (speech on the speak stream,
+its text leading it) and ASR-style (speech on the listen stream, its text trailing it).
+Stage 2 (duplex): conversations, the model on speak, the user on listen, the monologue leading.
+`flmjax main` runs it on a 2-core CPU in a few minutes. The corpus is large enough (4000
+conversations) that the model cannot memorise it, and the batch of 32 gives the duplex stage
+enough answered questions to learn all 40 of them: with batch 16 or fewer steps the held-out
+answers stay mostly wrong (experiments/RESULTS.md).
+"""
+
+import os
+
+from flmjax.config import ModelConfig
+from flmjax.data.corpus import SyntheticCorpus
+from flmjax.data.pipeline import SourceSpec
+from flmjax.train.config import OptimConfig, TrainConfig
+from flmjax.train.schedule import SINGLE_SPEAKER_LAYOUTS, dual_stages
+
+LEAD_FRAMES = 2  # the monologue starts 2 frames (160 ms) before its speech
+TRAIL_FRAMES = 0
+LAYOUTS = SINGLE_SPEAKER_LAYOUTS  # single-speaker data: TTS-style (lead) and ASR-style (trail)
+
+
+def get_config(
+  run_dir: str,
+  *,
+  steps=(100, 650),
+  layouts=LAYOUTS,
+  mix: float = 0.1,
+  no_trail: bool = False,
+  seed: int = 0,
+) -> TrainConfig:
+  """layouts: the single-speaker layouts trained (the ablation's arms: both, lead only = the
+  paper's no-trail, trail only); mix: the weight of each of them in the duplex stage, beside the
+  conversations' 1.0, so that stage 2 keeps stage 1's skills (0: conversations only)."""
+  if no_trail:
+    layouts = ('lead',)
+  # Built when training starts (run_dir/corpus), not here: loading a config has no side effects.
+  corpus = SyntheticCorpus(os.path.join(run_dir, 'corpus'), num_tts_asr=2000, num_duplex=4000)
+  stages = dual_stages(
+    corpus.split('tts_asr'),
+    corpus.split('duplex'),
+    steps=steps,
+    peak_lr=(3e-3, 4e-3),
+    warmup_steps=(min(20, steps[0]), min(10, steps[1])),  # a short run (main --steps) warms up less
+    end_lr_ratio=(0.1, 0.05),
+    lead_frames=LEAD_FRAMES,
+    trail_frames=TRAIL_FRAMES,
+    layouts=layouts,
+    mix=mix,
+  )
+  heldout = SourceSpec(corpus.split('heldout_duplex'), layout='lead', offset_frames=LEAD_FRAMES)
+  return TrainConfig(
+    model=ModelConfig.tiny(),
+    stages=stages,
+    run_dir=run_dir,
+    window=64,
+    batch_size=32,
+    seed=seed,
+    compute_dtype='float32',
+    optim=OptimConfig(weight_decay=0.01, clip_norm=1.0),
+    checkpoint_every=100,
+    keep_checkpoints=2,
+    log_every=10,
+    eval_sources=(heldout,),
+    eval_batches=8,
+    tokenizer=corpus.tokenizer,
+    corpus=corpus,
+  )
