@@ -15,31 +15,10 @@ import json
 import os
 import time
 
-import numpy as np
-
 from flmjax.cli import ArgumentParser
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'tiny_dual.py')
-
-
-def parity(golden_dir: str) -> dict[str, float]:
-  import flmjax
-
-  model = flmjax.load_official(os.path.join(golden_dir, 'flm_tiny'), dtype='float32')
-  ref = np.load(os.path.join(golden_dir, 'flm_tiny', 'forward.npz'))
-  out = model(ref['text'], ref['speak'], ref['listen'], ref['depth_tokens'][..., :-1])
-  report = {}
-  for name, ours in (
-    ('hidden', out.hidden),
-    ('text_logits', out.text_logits),
-    ('depth_logits', out.depth_logits),
-  ):
-    ours = np.asarray(ours)
-    report[name] = float(np.linalg.norm(ours - ref[name]) / np.linalg.norm(ref[name]))
-    if name != 'hidden':
-      report[name + '_argmax'] = float((ours.argmax(-1) == ref[name].argmax(-1)).mean())
-  return report
 
 
 def _steps(text: str) -> tuple[int, ...]:
@@ -65,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
   )
   args = ap.parse_args(argv)
   if args.parity:
+    from flmjax.checkpoint.golden import parity
+
     report = parity(args.golden)
     for k, v in report.items():
       print(f'{k:22s} {v:.3e}' if 'argmax' not in k else f'{k:22s} {v:.4f}')

@@ -54,6 +54,19 @@ class HFTokenizer:
     return self._tok.decode([int(i) for i in ids])
 
 
+TOKENIZER_FILES = ('tokenizer.json', 'tokenizer.model')  # as `flmjax export` writes them
+
+
+def find_tokenizer(*folders: str) -> str | None:
+  """The first tokenizer file (TOKENIZER_FILES, in that order) in the first folder that holds
+  one, or None."""
+  for folder in folders:
+    for name in TOKENIZER_FILES:
+      if os.path.isfile(os.path.join(folder, name)):
+        return os.path.join(folder, name)
+  return None
+
+
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
   """SentencePiece for `*.model`, the `tokenizers` library for `tokenizer.json`."""
   path = str(path)

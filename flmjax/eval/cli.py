@@ -86,14 +86,11 @@ def _parser() -> ArgumentParser:
 
 
 def _tokenizer(args, model_dir: str):
-  from flmjax.data.tokenizer import load_tokenizer
+  from flmjax.data.tokenizer import find_tokenizer, load_tokenizer
 
-  if args.tokenizer:
-    return load_tokenizer(args.tokenizer)
-  for folder in (os.path.dirname(os.path.abspath(args.data)), model_dir):
-    for name in ('tokenizer.model', 'tokenizer.json'):
-      if os.path.isfile(os.path.join(folder, name)):
-        return load_tokenizer(os.path.join(folder, name))
+  path = args.tokenizer or find_tokenizer(os.path.dirname(os.path.abspath(args.data)), model_dir)
+  if path:
+    return load_tokenizer(path)
   raise FileNotFoundError(
     f'no tokenizer beside --data {args.data} or --checkpoint {model_dir}; pass --tokenizer'
   )
