@@ -13,11 +13,15 @@ import math
 import os
 import re
 import traceback
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flmjax.config import ModelConfig
+from flmjax.data.corpus import SyntheticCorpus
 from flmjax.errors import FlmjaxError
 from flmjax.model.lora import LoraConfig
+
+if TYPE_CHECKING:  # the grain pipeline's module loads only when training reads data
+  from flmjax.data.pipeline import SourceSpec
 
 
 class TrainConfigError(FlmjaxError, ValueError):
@@ -110,7 +114,7 @@ class StageConfig:
 
   name: str
   steps: int
-  sources: tuple[Any, ...] = ()
+  sources: tuple[SourceSpec, ...] = ()
   loss_weights: Any = None
   peak_lr: float = 1e-3
   warmup_steps: int = 0
@@ -160,11 +164,11 @@ class TrainConfig:
   async_checkpointing: bool = True
   log_every: int = 10
   init_from: str | None = None  # an official checkpoint directory to fine-tune from
-  eval_sources: tuple[Any, ...] = ()  # held-out sources for the end-of-run evaluation
+  eval_sources: tuple[SourceSpec, ...] = ()  # held-out sources for the end-of-run evaluation
   eval_batches: int = 4
   progress_bar: bool = True
   tokenizer: str | None = None  # the data's text tokenizer; export copies it beside the weights
-  corpus: Any = None  # a flmjax.data.corpus.SyntheticCorpus that `train` builds before it starts
+  corpus: SyntheticCorpus | None = None  # the synthetic corpus `train` builds before it starts
   lora: LoraConfig | None = None  # LoRA adapters on a frozen base; None: full fine-tuning
 
   def __post_init__(self):
@@ -199,6 +203,11 @@ class TrainConfig:
       )
     if self.checkpoint_every <= 0 or self.keep_checkpoints <= 0:
       raise TrainConfigError('TrainConfig: checkpoint_every and keep_checkpoints must be > 0')
+    if self.corpus is not None and not isinstance(self.corpus, SyntheticCorpus):
+      raise TrainConfigError(
+        f'TrainConfig.corpus is a {type(self.corpus).__name__}; give a '
+        'flmjax.data.corpus.SyntheticCorpus(root, ...) or None'
+      )
 
   @property
   def total_steps(self) -> int:
