@@ -193,6 +193,21 @@ def test_loading_a_config_builds_nothing(tmp_path, name):
   assert tc.tokenizer == str(tmp_path / 'run' / 'corpus' / 'raw' / 'tokenizer.model')
 
 
+def test_a_preset_loads_by_name(tmp_path):
+  """`--config tiny_dual` names the default that ships in the package; it is the same config as
+  experiments/configs/tiny_dual.py, and an unknown name lists the presets."""
+  from flmjax.train.config import TrainConfigError, load_config_file, presets
+
+  assert 'tiny_dual' in presets()
+  by_name = load_config_file('tiny_dual', str(tmp_path / 'run'))
+  by_path = load_config_file(
+    str(ROOT / 'experiments' / 'configs' / 'tiny_dual.py'), str(tmp_path / 'run')
+  )
+  assert by_name == by_path
+  with pytest.raises(TrainConfigError, match="no preset of that name; presets: .*'tiny_dual'"):
+    load_config_file('tiny_duel')
+
+
 def test_kernels_import_as_flmjax_kernels_only(tmp_path):
   """Outside the repository (a temporary working directory), the installed package provides
   flmjax.kernels and no top-level `kernels`."""

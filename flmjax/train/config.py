@@ -273,9 +273,24 @@ def _where(path: str, e: BaseException) -> str:
   return f'{path}:{lines[-1]}' if lines else path
 
 
+PRESETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
+
+
+def presets() -> list[str]:
+  """The named configs that ship inside the package (flmjax/configs/NAME.py)."""
+  return sorted(n[:-3] for n in os.listdir(PRESETS_DIR) if n.endswith('.py') and n[0] != '_')
+
+
 def load_config_file(path: str, run_dir: str | None = None, **kwargs) -> TrainConfig:
-  """Imports a config file and calls its `get_config(run_dir, **kwargs)`. Any error in it
-  becomes a TrainConfigError naming the file and line."""
+  """Imports a config file, or a preset by name (`presets()`), and calls its
+  `get_config(run_dir, **kwargs)`. Any error in it becomes a TrainConfigError naming the file
+  and line."""
+  if os.sep not in path and not path.endswith('.py') and not os.path.exists(path):
+    if path not in presets():
+      raise TrainConfigError(
+        f'config {path!r}: no such file, and no preset of that name; presets: {presets()}'
+      )
+    path = os.path.join(PRESETS_DIR, f'{path}.py')
   if not os.path.isfile(path):
     raise TrainConfigError(f'config file {path} not found')
   if not path.endswith('.py'):
