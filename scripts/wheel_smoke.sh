@@ -7,7 +7,11 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-.venv/bin/python -m pip wheel -q --no-deps --no-build-isolation -w "$work/dist" .
+# Built from a copy of the sources: setuptools' build/ beside them may hold moved modules.
+mkdir "$work/src"
+cp -r flmjax kernels setup.py setup.cfg pyproject.toml README.md "$work/src/"
+find "$work/src" -name __pycache__ -prune -exec rm -rf {} +
+.venv/bin/python -m pip wheel -q --no-deps --no-build-isolation -w "$work/dist" "$work/src"
 "$PY" -m venv "$work/venv"
 "$work/venv/bin/python" -m pip install -q "$work"/dist/flmjax-*.whl
 mkdir "$work/empty"
