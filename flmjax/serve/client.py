@@ -11,11 +11,12 @@ import aiohttp
 import numpy as np
 
 from flmjax.codec.base import FRAME_SIZE
+from flmjax.errors import FlmjaxError
 from flmjax.serve import protocol
 from flmjax.serve.clock import Clock
 
 
-class ReplyStreamError(ConnectionError):
+class ReplyStreamError(FlmjaxError, ConnectionError):
   """The reply stream failed on the client's side (undecodable audio, a page that fails its CRC,
   non-finite samples, or any other error while receiving): the conversation ended there. The
   original exception is its __cause__."""
