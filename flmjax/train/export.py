@@ -12,6 +12,7 @@ import tempfile
 
 from etils import epath
 
+from flmjax.checkpoint import peft as peft_lib
 from flmjax.checkpoint.restore import base_source, restore_model
 
 # Files a Hugging Face tokenizer directory may hold beside tokenizer.json: copied along with it.
@@ -83,7 +84,7 @@ def export(
   if peft:
     if model.lora.base_dtype == 'int8':
       log(INT8_PEFT_WARNING, file=sys.stderr)
-    return peft.write_peft(model, out_dir, base_source(meta, base))
+    return peft_lib.write_peft(model, out_dir, base_source(meta, base))
   dtype = dtype or meta['model_config'].get('checkpoint_dtype', 'bfloat16')
   tokenizer = (meta.get('train_config') or {}).get('tokenizer')
   if tokenizer and not os.path.isfile(tokenizer):
