@@ -205,10 +205,10 @@ def test_chat_checkpoint_of_another_kind(capsys, tiny_dir, golden_dir, tmp_path)
   import jax
   from flax import nnx
 
+  from flmjax.checkpoint import peft as adapters
   from flmjax.config import ModelConfig
   from flmjax.model.flm import abstract
   from flmjax.model.lora import LoraConfig
-  from flmjax.train import adapters
 
   user = tmp_path / 'user.npy'
   np.save(user, np.zeros((8, 3), np.int32))

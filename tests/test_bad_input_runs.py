@@ -293,7 +293,7 @@ def test_process_0_without_peers_ends_at_the_bound(tmp_path):
 
 def _run_dir(tmp_path, tiny_model, lora=None):
   """A training run's checkpoint at step 1 of GOOD's schedule (a LoRA run's meta with `lora`)."""
-  from flmjax.train.checkpointing import Checkpointer
+  from flmjax.checkpoint.checkpointer import Checkpointer
   from flmjax.train.config import load_config_file
   from flmjax.train.loop import _meta
   from flmjax.train.state import TrainState
@@ -345,7 +345,7 @@ def test_gs_client_logs_stay_off_stderr(capsys, tmp_path, monkeypatch, tiny_mode
   one line is shown, with the client's error as its cause. Simulated: no bucket is contacted."""
   import logging
 
-  from flmjax.train import storage
+  from flmjax.checkpoint import storage
 
   monkeypatch.setitem(sys.modules, 'gcsfs', types.ModuleType('gcsfs'))
 

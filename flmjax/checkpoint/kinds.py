@@ -57,7 +57,7 @@ def _run_steps(path: str) -> str | None:
 
 
 def _is_lora_run(steps: str) -> bool:
-  """From the newest step's meta JSON (flmjax.train.checkpointing writes it)."""
+  """From the newest step's meta JSON (flmjax.checkpoint.checkpointer writes it)."""
   for step in sorted((n for n in os.listdir(steps) if n.isdigit()), key=int, reverse=True):
     meta = _json(os.path.join(steps, step, 'meta', 'metadata'))
     if meta is not None:
