@@ -5,6 +5,7 @@ run on, and every reply equals the contiguous pipeline's offline replay."""
 import asyncio
 
 import pytest
+from probe import error_line
 from serve_harness import check_crosstalk, converse, running, voice
 
 from flmjax.decode import SamplingConfig
@@ -66,9 +67,10 @@ def test_a_full_pool_ends_only_the_session_that_needs_a_page(
     (['--kv-pages', '8', '--page-size', '0'], '--page-size 0 must be >= 1'),
   ],
 )
-def test_paged_flags_are_checked_before_anything_loads(argv, message):
-  from flmjax.serve import cli
-
-  args = cli._parser().parse_args(['--checkpoint', 'x', '--mimi', 'y', *argv])
-  with pytest.raises(ValueError, match=message):
-    cli.check_flags(args)
+def test_paged_flags_are_checked_before_anything_loads(capsys, tmp_path, argv, message):
+  # Through the dispatcher, as a user runs it: the checkpoint and codec do not exist, so a flag
+  # error is only seen if it comes before anything loads.
+  line = error_line(
+    capsys, 'serve', '--checkpoint', tmp_path / 'x', '--mimi', tmp_path / 'y', '--port', '0', *argv
+  )
+  assert message in line, line
