@@ -9,10 +9,12 @@ enough answered questions to learn all 40 of them: with batch 16 or fewer steps 
 answers stay mostly wrong (experiments/RESULTS.md).
 """
 
+import dataclasses
 import os
 
 from flmjax.config import ModelConfig
 from flmjax.data.corpus import SyntheticCorpus
+from flmjax.data.grid import LossWeights
 from flmjax.data.pipeline import SourceSpec
 from flmjax.train.config import OptimConfig, TrainConfig
 from flmjax.train.schedule import SINGLE_SPEAKER_LAYOUTS, dual_stages
@@ -30,10 +32,16 @@ def get_config(
   mix: float = 0.1,
   no_trail: bool = False,
   seed: int = 0,
+  window: int = 64,
+  batch_size: int = 32,
+  duplex_text_weight: float = 1.0,
 ) -> TrainConfig:
   """layouts: the single-speaker layouts trained (the ablation's arms: both, lead only = the
   paper's no-trail, trail only); mix: the weight of each of them in the duplex stage, beside the
-  conversations' 1.0, so that stage 2 keeps stage 1's skills (0: conversations only)."""
+  conversations' 1.0, so that stage 2 keeps stage 1's skills (0: conversations only).
+  window, batch_size: frames per training window and windows per step (both stages);
+  duplex_text_weight: scales the duplex stage's text-stream loss (words and WAIT alike, so their
+  balance, which decides when the model speaks, is kept) against the audio's."""
   if no_trail:
     layouts = ('lead',)
   # Built when training starts (run_dir/corpus), not here: loading a config has no side effects.
@@ -50,13 +58,19 @@ def get_config(
     layouts=layouts,
     mix=mix,
   )
+  if duplex_text_weight != 1.0:
+    base = LossWeights()
+    weights = dataclasses.replace(
+      base, text=base.text * duplex_text_weight, wait=base.wait * duplex_text_weight
+    )
+    stages = (stages[0], dataclasses.replace(stages[1], loss_weights=weights))
   heldout = SourceSpec(corpus.split('heldout_duplex'), layout='lead', offset_frames=LEAD_FRAMES)
   return TrainConfig(
     model=ModelConfig.tiny(),
     stages=stages,
     run_dir=run_dir,
-    window=64,
-    batch_size=32,
+    window=window,
+    batch_size=batch_size,
     seed=seed,
     compute_dtype='float32',
     optim=OptimConfig(weight_decay=0.01, clip_norm=1.0),
