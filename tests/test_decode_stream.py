@@ -160,7 +160,7 @@ def test_sharded_decode_equals_unsharded(decoder, tiny_dir):
   user = users(4, seed=2)
   state = sharded.init(4, seed=30)
   cache = state['cache']['k'].sharding.spec
-  assert cache[1] in ('data', ('data', 'fsdp')) and cache[3] == 'tensor', cache  # sessions, heads
+  assert cache[1] in ('data', ('data', 'fsdp')) and cache[2] == 'tensor', cache  # sessions, heads
   assert model.backbone.q[...].sharding.spec[2] == 'tensor'
   _, got = run(sharded, state, user)
   _, want = run(decoder, decoder.init(4, seed=30), user)

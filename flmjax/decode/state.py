@@ -1,6 +1,6 @@
 """The streaming decoder's state: a plain pytree with one row per session slot.
 
-Shape letters: B session slots, L layers, S cache positions, K KV heads, H head dim, R ring columns,
+Shape letters: B session slots, L layers, K KV heads, S cache positions, H head dim, R ring columns,
 Z channels (17), W penalty window, P penalized codebooks.
 """
 
@@ -16,7 +16,7 @@ from flmjax.decode import pages
 from flmjax.decode.sampling import SamplingConfig, StreamParams
 from flmjax.model import backbone, paged
 
-# Logical axes of the backbone KV cache [L,B,S,K,H]; every other leaf is ('batch', None...).
+# Logical axes of the backbone KV cache [L,B,K,S,H]; every other leaf is ('batch', None...).
 CACHE_AXES = backbone.CACHE_AXES
 
 
@@ -49,7 +49,7 @@ def init(
   windows; sessions may use any window up to them).
 
   Leaves:
-    cache: {'k','v'} [L,B,S,K,H], slot s holds position s (s mod S when sliding);
+    cache: {'k','v'} [L,B,K,S,H], slot s holds position s (s mod S when sliding);
     ring [B,Z,R] int32: the delayed token columns, column j at ring slot j mod R;
     offset [B] int32: the column the next step reads, i.e. the frame index and RoPE position;
     active [B] bool: slots that advance; a free slot's row is computed but never changes;

@@ -30,8 +30,11 @@ LAYER_PARAMS = (
   'down',
 )
 
-Cache = dict  # {'k': [L,B,S,K,H], 'v': [L,B,S,K,H]}; entry s holds position s (mod S).
-CACHE_AXES = ('layers', 'batch', 'time', 'kv_heads', 'head_dim')  # logical axes of each
+# {'k': [L,B,K,S,H], 'v': [L,B,K,S,H]}; entry s holds position s (mod S). Heads before time: a
+# layer's [B,K,S,H] slice is what the one-frame attention's batched matmuls read as stored (with
+# [L,B,S,K,H], XLA transposed every layer's whole cache into a copy on every frame).
+Cache = dict
+CACHE_AXES = ('layers', 'batch', 'kv_heads', 'time', 'head_dim')  # logical axes of each
 
 # Logical axes of the activations pinned at layer boundaries (see flmjax.sharding.constrain).
 BTD = ('activation_batch', 'activation_length', 'activation_embed')
@@ -40,7 +43,7 @@ BTKH = ('activation_batch', 'activation_length', 'activation_kv_heads', None)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> Cache:
-  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
   dtype = dtype or cfg.compute_dtype
   return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
 
@@ -128,11 +131,11 @@ class Backbone(nnx.Module):
       pos = positions[:, 0]
       count = paged.counts(pos, cache['held'], page_size)
     elif cache is not None:
-      entries = jnp.arange(cache['k'].shape[2])
+      entries = jnp.arange(cache['k'].shape[3])
       mask = entries[None, None, :] <= positions[:, :, None]  # [B,T,S]
 
     def layer(carry, xs):
-      # The whole cache [L,B,S,K,H] rides in the carry so each step updates it in place (as scan
+      # The whole cache [L,B,K,S,H] rides in the carry so each step updates it in place (as scan
       # xs/ys, XLA copied the full cache several times per decoded frame).
       x, kv = carry
       p, i = xs
@@ -161,7 +164,7 @@ class Backbone(nnx.Module):
           for c, new in ((kv['k'], k), (kv['v'], v))
         )
         kv = {'k': ck, 'v': cv}
-        att = layers.gqa_attention(q, ck[i], cv[i], mask)
+        att = layers.gqa_attention(q, ck[i], cv[i], mask, kv_major=True)
       att = shd.constrain(att, BTNH)
       x = shd.constrain(x + dense('BTNH,NHD->BTD', att, p, 'o'), BTD)
       h = layers.rms_norm(x, p['post_norm'], cfg.rms_norm_eps)
@@ -201,11 +204,12 @@ class Backbone(nnx.Module):
 
 
 def _write(cache: jax.Array, new: jax.Array, layer: jax.Array, positions: jax.Array) -> jax.Array:
-  """cache [L,B,S,K,H]: new [B,T,K,H] written into layer `layer` at entries positions [B,T].
+  """cache [L,B,K,S,H]: new [B,T,K,H] written into layer `layer` at entries positions [B,T].
 
   Entries are positions mod S, so a one-frame step past the end overwrites the oldest position: the
   decoder's sliding-window policy (once position >= S - 1 the mask attends every entry).
   """
-  entries = positions % cache.shape[2]
-  rows = jnp.arange(cache.shape[1])[:, None]
-  return cache.at[layer, rows, entries].set(new.astype(cache.dtype))
+  entries = (positions % cache.shape[3])[:, None, :]  # [B,1,T]
+  rows = jnp.arange(cache.shape[1])[:, None, None]
+  heads = jnp.arange(cache.shape[2])[None, :, None]
+  return cache.at[layer, rows, heads, entries].set(jnp.swapaxes(new, 1, 2).astype(cache.dtype))

@@ -41,19 +41,23 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
-def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-  """q [B,T,N,H], k/v [B,S,K,H], mask [B,T,S] (True = attend) -> [B,T,N,H].
+def gqa_attention(
+  q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, kv_major: bool = False
+) -> jax.Array:
+  """q [B,T,N,H], k/v [B,S,K,H] ([B,K,S,H] if kv_major: the decode cache's layout), mask
+  [B,T,S] (True = attend) -> [B,T,N,H].
 
   Query head n reads KV head n // G, as HF's repeat_kv does. Softmax in float32.
   """
   b, t, n, h = q.shape
-  kv = k.shape[2]
+  kv = k.shape[1 if kv_major else 2]
+  kv_dims = 'BKSH' if kv_major else 'BSKH'
   q = q.reshape(b, t, kv, n // kv, h)
-  logits = jnp.einsum('BTKGH,BSKH->BKGTS', q, k, preferred_element_type=jnp.float32)
+  logits = jnp.einsum(f'BTKGH,{kv_dims}->BKGTS', q, k, preferred_element_type=jnp.float32)
   logits = logits * (h**-0.5)
   logits = jnp.where(mask[:, None, None, :, :], logits, NEG_INF)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum('BKGTS,BSKH->BTKGH', probs, v)
+  out = jnp.einsum(f'BKGTS,{kv_dims}->BTKGH', probs, v)
   return out.reshape(b, t, n, h)
 
 
