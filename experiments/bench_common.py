@@ -1,5 +1,5 @@
-"""What the benchmarks share: timing a jitted call, the device's read bandwidth, and the weight
-bytes a decoded frame must read (the floors the measured times are compared with)."""
+"""What the benchmarks share: timing a jitted call, the device's read bandwidth and matmul peak, and
+the weight bytes a decoded frame must read (the floors the measured times are compared with)."""
 
 from __future__ import annotations
 
@@ -22,10 +22,14 @@ def timed(fn, *args, repeats: int = 5) -> float:
   return best
 
 
-def read_bandwidth(nbytes: int = 1 << 29, repeats: int = 7) -> float:
-  """Bytes/s of a jitted full read (a float32 sum) of an nbytes bfloat16 array: the median run,
-  which a shared machine's changing load moves less than the fastest."""
-  x = jnp.ones((nbytes // 2 // 1024, 1024), jnp.bfloat16)
+def read_bandwidth(
+  nbytes: int = 1 << 29, repeats: int = 7, dtype=jnp.bfloat16, best=False
+) -> float:
+  """Bytes/s of a jitted full read (a float32 sum) of an nbytes array: the median run, which a
+  shared machine's changing load moves less than the fastest (best=True: the fastest, the
+  machine's limit as a roofline wants it)."""
+  itemsize = jnp.dtype(dtype).itemsize
+  x = jnp.ones((nbytes // itemsize // 1024, 1024), dtype)
   total = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
   jax.block_until_ready(total(x))
   times = []
@@ -33,7 +37,27 @@ def read_bandwidth(nbytes: int = 1 << 29, repeats: int = 7) -> float:
     t = time.perf_counter()
     jax.block_until_ready(total(x))
     times.append(time.perf_counter() - t)
-  return x.size * 2 / float(np.median(times))
+  return x.size * itemsize / float(np.min(times) if best else np.median(times))
+
+
+class MatmulPeak:
+  """FLOP/s of a big square matmul: the practical peak of this machine. Sampled right after each
+  timed step too, so a shared machine's changing load affects both sides of the ratio alike."""
+
+  def __init__(self, n: int = 2048, dtype=jnp.float32):
+    self.n = n
+    self.a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    self.b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+    self.f = jax.jit(lambda a, b: a @ b)
+    self.f(self.a, self.b).block_until_ready()
+
+  def sample(self, reps: int = 3) -> float:
+    times = []
+    for _ in range(reps):
+      t = time.perf_counter()
+      self.f(self.a, self.b).block_until_ready()
+      times.append(time.perf_counter() - t)
+    return 2 * self.n**3 / min(times)
 
 
 def frame_weight_bytes(model) -> tuple[int, int]:

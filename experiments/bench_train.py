@@ -27,6 +27,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_common import MatmulPeak
 
 from flmjax import sharding as shd
 from flmjax.config import ModelConfig
@@ -37,26 +38,6 @@ from flmjax.train import data as data_lib
 from flmjax.train import state as st
 from flmjax.train import step as sp
 from flmjax.train.config import StageConfig, TrainConfig
-
-
-class MatmulPeak:
-  """FLOP/s of a big square matmul: the practical peak of this machine. Sampled right after each
-  timed step too, so a shared machine's changing load affects both sides of the ratio alike."""
-
-  def __init__(self, n: int = 2048, dtype=jnp.float32):
-    self.n = n
-    self.a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-    self.b = jax.random.normal(jax.random.key(1), (n, n), dtype)
-    self.f = jax.jit(lambda a, b: a @ b)
-    self.f(self.a, self.b).block_until_ready()
-
-  def sample(self, reps: int = 3) -> float:
-    times = []
-    for _ in range(reps):
-      t = time.perf_counter()
-      self.f(self.a, self.b).block_until_ready()
-      times.append(time.perf_counter() - t)
-    return 2 * self.n**3 / min(times)
 
 
 def model_flops(cfg: ModelConfig, batch: int, cols: int) -> float:

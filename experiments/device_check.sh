@@ -5,14 +5,16 @@
 #   bash experiments/device_check.sh                 # from the repository root, on the GPU machine
 #   PYTHON=.venv/bin/python OUT=/tmp/dc bash experiments/device_check.sh
 #
-# Steps, each under its own time limit (seconds; 470 in all):
+# Steps, each under its own time limit (seconds; 480 in all):
 #   kernels    experiments/gpu_kernel_check.py: the depth kernels compiled for the GPU (Triton)
 #              against the reference with the tests' tolerances, and the golden greedy stream
-#              with use_pallas=True                                                        (90)
-#   depth      experiments/bench_depth_kernel.py: the depth frame, XLA vs Pallas, B = 1, 8, 64 (100)
+#              with use_pallas=True                                                        (70)
+#   depth      experiments/bench_depth_kernel.py: the depth frame, XLA vs Pallas, B = 1, 8, 64 (80)
 #   attention  experiments/bench_attention.py: causal attention, cuDNN vs XLA (plain, chunked) (60)
-#   decode     experiments/bench_decode.py --preset flm_8b --dtype bfloat16, B = 1, 8, 64  (160)
+#   decode     experiments/bench_decode.py --preset flm_8b --dtype bfloat16, B = 1, 8, 64  (120)
 #   mimi       experiments/bench_mimi.py on the GPU, B = 1, 8                                (60)
+#   roofline   experiments/roofline.py: small decode B = 1, 8, 32, Mimi, serve, train against
+#              the GPU's measured bandwidth and matmul peak (rows print as they finish)     (90)
 # The GPU machine has no network: when flax is missing, WHEELS=DIR (wheels carried along) is
 # installed from with pip --no-index; otherwise the steps that need flax report it and go on.
 set -uo pipefail
@@ -46,12 +48,13 @@ step() {  # step NAME LIMIT_S COMMAND...: runs it, keeps its log, adds a row
   ROWS+=("| $name | status | $status, ${took} s, log $OUT/$name.log |")
 }
 
-step kernels 90 "$PY" experiments/gpu_kernel_check.py
-step depth 100 "$PY" experiments/bench_depth_kernel.py --batches 1,8,64 --no-sweep
+step kernels 70 "$PY" experiments/gpu_kernel_check.py
+step depth 80 "$PY" experiments/bench_depth_kernel.py --batches 1,8,64 --no-sweep
 step attention 60 "$PY" experiments/bench_attention.py --window 4096 --batch 1
-step decode 160 "$PY" experiments/bench_decode.py --preset flm_8b --dtype bfloat16 \
+step decode 120 "$PY" experiments/bench_decode.py --preset flm_8b --dtype bfloat16 \
   --batches 1,8,64 --frames 20 --max-len 1024
 step mimi 60 "$PY" experiments/bench_mimi.py --batches 1,8 --frames 25 --rounds 1 --no-official
+step roofline 90 "$PY" experiments/roofline.py --preset small --batches 1,8,32 --repeats 10
 
 # One table: each step's status, then every row of the tables the steps printed, flattened to
 # "column=value" pairs (a step may print several tables: each row keeps its own header's names).
@@ -61,7 +64,7 @@ echo "| step | row | result |"
 echo "|---|---|---|"
 echo "| device | - | $DEVICE |"
 printf '%s\n' "${ROWS[@]}"
-for name in kernels depth attention decode mimi; do
+for name in kernels depth attention decode mimi roofline; do
   "$PY" - "$name" "$OUT/$name.log" <<'PYEOF'
 import sys
 name, path = sys.argv[1:]

@@ -20,6 +20,8 @@ from flmjax import sharding as shd
 MIB = 2**20
 # HBM bandwidth per chip, GB/s (the vendors' figures).
 HBM_GBPS = {'v4': 1228.0, 'v5e': 819.0, 'v5p': 2765.0, 'v6e': 1640.0}
+# bfloat16 matmul peak per chip, TFLOP/s (the vendors' figures).
+PEAK_TFLOPS = {'v4': 275.0, 'v5e': 197.0, 'v5p': 459.0, 'v6e': 918.0}
 COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
 _DTYPE_BYTES = {
   'pred': 1,
