@@ -226,9 +226,9 @@ def machine_limits(bandwidth_bytes: int = 1 << 29, matmul_n: int = 2048):
   return sample
 
 
-def run(programs, repeats: int, limits, on_row=None) -> list[dict]:
+def run(programs, repeats: int, limits, on_row=None) -> tuple[list[dict], float, float]:
   """Each program's row against limits() sampled before it (on_row(row) as each is done),
-  then every row again against the limits sampled after all of them (the final table)."""
+  then (every row against the limits sampled after all of them, bandwidth, peak)."""
   done = []
   for p in programs:
     measured = (p, measure(p, repeats), *analyse(p))
@@ -236,7 +236,7 @@ def run(programs, repeats: int, limits, on_row=None) -> list[dict]:
     if on_row is not None:
       on_row(roofline_row(p.name, p.batch, *measured[1:], *limits()))
   bw, pk = limits()
-  return [roofline_row(p.name, p.batch, s, *c, bw, pk) for p, s, *c in done]
+  return [roofline_row(p.name, p.batch, s, *c, bw, pk) for p, s, *c in done], bw, pk
 
 
 def tpu_estimate(topology: str, batch: int, window: int) -> dict:
@@ -316,8 +316,8 @@ def main():
   bw, peak = limits()
   print(f'read bandwidth {bw / 1e9:.1f} GB/s, matmul peak {peak / 1e9:.0f} GFLOP/s (before)')
   print('\nAs each program finishes (against the limits so far):\n\n' + HEADER, flush=True)
-  rows = run(programs, args.repeats, limits, lambda r: print(format_row(r), flush=True))
-  bw, peak = limits()
+  on_row = lambda r: print(format_row(r), flush=True)
+  rows, bw, peak = run(programs, args.repeats, limits, on_row)
   if args.tpu:
     rows.append(tpu_estimate(args.tpu, args.tpu_batch, args.max_len))
   print(f'\nread bandwidth {bw / 1e9:.1f} GB/s, matmul peak {peak / 1e9:.0f} GFLOP/s (best in run)')

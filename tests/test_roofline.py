@@ -40,7 +40,8 @@ def test_roofline_runs_on_tiny_programs_and_stays_below_measured(tiny_model):
     + [roofline.train_program('tiny', ModelConfig.tiny(), 2, 16)]
   )
   limits = roofline.machine_limits(bandwidth_bytes=1 << 26, matmul_n=512)
-  rows = roofline.run(programs, repeats=3, limits=limits)
+  rows, bw, peak = roofline.run(programs, repeats=3, limits=limits)
+  assert bw > 0 and peak > 0
   assert [r['program'].split()[0] for r in rows] == ['decode', 'decode', 'Mimi', 'serve', 'train']
   for r in rows:
     assert r['gflop'] > 0 and r['mb'] > 0, r
