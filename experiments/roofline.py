@@ -249,12 +249,12 @@ def tpu_estimate(topology: str, batch: int, window: int) -> dict:
   req = make_request(topology, 1, step='decode', preset='flm_8b', window=window, batch=batch)
   mesh = aot.abstract_mesh_for(req, aot.topology_devices(topology))
   with unrolled_scans():
-    flops, nbytes = cost(aot.lower_decode(req, mesh, log=lambda *_: None).compile())
-  chip = req.chip
-  name = f'decode flm_8b bf16 on {topology} (S={window}), ESTIMATE'
-  return roofline_row(
-    name, batch, None, flops, nbytes, rl.HBM_GBPS[chip] * 1e9, rl.PEAK_TFLOPS[chip] * 1e12
-  )
+    flops, xla_bytes = cost(aot.lower_decode(req, mesh, log=lambda *_: None).compile())
+  _, _, _, (params, p_sh), (state, s_sh) = aot._decode_args(req, mesh)
+  nbytes = rl.frame_read_bytes(params, p_sh, state, s_sh, req.model.num_codebooks, batch)
+  chip, name = req.chip, f'decode flm_8b bf16, {topology} (S={window}), ESTIMATE'
+  bw, peak = rl.HBM_GBPS[chip] * 1e9, rl.PEAK_TFLOPS[chip] * 1e12
+  return roofline_row(name, batch, None, flops, xla_bytes, nbytes, bw, peak)
 
 
 HEADER = (
