@@ -2,6 +2,7 @@
 TPU compiler (libtpu, from the test extra), FSDP without global-batch collectives, and the
 mesh validation errors."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -44,6 +45,9 @@ DECODE_KEYS = [
   'hbm_gbps',
   'frame_ms_estimate',
   'pallas',
+  'kv_pages',
+  'page_size',
+  'kv_dtype',
 ]
 TRAIN_KEYS = ['trainable_params', 'trainable_gib', 'base_dtype']
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -115,6 +119,7 @@ def test_cli_small_decode_frame_fits_v5e(capsys):
   # tables' unread rows, at most the arguments plus the depth attention re-reads.
   assert 0.5 * record['args_gib'] < record['read_gib_per_chip'] < 2 * record['args_gib']
   assert record['mesh'] == {'data': 1, 'fsdp': 1, 'tensor': 4}
+  assert (record['kv_pages'], record['page_size'], record['kv_dtype']) == (None, None, 'bf16')
   assert len(lines) > 1  # progress came first
 
 
@@ -180,6 +185,23 @@ def test_decode_frame_with_the_pallas_kernel_under_the_mesh_compiles_for_v5e():
   assert record['largest_collective_mib'] < 0.1
   with pytest.raises(AotError, match='--step decode only'):
     make_request('v5e:2x2', 4, step='train', preset='small', pallas=True)
+
+
+@pytest.mark.slow
+def test_paged_decode_frame_with_jax_paged_attention_compiles_for_v5e():
+  """--kv-pages: the frame over a page pool, JAX's TPU paged-attention kernel in the program, the
+  pool (not sessions x window) in the arguments, and the paged fields in the record. The kernel
+  tiles head_dim by 128 (the 8B's), so the small preset gets 4 heads of 128, one KV head a chip."""
+  cfg = ModelConfig.small(num_heads=4, num_kv_heads=4, head_dim=128)
+  req = AotRequest('v5e:2x2', cfg, step='decode', window=256, batch=8, tensor=4)
+  paged, compiled = compile_report(
+    dataclasses.replace(req, kv_pages=8, page_size=128), log=lambda *a: None
+  )
+  contiguous, _ = compile_report(req, log=lambda *a: None)
+  assert paged['fits'] and (paged['kv_pages'], paged['page_size']) == (8, 128)
+  assert 'tpu_custom_call' in compiled.as_text()
+  # 8 pages of 128 hold half of 8 sessions x 256 positions: the pool is what the cache costs.
+  assert paged['args_gib'] < contiguous['args_gib']
 
 
 def test_collective_sizes_read_the_largest_array_of_each_collective():

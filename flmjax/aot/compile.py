@@ -149,9 +149,8 @@ def _decode_args(req: AotRequest, mesh):
   p_sh = nnx.to_pure_dict(shd.state_shardings(abstract_state, mesh, rules))
   sampling = SamplingConfig()
   kv = paged_kv(req)
-  state = jax.eval_shape(
-    lambda: st.init(cfg, sampling, req.batch, req.window, jnp.zeros((req.batch,), jnp.uint32), kv)
-  )
+  seeds = jnp.zeros((req.batch,), jnp.uint32)
+  state = jax.eval_shape(lambda: st.init(cfg, sampling, req.batch, req.window, seeds, kv=kv))
   return cfg, graphdef, sampling, (params, p_sh), (state, st.shardings(state, mesh))
 
 
