@@ -142,3 +142,36 @@ def test_client_cli_prints_one_line_when_the_reply_stream_fails(tmp_path, capsys
   assert code == 1 and len(err) == 1, err
   assert err[0].startswith(f'flmjax client: error: ws://{addr}/api/chat: the reply stream failed')
   assert 'CorruptAudioError' in err[0] and not (tmp_path / 'reply.wav').exists()
+
+
+def test_client_cli_says_when_the_server_cut_the_session(tmp_path, capsys):
+  """A server that closes with 1001 after two replies (a drain's deadline): the replies that
+  arrived are written, and one stderr line gives the code, the server's reason, exit 1."""
+  import soundfile
+
+  from flmjax import cli
+
+  async def chat(request):
+    ws = web.WebSocketResponse()
+    await ws.prepare(request)
+    await ws.send_bytes(bytes([protocol.HANDSHAKE]))
+    writer, heard = protocol.OpusWriter(), 0
+    async for _ in ws:
+      heard += 1
+      if heard > 1:  # the model's first step is silent
+        await ws.send_bytes(bytes([protocol.AUDIO]) + writer.encode(voice(7, 1)))
+      if heard == 3:
+        await ws.close(code=1001, message=b'server draining: the drain deadline passed')
+    return ws
+
+  app = web.Application()
+  app.router.add_get('/api/chat', chat)
+  soundfile.write(tmp_path / 'user.wav', voice(6, 8), 24000)
+  with serving_in_thread(types.SimpleNamespace(app=lambda: app)) as addr:
+    argv = ['client', '--url', f'ws://{addr}/api/chat', '--in', str(tmp_path / 'user.wav')]
+    code = cli.main([*argv, '--out', str(tmp_path / 'reply.wav'), '--no-pace'])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 1 and len(err) == 1, err
+  assert 'the server ended the session with 1001 (server draining: the drain deadline' in err[0]
+  reply, rate = soundfile.read(tmp_path / 'reply.wav')
+  assert rate == 24000 and reply.size == 2 * FRAME  # nothing that arrived is lost

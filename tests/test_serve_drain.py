@@ -9,6 +9,7 @@ import asyncio
 import os
 import signal
 import socket
+import types
 
 import aiohttp
 import numpy as np
@@ -36,6 +37,7 @@ class EchoPipeline:
     self.cfg, self.slots, self.frame_size, self.max_len = ModelConfig.tiny(), slots, S, 10_000
     self.active = np.zeros((slots,), bool)
     self.frames = np.zeros((slots,), np.int64)
+    self.decoder = types.SimpleNamespace(overflow='error', kv=None)
 
   def start(self, mask, sampling=None, seeds=None):
     self.active |= mask
@@ -50,6 +52,12 @@ class EchoPipeline:
   def step(self, pcm):
     self.frames[self.active] += 1
     return FrameOut(np.zeros((self.slots,), np.int32), pcm.copy(), self.active.copy())
+
+  def free_pages(self):
+    return None  # a contiguous cache: slots alone bound admission
+
+  def starved(self):
+    return np.zeros((self.slots,), bool)  # no page pool, so no session waits for a page
 
 
 async def agent_says(port: int) -> str:

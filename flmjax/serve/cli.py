@@ -417,4 +417,11 @@ def client_main(argv: list[str]) -> int:
       'clipped to [-1, 1]'
     )
   print(conv.text)
+  if conv.close_code not in (None, 1000):  # cut short (a drain's deadline, a server error)
+    reason = f' ({conv.close_reason})' if conv.close_reason else ''
+    return fail(
+      'flmjax client',
+      f'{args.url}: the server ended the session with {conv.close_code}{reason} after '
+      f'{conv.frames_received} reply frames; what arrived is in {args.out}',
+    )
   return 0

@@ -15,6 +15,8 @@ from flmjax.errors import FlmjaxError
 from flmjax.serve import protocol
 from flmjax.serve.clock import Clock
 
+ENDS = (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED)
+
 
 class ReplyStreamError(FlmjaxError, ConnectionError):
   """The reply stream failed on the client's side (undecodable audio, a page that fails its CRC,
@@ -42,6 +44,7 @@ class Conversation:
   notices: list = dataclasses.field(default_factory=list)  # 0x02 before the handshake (queue)
   clipped: int = 0
   reply_peak: float = 0.0
+  close_reason: str = ''  # the server's words when it closed first (e.g. a drain's deadline)
 
 
 async def converse(
@@ -106,11 +109,15 @@ async def converse(
       if want == 0:
         got_all.set()
 
-      received = 0
+      received, close_reason = 0, ''
 
       async def receive():
-        nonlocal received
-        async for msg in ws:
+        nonlocal received, close_reason
+        while True:
+          msg = await ws.receive()
+          if msg.type in ENDS:  # as `async for` ends; the server's reason is kept
+            close_reason = str(msg.extra or '') if msg.type == aiohttp.WSMsgType.CLOSE else ''
+            return
           if msg.type != aiohttp.WSMsgType.BINARY or not msg.data:
             continue
           if msg.data[0] == protocol.AUDIO:
@@ -178,4 +185,5 @@ async def converse(
     notices,
     reply_reader.clipped,
     reply_reader.peak,
+    close_reason,
   )
