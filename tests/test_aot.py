@@ -199,7 +199,11 @@ def test_paged_decode_frame_with_jax_paged_attention_compiles_for_v5e():
   )
   contiguous, _ = compile_report(req, log=lambda *a: None)
   assert paged['fits'] and (paged['kv_pages'], paged['page_size']) == (8, 128)
-  assert 'tpu_custom_call' in compiled.as_text()
+  hlo = compiled.as_text()
+  assert 'tpu_custom_call' in hlo
+  # The 8 codebooks' embedding rows are summed where their tables live (split by codebook): one
+  # [B,1,D] all-reduce, never the [B,8,D] rows gathered (14 MiB a frame for the 8B at B=256).
+  assert collectives_carrying(hlo, (8, cfg.num_codebooks, cfg.hidden_size)) == []
   # 8 pages of 128 hold half of 8 sessions x 256 positions: the pool is what the cache costs.
   assert paged['args_gib'] < contiguous['args_gib']
 

@@ -38,6 +38,7 @@ CACHE_AXES = ('layers', 'batch', 'kv_heads', 'time', 'head_dim')  # logical axes
 
 # Logical axes of the activations pinned at layer boundaries (see flmjax.sharding.constrain).
 BTD = ('activation_batch', 'activation_length', 'activation_embed')
+BTC_D = ('activation_batch', 'activation_length', 'embed_codebook', None)  # looked-up audio rows
 BTNH = ('activation_batch', 'activation_length', 'activation_heads', None)
 BTKH = ('activation_batch', 'activation_length', 'activation_kv_heads', None)
 
@@ -101,9 +102,14 @@ class Backbone(nnx.Module):
     # FSDP: the tables' embed dim is gathered (in dt) so the lookups stay local to each batch
     # shard; otherwise the token ids and looked-up rows would cross the batch shards.
     pin = lambda axes: axes if gather_tables else None
+    # Decoding: the audio rows stay split by codebook as their tables are, so each chip sums its
+    # own codebooks and one [B,T,D] all-reduce follows (gathered, [B,T,C,D] was C times larger).
+    by_codebook = lambda r: r if gather_tables else shd.constrain(r, BTC_D)
+    audio = lambda name, ids: by_codebook(
+      lora.rows(self, name, (codebooks, ids), dt, pin((None,) * 3))
+    ).sum(axis=2)
     x = lora.rows(self, 'text_embed', (text,), dt, pin(('vocab', None)))
-    x = x + lora.rows(self, 'speak_embed', (codebooks, speak), dt, pin((None,) * 3)).sum(axis=2)
-    x = x + lora.rows(self, 'listen_embed', (codebooks, listen), dt, pin((None,) * 3)).sum(axis=2)
+    x = x + audio('speak_embed', speak) + audio('listen_embed', listen)
     return x * jnp.asarray(self.cfg.embed_scale, dt)
 
   def __call__(
