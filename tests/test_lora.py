@@ -354,12 +354,12 @@ def test_stream_with_a_built_decoder_runs_a_lora_model_merged_and_placed(tiny_mo
     adapters[path] = np.asarray(mask) * rng.normal(0, 0.5, v.shape).astype(np.float32)
   _, empty = L.split_params(nnx.to_pure_dict(shapes))
   adapters = jax.tree_util.tree_map_with_path(lambda p, _: adapters[tuple(k.key for k in p)], empty)
-  model = nnx.merge(graphdef, st.join(nnx.to_pure_dict(nnx.state(tiny_model)), adapters))
+  model = nnx.merge(graphdef, transforms.join(nnx.to_pure_dict(nnx.state(tiny_model)), adapters))
   rng = np.random.default_rng(4)
   users = [rng.integers(0, 2048, (8, n)).astype(np.int32) for n in (14, 9)]
   greedy = SamplingConfig(greedy=True, repetition_penalty_text=1.0, repetition_penalty_audio=1.0)
   plain = StreamingDecoder(tiny_model, greedy, max_len=16)
-  want, _ = stream(L.merge(model), users, decoder=plain)
+  want, _ = stream(transforms.merge(model), users, decoder=plain)
   base, _ = stream(tiny_model, users, decoder=plain)
   assert any((a != b).any() for a, b in zip(base, want))  # the adapters change the stream
   got, _ = stream(model, users, decoder=plain)

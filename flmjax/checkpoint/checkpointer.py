@@ -19,6 +19,7 @@ import logging
 import os
 import pickle
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -91,20 +92,31 @@ def drop_abandoned_reads() -> None:
   if not any(isinstance(f, _AbandonedReads) for f in asyncio_log.filters):
     asyncio_log.addFilter(_AbandonedReads())
   if not getattr(sys.unraisablehook, 'flmjax_drops_reads', False):
-    unraisable, excepthook = sys.unraisablehook, sys.excepthook
+    unraisable, excepthook, thread_hook = sys.unraisablehook, sys.excepthook, threading.excepthook
 
     def quiet_unraisable(u):
       code = getattr(u.object, 'cr_code', None)  # a coroutine of orbax's
-      if code is None or f'{os.sep}orbax{os.sep}' not in code.co_filename:
+      ours = code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename
+      if not (ours or _loop_closed(u.exc_value)):
         unraisable(u)
 
     def quiet_excepthook(kind, value, tb):
-      if not (kind is RuntimeError and str(value) == 'Event loop is closed'):
+      if not _loop_closed(value):
         excepthook(kind, value, tb)
+
+    def quiet_thread_hook(args):  # a completion callback on one of TensorStore's threads
+      if not _loop_closed(args.exc_value):
+        thread_hook(args)
 
     quiet_unraisable.flmjax_drops_reads = True
     sys.unraisablehook, sys.excepthook = quiet_unraisable, quiet_excepthook
+    threading.excepthook = quiet_thread_hook
   gc.collect()
+
+
+def _loop_closed(e: BaseException | None) -> bool:
+  """The echo of a read completing after orbax closed its event loop, and nothing else."""
+  return type(e) is RuntimeError and str(e) == 'Event loop is closed'
 
 
 class _AbandonedReads(logging.Filter):
