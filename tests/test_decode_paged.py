@@ -8,6 +8,7 @@ get reused within a few dozen frames.
 
 import numpy as np
 import pytest
+from streams import run, users
 
 import flmjax
 from flmjax import sharding as shd
@@ -17,20 +18,6 @@ from flmjax.decode.decoder import PoolFullError, SessionOverflowError
 GREEDY = SamplingConfig(greedy=True, repetition_penalty_text=1.0, repetition_penalty_audio=1.0)
 SAMPLED = SamplingConfig(temp_text=1.0, temp_audio=1.0, top_p_text=0.95, top_p_audio=0.9)
 PAGE = 8
-
-
-def users(batch, frames, seed=0):
-  rng = np.random.default_rng(seed)
-  codes = rng.integers(0, 2048, (frames, batch, 8))
-  return np.where(rng.random(codes.shape) < 0.1, 2048, codes).astype(np.int32)
-
-
-def run(dec, state, user):
-  outs = []
-  for frame in user:
-    state, out, valid = dec.step(state, frame)
-    outs.append(np.where(np.asarray(valid)[:, None], np.asarray(out), -1))
-  return state, np.stack(outs)
 
 
 def paged(model, sampling=GREEDY, pages=12, **kw):

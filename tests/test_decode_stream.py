@@ -7,6 +7,8 @@ import dataclasses
 
 import numpy as np
 import pytest
+import streams
+from streams import run
 
 import flmjax
 from flmjax import sharding as shd
@@ -34,19 +36,7 @@ def decoder(tiny_model):
 
 
 def users(batch, frames=FRAMES, seed=0):
-  """[frames, B, 8] random user codes, PAD now and then."""
-  rng = np.random.default_rng(seed)
-  codes = rng.integers(0, 2048, (frames, batch, 8))
-  return np.where(rng.random(codes.shape) < 0.1, 2048, codes).astype(np.int32)
-
-
-def run(dec, state, user):
-  """Steps through user [T,B,8] -> (state, out [T,B,9] with -1 where invalid)."""
-  outs = []
-  for frame in user:
-    state, out, valid = dec.step(state, frame)
-    outs.append(np.where(np.asarray(valid)[:, None], np.asarray(out), -1))
-  return state, np.stack(outs)
+  return streams.users(batch, frames, seed)  # this file's streams are FRAMES long
 
 
 # Windows <= 0 mean no penalty (as the official LMGen): the penalty run then equals the plain one.
