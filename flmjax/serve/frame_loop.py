@@ -189,11 +189,9 @@ class FrameLoop:
     starts: dict[SamplingConfig, np.ndarray] = {}
     pcm = np.zeros((B, S), np.float32)
     live = []
-    starved = self.pipeline.starved()
-    sliding = self.pipeline.decoder.overflow == 'slide'
+    starved, at_limit = self.pipeline.starved(), self.pipeline.at_limit()
     for slot, s in enumerate(self.slots):
-      at_max = not sliding and self.pipeline.frames[slot] >= self.pipeline.max_len
-      if s is not None and s.started and at_max:
+      if s is not None and s.started and at_limit[slot]:
         s.end(f'session length limit: {self.pipeline.max_len} frames', code=1000)
       if s is not None and s.started and starved[slot] and not s.closed.is_set():
         self.metrics.pool_full.inc()

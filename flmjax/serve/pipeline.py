@@ -283,6 +283,11 @@ class FramePipeline:
     """[B] bool: live slots whose session filled the LM's KV cache (max_len frames)."""
     return self.active & (self.frames >= self.max_len)
 
+  def at_limit(self) -> np.ndarray:
+    """[B] bool: full slots that may not slide on (overflow != 'slide'). The frame loop ends
+    them before the step, which would refuse them."""
+    return self.full() & (self.decoder.overflow != 'slide')
+
   def step(self, pcm: np.ndarray) -> FrameOut:
     """pcm float32 [B,S] (anything in free slots) -> the tick's FrameOut."""
     pcm = np.asarray(pcm, np.float32)
