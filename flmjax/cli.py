@@ -92,6 +92,31 @@ class ArgumentParser(argparse.ArgumentParser):
     return action
 
 
+def add_set_flag(ap: argparse.ArgumentParser) -> argparse.Action:
+  """`--set KEY=VALUE`, repeatable: overrides of the loaded training config's fields
+  (flmjax.train.overrides), after the config file or preset and before the command's own flags."""
+  return ap.add_argument(
+    '--set',
+    dest='overrides',
+    action='append',
+    default=[],
+    metavar='KEY=VALUE',
+    help='override a field of the config, typed by its annotation (repeatable; a later one '
+    'wins): batch_size=16, optim.b1=0.8, stages.duplex.steps=10 (a stage by name or index), '
+    'lora.rank=8, lora.targets=attn,mlp, init_from=null',
+  )
+
+
+def config_error(error: Exception, run_dir_flag: str | None = '--run-dir') -> str:
+  """A config error as the command line says it: an override by its `--set` flag."""
+  overrides, reason = getattr(error, 'overrides', None), getattr(error, 'reason', '')
+  if not overrides:
+    return str(error)
+  if run_dir_flag and len(overrides) == 1 and overrides[0].partition('=')[0] == 'run_dir':
+    reason = f'give the run directory as {run_dir_flag} DIR (the config derives its paths from it)'
+  return f'{" ".join(f"--set {o}" for o in overrides)}: {reason}'
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   platform_note = cpu_unless_accelerator()

@@ -15,7 +15,7 @@ import json
 import os
 import time
 
-from flmjax.cli import ArgumentParser
+from flmjax.cli import ArgumentParser, add_set_flag, config_error, fail
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'tiny_dual.py')
@@ -33,7 +33,13 @@ def _steps(text: str) -> tuple[int, ...]:
 
 def main(argv: list[str] | None = None) -> int:
   ap = ArgumentParser(prog='flmjax main')
-  ap.add_argument('--config', default=DEFAULT_CONFIG)
+  ap.add_argument(
+    '--config',
+    default=DEFAULT_CONFIG,
+    help='a config file (.py defining get_config(run_dir)) or a preset name (flmjax train '
+    '--help lists them); default: the tiny_dual preset',
+  )
+  add_set_flag(ap)
   ap.add_flag('--run-dir', '--run_dir', default=os.path.join('runs', 'tiny_dual'))
   ap.add_argument('--parity', action='store_true', help='only check golden forward parity')
   ap.add_argument('--golden', default=os.path.join(REPO, 'tests', 'golden'))
@@ -53,12 +59,17 @@ def main(argv: list[str] | None = None) -> int:
     print('parity with the official PyTorch forward:', 'OK' if ok else 'FAILED')
     return 0 if ok else 1
   from flmjax.eval import heldout as heldout_lib
-  from flmjax.train.config import load_config_file
+  from flmjax.train.config import TrainConfigError
   from flmjax.train.evaluate import show as show_heldout
   from flmjax.train.loop import train
+  from flmjax.train.overrides import load_config
 
   t0 = time.time()
-  tc = load_config_file(args.config, args.run_dir, **({'steps': args.steps} if args.steps else {}))
+  try:
+    kw = {'steps': args.steps} if args.steps else {}
+    tc = load_config(args.config, args.run_dir, args.overrides, **kw)
+  except TrainConfigError as e:
+    return fail('flmjax main', config_error(e))
   heldout = heldout_lib.heldout_sets(tc)
   tc = tc.replace(eval_sources=())  # evaluated below, next to the untrained model
   print(

@@ -24,7 +24,7 @@ import argparse
 import json
 import sys
 
-from flmjax.cli import ArgumentParser, command
+from flmjax.cli import ArgumentParser, add_set_flag, command, config_error, fail
 from flmjax.train.config import REMAT_POLICIES
 
 PRESETS = ('tiny', 'small', 'flm_8b')
@@ -39,9 +39,10 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument('--topology', required=True, help='TPU topology, e.g. v5p:4x4x4, v5e:16x16')
   p.add_argument(
     '--config',
-    help='a training config (experiments/configs/...): model, window, '
-    'batch, mesh, remat and dtype come from it; other flags override',
+    help='a training config (experiments/configs/... or a preset name): model, window, '
+    'batch, mesh, remat and dtype come from it; --set, then the other flags override',
   )
+  add_set_flag(p)
   p.add_argument('--preset', choices=PRESETS, help='model preset (default flm_8b)')
   p.add_argument('--step', choices=('train', 'decode'), default='train')
   p.add_argument('--window', type=int, help='train: frames per training window (default 4096)')
@@ -96,28 +97,35 @@ def main(argv: list[str]) -> int:
   args = _parser().parse_args(argv)
   from flmjax.aot.compile import compile_report, topology_devices
   from flmjax.aot.request import make_request, parse_mesh
+  from flmjax.train.config import TrainConfigError
 
   if args.mesh:
     parse_mesh(args.mesh)  # a typo fails before libtpu starts
-  req = make_request(
-    args.topology,
-    len(topology_devices(args.topology)),
-    step=args.step,
-    config=args.config,
-    preset=args.preset,
-    window=args.max_len if args.step == 'decode' and args.max_len else args.window,
-    batch=args.batch,
-    mesh=args.mesh,
-    remat=args.remat,
-    grad_accum=args.grad_accum,
-    pallas=args.pallas,
-    lora_rank=args.lora_rank,
-    lora_targets=args.lora_targets,
-    base_dtype=args.base_dtype,
-    kv_pages=args.kv_pages,
-    page_size=args.page_size,
-    kv_dtype=args.kv_dtype,
-  )
+  if args.overrides and not args.config:
+    return fail('flmjax aot', '--set overrides a training config: give --config too')
+  try:
+    req = make_request(
+      args.topology,
+      len(topology_devices(args.topology)),
+      step=args.step,
+      config=args.config,
+      preset=args.preset,
+      window=args.max_len if args.step == 'decode' and args.max_len else args.window,
+      batch=args.batch,
+      mesh=args.mesh,
+      remat=args.remat,
+      grad_accum=args.grad_accum,
+      pallas=args.pallas,
+      lora_rank=args.lora_rank,
+      lora_targets=args.lora_targets,
+      base_dtype=args.base_dtype,
+      kv_pages=args.kv_pages,
+      page_size=args.page_size,
+      kv_dtype=args.kv_dtype,
+      overrides=args.overrides,
+    )
+  except TrainConfigError as e:
+    return fail('flmjax aot', config_error(e, run_dir_flag=None))
   record, _ = compile_report(req, lambda *a: print(*a, flush=True))
   print(json.dumps(record), flush=True)
   return 0 if record['fits'] else 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 
 from flmjax import sharding as shd
 from flmjax.config import ModelConfig
@@ -69,12 +70,14 @@ def make_request(
   kv_pages: int | None = None,
   page_size: int | None = None,
   kv_dtype: str | None = None,
+  overrides: Sequence[str] = (),
 ) -> AotRequest:
   """What `flmjax aot` compiles: a training config's model, window, batch, mesh, remat, dtype
   and LoRA (loading it has no side effects), else the preset (default flm_8b); set arguments
   override. lora_rank R (alpha R) trains LoRA adapters on `lora_targets` (comma-separated,
-  default attn,mlp) over a frozen `base_dtype` base (default bfloat16)."""
-  from flmjax.train.config import load_config_file
+  default attn,mlp) over a frozen `base_dtype` base (default bfloat16). `overrides` (KEY=VALUE,
+  flmjax.train.overrides) apply to the config before anything is read from it."""
+  from flmjax.train.overrides import load_config
 
   base = dict(
     model=None,
@@ -87,8 +90,11 @@ def make_request(
     tensor=1,
     lora=None,
   )
+  if overrides and not config:
+    raise AotError('overrides apply to a training config: give config=... too')
   if config:
-    tc = load_config_file(config, os.path.join('runs', 'aot'))  # the run dir is never written
+    # the run dir is never written
+    tc = load_config(config, os.path.join('runs', 'aot'), overrides)
     base.update(
       model=tc.model,
       window=tc.window,

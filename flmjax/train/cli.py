@@ -1,5 +1,9 @@
-"""`flmjax train --config experiments/configs/NAME.py [--run-dir DIR] [--init-from DIR]`, and
+"""`flmjax train --config CONFIG [--set KEY=VALUE ...] [--run-dir DIR] [--init-from DIR]`, and
 `flmjax export CKPT_DIR OUT_DIR`.
+
+CONFIG is a Python file defining get_config(run_dir) (experiments/configs/NAME.py) or the name of
+a preset that ships inside the package ({presets}). --set overrides the loaded config's fields,
+typed by their annotations (flmjax.train.overrides); the flags below override both.
 
 Several processes (one per host, or N on one box): the same command in each, with
 --coordinator-address/--num-processes/--process-id (or $JAX_COORDINATOR_ADDRESS,
@@ -16,28 +20,38 @@ import sys
 
 from etils import epath
 
-from flmjax.cli import ArgumentParser, command, fail
+from flmjax.cli import ArgumentParser, add_set_flag, command, config_error, fail
 
 PROG = 'flmjax train'
 
 
 def _parser() -> ArgumentParser:
+  from flmjax.train.config import presets
+
+  parts = __doc__.split('\n\n')
   ap = ArgumentParser(
     prog=PROG,
     formatter_class=argparse.RawDescriptionHelpFormatter,
-    description=__doc__.split('\n\n')[0],
-    epilog=__doc__.split('\n\n')[1],
+    description=parts[0] + '\n\n' + parts[1].format(presets=', '.join(presets())),
+    epilog=parts[2],
   )
-  ap.add_flag('--config', help='Python config file defining get_config(run_dir) (required)')
+  ap.add_flag('--config', help='a config file (.py defining get_config(run_dir)) or a preset name')
+  add_set_flag(ap)
   ap.add_flag('--run-dir', '--run_dir', help='run directory (default: runs/<config name>)')
   ap.add_flag('--init-from', '--init_from', help='official checkpoint directory to fine-tune from')
   ap.add_flag(
     '--stop-after', '--stop_after', type=int, help='stop after this global step (resumable)'
   )
   ap.add_flag(
-    '--no-progress', '--noprogress', dest='progress', action='store_false', help='no progress bar'
+    '--no-progress',
+    '--noprogress',
+    dest='progress',
+    action='store_false',
+    default=None,
+    help='no progress bar (or --set progress_bar=false; else it is on, as the config file says '
+    'or not)',
   )
-  ap.add_flag('--progress', action='store_true', default=True, help=argparse.SUPPRESS)
+  ap.add_flag('--progress', action='store_true', default=None, help=argparse.SUPPRESS)
   # Multi-process jobs: the same command in every process; unset, these come from the
   # environment (flmjax.distributed.initialize_distributed).
   ap.add_flag(
@@ -71,9 +85,18 @@ def _parser() -> ArgumentParser:
   return ap
 
 
+def _progress_bar(fv: argparse.Namespace) -> dict:
+  """The bar is on unless --no-progress, or --set progress_bar=..., says otherwise (the config
+  file's own value is not read, as it never was)."""
+  if fv.progress is None and any(o.startswith('progress_bar=') for o in fv.overrides):
+    return {}
+  return {'progress_bar': fv.progress is not False}
+
+
 @command('flmjax train')
 def main(argv: list[str]) -> int:
-  from flmjax.train.config import TrainConfigError, load_config_file
+  from flmjax.train.config import TrainConfigError
+  from flmjax.train.overrides import load_config
 
   fv = _parser().parse_args(argv)
   if not fv.config:
@@ -81,9 +104,9 @@ def main(argv: list[str]) -> int:
   if fv.stop_after is not None and fv.stop_after < 1:
     return fail(PROG, f'--stop-after {fv.stop_after} must be >= 1')
   try:
-    tc = load_config_file(fv.config, fv.run_dir)
+    tc = load_config(fv.config, fv.run_dir, fv.overrides)
   except TrainConfigError as e:
-    return fail(PROG, str(e))
+    return fail(PROG, config_error(e))
   from flmjax.checkpoint.storage import check_run_dir
 
   check_run_dir(tc.run_dir)  # OSError: one line (a file in the way, a bucket out of reach)
@@ -109,10 +132,11 @@ def main(argv: list[str]) -> int:
     initialize_distributed(*dataclasses.astuple(distributed), on_timeout=timed_out)
   except ValueError as e:
     return fail(PROG, str(e))
-  overrides = {'progress_bar': fv.progress, 'distributed': distributed}
+  # the command's own flags win over the config and --set
+  flags = {'distributed': distributed, **_progress_bar(fv)}
   if fv.init_from:
-    overrides['init_from'] = fv.init_from
-  tc = tc.replace(**overrides)
+    flags['init_from'] = fv.init_from
+  tc = tc.replace(**flags)
   from flmjax.train.loop import NonFiniteError, train
 
   try:

@@ -13,15 +13,14 @@ import math
 import os
 import re
 import traceback
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flmjax.config import ModelConfig
 from flmjax.data.corpus import SyntheticCorpus
+from flmjax.data.grid import LossWeights
+from flmjax.data.pipeline import SourceSpec  # grain itself loads only when training reads data
 from flmjax.errors import FlmjaxError
 from flmjax.model.lora import LoraConfig
-
-if TYPE_CHECKING:  # the grain pipeline's module loads only when training reads data
-  from flmjax.data.pipeline import SourceSpec
 
 
 class TrainConfigError(FlmjaxError, ValueError):
@@ -115,7 +114,7 @@ class StageConfig:
   name: str
   steps: int
   sources: tuple[SourceSpec, ...] = ()
-  loss_weights: Any = None
+  loss_weights: LossWeights | None = None
   peak_lr: float = 1e-3
   warmup_steps: int = 0
   end_lr_ratio: float = 0.1  # cosine decays from peak_lr to peak_lr * end_lr_ratio
