@@ -135,6 +135,11 @@ class StageConfig:
       raise TrainConfigError(
         f'stage {self.name!r}: end_lr_ratio {self.end_lr_ratio!r} must lie in [0, 1]'
       )
+    if self.loss_weights is not None and not isinstance(self.loss_weights, LossWeights):
+      raise TrainConfigError(
+        f'stage {self.name!r}: loss_weights is a {type(self.loss_weights).__name__}; give a '
+        'flmjax.data.grid.LossWeights(text, wait, semantic, acoustic) or None'
+      )
     if not self.sources and not self.random_data:
       raise TrainConfigError(
         f'stage {self.name!r}: no data sources (set sources=... or random_data=True)'

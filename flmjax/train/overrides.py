@@ -67,17 +67,17 @@ def _child(node: Any, tp: Any, key: str, where: str, text: str) -> tuple[Any, An
 
 
 def _walk(data: dict, path: Sequence[str], text: str, build: bool = False):
-  """(the container of path[-1], its key there, the type of path[-1]); `build` makes an unset
-  section (lora=None) an empty one, to be built from the fields given."""
-  node, slot, tp, where = data, None, TrainConfig, 'TrainConfig'
+  """(the container of path[-1], its key there, the type of path[-1], the path with indices for
+  names); `build` makes an unset section (lora=None) an empty one, built from the fields given."""
+  node, slot, tp, where, slots = data, None, TrainConfig, 'TrainConfig', []
   for i, part in enumerate(path):
     if slot is not None:
       if node[slot] is None and build:
         node[slot] = {}
       node = node[slot]
     slot, tp = _child(node, tp, part, where, text)
-    where = '.'.join(path[: i + 1])
-  return node, slot, tp
+    where, slots = '.'.join(path[: i + 1]), [*slots, str(slot)]
+  return node, slot, tp, '.'.join(slots)
 
 
 def _value(raw: str, tp: Any) -> Any:
@@ -91,7 +91,8 @@ def _value(raw: str, tp: Any) -> Any:
   return raw
 
 
-def _set(data: dict, text: str) -> None:
+def _set(data: dict, text: str) -> str:
+  """Sets one KEY=VALUE in the encoded config; returns KEY as draccus names it (indices)."""
   key, sep, raw = text.partition('=')
   if not sep or not key:
     raise OverrideError(text, 'give KEY=VALUE, e.g. batch_size=16 or stages.duplex.steps=10')
@@ -99,7 +100,7 @@ def _set(data: dict, text: str) -> None:
     raise OverrideError(
       text, "run_dir is the argument the config's get_config(run_dir) receives, not a field"
     )
-  node, slot, tp = _walk(data, key.split('.'), text, build=True)
+  node, slot, tp, path = _walk(data, key.split('.'), text, build=True)
   section = _unwrap(tp)
   item = typing.get_args(section)[0] if typing.get_origin(section) is tuple else None
   whole = isinstance(parse_string(raw), (dict, list, type(None)))  # YAML: a whole section
@@ -109,6 +110,7 @@ def _set(data: dict, text: str) -> None:
     raise OverrideError(text, f'{key} is a section: set its fields ({key}.FIELD=VALUE)')
   value = _value(raw, tp)
   node[slot] = value
+  return path
 
 
 def _reason(e: Exception, key: str | None) -> str:
@@ -127,11 +129,13 @@ def _precise(data: dict, e: Exception) -> Exception:
   """draccus reports a failed `X | None` section as not decoding into any of its types; decoding
   the section as X names the fault (a missing field, the section's own check)."""
   path = [str(p) for p in getattr(e, 'key_path', ())]
+  if not path:
+    return e
   try:
-    node, slot, tp = _walk(data, path, '') if path else (None, None, None)
+    node, slot, tp, _ = _walk(data, path, '')
   except OverrideError:
     return e
-  if tp is None or _unwrap(tp) is tp:
+  if _unwrap(tp) is tp:
     return e
   try:
     draccus.decode(_unwrap(tp), node[slot])
@@ -146,23 +150,26 @@ def _decode(data: dict) -> TrainConfig:
   return draccus.decode(TrainConfig, data)
 
 
-def _blame(cfg: TrainConfig, e: Exception, overrides: Sequence[str]) -> tuple[str, ...]:
+def _blame(
+  cfg: TrainConfig, e: Exception, overrides: Sequence[str], keys: Sequence[str]
+) -> tuple[str, ...]:
   """The overrides a decoding error is about: the last one whose key leads to the error's path;
-  else the one that fails on its own; else all of them."""
-  path = '.'.join(map(str, getattr(e, 'key_path', ())))
-  for text in reversed(overrides):
-    key = text.partition('=')[0]
-    if path and (path.startswith(key) or key.startswith(path)):
+  else the one that fails alone with the same error; else all of them."""
+  path = [str(p) for p in getattr(e, 'key_path', ())]
+  for text, key in reversed(list(zip(overrides, keys))):
+    n = min(len(path), len(key.split('.')))
+    if path and key.split('.')[:n] == path[:n]:
       return (text,)
-  alone = []
+  same = []
   for text in overrides:
     data = draccus.encode(cfg)
     _set(data, text)
     try:
       _decode(data)
-    except (ParsingError, TypeError, ValueError):
-      alone.append(text)
-  return tuple(alone) if len(alone) == 1 else tuple(overrides)
+    except (ParsingError, TypeError, ValueError) as alone:
+      if _reason(alone, None) == _reason(e, None):
+        same.append(text)
+  return tuple(same) if len(same) == 1 else tuple(overrides)
 
 
 def apply_overrides(cfg: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
@@ -171,13 +178,12 @@ def apply_overrides(cfg: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
   if not overrides:
     return cfg
   data = draccus.encode(cfg)
-  for text in overrides:
-    _set(data, text)
+  keys = [_set(data, text) for text in overrides]
   try:
     return _decode(data)
   except (ParsingError, TypeError, ValueError) as e:
-    blamed = _blame(cfg, e, overrides)
-    key = blamed[0].partition('=')[0] if len(blamed) == 1 else None
+    blamed = _blame(cfg, e, overrides, keys)
+    key = keys[overrides.index(blamed[0])] if len(blamed) == 1 else None
     raise OverrideError(blamed, _reason(_precise(data, e), key)) from None
 
 
