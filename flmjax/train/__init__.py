@@ -9,3 +9,4 @@ from flmjax.train.config import (
   TrainConfigError,
   load_config_file,
 )
+from flmjax.train.overrides import OverrideError, apply_overrides, load_config
