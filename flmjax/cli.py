@@ -10,7 +10,9 @@ import argparse
 import functools
 import importlib
 import os
+import re
 import sys
+from collections.abc import Mapping
 
 from flmjax.platforms import cpu_unless_accelerator
 
@@ -45,6 +47,13 @@ RUN_MODELS = ('main', 'train', 'chat', 'serve', 'eval')  # the commands that run
 INPUT_ERRORS = (OSError, ValueError)
 
 
+def spell(message: str, flags: Mapping[str, str]) -> str:
+  """A library message as a command says it: library errors name arguments in backticks
+  (`out`, `overwrite`), and `flags` maps each to the command's flag (`--out`, `--overwrite`).
+  An argument the command has no flag for keeps its backticks."""
+  return re.sub(r'`([^`\s]+)`', lambda m: flags.get(m[1], m[0]), message)
+
+
 def fail(prog: str, message: str) -> int:
   """Prints `prog: error: message` as one line on stderr; returns the exit status 1."""
   message = ' '.join(str(message).split('\n'))
@@ -52,9 +61,10 @@ def fail(prog: str, message: str) -> int:
   return 1
 
 
-def command(prog: str):
-  """Decorates a subcommand's `main(argv) -> int`: input errors become `fail(prog, message)`, and
-  argparse's exits a return value, so callers in Python get the exit status too."""
+def command(prog: str, flags: Mapping[str, str] | None = None):
+  """Decorates a subcommand's `main(argv) -> int`: input errors become `fail(prog, message)`, with
+  the library's argument names spelled as the command's `flags` (`spell`), and argparse's exits a
+  return value, so callers in Python get the exit status too."""
 
   def wrap(fn):
     @functools.wraps(fn)
@@ -66,7 +76,7 @@ def command(prog: str):
       except INPUT_ERRORS as e:
         if os.environ.get('FLMJAX_TRACEBACK'):
           raise
-        return fail(prog, str(e) or type(e).__name__)
+        return fail(prog, spell(str(e), flags or {}) or type(e).__name__)
 
     return run
 

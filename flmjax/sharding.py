@@ -100,10 +100,11 @@ def device_grid(
 
 
 def parse_axes(
-  text: str, flag: str = '--mesh', axes: Sequence[str] = MESH_AXES, example: str = 'data=2,tensor=4'
+  text: str, flag: str = '`mesh`', axes: Sequence[str] = MESH_AXES, example: str = 'data=2,tensor=4'
 ) -> dict[str, int]:
   """'data=2,tensor=4' -> {'data': 2, 'tensor': 4}: sizes of the named mesh `axes` (others 1).
-  ValueError naming the flag: a size below 1, or text that is not axis=size pairs."""
+  ValueError naming `flag` (the argument; a command spells it as its flag): a size below 1, or
+  text that is not axis=size pairs."""
   out = {}
   for part in filter(None, (p.strip() for p in text.split(','))):
     name, eq, size = (x.strip() for x in part.partition('='))

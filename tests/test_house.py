@@ -75,7 +75,7 @@ def test_every_flmjax_import_resolves():
 # The layers of docs/architecture.md §11, bottom first: a room imports only from earlier layers.
 LAYERS = (
   ('errors',),
-  ('config', 'platforms'),
+  ('config', 'platforms', 'outputs'),
   ('sharding', 'distributed'),
   ('model',),
   ('kernels',),

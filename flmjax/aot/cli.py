@@ -92,7 +92,20 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
-@command('flmjax aot')
+# the library's argument names in its errors (flmjax.cli.spell) -> this command's flags
+FLAGS = {
+  'window': '--max-len',
+  'mesh': '--mesh',
+  'step': '--step',
+  **{
+    name: '--' + name.replace('_', '-')
+    for name in ('pallas', 'kv_pages', 'page_size', 'kv_dtype', 'lora_targets', 'base_dtype')
+  },
+  'lora_rank': '--lora-rank',
+}
+
+
+@command('flmjax aot', FLAGS)
 def main(argv: list[str]) -> int:
   args = _parser().parse_args(argv)
   from flmjax.aot.compile import compile_report, topology_devices

@@ -130,17 +130,17 @@ def make_request(
   if base['window'] is None:
     base['window'] = 4096 if step == 'train' else base['model'].max_position_embeddings
   if pallas and step != 'decode':
-    raise AotError('--pallas: the Pallas depth kernel is compiled with --step decode only')
+    raise AotError('`pallas`: the Pallas depth kernel is compiled with `step` decode only')
   if (kv_pages or page_size or kv_dtype) and step != 'decode':
-    raise AotError('--kv-pages/--page-size/--kv-dtype: a paged KV cache is for --step decode')
+    raise AotError('`kv_pages`/`page_size`/`kv_dtype`: a paged KV cache is for `step` decode')
   if (page_size or kv_dtype) and not kv_pages:
-    raise AotError('--page-size/--kv-dtype need --kv-pages N (the paged cache)')
+    raise AotError('`page_size`/`kv_dtype` need `kv_pages` N (the paged cache)')
   paged = {}
   if kv_pages:
     paged = dict(kv_pages=kv_pages, page_size=page_size or 128, kv_dtype=kv_dtype or 'bf16')
     if base['window'] % paged['page_size']:
       raise AotError(
-        f'--max-len {base["window"]} is not a multiple of --page-size {paged["page_size"]}'
+        f'`window` {base["window"]} is not a multiple of `page_size` {paged["page_size"]}'
       )
   return AotRequest(topology=topology, step=step, pallas=pallas, **base, **paged)
 
@@ -149,7 +149,7 @@ def _lora_request(lora, rank, targets, base_dtype):
   if rank is None and lora is None:
     if targets or base_dtype:
       raise AotError(
-        f'{"--lora-targets" if targets else "--base-dtype"} needs --lora-rank R '
+        f'{"`lora_targets`" if targets else "`base_dtype`"} needs `lora_rank` R '
         '(the base is only frozen, or quantized, under LoRA)'
       )
     return None

@@ -187,12 +187,9 @@ class Mimi:
       raise ValueError(
         f'Mimi.{where}: pcm must be one frame [batch, {self.cfg.frame_size}]; got shape {pcm.shape}'
       )
-    if pcm.shape[1] == 0 or pcm.shape[0] == 0:
-      raise ValueError(f'Mimi.{where}: empty audio (shape {pcm.shape})')
-    if not np.issubdtype(pcm.dtype, np.floating):
-      raise ValueError(f'Mimi.{where}: pcm must be float samples in [-1, 1]; got {pcm.dtype}')
-    if not np.isfinite(pcm).all():
-      raise ValueError(f'Mimi.{where}: pcm has NaN or infinite samples')
+    problem = pcm_problem(pcm)
+    if problem:
+      raise ValueError(f'Mimi.{where}: {problem}')
     return jnp.asarray(pcm, jnp.float32)
 
   def _check_codes(self, codes, where: str, ndim: int):
@@ -212,6 +209,18 @@ class Mimi:
         f'Mimi.{where}: codes out of range [0, {V}): min {codes.min()}, max {codes.max()}'
       )
     return jnp.asarray(codes, jnp.int32)
+
+
+def pcm_problem(pcm: np.ndarray) -> str | None:
+  """What keeps audio samples from Mimi, any layout (Mimi's [batch, samples], MimiCodec's
+  [samples]): none at all, not float, or NaN/inf. None when they are fine."""
+  if pcm.size == 0:
+    return f'empty audio (shape {pcm.shape})'
+  if not np.issubdtype(pcm.dtype, np.floating):
+    return f'pcm must be float samples in [-1, 1]; got {pcm.dtype}'
+  if not np.isfinite(pcm).all():
+    return 'pcm has NaN or infinite samples'
+  return None
 
 
 def load_mimi(path_or_dir: str, num_codebooks: int = 8) -> Mimi:

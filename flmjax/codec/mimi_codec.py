@@ -59,15 +59,9 @@ class MimiCodec(Codec):
     pieces = []  # (wave index, first frame kept, pcm of warmup + window)
     for i, wave in enumerate(waves):
       wave = np.asarray(wave, np.float32)
-      if wave.ndim != 1 or wave.size == 0 or not np.isfinite(wave).all():
-        why = (
-          'is not mono'
-          if wave.ndim != 1
-          else 'is empty'
-          if wave.size == 0
-          else 'has NaN or infinite samples'
-        )
-        raise ValueError(f'MimiCodec.encode_batch: wave {i} {why} (shape {wave.shape})')
+      problem = f'not mono (shape {wave.shape})' if wave.ndim != 1 else mimi_lib.pcm_problem(wave)
+      if problem:
+        raise ValueError(f'MimiCodec.encode_batch: wave {i}: {problem}')
       frames = -(-wave.size // F)
       for start in range(0, frames, self.window_frames):
         lo = max(0, start - self.warmup_frames)

@@ -27,13 +27,15 @@ def read_audio(
   channels: int | None = None,
   channel: int | None = None,
   target_rate: int = SAMPLE_RATE,
+  mono_fix: str | None = None,
 ) -> np.ndarray:
   """Reads `path` and resamples it to `target_rate` (soxr); returns float32 [channels, samples].
 
   sample_rate: the rate the file must have (a manifest's "sample_rate"); None takes the file's.
   channels: the channel count the file must have (a conversation: 0 the model, 1 the user).
   channel: keep only this channel -> [1, samples]. With neither, the file must be mono: channels
-  are never averaged silently.
+  are never averaged silently. mono_fix: what the error says to do then (default: choose a
+  `channel`).
   """
   import soundfile
   import soxr
@@ -65,10 +67,8 @@ def read_audio(
       )
     wave = wave[:, channel : channel + 1]
   elif channels is None and found != 1:
-    raise AudioError(
-      f'{path}: {found} channels, but one speaker is needed; choose one with '
-      f'--channel N (0..{found - 1})'
-    )
+    fix = f', but one speaker is needed; choose one with `channel` N (0..{found - 1})'
+    raise AudioError(f'{path}: {found} channels' + (f'; {mono_fix}' if mono_fix else fix))
   if file_rate != target_rate:
     wave = soxr.resample(wave, file_rate, target_rate, quality='HQ')  # [S', C]
   return np.ascontiguousarray(wave.T, dtype=np.float32)

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import os
 
-from flmjax.cli import ArgumentParser, command, fail
+from flmjax.cli import ArgumentParser, command, fail, spell
+
+# the library's argument names (flmjax.cli.spell) -> the flags of `prepare` and `synth`
+PREPARE_FLAGS = {
+  'out': 'OUT_DIR',
+  'overwrite': '--overwrite',
+  'codec': '--codec mimi --mimi PATH',
+  'manifest': 'MANIFEST',
+}
+SYNTH_FLAGS = {'out': 'OUT'}
 
 
 def _parser() -> ArgumentParser:
@@ -71,18 +80,12 @@ def main(argv: list[str]) -> int:
         return fail(
           'flmjax data synth', f'--{flag.replace("_", "-")} {getattr(args, flag)} must be >= 1'
         )
-    if os.path.isfile(args.out_dir):
-      return fail('flmjax data synth', f'OUT {args.out_dir} is a file; give a directory path')
-    if (
-      os.path.isdir(args.out_dir)
-      and os.listdir(args.out_dir)
-      and not os.path.isfile(os.path.join(args.out_dir, 'tokenizer.model'))
-    ):  # only an earlier corpus is rewritten
-      return fail(
-        'flmjax data synth',
-        f'OUT {args.out_dir} is a non-empty directory that holds '
-        'no synthetic corpus; choose a new directory',
-      )
+    from flmjax.outputs import check_out_dir
+
+    try:  # only an earlier corpus is rewritten
+      check_out_dir(args.out_dir, True, marker='tokenizer.model', ours='a synthetic corpus')
+    except OSError as e:
+      return fail('flmjax data synth', spell(str(e), SYNTH_FLAGS))
     paths = synthetic.generate(
       args.out_dir,
       seed=args.seed,
@@ -94,8 +97,10 @@ def main(argv: list[str]) -> int:
     for name, path in paths.items():
       print(f'{name}: {path}')
     return 0
-  from flmjax.data.prepare import check_out_dir, format_summary, prepare
+  from flmjax.data.prepare import format_summary, prepare
+  from flmjax.data.records import SUMMARY
   from flmjax.data.tokenizer import load_tokenizer
+  from flmjax.outputs import check_out_dir
 
   if args.records_per_shard < 1:
     return fail('flmjax data prepare', f'--records-per-shard {args.records_per_shard} must be >= 1')
@@ -104,7 +109,9 @@ def main(argv: list[str]) -> int:
   if (args.codec == 'mimi') != (args.mimi is not None):
     return fail('flmjax data prepare', '--codec mimi and --mimi PATH go together')
   try:
-    check_out_dir(os.path.abspath(args.out_dir), args.overwrite)  # before the tokenizer loads
+    check_out_dir(  # before the tokenizer loads
+      os.path.abspath(args.out_dir), args.overwrite, marker=SUMMARY, ours='a prepared dataset'
+    )
     summary = prepare(
       args.manifest,
       args.out_dir,
@@ -117,6 +124,6 @@ def main(argv: list[str]) -> int:
       audio_batch=args.audio_batch,
     )
   except (OSError, ValueError) as e:  # ManifestError is a ValueError
-    return fail('flmjax data prepare', str(e))
-  print(format_summary(summary))
+    return fail('flmjax data prepare', spell(str(e), PREPARE_FLAGS))
+  print(spell(format_summary(summary), PREPARE_FLAGS))
   return 0

@@ -67,6 +67,7 @@ class Entry:
   codes: dict[str, str] | None  # speaker -> absolute .npy path
   segments: tuple[Segment, ...]
   num_codebooks: int = NUM_CODEBOOKS  # rows of each codes .npy (a full Mimi dump: 32)
+  events: tuple[tuple[str, int, int], ...] | None = None  # turn-taking events, when given
 
   @property
   def speakers(self) -> tuple[str, ...]:
@@ -167,7 +168,17 @@ def parse_line(text: str, where: str, base_dir: str) -> Entry:
     'field "num_codebooks" describes "codes"; an "audio" line has none',
     'bad_field',
   )
-  entry = Entry(where, str(obj['id']), kind, rate, audio, codes, tuple(segments), books)
+  events = obj.get('events')
+  _need(
+    events is None
+    or isinstance(events, list)
+    and all(isinstance(e, list) and len(e) == 3 for e in events),
+    where,
+    f'field "events" must be a list of [kind, start_frame, end_frame], got {events!r}',
+    'bad_field',
+  )
+  events = None if events is None else tuple(tuple(e) for e in events)
+  entry = Entry(where, str(obj['id']), kind, rate, audio, codes, tuple(segments), books, events)
   if kind == 'tts_asr':
     _need(
       len(entry.speakers) == 1,
@@ -352,7 +363,7 @@ def read_waves(entry: Entry, codec: Codec | None) -> dict[str, np.ndarray]:
   _need(
     codec is not None,
     entry.where,
-    'audio needs a codec (--codec mimi --mimi PATH, or give precomputed "codes")',
+    'audio needs a codec (`codec`, or give precomputed "codes")',
     'no_codec',
   )
   try:

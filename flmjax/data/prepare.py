@@ -23,6 +23,7 @@ from flmjax.data import manifest as mf
 from flmjax.data.monologue import MODES, layout_monologue
 from flmjax.data.records import FRAMES, SUMMARY, Record, encode_record, monologue_sentences
 from flmjax.data.tokenizer import Tokenizer
+from flmjax.outputs import check_out_dir
 
 
 def entry_to_record(
@@ -87,24 +88,6 @@ def _chunk_records(chunk, tokenizer, codec, stats):
       yield e
 
 
-def check_out_dir(out_dir: str, overwrite: bool) -> None:
-  """OUT_DIR must be new, or (with `overwrite`) a dataset `prepare` wrote: nothing else is
-  replaced."""
-  if os.path.isfile(out_dir):
-    raise FileExistsError(f'OUT_DIR {out_dir} is a file; give a directory path')
-  if not os.path.isdir(out_dir) or not os.listdir(out_dir):
-    return
-  if not os.path.isfile(os.path.join(out_dir, SUMMARY)):
-    raise FileExistsError(
-      f'OUT_DIR {out_dir} exists and is not a prepared dataset (no {SUMMARY}); '
-      'choose a new directory'
-    )
-  if not overwrite:
-    raise FileExistsError(
-      f'OUT_DIR {out_dir} already holds a prepared dataset; pass --overwrite to replace it'
-    )
-
-
 def _replace_dir(tmp: str, out_dir: str) -> None:
   """Renames the finished `tmp` onto `out_dir`; an old `out_dir` is moved aside first, then
   removed."""
@@ -134,7 +117,7 @@ def prepare(
 
   out_dir = os.path.abspath(out_dir)
   total = mf.check_manifest(manifest)
-  check_out_dir(out_dir, overwrite)
+  check_out_dir(out_dir, overwrite, marker=SUMMARY, ours='a prepared dataset')
   os.makedirs(os.path.dirname(out_dir), exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(out_dir)}.tmp-', dir=os.path.dirname(out_dir))
   os.chmod(tmp, 0o755)  # mkdtemp's 0700 would survive the rename

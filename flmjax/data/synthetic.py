@@ -24,6 +24,7 @@ import numpy as np
 from flmjax.codec.base import CODEBOOK_SIZE, FRAME_RATE, NUM_CODEBOOKS, SAMPLE_RATE
 from flmjax.codec.toy import ToyCodec
 from flmjax.config import ModelConfig
+from flmjax.data.events import events_from_segments
 from flmjax.data.timing import HELDOUT_VARIANTS, TRAINING, Timing
 from flmjax.data.tokenizer import train_sentencepiece
 
@@ -113,7 +114,7 @@ class _Track:
   def __init__(self, speech: ToySpeech, voices: dict[str, int], rng):
     self.speech, self.voices, self.rng = speech, voices, rng
     self.units = {s: [] for s in voices}  # speaker -> [(word, frame in word)] per frame
-    self.segments, self.words, self.events = [], [], []  # words: (text, first frame) per segment
+    self.segments, self.words = [], []  # words: (text, first frame) per segment
 
   @property
   def frames(self) -> int:
@@ -194,7 +195,7 @@ def duplex_sample(
   """2-5 exchanges: the user asks (at one speaking rate per conversation), the model answers after
   a gap. A question may be split by a pause (the model must wait: the question is not complete)
   and may cut the model's previous answer short (a barge-in: the model must stop a frame or two
-  later). `timing` draws every length; track.events holds the timeline's events.
+  later). `timing` draws every length; the events follow from the segments (_write).
   `answer_style` starts every answer (see question_answer)."""
   voices = {'model': MODEL_SPEAKER, 'user': int(rng.integers(1, NUM_SPEAKERS))}
   track = _Track(speech, voices, rng)
@@ -214,8 +215,7 @@ def duplex_sample(
       stop = min(onset + timing.frames(rng, 'cut_frames'), end)
       track.cut(answer, stop)  # the answer was the last speech: the rest is silence
       track.truncate(stop)
-      asked = track.say('user', first, start=onset, rate=rate)
-      track.events.append(('interrupt', onset, round(track.segments[asked]['end'] * FRAME_RATE)))
+      track.say('user', first, start=onset, rate=rate)
     else:
       track.say('user', first, rate=rate)
     # gaps count from the user's last frame: a cut model may outlast a short first word by a frame
@@ -223,21 +223,11 @@ def duplex_sample(
     if rest:
       pause_start = user_end()
       track._pad(max(track.frames, pause_start + timing.frames(rng, 'pause_frames')))
-      track.events.append(('pause', pause_start, track.frames))
       track.say('user', rest, rate=rate)
     turn_end = user_end()
     track._pad(max(track.frames, turn_end + timing.frames(rng, 'answer_gap')))
     answer = track.say('model', a)
-    track.events.append(('turn_end', turn_end, None))  # until the user's next onset
     track.pause(timing.frames(rng, 'after_answer'))
-  onsets = [round(s['start'] * FRAME_RATE) for s in track.segments if s['speaker'] == 'user']
-  track.events = sorted(
-    (
-      (k, s, e if e is not None else min([o for o in onsets if o > s], default=track.frames))
-      for k, s, e in track.events
-    ),
-    key=lambda e: (e[1], e[0]),
-  )
   return track
 
 
@@ -263,8 +253,9 @@ def _write(
           line['codes'][s] = f'codes/{sid}_{s}.npy'
           np.save(os.path.join(out_dir, line['codes'][s]), c.astype(np.int16))
       line['segments'] = track.segments
-      if track.events:  # the generator's own timeline, in frames
-        line['events'] = [list(e) for e in track.events]
+      events = events_from_segments(track.segments, track.frames)  # in frames
+      if events:
+        line['events'] = [list(e) for e in events]
       f.write(json.dumps(line) + '\n')
   return path
 

@@ -67,6 +67,13 @@ def find_tokenizer(*folders: str) -> str | None:
   return None
 
 
+def resolve_tokenizer(path: str | os.PathLike | None, *folders: str) -> Tokenizer | None:
+  """The tokenizer at `path` when given, else the first one beside `folders` (find_tokenizer),
+  else None."""
+  found = path or find_tokenizer(*folders)
+  return load_tokenizer(found) if found else None
+
+
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
   """SentencePiece for `*.model`, the `tokenizers` library for `tokenizer.json`."""
   path = str(path)

@@ -14,9 +14,16 @@ what it decoded before it fails.
 
 from __future__ import annotations
 
-from flmjax.cli import ArgumentParser, command, fail
+from flmjax.cli import ArgumentParser, command, fail, spell
 from flmjax.decode.files import OUTPUTS, read_user, write_outputs
-from flmjax.decode.session import IncompleteSession, check_out, load_model, run_session
+from flmjax.decode.session import IncompleteSession, load_model, run_session
+from flmjax.outputs import check_out_dir
+
+# the library's argument names in its errors (flmjax.cli.spell) -> this command's flags
+FLAGS = {
+  name: '--' + name.replace('_', '-')
+  for name in ('checkpoint', 'base', 'user', 'out', 'overwrite', 'channel', 'max_len', 'overflow')
+}
 
 
 def _parser() -> ArgumentParser:
@@ -74,7 +81,7 @@ def _parser() -> ArgumentParser:
   return ap
 
 
-@command('flmjax chat')
+@command('flmjax chat', FLAGS)
 def main(argv: list[str]) -> int:
   ap = _parser()
   args = ap.parse_args(argv)
@@ -92,7 +99,7 @@ def main(argv: list[str]) -> int:
   except ValueError as e:
     ap.error(str(e))
   if args.out is not None:
-    check_out(args.out, args.overwrite, OUTPUTS)
+    check_out_dir(args.out, args.overwrite, OUTPUTS)
   model = load_model(args.checkpoint, args.dtype, base=args.base)
   cfg = model.cfg
   codec = None
@@ -102,10 +109,9 @@ def main(argv: list[str]) -> int:
 
     codec = MimiCodec(load_mimi(args.mimi, num_codebooks=cfg.num_codebooks))
   user, codec = read_user(args.user, cfg.num_codebooks, cfg.audio_pad_id, args.channel, codec)
-  from flmjax.data.tokenizer import find_tokenizer, load_tokenizer
+  from flmjax.data.tokenizer import resolve_tokenizer
 
-  tokenizer_path = args.tokenizer or find_tokenizer(args.checkpoint)
-  tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else None
+  tokenizer = resolve_tokenizer(args.tokenizer, args.checkpoint)
   try:
     out, transcript = run_session(
       model,
@@ -124,7 +130,7 @@ def main(argv: list[str]) -> int:
       if args.out
       else 'the transcript so far is above'
     )
-    return fail('flmjax chat', f'{e}; {kept}')
+    return fail('flmjax chat', spell(f'{e}; {kept}', FLAGS))
   if args.out:
     print(f'wrote {write_outputs(args.out, out, transcript, codec)}')
   return 0

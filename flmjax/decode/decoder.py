@@ -317,7 +317,7 @@ class StreamingDecoder:
       if most is not None and have > most:
         raise ValueError(
           f'{where}penalty_window_{kind}={have} exceeds the penalty buffer of {most}; build '
-          'the decoder with penalty_buffer (a server: --max-len) at least that large'
+          'the decoder with penalty_buffer (a server: `max_len`) at least that large'
         )
 
   def release_slots(self, state: dict, mask) -> dict:

@@ -16,10 +16,10 @@ def read_user(
 ) -> tuple[np.ndarray, object]:
   """-> (codes int32 [C, F], codec or None). Audio goes through `codec`, by default the toy one."""
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'--user {path}: no such file')
+    raise FileNotFoundError(f'`user` {path}: no such file')
   ext = os.path.splitext(path)[1].lower()
   if ext not in AUDIO_EXTENSIONS + ('.npy',):
-    raise ValueError(f'--user {path}: give codes as a .npy or audio as one of {AUDIO_EXTENSIONS}')
+    raise ValueError(f'`user` {path}: give codes as a .npy or audio as one of {AUDIO_EXTENSIONS}')
   if ext in AUDIO_EXTENSIONS:
     from flmjax.codec.toy import ToyCodec
     from flmjax.data.audio import read_audio
@@ -28,12 +28,12 @@ def read_user(
     (wave,) = read_audio(path, channel=channel, target_rate=codec.sample_rate)  # [S]
     if wave.shape[0] < codec.frame_size:
       raise ValueError(
-        f'--user {path}: {wave.shape[0]} samples at {codec.sample_rate} Hz, shorter '
+        f'`user` {path}: {wave.shape[0]} samples at {codec.sample_rate} Hz, shorter '
         f'than one {1000 * codec.frame_size // codec.sample_rate} ms frame'
       )
     return np.asarray(codec.encode(wave), np.int32), codec
   if channel is not None:
-    raise ValueError(f'--channel applies to an audio --user, not {path}')
+    raise ValueError(f'`channel` applies to an audio `user`, not {path}')
   from flmjax.data.manifest import read_npy
 
   codes = read_npy(path)
@@ -41,18 +41,18 @@ def read_user(
     codes = codes[0]
   if codes.ndim == 2 and codes.shape[1] == num_codebooks and codes.shape[0] != num_codebooks:
     raise ValueError(
-      f'--user {path}: codes of shape {codes.shape} look transposed; save them as '
+      f'`user` {path}: codes of shape {codes.shape} look transposed; save them as '
       f'[{num_codebooks}, frames] (codes.T)'
     )
   if codes.ndim != 2 or codes.shape[0] != num_codebooks:
     raise ValueError(
-      f'--user {path}: expected codes of shape [{num_codebooks}, frames], got {codes.shape}'
+      f'`user` {path}: expected codes of shape [{num_codebooks}, frames], got {codes.shape}'
     )
   if codes.shape[1] == 0:
-    raise ValueError(f'--user {path}: the codes hold 0 frames (shape {codes.shape})')
+    raise ValueError(f'`user` {path}: the codes hold 0 frames (shape {codes.shape})')
   if not np.issubdtype(codes.dtype, np.integer) or codes.min() < 0 or codes.max() > pad_id:
     raise ValueError(
-      f'--user {path}: codes must be integers in 0..{pad_id} (PAD), got dtype '
+      f'`user` {path}: codes must be integers in 0..{pad_id} (PAD), got dtype '
       f'{codes.dtype}, range {codes.min()}..{codes.max()}'
     )
   return codes.astype(np.int32), codec

@@ -25,19 +25,19 @@ def load_model(
 
   problem = kinds.misplaced(path, (kinds.OFFICIAL, kinds.RUN, kinds.LORA_RUN), mimi_flag=mimi_flag)
   if problem:
-    raise ValueError(f'--checkpoint {problem}')
+    raise ValueError(f'`checkpoint` {problem}')
   if not os.path.isdir(path):
-    raise FileNotFoundError(f'--checkpoint {path}: no such directory')
+    raise FileNotFoundError(f'`checkpoint` {path}: no such directory')
   if os.path.exists(os.path.join(path, 'config.json')):
     if base is not None:
       raise ValueError(
-        f'--base {base}: --checkpoint {path} is an official checkpoint; --base '
+        f'`base` {base}: `checkpoint` {path} is an official checkpoint; `base` '
         'names the base of a LoRA training run'
       )
     return flmjax.load_official(path, dtype=dtype, mesh=mesh)
   if any(f.endswith('.safetensors') for f in os.listdir(path)):
     raise FileNotFoundError(
-      f'--checkpoint {path}: safetensors weights without config.json; put '
+      f'`checkpoint` {path}: safetensors weights without config.json; put '
       'the config.json of the same release (or export) beside them'
     )
   if not (
@@ -45,27 +45,14 @@ def load_model(
     or any(name.isdigit() for name in os.listdir(path))
   ):
     raise FileNotFoundError(
-      f'--checkpoint {path}: neither an official checkpoint (config.json + '
+      f'`checkpoint` {path}: neither an official checkpoint (config.json + '
       'safetensors) nor a training run (orbax steps under checkpoints/)'
     )
   from flmjax.checkpoint.restore import require_lora, restore_model
 
   if base is not None:  # before any weights are read
-    require_lora(path, None, '--base')
+    require_lora(path, None, '`base`')
   return restore_model(path, base=base)[0]
-
-
-def check_out(out: str, overwrite: bool, outputs: tuple[str, ...]) -> None:
-  """--out must be a directory (or not exist yet) whose earlier `outputs` may only be replaced
-  with --overwrite: checked before decoding, so a long run never ends in a refused write."""
-  if os.path.exists(out) and not os.path.isdir(out):
-    raise FileExistsError(f'--out {out} is a file; give a directory')
-  found = [f for f in outputs if os.path.exists(os.path.join(out, f))]
-  if found and not overwrite:
-    raise FileExistsError(
-      f'--out {out} already holds {found}; pass --overwrite to replace them '
-      'or choose another directory'
-    )
 
 
 class IncompleteSession(FlmjaxError, RuntimeError):
@@ -131,8 +118,8 @@ def run_session(
     except SessionOverflowError:
       transcript.stream.write('\n')
       raise IncompleteSession(
-        f'the session reached --max-len {dec.max_len} frames at user frame {t} of {frames}; '
-        f'raise --max-len or pass --overflow slide',
+        f'the session reached `max_len` {dec.max_len} frames at user frame {t} of {frames}; '
+        f'raise `max_len` or pass `overflow` slide',
         stack(),
         transcript.text(),
       ) from None

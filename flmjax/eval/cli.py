@@ -20,6 +20,15 @@ import tempfile
 from flmjax.cli import ArgumentParser, command
 
 REPORT_FILES = ('report.json', 'report.md', 'timelines')
+# the library's argument names in its errors (flmjax.cli.spell) -> this command's flags
+FLAGS = {
+  'checkpoint': '--checkpoint',
+  'in_dir': '--in',
+  'out': '--out',
+  'overwrite': '--overwrite',
+  'transcripts': '--transcripts',
+  'codec': '--mimi PATH',
+}
 
 
 def _parser() -> ArgumentParser:
@@ -85,17 +94,6 @@ def _parser() -> ArgumentParser:
   return ap
 
 
-def _tokenizer(args, model_dir: str):
-  from flmjax.data.tokenizer import find_tokenizer, load_tokenizer
-
-  path = args.tokenizer or find_tokenizer(os.path.dirname(os.path.abspath(args.data)), model_dir)
-  if path:
-    return load_tokenizer(path)
-  raise FileNotFoundError(
-    f'no tokenizer beside --data {args.data} or --checkpoint {model_dir}; pass --tokenizer'
-  )
-
-
 def _codec(path: str | None, num_codebooks: int):
   if path is None:
     return None
@@ -135,9 +133,11 @@ def _teacher_forced(model, args, tokenizer, codec) -> dict:
 
 def duplex(args) -> int:
   from flmjax.data.manifest import check_manifest
-  from flmjax.decode.session import check_out, load_model
+  from flmjax.data.tokenizer import resolve_tokenizer
+  from flmjax.decode.session import load_model
   from flmjax.eval.duplex import check_vocab, evaluate_duplex
   from flmjax.eval.report import markdown, write_report
+  from flmjax.outputs import check_out_dir
 
   for flag, value in (('--limit', args.limit), ('--batch-size', args.batch_size)):
     if value is not None and value < 1:
@@ -145,9 +145,15 @@ def duplex(args) -> int:
   check_manifest(args.data, '--data')  # before the model loads
   if args.asr_tts:
     check_manifest(args.asr_tts, '--asr-tts')
-  check_out(args.out, args.overwrite, REPORT_FILES)
+  check_out_dir(args.out, args.overwrite, REPORT_FILES)
   model = load_model(args.checkpoint, mimi_flag='--mimi')
-  tokenizer = _tokenizer(args, args.checkpoint)
+  tokenizer = resolve_tokenizer(
+    args.tokenizer, os.path.dirname(os.path.abspath(args.data)), args.checkpoint
+  )
+  if tokenizer is None:
+    raise FileNotFoundError(
+      f'no tokenizer beside --data {args.data} or --checkpoint {args.checkpoint}; pass --tokenizer'
+    )
   check_vocab(model.cfg, tokenizer, f'--data {args.data}')
   codec = _codec(args.mimi, model.cfg.num_codebooks)
   report = evaluate_duplex(
@@ -179,6 +185,7 @@ def duplex(args) -> int:
 def fdb(args) -> int:
   import json
 
+  from flmjax.data.tokenizer import resolve_tokenizer
   from flmjax.decode.session import load_model
   from flmjax.eval.fdb import check_out, find_inputs, run_fdb, score
 
@@ -191,16 +198,7 @@ def fdb(args) -> int:
   check_out(args.out, args.overwrite, args.in_dir)
   find_inputs(args.in_dir)  # before the model loads
   model = load_model(args.checkpoint, mimi_flag='--mimi')
-  tokenizer = None
-  for name in ('tokenizer.model', 'tokenizer.json'):
-    candidate = args.tokenizer or os.path.join(args.checkpoint, name)
-    if os.path.isfile(candidate):
-      from flmjax.data.tokenizer import load_tokenizer
-
-      tokenizer = load_tokenizer(candidate)
-      break
-  if tokenizer is None and args.tokenizer:
-    raise FileNotFoundError(f'--tokenizer {args.tokenizer}: no such file')
+  tokenizer = resolve_tokenizer(args.tokenizer, args.checkpoint)
   if tokenizer is None:
     print(f'no tokenizer beside {args.checkpoint} (--tokenizer): output.json is not written')
   if args.mimi is None:
@@ -227,7 +225,7 @@ def fdb(args) -> int:
   return 0
 
 
-@command('flmjax eval')
+@command('flmjax eval', FLAGS)
 def main(argv: list[str]) -> int:
   args = _parser().parse_args(argv)
   return duplex(args) if args.command == 'duplex' else fdb(args)

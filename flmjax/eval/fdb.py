@@ -15,13 +15,16 @@ import os
 
 import numpy as np
 
+from flmjax.data.audio import read_audio
+from flmjax.outputs import check_out_dir
+
 INPUT_NAME, OUTPUT_NAME, WORDS_NAME = 'input.wav', 'output.wav', 'output.json'
 
 
 def find_inputs(in_dir: str) -> list[str]:
   """The relative paths of every input.wav under in_dir, sorted."""
   if not os.path.isdir(in_dir):
-    raise FileNotFoundError(f'--in {in_dir}: no such directory')
+    raise FileNotFoundError(f'`in_dir` {in_dir}: no such directory')
   found = sorted(
     os.path.relpath(os.path.join(root, name), in_dir)
     for root, _, names in os.walk(in_dir)
@@ -30,53 +33,31 @@ def find_inputs(in_dir: str) -> list[str]:
   )
   if not found:
     raise ValueError(
-      f'--in {in_dir}: no {INPUT_NAME} under it (Full-Duplex-Bench keeps one per sample folder)'
+      f'`in_dir` {in_dir}: no {INPUT_NAME} under it (Full-Duplex-Bench keeps one per sample folder)'
     )
   return found
 
 
 def read_input(path: str, sample_rate: int) -> np.ndarray:
   """A mono WAV -> float32 [S] at sample_rate (soxr resamples any other rate)."""
-  import soundfile
-  import soxr
-
-  try:
-    wave, rate = soundfile.read(path, dtype='float32', always_2d=True)  # [S, C]
-  except (soundfile.LibsndfileError, RuntimeError, TypeError) as e:
-    raise ValueError(f'{path}: not a readable WAV file: {e}') from None
-  if wave.shape[1] != 1:
-    raise ValueError(
-      f'{path}: {wave.shape[1]} channels; Full-Duplex-Bench inputs are mono (the '
-      'user alone); channels are never averaged'
-    )
-  if wave.shape[0] == 0 or not np.isfinite(wave).all():
-    raise ValueError(f'{path}: the audio is empty or holds NaN/inf samples')
-  wave = wave[:, 0]
-  if rate != sample_rate:
-    wave = soxr.resample(wave, rate, sample_rate).astype(np.float32)
-  return wave
+  mono = 'Full-Duplex-Bench inputs are mono (the user alone); channels are never averaged'
+  return read_audio(path, target_rate=sample_rate, mono_fix=mono)[0]
 
 
 def check_out(out_dir: str, overwrite: bool, in_dir: str | None = None) -> None:
-  """--out must not hold anything yet unless --overwrite (then only output.wav and output.json
-  files are replaced, one by one, each written to a temporary file first). --out equal to --in
+  """`out` must not hold anything yet unless `overwrite` (then only output.wav and output.json
+  files are replaced, one by one, each written to a temporary file first). `out` equal to `in`
   writes in place, beside every input.wav: allowed when none of them has an output.wav or
-  output.json yet, or with --overwrite."""
-  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-    raise FileExistsError(f'--out {out_dir} is a file; give a directory')
+  output.json yet, or with `overwrite`."""
   if in_dir is not None and os.path.isdir(out_dir) and os.path.samefile(in_dir, out_dir):
     taken = [n for n in find_inputs(in_dir) if _has_outputs(os.path.join(in_dir, n))]
     if taken and not overwrite:
       raise FileExistsError(
-        f'--out {out_dir} (in place) already holds {OUTPUT_NAME}/{WORDS_NAME} beside '
-        f'{taken[0]}; pass --overwrite to replace them'
+        f'`out` {out_dir} (in place) already holds {OUTPUT_NAME}/{WORDS_NAME} beside '
+        f'{taken[0]}; pass `overwrite` to replace them'
       )
     return
-  if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-    raise FileExistsError(
-      f'--out {out_dir} already exists and is not empty; pass --overwrite to '
-      f'replace its {OUTPUT_NAME} and {WORDS_NAME} files, or choose another directory'
-    )
+  check_out_dir(out_dir, overwrite, replaced=f'its {OUTPUT_NAME} and {WORDS_NAME} files')
 
 
 def _has_outputs(input_path: str) -> bool:
@@ -130,7 +111,7 @@ def run_fdb(
 ) -> list[str]:
   """Every input.wav under in_dir -> output.wav, and with a tokenizer output.json (the model's
   words from its text stream, flmjax.eval.words, at the times output.wav plays them), under
-  out_dir; returns the paths written. All inputs and --out are checked before decoding starts."""
+  out_dir; returns the paths written. All inputs and out_dir are checked before decoding starts."""
   import soundfile
 
   from flmjax.codec.toy import ToyCodec
@@ -202,7 +183,7 @@ def score(in_dir: str, out_dir: str, transcripts: str | None = None) -> dict:
     words = os.path.join(transcripts or out_dir, folder, WORDS_NAME)
     if not os.path.isfile(words):
       raise FileNotFoundError(
-        f'{words}: no {WORDS_NAME} for {name} (run eval fdb, or give --transcripts)'
+        f'{words}: no {WORDS_NAME} for {name} (run eval fdb, or give `transcripts`)'
       )
     with open(words) as f:
       took, first = _fdb_reply(json.load(f)['chunks'])

@@ -30,7 +30,7 @@ def chat(tc, result, limit: int = 64) -> dict:
   from flmjax.decode.sampling import SamplingConfig
   from flmjax.eval.duplex import evaluate_duplex
   from flmjax.eval.report import sets_markdown
-  from flmjax.eval.stream import read_conversations
+  from flmjax.eval.stream import read_conversations, stream_steps
 
   if tc.corpus is None:
     raise ValueError('held-out chat needs the synthetic corpus (TrainConfig.corpus)')
@@ -41,7 +41,7 @@ def chat(tc, result, limit: int = 64) -> dict:
     name: read_conversations(tc.corpus.manifest(name), cfg.num_codebooks, limit=limit)
     for name in HELDOUT_DUPLEX
   }
-  longest = max(c['user'].shape[1] for cs in convs.values() for c in cs) + cfg.max_delay + 1
+  longest = stream_steps(cfg, max(c['user'].shape[1] for cs in convs.values() for c in cs))
   sampling = SamplingConfig(greedy=True, repetition_penalty_text=1.0, repetition_penalty_audio=1.0)
   decoder = StreamingDecoder(model, sampling, max_len=longest)  # compiled once for every set
   reports = {}

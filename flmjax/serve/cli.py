@@ -24,8 +24,6 @@ import logging
 import math
 import os
 
-import numpy as np
-
 from flmjax.cli import ArgumentParser, command, fail
 
 CLIENT_DOC = 'one session against a server: WAV in, reply WAV and text out'
@@ -226,7 +224,14 @@ def build_server(model, mimi, args, mesh=None):
   )
 
 
-@command('flmjax serve')
+# the library's argument names in its errors (flmjax.cli.spell) -> this command's flags
+FLAGS = {
+  name: '--' + name.replace('_', '-')
+  for name in ('host', 'port', 'agent_port', 'slots', 'mesh', 'checkpoint', 'base', 'max_len')
+}
+
+
+@command('flmjax serve', FLAGS)
 def main(argv: list[str]) -> int:
   sock = agent_sock = None
   if not {'-h', '--help'} & set(argv):  # a busy port fails at once, before jax and the model
@@ -239,7 +244,7 @@ def main(argv: list[str]) -> int:
     sock = bind_socket(where.host, where.port)
     if where.agent_port is not None:
       try:
-        agent_sock = bind_socket(where.host, where.agent_port, '--agent-port')
+        agent_sock = bind_socket(where.host, where.agent_port, '`agent_port`')
       except OSError:
         sock.close()
         raise
@@ -293,54 +298,6 @@ def main(argv: list[str]) -> int:
   return 0
 
 
-def read_wav(path: str) -> np.ndarray:
-  """A mono WAV as float32 at 24 kHz. Several channels are an error: which one is the user's
-  speech is the caller's to say, and averaging them is never right."""
-  import soundfile
-  import soxr
-
-  from flmjax.data.audio import AudioError, check_wav_length
-  from flmjax.serve import protocol
-
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'--in {path}: no such file')
-  try:
-    check_wav_length(path)
-  except AudioError as e:
-    raise ValueError(f'--in {e}') from None
-  try:
-    wave, rate = soundfile.read(path, dtype='float32', always_2d=True)
-  except RuntimeError as e:  # soundfile's LibsndfileError
-    raise ValueError(f'--in {path}: not a readable WAV ({e})') from None
-  if wave.shape[1] != 1:
-    raise ValueError(
-      f"--in {path}: {wave.shape[1]} channels; give a mono WAV (the user's "
-      'speech only, e.g. `sox IN.wav OUT.wav remix 1`)'
-    )
-  wave = wave[:, 0]
-  if wave.size < rate * 0.08:  # not one 80 ms frame: the session would "succeed" with nothing
-    raise ValueError(
-      f'--in {path}: {wave.size / rate * 1000:.0f} ms of audio, shorter than one '
-      '80 ms frame; nothing to send'
-    )
-  return (
-    soxr.resample(wave, rate, protocol.SAMPLE_RATE).astype(np.float32)
-    if (rate != protocol.SAMPLE_RATE)
-    else wave
-  )
-
-
-def check_out(path: str) -> None:
-  """--out must be writable before the session starts, so a reply is never lost at the end."""
-  folder = os.path.dirname(os.path.abspath(path))
-  if os.path.isdir(path):
-    raise IsADirectoryError(f'--out {path} is a directory; give a .wav file path')
-  if not os.path.isdir(folder):
-    raise FileNotFoundError(f'--out {path}: the folder {folder} does not exist; create it first')
-  if not os.access(folder, os.W_OK | os.X_OK):
-    raise PermissionError(f'--out {path}: the folder {folder} is not writable')
-
-
 def refused(url: str, status: int, message: str, token: str | None) -> str:
   """A refused websocket upgrade as one line that says what to do."""
   if status == 401:
@@ -355,15 +312,16 @@ def refused(url: str, status: int, message: str, token: str | None) -> str:
   return f'{url}: the server refused the session: {status} {message}'
 
 
-@command('flmjax client')
+@command('flmjax client', flags={'path': '--in', 'out': '--out'})
 def client_main(argv: list[str]) -> int:
   """`flmjax client --in user.wav --out reply.wav`: one session against a server."""
   import asyncio
 
   import aiohttp
 
+  from flmjax.outputs import check_out_file
   from flmjax.serve import protocol
-  from flmjax.serve.client import ReplyStreamError, converse
+  from flmjax.serve.client import ReplyStreamError, converse, read_wav
 
   ap = ArgumentParser(prog='flmjax client', description=CLIENT_DOC)
   ap.add_argument('--url', default='ws://127.0.0.1:8990/api/chat')
@@ -381,7 +339,7 @@ def client_main(argv: list[str]) -> int:
   )
   args = ap.parse_args(argv)
   pcm = read_wav(args.input)
-  check_out(args.out)
+  check_out_file(args.out, '.wav file')
   try:
     conv = asyncio.run(
       converse(

@@ -11,6 +11,7 @@ import aiohttp
 import numpy as np
 
 from flmjax.codec.base import FRAME_SIZE
+from flmjax.data.audio import AudioError, read_audio
 from flmjax.errors import FlmjaxError
 from flmjax.serve import protocol
 from flmjax.serve.clock import Clock
@@ -22,6 +23,26 @@ class ReplyStreamError(FlmjaxError, ConnectionError):
   """The reply stream failed on the client's side (undecodable audio, a page that fails its CRC,
   non-finite samples, or any other error while receiving): the conversation ended there. The
   original exception is its __cause__."""
+
+
+def read_wav(path: str) -> np.ndarray:
+  """The user's side for a session: a mono WAV as float32 [samples] at 24 kHz, at least one 80 ms
+  frame long. Several channels are an error: which one is the user's speech is the caller's to
+  say, and averaging them is never right. Errors name `path` first."""
+  try:
+    (wave,) = read_audio(
+      path,
+      target_rate=protocol.SAMPLE_RATE,
+      mono_fix="give a mono WAV (the user's speech only, e.g. `sox IN.wav OUT.wav remix 1`)",
+    )
+  except AudioError as e:
+    raise AudioError(f'`path` {e}', e.reason) from None
+  if wave.size < FRAME_SIZE:  # not one 80 ms frame: the session would "succeed" with nothing
+    raise AudioError(
+      f'`path` {path}: {wave.size / protocol.SAMPLE_RATE * 1000:.0f} ms of audio, shorter than '
+      'one 80 ms frame; nothing to send'
+    )
+  return wave
 
 
 @dataclasses.dataclass

@@ -9,12 +9,13 @@ import socket
 BACKLOG = 128  # aiohttp's default
 
 
-def bind_socket(host: str, port: int, flag: str = '--port') -> socket.socket:
-  """A listening TCP socket on host:port (port 0: any free port); OSError naming the flag."""
+def bind_socket(host: str, port: int, flag: str = '`port`') -> socket.socket:
+  """A listening TCP socket on host:port (port 0: any free port); OSError naming `host` and
+  `flag` (the port's argument; a command spells them as its flags)."""
   try:
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
   except socket.gaierror as e:
-    raise OSError(f'--host {host}: cannot resolve it ({e.strerror})') from None
+    raise OSError(f'`host` {host}: cannot resolve it ({e.strerror})') from None
   family, kind, proto, _, address = infos[0]
   sock = socket.socket(family, kind, proto)
   sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart reuses TIME_WAIT ports
@@ -26,9 +27,9 @@ def bind_socket(host: str, port: int, flag: str = '--port') -> socket.socket:
     why = {
       errno.EADDRINUSE: f'the port is in use (another server?); pass another {flag}',
       errno.EACCES: f'permission denied (ports below 1024 need privileges); pass another {flag}',
-      errno.EADDRNOTAVAIL: 'no such address on this machine; pass another --host',
+      errno.EADDRNOTAVAIL: 'no such address on this machine; pass another `host`',
     }
     raise OSError(
-      f'--host {host} {flag} {port}: cannot listen: {why.get(e.errno, e.strerror)}'
+      f'`host` {host} {flag} {port}: cannot listen: {why.get(e.errno, e.strerror)}'
     ) from None
   return sock

@@ -70,7 +70,7 @@ def frame_step(
 
 
 def serving_mesh(text: str | None, slots: int):
-  """The --mesh of a server (None: one device); its batch axes must divide the slots."""
+  """The `mesh` of a server (None: one device); its batch axes must divide the slots."""
   if not text:
     return None
   sizes = shd.parse_axes(text)
@@ -78,8 +78,8 @@ def serving_mesh(text: str | None, slots: int):
   rows = sizes.get('data', 1) * sizes.get('fsdp', 1)
   if slots % rows:
     raise ValueError(
-      f'--slots {slots}: the sessions shard over data x fsdp = {rows} devices of '
-      f'--mesh {text}; use a multiple of {rows}'
+      f'`slots` {slots}: the sessions shard over data x fsdp = {rows} devices of '
+      f'`mesh` {text}; use a multiple of {rows}'
     )
   return mesh
 
