@@ -183,7 +183,7 @@ def test_decode_frame_with_the_pallas_kernel_under_the_mesh_compiles_for_v5e():
   assert collectives_carrying(hlo, (cfg.depth_dim, mlp)) == []
   assert collectives_carrying(hlo, (mlp, cfg.depth_dim)) == []
   assert record['largest_collective_mib'] < 0.1
-  with pytest.raises(AotError, match='--step decode only'):
+  with pytest.raises(AotError, match='`step` decode only'):
     make_request('v5e:2x2', 4, step='train', preset='small', pallas=True)
 
 
@@ -354,9 +354,9 @@ def test_paged_decode_flags_are_checked():
     'v5e:2x2', 4, step='decode', preset='small', window=256, batch=8, kv_pages=16, page_size=64
   )
   assert (req.kv_pages, req.page_size, req.kv_dtype) == (16, 64, 'bf16')
-  with pytest.raises(AotError, match='a paged KV cache is for --step decode'):
+  with pytest.raises(AotError, match='a paged KV cache is for `step` decode'):
     make_request('v5e:2x2', 4, step='train', preset='small', kv_pages=16)
-  with pytest.raises(AotError, match='need --kv-pages N'):
+  with pytest.raises(AotError, match='need `kv_pages` N'):
     make_request('v5e:2x2', 4, step='decode', preset='small', kv_dtype='int8')
-  with pytest.raises(AotError, match='--max-len 200 is not a multiple of --page-size 128'):
+  with pytest.raises(AotError, match='`window` 200 is not a multiple of `page_size` 128'):
     make_request('v5e:2x2', 4, step='decode', preset='small', window=200, kv_pages=4)

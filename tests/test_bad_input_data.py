@@ -241,7 +241,7 @@ def test_synth_bad_out_and_counts(capsys, tmp_path):
   (tmp_path / 'mine').mkdir()
   (tmp_path / 'mine' / 'notes.txt').write_text('keep me')
   assert (
-    'is a non-empty directory that holds no synthetic corpus; choose a new directory'
+    'exists and is not a synthetic corpus (no tokenizer.model); choose a new directory'
     in error_line(capsys, 'data', 'synth', tmp_path / 'mine')
   )
   assert '--num-duplex -3 must be >= 1' in error_line(

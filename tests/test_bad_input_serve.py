@@ -345,7 +345,7 @@ def test_one_mesh_parser_for_serve_and_aot():
   from flmjax import sharding as shd
   from flmjax.aot.request import AotError, parse_mesh
 
-  with pytest.raises(ValueError, match=r"--mesh 'tensor=-1': tensor=-1: mesh sizes must be >= 1"):
+  with pytest.raises(ValueError, match=r"`mesh` 'tensor=-1': tensor=-1: mesh sizes must be >= 1"):
     shd.parse_axes('tensor=-1')
   with pytest.raises(AotError, match=r"'data=2': expected .* with axes fsdp and tensor"):
     parse_mesh('data=2')  # aot's data axis takes the remaining devices

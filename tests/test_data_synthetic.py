@@ -123,8 +123,8 @@ def test_duplex_answers_need_the_question_audio(corpus):
 
 
 def test_duplex_events_are_the_timeline(corpus):
-  """The generator writes its own events; they equal what the segments imply, and the reference
-  model's activity scores perfectly on them."""
+  """The generator writes the events its segments imply (flmjax.data.events, one derivation for
+  the corpus and for evaluation), and the reference model's activity scores perfectly on them."""
   from flmjax.eval import events_from_segments, speech_activity, turn_taking
 
   counts = dict.fromkeys(('turn_end', 'pause', 'interrupt'), 0)

@@ -49,9 +49,9 @@ def test_four_sessions_on_a_mesh_equal_the_single_device_replay(
 
 
 def test_mesh_flag_errors_are_named():
-  with pytest.raises(ValueError, match=r"--mesh 'data=2,model=4': expected comma-separated"):
+  with pytest.raises(ValueError, match=r"`mesh` 'data=2,model=4': expected comma-separated"):
     serving_mesh('data=2,model=4', 4)
-  with pytest.raises(ValueError, match=r'--slots 3: the sessions shard over data x fsdp = 2'):
+  with pytest.raises(ValueError, match=r'`slots` 3: the sessions shard over data x fsdp = 2'):
     serving_mesh('data=2,tensor=2', 3)
   with pytest.raises(ValueError, match=r'needs 16 devices; 8 are visible'):
     serving_mesh('data=4,tensor=4', 4)

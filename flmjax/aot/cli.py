@@ -97,6 +97,7 @@ FLAGS = {
   'window': '--max-len',
   'mesh': '--mesh',
   'step': '--step',
+  'topology': '--topology',
   **{
     name: '--' + name.replace('_', '-')
     for name in ('pallas', 'kv_pages', 'page_size', 'kv_dtype', 'lora_targets', 'base_dtype')

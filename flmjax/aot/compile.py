@@ -49,7 +49,7 @@ def topology_devices(name: str) -> list:
   if importlib.util.find_spec('libtpu') is None:
     raise AotError(INSTALL_HINT)
   if name.split(':')[0] not in HBM_GIB:
-    raise AotError(f'--topology {name!r}: chip must be one of {sorted(HBM_GIB)}, e.g. v5p:4x4x4')
+    raise AotError(f'`topology` {name!r}: chip must be one of {sorted(HBM_GIB)}, e.g. v5p:4x4x4')
   if not tpu_chips_present():
     for k, v in _COMPILE_ONLY_ENV.items():
       os.environ.setdefault(k, v)
@@ -63,14 +63,14 @@ def topology_devices(name: str) -> list:
   try:
     return list(topologies.get_topology_desc(platform='tpu', topology_name=name, **kw).devices)
   except Exception as e:  # libtpu raises a bare RuntimeError/XlaRuntimeError on unknown names
-    raise AotError(f'--topology {name!r}: libtpu does not know it ({e})') from e
+    raise AotError(f'`topology` {name!r}: libtpu does not know it ({e})') from e
 
 
 def abstract_mesh_for(req: AotRequest, devices: list) -> jax.sharding.Mesh:
   n = len(devices)
   if n % (req.fsdp * req.tensor):
     raise AotError(
-      f'--mesh fsdp={req.fsdp},tensor={req.tensor}: {n} chips of {req.topology} '
+      f'`mesh` fsdp={req.fsdp},tensor={req.tensor}: {n} chips of {req.topology} '
       f'are not a multiple of fsdp*tensor = {req.fsdp * req.tensor}'
     )
   mesh = shd.make_mesh(n // (req.fsdp * req.tensor), req.fsdp, req.tensor, devices=devices)
@@ -269,7 +269,7 @@ def compile_report(req: AotRequest, log=print):
   """Compiles `req`: (the JSON record, see flmjax.aot.cli for its keys; the jax Compiled, or
   None when the program does not fit)."""
   if req.step not in ('train', 'decode'):
-    raise AotError(f'--step {req.step!r}: use train or decode')
+    raise AotError(f'`step` {req.step!r}: use train or decode')
   devices = topology_devices(req.topology)
   mesh = abstract_mesh_for(req, devices)
   hbm = HBM_GIB[req.chip]

@@ -15,6 +15,12 @@ NUM_CODEBOOKS = 8
 CODEBOOK_SIZE = 2048
 
 
+def playable(codes, bins: int = CODEBOOK_SIZE):
+  """Speak codes as Mimi can decode them: a model may emit PAD/EMP ids (>= bins) as speech; they
+  become code bins - 1, as `flmjax serve` plays them. A numpy or jax array (jitted too)."""
+  return codes.clip(max=bins - 1)
+
+
 class Codec(abc.ABC):
   sample_rate: int = SAMPLE_RATE
   frame_size: int = FRAME_SIZE

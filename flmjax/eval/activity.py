@@ -11,12 +11,6 @@ from flmjax.codec.base import CODEBOOK_SIZE, FRAME_SIZE
 THRESHOLD_DBFS = -40.0
 
 
-def playable(codes: np.ndarray) -> np.ndarray:
-  """Speak codes as Mimi can decode them: a model may emit PAD/EMP ids (>= 2048) as speech; they
-  become code 2047, as `flmjax serve` plays them."""
-  return np.minimum(np.asarray(codes), CODEBOOK_SIZE - 1)
-
-
 def frame_dbfs(wave: np.ndarray, frame_size: int = FRAME_SIZE) -> np.ndarray:
   """float [S] -> RMS level per frame in dBFS [ceil(S / frame_size)] (a partial last frame is
   zero-padded; digital silence gives -inf)."""

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from flmjax.codec.base import playable
 from flmjax.codec.toy import ToyCodec
-from flmjax.eval.activity import playable, speech_activity
+from flmjax.eval.activity import speech_activity
 from flmjax.eval.stream import read_conversations, stream
 from flmjax.eval.turn_taking import EVENT_KINDS, latency_summary, turn_taking
 from flmjax.eval.words import words_from_text

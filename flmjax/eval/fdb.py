@@ -76,7 +76,7 @@ def respond(
 ) -> tuple[list[np.ndarray], list[np.ndarray], int]:
   """Users' waves [S_i] at the codec's rate -> (the model's time-aligned replies [S_i], its
   un-delayed frames [1 + C, F_i] (text; speak codes), the decoder's lag in frames)."""
-  from flmjax.eval.activity import playable
+  from flmjax.codec.base import playable
   from flmjax.eval.stream import stream
 
   F = codec.frame_size

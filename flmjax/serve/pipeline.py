@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from flmjax import sharding as shd
 from flmjax.codec import mimi as mimi_lib
+from flmjax.codec.base import playable
 from flmjax.decode import SamplingConfig, StreamingDecoder
 from flmjax.decode.frame import frame as lm_frame
 
@@ -58,8 +59,7 @@ def frame_step(
     kv=kv,
     span=span,
   )
-  # A tiny random LM can emit PAD/EMP ids as speech; Mimi has codes 0..bins-1 only.
-  speak = jnp.minimum(out[:, 1:], mimi_cfg.quantizer_bins - 1)
+  speak = playable(out[:, 1:], mimi_cfg.quantizer_bins)  # a tiny random LM can emit PAD as speech
   new, reply = mimi_lib.decode_step(mimi_cfg, mimi_params, decoder, speak)
   fresh = mimi_lib.init_stream(mimi_cfg, pcm.shape[0])['decoder']
   keep = ~valid
