@@ -142,8 +142,10 @@ def main(argv: list[str] | None = None) -> int:
   if platform_note and argv[0] in RUN_MODELS and not {'-h', '--help'} & set(argv):
     print(f'flmjax {argv[0]}: {platform_note}')  # stdout: an error stays one stderr line
   module, func, _ = COMMANDS[argv[0]]
-  entry = getattr(importlib.import_module(module), func)
-  return command(f'flmjax {argv[0]}')(entry)(argv[1:])  # a no-op for an already decorated main
+  loaded = importlib.import_module(module)
+  flags = getattr(loaded, 'FLAGS', None)  # how the command spells the library's arguments
+  return command(f'flmjax {argv[0]}', flags)(getattr(loaded, func))(argv[1:])  # a decorated
+  # main has spelled them already
 
 
 if __name__ == '__main__':

@@ -19,6 +19,8 @@ from flmjax.cli import ArgumentParser, add_set_flag, config_error, fail
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'tiny_dual.py')
+# the library's argument names in its errors -> this command's flags (the dispatcher, cli.spell)
+FLAGS = {'run_dir': '--run-dir'}
 
 
 def _steps(text: str) -> tuple[int, ...]:

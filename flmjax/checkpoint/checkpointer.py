@@ -209,8 +209,8 @@ class Checkpointer:
       raise ProcessCountError(
         f'{self.directory}: step {step} was written by {wrote} processes and this run has '
         f'{jax.process_count()}: mid-stage, each process resumes its own shard of the data, so '
-        f'resume with {wrote} processes (or export the checkpoint and start a new --run-dir '
-        f'with --init-from)'
+        f'resume with {wrote} processes (or export the checkpoint and start a new `run_dir` '
+        f'with `init_from`)'
       )
     items = dict(
       params=ocp.args.StandardRestore(abstract.params),

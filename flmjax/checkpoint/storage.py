@@ -132,7 +132,7 @@ def make_run_dir(path: str | os.PathLike, *, timeout_s: float | None = None) -> 
   except OSError as e:
     raise OSError(
       f'run directory {path} cannot be created or written: '
-      f'{e.strerror or e}; pass another --run-dir'
+      f'{e.strerror or e}; pass another `run_dir`'
     ) from None
   return run_dir
 
@@ -144,10 +144,10 @@ def _no_file_in_the_way(path: str) -> None:
     path = os.path.dirname(path)
   if os.path.exists(path) and not os.path.isdir(path):
     raise OSError(
-      f'run directory {target} is a file; pass another --run-dir'
+      f'run directory {target} is a file; pass another `run_dir`'
       if path == target
       else f'run directory {target} cannot be created: {path} is a file, not a '
-      'directory; pass another --run-dir'
+      'directory; pass another `run_dir`'
     )
 
 

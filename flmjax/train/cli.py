@@ -20,7 +20,7 @@ import sys
 
 from etils import epath
 
-from flmjax.cli import ArgumentParser, add_set_flag, command, config_error, fail
+from flmjax.cli import ArgumentParser, add_set_flag, command, config_error, fail, spell
 
 PROG = 'flmjax train'
 
@@ -93,7 +93,12 @@ def _progress_bar(fv: argparse.Namespace) -> dict:
   return {'progress_bar': fv.progress is not False}
 
 
-@command('flmjax train')
+# the library's argument names in its errors (flmjax.cli.spell) -> the flags of train and export
+FLAGS = {'run_dir': '--run-dir', 'init_from': '--init-from'}
+EXPORT_FLAGS = {'out': 'OUT_DIR', 'overwrite': '--overwrite'}
+
+
+@command('flmjax train', FLAGS)
 def main(argv: list[str]) -> int:
   from flmjax.train.config import TrainConfigError
   from flmjax.train.overrides import load_config
@@ -106,7 +111,7 @@ def main(argv: list[str]) -> int:
   try:
     tc = load_config(fv.config, fv.run_dir, fv.overrides)
   except TrainConfigError as e:
-    return fail(PROG, config_error(e))
+    return fail(PROG, spell(config_error(e), FLAGS))
   from flmjax.checkpoint.storage import check_run_dir
 
   check_run_dir(tc.run_dir)  # OSError: one line (a file in the way, a bucket out of reach)
@@ -124,14 +129,14 @@ def main(argv: list[str]) -> int:
   )
 
   def timed_out(message: str):  # from a watchdog thread, while jax blocks the main one
-    fail(PROG, message)
+    fail(PROG, spell(message, FLAGS))
     sys.stderr.flush()
     os._exit(1)
 
   try:  # before anything touches a device
     initialize_distributed(*dataclasses.astuple(distributed), on_timeout=timed_out)
   except ValueError as e:
-    return fail(PROG, str(e))
+    return fail(PROG, spell(str(e), FLAGS))
   # the command's own flags win over the config and --set
   flags = {'distributed': distributed, **_progress_bar(fv)}
   if fv.init_from:
@@ -143,7 +148,7 @@ def main(argv: list[str]) -> int:
     out = train(tc, stop_after=fv.stop_after)
   except (NonFiniteError, TrainConfigError, OSError, ValueError) as e:
     # ValueError covers CheckpointError (--init-from) and the data pipeline's input errors.
-    return fail(PROG, f'{type(e).__name__}: {e}')
+    return fail(PROG, spell(f'{type(e).__name__}: {e}', FLAGS))
   if out['preempted']:
     print(
       f'flmjax train: preempted; step {out["global_step"]} is saved in {tc.run_dir}: run the '
@@ -159,7 +164,7 @@ def main(argv: list[str]) -> int:
   return 0
 
 
-@command('flmjax export')
+@command('flmjax export', EXPORT_FLAGS)
 def export_main(argv: list[str]) -> int:
   """`flmjax export CKPT_DIR OUT_DIR`: an orbax training checkpoint -> the official layout; a
   LoRA run merged (--merge, the default) or as a PEFT adapter (--adapters)."""

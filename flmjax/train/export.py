@@ -100,7 +100,7 @@ def export(
 def _export_remote(ckpt_dir: str, out: epath.Path, **kw) -> str:
   if out.exists() and not kw['overwrite']:
     raise FileExistsError(
-      f'OUT_DIR {out} exists; pass --overwrite to replace its checkpoint '
+      f'`out` {out} exists; pass `overwrite` to replace its checkpoint '
       'files (other files in it are kept)'
     )
   with tempfile.TemporaryDirectory() as tmp:

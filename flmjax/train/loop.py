@@ -41,19 +41,19 @@ _LAYOUT_FIELDS = _DTYPE_FIELDS + ('tensor_parallel',)  # the run decides these, 
 
 
 def check_init_from(tc: TrainConfig) -> None:
-  """--init-from must be an official checkpoint of the training config's model: checked from
+  """`init_from` must be an official checkpoint of the training config's model: checked from
   its config.json and safetensors headers before the run creates anything."""
   from flmjax.checkpoint.official import CheckpointError, check_official
 
   try:
     cfg, _ = check_official(tc.init_from)
   except CheckpointError as e:
-    raise TrainConfigError(f'--init-from {e}') from None
+    raise TrainConfigError(f'`init_from` {e}') from None
   ours, theirs = dataclasses.asdict(tc.model), dataclasses.asdict(cfg)
   diff = sorted(k for k in ours if k not in _LAYOUT_FIELDS and ours[k] != theirs[k])
   if diff:
     raise TrainConfigError(
-      f'--init-from {tc.init_from}: its config.json differs from the '
+      f'`init_from` {tc.init_from}: its config.json differs from the '
       f'training config in {diff}: ' + ', '.join(f'{k}={theirs[k]!r} vs {ours[k]!r}' for k in diff)
     )
 
@@ -77,14 +77,14 @@ def _check_schedule(tc: TrainConfig, meta: dict, directory: str) -> None:
   if int(meta['global_step']) > tc.total_steps:
     raise TrainConfigError(
       f'{saved}, but this config has only {tc.total_steps} steps: the '
-      'schedule changed; use a new --run-dir'
+      'schedule changed; use a new `run_dir`'
     )
   pos = position(tc, int(meta['global_step']))
   name = tc.stages[pos.stage].name if pos.stage < len(tc.stages) else 'done'
   if (name, pos.step_in_stage) != (meta['stage_name'], int(meta['step_in_stage'])):
     raise TrainConfigError(
       f'{saved}, but this config puts it at stage {name!r} step {pos.step_in_stage}: the '
-      'schedule changed; use a new --run-dir'
+      'schedule changed; use a new `run_dir`'
     )
 
 
@@ -123,7 +123,7 @@ def _check_lora(tc: TrainConfig, meta: dict, fingerprint: str | None, directory)
   if saved is None:
     raise TrainConfigError(
       f'{directory}: the checkpoint is a full fine-tune; this config sets '
-      f'lora={tc.lora}: use a new --run_dir (or export it and --init_from)'
+      f'lora={tc.lora}: use a new `run_dir` (or export it and `init_from`)'
     )
   if ours is None:
     raise TrainConfigError(
@@ -136,13 +136,13 @@ def _check_lora(tc: TrainConfig, meta: dict, fingerprint: str | None, directory)
     raise TrainConfigError(
       f"{directory}: the checkpoint's LoRA config differs in "
       + ', '.join(f'{k}={saved.get(k)!r} vs {ours[k]!r}' for k in diff)
-      + '; use a new --run_dir'
+      + '; use a new `run_dir`'
     )
   if meta.get('base_fingerprint') != fingerprint:
     raise TrainConfigError(
       f"{directory}: the checkpoint's adapters were trained on another base "
       f'(fingerprint {str(meta.get("base_fingerprint"))[:12]}, this base '
-      f'{str(fingerprint)[:12]}): give the --init_from the run used'
+      f'{str(fingerprint)[:12]}): give the `init_from` the run used'
     )
 
 
@@ -164,7 +164,7 @@ def _check_model(tc: TrainConfig, meta: dict, directory) -> None:
     raise TrainConfigError(
       f'{directory}: the checkpoint was trained with another model '
       f'config ({", ".join(f"{k}={saved.get(k)!r}" for k in diff)}); '
-      f'use a new --run-dir'
+      f'use a new `run_dir`'
     )
 
 
