@@ -290,14 +290,16 @@ def test_eval_duplex_bad_data(tiny_dir, corpus, tmp_path, capsys):
   (tmp_path / 'empty.jsonl').write_text('\n\n')
   (tmp_path / 'folder').mkdir()
   (tmp_path / 'list.jsonl').write_text('[1, 2]\n')
-  (tmp_path / 'tts.jsonl').write_text('{"kind": "tts_asr"}\n')
+  tts = {'id': 't', 'kind': 'tts_asr', 'codes': {'model': 'm.npy'}}
+  tts['segments'] = [{'speaker': 'model', 'start': 0, 'end': 1, 'text': 'hi'}]
+  (tmp_path / 'tts.jsonl').write_text(json.dumps(tts) + '\n')
   cases = {
     'random.bin': 'random.bin: binary data, not a JSONL manifest (a NUL byte at offset ',
     'latin.jsonl': 'latin.jsonl:1: not UTF-8 text (byte 0xe9 at column 1); save the manifest '
     'as UTF-8',
     'empty.jsonl': 'empty.jsonl: the manifest is empty: one JSON object per line',
     'folder': 'folder: is a directory; give the .jsonl file',
-    'list.jsonl': 'list.jsonl:1: not a JSON object (one per line)',
+    'list.jsonl': 'list.jsonl:1: a line must be a JSON object',  # data.manifest's parse_line
     'tts.jsonl': 'tts.jsonl: no duplex conversations',
   }
   for name, message in cases.items():
