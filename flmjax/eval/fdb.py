@@ -46,7 +46,7 @@ def read_input(path: str, sample_rate: int) -> np.ndarray:
 
 def check_out(out_dir: str, overwrite: bool, in_dir: str | None = None) -> None:
   """`out` must not hold anything yet unless `overwrite` (then only output.wav and output.json
-  files are replaced, one by one, each written to a temporary file first). `out` equal to `in`
+  files are replaced, one by one, each written to a temporary file first). `out` equal to `in_dir`
   writes in place, beside every input.wav: allowed when none of them has an output.wav or
   output.json yet, or with `overwrite`."""
   if in_dir is not None and os.path.isdir(out_dir) and os.path.samefile(in_dir, out_dir):
