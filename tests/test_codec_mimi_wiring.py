@@ -39,7 +39,7 @@ def test_encode_batch_equals_single_calls(small, pcm):
     want = np.asarray(small.encode(wave[None]))[0]
     assert codes.shape == (8, -(-wave.size // FRAME)) and codes.dtype == np.int32
     np.testing.assert_array_equal(codes, want)
-  with pytest.raises(ValueError, match='wave 1 has NaN'):
+  with pytest.raises(ValueError, match='wave 1: pcm has NaN'):
     codec.encode_batch([pcm[:FRAME], np.full(FRAME, np.nan, np.float32)])
 
 
