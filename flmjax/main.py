@@ -15,7 +15,7 @@ import json
 import os
 import time
 
-from flmjax.cli import ArgumentParser, add_set_flag, config_error, fail
+from flmjax.cli import ArgumentParser, add_set_flag, config_error, fail, spell
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'tiny_dual.py')
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     kw = {'steps': args.steps} if args.steps else {}
     tc = load_config(args.config, args.run_dir, args.overrides, **kw)
   except TrainConfigError as e:
-    return fail('flmjax main', config_error(e))
+    return fail('flmjax main', spell(config_error(e), FLAGS))
   heldout = heldout_lib.heldout_sets(tc)
   tc = tc.replace(eval_sources=())  # evaluated below, next to the untrained model
   print(
