@@ -85,6 +85,12 @@ class MimiCodec(Codec):
     return [np.concatenate(parts, axis=1).astype(np.int32) for parts in out]
 
 
+def load_mimi_codec(path: str, num_codebooks: int = 8) -> MimiCodec:
+  """A Mimi checkpoint (flmjax.codec.load_mimi: a safetensors file or a directory holding one)
+  as a Codec batched over all devices; what every command's --mimi gives."""
+  return MimiCodec(mimi_lib.load_mimi(path, num_codebooks=num_codebooks))
+
+
 def receptive_field_frames(cfg) -> int:
   """How many frames back a batch-mode code can see: SEANet's receptive field, then
   context - 1 steps per transformer layer, then the stride-2 downsampler's extra step."""

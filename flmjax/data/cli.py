@@ -62,10 +62,9 @@ def make_codec(name: str, mimi_path: str | None):
 
     return ToyCodec()
   if name == 'mimi':
-    from flmjax.codec import load_mimi
-    from flmjax.codec.mimi_codec import MimiCodec
+    from flmjax.codec.mimi_codec import load_mimi_codec
 
-    return MimiCodec(load_mimi(mimi_path))
+    return load_mimi_codec(mimi_path)
   return None
 
 

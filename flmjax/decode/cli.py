@@ -104,10 +104,9 @@ def main(argv: list[str]) -> int:
   cfg = model.cfg
   codec = None
   if args.mimi:
-    from flmjax.codec import load_mimi
-    from flmjax.codec.mimi_codec import MimiCodec
+    from flmjax.codec.mimi_codec import load_mimi_codec
 
-    codec = MimiCodec(load_mimi(args.mimi, num_codebooks=cfg.num_codebooks))
+    codec = load_mimi_codec(args.mimi, cfg.num_codebooks)
   user, codec = read_user(args.user, cfg.num_codebooks, cfg.audio_pad_id, args.channel, codec)
   from flmjax.data.tokenizer import resolve_tokenizer
 

@@ -94,15 +94,6 @@ def _parser() -> ArgumentParser:
   return ap
 
 
-def _codec(path: str | None, num_codebooks: int):
-  if path is None:
-    return None
-  from flmjax.codec import load_mimi
-  from flmjax.codec.mimi_codec import MimiCodec
-
-  return MimiCodec(load_mimi(path, num_codebooks=num_codebooks))
-
-
 def _teacher_forced(model, args, tokenizer, codec) -> dict:
   """Prepares the held-out manifests in a temporary folder and evaluates them teacher-forced."""
   from flmjax.data.pipeline import SourceSpec
@@ -132,6 +123,7 @@ def _teacher_forced(model, args, tokenizer, codec) -> dict:
 
 
 def duplex(args) -> int:
+  from flmjax.codec.mimi_codec import load_mimi_codec
   from flmjax.data.manifest import check_manifest
   from flmjax.data.tokenizer import resolve_tokenizer
   from flmjax.decode.session import load_model
@@ -155,7 +147,7 @@ def duplex(args) -> int:
       f'no tokenizer beside --data {args.data} or --checkpoint {args.checkpoint}; pass --tokenizer'
     )
   check_vocab(model.cfg, tokenizer, f'--data {args.data}')
-  codec = _codec(args.mimi, model.cfg.num_codebooks)
+  codec = load_mimi_codec(args.mimi, model.cfg.num_codebooks) if args.mimi else None
   report = evaluate_duplex(
     model,
     args.data,
@@ -185,6 +177,7 @@ def duplex(args) -> int:
 def fdb(args) -> int:
   import json
 
+  from flmjax.codec.mimi_codec import load_mimi_codec
   from flmjax.data.tokenizer import resolve_tokenizer
   from flmjax.decode.session import load_model
   from flmjax.eval.fdb import check_out, find_inputs, run_fdb, score
@@ -206,7 +199,7 @@ def fdb(args) -> int:
 
     codec = ToyCodec()
   else:
-    codec = _codec(args.mimi, model.cfg.num_codebooks)
+    codec = load_mimi_codec(args.mimi, model.cfg.num_codebooks)
   written = run_fdb(
     model,
     codec,
