@@ -1,4 +1,5 @@
-"""Issue 18: LoRA adapters and the int8 base inside the model's own layers; the LoRA train step."""
+"""Issue 18: LoRA adapters and the int8 base as transforms of the model's weights (issue 28);
+the LoRA train step."""
 
 import dataclasses
 
@@ -11,8 +12,9 @@ from flax import nnx
 import flmjax
 from flmjax import sharding as shd
 from flmjax.config import ModelConfig
+from flmjax.model import int8, transforms
 from flmjax.model import lora as L
-from flmjax.model import transforms
+from flmjax.model import weights as W
 from flmjax.model.flm import FLMAudio, abstract
 from flmjax.train import data as data_lib
 from flmjax.train import state as st
@@ -33,7 +35,7 @@ def inputs(tiny_dir):
 def lora_model(base_model, lc, seed=1, noise=0.0):
   """base_model's weights (stored in lc.base_dtype) with adapters; B = noise * N(0, 1)."""
   graphdef, _ = nnx.split(abstract(base_model.cfg, lc))
-  base = L.cast_base(nnx.to_pure_dict(nnx.state(base_model)), lc.base_dtype)
+  base = int8.cast_base(nnx.to_pure_dict(nnx.state(base_model)), lc.base_dtype)
   model = FLMAudio(base_model.cfg, rngs=nnx.Rngs(params=seed), lora=lc)
   key = jax.random.key(seed)
   for i, (_, v) in enumerate(nnx.to_flat_state(nnx.state(model, L.LoraParam))):
@@ -179,11 +181,11 @@ def test_int8_base_forward_within_tolerance(tiny_model, inputs):
 
 def test_quantize_is_symmetric_per_output_channel():
   w = jax.random.normal(jax.random.key(0), (3, 5, 2, 4)) * jnp.arange(1, 9).reshape(2, 4)
-  q, scale = L.quantize(w, 'bioo')  # [L, in, out, out]
+  q, scale = int8.quantize(w, 'bioo')  # [L, in, out, out]
   assert q.dtype == jnp.int8 and scale.shape == (3, 1, 2, 4)
   assert int(jnp.max(jnp.abs(q))) == 127
   np.testing.assert_allclose(q * scale, w, atol=float(jnp.max(scale)) / 2 + 1e-7)
-  q0, s0 = L.quantize(jnp.zeros((4, 3)), 'io')  # all-zero columns (layout padding) stay zero
+  q0, s0 = int8.quantize(jnp.zeros((4, 3)), 'io')  # all-zero columns (layout padding) stay zero
   assert not np.any(q0) and not np.any(s0)
 
 
@@ -298,20 +300,19 @@ def test_dropout_drops_the_adapters_input_only():
   rate, scale = 0.25, 2.0
   x = jax.random.normal(jax.random.key(0), (4, 64, 16)) + 3.0  # no exact zeros
   w = jax.random.normal(jax.random.key(1), (16, 16))
-  p = {'up': w, 'up_lora_a': jnp.eye(16), 'up_lora_b': jnp.eye(16)}
+  p = L.wrap({'up': w, 'up_lora_a': jnp.eye(16), 'up_lora_b': jnp.eye(16)}, scale)['up']
   dropout = (jax.random.key(2), rate)
   base = jnp.einsum('BTi,io->BTo', x, w)
-  delta = (L.dense('BTi,io->BTo', x, p, 'up', scale, dropout=dropout) - base) / scale
+  delta = (W.dense('BTi,io->BTo', x, p, dropout) - base) / scale
   kept = jnp.abs(delta) > 1e-3
   np.testing.assert_allclose(np.where(kept, delta, 0), np.where(kept, x / (1 - rate), 0), rtol=1e-5)
   assert 0.2 < 1 - float(kept.mean()) < 0.3
   np.testing.assert_allclose(
-    L.dense('BTi,io->BTo', x, p, 'up', scale), base + scale * x, rtol=1e-5
+    W.dense('BTi,io->BTo', x, p), base + scale * x, rtol=1e-5
   )  # no dropout: nothing dropped
-  again = L.dense('BTi,io->BTo', x, p, 'up', scale, dropout=dropout)
-  assert np.array_equal(again, L.dense('BTi,io->BTo', x, p, 'up', scale, dropout=dropout))
-  plain = {'up': w}
-  assert np.array_equal(L.dense('BTi,io->BTo', x, plain, 'up', scale, dropout=dropout), base)
+  again = W.dense('BTi,io->BTo', x, p, dropout)
+  assert np.array_equal(again, W.dense('BTi,io->BTo', x, p, dropout))
+  assert np.array_equal(W.dense('BTi,io->BTo', x, w, dropout), base)
 
 
 @pytest.mark.slow

@@ -12,8 +12,9 @@ from flax import nnx
 
 from flmjax import sharding as shd
 from flmjax.config import ModelConfig
-from flmjax.model import attention, layers, lora, paged
+from flmjax.model import attention, layers, paged
 from flmjax.model.params import param, values
+from flmjax.model.weights import dense, fold, rows
 
 LAYER_PARAMS = (
   'input_norm',
@@ -50,8 +51,6 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> Cache:
 
 
 class Backbone(nnx.Module):
-  lora_scale = 0.0  # alpha / rank once flmjax.model.lora.attach adds adapters
-
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     L, D, N, K, H, F = (
@@ -101,14 +100,15 @@ class Backbone(nnx.Module):
     codebooks = jnp.arange(self.cfg.num_codebooks)
     # FSDP: the tables' embed dim is gathered (in dt) so the lookups stay local to each batch
     # shard; otherwise the token ids and looked-up rows would cross the batch shards.
-    pin = lambda axes: axes if gather_tables else None
+    pin = lambda axes: (lambda x: shd.constrain(x, axes)) if gather_tables else None
     # Decoding: the audio rows stay split by codebook as their tables are, so each chip sums its
     # own codebooks and one [B,T,D] all-reduce follows (gathered, [B,T,C,D] was C times larger).
     by_codebook = lambda r: r if gather_tables else shd.constrain(r, BTC_D)
+    w = values(self, ('text_embed', 'speak_embed', 'listen_embed'), dt)
     audio = lambda name, ids: by_codebook(
-      lora.rows(self, name, (codebooks, ids), dt, pin((None,) * 3))
+      rows(w[name], (codebooks, ids), dt, pin((None,) * 3))
     ).sum(axis=2)
-    x = lora.rows(self, 'text_embed', (text,), dt, pin(('vocab', None)))
+    x = rows(w['text_embed'], (text,), dt, pin(('vocab', None)))
     x = x + audio('speak_embed', speak) + audio('listen_embed', listen)
     return x * jnp.asarray(self.cfg.embed_scale, dt)
 
@@ -121,7 +121,8 @@ class Backbone(nnx.Module):
     dropout=None,
   ) -> tuple[jax.Array, Cache | None]:
     """x [B,T,D] embedded frames, positions [B,T] -> final-normed hidden [B,T,D], new cache.
-    `dropout` (key, rate): LoRA dropout in training (flmjax.model.lora.dense), a stream per layer.
+    `dropout` (key, rate): adapter dropout in training (flmjax.model.weights.dense), a stream per
+    layer.
 
     Without a cache (teacher forcing) attention is causal over the T frames, through
     attention.causal_attention; `positions` only place RoPE. With one, the step's keys are
@@ -145,14 +146,12 @@ class Backbone(nnx.Module):
       # xs/ys, XLA copied the full cache several times per decoded frame).
       x, kv = carry
       p, i = xs
-      dense = lambda spec, x, p, name: lora.dense(
-        spec, x, p, name, self.lora_scale, dropout=lora.fold(dropout, i)
-      )
+      linear = lambda spec, x, w: dense(spec, x, w, fold(dropout, i))
       x = shd.constrain(x, BTD)
       h = layers.rms_norm(x, p['input_norm'], cfg.rms_norm_eps)
-      q = shd.constrain(dense('BTD,DNH->BTNH', h, p, 'q') + p['q_bias'], BTNH)
-      k = shd.constrain(dense('BTD,DKH->BTKH', h, p, 'k') + p['k_bias'], BTKH)
-      v = shd.constrain(dense('BTD,DKH->BTKH', h, p, 'v') + p['v_bias'], BTKH)
+      q = shd.constrain(linear('BTD,DNH->BTNH', h, p['q']) + p['q_bias'], BTNH)
+      k = shd.constrain(linear('BTD,DKH->BTKH', h, p['k']) + p['k_bias'], BTKH)
+      v = shd.constrain(linear('BTD,DKH->BTKH', h, p['v']) + p['v_bias'], BTKH)
       q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
       if kv is None:
         att = attention.causal_attention(q, k, v)
@@ -172,10 +171,10 @@ class Backbone(nnx.Module):
         kv = {'k': ck, 'v': cv}
         att = layers.gqa_attention(q, ck[i], cv[i], mask, kv_major=True)
       att = shd.constrain(att, BTNH)
-      x = shd.constrain(x + dense('BTNH,NHD->BTD', att, p, 'o'), BTD)
+      x = shd.constrain(x + linear('BTNH,NHD->BTD', att, p['o']), BTD)
       h = layers.rms_norm(x, p['post_norm'], cfg.rms_norm_eps)
-      g, u = dense('BTD,DF->BTF', h, p, 'gate'), dense('BTD,DF->BTF', h, p, 'up')  # SwiGLU
-      x = x + shd.constrain(dense('BTF,FD->BTD', jax.nn.silu(g) * u, p, 'down'), BTD)
+      g, u = linear('BTD,DF->BTF', h, p['gate']), linear('BTD,DF->BTF', h, p['up'])  # SwiGLU
+      x = x + shd.constrain(linear('BTF,FD->BTD', jax.nn.silu(g) * u, p['down']), BTD)
       return (x, kv), None
 
     if remat_policy is not None:
@@ -193,14 +192,7 @@ class Backbone(nnx.Module):
     """h [B,T,D] -> [B,T,V], with the muP output scale; padded=True gives the padded vocab
     [B,T,Vp] with the padding's logits at NEG_INF (what the chunked loss reads)."""
     cfg = self.cfg
-    logits = lora.dense(
-      'BTD,DV->BTV',
-      h,
-      values(self, ('lm_head',), h.dtype),
-      'lm_head',
-      self.lora_scale,
-      dropout=dropout,
-    )
+    logits = dense('BTD,DV->BTV', h, values(self, ('lm_head',), h.dtype)['lm_head'], dropout)
     logits = shd.constrain(logits, ('activation_batch', 'activation_length', 'activation_vocab'))
     logits = logits * jnp.asarray(cfg.text_logit_scale, logits.dtype)
     if not padded:

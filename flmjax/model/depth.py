@@ -16,8 +16,9 @@ from flax import nnx
 
 from flmjax import sharding as shd
 from flmjax.config import ModelConfig
-from flmjax.model import layers, lora
+from flmjax.model import layers
 from flmjax.model.params import param, values
+from flmjax.model.weights import dense, fold, rows
 
 LAYER_PARAMS = ('ln_1', 'qkv', 'proj', 'ln_2', 'gate', 'up', 'down')
 
@@ -40,7 +41,6 @@ def layer(
   v_cache: jax.Array,
   start: jax.Array,
   eps: float,
-  lora_scale: float = 0.0,
   dropout=None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """One depth layer at the C' consecutive positions start..start+C'-1 of R rows: the one
@@ -50,12 +50,12 @@ def layer(
   p: one layer's params ('ln_1' [d], 'qkv' [3,d,n], 'proj' [h,e,d], 'ln_2' [d],
   'gate'/'up' [C,d,f], 'down' [C,f,d]); x [R,C',d]; k_cache/v_cache [R,S,h,e] over the S = C
   positions. The new keys are written at their positions, position c attends positions s <= c and
-  runs MLP c. Returns (x [R,C',d], k_cache, v_cache). LoRA adapters and int8 scales in p
-  (flmjax.model.lora) are applied where present, with `lora_scale` (and `dropout` in training).
+  runs MLP c. Returns (x [R,C',d], k_cache, v_cache). A weight of p may be a LoraWeight or an
+  Int8Weight (flmjax.model.weights); `dropout` (key, rate) is the adapters' in training.
   """
   (rows, width, _), (heads, head_dim) = x.shape, k_cache.shape[-2:]
   y = layers.rms_norm(x, p['ln_1'], eps)
-  qkv = lora.dense('RCd,sdn->sRCn', y, p, 'qkv', lora_scale, dropout=dropout)  # [3,R,C',n]
+  qkv = dense('RCd,sdn->sRCn', y, p['qkv'], dropout)  # [3,R,C',n]
   q, k, v = qkv.reshape(3, rows, width, heads, head_dim)  # each [R,C',h,e]
   k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), start, 1)
   v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), start, 1)
@@ -66,16 +66,16 @@ def layer(
   logits = jnp.where(visible, logits, layers.NEG_INF)
   probs = jax.nn.softmax(logits, axis=-1).astype(v_cache.dtype)
   att = jnp.einsum('RhCS,RShe->RChe', probs, v_cache)
-  x = x + lora.dense('RChe,hed->RCd', att, p, 'proj', lora_scale, dropout=dropout)
+  x = x + dense('RChe,hed->RCd', att, p['proj'], dropout)
   y = layers.rms_norm(x, p['ln_2'], eps)
   mlp = lambda w: jax.lax.dynamic_slice_in_dim(w, start, width, 0)  # [C',d,f] / [C',f,d]
   # Codebook-major inside the MLP: the matmuls are batched over C, which XLA wants leading, so
   # only the d-wide in and out are transposed, never the f-wide activations.
   y = jnp.swapaxes(y, 0, 1)  # [C',R,d]
-  dense = lambda spec, x, name: lora.dense(spec, x, p, name, lora_scale, take=mlp, dropout=dropout)
-  g = shd.constrain(dense('CRd,Cdf->CRf', y, 'gate'), CRF)
-  u = shd.constrain(dense('CRd,Cdf->CRf', y, 'up'), CRF)
-  x = x + jnp.swapaxes(dense('CRf,Cfd->CRd', jax.nn.silu(g) * u, 'down'), 0, 1)
+  linear = lambda spec, x, name: dense(spec, x, jax.tree.map(mlp, p[name]), dropout)
+  g = shd.constrain(linear('CRd,Cdf->CRf', y, 'gate'), CRF)
+  u = shd.constrain(linear('CRd,Cdf->CRf', y, 'up'), CRF)
+  x = x + jnp.swapaxes(linear('CRf,Cfd->CRd', jax.nn.silu(g) * u, 'down'), 0, 1)
   return x, k_cache, v_cache
 
 
@@ -111,8 +111,6 @@ def layers_step(
 
 
 class DepthTransformer(nnx.Module):
-  lora_scale = 0.0  # alpha / rank once flmjax.model.lora.attach adds adapters
-
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     L, C, D, d, h, e, f, A = (
@@ -152,14 +150,7 @@ class DepthTransformer(nnx.Module):
 
   def conditioning(self, h: jax.Array, dropout=None) -> jax.Array:
     """h [..., D] -> [..., C, d]: conditioning vector c is added to depth step c's input."""
-    return lora.dense(
-      '...D,DCd->...Cd',
-      h,
-      values(self, ('linear_in',), h.dtype),
-      'linear_in',
-      self.lora_scale,
-      dropout=dropout,
-    )
+    return dense('...D,DCd->...Cd', h, values(self, ('linear_in',), h.dtype)['linear_in'], dropout)
 
   def __call__(self, h: jax.Array, prev: jax.Array, remat_policy=None) -> jax.Array:
     """Teacher-forced: h [B,T,D], prev [B,T,C-1] (codes of codebooks 0..C-2) -> [B,T,C,A]."""
@@ -168,14 +159,16 @@ class DepthTransformer(nnx.Module):
   def features(self, h: jax.Array, prev: jax.Array, remat_policy=None, dropout=None) -> jax.Array:
     """Teacher-forced final-normed states: h [B,T,D], prev [B,T,C-1] -> [B,T,C,d]; the loss
     applies the heads itself, a codebook at a time (loss.audio_cross_entropy).
-    `dropout` (key, rate): LoRA dropout in training, a stream per layer."""
+    `dropout` (key, rate): adapter dropout in training, a stream per layer."""
     cfg, dt = self.cfg, h.dtype
     b, t, _ = h.shape
     C = cfg.num_codebooks
     tokens = jnp.concatenate([jnp.full((b, t, 1), cfg.audio_emp_id, prev.dtype), prev], axis=-1)
     # wtes gathered: see Backbone.embed
-    x = lora.rows(self, 'wtes', (jnp.arange(C), tokens), dt, (None,) * 3) + self.wpe[...].astype(dt)
-    cond = self.conditioning(h, lora.fold(dropout, cfg.depth_layers))  # after the layers' streams
+    wtes = values(self, ('wtes',), dt)['wtes']
+    pin = lambda x: shd.constrain(x, (None,) * 3)
+    x = rows(wtes, (jnp.arange(C), tokens), dt, pin) + self.wpe[...].astype(dt)
+    cond = self.conditioning(h, fold(dropout, cfg.depth_layers))  # after the layers' streams
     x = shd.constrain((x + cond).reshape(b * t, C, cfg.depth_dim), RCD)  # [R,C,d]
     empty = jnp.zeros((b * t, C, cfg.depth_heads, cfg.depth_head_dim), dt)  # [R,S,h,e]
 
@@ -188,8 +181,7 @@ class DepthTransformer(nnx.Module):
         empty,
         0,
         cfg.depth_rms_eps,
-        self.lora_scale,
-        lora.fold(dropout, i),
+        fold(dropout, i),
       )[0], None
 
     if remat_policy is not None:
@@ -202,13 +194,7 @@ class DepthTransformer(nnx.Module):
     """x [B,T,C,d] -> [B,T,C,A]."""
     b, t, C, d = x.shape
     logits = shd.constrain(
-      lora.dense(
-        'RCd,CdA->RCA',
-        x.reshape(b * t, C, d),
-        values(self, ('heads',), x.dtype),
-        'heads',
-        self.lora_scale,
-      ),
+      dense('RCd,CdA->RCA', x.reshape(b * t, C, d), values(self, ('heads',), x.dtype)['heads']),
       ('activation_batch', None, None),
     )
     return logits.reshape(b, t, C, self.cfg.audio_vocab_size)

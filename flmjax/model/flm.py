@@ -9,10 +9,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flmjax.config import ModelConfig
-from flmjax.model import lora as lora_lib
 from flmjax.model.backbone import Backbone
 from flmjax.model.depth import DepthTransformer
+from flmjax.model.int8 import attach_scales
 from flmjax.model.lora import LoraConfig, attach
+from flmjax.model.weights import fold
 
 
 class Output(NamedTuple):
@@ -81,6 +82,8 @@ class FLMAudio(nnx.Module):
     self.depth_transformer = DepthTransformer(cfg, rngs=rngs)
     if lora is not None:
       attach(self, lora, rngs)
+      if lora.base_dtype == 'int8':
+        attach_scales(self)
 
   def __call__(
     self,
@@ -112,15 +115,13 @@ class FLMAudio(nnx.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     x = self.backbone.embed(text, speak, listen)
-    hidden, _ = self.backbone(
-      x, positions, remat_policy=remat_policy, dropout=lora_lib.fold(dropout, 0)
-    )
+    hidden, _ = self.backbone(x, positions, remat_policy=remat_policy, dropout=fold(dropout, 0))
     if not with_logits:
       features = (
         None
         if depth_prev is None
         else self.depth_transformer.features(
-          hidden, depth_prev, remat_policy=remat_policy, dropout=lora_lib.fold(dropout, 1)
+          hidden, depth_prev, remat_policy=remat_policy, dropout=fold(dropout, 1)
         )
       )
       return Output(hidden, None, None, features)

@@ -1,13 +1,12 @@
-"""LoRA adapters and the int8 frozen base, applied inside the model's own (scanned) layers.
+"""LoRA as a transform of a model's weights, in the manner of gemma's peft and qwix.
 
-A weight W that has an adapter is read as `x @ W + (x @ A) @ B * alpha / rank` (`dense`), with
-A [in, r] drawn normal / sqrt(in) and B [r, out] zeros, both float32, so B = 0 is the base
-exactly. Adapters are `LoraParam` variables beside their weight (`q` -> `q_lora_a`,
-`q_lora_b`), stacked like it over layers and codebooks and named by the same logical axes, so
-FSDP and tensor rules shard them like their base. An int8 base keeps each quantized weight
-as int8 with a per-output-channel float32 `QuantScale` (`q` -> `q_scale`, symmetric,
-absmax / 127 over the input dims); `dense` dequantizes the one layer slice it reads, so no
-bf16 copy of the base exists.
+`attach` adds each target weight's adapters beside it (`q` -> `q_lora_a`, `q_lora_b`, as qwix's
+nnx LoRA stores them): A [in, r] drawn normal / sqrt(in) and B [r, out] zeros, both float32, so
+B = 0 is the base exactly; they are stacked like the weight over layers and codebooks and named
+by the same logical axes, so FSDP and tensor rules shard them like their base. `wrap` reads a
+module's weights with their adapters as LoraWeights (flmjax.model.weights), which `dense` and
+`rows` compute as `x @ W + (x @ A) @ B * alpha / rank`: the model's layers never name an
+adapter. The int8 base is flmjax.model.int8.
 
 Each site below names a weight and the role of each of its dims: b stacked or batched (layers,
 codebooks), i input (contracted), o output. A letters = b + i + r, B letters = b + r + o.
@@ -25,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flmjax import sharding as shd
+from flmjax.model.weights import LoraWeight
 
 TARGETS = ('attn', 'mlp', 'depth', 'heads', 'embed')
 BASE_DTYPES = ('bfloat16', 'float32', 'int8')
@@ -56,9 +55,6 @@ SITES = {
     ('depth_transformer', 'wtes', 'bio'),
   ),
 }
-# The int8 base quantizes the scanned layers' matrices (85% of flm_8b's weights); embeddings,
-# heads, norms and biases stay in bfloat16.
-QUANTIZED = SITES['attn'] + SITES['mlp'] + SITES['depth'][1:]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,10 +98,6 @@ class LoraParam(nnx.Variable):
   """A trainable adapter matrix (A or B)."""
 
 
-class QuantScale(nnx.Variable):
-  """The per-output-channel scale of an int8 base weight (frozen, like the base)."""
-
-
 def _pick(shape, roles, which) -> tuple[int, ...]:
   return tuple(i for i, r in enumerate(roles) if r in which)
 
@@ -124,7 +116,7 @@ def adapter_shapes(shape, axes, roles, rank):
 
 def attach(model: nnx.Module, lora: LoraConfig, rngs: nnx.Rngs) -> None:
   """Adds `{w}_lora_a` / `{w}_lora_b` LoraParams beside each target weight of `model`
-  (an FLMAudio), and `{w}_scale` QuantScales (ones, until `quantize`) for an int8 base."""
+  (an FLMAudio), and alpha / rank as its modules' `lora_scale` (read by `wrap`)."""
   for module in ('backbone', 'depth_transformer'):
     getattr(model, module).lora_scale = lora.scale
   for module, name, roles in lora.sites():
@@ -138,13 +130,6 @@ def attach(model: nnx.Module, lora: LoraConfig, rngs: nnx.Rngs) -> None:
     a = a * real_mask(a_shape, a_axes, model.cfg)
     setattr(owner, f'{name}_lora_a', LoraParam(a, axes=a_axes))
     setattr(owner, f'{name}_lora_b', LoraParam(jnp.zeros(b_shape, jnp.float32), axes=b_axes))
-  if lora.base_dtype == 'int8':
-    for module, name, roles in QUANTIZED:
-      owner = getattr(model, module)
-      w = getattr(owner, name)
-      shape = tuple(1 if r == 'i' else s for s, r in zip(w.shape, roles))
-      axes = tuple(None if r == 'i' else a for a, r in zip(w.get_metadata()['axes'], roles))
-      setattr(owner, f'{name}_scale', QuantScale(jnp.ones(shape, jnp.float32), axes=axes))
 
 
 def real_mask(shape, axes, cfg) -> jax.Array:
@@ -160,89 +145,6 @@ def real_mask(shape, axes, cfg) -> jax.Array:
   return mask
 
 
-def siblings(module: nnx.Module, name: str) -> dict[str, jax.Array]:
-  """The adapter and scale arrays of weight `name` that `module` has, as is (float32)."""
-  return {
-    f'{name}{s}': getattr(module, f'{name}{s}')[...]
-    for s in ('_lora_a', '_lora_b', '_scale')
-    if hasattr(module, f'{name}{s}')
-  }
-
-
-def weight(p: dict, name: str, dtype) -> jax.Array:
-  """p[name] in `dtype`, dequantized with p[name + '_scale'] when the base is int8."""
-  w = p[name]
-  if f'{name}_scale' in p:
-    return w.astype(dtype) * p[f'{name}_scale'].astype(dtype)
-  return w.astype(dtype)
-
-
-Dropout = tuple  # (key, rate): LoRA dropout on the adapters' input, in training only
-
-
-def fold(dropout: Dropout | None, data) -> Dropout | None:
-  """A sub-stream of `dropout` for one module, layer, block or codebook (`data`, an int)."""
-  return None if dropout is None else (jax.random.fold_in(dropout[0], data), dropout[1])
-
-
-# A dropout sub-stream per weight name (the same name in two modules runs under two streams).
-_SITE_IDS = {n: i for i, n in enumerate(sorted({w for s in SITES.values() for _, w, _ in s}))}
-
-
-def dense(
-  spec: str,
-  x: jax.Array,
-  p: dict,
-  name: str,
-  scale: float,
-  take=None,
-  dropout: Dropout | None = None,
-) -> jax.Array:
-  """einsum(spec, x, W) + einsum((x A), B) * scale for p's weight `name` (one layer slice) and
-  its adapters, if any; `take` maps each of W, A, B and the int8 scale first (e.g. a slice of
-  the codebooks). The low-rank einsums come from `spec`: letters shared by x, W and the output
-  are batched, those of x and W only are contracted, those of W only are outputs. `dropout`
-  (key, rate) drops the adapters' input as PEFT's lora_dropout does; the base path sees x."""
-  take = take or (lambda w: w)
-  q = {k: take(v) for k, v in p.items() if k == name or k.startswith(f'{name}_')}
-  y = jnp.einsum(spec, x, weight(q, name, x.dtype))
-  if f'{name}_lora_a' not in q:
-    return y
-  if dropout is not None:
-    key, rate = fold(dropout, _SITE_IDS[name])
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    x = jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
-  lhs, out = spec.split('->')
-  xs, ws = lhs.split(',')
-  ell = '...' if xs.startswith('...') else ''
-  xs, out = xs.removeprefix('...'), out.removeprefix('...')
-  batch = ''.join(c for c in ws if c in xs and c in out)
-  ins = ''.join(c for c in ws if c in xs and c not in out)
-  outs = ''.join(c for c in ws if c not in xs)
-  mid = ''.join(c for c in xs if c not in ins) + 'r'
-  xa = jnp.einsum(f'{ell}{xs},{batch}{ins}r->{ell}{mid}', x, q[f'{name}_lora_a'].astype(x.dtype))
-  delta = jnp.einsum(
-    f'{ell}{mid},{batch}r{outs}->{ell}{out}', xa, q[f'{name}_lora_b'].astype(x.dtype)
-  )
-  return y + delta * jnp.asarray(scale, x.dtype)
-
-
-def rows(module: nnx.Module, name: str, index: tuple, dtype, axes) -> jax.Array:
-  """Embedding rows W[index] (+ A[index] @ B * scale with an `embed` adapter) -> [..., d]:
-  index is (ids,) or (codebooks, ids) for a table stacked over codebooks. The tables are pinned
-  to `axes` first unless None (FSDP: the embed dim gathered, so lookups stay local to each batch
-  shard)."""
-  pin = (lambda x: x) if axes is None else (lambda x: shd.constrain(x, axes))
-  table = lambda n: pin(getattr(module, n)[...].astype(dtype))
-  out = table(name)[index]
-  if not hasattr(module, f'{name}_lora_a'):
-    return out
-  a = table(f'{name}_lora_a')[index]  # [..., r]
-  b = getattr(module, f'{name}_lora_b')[...].astype(dtype)  # [r, d] or [C, r, d]
-  spec = '...r,rd->...d' if b.ndim == 2 else '...Cr,Crd->...Cd'
-  return out + jnp.einsum(spec, a, b) * jnp.asarray(module.lora_scale, dtype)
-
-
 def delta(a: jax.Array, b: jax.Array, roles: str, scale: float) -> jax.Array:
   """A @ B * scale in the layout of the weight whose dims have `roles` (for merging)."""
   letters = 'abcdefghijklmnopq'[: len(roles)]
@@ -255,16 +157,6 @@ def delta(a: jax.Array, b: jax.Array, roles: str, scale: float) -> jax.Array:
     )
     * scale
   )
-
-
-def quantize(w: jax.Array, roles: str) -> tuple[jax.Array, jax.Array]:
-  """w -> (int8 values, float32 scale): symmetric per output channel over the input dims."""
-  ins = _pick(w.shape, roles, 'i')
-  scale = jnp.max(jnp.abs(w.astype(jnp.float32)), axis=ins, keepdims=True) / 127.0
-  # Zero columns (layout padding) get scale 0: they stay zero, and the base's fingerprint does
-  # not depend on how much padding the mesh asks for.
-  q = jnp.round(w.astype(jnp.float32) / jnp.where(scale > 0, scale, 1.0))
-  return jnp.clip(q, -127, 127).astype(jnp.int8), scale
 
 
 LAYOUT_FIELDS = ('dtype', 'param_dtype', 'checkpoint_dtype', 'tensor_parallel')
@@ -297,47 +189,26 @@ def _checksums(xs: list[jax.Array]) -> list[jax.Array]:
   return [one(x) for x in xs]
 
 
-ADAPTER_SUFFIXES = ('_lora_a', '_lora_b', '_scale')
+SUFFIXES = ('_lora_a', '_lora_b')
+# A dropout sub-stream per weight name (the same name in two modules runs under two streams).
+_SITE_IDS = {n: i for i, n in enumerate(sorted({w for s in SITES.values() for _, w, _ in s}))}
+
+
+def wrap(tree: dict, scale: float) -> dict:
+  """One module's arrays by name (weights, adapters beside them) -> {name: weight}: each weight
+  that has adapters as a LoraWeight(W, A, B, scale); the rest as they are."""
+  out = {k: v for k, v in tree.items() if not k.endswith(SUFFIXES)}
+  for name in out:
+    if f'{name}_lora_a' in tree:
+      a, b = tree[f'{name}_lora_a'], tree[f'{name}_lora_b']
+      out[name] = LoraWeight(out[name], a, b, scale, _SITE_IDS[name])
+  return out
 
 
 def split_params(params: dict) -> tuple[dict, dict]:
   """A LoRA model's pure dict -> (base: weights and int8 scales, adapters)."""
   base, adapters = {}, {}
   for module, tree in params.items():
-    base[module] = {k: v for k, v in tree.items() if not k.endswith(('_lora_a', '_lora_b'))}
-    adapters[module] = {k: v for k, v in tree.items() if k.endswith(('_lora_a', '_lora_b'))}
+    base[module] = {k: v for k, v in tree.items() if not k.endswith(SUFFIXES)}
+    adapters[module] = {k: v for k, v in tree.items() if k.endswith(SUFFIXES)}
   return base, adapters
-
-
-def merged_params(params: dict, lora: LoraConfig) -> dict:
-  """A LoRA model's pure dict (base + adapters, int8 or not) -> the plain model's, float32:
-  int8 weights dequantized, W + A @ B * alpha / rank folded in (what `dense` computes)."""
-  out = {
-    m: {k: v for k, v in tree.items() if not k.endswith(ADAPTER_SUFFIXES)}
-    for m, tree in params.items()
-  }
-  for module, name, _ in QUANTIZED:
-    if f'{name}_scale' in params[module]:
-      out[module][name] = weight(params[module], name, jnp.float32)
-  for module, name, roles in lora.sites():
-    tree = params[module]
-    out[module][name] = out[module][name].astype(jnp.float32) + delta(
-      tree[f'{name}_lora_a'], tree[f'{name}_lora_b'], roles, lora.scale
-    )
-  return jax.tree.map(lambda x: x.astype(jnp.float32), out)
-
-
-def quantize_base(base: dict) -> dict:
-  """A base pure dict (weights, no adapters) -> the int8 base: QUANTIZED weights as int8 with
-  their `_scale` beside them; everything else in bfloat16."""
-  out = jax.tree.map(lambda x: x.astype(jnp.bfloat16), base)
-  for module, name, roles in QUANTIZED:
-    out[module][name], out[module][f'{name}_scale'] = quantize(base[module][name], roles)
-  return out
-
-
-def cast_base(base: dict, base_dtype: str) -> dict:
-  """The frozen base as it is stored in training: int8 (quantize_base), or cast."""
-  if base_dtype == 'int8':
-    return quantize_base(base)
-  return jax.tree.map(lambda x: x.astype(base_dtype), base)

@@ -16,11 +16,11 @@ import jax
 import jax.numpy as jnp
 
 from flmjax.config import ModelConfig
-from flmjax.model import lora
 from flmjax.model.backbone import Backbone
 from flmjax.model.depth import DepthTransformer
 from flmjax.model.flm import FLMAudio
 from flmjax.model.params import values
+from flmjax.model.weights import dense, fold
 
 STREAMS = ('text', 'semantic', 'acoustic')
 
@@ -114,7 +114,7 @@ def text_cross_entropy(
   """
 
   def one(h, tgt, column):
-    logits = backbone.text_logits(h, padded=True, dropout=lora.fold(dropout, column[0, 0]))
+    logits = backbone.text_logits(h, padded=True, dropout=fold(dropout, column[0, 0]))
     if constrain is not None:  # logits [B,block,Vp]; padding at NEG_INF
       logits = constrain(logits, ('batch', 'time', 'vocab'))
     return _ce(logits, tgt, also)
@@ -134,12 +134,10 @@ def audio_cross_entropy(
   matmul codebook-major and costs transposes). `dropout`: LoRA dropout (key, rate) of a heads
   adapter, a stream per codebook.
   """
-  heads = values(depth, ('heads',), features.dtype)  # [C,d,A], with LoRA adapters [C,...]
+  heads = values(depth, ('heads',), features.dtype)['heads']  # [C,d,A], maybe a LoraWeight
 
-  def one(x, w, tgt, c):  # [B,T,d], {'heads': [d,A], ...}, [B,T], codebook
-    logits = lora.dense(
-      'BTd,dA->BTA', x, w, 'heads', depth.lora_scale, dropout=lora.fold(dropout, c)
-    )
+  def one(x, w, tgt, c):  # [B,T,d], [d,A] (a codebook's slice), [B,T], codebook
+    logits = dense('BTd,dA->BTA', x, w, fold(dropout, c))
     if constrain is not None:
       logits = constrain(logits, ('batch', 'time', 'audio_vocab'))
     return _ce(logits, tgt)[:2]
@@ -180,7 +178,7 @@ def loss_sums(
     block=text_block,
     constrain=constrain,
     also=cfg.text_wait_id,
-    dropout=lora.fold(dropout, 2),
+    dropout=fold(dropout, 2),
   )  # [B,T-1]
   speak_tgt = jnp.swapaxes(tgt[:, 1:], 1, 2)  # [B,T-1,C]
   audio_ce, audio_hit = audio_cross_entropy(
@@ -188,7 +186,7 @@ def loss_sums(
     out.depth_features,
     speak_tgt,
     constrain=constrain,
-    dropout=lora.fold(dropout, 3),
+    dropout=fold(dropout, 3),
   )  # [B,T-1,C]
   audio_w = jnp.swapaxes(w[:, 1:], 1, 2)
 

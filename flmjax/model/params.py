@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flmjax.model import lora
+from flmjax.model import int8, lora
 
 
 def param(
@@ -36,13 +36,16 @@ def param(
   return nnx.Param(value, axes=tuple(axes))
 
 
-def values(module: nnx.Module, names: tuple[str, ...], dtype) -> dict[str, jax.Array]:
-  """The named Params of `module` as plain arrays in the compute dtype, with their LoRA
-  adapters and int8 scales beside them (flmjax.model.lora). An int8 weight stays int8 here:
-  `lora.dense` dequantizes the one layer slice it reads."""
-  out = {}
+def values(module: nnx.Module, names: tuple[str, ...], dtype) -> dict:
+  """The named weights of `module` as the layers compute with them (flmjax.model.weights): an
+  array in the compute dtype, or, where a transform of the params left adapters or an int8
+  scale beside it, a LoraWeight or Int8Weight (adapters and scales as stored, float32). An int8
+  weight stays int8 here: `weights.dense` dequantizes the one layer slice it reads."""
+  tree = {}
   for n in names:
     w = getattr(module, n)[...]
-    out[n] = w if jnp.issubdtype(w.dtype, jnp.integer) else w.astype(dtype)
-    out.update(lora.siblings(module, n))
-  return out
+    tree[n] = w if jnp.issubdtype(w.dtype, jnp.integer) else w.astype(dtype)
+    for s in (*lora.SUFFIXES, int8.SUFFIX):
+      if hasattr(module, f'{n}{s}'):
+        tree[f'{n}{s}'] = getattr(module, f'{n}{s}')[...]
+  return lora.wrap(int8.wrap(tree), getattr(module, 'lora_scale', 0.0))

@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 from flmjax import sharding as shd
 from flmjax.config import ModelConfig
+from flmjax.model import int8
 from flmjax.model import lora as lora_lib
 from flmjax.model.flm import FLMAudio, abstract, create
 from flmjax.model.transforms import build_base
@@ -101,10 +102,10 @@ def state_spec(tc: TrainConfig, mesh: Mesh, tensor_parallel: int | None = None) 
   if tc.lora is not None:
     (a_base, a_params), (b_sh, p_sh) = lora_lib.split_params(a_params), lora_lib.split_params(p_sh)
     weights = {
-      m: {k: v for k, v in t.items() if not k.endswith('_scale')} for m, t in a_base.items()
+      m: {k: v for k, v in t.items() if not k.endswith(int8.SUFFIX)} for m, t in a_base.items()
     }
     a_base = jax.tree.map(
-      with_sh, jax.eval_shape(lambda b: lora_lib.cast_base(b, tc.lora.base_dtype), weights), b_sh
+      with_sh, jax.eval_shape(lambda b: int8.cast_base(b, tc.lora.base_dtype), weights), b_sh
     )
   tx = make_optimizer(tc.optim)
   o_sh = opt_shardings(tx, a_params, p_sh, mesh)

@@ -10,9 +10,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from flmjax import sharding as shd
-from flmjax.model import lora as lora_lib
 from flmjax.model.loss import loss_sums, metrics_from_sums, objective
 from flmjax.model.transforms import join
+from flmjax.model.weights import fold
 from flmjax.train.config import TrainConfig
 from flmjax.train.state import StateSpec, TrainState, shardings_of
 
@@ -89,7 +89,7 @@ def train_step_fn(spec: StateSpec, tc: TrainConfig, mesh: Mesh):
           policy,
           constrain,
           base,
-          lora_lib.fold(dropout, xs[2]),
+          fold(dropout, xs[2]),
         )
         return jax.tree.map(jnp.add, acc, g), s
 
