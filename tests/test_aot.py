@@ -305,7 +305,7 @@ def test_lora_int8_step_reads_the_int8_base():
   dequantized inside the layer loop), and the arguments are smaller than with a bf16 base."""
   import re
 
-  from flmjax.model.lora import QUANTIZED
+  from flmjax.model.int8 import QUANTIZED
   from flmjax.train.state import state_spec
 
   req = make_request(
