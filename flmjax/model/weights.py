@@ -68,7 +68,7 @@ def dense(spec: str, x: jax.Array, w: Weight, dropout: Dropout | None = None) ->
   if not isinstance(w, LoraWeight):
     return y
   if dropout is not None:
-    key, rate = fold(dropout, w.site)
+    key, rate = jax.random.fold_in(dropout[0], w.site), dropout[1]
     keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
     x = jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
   lhs, out = spec.split('->')
