@@ -339,3 +339,43 @@ def test_eval_checkpoint_of_another_kind(tiny_dir, golden_dir, tmp_path, capsys)
   )
   assert 'x.jsonl: no such file' in err  # --data first, then the checkpoint
   assert not (tmp_path / 'o').exists()
+
+
+@pytest.mark.slow
+def test_eval_duplex_paged_cache(tiny_dir, tiny_model, corpus, tmp_path, capsys):
+  """--kv-pages streams through the paged cache: a float pool of exactly the pages the batch
+  needs gives the contiguous decoder's report conversation for conversation; int8 pages run and
+  say so; a page fewer is refused in one line before streaming, writing nothing."""
+  base = ['eval', 'duplex', '--checkpoint', str(tiny_dir), '--data', corpus['heldout_duplex']]
+  base += ['--limit', '2', '--no-progress', '--eval-batches', '1', '--page-size', '16']
+  frames = max(c['user'].shape[1] for c in read_conversations(corpus['heldout_duplex'], 8)[:2])
+  need = 2 * -(-(frames + tiny_model.cfg.max_delay + 1) // 16)  # 2 sessions, whole pages
+  reports = {}
+  for name, extra in (
+    ('contiguous', []),
+    ('paged', ['--kv-pages', str(need)]),
+    ('int8', ['--kv-pages', str(need), '--kv-dtype', 'int8']),
+  ):
+    assert cli.main(base + ['--out', str(tmp_path / name)] + extra) == 0, capsys.readouterr().err
+    reports[name] = json.loads((tmp_path / name / 'report.json').read_text())
+  want, got = reports['contiguous'], reports['paged']
+  assert 'kv_cache' not in want
+  assert got['kv_cache'] == {'kv_pages': need, 'page_size': 16, 'kv_dtype': 'bf16'}
+  assert reports['int8']['kv_cache']['kv_dtype'] == 'int8'
+  for a, b in zip(want['conversations'], got['conversations']):
+    assert a['text_ids'] == b['text_ids'] and a['model_active'] == b['model_active']
+  assert want['turn_taking'] == got['turn_taking']
+  capsys.readouterr()
+  err = cli_error(capsys, base + ['--out', str(tmp_path / 'small'), '--kv-pages', str(need - 1)])
+  assert err.count('\n') == 1 and f'2 conversations streamed at once need {need} pages' in err
+  assert not (tmp_path / 'small').exists()
+
+
+def test_eval_duplex_paged_flags(tiny_dir, corpus, tmp_path, capsys):
+  base = ['eval', 'duplex', '--checkpoint', str(tiny_dir), '--data', corpus['heldout_duplex']]
+  base += ['--out', str(tmp_path / 'r')]
+  err = cli_error(capsys, base + ['--kv-dtype', 'int8'])
+  assert '--kv-dtype int8 needs --kv-pages N' in err
+  err = cli_error(capsys, base + ['--kv-pages', '0'])
+  assert '--kv-pages 0 must be >= 1' in err
+  assert not (tmp_path / 'r').exists()

@@ -1,7 +1,7 @@
 """`flmjax eval duplex|fdb`: measure a checkpoint as a full-duplex talker.
 
   flmjax eval duplex --checkpoint DIR --data HELDOUT.jsonl [--mimi PATH] [--out REPORT_DIR]
-                     [--rules flmjax|fdb]
+                     [--rules flmjax|fdb] [--kv-pages N [--page-size P] [--kv-dtype int8]]
   flmjax eval fdb --checkpoint DIR --in DIR --out DIR [--mimi PATH] [--overwrite]
                   [--rules fdb] [--transcripts DIR]
 
@@ -71,6 +71,16 @@ def _parser() -> ArgumentParser:
     default='flmjax',
     help="fdb: Full-Duplex-Bench's takeover rule (a reply under 1 s of 3 words or fewer is none)",
   )
+  d.add_argument(
+    '--kv-pages',
+    type=int,
+    default=None,
+    help='stream through a paged KV cache of N pages per layer (default: contiguous)',
+  )
+  d.add_argument('--page-size', type=int, default=128, help='positions a KV page (paged)')
+  d.add_argument(
+    '--kv-dtype', choices=('bf16', 'int8'), default='bf16', help='the paged pool in bf16 or int8'
+  )
   f = sub.add_parser('fdb', help='Full-Duplex-Bench: output.wav/.json beside every input.wav')
   f.add_argument('--checkpoint', required=True)
   f.add_argument(
@@ -122,6 +132,46 @@ def _teacher_forced(model, args, tokenizer, codec) -> dict:
     return teacher_forced(model, sets, num_batches=args.eval_batches)
 
 
+def _check_paged(args) -> None:
+  for flag, value in (('--kv-pages', args.kv_pages), ('--page-size', args.page_size)):
+    if value is not None and value < 1:
+      raise ValueError(f'{flag} {value} must be >= 1')
+  if args.kv_dtype != 'bf16' and args.kv_pages is None:
+    raise ValueError(f'--kv-dtype {args.kv_dtype} needs --kv-pages N (int8 is paged-only)')
+
+
+def _paged_decoder(args, model, conversations):
+  """With --kv-pages: a greedy decoder over a paged pool, max_len the longest conversation (and
+  its tail) rounded up to whole pages; None without. A pool smaller than the sessions streamed
+  at once need is refused here, before any streaming, so no conversation runs on a slid cache."""
+  if args.kv_pages is None:
+    return None
+  from flmjax.decode.decoder import StreamingDecoder
+  from flmjax.decode.sampling import SamplingConfig
+  from flmjax.eval.stream import stream_steps
+
+  steps = lambda chunk: stream_steps(model.cfg, max(c['user'].shape[1] for c in chunk))
+  batch = min(args.batch_size or len(conversations), len(conversations))
+  size = args.page_size
+  pages = lambda chunk: len(chunk) * -(-steps(chunk) // size)
+  need = max(pages(conversations[i : i + batch]) for i in range(0, len(conversations), batch))
+  if need > args.kv_pages:
+    raise ValueError(
+      f'--kv-pages {args.kv_pages}: {batch} conversations streamed at once need {need} pages of '
+      f'{size} positions; pass --kv-pages {need} or a smaller --batch-size'
+    )
+  greedy = SamplingConfig(greedy=True, repetition_penalty_text=1.0, repetition_penalty_audio=1.0)
+  return StreamingDecoder(
+    model,
+    greedy,
+    max_len=-(-steps(conversations) // size) * size,
+    kv='paged',
+    pages=args.kv_pages,
+    page_size=size,
+    kv_dtype=args.kv_dtype,
+  )
+
+
 def duplex(args) -> int:
   from flmjax.codec.mimi_codec import load_mimi_codec
   from flmjax.data.manifest import check_manifest
@@ -129,11 +179,13 @@ def duplex(args) -> int:
   from flmjax.decode.session import load_model
   from flmjax.eval.duplex import check_vocab, evaluate_duplex
   from flmjax.eval.report import markdown, write_report
+  from flmjax.eval.stream import read_conversations
   from flmjax.outputs import check_out_dir
 
   for flag, value in (('--limit', args.limit), ('--batch-size', args.batch_size)):
     if value is not None and value < 1:
       raise ValueError(f'{flag} {value} must be >= 1')
+  _check_paged(args)
   check_manifest(args.data, '--data')  # before the model loads
   if args.asr_tts:
     check_manifest(args.asr_tts, '--asr-tts')
@@ -148,13 +200,15 @@ def duplex(args) -> int:
     )
   check_vocab(model.cfg, tokenizer, f'--data {args.data}')
   codec = load_mimi_codec(args.mimi, model.cfg.num_codebooks) if args.mimi else None
+  convs = read_conversations(args.data, model.cfg.num_codebooks, limit=args.limit, codec=codec)
   report = evaluate_duplex(
     model,
     args.data,
     tokenizer,
-    limit=args.limit,
     batch_size=args.batch_size,
     codec=codec,
+    conversations=convs,
+    decoder=_paged_decoder(args, model, convs),
     progress=not args.no_progress,
     rules=args.rules,
     lead_frames=args.lead_frames,
@@ -165,6 +219,12 @@ def duplex(args) -> int:
     for k, v in _teacher_forced(model, args, tokenizer, codec).items()
   }
   report.update(checkpoint=os.path.abspath(args.checkpoint), data=os.path.abspath(args.data))
+  if args.kv_pages is not None:
+    report['kv_cache'] = {
+      'kv_pages': args.kv_pages,
+      'page_size': args.page_size,
+      'kv_dtype': args.kv_dtype,
+    }
   paths = write_report(report, args.out, tokenizer, model.cfg)
   print(markdown(report))
   print(
