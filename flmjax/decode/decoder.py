@@ -64,7 +64,8 @@ class StreamingDecoder:
     the pages it holds under overflow='slide'; under 'error' the step raises PoolFullError
     before it runs, so no running session is touched. kv_dtype='int8' stores the pool in int8
     with a scale per token and KV head. paged_impl: flmjax.model.paged.IMPLS ('auto': the TPU
-    kernel on TPU, XLA elsewhere; 'interpret': the TPU kernel in interpret mode).
+    kernel on TPU, the GPU kernel on GPU, XLA elsewhere; 'interpret' / 'gpu_interpret': the TPU
+    / GPU kernel in interpret mode).
   depth_layer_fn: a drop-in for flmjax.model.depth.layer_step. depth_layers_fn: a drop-in for
     the whole depth layer stack (depth.layers_step's signature); use_pallas=True takes it from
     flmjax.kernels.depth_step.select_depth_layers_fn (pallas_interpret=True: interpret mode).

@@ -15,13 +15,15 @@ Shape letters as in layers.py; NP pages per layer, P positions per page, M pages
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from flmjax import sharding as shd
 from flmjax.model import attention, layers
 
-IMPLS = ('auto', 'xla', 'kernel', 'interpret')
+IMPLS = ('auto', 'xla', 'kernel', 'interpret', 'gpu_interpret')
 KV_DTYPES = ('bf16', 'int8')  # bf16: the model's compute dtype
 POOL_NAMES = ('k', 'v', 'k_scale', 'v_scale')
 MAX_INT8 = 127.5  # quantization_utils.MAX_INT8 of jax's paged-attention kernel
@@ -88,17 +90,30 @@ def constrain(pool: dict) -> dict:
 def attend(q: jax.Array, pool: dict, cache: dict, offset, count: jax.Array) -> jax.Array:
   """q [B,1,N,H] -> [B,1,N,H] over one layer's pages (page ids + offset = layer · NP).
 
-  cache['impl']: 'xla' reads the first U table columns (cache['read'] [B,U]); 'kernel' is the TPU
-  kernel over the whole table, which reads only the pages below each length; 'interpret' runs
-  that kernel in interpret mode; 'auto' takes the kernel on TPU, XLA elsewhere.
+  cache['impl']: 'xla' reads the first U table columns (cache['read'] [B,U]); 'kernel' is the
+  platform's kernel (TPU's on TPU, else GPU's) over the whole table, which reads only the pages
+  below each length; 'interpret' / 'gpu_interpret' run the TPU / GPU kernel in interpret mode;
+  'auto' takes the TPU kernel on TPU (bf16 pages), the GPU kernel on GPU (where it fits), else XLA.
   """
   impl = cache['impl']
-  if impl == 'auto':  # int8: the kernel's int8 format would broadcast the scales (see aot)
-    tpu = attention.platform() == 'tpu' and pool['k'].dtype != jnp.int8
-    impl = 'kernel' if tpu else 'xla'
+  where = attention.platform()
+  if impl == 'auto':  # int8 on TPU: the kernel's int8 format would broadcast the scales (aot)
+    tpu = where == 'tpu' and pool['k'].dtype != jnp.int8
+    gpu = where == 'gpu' and gpu_kernel_fits(pool['k'].shape[2], q.shape[-1])
+    impl = 'kernel' if tpu or gpu else 'xla'
   if impl == 'xla':
     return attend_xla(q, pool, cache['read'] + offset, count)
-  return attend_kernel(q, pool, cache['table'] + offset, count, interpret=impl == 'interpret')
+  ids = cache['table'] + offset
+  if impl == 'gpu_interpret' or (impl == 'kernel' and where == 'gpu'):
+    return attend_kernel(q, pool, ids, count, kind='gpu', interpret=impl == 'gpu_interpret')
+  return attend_kernel(q, pool, ids, count, interpret=impl == 'interpret')
+
+
+def gpu_kernel_fits(page_size: int, head_dim: int) -> bool:
+  """Triton's dots want blocks of at least 16 in powers of two: a page (the kernel's block of
+  keys is pages of it) and the head dim."""
+  pow2 = lambda n: n >= 16 and n & (n - 1) == 0
+  return pow2(page_size) and pow2(head_dim)
 
 
 def counts(positions: jax.Array, held: jax.Array, page_size: int) -> jax.Array:
@@ -163,42 +178,35 @@ def kernel_block(pages_per_session: int) -> int:
 
 
 def attend_kernel(
-  q: jax.Array, pool: dict, ids: jax.Array, count: jax.Array, *, interpret: bool = False
+  q: jax.Array,
+  pool: dict,
+  ids: jax.Array,
+  count: jax.Array,
+  *,
+  kind: str = 'tpu',
+  interpret: bool = False,
 ) -> jax.Array:
-  """The same attention through jax.experimental.pallas.ops.tpu.paged_attention (TPU; on CPU
-  interpret=True runs it in TPU interpret mode). ids [B,M] global page ids (layer offset in).
+  """The same attention through JAX's paged-attention kernel: kind 'tpu' is
+  jax.experimental.pallas.ops.tpu.paged_attention (on CPU, interpret=True runs it in TPU
+  interpret mode), 'gpu' is jax.experimental.pallas.ops.gpu.paged_attention (Triton; interpret
+  mode on CPU). ids [B,M] global page ids (layer offset in).
 
   On a mesh it runs in shard_map: sessions over the batch axes, heads over tensor where the KV
   heads split as the query heads do; otherwise every shard computes all heads.
   """
-  import contextlib
-
-  from jax.experimental.pallas import tpu as pltpu
-  from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention
-  from jax.experimental.pallas.ops.tpu.paged_attention.quantization_utils import QuantizedTensor
   from jax.sharding import PartitionSpec as PS
 
   from flmjax import sharding as shd
 
   b, _, n, h = q.shape
-  # The kernel does not scale: scale q in float32 (the XLA path scales the float32 logits).
-  q = (q[:, 0].astype(jnp.float32) * h**-0.5).astype(q.dtype)  # [B,N,H]
   quantized = pool['k'].dtype == jnp.int8
+  # The kernels do not scale: scale q in float32 (the XLA path scales the float32 logits); the
+  # GPU kernel's int8 keys also want the 1/127.5 of their scales here (see _gpu_local).
+  scale = h**-0.5 / (MAX_INT8 if quantized and kind == 'gpu' else 1.0)
+  q = (q[:, 0].astype(jnp.float32) * scale).astype(q.dtype)  # [B,N,H]
   names = ('k', 'v', 'k_scale', 'v_scale') if quantized else ('k', 'v')
   arrays = tuple(pool[x] for x in names)
-  block = kernel_block(ids.shape[1])
-
-  def local(q, ids, count, *arrays):
-    if quantized:
-      k = QuantizedTensor(arrays[0], arrays[2][..., None])
-      v = QuantizedTensor(arrays[1], arrays[3][..., None])
-    else:
-      k, v = arrays
-    ctx = pltpu.force_tpu_interpret_mode() if interpret else contextlib.nullcontext()
-    with ctx:
-      out = paged_attention(q, k, v, count, ids, pages_per_compute_block=block)
-    return out.astype(q.dtype)
-
+  local = functools.partial(_tpu_local if kind == 'tpu' else _gpu_local, interpret=interpret)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     out = local(q, ids, count, *arrays)
@@ -218,3 +226,42 @@ def attend_kernel(
       check_vma=False,
     )(q, ids, count, *arrays)
   return out[:, None]
+
+
+def _tpu_local(q, ids, count, *arrays, interpret: bool):
+  """One shard's TPU kernel call. It casts every page to bfloat16 as it loads it (float32 pages
+  too: MultiPageAsyncCopyDescriptor._maybe_dequantize), see docs/decoding.md."""
+  import contextlib
+
+  from jax.experimental.pallas import tpu as pltpu
+  from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention
+  from jax.experimental.pallas.ops.tpu.paged_attention.quantization_utils import QuantizedTensor
+
+  if len(arrays) == 4:
+    k = QuantizedTensor(arrays[0], arrays[2][..., None])
+    v = QuantizedTensor(arrays[1], arrays[3][..., None])
+  else:
+    k, v = arrays
+  ctx = pltpu.force_tpu_interpret_mode() if interpret else contextlib.nullcontext()
+  with ctx:
+    out = paged_attention(q, k, v, count, ids, pages_per_compute_block=kernel_block(ids.shape[1]))
+  return out.astype(q.dtype)
+
+
+def _gpu_local(q, ids, count, *arrays, interpret: bool):
+  """One shard's GPU kernel call. Its int8 format is this pool's (a scale per token and head,
+  multiplying the logits and the probabilities); its scales are value = int8 · scale, so the
+  1/127.5 is in q for the keys (attend_kernel) and goes onto the output for the values (nothing
+  copies the pool's scales). The table splits into k_splits partitions (combined by the
+  kernel's last flash round), each read in blocks of pages_per_compute_block pages."""
+  from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
+
+  m = ids.shape[1]
+  splits = next(s for s in (16, 8, 4, 2, 1) if m % s == 0)
+  kw = dict(pages_per_compute_block=kernel_block(m // splits), k_splits=splits)
+  if len(arrays) == 4:
+    k, v, ks, vs = arrays
+    out = paged_attention(q, k, v, ids, count, ks, vs, interpret=interpret, **kw)
+    return (out.astype(jnp.float32) / MAX_INT8).astype(q.dtype)
+  k, v = arrays
+  return paged_attention(q, k, v, ids, count, interpret=interpret, **kw).astype(q.dtype)
