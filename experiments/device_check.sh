@@ -8,13 +8,14 @@
 # Steps, each under its own time limit (seconds; 480 in all):
 #   kernels    experiments/gpu_kernel_check.py: the depth kernels compiled for the GPU (Triton)
 #              against the reference with the tests' tolerances, and the golden greedy stream
-#              with use_pallas=True                                                        (70)
+#              with use_pallas=True; JAX's GPU paged_attention against the XLA path
+#              (float32, bfloat16, int8 pages) and the golden stream through it          (100)
 #   depth      experiments/bench_depth_kernel.py: the depth frame, XLA vs Pallas, B = 1, 8, 64 (80)
 #   attention  experiments/bench_attention.py: causal attention, cuDNN vs XLA (plain, chunked) (60)
 #   decode     experiments/bench_decode.py --preset flm_8b --dtype bfloat16, B = 1, 8, 64  (120)
 #   mimi       experiments/bench_mimi.py on the GPU, B = 1, 8                                (60)
 #   roofline   experiments/roofline.py: small decode B = 1, 8, 32, Mimi, serve, train against
-#              the GPU's measured bandwidth and matmul peak (rows print as they finish)     (90)
+#              the GPU's measured bandwidth and matmul peak (rows print as they finish)     (60)
 # The GPU machine has no network: when flax is missing, WHEELS=DIR (wheels carried along) is
 # installed from with pip --no-index; otherwise the steps that need flax report it and go on.
 set -uo pipefail
@@ -48,13 +49,13 @@ step() {  # step NAME LIMIT_S COMMAND...: runs it, keeps its log, adds a row
   ROWS+=("| $name | status | $status, ${took} s, log $OUT/$name.log |")
 }
 
-step kernels 70 "$PY" experiments/gpu_kernel_check.py
+step kernels 100 "$PY" experiments/gpu_kernel_check.py
 step depth 80 "$PY" experiments/bench_depth_kernel.py --batches 1,8,64 --no-sweep
 step attention 60 "$PY" experiments/bench_attention.py --window 4096 --batch 1
 step decode 120 "$PY" experiments/bench_decode.py --preset flm_8b --dtype bfloat16 \
   --batches 1,8,64 --frames 20 --max-len 1024
 step mimi 60 "$PY" experiments/bench_mimi.py --batches 1,8 --frames 25 --rounds 1 --no-official
-step roofline 90 "$PY" experiments/roofline.py --preset small --batches 1,8,32 --repeats 10
+step roofline 60 "$PY" experiments/roofline.py --preset small --batches 1,8,32 --repeats 10
 
 # One table: each step's status, then every row of the tables the steps printed, flattened to
 # "column=value" pairs (a step may print several tables: each row keeps its own header's names).

@@ -8,7 +8,13 @@ this runs the same checks on a real GPU (the Triton kernels) or TPU (the Mosaic 
   bfloat16 ||kernel - ref|| / ||ref|| < 2e-2 and elementwise < 5e-2; every cache row other than
   c bit-identical;
 - greedy decoding of the golden tiny stream with StreamingDecoder(use_pallas=True): the official
-  out_plain, token for token.
+  out_plain, token for token;
+- JAX's paged-attention kernel (the platform's: jax.experimental.pallas.ops.gpu.paged_attention
+  on a GPU, .tpu on a TPU; the GPU one with --interpret) through flmjax.model.paged.attend_kernel
+  against the XLA path (attend_xla) on ragged sessions at the tiny dims and flm_8b's (28 query
+  heads, 4 KV heads, head dim 128, pages of 128): float32 (max error / max|ref| < 1e-5; the TPU
+  kernel loads pages as bfloat16, so there 2e-2), bfloat16 and int8 pages (the bfloat16
+  metric), and the golden greedy stream through it (kv='paged', paged_impl 'kernel').
 Prints a markdown table; exits 1 when a check fails.
 
   python experiments/gpu_kernel_check.py                 # on a GPU or TPU
@@ -132,6 +138,78 @@ def check_stream(args, rows):
   )
 
 
+PAGED = {'tiny': (4, 2, 16, 16), 'flm_8b': (28, 4, 128, 128)}  # (q heads, KV heads, H, page)
+
+
+def check_paged(args, rows):
+  from flmjax.model import paged as pg
+
+  kind = 'tpu' if jax.default_backend() == 'tpu' else 'gpu'
+  rng = np.random.default_rng(0)
+  for name, (n, kv, h, page) in PAGED.items():
+    b, m = 8, 16  # 8 sessions of up to 16 pages, in a pool of 2 layers x 64 pages
+    pool32 = {x: rng.standard_normal((kv, 128, page, h), np.float32) for x in ('k', 'v')}
+    q32 = rng.standard_normal((b, 1, n, h), np.float32)
+    if args.interpret and name == 'flm_8b':
+      continue  # interpret mode at flm_8b dims takes minutes on a CPU
+    table = jnp.asarray(rng.integers(0, 64, (b, m)) + 64, jnp.int32)  # layer 1's pages
+    count = jnp.asarray(rng.integers(1, m * page + 1, b), jnp.int32)
+    for dtype in ('float32', 'bfloat16', 'int8'):
+      cast = jnp.float32 if dtype == 'float32' else jnp.bfloat16
+      q = jnp.asarray(q32, cast)
+      pool = {x: jnp.asarray(v, cast) for x, v in pool32.items()}
+      if dtype == 'int8':
+        for x in ('k', 'v'):
+          pool[x], pool[f'{x}_scale'] = pg.quantize(jnp.asarray(pool32[x]))
+      run = lambda *a: pg.attend_kernel(*a, kind=kind, interpret=args.interpret)
+      got = jax.jit(run)(q, pool, table, count)
+      want = jax.jit(pg.attend_xla)(q, pool, table, count)
+      metric = 'float32' if dtype == 'float32' else 'bfloat16'
+      tol = TOL['bfloat16'] if kind == 'tpu' else TOL[metric]
+      worst = errors(want, got, metric)
+      rows.append(
+        (
+          f'paged attention ({kind}) {name} {dtype}',
+          f'B={b}, {m} pages of {page}',
+          f'{worst:.2e}',
+          f'< {tol:g}',
+          'pass' if worst < tol else 'FAIL',
+        )
+      )
+
+
+def check_paged_stream(args, rows):
+  import flmjax
+  from flmjax.decode import SamplingConfig, StreamingDecoder
+
+  golden = ROOT / 'tests' / 'golden' / 'flm_tiny'
+  stream = np.load(golden / 'stream.npz')
+  greedy = SamplingConfig(greedy=True, repetition_penalty_text=1.0, repetition_penalty_audio=1.0)
+  dec = StreamingDecoder(
+    flmjax.load_official(str(golden), dtype='float32'),
+    greedy,
+    max_len=32,
+    kv='paged',
+    pages=2,
+    page_size=16,  # Triton's dots want blocks of at least 16
+    paged_impl='gpu_interpret' if args.interpret else 'kernel',
+  )
+  state, outs = dec.init(1), []
+  for frame in np.transpose(stream['user'], (2, 0, 1)):
+    state, out, valid = dec.step(state, frame)
+    outs.append(np.where(np.asarray(valid)[:, None], np.asarray(out), -1)[0])
+  wrong = int(np.sum(np.stack(outs) != stream['out_plain']))
+  rows.append(
+    (
+      'golden greedy stream, paged kernel',
+      '24 frames',
+      f'{wrong} tokens differ',
+      '0',
+      'pass' if wrong == 0 else 'FAIL',
+    )
+  )
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   ap.add_argument('--batches', default='1,3,8', help='comma-separated batch sizes')
@@ -144,6 +222,9 @@ def main(argv=None) -> int:
   rows = []
   check_layers(args, rows)
   check_stream(args, rows)
+  check_paged(args, rows)
+  if jax.default_backend() != 'tpu':  # the TPU kernel's bfloat16 pages: see docs/decoding.md
+    check_paged_stream(args, rows)
   mode = 'interpret mode' if args.interpret else 'compiled'
   print(
     f'\n| kernel check ({jax.devices()[0].device_kind}, {mode}) | shapes | max error | '
