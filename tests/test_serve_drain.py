@@ -37,7 +37,7 @@ class EchoPipeline:
     self.cfg, self.slots, self.frame_size, self.max_len = ModelConfig.tiny(), slots, S, 10_000
     self.active = np.zeros((slots,), bool)
     self.frames = np.zeros((slots,), np.int64)
-    self.decoder = types.SimpleNamespace(overflow='error', kv=None)
+    self.decoder = types.SimpleNamespace(sampling=None)  # the server's default (tests pass theirs)
 
   def start(self, mask, sampling=None, seeds=None):
     self.active |= mask
@@ -58,6 +58,9 @@ class EchoPipeline:
 
   def starved(self):
     return np.zeros((self.slots,), bool)  # no page pool, so no session waits for a page
+
+  def at_limit(self):
+    return self.active & (self.frames >= self.max_len)  # overflow='error': full rows end
 
 
 async def agent_says(port: int) -> str:
