@@ -1,14 +1,16 @@
 """A training data loader with a NaN in one batch's weights: the tests of the NaN stop."""
 
+import grain
 import numpy as np
 
 from flmjax.train import data as data_lib
 
 
-class Poisoned:
+class Poisoned(grain.DatasetIterator):
   """Wraps a stage loader; its `at`-th batch (1-based) gets a NaN weight."""
 
   def __init__(self, inner, at: int):
+    super().__init__()
     self.inner, self.at, self.n = inner, at, 0
 
   def __next__(self):

@@ -24,8 +24,10 @@ pytestmark = pytest.mark.slow  # trains the tiny model through whole schedules
 
 
 def _data_file(tc, step):
-  """This (only) process's data-iterator state as saved in checkpoint `step`."""
+  """This (only) process's data-iterator state as saved in checkpoint `step`, or None."""
   path = os.path.join(tc.run_dir, 'checkpoints', str(step), 'data', 'process_0-of-1.json')
+  if not os.path.exists(os.path.dirname(path)):
+    return None
   with open(path) as f:
     return json.load(f)
 
@@ -78,7 +80,7 @@ def test_midstage_resume_is_bit_identical_and_restores_onto_another_mesh(full_ru
   meta = ckpt.restore_meta()
   ckpt.close()
   assert (meta['global_step'], meta['stage_name'], meta['step_in_stage']) == (2, 'a', 2)
-  assert _data_file(tc, 2) == {'state': {'json': {'next_index': 16}}}  # two batches of 8 read
+  assert _data_file(tc, 2) == {'next_index': 16}  # two batches of 8 read (grain's handler)
   shutil.copytree(tc.run_dir, tmp_path / 'c')
 
   resumed = train(tc, log=lambda *a: None)
@@ -104,7 +106,7 @@ def test_resume_at_stage_boundary_starts_next_stage_fresh(full_run, tmp_path):
   meta = ckpt.restore_meta()
   ckpt.close()
   assert (meta['stage_name'], meta['step_in_stage']) == ('b', 0)
-  assert _data_file(tc, 3) == {'state': None}  # stage a's iterator is not carried into b
+  assert _data_file(tc, 3) is None  # stage a's iterator is not carried into b
   resumed = train(tc, log=lambda *a: None)
   for a, b in zip(_leaves(resumed['state']), _leaves(full['state'])):
     assert np.array_equal(a, b)

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 
+import grain
 import jax
 import numpy as np
 import pytest
@@ -157,10 +158,11 @@ def _params(ckpt, step=None):
 MAKE_STAGE_LOADER = data_lib.make_stage_loader
 
 
-class BothShards:
+class BothShards(grain.DatasetIterator):
   """One process reading both processes' shards: the global batch of the two-process job."""
 
   def __init__(self, tc, stage):
+    super().__init__()
     self.parts = [MAKE_STAGE_LOADER(tc, stage, shard_index=i, shard_count=2) for i in range(2)]
 
   def __next__(self):
@@ -168,10 +170,10 @@ class BothShards:
     return {k: np.concatenate([b[k] for b in batches]) for k in ('tokens', 'weights')}
 
   def get_state(self):
-    return [p.get_state() for p in self.parts]
+    return {'shards': [p.get_state() for p in self.parts]}
 
-  def set_state(self, states):
-    for p, s in zip(self.parts, states):
+  def set_state(self, state):
+    for p, s in zip(self.parts, state['shards']):
       p.set_state(s)
 
 

@@ -2,7 +2,8 @@
 - params and optimizer state, written by every process (each its own shards);
 - a JSON `meta` item written by process 0: global step, stage, step in stage, process count and
   the configs;
-- a JSON `data` item: each process's data-iterator state, in its own file.
+- a `data` item, mid-stage: each process's data-iterator state in its own file, written and read by
+  grain's own orbax handler (grain.checkpoint).
 
 Saves are async. Orbax's tmp-dir protocol means a checkpoint is only visible once complete, so a
 run killed at any moment resumes from the last whole one. A step that is complete but cannot be
@@ -12,17 +13,16 @@ step before it is used.
 
 from __future__ import annotations
 
-import base64
 import gc
 import json
 import logging
 import os
-import pickle
 import sys
 import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -50,27 +50,27 @@ class ProcessCountError(FlmjaxError, ValueError):
   """A mid-stage checkpoint resumed by another number of processes than wrote it."""
 
 
-def encode_data_state(state: Any) -> dict:
-  """A data-iterator state as JSON: as is when it is JSON, else pickled and base64-encoded."""
+def _earlier_data_state(folder) -> tuple[bool, Any]:
+  """(True, state) when step folder `folder` holds no state of grain's handler: no data item
+  (state None: the stage's data starts over), or the {'state': {'json': state} | None} flmjax
+  wrote before it used grain's handler; else (False, None)."""
+  if not (folder / 'data').exists():
+    return True, None
   try:
-    json.dumps(state)
-    return {'json': state}
-  except TypeError:
-    return {'pickle': base64.b64encode(pickle.dumps(state)).decode('ascii')}
+    saved = json.loads((folder / 'data' / _process_file()).read_text())
+  except (OSError, ValueError):
+    return False, None  # grain's handler names the problem
+  old = saved.get('state', ()) if isinstance(saved, dict) and len(saved) == 1 else ()
+  if old is None or (isinstance(old, dict) and old.keys() == {'json'}):
+    return True, old and old['json']
+  if isinstance(old, dict) and old.keys() == {'pickle'}:
+    raise CorruptCheckpointError(f'{folder}/data: a pickled data state, which flmjax never reads')
+  return False, None
 
 
-def decode_data_state(blob: dict) -> Any:
-  if 'json' in blob:
-    return blob['json']
-  return pickle.loads(base64.b64decode(blob['pickle']))
-
-
-def _data_handler() -> ocp.JsonCheckpointHandler:
-  """Every process writes its own `process_I-of-N.json` (grain's naming)."""
-  name = f'process_{jax.process_index()}-of-{jax.process_count()}.json'
-  return ocp.JsonCheckpointHandler(
-    name, multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=None)
-  )
+def _process_file() -> str:
+  """This process's file of a step's `data` item (grain's naming)."""
+  return f'process_{jax.process_index()}-of-{jax.process_count()}.json'
 
 
 def one_line(e: BaseException) -> str:
@@ -151,7 +151,7 @@ class Checkpointer:
       'params': ocp.StandardCheckpointHandler(),
       'opt_state': ocp.StandardCheckpointHandler(),
       'meta': ocp.JsonCheckpointHandler(),
-      'data': _data_handler(),
+      'data': grain.checkpoint.CheckpointHandler(),
     }
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
@@ -162,18 +162,27 @@ class Checkpointer:
     return sorted(self.manager.all_steps())
 
   def save(
-    self, step: int, state: TrainState, meta: dict, data_state: Any = None, force: bool = False
+    self,
+    step: int,
+    state: TrainState,
+    meta: dict,
+    data: grain.DatasetIterator | None = None,
+    force: bool = False,
   ) -> bool:
-    """Starts an async save when `step` is due (or `force`); returns whether it started."""
+    """Starts an async save when `step` is due (or `force`); returns whether it started.
+
+    `data`: this process's data iterator, whose state the step keeps (read before this returns),
+    or None at a stage's end.
+    """
     meta = {**meta, 'process_count': jax.process_count()}
-    data = {'state': None if data_state is None else encode_data_state(data_state)}
-    args = ocp.args.Composite(
+    items = dict(
       params=ocp.args.StandardSave(state.params),
       opt_state=ocp.args.StandardSave(state.opt_state),
       meta=ocp.args.JsonSave(meta),
-      data=ocp.args.JsonSave(data),
     )
-    return self.manager.save(step, args=args, force=force)
+    if data is not None:
+      items['data'] = grain.checkpoint.CheckpointSave(data)
+    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
   def _step(self, step: int | None) -> int:
     step = self.latest_step() if step is None else step
@@ -195,17 +204,21 @@ class Checkpointer:
       ) from e
 
   def restore(
-    self, abstract: TrainState, step: int | None = None, *, with_data: bool = True
-  ) -> tuple[TrainState, dict, Any]:
-    """Restores onto `abstract`'s shardings (any mesh shape) -> (state, meta, data state).
+    self,
+    abstract: TrainState,
+    step: int | None = None,
+    *,
+    data: grain.DatasetIterator | None = None,
+  ) -> tuple[TrainState, dict, grain.DatasetIterator | None]:
+    """Restores onto `abstract`'s shardings (any mesh shape) -> (state, meta, data).
 
-    The data state is this process's; it is only read when `with_data` (a mid-stage resume),
-    which needs the process count that wrote it.
+    `data`, a mid-stage resume's new iterator over the step's stage, gets this process's data
+    state; that needs the process count that wrote it.
     """
     step = self._step(step)
     meta = self.restore_meta(step)
     wrote = int(meta.get('process_count', 1))
-    if with_data and wrote != jax.process_count():
+    if data is not None and wrote != jax.process_count():
       raise ProcessCountError(
         f'{self.directory}: step {step} was written by {wrote} processes and this run has '
         f'{jax.process_count()}: mid-stage, each process resumes its own shard of the data, so '
@@ -216,26 +229,29 @@ class Checkpointer:
       params=ocp.args.StandardRestore(abstract.params),
       opt_state=ocp.args.StandardRestore(abstract.opt_state),
     )
-    if with_data:
-      items['data'] = ocp.args.JsonRestore()
+    earlier, data_state = (
+      _earlier_data_state(self.directory / str(step)) if data is not None else (True, None)
+    )
+    if not earlier:
+      items['data'] = grain.checkpoint.CheckpointRestore(data)
     out = self.manager.restore(step, args=ocp.args.Composite(**items))
-    data = out['data']['state'] if with_data else None
-    state = type(abstract)(out['params'], out['opt_state'])
-    return state, meta, None if data is None else decode_data_state(data)
+    if data is not None and data_state is not None:
+      data.set_state(data_state)
+    return type(abstract)(out['params'], out['opt_state']), meta, data
 
   def restore_latest(
     self,
     abstract: TrainState | Callable[[dict], TrainState],
     *,
-    check: Callable[[dict], bool],
+    check: Callable[[dict], grain.DatasetIterator | None],
     log=print,
-  ) -> tuple[TrainState, dict, Any] | None:
+  ) -> tuple[TrainState, dict, grain.DatasetIterator | None] | None:
     """The newest step that restores, or None when there is none.
 
     `abstract` may be a function of the step's meta (the layout it was saved in).
-    `check(meta)` raises on a config mismatch (which is no corruption) and returns whether the
-    data state is wanted. A step that fails to restore is named in one log line, moved aside and
-    the step before it tried.
+    `check(meta)` raises on a config mismatch (which is no corruption) and returns the new data
+    iterator to set to the step's data state, or None when none is wanted. A step that fails to
+    restore is named in one log line, moved aside and the step before it tried.
     """
     steps = self.all_steps()
     for step in reversed(steps):
@@ -244,10 +260,10 @@ class Checkpointer:
       except CorruptCheckpointError as e:
         meta, problem = None, e
       if _all_agree(problem is None):
-        with_data = check(meta)
+        data = check(meta)
         try:
           target = abstract(meta) if callable(abstract) else abstract
-          restored = self.restore(target, step, with_data=with_data)
+          restored = self.restore(target, step, data=data)
         except ProcessCountError:
           raise
         except Exception as e:  # anything unreadable: the step is bad, the run is not

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from einops import rearrange
 
 from flmjax.config import ModelConfig
 
@@ -33,7 +34,7 @@ class Entry:
   def from_torch(self, w: np.ndarray, ours: tuple[int, ...]) -> np.ndarray:
     real = self.real or ours
     if self.kind == 'split':
-      return np.asarray(w).reshape(ours[0], ours[2], ours[1]).transpose(0, 2, 1)
+      return rearrange(np.asarray(w), '(S O) I -> S I O', S=ours[0])
     w = np.asarray(w).T if self.kind == 'linear' else np.asarray(w)
     return np.pad(w.reshape(real), [(0, o - r) for o, r in zip(ours, real)])
 
@@ -41,7 +42,7 @@ class Entry:
     if self.real:  # strip the padding
       s = s[tuple(slice(0, r) for r in self.real)]
     if self.kind == 'split':
-      return s.transpose(0, 2, 1).reshape(-1, s.shape[1])
+      return rearrange(s, 'S I O -> (S O) I')
     if self.kind == 'copy':
       return s
     if self.kind == 'flat':

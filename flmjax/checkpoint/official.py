@@ -203,7 +203,7 @@ def save_official(
   crash never leaves a complete-looking checkpoint. With overwrite=True an existing `path` gets
   the new checkpoint files, loses its stale ones, and keeps every other file. `extra_files(dir)`
   may add files (the tokenizer) to the new checkpoint before it is moved into place. Holds one
-  parameter on the host at a time.
+  shard's tensors (at most `max_shard_bytes`) and one parameter on the host at a time.
   """
   cfg = model.cfg
   dtype = dtype or cfg.checkpoint_dtype
@@ -227,7 +227,7 @@ def save_official(
 
   def produce(key):
     e = by_key[key]
-    if cached.get('path') != e.path:  # one parameter on the host at a time
+    if cached.get('path') != e.path:  # one parameter gathered at a time
       cached.clear()
       cached.update(path=e.path, value=_host(params[e.path].get_value()))
     return e.to_torch(cached['value'][e.index]).astype(np_dtype)

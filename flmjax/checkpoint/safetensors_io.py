@@ -1,14 +1,18 @@
-"""A small safetensors reader/writer on numpy memmaps: no torch, one tensor in memory at a time."""
+"""Safetensors files through the `safetensors` library, on numpy (no torch), with flmjax's checks:
+a truncated file, a header the library cannot parse, or a dtype flmjax does not read raises
+CorruptCheckpointError in one line that names the file."""
 
 from __future__ import annotations
 
-import json
 import os
-import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
+# safetensors' numpy reader asks numpy for the dtype named 'bfloat16'; only ml_dtypes registers it.
 import ml_dtypes
 import numpy as np
+import safetensors
+import safetensors.numpy
 
 from flmjax.errors import FlmjaxError
 
@@ -25,6 +29,8 @@ DTYPES = {
   'BOOL': np.dtype(np.bool_),
 }
 NAMES = {v: k for k, v in DTYPES.items()}
+# What safetensors (>= 0.8) says of a file that ends before or after its header's last tensor.
+_SHORT = ('invalid header length', 'file not fully covered')
 
 
 class CorruptCheckpointError(FlmjaxError, ValueError):
@@ -36,86 +42,86 @@ class CorruptCheckpointError(FlmjaxError, ValueError):
 @dataclass(frozen=True)
 class TensorInfo:
   file: str
+  key: str
   dtype: np.dtype
   shape: tuple[int, ...]
-  start: int  # absolute byte offset in the file
-  end: int
+
+
+def _problem(path: str, e: Exception) -> str:
+  """The library's reason, in flmjax's words: truncation is named as such."""
+  reason = str(e).removeprefix('Error while deserializing header: ')
+  size = os.path.getsize(path)
+  if 'header too small' in reason:
+    return f'{path}: truncated safetensors file ({size} bytes, no header)'
+  if any(s in reason for s in _SHORT):
+    return (
+      f'{path}: truncated safetensors file: its {size} bytes end before or after the tensors its '
+      f'header lists ({reason})'
+    )
+  return f'{path}: corrupt safetensors header: {reason}'
+
+
+def _open(path: str):
+  try:
+    return safetensors.safe_open(path, framework='numpy')
+  except safetensors.SafetensorError as e:
+    raise CorruptCheckpointError(_problem(path, e)) from None
 
 
 def read_header(path: str) -> dict[str, TensorInfo]:
-  size = os.path.getsize(path)
-  with open(path, 'rb') as f:
-    raw = f.read(8)
-    if len(raw) < 8:
-      raise CorruptCheckpointError(f'{path}: truncated safetensors file ({size} bytes, no header)')
-    (n,) = struct.unpack('<Q', raw)
-    if 8 + n > size:
-      raise CorruptCheckpointError(
-        f'{path}: truncated safetensors file: header claims {n} bytes, file has {size}'
-      )
-    try:
-      header = json.loads(f.read(n))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-      raise CorruptCheckpointError(f'{path}: corrupt safetensors header: {e}') from None
-  if not isinstance(header, dict):
-    raise CorruptCheckpointError(f'{path}: corrupt safetensors header: not a JSON object')
-  base = 8 + n
+  """{key: TensorInfo} of a safetensors file, in file order; no tensor is read. The library
+  checks that the header parses and that the tensors' bytes fill the file exactly."""
   out = {}
-  for key, meta in header.items():
-    if key == '__metadata__':
-      continue
-    try:
-      dtype = DTYPES[meta['dtype']]
-      shape = tuple(int(s) for s in meta['shape'])
-      lo, hi = (int(o) for o in meta['data_offsets'])
-    except (KeyError, TypeError, ValueError) as e:
-      raise CorruptCheckpointError(f'{path}: corrupt header entry for {key!r}: {e!r}') from None
-    if hi - lo != dtype.itemsize * int(np.prod(shape)):
-      raise CorruptCheckpointError(
-        f'{path}: tensor {key!r} has {hi - lo} bytes for shape {shape} {meta["dtype"]}'
-      )
-    if base + hi > size:
-      raise CorruptCheckpointError(
-        f'{path}: truncated safetensors file: tensor {key!r} ends at '
-        f'byte {base + hi}, file has {size}'
-      )
-    out[key] = TensorInfo(path, dtype, shape, base + lo, base + hi)
+  with _open(path) as f:
+    for key in f.offset_keys():
+      view = f.get_slice(key)
+      code = view.get_dtype()
+      if code not in DTYPES:
+        raise CorruptCheckpointError(
+          f'{path}: tensor {key!r} is {code}, a dtype flmjax does not read ({sorted(DTYPES)})'
+        )
+      out[key] = TensorInfo(path, key, DTYPES[code], tuple(view.get_shape()))
   return out
 
 
 def read_tensor(info: TensorInfo) -> np.ndarray:
-  """A read-only memmap view; pages are read only when touched."""
-  count = int(np.prod(info.shape))
-  if count == 0:
-    return np.zeros(info.shape, info.dtype)
-  return np.memmap(info.file, info.dtype, 'r', offset=info.start, shape=info.shape)
+  """One tensor, read into memory (the file's other tensors are not read)."""
+  with _open(info.file) as f:
+    try:
+      arr = f.get_tensor(info.key)
+    except safetensors.SafetensorError as e:
+      raise CorruptCheckpointError(f'{info.file}: tensor {info.key!r}: {e}') from None
+  if arr.dtype != info.dtype or arr.shape != info.shape:
+    raise CorruptCheckpointError(
+      f'{info.file}: tensor {info.key!r} is {arr.dtype} {arr.shape}, its header said '
+      f'{info.dtype} {info.shape}: the file changed while it was read'
+    )
+  return arr
 
 
-def write_file(path: str, specs: list[tuple[str, np.dtype, tuple[int, ...]]], produce) -> int:
-  """Writes tensors `specs` (key, dtype, shape) in order; `produce(key)` returns each array.
+def write_file(
+  path: str,
+  specs: list[tuple[str, np.dtype, tuple[int, ...]]],
+  produce: Callable[[str], np.ndarray],
+) -> int:
+  """Writes tensors `specs` (key, dtype, shape) as one safetensors file; `produce(key)` gives each
+  array. The file's tensors are in memory together until it is written (the library's writer
+  takes them all), so a caller bounds memory by the file's size (save_official writes shards).
 
   Returns the bytes of tensor data written.
   """
-  header, offset = {}, 0
+  tensors = {}
   for key, dtype, shape in specs:
-    nbytes = np.dtype(dtype).itemsize * int(np.prod(shape))
-    header[key] = {
-      'dtype': NAMES[np.dtype(dtype)],
-      'shape': list(shape),
-      'data_offsets': [offset, offset + nbytes],
-    }
-    offset += nbytes
-  header['__metadata__'] = {'format': 'pt'}
-  blob = json.dumps(header, separators=(',', ':')).encode()
-  blob += b' ' * (-len(blob) % 8)  # keep tensor data 8-byte aligned, as HF does
-  with open(path, 'wb') as f:
-    f.write(struct.pack('<Q', len(blob)))
-    f.write(blob)
-    for key, dtype, shape in specs:
-      arr = np.ascontiguousarray(produce(key), dtype=dtype)
-      if arr.shape != tuple(shape):
-        raise ValueError(f'{key}: produced shape {arr.shape}, header says {tuple(shape)}')
-      f.write(arr.tobytes())
-    f.flush()
-    os.fsync(f.fileno())
-  return offset
+    if np.dtype(dtype) not in NAMES:
+      raise ValueError(f'{key}: dtype {np.dtype(dtype)} is not one flmjax reads back')
+    arr = np.ascontiguousarray(produce(key), dtype=dtype)
+    if arr.shape != tuple(shape):
+      raise ValueError(f'{key}: produced shape {arr.shape}, header says {tuple(shape)}')
+    tensors[key] = arr
+  safetensors.numpy.save_file(tensors, path, metadata={'format': 'pt'})
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+  return sum(a.nbytes for a in tensors.values())

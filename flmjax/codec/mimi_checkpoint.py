@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import jax
 import numpy as np
+from einops import rearrange
 
 from flmjax.checkpoint import kinds, safetensors_io
 from flmjax.codec import seanet
@@ -100,7 +101,7 @@ def params_from_state_dict(cfg: MimiConfig, get: Callable[[str], np.ndarray]):
       w = get(f'{keys[name]}.weight')
       if name.endswith('.up'):  # [I,O,2S] -> [2,I,S*O]: taps for x[t-1] (k = S+s), x[t] (k = s)
         cin, cout, k = w.shape
-        w = w.reshape(cin, cout, 2, k // 2).transpose(2, 0, 3, 1)[::-1].reshape(2, cin, -1)
+        w = rearrange(w, 'I O (two S) -> two I (S O)', two=2)[::-1]
         p = {'w': w, 'b': get(f'{keys[name]}.bias')}
         a = {'w': ('conv_kernel', 'conv_in', 'conv_out'), 'b': ('conv_out',)}
       else:

@@ -18,6 +18,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from einops import rearrange
 
 from flmjax.codec.mimi_config import MimiConfig
 from flmjax.model.layers import NEG_INF  # finite: a row with no visible key stays NaN-free
@@ -65,7 +66,7 @@ def _qkv(cfg, p, xt, positions):
   """xt [D, B*T], positions [B,T] -> q, k, v [B,T,N,H] (q and k rotated)."""
   B, T = positions.shape
   qkv = linear_t(p['qkv'], layer_norm_t(p['norm1'], xt))  # PNHD,DM->PNHM [3,N,H,B*T]
-  qkv = qkv.reshape(*qkv.shape[:3], B, T).transpose(0, 3, 4, 1, 2)  # [3,B,T,N,H]
+  qkv = rearrange(qkv, 'P N H (B T) -> P B T N H', B=B)
   pos = positions[:, :, None]  # [B,T,1]
   return rope(cfg, qkv[0], pos), rope(cfg, qkv[1], pos), qkv[2]
 
@@ -91,7 +92,7 @@ def _attend_cache(q, k, v, visible):
 
 def _finish(cfg, p, xt, attn):
   """Residual attention output, then the residual MLP. xt [D,M], attn [B,T,N,H] -> [D,M]."""
-  attn_t = attn.transpose(2, 3, 0, 1).reshape(*attn.shape[2:], -1)  # [N,H,B*T]
+  attn_t = rearrange(attn, 'B T N H -> N H (B T)')
   xt = xt + p['layer_scale_1'][:, None] * linear_t(p['out'], attn_t, 2)  # DNH,NHM->DM
   h = jax.nn.gelu(linear_t(p['linear1'], layer_norm_t(p['norm2'], xt)), approximate=False)  # [F,M]
   return xt + p['layer_scale_2'][:, None] * linear_t(p['linear2'], h)  # DF,FM->DM
@@ -110,7 +111,7 @@ def forward(cfg: MimiConfig, params, x: jax.Array) -> jax.Array:
   visible = (delta >= 0) & (delta < C) & (k_pos[:, None, :] >= 0)  # [nb,C,2C]
   visible = jnp.broadcast_to(visible[None], (B, nb, C, 2 * C)).reshape(B * nb, C, 2 * C)
   positions = jnp.broadcast_to(pos[:T], (B, T))
-  xt = x.reshape(B * T, -1).T  # [D,B*T]: feature-major, see linear_t
+  xt = rearrange(x, 'B T D -> D (B T)')  # feature-major, see linear_t
   for p in params['layers']:
     q, k, v = _qkv(cfg, p, xt, positions)  # [B,T,N,H] each
 
@@ -123,9 +124,9 @@ def forward(cfg: MimiConfig, params, x: jax.Array) -> jax.Array:
       return jnp.concatenate([a[:, :-1], a[:, 1:]], axis=2).reshape(B * nb, 2 * C, *a.shape[3:])
 
     attn = _attend(blocks(q), with_previous(k), with_previous(v), visible)  # [B*nb,C,N,H]
-    attn = attn.reshape(B, nb * C, *attn.shape[2:])[:, :T]
+    attn = rearrange(attn, '(B nb) C N H -> B (nb C) N H', B=B)[:, :T]
     xt = _finish(cfg, p, xt, attn)
-  return xt.T.reshape(B, T, -1)
+  return rearrange(xt, 'D (B T) -> B T D', B=B)
 
 
 def init_state(cfg: MimiConfig, batch: int, dtype=jnp.float32):
@@ -157,10 +158,10 @@ def step(cfg: MimiConfig, params, state, x: jax.Array):
   # same slot along its last axis (advanced indices split by a slice go first: k_new is [B,T,N,H]).
   b, n, w = jnp.arange(B)[:, None, None], jnp.arange(cfg.num_heads)[None, None], write[:, :, None]
   layers = []
-  xt = x.reshape(B * T, -1).T  # [D,B*T]: feature-major, see linear_t
+  xt = rearrange(x, 'B T D -> D (B T)')  # feature-major, see linear_t
   for p, kv in zip(params['layers'], state['layers']):
     q, k, v = _qkv(cfg, p, xt, positions)  # [B,T,N,H]
     kv = {'k': kv['k'].at[b, n, :, w].set(k), 'v': kv['v'].at[b, n, w].set(v)}
     xt = _finish(cfg, p, xt, _attend_cache(q, kv['k'], kv['v'], visible))
     layers.append(kv)
-  return xt.T.reshape(B, T, -1), {'layers': layers, 'offset': offset + T}
+  return rearrange(xt, 'D (B T) -> B T D', B=B), {'layers': layers, 'offset': offset + T}

@@ -21,6 +21,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from einops import rearrange
 from jax.sharding import PartitionSpec as P
 
 from flmjax import sharding as shd
@@ -69,12 +70,12 @@ def plain(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 def chunked(q: jax.Array, k: jax.Array, v: jax.Array, *, block: int = BLOCK) -> jax.Array:
   """Query blocks of `block` rows, one after another (lax.map), each rematerialised: the live
   scores are [B,K,G,block,S]. Each row's softmax is the plain path's, so values match it."""
-  b, t, n, h = q.shape
+  b, t = q.shape[:2]
   if t <= block:
     return plain(q, k, v)
   num_blocks = -(-t // block)
   q = jnp.pad(q, ((0, 0), (0, num_blocks * block - t), (0, 0), (0, 0)))
-  q = jnp.moveaxis(q.reshape(b, num_blocks, block, n, h), 1, 0)  # [nb,B,block,N,H]
+  q = rearrange(q, 'B (nb block) N H -> nb B block N H', block=block)
   keys = jnp.arange(t)
 
   @jax.checkpoint
@@ -85,7 +86,7 @@ def chunked(q: jax.Array, k: jax.Array, v: jax.Array, *, block: int = BLOCK) -> 
     return layers.gqa_attention(qb, k, v, mask)
 
   out = jax.lax.map(one, (jnp.arange(num_blocks), q))  # [nb,B,block,N,H]
-  return jnp.moveaxis(out, 0, 1).reshape(b, num_blocks * block, n, h)[:, :t]
+  return rearrange(out, 'nb B block N H -> B (nb block) N H')[:, :t]
 
 
 def cudnn(q: jax.Array, k: jax.Array, v: jax.Array, *, fallback) -> jax.Array:

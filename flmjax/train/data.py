@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grain
 import jax
 import numpy as np
 
@@ -16,11 +17,12 @@ def _loss_weights(stage: StageConfig):
   return stage.loss_weights if stage.loss_weights is not None else LossWeights()
 
 
-class RandomGridIterator:
+class RandomGridIterator(grain.DatasetIterator):
   """Random samples laid out by flmjax.data.grid.build_grid (tests and benchmarks).
 
   Sample n of this shard is drawn from a generator seeded with (seed, shard, n), so the state is
-  just the next sample index and restoring it resumes exactly.
+  just the next sample index and restoring it resumes exactly. A grain iterator, so that grain's
+  checkpoint handler saves and restores it like the record pipeline's.
   """
 
   def __init__(
@@ -33,6 +35,7 @@ class RandomGridIterator:
     loss_weights,
     shard_index: int = 0,
   ):
+    super().__init__()
     self.cfg, self.window, self.batch_size = cfg, window, batch_size
     self.seed, self.shard, self.loss_weights = seed, shard_index, loss_weights
     self.next_index = 0
@@ -48,9 +51,6 @@ class RandomGridIterator:
     speak = rng.integers(0, cfg.audio_pad_id, (cfg.num_codebooks, frames))
     listen = rng.integers(0, cfg.audio_pad_id, (cfg.num_codebooks, frames))
     return build_grid(cfg, text, speak, listen, self.loss_weights, num_columns=self.window)
-
-  def __iter__(self):
-    return self
 
   def __next__(self) -> dict[str, np.ndarray]:
     samples = [self._sample(self.next_index + i) for i in range(self.batch_size)]
@@ -80,7 +80,8 @@ def make_stage_loader(
   shard_index: int | None = None,
   shard_count: int | None = None,
 ):
-  """This host's iterator over stage `stage_index`'s data (its share of the global batch)."""
+  """This host's iterator over stage `stage_index`'s data (its share of the global batch): a grain
+  DatasetIterator, which the checkpointer saves with grain's handler."""
   stage = tc.stages[stage_index]
   shard_index = jax.process_index() if shard_index is None else shard_index
   shard_count = jax.process_count() if shard_count is None else shard_count

@@ -258,13 +258,16 @@ def train(
     use_async=tc.async_checkpointing,
   )
 
-  def check(meta: dict) -> bool:
+  def check(meta: dict):
     _check_model(tc, meta, ckpt.directory)
     _check_lora(tc, meta, fingerprint, ckpt.directory)
     _check_schedule(tc, meta, ckpt.directory)
-    return int(meta['step_in_stage']) > 0  # mid-stage: this stage's data state is wanted
+    if int(meta['step_in_stage']) == 0:
+      return None
+    # Mid-stage: a new loader of the step's stage, which the restore sets to the saved state.
+    return data_lib.make_stage_loader(tc, position(tc, int(meta['global_step'])).stage)
 
-  data_state = None
+  resumed_loader = None
   # A checkpoint padded for another tensor size restores as saved, then is re-padded (exact).
   saved_layout = lambda meta: state_spec(tc, mesh, _padded_for(meta)).abstract
   try:
@@ -273,7 +276,7 @@ def train(
     ckpt.close()
     raise
   if restored is not None:
-    state, meta, data_state = restored
+    state, meta, resumed_loader = restored
     if _padded_for(meta) != mesh.shape['tensor']:
       state = relayout(state, spec)
       log(
@@ -302,10 +305,9 @@ def train(
         pos = position(tc, global_step)
         stage = tc.stages[pos.stage]
         if pos.stage != loader_stage:
-          loader, loader_stage = data_lib.make_stage_loader(tc, pos.stage), pos.stage
-          if data_state is not None:
-            loader.set_state(data_state)  # only ever set when resuming inside this stage
-            data_state = None
+          if resumed_loader is None:
+            resumed_loader = data_lib.make_stage_loader(tc, pos.stage)
+          loader, loader_stage, resumed_loader = resumed_loader, pos.stage, None  # one stage only
           lrs = learning_rates(stage)
           obs.begin_stage(pos.stage, stage_start(tc, pos.stage))
           metrics.restart_clock()
@@ -339,7 +341,7 @@ def train(
             global_step,
             state,
             _meta(tc, global_step, mesh.shape['tensor'], fingerprint),
-            loader.get_state() if keep_data else None,
+            loader if keep_data else None,
             force=True,
           )
         elif global_step % tc.log_every == 0:

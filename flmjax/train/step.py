@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
+from einops import rearrange
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -72,13 +73,12 @@ def train_step_fn(spec: StateSpec, tc: TrainConfig, mesh: Mesh):
         spec.graphdef, state.params, tokens, weights, policy, constrain, base, dropout
       )
     else:
-      b = tokens.shape[0] // A
       # Micro-batch a takes rows a, a+A, ...: each stays spread over the batch shards.
       split = lambda x: jax.lax.with_sharding_constraint(
-        jnp.swapaxes(x.reshape(b, A, *x.shape[1:]), 0, 1),
+        rearrange(x, '(b A) ... -> A b ...', A=A),
         NamedSharding(mesh, P(None, batch_axes, None, None)),
       )
-      tok, wts = split(tokens), split(weights)  # [grad_accum,b,Z,T]
+      tok, wts = split(tokens), split(weights)  # [A,b,Z,T]
 
       def body(acc, xs):
         g, s = _grads_and_sums(
