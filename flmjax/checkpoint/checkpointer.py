@@ -175,7 +175,7 @@ class Checkpointer:
     or None at a stage's end.
     """
     meta = {**meta, 'process_count': jax.process_count()}
-    items = dict(
+    items: dict[str, ocp.args.CheckpointArgs] = dict(
       params=ocp.args.StandardSave(state.params),
       opt_state=ocp.args.StandardSave(state.opt_state),
       meta=ocp.args.JsonSave(meta),
@@ -225,7 +225,7 @@ class Checkpointer:
         f'resume with {wrote} processes (or export the checkpoint and start a new `run_dir` '
         f'with `init_from`)'
       )
-    items = dict(
+    items: dict[str, ocp.args.CheckpointArgs] = dict(
       params=ocp.args.StandardRestore(abstract.params),
       opt_state=ocp.args.StandardRestore(abstract.opt_state),
     )
