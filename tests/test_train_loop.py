@@ -1,6 +1,7 @@
 """The training loop: stage transitions, mid-stage resume (bit-identical), restore onto another
 mesh, NaN stop, init from an official checkpoint, export round trip."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -138,6 +139,27 @@ def test_progress_lines_when_stdout_is_not_a_terminal(tmp_path, capsys):
   ]
   assert 'loss ' in lines[-1] and 'steps/s' in lines[-1]
   assert '\r' not in out.out + out.err
+
+
+def test_a_stage_with_its_own_window_and_batch_trains_and_resumes(full_run, tmp_path):
+  """Stage a in 6-frame windows of 16 rows, stage b in the run's 12 x 8: both shapes train,
+  frames/s counts each stage's own frames, and a mid-stage resume of stage b is bit-identical."""
+  stages = tuple(
+    dataclasses.replace(s, window=6, batch_size=16) if s.name == 'a' else s
+    for s in full_run[0].stages
+  )
+  tc = _tc(tmp_path / 'full', stages=stages)
+  full = train(tc, log=lambda *a: None)
+  assert full['global_step'] == 5
+  assert [s['stage'] for s in full['stages']] == ['a', 'b']
+  part = _tc(tmp_path / 'part', stages=stages)
+  train(part, stop_after=4, log=lambda *a: None)  # saves mid-stage b (checkpoint_every=2)
+  resumed = train(part, log=lambda *a: None)
+  for a, b in zip(_leaves(resumed['state']), _leaves(full['state'])):
+    assert np.array_equal(a, b)
+  bad = _tc(tmp_path / 'bad', stages=(dataclasses.replace(stages[0], batch_size=12), stages[1]))
+  with pytest.raises(TrainConfigError, match=r'micro-batches of 6 rows, which must be'):
+    train(bad.replace(grad_accum=2), log=lambda *a: None)
 
 
 def test_resume_refuses_a_changed_schedule(tmp_path):

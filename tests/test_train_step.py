@@ -184,6 +184,29 @@ def test_config_errors_name_the_problem(tmp_path):
     )
 
 
+def test_a_stage_may_have_its_own_window_and_batch():
+  stages = (
+    StageConfig('short', 2, random_data=True, window=6, batch_size=16),
+    StageConfig('long', 2, random_data=True),
+  )
+  tc = _tc(stages=stages)
+  assert [(tc.stage_window(i), tc.stage_batch_size(i)) for i in range(2)] == [(6, 16), (12, 8)]
+  for i, shape in enumerate(((16, 17, 6), (8, 17, 12))):
+    batch = next(data_lib.make_stage_loader(tc, i))
+    assert batch['tokens'].shape == batch['weights'].shape == shape
+    data_lib.check_batch(tc, batch, 'stage', i)
+  with pytest.raises(TrainConfigError, match=r"batch\['tokens'\] has shape \(8, 17, 12\)"):
+    data_lib.check_batch(tc, batch, "stage 'short'", 0)
+  with pytest.raises(TrainConfigError, match="stage 'b': window must be >= 2 columns, got 1"):
+    _tc(stages=(StageConfig('b', 1, random_data=True, window=1),))
+  with pytest.raises(TrainConfigError, match="stage 'b': window 5000 exceeds the model's"):
+    _tc(stages=(StageConfig('b', 1, random_data=True, window=5000),))
+  with pytest.raises(TrainConfigError, match="stage 'b': batch_size 6 is not a multiple of grad"):
+    _tc(grad_accum=4, stages=(StageConfig('b', 1, random_data=True, batch_size=6),))
+  with pytest.raises(TrainConfigError, match="stage 'b': batch_size is 0; it must be an integer"):
+    _tc(stages=(StageConfig('b', 1, random_data=True, batch_size=0),))
+
+
 def test_train_cli_reports_bad_usage(tmp_path, capsys):
   from flmjax import cli
 

@@ -35,13 +35,17 @@ def get_config(
   window: int = 64,
   batch_size: int = 32,
   duplex_text_weight: float = 1.0,
+  asr_tts_window: int | None = None,
+  peak_lr: tuple[float, float] = (3e-3, 4e-3),
 ) -> TrainConfig:
   """layouts: the single-speaker layouts trained (the ablation's arms: both, lead only = the
   paper's no-trail, trail only); mix: the weight of each of them in the duplex stage, beside the
   conversations' 1.0, so that stage 2 keeps stage 1's skills (0: conversations only).
   window, batch_size: frames per training window and windows per step (both stages);
   duplex_text_weight: scales the duplex stage's text-stream loss (words and WAIT alike, so their
-  balance, which decides when the model speaks, is kept) against the audio's."""
+  balance, which decides when the model speaks, is kept) against the audio's;
+  asr_tts_window: stage 1's own window (None: `window`; the default corpus's single-speaker
+  grids are at most 29 columns, so 32 holds each whole); peak_lr: (stage 1, duplex)."""
   if no_trail:
     layouts = ('lead',)
   # Built when training starts (run_dir/corpus), not here: loading a config has no side effects.
@@ -50,7 +54,7 @@ def get_config(
     corpus.split('tts_asr'),
     corpus.split('duplex'),
     steps=steps,
-    peak_lr=(3e-3, 4e-3),
+    peak_lr=peak_lr,
     warmup_steps=(min(20, steps[0]), min(10, steps[1])),  # a short run (main --steps) warms up less
     end_lr_ratio=(0.1, 0.05),
     lead_frames=LEAD_FRAMES,
@@ -64,6 +68,8 @@ def get_config(
       base, text=base.text * duplex_text_weight, wait=base.wait * duplex_text_weight
     )
     stages = (stages[0], dataclasses.replace(stages[1], loss_weights=weights))
+  if asr_tts_window is not None:
+    stages = (dataclasses.replace(stages[0], window=asr_tts_window),) + stages[1:]
   heldout = SourceSpec(corpus.split('heldout_duplex'), layout='lead', offset_frames=LEAD_FRAMES)
   return TrainConfig(
     model=ModelConfig.tiny(),

@@ -109,6 +109,7 @@ class StageConfig:
   `sources` are flmjax.data.pipeline.SourceSpec (path, weight, layout, offset_frames,
   speech_stream); `loss_weights` a flmjax.data.grid.LossWeights (None: its defaults).
   `random_data=True` trains on random grids instead (tests and benchmarks only).
+  `window` / `batch_size` override the run's for this stage (None: TrainConfig's).
   """
 
   name: str
@@ -119,6 +120,10 @@ class StageConfig:
   warmup_steps: int = 0
   end_lr_ratio: float = 0.1  # cosine decays from peak_lr to peak_lr * end_lr_ratio
   random_data: bool = False
+  # This stage's frames per window and windows per step; None: the run's (TrainConfig's). Short
+  # single-speaker samples train in a short window instead of padding a long one.
+  window: int | None = None
+  batch_size: int | None = None
 
   def __post_init__(self):
     if self.steps <= 0:
@@ -186,20 +191,12 @@ class TrainConfig:
     names = [s.name for s in self.stages]
     if len(set(names)) != len(names):
       raise TrainConfigError(f'TrainConfig: stage names must be unique, got {names}')
-    if self.batch_size % self.grad_accum:
-      raise TrainConfigError(
-        f'TrainConfig: batch_size {self.batch_size} is not a multiple of '
-        f'grad_accum {self.grad_accum}'
-      )
     if self.remat not in REMAT_POLICIES:
       raise TrainConfigError(f'TrainConfig: remat {self.remat!r} is not one of {REMAT_POLICIES}')
-    if self.window < 2:
-      raise TrainConfigError(f'TrainConfig: window must be >= 2 columns, got {self.window}')
-    if self.window - 1 > self.model.max_position_embeddings:
-      raise TrainConfigError(
-        f"TrainConfig: window {self.window} exceeds the model's "
-        f'max_position_embeddings {self.model.max_position_embeddings}'
-      )
+    for where, window, batch in [('TrainConfig', self.window, self.batch_size)] + [
+      (f'stage {s.name!r}', s.window, s.batch_size) for s in self.stages
+    ]:
+      self._check_shape(where, window, batch)
     if self.lora is not None and not isinstance(self.lora, LoraConfig):
       raise TrainConfigError(
         f'TrainConfig.lora is a {type(self.lora).__name__}; give a '
@@ -212,6 +209,31 @@ class TrainConfig:
         f'TrainConfig.corpus is a {type(self.corpus).__name__}; give a '
         'flmjax.data.corpus.SyntheticCorpus(root, ...) or None'
       )
+
+  def _check_shape(self, where: str, window: int | None, batch: int | None) -> None:
+    if batch is not None and not (isinstance(batch, int) and batch >= 1):
+      raise TrainConfigError(f'{where}: batch_size is {batch!r}; it must be an integer >= 1')
+    if batch is not None and batch % self.grad_accum:
+      raise TrainConfigError(
+        f'{where}: batch_size {batch} is not a multiple of grad_accum {self.grad_accum}'
+      )
+    if window is not None and not (isinstance(window, int) and window >= 2):
+      raise TrainConfigError(f'{where}: window must be >= 2 columns, got {window!r}')
+    if window is not None and window - 1 > self.model.max_position_embeddings:
+      raise TrainConfigError(
+        f"{where}: window {window} exceeds the model's "
+        f'max_position_embeddings {self.model.max_position_embeddings}'
+      )
+
+  def stage_window(self, stage: int) -> int:
+    """Frames per training window in stage `stage` (its own, or the run's)."""
+    own = self.stages[stage].window
+    return self.window if own is None else own
+
+  def stage_batch_size(self, stage: int) -> int:
+    """Global windows per step in stage `stage` (its own, or the run's)."""
+    own = self.stages[stage].batch_size
+    return self.batch_size if own is None else own
 
   @property
   def total_steps(self) -> int:

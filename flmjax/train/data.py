@@ -85,16 +85,15 @@ def make_stage_loader(
   stage = tc.stages[stage_index]
   shard_index = jax.process_index() if shard_index is None else shard_index
   shard_count = jax.process_count() if shard_count is None else shard_count
-  if tc.batch_size % shard_count:
-    raise TrainConfigError(
-      f'batch_size {tc.batch_size} is not a multiple of the {shard_count} hosts'
-    )
-  local = tc.batch_size // shard_count
+  batch_size, window = tc.stage_batch_size(stage_index), tc.stage_window(stage_index)
+  if batch_size % shard_count:
+    raise TrainConfigError(f'batch_size {batch_size} is not a multiple of the {shard_count} hosts')
+  local = batch_size // shard_count
   seed = stage_seed(tc, stage_index) if seed is None else seed
   if stage.random_data and sources is None:
     return RandomGridIterator(
       tc.model,
-      window=tc.window,
+      window=window,
       batch_size=local,
       seed=seed,
       loss_weights=_loss_weights(stage),
@@ -105,7 +104,7 @@ def make_stage_loader(
   return make_loader(
     tc.model,
     tuple(sources if sources is not None else stage.sources),
-    window=tc.window,
+    window=window,
     batch_size=local,
     seed=seed,
     loss_weights=_loss_weights(stage),
@@ -134,9 +133,10 @@ def check_sources(tc: TrainConfig) -> None:
         raise TrainConfigError(f'{where}: source {i}: {e}') from None
 
 
-def check_batch(tc: TrainConfig, batch: dict, where: str) -> None:
-  """Fails early, naming the problem, when a loader yields the wrong shapes."""
-  want = (tc.batch_size // jax.process_count(), tc.model.num_channels, tc.window)
+def check_batch(tc: TrainConfig, batch: dict, where: str, stage: int = 0) -> None:
+  """Fails early, naming the problem, when a loader yields the wrong shapes for `stage`."""
+  local = tc.stage_batch_size(stage) // jax.process_count()
+  want = (local, tc.model.num_channels, tc.stage_window(stage))
   for key in ('tokens', 'weights'):
     if key not in batch:
       raise TrainConfigError(f'{where}: batch has no {key!r} (keys: {sorted(batch)})')

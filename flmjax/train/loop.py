@@ -90,13 +90,14 @@ def _check_schedule(tc: TrainConfig, meta: dict, directory: str) -> None:
 
 def check_batch_fits_mesh(tc: TrainConfig, mesh: jax.sharding.Mesh) -> None:
   ways = mesh.shape['data'] * mesh.shape['fsdp']
-  micro = tc.batch_size // max(tc.grad_accum, 1)
-  if tc.batch_size % max(tc.grad_accum, 1) or micro % ways:
-    raise TrainConfigError(
-      f'batch_size {tc.batch_size} with grad_accum {tc.grad_accum} gives micro-batches of '
-      f'{tc.batch_size / max(tc.grad_accum, 1):g} rows, which must be a whole multiple of the '
-      f"mesh's data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']} = {ways}"
-    )
+  for batch in sorted({tc.batch_size} | {tc.stage_batch_size(i) for i in range(len(tc.stages))}):
+    micro = batch // max(tc.grad_accum, 1)
+    if batch % max(tc.grad_accum, 1) or micro % ways:
+      raise TrainConfigError(
+        f'batch_size {batch} with grad_accum {tc.grad_accum} gives micro-batches of '
+        f'{batch / max(tc.grad_accum, 1):g} rows, which must be a whole multiple of the '
+        f"mesh's data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']} = {ways}"
+      )
 
 
 def _meta(tc: TrainConfig, global_step: int, tensor_parallel: int, fingerprint: str | None) -> dict:
@@ -194,7 +195,9 @@ class _Metrics:
     values = jax.device_get([m for *_, m, _ in self.pending])
     counts = data_lib.sum_over_hosts([c for *_, c in self.pending])
     now = time.perf_counter()
-    frames_per_s = self.tc.batch_size * (self.tc.window - 1) * len(values) / (now - self.t0)
+    stage = self.pending[0][1]  # a fetch never spans two stages (the loop fetches at the end)
+    frames = self.tc.stage_batch_size(stage) * (self.tc.stage_window(stage) - 1)
+    frames_per_s = frames * len(values) / (now - self.t0)
     self.t0 = now
     for (step, stage, in_stage, *_), m, c in zip(self.pending, values, counts):
       m = {k: float(v) for k, v in m.items()}
@@ -313,7 +316,7 @@ def train(
           metrics.restart_clock()
         batch = next(loader)
         if first or pos.step_in_stage == 0:
-          data_lib.check_batch(tc, batch, f'stage {stage.name!r}')
+          data_lib.check_batch(tc, batch, f'stage {stage.name!r}', pos.stage)
         state, step_metrics = step_fn(
           state, data_lib.to_global(batch, bsh), jnp.float32(lrs[pos.step_in_stage]), *frozen
         )
