@@ -89,7 +89,8 @@ class StreamingDecoder:
   split_weights: hold the layer weights (and the depth's per-codebook ones) as separate buffers
     and unroll the frame's loops over them (flmjax.model.params.split_leading): XLA:CPU's dots
     then read them in place rather than a copy of each slice. Default: on CPU without a mesh
-    or custom depth functions. The tokens are the same either way.
+    or custom depth functions, with the contiguous cache. The tokens are the same either way
+    (tests/test_decode_split.py).
   """
 
   def __init__(
@@ -124,7 +125,10 @@ class StreamingDecoder:
     self.graphdef = self.param_shardings = None
     if split_weights is None:  # XLA:CPU copies stacked weights' slices (split_leading)
       custom = use_pallas or depth_layer_fn is not None or depth_layers_fn is not None
-      split_weights = mesh is None and not custom and jax.default_backend() == 'cpu'
+      # Not under the paged cache: there the unrolled program's rounding differs from the
+      # contiguous decoder's, which its tests hold bit for bit.
+      plain = mesh is None and not custom and kv == 'contiguous'
+      split_weights = plain and jax.default_backend() == 'cpu'
     self.split_weights = split_weights and not _has_siblings(model)
     self.load_weights(model)  # sets cfg (the merged model's, for a LoRA model)
     cfg = self.cfg
