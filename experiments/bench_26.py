@@ -110,7 +110,7 @@ def table(args):
       roof, floors = max(byte_ms, flop_ms), f'{byte_ms:.2f}, {flop_ms:.2f}'
     f = lambda x, spec='.2f': '-' if x is None else format(x, spec)
     b, af = ms.get('before'), ms.get('after')
-    ratio = lambda x: None if x is None or roof is None else x / roof
+    ratio = lambda x, roof=roof: None if x is None or roof is None else x / roof
     of_peak = None if a is None or af is None else a['flops'] / (af / 1e3) / peak
     print(
       f'| {some["program"]} | {some["batch"]} | {f(b)} | {f(af)} | '
