@@ -155,7 +155,8 @@ def frame(
   if is_split(model.depth_transformer.heads.get_value()):
     # Per-codebook weight buffers (flmjax.model.params.split_leading): unrolled, so each step's
     # dots read codebook c's weights where they lie.
-    codes, carry = [], start
+    layers = lambda x: tuple(x)  # the depth cache per layer too: no slices, no restacking
+    codes, carry = [], (start[0], jax.tree.map(layers, start[1]))
     for c in range(C):
       carry, code = depth_step(carry, c)
       codes.append(code)

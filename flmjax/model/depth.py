@@ -110,10 +110,14 @@ def layers_step(
     return x, (ck, cv)
 
   if is_split(p['qkv']):  # separate per-layer buffers (split_leading): unrolled, read in place
-    for i in range(k_cache.shape[0]):
+    ks, vs = [], []  # caches given as per-layer tuples (frame.py) stay so: no stacking copies
+    for i in range(len(k_cache)):
       x, ck, cv = layer_fn({n: w[i] for n, w in p.items()}, x, k_cache[i], v_cache[i], c, eps)
-      k_cache, v_cache = k_cache.at[i].set(ck), v_cache.at[i].set(cv)
-    return x, k_cache, v_cache
+      ks.append(ck)
+      vs.append(cv)
+    if isinstance(k_cache, tuple):
+      return x, tuple(ks), tuple(vs)
+    return x, jnp.stack(ks), jnp.stack(vs)
   x, (k_cache, v_cache) = jax.lax.scan(layer, x, (p, k_cache, v_cache))
   return x, k_cache, v_cache
 
