@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 26's before/after sitting on one quiet CPU box, about 11 minutes on 2 cores: the roofline
+# Issue 26's before/after sitting on one quiet CPU box (about 10 minutes on 2 cores, under 14 at most): the roofline
 # rows of the hot programs for main at BASE (before) and for this checkout (after), the official
 # LMGen.step (cofe-ai/flm-audio in its own venv) and the official Mimi (moshi), then one markdown
 # table on stdout (progress on stderr). Run from the repository root:
@@ -22,7 +22,7 @@ OFFICIAL_CKPT=${OFFICIAL_CKPT:-$SCRATCH/official/small}
 MOSHI_SITE=${MOSHI_SITE:-$SCRATCH/moshi-site}
 REPEATS=${REPEATS:-12}
 OUT=${OUT:-$(mktemp -d /tmp/bench_26.XXXXXX)}
-PY=${PY:-.venv/bin/python}
+PY=${PY:-$PWD/.venv/bin/python}
 export XLA_FLAGS= JAX_PLATFORMS=cpu
 
 say() { echo "[bench_26 $(date -u +%T)] $*" >&2; }
@@ -45,26 +45,30 @@ fi
 
 # The official LMGen first (least disturbed by our programs' leftovers), then the two sides,
 # decode first (the issue's main targets), then Mimi and the train step.
-step 90 'official LMGen.step' "$OFFICIAL_PY" "$OFFICIAL_BENCH" "$OFFICIAL_CKPT" \
+step 60 'official LMGen.step' "$OFFICIAL_PY" "$OFFICIAL_BENCH" "$OFFICIAL_CKPT" \
   --src "$OFFICIAL_SRC" --frames 40 > "$OUT/official_lmgen.txt"
 cd experiments || exit 1
 DECODE=greedy1,decode1,decode8,decode32
-step 130 'before: decode' env PYTHONPATH="$BASE_TREE" "../$PY" bench_26.py run --side before \
+step 100 'before: decode' env PYTHONPATH="$BASE_TREE" "$PY" bench_26.py run --side before \
   --out "$OUT" --programs "$DECODE" --repeats "$REPEATS"
-step 240 'after: decode (+ FLOP analysis)' "../$PY" bench_26.py run --side after --out "$OUT" \
+step 220 'after: decode (+ FLOP analysis)' "$PY" bench_26.py run --side after --out "$OUT" \
   --programs "$DECODE" --repeats "$REPEATS" --analyse
 # Mimi and the train step: this branch leaves them as main has them; one side is analysed.
 mv "$OUT/before.json" "$OUT/before_decode.json"
 mv "$OUT/after.json" "$OUT/after_decode.json"
-step 200 'after: Mimi, train (+ FLOP analysis)' "../$PY" bench_26.py run --side after --out "$OUT" \
-  --programs mimi1,mimi8,train_small --repeats 6 --analyse
-step 100 'before: Mimi' env PYTHONPATH="$BASE_TREE" "../$PY" bench_26.py run --side before \
-  --out "$OUT" --programs mimi1,mimi8 --repeats 6
-"../$PY" - "$OUT" <<'EOF'
+# (about 4 s a train step on the quiet box: 885 GFLOP.)
+step 100 'after: Mimi (+ FLOP analysis)' "$PY" bench_26.py run --side after --out "$OUT" \
+  --programs mimi1,mimi8 --repeats "$REPEATS" --analyse
+mv "$OUT/after.json" "$OUT/after_mimi.json"
+step 150 'after: train (+ FLOP analysis)' "$PY" bench_26.py run --side after --out "$OUT" \
+  --programs train_small --repeats 3 --analyse
+step 70 'before: Mimi' env PYTHONPATH="$BASE_TREE" "$PY" bench_26.py run --side before \
+  --out "$OUT" --programs mimi1,mimi8 --repeats "$REPEATS"
+"$PY" - "$OUT" <<'EOF'
 import json, os, sys
 out = sys.argv[1]
 for side in ('before', 'after'):
-  parts = [os.path.join(out, f'{side}_decode.json'), os.path.join(out, f'{side}.json')]
+  parts = [os.path.join(out, f'{side}{part}.json') for part in ('_decode', '_mimi', '')]
   parts = [json.load(open(p)) for p in parts if os.path.exists(p)]
   if parts:
     merged = parts[0]
@@ -74,7 +78,7 @@ for side in ('before', 'after'):
       merged['peak'] = max(merged['peak'], p['peak'])
     json.dump(merged, open(os.path.join(out, f'{side}.json'), 'w'))
 EOF
-step 150 'official Mimi (bench_mimi.py)' env PYTHONPATH="$MOSHI_SITE" "../$PY" bench_mimi.py \
+step 120 'official Mimi (bench_mimi.py)' env PYTHONPATH="$MOSHI_SITE" "$PY" bench_mimi.py \
   --batches 1,8 --frames 15 --rounds 2 --encode-seconds 5 > "$OUT/official_mimi.txt"
 say "load average $(cut -d' ' -f1-3 /proc/loadavg); table:"
-"../$PY" bench_26.py table "$OUT"
+"$PY" bench_26.py table "$OUT"

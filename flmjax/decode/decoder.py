@@ -112,7 +112,7 @@ class StreamingDecoder:
     page_size: int = 128,
     kv_dtype: str = 'bf16',
     paged_impl: str = 'auto',
-    split_weights: bool | None = None,
+    split_weights=None,  # bool | None
   ):
     if overflow not in OVERFLOW_POLICIES:
       raise ValueError(f'overflow={overflow!r}: use one of {OVERFLOW_POLICIES}')

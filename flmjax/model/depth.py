@@ -93,15 +93,19 @@ def layer_step(
   return x[:, 0], k_cache, v_cache
 
 
+# A depth KV cache as layers_step takes it: stacked [L,B,C,h,e], or L per-layer [B,C,h,e] arrays.
+Caches = jax.Array | tuple[jax.Array, ...]
+
+
 def layers_step(
   p: dict,
   x: jax.Array,
-  k_cache: jax.Array,
-  v_cache: jax.Array,
+  k_cache: Caches,
+  v_cache: Caches,
   c: jax.Array,
   eps: float,
   layer_fn=layer_step,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+) -> tuple[jax.Array, Caches, Caches]:
   """All L layers at position c: p's leaves stacked [L,...], caches [L,B,C,h,e]; scans layer_fn."""
 
   def layer(x, xs):
