@@ -78,7 +78,8 @@ def frame_read_bytes(
   total = 0
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
   for (path, x), sharding in zip(flat, jax.tree.leaves(param_shardings)):
-    name = str(getattr(path[-1], 'key', path[-1]))
+    # The last dict key: a weight split into per-layer buffers (params.split_leading) keeps it.
+    name = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)][-1]
     read = shd.bytes_per_device(x, sharding)
     if name in LOOKUP_TABLES:  # B rows (B x C for the per-codebook tables), at most all of them
       rows = batch * (num_codebooks if x.ndim == 3 else 1)

@@ -17,12 +17,29 @@ from flmjax.decode.frame import frame
 from flmjax.decode.pages import PagedKV
 from flmjax.decode.sampling import SamplingConfig
 from flmjax.errors import FlmjaxError
-from flmjax.model import depth, transforms
+from flmjax.model import backbone, depth, transforms
 from flmjax.model.flm import FLMAudio
+from flmjax.model.params import split_leading
 
 OVERFLOW_POLICIES = ('error', 'slide')
 # The depth layers' logical axes that the rules split; replicated under the Pallas kernels.
 DEPTH_LAYER_AXES = ('depth_embed', 'depth_heads', 'depth_mlp')
+
+
+# Weights held as separate buffers per layer (and per codebook) when split_weights (see
+# flmjax.model.params.split_leading): path -> how many leading axes are split.
+SPLIT_AXES = {
+  **{f'backbone/{n}': 1 for n in backbone.LAYER_PARAMS},
+  **{f'depth_transformer/{n}': 1 for n in ('ln_1', 'qkv', 'proj', 'ln_2', 'heads')},
+  **{f'depth_transformer/{n}': 2 for n in ('gate', 'up', 'down')},
+}
+
+
+def _has_siblings(model) -> bool:
+  """Whether any weight carries LoRA adapters or int8 scales (split_leading splits only plain
+  weights; a LoRA model is merged before, so this is int8 weights' scales)."""
+  names = {str(k) for path, _ in nnx.to_flat_state(nnx.state(model)) for k in path}
+  return any(n.endswith(('_scale', '_lora_a', '_lora_b')) for n in names)
 
 
 class SessionOverflowError(FlmjaxError, RuntimeError):
@@ -69,6 +86,11 @@ class StreamingDecoder:
   depth_layer_fn: a drop-in for flmjax.model.depth.layer_step. depth_layers_fn: a drop-in for
     the whole depth layer stack (depth.layers_step's signature); use_pallas=True takes it from
     flmjax.kernels.depth_step.select_depth_layers_fn (pallas_interpret=True: interpret mode).
+  split_weights: hold the layer weights (and the depth's per-codebook ones) as separate buffers
+    and unroll the frame's loops over them (flmjax.model.params.split_leading): XLA:CPU's dots
+    then read them in place rather than a copy of each slice. Default: on CPU without a mesh
+    or custom depth functions, with the contiguous cache. The tokens are the same either way
+    (tests/test_decode_split.py).
   """
 
   def __init__(
@@ -90,6 +112,7 @@ class StreamingDecoder:
     page_size: int = 128,
     kv_dtype: str = 'bf16',
     paged_impl: str = 'auto',
+    split_weights=None,  # bool | None
   ):
     if overflow not in OVERFLOW_POLICIES:
       raise ValueError(f'overflow={overflow!r}: use one of {OVERFLOW_POLICIES}')
@@ -100,6 +123,13 @@ class StreamingDecoder:
       rules = shd.replicating(rules, DEPTH_LAYER_AXES)
     self.rules = rules
     self.graphdef = self.param_shardings = None
+    if split_weights is None:  # XLA:CPU copies stacked weights' slices (split_leading)
+      custom = use_pallas or depth_layer_fn is not None or depth_layers_fn is not None
+      # Not under the paged cache: there the unrolled program's rounding differs from the
+      # contiguous decoder's, which its tests hold bit for bit.
+      plain = mesh is None and not custom and kv == 'contiguous'
+      split_weights = plain and jax.default_backend() == 'cpu'
+    self.split_weights = split_weights and not _has_siblings(model)
     self.load_weights(model)  # sets cfg (the merged model's, for a LoRA model)
     cfg = self.cfg
     self.sampling = sampling or SamplingConfig()
@@ -129,21 +159,20 @@ class StreamingDecoder:
     if getattr(model, 'lora', None) is not None:  # a LoRA model decodes merged (plain weights)
       model = transforms.merge(model)
     graphdef, params = nnx.split(model)
+    shapes = jax.tree.structure(params), jax.tree.map(lambda x: x.shape, nnx.to_pure_dict(params))
     if self.graphdef is None:  # the first model fixes the config and the placement
-      self.cfg = model.cfg
+      self.cfg, self._shapes = model.cfg, shapes
       if self.mesh is not None:
         shd.validate_mesh(self.cfg, self.mesh.shape)
         self.param_shardings = shd.state_shardings(params, self.mesh, self.rules)
-    else:
-      shapes = lambda p: jax.tree.map(lambda x: x.shape, nnx.to_pure_dict(p))
-      if jax.tree.structure(params) != jax.tree.structure(self.params) or shapes(params) != shapes(
-        self.params
-      ):
-        raise ValueError(
-          "load_weights: the model's parameters differ from the ones this decoder was built "
-          'for (another config?); build a new StreamingDecoder for it'
-        )
+    elif shapes != self._shapes:
+      raise ValueError(
+        "load_weights: the model's parameters differ from the ones this decoder was built "
+        'for (another config?); build a new StreamingDecoder for it'
+      )
     self.graphdef = graphdef
+    if self.split_weights:
+      params = split_leading(params, SPLIT_AXES)
     self.params = params if self.mesh is None else jax.device_put(params, self.param_shardings)
 
   # ---- compiled functions, one set per batch size ------------------------------------------

@@ -24,6 +24,7 @@ from flmjax.decode import pages
 from flmjax.decode.sampling import sample, sample_sharded
 from flmjax.model import depth
 from flmjax.model.flm import FLMAudio
+from flmjax.model.params import is_split
 
 
 def window_valid(offset: jax.Array, window: jax.Array, size: int) -> jax.Array:
@@ -151,8 +152,18 @@ def frame(
     return (code, dcache), code
 
   start = (jnp.full((B,), cfg.audio_emp_id, jnp.int32), depth.init_cache(cfg, B, cond.dtype))
-  _, audio = jax.lax.scan(depth_step, start, jnp.arange(C))
-  audio = audio.T  # [B,C]
+  if is_split(model.depth_transformer.heads.get_value()):
+    # Per-codebook weight buffers (flmjax.model.params.split_leading): unrolled, so each step's
+    # dots read codebook c's weights where they lie.
+    layers = lambda x: tuple(x)  # the depth cache per layer too: no slices, no restacking
+    codes, carry = [], (start[0], jax.tree.map(layers, start[1]))
+    for c in range(C):
+      carry, code = depth_step(carry, c)
+      codes.append(code)
+    audio = jnp.stack(codes, axis=1)  # [B,C]
+  else:
+    _, audio = jax.lax.scan(depth_step, start, jnp.arange(C))
+    audio = audio.T  # [B,C]
 
   # 5. Text and speak at column offset + 1; the penalty windows; offset += 1.
   own = jnp.arange(1 + C)[None, :]

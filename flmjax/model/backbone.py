@@ -13,7 +13,7 @@ from flax import nnx
 from flmjax import sharding as shd
 from flmjax.config import ModelConfig
 from flmjax.model import attention, layers, paged
-from flmjax.model.params import param, values
+from flmjax.model.params import is_split, param, values
 from flmjax.model.weights import dense, fold, rows
 
 LAYER_PARAMS = (
@@ -182,9 +182,13 @@ class Backbone(nnx.Module):
     kv = None
     if cache is not None:
       kv = pool if paged_cache else {'k': cache['k'], 'v': cache['v']}
-    (x, kv), _ = jax.lax.scan(
-      layer, (x.astype(cfg.compute_dtype), kv), (stacked, jnp.arange(cfg.num_layers))
-    )
+    carry = (x.astype(cfg.compute_dtype), kv)
+    if is_split(stacked['q']):  # separate per-layer buffers (split_leading): read in place
+      for i in range(cfg.num_layers):
+        carry, _ = layer(carry, ({n: w[i] for n, w in stacked.items()}, i))
+      x, kv = carry
+    else:
+      (x, kv), _ = jax.lax.scan(layer, carry, (stacked, jnp.arange(cfg.num_layers)))
     h = layers.rms_norm(x, self.final_norm[...].astype(cfg.compute_dtype), cfg.rms_norm_eps)
     return shd.constrain(h, BTD), kv
 

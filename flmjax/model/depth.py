@@ -17,7 +17,7 @@ from flax import nnx
 from flmjax import sharding as shd
 from flmjax.config import ModelConfig
 from flmjax.model import layers
-from flmjax.model.params import param, values
+from flmjax.model.params import is_split, param, values
 from flmjax.model.weights import dense, fold, rows
 
 LAYER_PARAMS = ('ln_1', 'qkv', 'proj', 'ln_2', 'gate', 'up', 'down')
@@ -69,10 +69,13 @@ def layer(
   x = x + dense('RChe,hed->RCd', att, p['proj'], dropout)
   y = layers.rms_norm(x, p['ln_2'], eps)
   mlp = lambda w: jax.lax.dynamic_slice_in_dim(w, start, width, 0)  # [C',d,f] / [C',f,d]
+  take = lambda w: jax.tree.map(mlp, w)  # the slice of a weight and of its adapters/scale
+  if is_split(p['gate']):  # one buffer per codebook (split_leading): start is a Python int
+    take = lambda w: w[start][None]
   # Codebook-major inside the MLP: the matmuls are batched over C, which XLA wants leading, so
   # only the d-wide in and out are transposed, never the f-wide activations.
   y = jnp.swapaxes(y, 0, 1)  # [C',R,d]
-  linear = lambda spec, x, name: dense(spec, x, jax.tree.map(mlp, p[name]), dropout)
+  linear = lambda spec, x, name: dense(spec, x, take(p[name]), dropout)
   g = shd.constrain(linear('CRd,Cdf->CRf', y, 'gate'), CRF)
   u = shd.constrain(linear('CRd,Cdf->CRf', y, 'up'), CRF)
   x = x + jnp.swapaxes(linear('CRf,Cfd->CRd', jax.nn.silu(g) * u, 'down'), 0, 1)
@@ -90,15 +93,19 @@ def layer_step(
   return x[:, 0], k_cache, v_cache
 
 
+# A depth KV cache as layers_step takes it: stacked [L,B,C,h,e], or L per-layer [B,C,h,e] arrays.
+Caches = jax.Array | tuple[jax.Array, ...]
+
+
 def layers_step(
   p: dict,
   x: jax.Array,
-  k_cache: jax.Array,
-  v_cache: jax.Array,
+  k_cache: Caches,
+  v_cache: Caches,
   c: jax.Array,
   eps: float,
   layer_fn=layer_step,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+) -> tuple[jax.Array, Caches, Caches]:
   """All L layers at position c: p's leaves stacked [L,...], caches [L,B,C,h,e]; scans layer_fn."""
 
   def layer(x, xs):
@@ -106,6 +113,15 @@ def layers_step(
     x, ck, cv = layer_fn(lp, x, ck, cv, c, eps)
     return x, (ck, cv)
 
+  if is_split(p['qkv']):  # separate per-layer buffers (split_leading): unrolled, read in place
+    ks, vs = [], []  # caches given as per-layer tuples (frame.py) stay so: no stacking copies
+    for i in range(len(k_cache)):
+      x, ck, cv = layer_fn({n: w[i] for n, w in p.items()}, x, k_cache[i], v_cache[i], c, eps)
+      ks.append(ck)
+      vs.append(cv)
+    if isinstance(k_cache, tuple):
+      return x, tuple(ks), tuple(vs)
+    return x, jnp.stack(ks), jnp.stack(vs)
   x, (k_cache, v_cache) = jax.lax.scan(layer, x, (p, k_cache, v_cache))
   return x, k_cache, v_cache
 
@@ -224,5 +240,9 @@ class DepthTransformer(nnx.Module):
       values(self, LAYER_PARAMS, dt), x, cache['k'], cache['v'], c, cfg.depth_rms_eps
     )
     x = layers.rms_norm(x, self.ln_f[...].astype(dt), cfg.depth_rms_eps)
-    head = jax.lax.dynamic_index_in_dim(self.heads[...], c, 0, keepdims=False).astype(dt)
+    heads = values(self, ('heads',), dt)['heads']
+    if is_split(heads):  # one buffer per codebook (split_leading): c is a Python int
+      head = heads[c]
+    else:
+      head = jax.lax.dynamic_index_in_dim(heads, c, 0, keepdims=False)
     return jnp.einsum('Bd,dA->BA', x, head), {'k': ck, 'v': cv}
