@@ -108,7 +108,8 @@ def check_layers(args, rows):
         )
 
 
-def check_stream(args, rows):
+def check_stream(rows, name: str, **decoder):
+  """The golden greedy stream through a StreamingDecoder built with `decoder`'s options."""
   import flmjax
   from flmjax.decode import SamplingConfig, StreamingDecoder
 
@@ -116,11 +117,7 @@ def check_stream(args, rows):
   stream = np.load(golden / 'stream.npz')
   greedy = SamplingConfig(greedy=True, repetition_penalty_text=1.0, repetition_penalty_audio=1.0)
   dec = StreamingDecoder(
-    flmjax.load_official(str(golden), dtype='float32'),
-    greedy,
-    max_len=32,
-    use_pallas=True,
-    pallas_interpret=args.interpret,
+    flmjax.load_official(str(golden), dtype='float32'), greedy, max_len=32, **decoder
   )
   state, outs = dec.init(1), []
   for frame in np.transpose(stream['user'], (2, 0, 1)):
@@ -129,7 +126,7 @@ def check_stream(args, rows):
   wrong = int(np.sum(np.stack(outs) != stream['out_plain']))
   rows.append(
     (
-      'golden greedy stream, use_pallas',
+      f'golden greedy stream, {name}',
       '24 frames',
       f'{wrong} tokens differ',
       '0',
@@ -178,38 +175,6 @@ def check_paged(args, rows):
       )
 
 
-def check_paged_stream(args, rows):
-  import flmjax
-  from flmjax.decode import SamplingConfig, StreamingDecoder
-
-  golden = ROOT / 'tests' / 'golden' / 'flm_tiny'
-  stream = np.load(golden / 'stream.npz')
-  greedy = SamplingConfig(greedy=True, repetition_penalty_text=1.0, repetition_penalty_audio=1.0)
-  dec = StreamingDecoder(
-    flmjax.load_official(str(golden), dtype='float32'),
-    greedy,
-    max_len=32,
-    kv='paged',
-    pages=2,
-    page_size=16,  # Triton's dots want blocks of at least 16
-    paged_impl='gpu_interpret' if args.interpret else 'kernel',
-  )
-  state, outs = dec.init(1), []
-  for frame in np.transpose(stream['user'], (2, 0, 1)):
-    state, out, valid = dec.step(state, frame)
-    outs.append(np.where(np.asarray(valid)[:, None], np.asarray(out), -1)[0])
-  wrong = int(np.sum(np.stack(outs) != stream['out_plain']))
-  rows.append(
-    (
-      'golden greedy stream, paged kernel',
-      '24 frames',
-      f'{wrong} tokens differ',
-      '0',
-      'pass' if wrong == 0 else 'FAIL',
-    )
-  )
-
-
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   ap.add_argument('--batches', default='1,3,8', help='comma-separated batch sizes')
@@ -221,10 +186,12 @@ def main(argv=None) -> int:
     return 1
   rows = []
   check_layers(args, rows)
-  check_stream(args, rows)
+  check_stream(rows, 'use_pallas', use_pallas=True, pallas_interpret=args.interpret)
   check_paged(args, rows)
   if jax.default_backend() != 'tpu':  # the TPU kernel's bfloat16 pages: see docs/decoding.md
-    check_paged_stream(args, rows)
+    paged_impl = 'gpu_interpret' if args.interpret else 'kernel'
+    # Triton's dots want blocks of at least 16 positions.
+    check_stream(rows, 'paged kernel', kv='paged', pages=2, page_size=16, paged_impl=paged_impl)
   mode = 'interpret mode' if args.interpret else 'compiled'
   print(
     f'\n| kernel check ({jax.devices()[0].device_kind}, {mode}) | shapes | max error | '
