@@ -351,3 +351,19 @@ def test_idle_close_waits_for_buffered_audio(serve_pipeline):
   assert [s.reason for s in server.finished if s.sid != conv.session] == [
     'idle: no message for 0.5 s'
   ]
+
+
+def test_step_refuses_a_slot_at_max_len(serve_pipeline, monkeypatch):
+  """The pipeline itself refuses to step a full slot (the frame loop ends it first), naming it."""
+  monkeypatch.setattr(serve_pipeline, 'max_len', 1)
+  pcm = np.zeros((serve_pipeline.slots, serve_pipeline.frame_size), np.float32)
+  mask = np.array([False, True, False, False])
+  serve_pipeline.start(mask)
+  try:
+    assert not serve_pipeline.at_limit().any()
+    serve_pipeline.step(pcm)
+    assert serve_pipeline.at_limit().tolist() == mask.tolist()
+    with pytest.raises(ValueError, match=r'^slot\(s\) \[1\] reached max_len=1 frames: stop them'):
+      serve_pipeline.step(pcm)
+  finally:
+    serve_pipeline.stop(mask)

@@ -293,10 +293,9 @@ class FramePipeline:
     pcm = np.asarray(pcm, np.float32)
     if pcm.shape != (self.slots, self.frame_size):
       raise ValueError(f'pcm: expected [{self.slots}, {self.frame_size}], got {pcm.shape}')
-    slide = self.decoder.overflow == 'slide'
-    if not slide and self.active.any() and self.frames[self.active].max() >= self.max_len:
+    if (limit := self.at_limit()).any():
       raise ValueError(
-        f'slot(s) {np.flatnonzero(self.full()).tolist()} reached max_len='
+        f'slot(s) {np.flatnonzero(limit).tolist()} reached max_len='
         f'{self.max_len} frames: stop them first'
       )
     span = 1 if self.decoder.kv is None else self.decoder.check_pages(self.lm)
