@@ -145,6 +145,12 @@ ANY_PORT = ('--port', '0')  # the port is bound first: never depend on 8990 bein
       ('--pallas',),
       '--pallas: the Pallas depth kernels compile for a GPU or a TPU, and this host runs on cpu',
     ),
+    (('--kv-pages', '0'), '--kv-pages 0 must be >= 1'),
+    (('--kv-dtype', 'int8'), '--kv-dtype int8 needs --kv-pages N (int8 is paged-only)'),
+    (
+      ('--kv-pages', '8', '--max-len', '100'),
+      '--max-len 100 must be a multiple of --page-size 128',
+    ),
   ],
   ids=[
     'idle_negative',
@@ -160,6 +166,9 @@ ANY_PORT = ('--port', '0')  # the port is bound first: never depend on 8990 bein
     'top_p',
     'penalty',
     'pallas_on_cpu',
+    'kv_pages',
+    'int8_contiguous',
+    'max_len_pages',
   ],
 )
 def test_serve_numeric_flags(capsys, flags, message):

@@ -32,6 +32,8 @@ FLAGS = {
 
 
 def _parser() -> ArgumentParser:
+  from flmjax.decode.flags import add_kv_flags
+
   ap = ArgumentParser(prog='flmjax eval', description=__doc__.split('\n\n')[0])
   sub = ap.add_subparsers(dest='command', required=True)
   d = sub.add_parser('duplex', help='held-out conversations: turn-taking and content accuracy')
@@ -71,16 +73,7 @@ def _parser() -> ArgumentParser:
     default='flmjax',
     help="fdb: Full-Duplex-Bench's takeover rule (a reply under 1 s of 3 words or fewer is none)",
   )
-  d.add_argument(
-    '--kv-pages',
-    type=int,
-    default=None,
-    help='stream through a paged KV cache of N pages per layer (default: contiguous)',
-  )
-  d.add_argument('--page-size', type=int, default=128, help='positions a KV page (paged)')
-  d.add_argument(
-    '--kv-dtype', choices=('bf16', 'int8'), default='bf16', help='the paged pool in bf16 or int8'
-  )
+  add_kv_flags(d, 'stream through a paged KV cache of N pages per layer (default: contiguous)')
   f = sub.add_parser('fdb', help='Full-Duplex-Bench: output.wav/.json beside every input.wav')
   f.add_argument('--checkpoint', required=True)
   f.add_argument(
@@ -133,11 +126,12 @@ def _teacher_forced(model, args, tokenizer, codec) -> dict:
 
 
 def _check_paged(args) -> None:
+  from flmjax.decode.flags import check_kv_dtype
+
   for flag, value in (('--kv-pages', args.kv_pages), ('--page-size', args.page_size)):
     if value is not None and value < 1:
       raise ValueError(f'{flag} {value} must be >= 1')
-  if args.kv_dtype != 'bf16' and args.kv_pages is None:
-    raise ValueError(f'--kv-dtype {args.kv_dtype} needs --kv-pages N (int8 is paged-only)')
+  check_kv_dtype(args)
 
 
 def _paged_decoder(args, model, conversations):

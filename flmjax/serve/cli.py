@@ -45,7 +45,7 @@ def _address_parser() -> ArgumentParser:
 
 
 def _parser() -> ArgumentParser:
-  from flmjax.decode.flags import add_sampling_flags
+  from flmjax.decode.flags import add_kv_flags, add_sampling_flags
 
   ap = ArgumentParser(
     prog='flmjax serve', description=__doc__.split('\n\n')[0], parents=[_address_parser()]
@@ -111,16 +111,10 @@ def _parser() -> ArgumentParser:
     help='the depth transformer through the Pallas kernels (GPU: Triton, TPU: '
     'Mosaic), under --mesh in shard_map over the sessions',
   )
-  ap.add_argument(
-    '--kv-pages',
-    type=int,
-    default=None,
-    help='a paged KV cache of N pages per layer shared by all slots (default: contiguous, '
+  add_kv_flags(
+    ap,
+    'a paged KV cache of N pages per layer shared by all slots (default: contiguous, '
     'max-len positions a slot); a session takes pages as it grows',
-  )
-  ap.add_argument('--page-size', type=int, default=128, help='positions a KV page (paged)')
-  ap.add_argument(
-    '--kv-dtype', choices=('bf16', 'int8'), default='bf16', help='the paged pool in bf16 or int8'
   )
   ap.add_argument(
     '--overflow',
@@ -165,11 +159,10 @@ def check_flags(args) -> None:
       raise ValueError(
         f'{flag} {value:g} must be >= {low:g}' + (' (one 80 ms frame)' if low == 0.08 else '')
       )
-  from flmjax.decode.flags import sampling_from_flags
+  from flmjax.decode.flags import check_kv_dtype, sampling_from_flags
 
   sampling_from_flags(args)
-  if args.kv_dtype != 'bf16' and args.kv_pages is None:
-    raise ValueError(f'--kv-dtype {args.kv_dtype} needs --kv-pages N (int8 is paged-only)')
+  check_kv_dtype(args)
   if args.kv_pages is not None and args.max_len is not None and args.max_len % args.page_size:
     raise ValueError(f'--max-len {args.max_len} must be a multiple of --page-size {args.page_size}')
   if args.pallas:
