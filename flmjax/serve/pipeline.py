@@ -279,14 +279,12 @@ class FramePipeline:
     out[short if self.decoder.overflow == 'error' else short[held[short] == 0]] = True
     return out & self.active
 
-  def full(self) -> np.ndarray:
-    """[B] bool: live slots whose session filled the LM's KV cache (max_len frames)."""
-    return self.active & (self.frames >= self.max_len)
-
   def at_limit(self) -> np.ndarray:
-    """[B] bool: full slots that may not slide on (overflow != 'slide'). The frame loop ends
-    them before the step, which would refuse them."""
-    return self.full() & (self.decoder.overflow != 'slide')
+    """[B] bool: live slots whose session filled the LM's KV cache (max_len frames) and may not
+    slide on (overflow != 'slide'). The frame loop ends them before the step, which would
+    refuse them."""
+    full = self.active & (self.frames >= self.max_len)
+    return full & (self.decoder.overflow != 'slide')
 
   def step(self, pcm: np.ndarray) -> FrameOut:
     """pcm float32 [B,S] (anything in free slots) -> the tick's FrameOut."""
