@@ -74,6 +74,14 @@ def _parser() -> ArgumentParser:
     help="fdb: Full-Duplex-Bench's takeover rule (a reply under 1 s of 3 words or fewer is none)",
   )
   add_kv_flags(d, 'stream through a paged KV cache of N pages per layer (default: contiguous)')
+  d.add_argument(
+    '--attention-window',
+    type=int,
+    default=None,
+    metavar='N',
+    help='each frame attends to the last N frames only (a ring cache of N positions); a model '
+    'trained on N-frame windows has seen no longer context (default: the whole conversation)',
+  )
   f = sub.add_parser('fdb', help='Full-Duplex-Bench: output.wav/.json beside every input.wav')
   f.add_argument('--checkpoint', required=True)
   f.add_argument(
@@ -132,6 +140,22 @@ def _check_paged(args) -> None:
     if value is not None and value < 1:
       raise ValueError(f'{flag} {value} must be >= 1')
   check_kv_dtype(args)
+
+
+def _window_decoder(args, model):
+  """With --attention-window N: a greedy decoder whose cache is a ring of N positions
+  (overflow='slide'), so each frame attends to the last N frames; None without."""
+  if args.attention_window is None:
+    return None
+  if args.attention_window < 1:
+    raise ValueError(f'--attention-window {args.attention_window} must be >= 1')
+  if args.kv_pages is not None:
+    raise ValueError('--attention-window takes the contiguous cache; drop --kv-pages')
+  from flmjax.decode.decoder import StreamingDecoder
+  from flmjax.decode.sampling import SamplingConfig
+
+  greedy = SamplingConfig(greedy=True, repetition_penalty_text=1.0, repetition_penalty_audio=1.0)
+  return StreamingDecoder(model, greedy, max_len=args.attention_window, overflow='slide')
 
 
 def _paged_decoder(args, model, conversations):
@@ -202,7 +226,7 @@ def duplex(args) -> int:
     batch_size=args.batch_size,
     codec=codec,
     conversations=convs,
-    decoder=_paged_decoder(args, model, convs),
+    decoder=_window_decoder(args, model) or _paged_decoder(args, model, convs),
     progress=not args.no_progress,
     rules=args.rules,
     lead_frames=args.lead_frames,
@@ -213,6 +237,8 @@ def duplex(args) -> int:
     for k, v in _teacher_forced(model, args, tokenizer, codec).items()
   }
   report.update(checkpoint=os.path.abspath(args.checkpoint), data=os.path.abspath(args.data))
+  if args.attention_window is not None:
+    report['attention_window'] = args.attention_window
   if args.kv_pages is not None:
     report['kv_cache'] = {
       'kv_pages': args.kv_pages,

@@ -72,9 +72,10 @@ def stream(
   steps before the first output: a live listener hears frame f at step f + that).
 
   decoder: a StreamingDecoder built before for a model of the same config, long enough
-  (max_len); it then runs `model`'s weights (StreamingDecoder.load_weights: a LoRA model
-  merged, placed on the decoder's mesh) with the functions it has compiled already, and its own
-  sampling (`sampling` is for a decoder built here)."""
+  (max_len), or one that slides (overflow='slide': every frame attends to the last max_len
+  frames, an attention window); it then runs `model`'s weights (StreamingDecoder.load_weights:
+  a LoRA model merged, placed on the decoder's mesh) with the functions it has compiled already,
+  and its own sampling (`sampling` is for a decoder built here)."""
   from tqdm import tqdm
 
   from flmjax.decode.decoder import StreamingDecoder
@@ -90,7 +91,7 @@ def stream(
   if decoder is None:
     decoder = StreamingDecoder(model, sampling, max_len=steps)
   else:
-    if decoder.max_len < steps:
+    if decoder.max_len < steps and decoder.overflow != 'slide':
       raise ValueError(f'stream: the decoder holds {decoder.max_len} frames; need {steps}')
     decoder.load_weights(model)  # merged if LoRA, on the decoder's mesh; nothing recompiles
   outputs = [None] * len(users)
