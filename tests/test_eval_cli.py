@@ -379,3 +379,46 @@ def test_eval_duplex_paged_flags(tiny_dir, corpus, tmp_path, capsys):
   err = cli_error(capsys, base + ['--kv-pages', '0'])
   assert '--kv-pages 0 must be >= 1' in err
   assert not (tmp_path / 'r').exists()
+
+
+@pytest.mark.slow
+def test_eval_duplex_attention_window(tiny_dir, tiny_model, corpus, tmp_path, capsys):
+  """--attention-window N streams through a ring cache of N positions (each frame attends to the
+  last N frames; tests/test_decode_overflow.py holds that decoder to the sliding-window model):
+  a window longer than the conversations changes nothing; a short one agrees with the whole
+  context until it first slides, and is what `stream` gives with that decoder."""
+  from flmjax.decode.decoder import StreamingDecoder
+  from flmjax.decode.sampling import SamplingConfig
+
+  base = ['eval', 'duplex', '--checkpoint', str(tiny_dir), '--data', corpus['heldout_duplex']]
+  base += ['--limit', '2', '--no-progress', '--eval-batches', '1']
+  reports = {}
+  for name, extra in (('whole', []), ('long', ['--attention-window', '1000'])):
+    assert cli.main(base + ['--out', str(tmp_path / name)] + extra) == 0, capsys.readouterr().err
+    reports[name] = json.loads((tmp_path / name / 'report.json').read_text())
+  window = 8
+  assert cli.main(base + ['--out', str(tmp_path / 'w'), '--attention-window', str(window)]) == 0
+  short = json.loads((tmp_path / 'w' / 'report.json').read_text())
+  whole = reports['whole']
+  assert 'attention_window' not in whole and reports['long']['attention_window'] == 1000
+  assert short['attention_window'] == window
+  for a, b in zip(whole['conversations'], reports['long']['conversations']):
+    assert a['text_ids'] == b['text_ids'] and a['model_active'] == b['model_active']
+  greedy = SamplingConfig(greedy=True, repetition_penalty_text=1.0, repetition_penalty_audio=1.0)
+  sliding = StreamingDecoder(tiny_model, greedy, max_len=window, overflow='slide')
+  users = [c['user'] for c in read_conversations(corpus['heldout_duplex'], 8)[:2]]
+  outs, _ = stream(tiny_model, users, decoder=sliding)
+  for a, b, out in zip(whole['conversations'], short['conversations'], outs):
+    assert len(b['text_ids']) > window  # the window slid
+    assert b['text_ids'] == out[0].tolist()
+    assert a['text_ids'][:window] == b['text_ids'][:window]
+
+
+def test_eval_duplex_attention_window_flags(tiny_dir, corpus, tmp_path, capsys):
+  base = ['eval', 'duplex', '--checkpoint', str(tiny_dir), '--data', corpus['heldout_duplex']]
+  base += ['--out', str(tmp_path / 'r')]
+  err = cli_error(capsys, base + ['--attention-window', '0'])
+  assert '--attention-window 0 must be >= 1' in err
+  err = cli_error(capsys, base + ['--attention-window', '8', '--kv-pages', '4'])
+  assert '--attention-window takes the contiguous cache; drop --kv-pages' in err
+  assert not (tmp_path / 'r').exists()

@@ -142,15 +142,20 @@ def _check_paged(args) -> None:
   check_kv_dtype(args)
 
 
+def _check_window(args) -> None:
+  if args.attention_window is None:
+    return
+  if args.attention_window < 1:
+    raise ValueError(f'--attention-window {args.attention_window} must be >= 1')
+  if args.kv_pages is not None:
+    raise ValueError('--attention-window takes the contiguous cache; drop --kv-pages')
+
+
 def _window_decoder(args, model):
   """With --attention-window N: a greedy decoder whose cache is a ring of N positions
   (overflow='slide'), so each frame attends to the last N frames; None without."""
   if args.attention_window is None:
     return None
-  if args.attention_window < 1:
-    raise ValueError(f'--attention-window {args.attention_window} must be >= 1')
-  if args.kv_pages is not None:
-    raise ValueError('--attention-window takes the contiguous cache; drop --kv-pages')
   from flmjax.decode.decoder import StreamingDecoder
   from flmjax.decode.sampling import SamplingConfig
 
@@ -204,6 +209,7 @@ def duplex(args) -> int:
     if value is not None and value < 1:
       raise ValueError(f'{flag} {value} must be >= 1')
   _check_paged(args)
+  _check_window(args)
   check_manifest(args.data, '--data')  # before the model loads
   if args.asr_tts:
     check_manifest(args.asr_tts, '--asr-tts')
