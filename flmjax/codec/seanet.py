@@ -3,6 +3,9 @@
 Every causal convolution keeps a left context ("tail") of `effective_kernel - stride` inputs, and
 every transposed convolution (kernel = 2 * stride) its last input, which the next step's first
 output block still needs (the official code keeps a `stride`-long output overhang instead).
+A conv of ELU(x) takes x and `act=elu`, and its tail keeps inputs before ELU (ELU(0) = 0, so a
+zero tail means the same): ELU then has one reader, the conv's input, into which XLA fuses it,
+instead of writing ELU(x) out for the input and the next tail and reading it back.
 A batch call is one streaming step from a fresh (zero) state, so the two modes share the code and
 agree exactly, as the official StreamingConv1d / StreamingConvTranspose1d do.
 
@@ -71,14 +74,19 @@ def elu(x: jax.Array) -> jax.Array:
   return jnp.where(x > 0, x, jnp.exp(jnp.minimum(x, 0.0)) - 1.0)
 
 
-def conv1d(p: Params, x: jax.Array, tail: jax.Array, stride: int = 1, dilation: int = 1):
-  """Causal conv. x [B,T,I], tail [B,P,I] (P = (K-1)*dilation + 1 - stride), w [K,I,O].
+def conv1d(p: Params, x: jax.Array, tail: jax.Array, stride: int = 1, dilation: int = 1, act=None):
+  """Causal conv of act(x) (act elementwise, e.g. elu; None: x). x [B,T,I], tail [B,P,I] (the
+  previous inputs before act; P = (K-1)*dilation + 1 - stride), w [K,I,O].
 
   -> (y [B,T/S,O], new tail [B,P,I]).
   """
-  xx = jnp.concatenate([tail, x], axis=1) if tail.shape[1] else x  # [B,P+T,I]
+  T, P = x.shape[1], tail.shape[1]
+  new_tail = jnp.concatenate([tail, x], axis=1)[:, T:]  # [B,P,I]: x's last P rows when T >= P
+  # act on each part, then concatenate: XLA fuses act(x) into the concatenation (one pass over x),
+  # where act of the concatenation would be a second pass over it.
+  act = act or (lambda a: a)
+  xx = jnp.concatenate([act(tail), act(x)], axis=1) if P else act(x)  # [B,P+T,I]
   K, I, O = p['w'].shape
-  T = x.shape[1]
   if stride == 1 and I == 1:  # the mono input conv: a fused sum over taps beats XLA:CPU's conv 5x
     y = sum(xx[:, k * dilation : k * dilation + T] * p['w'][k] for k in range(K))  # [B,T,O]
   elif stride == 1 and O == 1:  # the mono output conv: one [I,K] matmul, then shifted taps (3x)
@@ -95,16 +103,17 @@ def conv1d(p: Params, x: jax.Array, tail: jax.Array, stride: int = 1, dilation: 
     )  # [B,T/S,O]
   if 'b' in p:
     y = y + p['b']
-  return y, xx[:, xx.shape[1] - tail.shape[1] :]
+  return y, new_tail
 
 
-def conv_transpose1d(p: Params, x: jax.Array, tail: jax.Array, stride: int):
-  """Causal transposed conv with kernel 2S, as a kernel-2 conv to S*O channels: output block t
-  ([S,O]) is x[t-1] @ w[k=S..2S) + x[t] @ w[k=0..S). x [B,T,I], w [2,I,S*O] (see
-  mimi_checkpoint), tail [B,1,I] (the previous step's last input). -> (y [B,T*S,O], tail).
-  One conv, no overlap-add of [B,T,2,S,O] halves: less memory traffic than matmul + add."""
+def conv_transpose1d(p: Params, x: jax.Array, tail: jax.Array, stride: int, act=None):
+  """Causal transposed conv of act(x) with kernel 2S, as a kernel-2 conv to S*O channels: output
+  block t ([S,O]) is x[t-1] @ w[k=S..2S) + x[t] @ w[k=0..S). x [B,T,I], w [2,I,S*O] (see
+  mimi_checkpoint), tail [B,1,I] (the previous step's last input, before act).
+  -> (y [B,T*S,O], tail). One conv, no overlap-add of [B,T,2,S,O] halves: less memory traffic
+  than matmul + add."""
   B, T, _ = x.shape
-  y, tail = conv1d({'w': p['w']}, x, tail)  # [B,T,S*O]
+  y, tail = conv1d({'w': p['w']}, x, tail, act=act)  # [B,T,S*O]
   y = y.reshape(B, T * stride, -1)  # [B,T*S,O]
   if 'b' in p:
     y = y + p['b']
@@ -135,9 +144,15 @@ def _resblocks(cfg, params, state, new, prefix, x):
   for j in range(cfg.n_residual_layers):
     name = f'{prefix}.res.{j}'
     h, new[f'{name}.conv1'] = conv1d(
-      get(params, f'{name}.conv1'), elu(x), state[f'{name}.conv1'], dilation=cfg.dilation_base**j
+      get(params, f'{name}.conv1'),
+      x,
+      state[f'{name}.conv1'],
+      dilation=cfg.dilation_base**j,
+      act=elu,
     )
-    h, new[f'{name}.conv2'] = conv1d(get(params, f'{name}.conv2'), elu(h), state[f'{name}.conv2'])
+    h, new[f'{name}.conv2'] = conv1d(
+      get(params, f'{name}.conv2'), h, state[f'{name}.conv2'], act=elu
+    )
     x = x + h
   return x
 
@@ -149,9 +164,9 @@ def encode(cfg: MimiConfig, params: Params, state: State, x: jax.Array):
   for i, ratio in enumerate(reversed(cfg.ratios)):
     h = _resblocks(cfg, params, state, new, f'blocks.{i}', h)
     h, new[f'blocks.{i}.down'] = conv1d(
-      params['blocks'][i]['down'], elu(h), state[f'blocks.{i}.down'], stride=ratio
+      params['blocks'][i]['down'], h, state[f'blocks.{i}.down'], stride=ratio, act=elu
     )
-  h, new['conv_out'] = conv1d(params['conv_out'], elu(h), state['conv_out'])
+  h, new['conv_out'] = conv1d(params['conv_out'], h, state['conv_out'], act=elu)
   return h, new
 
 
@@ -161,8 +176,8 @@ def decode(cfg: MimiConfig, params: Params, state: State, h: jax.Array):
   y, new['conv_in'] = conv1d(params['conv_in'], h, state['conv_in'])
   for i, ratio in enumerate(cfg.ratios):
     y, new[f'blocks.{i}.up'] = conv_transpose1d(
-      params['blocks'][i]['up'], elu(y), state[f'blocks.{i}.up'], ratio
+      params['blocks'][i]['up'], y, state[f'blocks.{i}.up'], ratio, act=elu
     )
     y = _resblocks(cfg, params, state, new, f'blocks.{i}', y)
-  y, new['conv_out'] = conv1d(params['conv_out'], elu(y), state['conv_out'])
+  y, new['conv_out'] = conv1d(params['conv_out'], y, state['conv_out'], act=elu)
   return y, new
