@@ -89,8 +89,9 @@ class StreamingDecoder:
   split_weights: hold the layer weights (and the depth's per-codebook ones) as separate buffers
     and unroll the frame's loops over them (flmjax.model.params.split_leading): XLA:CPU's dots
     then read them in place rather than a copy of each slice. Default: on CPU without a mesh
-    or custom depth functions, with the contiguous cache. The tokens are the same either way
-    (tests/test_decode_split.py).
+    or custom depth functions, with the contiguous cache. The state's KV cache is then per layer
+    too ({'k','v'}: tuples of L [B,K,S,H]; flmjax.decode.state.init). The tokens are the same
+    either way (tests/test_decode_split.py).
   """
 
   def __init__(
@@ -187,6 +188,7 @@ class StreamingDecoder:
         jnp.zeros((batch,), jnp.uint32),
         self.penalty_buffers,
         self.kv,
+        self.split_weights,
       )
     )
     return st.shardings(shape, self.mesh, self.rules)
@@ -227,7 +229,7 @@ class StreamingDecoder:
 
     run_frame = shd.traced_on(self.mesh, run_frame)
     make = lambda seeds: st.init(
-      cfg, sampling, batch, max_len, seeds, self.penalty_buffers, self.kv
+      cfg, sampling, batch, max_len, seeds, self.penalty_buffers, self.kv, self.split_weights
     )
     reset = functools.partial(st.reset, cfg)
     if self.mesh is None:

@@ -16,7 +16,8 @@ from flmjax.decode import pages
 from flmjax.decode.sampling import SamplingConfig, StreamParams
 from flmjax.model import backbone, paged
 
-# Logical axes of the backbone KV cache [L,B,K,S,H]; every other leaf is ('batch', None...).
+# Logical axes of the backbone KV cache [L,B,K,S,H] (a per-layer cache's [B,K,S,H] leaves: the
+# last four); every other leaf is ('batch', None...).
 CACHE_AXES = backbone.CACHE_AXES
 
 
@@ -43,13 +44,16 @@ def init(
   seeds: jax.Array,
   buffers: dict | None = None,
   kv: pages.PagedKV | None = None,
+  per_layer: bool = False,
 ) -> dict:
   """A state whose B slots are all fresh, active sessions. Pure; jit it for large caches.
   buffers: {'text', 'audio'} ring entries of the penalty windows (default: the sampling's
-  windows; sessions may use any window up to them).
+  windows; sessions may use any window up to them). per_layer: the contiguous cache as L
+  separate arrays per kind (flmjax.model.backbone.init_cache; the split-weights frame).
 
   Leaves:
-    cache: {'k','v'} [L,B,K,S,H], slot s holds position s (s mod S when sliding);
+    cache: {'k','v'} [L,B,K,S,H] (per_layer: tuples of L [B,K,S,H]), slot s holds position s
+      (s mod S when sliding);
     ring [B,Z,R] int32: the delayed token columns, column j at ring slot j mod R;
     offset [B] int32: the column the next step reads, i.e. the frame index and RoPE position;
     active [B] bool: slots that advance; a free slot's row is computed but never changes;
@@ -64,7 +68,9 @@ def init(
     jnp.asarray(initial_column(cfg))[None, :, None], (batch, cfg.num_channels, ring_size(cfg))
   )
   buffers = buffers or {k: sampling.penalty_buffer(k) for k in ('text', 'audio')}
-  cache = {'cache': backbone.init_cache(cfg, batch, max_len)} if kv is None else {}
+  cache = (
+    {} if kv is not None else {'cache': backbone.init_cache(cfg, batch, max_len, None, per_layer)}
+  )
   return {
     **cache,
     **({} if kv is None else pages.init(cfg, kv, batch)),
@@ -95,13 +101,15 @@ def reset(
   NaN from a previous session out of reach.
   """
   rows = lambda x, new: jnp.where(mask.reshape((-1,) + (1,) * (x.ndim - 1)), new, x)
-  kv = lambda x: jnp.where(mask[None, :, None, None, None], jnp.zeros((), x.dtype), x)
+  # a stacked cache's [L,B,K,S,H] or a per-layer one's [B,K,S,H] leaves: B is 4th from the end
+  kv_rows = lambda x: mask.reshape((1,) * (x.ndim - 4) + (-1, 1, 1, 1))
+  kv = lambda x: jnp.where(kv_rows(x), jnp.zeros((), x.dtype), x)
   init_ring = jnp.asarray(initial_column(cfg))[None, :, None]
   if 'table' in state:  # paged: the rows' pages go back to the pool (the session rewrites
     # each entry before it reads it)
     fresh = pages.give_back(state, mask)
   else:
-    fresh = {'cache': {'k': kv(state['cache']['k']), 'v': kv(state['cache']['v'])}}
+    fresh = {'cache': jax.tree.map(kv, state['cache'])}
   return {
     **state,
     **fresh,
@@ -135,7 +143,7 @@ def shardings(state, mesh: jax.sharding.Mesh, rules=shd.RULES):
     if top == 'cache' and paged_pool:
       axes = paged.POOL_AXES if len(x.shape) == 4 else paged.SCALE_AXES
     elif top == 'cache':
-      axes = CACHE_AXES
+      axes = CACHE_AXES[-len(x.shape) :]
     elif top == 'free':  # the pool's free pages: every shard allocates alike
       axes = (None,)
     else:

@@ -1,7 +1,9 @@
 """The temporal transformer: 17-stream embedding sum, Qwen2-style GQA decoder, text head.
 
 Layers are stacked on a leading 'layers' axis and run with `jax.lax.scan`, so compile time does
-not grow with depth and the KV cache is one array per tensor kind.
+not grow with depth and the KV cache is one array per tensor kind. Split weights
+(flmjax.model.params.split_leading) run the layers unrolled, over a stacked cache or a per-layer
+one (init_cache(per_layer=True)).
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ LAYER_PARAMS = (
 
 # {'k': [L,B,K,S,H], 'v': [L,B,K,S,H]}; entry s holds position s (mod S). Heads before time: a
 # layer's [B,K,S,H] slice is what the one-frame attention's batched matmuls read as stored (with
-# [L,B,S,K,H], XLA transposed every layer's whole cache into a copy on every frame).
+# [L,B,S,K,H], XLA transposed every layer's whole cache into a copy on every frame). Per layer:
+# {'k': L arrays [B,K,S,H], 'v': likewise}, for the unrolled layers of split weights: XLA:CPU's
+# dot reads only whole buffers, so a stacked cache's layer slice was copied on every frame.
 Cache = dict
 CACHE_AXES = ('layers', 'batch', 'kv_heads', 'time', 'head_dim')  # logical axes of each
 
@@ -44,9 +48,15 @@ BTNH = ('activation_batch', 'activation_length', 'activation_heads', None)
 BTKH = ('activation_batch', 'activation_length', 'activation_kv_heads', None)
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> Cache:
-  shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+def init_cache(
+  cfg: ModelConfig, batch: int, max_len: int, dtype=None, per_layer: bool = False
+) -> Cache:
+  shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
   dtype = dtype or cfg.compute_dtype
+  if per_layer:
+    layer = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+    return {'k': layer(), 'v': layer()}
+  shape = (cfg.num_layers, *shape)
   return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
 
 
@@ -132,13 +142,16 @@ class Backbone(nnx.Module):
     stacked = values(self, LAYER_PARAMS, cfg.compute_dtype)
     cos, sin = layers.rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.compute_dtype)
     paged_cache = cache is not None and 'table' in cache
+    per_layer = cache is not None and isinstance(cache['k'], tuple)  # init_cache(per_layer=True)
+    if per_layer and not is_split(stacked['q']):
+      raise ValueError('a per-layer KV cache needs split weights (params.split_leading)')
     if paged_cache:  # a one-frame step over a paged pool (flmjax.model.paged)
       pool = {n: cache[n] for n in paged.POOL_NAMES if n in cache}
       pages, page_size = cache['pages'], pool['k'].shape[2]
       pos = positions[:, 0]
       count = paged.counts(pos, cache['held'], page_size)
     elif cache is not None:
-      entries = jnp.arange(cache['k'].shape[3])
+      entries = jnp.arange(cache['k'][0].shape[-2] if per_layer else cache['k'].shape[3])
       mask = entries[None, None, :] <= positions[:, :, None]  # [B,T,S]
 
     def layer(carry, xs):
@@ -162,6 +175,14 @@ class Backbone(nnx.Module):
         kv = paged.write(paged.write(kv, 'k', k[:, 0], page, slot), 'v', v[:, 0], page, slot)
         kv = paged.constrain(kv)
         att = paged.attend(q, kv, cache, i * pages, count)
+      elif per_layer:  # unrolled, i a Python int: layer i's own buffers, written in place
+        ck, cv = (
+          shd.constrain(_write(c[i], new, None, positions), CACHE_AXES[1:])
+          for c, new in ((kv['k'], k), (kv['v'], v))
+        )
+        put = lambda c, new: c[:i] + (new,) + c[i + 1 :]
+        kv = {'k': put(kv['k'], ck), 'v': put(kv['v'], cv)}
+        att = layers.gqa_attention(q, ck, cv, mask, kv_major=True)
       else:
         # Pinned as stored: left free, a cache whose KV heads tensor cannot split was gathered.
         ck, cv = (
@@ -205,13 +226,17 @@ class Backbone(nnx.Module):
     return jnp.where(real, logits, jnp.asarray(layers.NEG_INF, logits.dtype))
 
 
-def _write(cache: jax.Array, new: jax.Array, layer: jax.Array, positions: jax.Array) -> jax.Array:
-  """cache [L,B,K,S,H]: new [B,T,K,H] written into layer `layer` at entries positions [B,T].
+def _write(
+  cache: jax.Array, new: jax.Array, layer: jax.Array | None, positions: jax.Array
+) -> jax.Array:
+  """cache [L,B,K,S,H]: new [B,T,K,H] written into layer `layer` at entries positions [B,T]
+  (layer None: cache is one layer's [B,K,S,H]).
 
   Entries are positions mod S, so a one-frame step past the end overwrites the oldest position: the
   decoder's sliding-window policy (once position >= S - 1 the mask attends every entry).
   """
-  entries = (positions % cache.shape[3])[:, None, :]  # [B,1,T]
-  rows = jnp.arange(cache.shape[1])[:, None, None]
-  heads = jnp.arange(cache.shape[2])[None, :, None]
-  return cache.at[layer, rows, heads, entries].set(jnp.swapaxes(new, 1, 2).astype(cache.dtype))
+  entries = (positions % cache.shape[-2])[:, None, :]  # [B,1,T]
+  rows = jnp.arange(new.shape[0])[:, None, None]
+  heads = jnp.arange(new.shape[2])[None, :, None]
+  at = (rows, heads, entries) if layer is None else (layer, rows, heads, entries)
+  return cache.at[at].set(jnp.swapaxes(new, 1, 2).astype(cache.dtype))
