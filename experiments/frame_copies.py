@@ -85,34 +85,36 @@ def _callees(rest: str, opcode: str) -> list[tuple[str, int]]:
 def copies(hlo: str) -> list[tuple[int, int, str, str]]:
   """[(bytes per run, runs per frame, opcode or fusion kind, instruction name + shape)]."""
   comps, entry = parse(hlo)
-  runs = collections.Counter({entry: 1})
-  order, seen = [entry], {entry}
-  i = 0
-  while i < len(order):  # computations in call order (HLO has no recursion)
-    comp = order[i]
-    i += 1
-    for name, shape, opcode, rest in comps.get(comp, []):
-      if opcode == 'fusion':
-        continue  # a fusion's body is judged as a whole below
-      for callee, n in _callees(rest, opcode):
-        runs[callee] += runs[comp] * n
-        if callee not in seen:
-          seen.add(callee)
-          order.append(callee)
+  runs = _runs(comps, entry)
   out = []
-  for comp in order:
+  for comp in runs:
     for name, shape, opcode, rest in comps.get(comp, []):
-      kind = None
-      if opcode in MOVES:
-        kind = opcode
-      elif opcode == 'fusion':
-        body = re.search(r'calls=%?([\w.\-]+)', rest)
-        ops = {op for _, _, op, _ in comps.get(body.group(1), [])} if body else set()
-        if ops and ops <= PLUMBING and ops & MOVES:
-          kind = 'fusion(' + ','.join(sorted(ops & MOVES)) + ')'
+      kind = _moving(comps, opcode, rest)
       if kind:
         out.append((_bytes(shape), runs[comp], kind, f'{name} {shape}'))
   return out
+
+
+def _runs(comps: dict, entry: str) -> dict:
+  """{computation: runs per run of the entry}, fusion bodies left out. HLO text defines each
+  computation before its callers (no recursion), so reversed it visits callers first."""
+  runs = collections.Counter({entry: 1})
+  for comp in reversed(list(comps)):
+    for _, _, opcode, rest in comps[comp] if runs[comp] else ():
+      for callee, n in _callees(rest, opcode) if opcode != 'fusion' else ():
+        runs[callee] += runs[comp] * n
+  return {c: n for c, n in runs.items() if n}
+
+
+def _moving(comps: dict, opcode: str, rest: str) -> str | None:
+  """What an instruction copies: its opcode, a data-movement fusion's kind, or None."""
+  if opcode in MOVES:
+    return opcode
+  body = re.search(r'calls=%?([\w.\-]+)', rest) if opcode == 'fusion' else None
+  ops = {op for _, _, op, _ in comps.get(body.group(1), [])} if body else set()
+  if ops and ops <= PLUMBING and ops & MOVES:
+    return 'fusion(' + ','.join(sorted(ops & MOVES)) + ')'
+  return None
 
 
 def frame_hlo(model, batch: int, max_len: int, split: bool) -> str:

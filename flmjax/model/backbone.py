@@ -142,16 +142,13 @@ class Backbone(nnx.Module):
     stacked = values(self, LAYER_PARAMS, cfg.compute_dtype)
     cos, sin = layers.rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.compute_dtype)
     paged_cache = cache is not None and 'table' in cache
-    per_layer = cache is not None and isinstance(cache['k'], tuple)  # init_cache(per_layer=True)
-    if per_layer and not is_split(stacked['q']):
-      raise ValueError('a per-layer KV cache needs split weights (params.split_leading)')
     if paged_cache:  # a one-frame step over a paged pool (flmjax.model.paged)
       pool = {n: cache[n] for n in paged.POOL_NAMES if n in cache}
       pages, page_size = cache['pages'], pool['k'].shape[2]
       pos = positions[:, 0]
       count = paged.counts(pos, cache['held'], page_size)
     elif cache is not None:
-      entries = jnp.arange(cache['k'][0].shape[-2] if per_layer else cache['k'].shape[3])
+      entries = jnp.arange(jax.tree.leaves(cache['k'])[0].shape[-2])  # S, stacked or per layer
       mask = entries[None, None, :] <= positions[:, :, None]  # [B,T,S]
 
     def layer(carry, xs):
@@ -175,22 +172,8 @@ class Backbone(nnx.Module):
         kv = paged.write(paged.write(kv, 'k', k[:, 0], page, slot), 'v', v[:, 0], page, slot)
         kv = paged.constrain(kv)
         att = paged.attend(q, kv, cache, i * pages, count)
-      elif per_layer:  # unrolled, i a Python int: layer i's own buffers, written in place
-        ck, cv = (
-          shd.constrain(_write(c[i], new, None, positions), CACHE_AXES[1:])
-          for c, new in ((kv['k'], k), (kv['v'], v))
-        )
-        put = lambda c, new: c[:i] + (new,) + c[i + 1 :]
-        kv = {'k': put(kv['k'], ck), 'v': put(kv['v'], cv)}
-        att = layers.gqa_attention(q, ck, cv, mask, kv_major=True)
       else:
-        # Pinned as stored: left free, a cache whose KV heads tensor cannot split was gathered.
-        ck, cv = (
-          shd.constrain(_write(c, new, i, positions), CACHE_AXES)
-          for c, new in ((kv['k'], k), (kv['v'], v))
-        )
-        kv = {'k': ck, 'v': cv}
-        att = layers.gqa_attention(q, ck[i], cv[i], mask, kv_major=True)
+        kv, att = _cached_attention(kv, q, k, v, i, positions, mask)
       att = shd.constrain(att, BTNH)
       x = shd.constrain(x + linear('BTNH,NHD->BTD', att, p['o']), BTD)
       h = layers.rms_norm(x, p['post_norm'], cfg.rms_norm_eps)
@@ -224,6 +207,31 @@ class Backbone(nnx.Module):
       return logits[..., : cfg.vocab_size]
     real = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
     return jnp.where(real, logits, jnp.asarray(layers.NEG_INF, logits.dtype))
+
+
+def _cached_attention(kv: Cache, q, k, v, i, positions, mask) -> tuple[Cache, jax.Array]:
+  """A one-frame layer i over the contiguous cache: k, v [B,T,K,H] written at entries
+  `positions` [B,T], then q [B,T,N,H] attends -> (cache, [B,T,N,H]). A per-layer cache (tuples)
+  needs i a Python int (the unrolled layers of split weights): layer i's buffers are written in
+  place and read whole."""
+  if isinstance(kv['k'], tuple):
+    if not isinstance(i, int):
+      raise ValueError('a per-layer KV cache needs split weights (params.split_leading)')
+    ck, cv = (
+      shd.constrain(_write(c[i], new, None, positions), CACHE_AXES[1:])
+      for c, new in ((kv['k'], k), (kv['v'], v))
+    )
+    put = lambda c, new: c[:i] + (new,) + c[i + 1 :]
+    kv = {'k': put(kv['k'], ck), 'v': put(kv['v'], cv)}
+  else:
+    # Pinned as stored: left free, a cache whose KV heads tensor cannot split was gathered.
+    ck, cv = (
+      shd.constrain(_write(c, new, i, positions), CACHE_AXES)
+      for c, new in ((kv['k'], k), (kv['v'], v))
+    )
+    kv = {'k': ck, 'v': cv}
+    ck, cv = ck[i], cv[i]
+  return kv, layers.gqa_attention(q, ck, cv, mask, kv_major=True)
 
 
 def _write(
