@@ -79,8 +79,8 @@ def test_per_layer_cache_resets_and_shards_as_the_stacked_one(tiny_model):
 @pytest.mark.slow
 def test_split_decoder_joins_leaves_and_slides_as_the_stacked_one(tiny_model):
   """4 sessions over a cache of 8 positions (overflow='slide' wraps it), a slot reset and one
-  released mid-stream: the stacked decoder's tokens; and the per-layer cache holds bit for bit
-  what the same split frame writes into a stacked cache (given one: the form before it)."""
+  released mid-stream: the stacked decoder's tokens; and the per-layer cache holds what the same
+  split frame writes into a stacked cache (given one: the form before it), entry for entry."""
   user = users(4, 14, seed=7)
 
   def stream(dec, state):
@@ -103,6 +103,6 @@ def test_split_decoder_joins_leaves_and_slides_as_the_stacked_one(tiny_model):
   tokens, whole_cache = stream(split, whole)
   np.testing.assert_array_equal(got, want)
   np.testing.assert_array_equal(tokens, want)
-  for n in ('k', 'v'):
-    np.testing.assert_array_equal(cache[n], whole_cache[n])
+  for n in ('k', 'v'):  # the two programs fuse apart: float32 rounding may differ, not places
+    np.testing.assert_allclose(cache[n], whole_cache[n], rtol=1e-5, atol=1e-6)
   assert (got[6:, 2] == -1).all() and (got[6:, 3] >= 0).any()

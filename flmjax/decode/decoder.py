@@ -30,8 +30,8 @@ DEPTH_LAYER_AXES = ('depth_embed', 'depth_heads', 'depth_mlp')
 # flmjax.model.params.split_leading): path -> how many leading axes are split.
 SPLIT_AXES = {
   **{f'backbone/{n}': 1 for n in backbone.LAYER_PARAMS},
-  **{f'depth_transformer/{n}': 1 for n in ('ln_1', 'qkv', 'proj', 'ln_2', 'heads')},
-  **{f'depth_transformer/{n}': 2 for n in ('gate', 'up', 'down')},
+  **{f'depth_transformer/{n}': 1 for n in ('ln_1', 'proj', 'ln_2', 'heads')},
+  **{f'depth_transformer/{n}': 2 for n in ('qkv', 'gate', 'up', 'down')},  # qkv: layer, q|k|v
 }
 
 

@@ -140,6 +140,7 @@ class Backbone(nnx.Module):
     """
     cfg = self.cfg
     stacked = values(self, LAYER_PARAMS, cfg.compute_dtype)
+    split = is_split(stacked['q'])  # per-layer buffers (split_leading): unrolled, read in place
     cos, sin = layers.rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.compute_dtype)
     paged_cache = cache is not None and 'table' in cache
     if paged_cache:  # a one-frame step over a paged pool (flmjax.model.paged)
@@ -175,7 +176,7 @@ class Backbone(nnx.Module):
       else:
         kv, att = _cached_attention(kv, q, k, v, i, positions, mask)
       att = shd.constrain(att, BTNH)
-      x = shd.constrain(x + linear('BTNH,NHD->BTD', att, p['o']), BTD)
+      x = shd.constrain(x + _out_proj(linear, att, p['o'], split), BTD)
       h = layers.rms_norm(x, p['post_norm'], cfg.rms_norm_eps)
       g, u = linear('BTD,DF->BTF', h, p['gate']), linear('BTD,DF->BTF', h, p['up'])  # SwiGLU
       x = x + shd.constrain(linear('BTF,FD->BTD', jax.nn.silu(g) * u, p['down']), BTD)
@@ -187,7 +188,7 @@ class Backbone(nnx.Module):
     if cache is not None:
       kv = pool if paged_cache else {'k': cache['k'], 'v': cache['v']}
     carry = (x.astype(cfg.compute_dtype), kv)
-    if is_split(stacked['q']):  # separate per-layer buffers (split_leading): read in place
+    if split:
       for i in range(cfg.num_layers):
         carry, _ = layer(carry, ({n: w[i] for n, w in stacked.items()}, i))
       x, kv = carry
@@ -207,6 +208,15 @@ class Backbone(nnx.Module):
       return logits[..., : cfg.vocab_size]
     real = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
     return jnp.where(real, logits, jnp.asarray(layers.NEG_INF, logits.dtype))
+
+
+def _out_proj(linear, att: jax.Array, o, split: bool) -> jax.Array:
+  """att [B,T,N,H] @ o [N,H,D] -> [B,T,D]. Split (plain per-layer arrays): one contracted axis
+  N·H, as o's buffer lies; over (N, H), XLA:CPU relaid o (a copy of the weight every frame)."""
+  if not split:
+    return linear('BTNH,NHD->BTD', att, o)
+  b, t, n, h = att.shape
+  return linear('BTn,nD->BTD', att.reshape(b, t, n * h), o.reshape(n * h, -1))
 
 
 def _cached_attention(kv: Cache, q, k, v, i, positions, mask) -> tuple[Cache, jax.Array]:

@@ -52,11 +52,19 @@ def layer(
   positions. The new keys are written at their positions, position c attends positions s <= c and
   runs MLP c. Returns (x [R,C',d], k_cache, v_cache). A weight of p may be a LoraWeight or an
   Int8Weight (flmjax.model.weights); `dropout` (key, rate) is the adapters' in training.
+  Split weights (split_leading, plain arrays; the decoder on CPU): 'qkv' is a tuple of three
+  [d,n] buffers and 'gate'/'up'/'down' tuples of C per-codebook ones.
   """
   (rows, width, _), (heads, head_dim) = x.shape, k_cache.shape[-2:]
+  split = is_split(p['qkv'])
   y = layers.rms_norm(x, p['ln_1'], eps)
-  qkv = dense('RCd,sdn->sRCn', y, p['qkv'], dropout)  # [3,R,C',n]
-  q, k, v = qkv.reshape(3, rows, width, heads, head_dim)  # each [R,C',h,e]
+  if split:  # a [d,n] dot each: a [3,d,n] weight's free axes s, n are apart, so XLA:CPU relaid it
+    q, k, v = (
+      jnp.einsum('RCd,dn->RCn', y, w).reshape(rows, width, heads, head_dim) for w in p['qkv']
+    )
+  else:
+    qkv = dense('RCd,sdn->sRCn', y, p['qkv'], dropout)  # [3,R,C',n]
+    q, k, v = qkv.reshape(3, rows, width, heads, head_dim)  # each [R,C',h,e]
   k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), start, 1)
   v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), start, 1)
   # Logits rounded to the compute dtype, then a float32 softmax (the official order, which the
@@ -66,11 +74,15 @@ def layer(
   logits = jnp.where(visible, logits, layers.NEG_INF)
   probs = jax.nn.softmax(logits, axis=-1).astype(v_cache.dtype)
   att = jnp.einsum('RhCS,RShe->RChe', probs, v_cache)
-  x = x + dense('RChe,hed->RCd', att, p['proj'], dropout)
+  if split:  # one contracted axis n = h·e: over (h, e), XLA:CPU relaid the weight for the dot
+    n = heads * head_dim
+    x = x + jnp.einsum('RCn,nd->RCd', att.reshape(rows, width, n), p['proj'].reshape(n, -1))
+  else:
+    x = x + dense('RChe,hed->RCd', att, p['proj'], dropout)
   y = layers.rms_norm(x, p['ln_2'], eps)
   mlp = lambda w: jax.lax.dynamic_slice_in_dim(w, start, width, 0)  # [C',d,f] / [C',f,d]
   take = lambda w: jax.tree.map(mlp, w)  # the slice of a weight and of its adapters/scale
-  if is_split(p['gate']):  # one buffer per codebook (split_leading): start is a Python int
+  if split:  # one buffer per codebook (split_leading): start is a Python int
     take = lambda w: w[start][None]
   # Codebook-major inside the MLP: the matmuls are batched over C, which XLA wants leading, so
   # only the d-wide in and out are transposed, never the f-wide activations.
