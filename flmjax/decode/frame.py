@@ -151,17 +151,18 @@ def frame(
     )
     return (code, dcache), code
 
-  start = (jnp.full((B,), cfg.audio_emp_id, jnp.int32), depth.init_cache(cfg, B, cond.dtype))
+  emp = jnp.full((B,), cfg.audio_emp_id, jnp.int32)
   if is_split(model.depth_transformer.heads.get_value()):
     # Per-codebook weight buffers (flmjax.model.params.split_leading): unrolled, so each step's
-    # dots read codebook c's weights where they lie.
-    layers = lambda x: tuple(x)  # the depth cache per layer too: no slices, no restacking
-    codes, carry = [], (start[0], jax.tree.map(layers, start[1]))
+    # dots read codebook c's weights where they lie; the depth cache per layer too (no slices,
+    # no restacking), heads before positions (depth.layer).
+    codes, carry = [], (emp, depth.init_cache(cfg, B, cond.dtype, per_layer=True))
     for c in range(C):
       carry, code = depth_step(carry, c)
       codes.append(code)
     audio = jnp.stack(codes, axis=1)  # [B,C]
   else:
+    start = (emp, depth.init_cache(cfg, B, cond.dtype))
     _, audio = jax.lax.scan(depth_step, start, jnp.arange(C))
     audio = audio.T  # [B,C]
 

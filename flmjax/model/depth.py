@@ -27,11 +27,36 @@ RCD = ('activation_batch', None, 'activation_embed')
 CRF = (None, 'activation_batch', 'activation_depth_mlp')
 
 
-def init_cache(cfg: ModelConfig, batch: int, dtype=None) -> dict:
-  """KV cache over the C depth positions: {'k','v'}: [Ld, B, C, h, e]."""
-  shape = (cfg.depth_layers, batch, cfg.num_codebooks, cfg.depth_heads, cfg.depth_head_dim)
+def init_cache(cfg: ModelConfig, batch: int, dtype=None, per_layer: bool = False) -> dict:
+  """KV cache over the C depth positions: {'k','v'}: [Ld, B, C, h, e]. per_layer (the split
+  frame's, see `layer`): {'k','v'}: tuples of Ld [B, h, C, e], heads before positions."""
   dtype = dtype or cfg.compute_dtype
+  C, h, e = cfg.num_codebooks, cfg.depth_heads, cfg.depth_head_dim
+  if per_layer:
+    layer = lambda: tuple(jnp.zeros((batch, h, C, e), dtype) for _ in range(cfg.depth_layers))
+    return {'k': layer(), 'v': layer()}
+  shape = (cfg.depth_layers, batch, C, h, e)
   return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
+
+
+def _attend(q, k, v, k_cache, v_cache, start, heads_major: bool):
+  """q, k, v [R,C',h,e] at positions start..start+C'-1: k, v written into the caches, then each
+  position attends positions s <= it -> (att [R,C',h,e], k_cache, v_cache). Caches [R,S,h,e], or
+  [R,h,S,e] if heads_major (the split frame's: the batched dots' operands as stored, where
+  XLA:CPU transposed [R,S,h,e] caches into copies at every codebook step and layer)."""
+  axis, kv = (2, 'RhSe') if heads_major else (1, 'RShe')
+  put = lambda cache, new: jax.lax.dynamic_update_slice_in_dim(
+    cache, (jnp.swapaxes(new, 1, 2) if heads_major else new).astype(cache.dtype), start, axis
+  )
+  k_cache, v_cache = put(k_cache, k), put(v_cache, v)
+  # Logits rounded to the compute dtype, then a float32 softmax (the official order, which the
+  # Pallas kernels reproduce).
+  logits = jnp.einsum(f'RChe,{kv}->RhCS', q, k_cache).astype(jnp.float32) * (q.shape[-1] ** -0.5)
+  positions = start + jnp.arange(q.shape[1])
+  visible = jnp.arange(k_cache.shape[axis])[None, :] <= positions[:, None]  # [C',S]
+  logits = jnp.where(visible, logits, layers.NEG_INF)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v_cache.dtype)
+  return jnp.einsum(f'RhCS,{kv}->RChe', probs, v_cache), k_cache, v_cache
 
 
 def layer(
@@ -53,10 +78,12 @@ def layer(
   runs MLP c. Returns (x [R,C',d], k_cache, v_cache). A weight of p may be a LoraWeight or an
   Int8Weight (flmjax.model.weights); `dropout` (key, rate) is the adapters' in training.
   Split weights (split_leading, plain arrays; the decoder on CPU): 'qkv' is a tuple of three
-  [d,n] buffers and 'gate'/'up'/'down' tuples of C per-codebook ones.
+  [d,n] buffers and 'gate'/'up'/'down' tuples of C per-codebook ones; the caches are then
+  [R,h,S,e] (init_cache(per_layer=True)).
   """
-  (rows, width, _), (heads, head_dim) = x.shape, k_cache.shape[-2:]
   split = is_split(p['qkv'])
+  rows, width, _ = x.shape
+  heads, head_dim = (k_cache.shape[1], k_cache.shape[3]) if split else k_cache.shape[-2:]
   y = layers.rms_norm(x, p['ln_1'], eps)
   if split:  # a [d,n] dot each: a [3,d,n] weight's free axes s, n are apart, so XLA:CPU relaid it
     q, k, v = (
@@ -65,15 +92,7 @@ def layer(
   else:
     qkv = dense('RCd,sdn->sRCn', y, p['qkv'], dropout)  # [3,R,C',n]
     q, k, v = qkv.reshape(3, rows, width, heads, head_dim)  # each [R,C',h,e]
-  k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), start, 1)
-  v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), start, 1)
-  # Logits rounded to the compute dtype, then a float32 softmax (the official order, which the
-  # Pallas kernels reproduce).
-  logits = jnp.einsum('RChe,RShe->RhCS', q, k_cache).astype(jnp.float32) * (q.shape[-1] ** -0.5)
-  visible = jnp.arange(k_cache.shape[1])[None, :] <= (start + jnp.arange(width))[:, None]  # [C',S]
-  logits = jnp.where(visible, logits, layers.NEG_INF)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v_cache.dtype)
-  att = jnp.einsum('RhCS,RShe->RChe', probs, v_cache)
+  att, k_cache, v_cache = _attend(q, k, v, k_cache, v_cache, start, split)
   if split:  # one contracted axis n = h·e: over (h, e), XLA:CPU relaid the weight for the dot
     n = heads * head_dim
     x = x + jnp.einsum('RCn,nd->RCd', att.reshape(rows, width, n), p['proj'].reshape(n, -1))
