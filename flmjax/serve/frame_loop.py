@@ -1,6 +1,12 @@
 """The one batched frame loop: every 80 ms it gathers a frame from each live session, runs the
 pipeline for all slots in a worker thread (jitted calls release the GIL, so sockets keep moving)
 and fans the replies out. Sessions join and leave between ticks by masking rows.
+
+The fan-out (Opus-encoding each reply, which holds the GIL: about 1 ms a session) runs in a
+thread of its own, so it overlaps the next tick's jitted frame, which runs on another core
+without the GIL: a tick's cost is the larger of the two stages, not their sum. One fan-out
+thread, and each tick's replies queued after the previous tick's: every session gets its
+replies in order, the same messages as a loop that encoded them inline.
 """
 
 from __future__ import annotations
@@ -21,10 +27,14 @@ from flmjax.serve.session import Session, log
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.15, 0.2, 0.4, 0.8)
 
 
+def _quantile(recent, q: float) -> float:
+  return float(np.quantile(recent, q)) if recent else 0.0
+
+
 class Metrics:
   """The server's Prometheus metrics, in a registry of its own (one per server)."""
 
-  def __init__(self, slots: int, recent_latencies):
+  def __init__(self, slots: int, recent_latencies, recent_stages: dict):
     self.registry = r = prom.CollectorRegistry()
     self.live = prom.Gauge('flmjax_sessions_live', 'sessions holding a slot', registry=r)
     prom.Gauge('flmjax_slots', 'session slots of the batched frame loop', registry=r).set(slots)
@@ -72,7 +82,8 @@ class Metrics:
     )
     self.latency = prom.Histogram(
       'flmjax_frame_loop_seconds',
-      'time of one tick: gather, encode, LM step, decode, fan-out',
+      'time of one tick, from its start until its replies are queued: gather, Mimi encode, LM '
+      "step, Mimi decode, then the replies' fan-out (which overlaps the next tick's frame)",
       buckets=LATENCY_BUCKETS,
       registry=r,
     )
@@ -82,10 +93,18 @@ class Metrics:
       ['quantile'],
       registry=r,
     )
+    stages = prom.Gauge(
+      'flmjax_frame_loop_stage_recent_seconds',
+      'time of each stage of a tick, quantiles over the last ticks: frame (gather, Mimi encode, '
+      "LM step, Mimi decode) and fanout (the replies' Opus encoding and queueing, in its own "
+      'thread); the loop keeps real time while each stays under the period',
+      ['stage', 'quantile'],
+      registry=r,
+    )
     for q in (0.5, 0.99):
-      quantiles.labels(str(q)).set_function(
-        lambda q=q: float(np.quantile(recent_latencies, q)) if recent_latencies else 0.0
-      )
+      quantiles.labels(str(q)).set_function(lambda q=q: _quantile(recent_latencies, q))
+      for stage, recent in recent_stages.items():
+        stages.labels(stage, str(q)).set_function(lambda q=q, x=recent: _quantile(x, q))
 
   def text(self) -> bytes:
     return prom.generate_latest(self.registry)
@@ -107,10 +126,13 @@ class FrameLoop:
     self.slots: list[Session | None] = [None] * B
     self.leaving = np.zeros((B,), bool)
     self.sampling_updates: dict[int, SamplingConfig] = {}
-    self.recent = collections.deque(maxlen=recent)  # tick seconds
-    self.metrics = Metrics(B, self.recent)
+    self.recent = collections.deque(maxlen=recent)  # tick start -> its replies queued, seconds
+    self.recent_stages = {stage: collections.deque(maxlen=recent) for stage in ('frame', 'fanout')}
+    self.metrics = Metrics(B, self.recent, self.recent_stages)
     self.ticks = 0
     self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='frame-loop')
+    self._fanout = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='frame-fanout')
+    self._fanning: asyncio.Task | None = None  # the latest tick's fan-out
     self._task: asyncio.Task | None = None
 
   # ---- slots --------------------------------------------------------------------------------
@@ -158,6 +180,8 @@ class FrameLoop:
       except asyncio.CancelledError:
         pass
     self._worker.shutdown(wait=True)
+    await self.replies_sent()
+    self._fanout.shutdown(wait=True)
     # Rows of sessions that left after the last tick would otherwise stay active in the
     # pipeline, and advance under the next server built on it.
     self.pipeline.stop(self.pipeline.active.copy())
@@ -167,23 +191,19 @@ class FrameLoop:
     next_tick = clock.time()
     while True:
       await clock.sleep_until(next_tick)
-      start = time.perf_counter()  # the tick's own cost, in real time (the latency metrics)
       try:
-        computed = await self.tick()
+        await self.tick()
       except Exception:  # a bug in one tick must not stop every session's loop
         log.exception('frame loop tick failed')
-        computed = True
-      if computed:  # idle ticks (no live session) would only dilute the latency statistics
-        took = time.perf_counter() - start
-        self.recent.append(took)
-        self.metrics.latency.observe(took)
       next_tick += self.period
       if clock.time() > next_tick + self.period:  # fell a whole frame behind: do not burst
         self.metrics.late_ticks.inc()
         next_tick = clock.time()
 
   async def tick(self) -> bool:
-    """One frame for every live slot; False when there was nothing to compute."""
+    """One frame for every live slot, its replies handed to the fan-out; False when there was
+    nothing to compute (idle ticks stay out of the latency statistics)."""
+    start = time.perf_counter()  # the tick's cost in real time (the latency metrics)
     B, S = self.pipeline.slots, self.pipeline.frame_size
     stop, self.leaving = self.leaving, np.zeros((B,), bool)
     starts: dict[SamplingConfig, np.ndarray] = {}
@@ -222,10 +242,45 @@ class FrameLoop:
       self.metrics.pages_free.set(free)
     self.ticks += 1
     self.metrics.frames.inc(len(live))
-    for slot, s in live:  # a session that left during the compute (maybe replaced) gets none
-      if self.slots[slot] is s and out.valid[slot] and not s.closed.is_set():
-        s.push(out.pcm[slot], int(out.text[slot]))
+    replies = [  # a session that left during the compute (maybe replaced) gets none
+      (slot, s)
+      for slot, s in live
+      if self.slots[slot] is s and out.valid[slot] and not s.closed.is_set()
+    ]
+    self.recent_stages['frame'].append(time.perf_counter() - start)
+    self._fanning = asyncio.get_running_loop().create_task(
+      self._fan_out(start, replies, out, self._fanning)
+    )
     return True
+
+  async def replies_sent(self) -> None:
+    """Until every computed tick's replies are queued to their sessions."""
+    if self._fanning is not None:
+      await asyncio.wait([self._fanning])
+
+  async def _fan_out(self, start: float, replies: list, out, previous) -> None:
+    """Encodes a tick's replies in the fan-out thread, then queues them on the event loop once
+    the previous tick's are queued (to the sessions live at the tick's end, as an inline
+    fan-out would have)."""
+    try:
+      encoded, took = await asyncio.get_running_loop().run_in_executor(
+        self._fanout, _encode, replies, out
+      )
+      if previous is not None:
+        await asyncio.wait([previous])
+      begin = time.perf_counter()
+      for s, messages, peak in encoded:  # who gets replies was decided at the tick's end
+        if isinstance(messages, Exception):  # ends its own session only
+          log.error('session %s: encoding a reply failed: %r', s.sid, messages)
+          s.end(f'reply encoding failed: {type(messages).__name__}: {messages}', 1011)
+        else:
+          s.deliver(messages, peak)
+      end = time.perf_counter()
+      self.recent_stages['fanout'].append(took + end - begin)
+      self.recent.append(end - start)
+      self.metrics.latency.observe(end - start)
+    except Exception:
+      log.exception('frame loop fan-out failed')
 
   def _compute(self, stop, starts, updates, pcm):
     """Runs in the worker thread: the only code that touches the pipeline while serving."""
@@ -240,3 +295,15 @@ class FrameLoop:
     late = p.starved()  # sessions started this tick that found no page: stopped, never run
     p.stop(late)
     return p.step(pcm), late
+
+
+def _encode(replies: list, out) -> tuple[list, float]:
+  """Runs in the fan-out thread: [(slot, session)] of one tick -> ([(session, messages or the
+  exception encoding raised, peak)], seconds taken)."""
+  start, encoded = time.perf_counter(), []
+  for slot, s in replies:
+    try:
+      encoded.append((s, *s.encode_reply(out.pcm[slot], int(out.text[slot]))))
+    except Exception as e:
+      encoded.append((s, e, 0.0))
+  return encoded, time.perf_counter() - start

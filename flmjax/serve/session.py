@@ -130,11 +130,21 @@ class Session:
 
   def push(self, pcm: np.ndarray, text_id: int) -> None:
     """Queues one reply frame (Opus) and its text messages."""
+    self.deliver(*self.encode_reply(pcm, text_id))
+
+  def encode_reply(self, pcm: np.ndarray, text_id: int) -> tuple[list[bytes], float]:
+    """The CPU half of `push`: one reply frame -> (its messages: text first, then the audio,
+    so a client holding reply frame k holds the text of frames <= k too; the peak before
+    clipping). Touches only the session's text stream and writer, so it may run off the event
+    loop (the frame loop's fan-out thread, their only user while it serves the session)."""
     pcm, peak = protocol.clip(pcm)  # a loud reply is played clipped, as any player would
+    return self.text.add(text_id) + [bytes([protocol.AUDIO]) + self.writer.encode(pcm)], peak
+
+  def deliver(self, messages: list[bytes], peak: float) -> None:
+    """The event loop's half of `push`: queues one reply frame's messages (a client that stopped
+    reading ends the session) and counts a clipped reply."""
     if peak > 1.0:
       self._clipped('reply', peak)
-    # Text first: a client holding reply frame k then holds the text of frames <= k too.
-    messages = self.text.add(text_id) + [bytes([protocol.AUDIO]) + self.writer.encode(pcm)]
     unsent = self.transport.get_write_buffer_size() if self.transport is not None else 0
     if unsent > self.limits.max_unsent_bytes:
       self.end(f'stalled reader: {unsent} bytes unsent')
