@@ -100,12 +100,17 @@ def build(N: int, ticks: int):
 
 def meter_components():
   """A Meter over the tick's parts (class attributes patched for this process)."""
-  from flmjax.serve import protocol
+  from flmjax.serve import frame_loop, protocol
   from flmjax.serve.frame_loop import FrameLoop
   from flmjax.serve.pipeline import FramePipeline
   from flmjax.serve.session import Session
 
   meter = Meter()
+  if hasattr(frame_loop, '_encode'):  # the fan-out in its own thread (3dffc30 on)
+    meter.wrap(frame_loop, '_encode', 'fan-out: encode (own thread)')
+    meter.wrap(Session, 'deliver', 'fan-out: queue (event loop)')
+  else:  # the fan-out inline, at the end of the tick
+    meter.wrap(Session, 'push', 'fan-out: encode + queue (inline)')
   meter.wrap(FrameLoop, '_compute', 'compute (frame thread)')
   meter.wrap(FramePipeline, 'step', 'pipeline.step')
   meter.wrap(Session, 'take_frame', 'take_frame')
@@ -152,13 +157,20 @@ async def run(args) -> dict:
     assert s.frames_out == ticks - 1 and not s.closed.is_set(), (s.sid, s.frames_out, s.reason)
   wall, proc, main = np.asarray(rows).T
   n = args.ticks
+  cpu = {k: 1000 * v / n for k, v in meter.cpu.items()}
+  fanout = sum(v for k, v in cpu.items() if k.startswith('fan-out'))
   return {
+    'fanout_in_own_thread': drain is not None,
+    'fanout_stage_cpu_ms_per_tick': round(fanout, 2),
+    'frame_stage_cpu_ms_per_tick': round(  # the rest of the tick: gather, the jitted frame
+      1000 * proc.sum() / n - fanout - cpu['input (Opus decode)'], 2
+    ),
     'sessions': N,
     'ticks': n,
     'process_cpu_ms_per_tick': round(1000 * proc.sum() / n, 2),
     'main_thread_cpu_ms_per_tick': round(1000 * main.sum() / n, 2),
     'wall_ms_per_tick_median': round(1000 * float(np.median(wall)), 2),
-    'thread_cpu_ms_per_tick': {k: round(1000 * v / n, 2) for k, v in sorted(meter.cpu.items())},
+    'thread_cpu_ms_per_tick': {k: round(v, 2) for k, v in sorted(cpu.items())},
   }
 
 

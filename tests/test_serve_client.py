@@ -175,3 +175,40 @@ def test_client_cli_says_when_the_server_cut_the_session(tmp_path, capsys):
   assert 'the server ended the session with 1001 (server draining: the drain deadline' in err[0]
   reply, rate = soundfile.read(tmp_path / 'reply.wav')
   assert rate == 24000 and reply.size == 2 * FRAME  # nothing that arrived is lost
+
+
+def test_pre_encoded_input_is_sent_as_given():
+  """converse(encoded=...) sends the payloads given (a load test encodes before the run): the
+  same bytes a fresh writer makes as it goes; a list of the wrong length is refused."""
+  pcm = voice(5, 6)
+  writer = protocol.OpusWriter()
+  encoded = [writer.encode(pcm[i * FRAME : (i + 1) * FRAME]) for i in range(6)]
+  got = []
+
+  async def chat(request):  # a server that records what it hears
+    ws = web.WebSocketResponse()
+    await ws.prepare(request)
+    await ws.send_bytes(bytes([protocol.HANDSHAKE]))
+    async for msg in ws:
+      got.append(msg.data)
+    return ws
+
+  async def scenario(**kw):
+    app = web.Application()
+    app.router.add_get('/api/chat', chat)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, '127.0.0.1', 0).start()
+    [(_, port)] = runner.addresses
+    try:
+      return await converse(f'ws://127.0.0.1:{port}/api/chat', pcm, pace=False, replies=0, **kw)
+    finally:
+      await runner.cleanup()
+
+  own = asyncio.run(scenario())
+  sent, got[:] = list(got), []
+  given = asyncio.run(scenario(encoded=encoded))
+  assert sent == got == [bytes([protocol.AUDIO]) + e for e in encoded]
+  np.testing.assert_array_equal(own.sent_pcm, given.sent_pcm)
+  with pytest.raises(ValueError, match='encoded: 5 payloads for 6 frames'):
+    asyncio.run(scenario(encoded=encoded[:5]))

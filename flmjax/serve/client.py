@@ -82,6 +82,7 @@ async def converse(
   codec: str = 'opus',
   notice_hook=None,
   clock: Clock | None = None,
+  encoded: list[bytes] | None = None,
 ) -> Conversation:
   """One session: sends pcm float32 [T] at 24 kHz in 1920-sample frames (the first lead_frames at
   once, then one per 80 ms when pacing), then waits until `replies` reply frames arrived (default:
@@ -92,6 +93,8 @@ async def converse(
   A server whose slots are busy may queue the session: its 0x02 notices (the place in the queue)
   come before the handshake, go to notice_hook(text), and the wait for a slot has no timeout.
   clock: what the pacing waits on and send/receive times read (real time by default).
+  encoded: the frames' payloads, encoded beforehand by a fresh writer of `codec` (load tests,
+  whose clients share the server's cores); by default each frame is encoded as it is sent.
 
   Loud replies are clipped to [-1, 1] and kept (Conversation.clipped counts them). Any failure
   while receiving ends the conversation at once, sending included, and raises ReplyStreamError.
@@ -101,6 +104,8 @@ async def converse(
   want = max(len(frames) - 1, 0) if replies is None else replies
   if codec not in protocol.CODECS:
     raise ValueError(f'codec {codec!r}: known codecs are {", ".join(protocol.CODECS)}')
+  if encoded is not None and len(encoded) != len(frames):
+    raise ValueError(f'encoded: {len(encoded)} payloads for {len(frames)} frames')
   make_reader, make_writer = protocol.CODECS[codec]
   writer, own_reader, reply_reader = make_writer(), make_reader(), make_reader()
   if codec != 'opus':
@@ -159,7 +164,7 @@ async def converse(
             await clock.sleep_until(start + (i - lead_frames) * 0.08)
           if ws.closed:
             return  # the server ended the session
-          data = writer.encode(frame)
+          data = writer.encode(frame) if encoded is None else encoded[i]
           try:
             await ws.send_bytes(bytes([protocol.AUDIO]) + data)
           except ConnectionError:

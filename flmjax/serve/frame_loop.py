@@ -89,7 +89,7 @@ class Metrics:
     )
     quantiles = prom.Gauge(
       'flmjax_frame_loop_recent_seconds',
-      'tick time quantiles over the last ticks',
+      'tick time (start to replies queued) quantiles over the last ticks',
       ['quantile'],
       registry=r,
     )
