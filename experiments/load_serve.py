@@ -223,11 +223,11 @@ def run(args, sessions: int) -> dict:
   report['underruns_total'] = sum(p['underruns'] for p in per)
   report['frame_loop_p50_ms'] = 1000 * metrics['flmjax_frame_loop_recent_seconds{quantile="0.5"}']
   report['frame_loop_p99_ms'] = 1000 * metrics['flmjax_frame_loop_recent_seconds{quantile="0.99"}']
-  stage = 'flmjax_frame_loop_stage_recent_seconds{{stage="{}",quantile="{}"}}'
+  stage = 'flmjax_frame_loop_stage_recent_seconds{{quantile="{}",stage="{}"}}'  # labels sorted
   for name in ('frame', 'fanout'):  # a server without stages: its one stage is the tick
-    for q in ('0.5', '0.99'):
+    for q, p in (('0.5', 'p50'), ('0.99', 'p99')):
       whole = metrics[f'flmjax_frame_loop_recent_seconds{{quantile="{q}"}}']
-      report[f'{name}_stage_p{q[2:]}_ms'] = 1000 * metrics.get(stage.format(name, q), whole)
+      report[f'{name}_stage_{p}_ms'] = 1000 * metrics.get(stage.format(q, name), whole)
   report['late_ticks'] = metrics.get('flmjax_late_ticks_total', 0)
   report['clipped'] = {  # input messages, reply frames past full scale (clipped, played)
     s: metrics.get(f'flmjax_clipped_total{{stream="{s}"}}', 0) for s in ('input', 'reply')

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 
 from flmjax.cli import ArgumentParser, command, fail
 
@@ -175,6 +176,12 @@ def check_flags(args) -> None:
       )
 
 
+# The frame loop's fan-out thread holds the GIL through its Opus calls (about 1 ms each): at the
+# default 5 ms switch interval the frame thread and the event loop waited 12-17 ms for each
+# GIL hand-back beside it (RESULTS.md, issue 26), at 1 ms about 2 ms.
+FAN_OUT_SWITCH_INTERVAL_S = 0.001
+
+
 def build_server(model, mimi, args, mesh=None):
   from flmjax.decode.flags import sampling_from_flags
   from flmjax.serve.pipeline import FramePipeline
@@ -281,6 +288,7 @@ def main(argv: list[str]) -> int:
     if agent_sock is not None:
       drain.add_agent(app, server, agent_sock)
       log.info('HAProxy agent-check on %s:%d', args.host, agent_sock.getsockname()[1])
+    sys.setswitchinterval(FAN_OUT_SWITCH_INTERVAL_S)
     web.run_app(
       app, sock=sock, access_log=None, print=lambda _: print(ready, flush=True)
     )  # printed once the port listens
