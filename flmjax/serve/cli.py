@@ -177,8 +177,8 @@ def check_flags(args) -> None:
 
 
 # The frame loop's fan-out thread holds the GIL through its Opus calls (about 1 ms each): at the
-# default 5 ms switch interval the frame thread and the event loop waited 12-17 ms for each
-# GIL hand-back beside it (RESULTS.md, issue 26), at 1 ms about 2 ms.
+# default 5 ms switch interval the frame thread and the event loop waited 10-17 ms for each
+# GIL hand-back beside it (RESULTS.md, issue 26), at 1 ms 1-3 ms.
 FAN_OUT_SWITCH_INTERVAL_S = 0.001
 
 
