@@ -106,7 +106,7 @@ def meter_components():
   from flmjax.serve.session import Session
 
   meter = Meter()
-  if hasattr(frame_loop, '_encode'):  # the fan-out in its own thread (3dffc30 on)
+  if hasattr(frame_loop, '_encode'):  # the fan-out in its own thread (issue 26 on)
     meter.wrap(frame_loop, '_encode', 'fan-out: encode (own thread)')
     meter.wrap(Session, 'deliver', 'fan-out: queue (event loop)')
   else:  # the fan-out inline, at the end of the tick
