@@ -6,7 +6,9 @@ The fan-out (Opus-encoding each reply, which holds the GIL: about 1 ms a session
 thread of its own, so it overlaps the next tick's jitted frame, which runs on another core
 without the GIL: a tick's cost is the larger of the two stages, not their sum. One fan-out
 thread, and each tick's replies queued after the previous tick's: every session gets its
-replies in order, the same messages as a loop that encoded them inline.
+replies in order, the same messages as a loop that encoded them inline. A tick hands its replies
+over only once the previous tick's are queued, so a fan-out slower than the period slows the
+ticks (and counts late ticks) as an inline one would, rather than letting replies pile up.
 """
 
 from __future__ import annotations
@@ -248,6 +250,8 @@ class FrameLoop:
       if self.slots[slot] is s and out.valid[slot] and not s.closed.is_set()
     ]
     self.recent_stages['frame'].append(time.perf_counter() - start)
+    if self._fanning is not None:  # one fan-out beside the frame at most: a slow fan-out
+      await asyncio.wait([self._fanning])  # slows the ticks (late ticks), never piles up
     self._fanning = asyncio.get_running_loop().create_task(
       self._fan_out(start, replies, out, self._fanning)
     )
