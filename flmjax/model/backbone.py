@@ -3,7 +3,8 @@
 Layers are stacked on a leading 'layers' axis and run with `jax.lax.scan`, so compile time does
 not grow with depth and the KV cache is one array per tensor kind. Split weights
 (flmjax.model.params.split_leading) run the layers unrolled, over a stacked cache or a per-layer
-one (init_cache(per_layer=True)).
+one (init_cache(per_layer=True)); so do teacher-forced passes on CPU, over the stacked weights
+parted by a split (flmjax.model.params.unrolled_layers).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from flax import nnx
 from flmjax import sharding as shd
 from flmjax.config import ModelConfig
 from flmjax.model import attention, layers, paged
-from flmjax.model.params import is_split, param, values
+from flmjax.model.params import is_split, loop_layers, param, unrolled_layers, values
 from flmjax.model.weights import dense, fold, rows
 
 LAYER_PARAMS = (
@@ -182,18 +183,14 @@ class Backbone(nnx.Module):
       x = x + shd.constrain(linear('BTF,FD->BTD', jax.nn.silu(g) * u, p['down']), BTD)
       return (x, kv), None
 
-    if remat_policy is not None:
-      layer = jax.checkpoint(layer, policy=remat_policy, prevent_cse=False)
+    unrolled = split or (cache is None and unrolled_layers())  # teacher forcing on CPU
+    if remat_policy is not None:  # prevent_cse=False is safe inside a scan only
+      layer = jax.checkpoint(layer, policy=remat_policy, prevent_cse=unrolled)
     kv = None
     if cache is not None:
       kv = pool if paged_cache else {'k': cache['k'], 'v': cache['v']}
     carry = (x.astype(cfg.compute_dtype), kv)
-    if split:
-      for i in range(cfg.num_layers):
-        carry, _ = layer(carry, ({n: w[i] for n, w in stacked.items()}, i))
-      x, kv = carry
-    else:
-      (x, kv), _ = jax.lax.scan(layer, carry, (stacked, jnp.arange(cfg.num_layers)))
+    x, kv = loop_layers(layer, carry, stacked, cfg.num_layers, unrolled, split)
     h = layers.rms_norm(x, self.final_norm[...].astype(cfg.compute_dtype), cfg.rms_norm_eps)
     return shd.constrain(h, BTD), kv
 
@@ -206,6 +203,8 @@ class Backbone(nnx.Module):
     logits = logits * jnp.asarray(cfg.text_logit_scale, logits.dtype)
     if not padded:
       return logits[..., : cfg.vocab_size]
+    if cfg.padded_vocab_size == cfg.vocab_size:  # no padding to mask (a select fwd and bwd)
+      return logits
     real = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
     return jnp.where(real, logits, jnp.asarray(layers.NEG_INF, logits.dtype))
 

@@ -17,7 +17,7 @@ from flax import nnx
 from flmjax import sharding as shd
 from flmjax.config import ModelConfig
 from flmjax.model import layers
-from flmjax.model.params import is_split, param, values
+from flmjax.model.params import is_split, loop_layers, param, unrolled_layers, values
 from flmjax.model.weights import dense, fold, rows
 
 LAYER_PARAMS = ('ln_1', 'qkv', 'proj', 'ln_2', 'gate', 'up', 'down')
@@ -231,9 +231,10 @@ class DepthTransformer(nnx.Module):
         fold(dropout, i),
       )[0], None
 
-    if remat_policy is not None:
-      body = jax.checkpoint(body, policy=remat_policy, prevent_cse=False)
-    x, _ = jax.lax.scan(body, x, (values(self, LAYER_PARAMS, dt), jnp.arange(cfg.depth_layers)))
+    unrolled = unrolled_layers()  # on CPU: see params.unrolled_layers
+    if remat_policy is not None:  # prevent_cse=False is safe inside a scan only
+      body = jax.checkpoint(body, policy=remat_policy, prevent_cse=unrolled)
+    x = loop_layers(body, x, values(self, LAYER_PARAMS, dt), cfg.depth_layers, unrolled)
     x = layers.rms_norm(x, self.ln_f[...].astype(dt), cfg.depth_rms_eps)
     return x.reshape(b, t, C, cfg.depth_dim)
 

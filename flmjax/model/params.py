@@ -6,7 +6,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flmjax.model import int8, lora
+from flmjax.model import attention, int8, lora
+
+# Whether the teacher-forced passes run their layers as a lax.scan over the stacked weights
+# (None: scanned on TPU and GPU, unrolled on CPU; see unrolled_layers). A switch for benchmarks.
+SCAN_LAYERS: bool | None = None
 
 
 def param(
@@ -75,3 +79,39 @@ def split_leading(params: nnx.State, axes: dict[str, int]) -> nnx.State:
     return split(w, axes[name]) if name in axes else w
 
   return jax.tree_util.tree_map_with_path(leaf, params)
+
+
+def unrolled_layers() -> bool:
+  """Whether a teacher-forced pass (training, evaluation) loops over its layers in Python over
+  `unstack`ed weights instead of a lax.scan: on CPU (the context mesh's platform), unless
+  SCAN_LAYERS says otherwise.
+
+  Why: a scan's autodiff stacks each layer's saved activations into [L,...] buffers (zeros
+  first, copied into the loop, written with dynamic-update-slice, read back sliced, and XLA:CPU's
+  dot copies the slices again): about 1.8 GB of copies a `small` step (issue 26, RESULTS.md).
+  Unrolled, they are plain buffers. TPUs and GPUs keep the scan: their dots read slices in place,
+  and compile time stays flat in depth.
+  """
+  if SCAN_LAYERS is not None:
+    return not SCAN_LAYERS
+  return attention.platform() == 'cpu'
+
+
+def unstack(tree, n: int) -> list:
+  """A pytree of arrays stacked on a leading axis of n -> n pytrees of the slices, through one
+  split per leaf (its gradient is one concatenate, not n pads into zeros of the whole stack)."""
+  leaves, treedef = jax.tree.flatten(tree)
+  parts = [jnp.split(leaf, n, axis=0) for leaf in leaves]
+  return [treedef.unflatten([p[i][0] for p in parts]) for i in range(n)]
+
+
+def loop_layers(layer, carry, stacked: dict, n: int, unrolled: bool, split: bool = False):
+  """carry through n layers, `layer(carry, (weights, i)) -> (carry, None)`: a lax.scan over the
+  stacked weights, or, if `unrolled`, a Python loop over them (unstacked, or as split_leading
+  left them when `split`). Returns the final carry."""
+  if not unrolled:
+    return jax.lax.scan(layer, carry, (stacked, jnp.arange(n)))[0]
+  per_layer = [{k: w[i] for k, w in stacked.items()} for i in range(n)] if split else None
+  for i, p in enumerate(per_layer or unstack(stacked, n)):
+    carry, _ = layer(carry, (p, i))
+  return carry

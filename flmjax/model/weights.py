@@ -13,6 +13,7 @@ them (a codebook of the depth MLP) as it does of an array. This module knows no 
 from __future__ import annotations
 
 import dataclasses
+import string
 from typing import Any
 
 import jax
@@ -64,7 +65,7 @@ def dense(spec: str, x: jax.Array, w: Weight, dropout: Dropout | None = None) ->
   LoraWeight. The low-rank einsums come from `spec`: letters shared by x, W and the output are
   batched, those of x and W only are contracted, those of W only are outputs. `dropout`
   (key, rate) drops the adapters' input as PEFT's lora_dropout does; the base path sees x."""
-  y = jnp.einsum(spec, x, dequantize(w, x.dtype))
+  y = _flat_einsum(spec, x, dequantize(w, x.dtype))
   if not isinstance(w, LoraWeight):
     return y
   if dropout is not None:
@@ -82,6 +83,36 @@ def dense(spec: str, x: jax.Array, w: Weight, dropout: Dropout | None = None) ->
   xa = jnp.einsum(f'{ell}{xs},{batch}{ins}r->{ell}{mid}', x, w.a.astype(x.dtype))
   delta = jnp.einsum(f'{ell}{mid},{batch}r{outs}->{ell}{out}', xa, w.b.astype(x.dtype))
   return y + delta * jnp.asarray(w.scale, x.dtype)
+
+
+def _flat_einsum(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+  """einsum(spec, x, w) with x's leading dims that w lacks (rows: B,T or R,C), when the output
+  holds them together in the same order, merged into one for the matmul and split after.
+
+  Why: the weight's gradient contracts those dims, and XLA:CPU, given more than one, transposes
+  each activation it reads (a strided copy before every weight-gradient matmul, recomputing
+  fused elementwise work in that order; issue 26, RESULTS.md). Merged, the matmul reads the
+  activations as they lie. Row-major reshapes of adjacent dims are free; each output is the
+  same sum of the same products.
+  """
+  lhs, out = spec.split('->')
+  xs, ws = lhs.split(',')
+  if xs.startswith('...'):  # name the ellipsis dims with letters the spec does not use
+    free = [c for c in string.ascii_letters if c not in spec]
+    ell = ''.join(free[: x.ndim - len(xs) + 3])
+    xs, out = ell + xs[3:], out.replace('...', ell)
+  rows = ''
+  for c in xs:
+    if c in ws:
+      break
+    rows += c
+  at = out.find(rows)
+  if len(rows) < 2 or at < 0:
+    return jnp.einsum(f'{xs},{ws}->{out}', x, w)
+  m = next(c for c in string.ascii_letters if c not in xs + ws + out)
+  n = len(rows)
+  y = jnp.einsum(f'{m}{xs[n:]},{ws}->{out.replace(rows, m)}', x.reshape(-1, *x.shape[n:]), w)
+  return y.reshape(*y.shape[:at], *x.shape[:n], *y.shape[at + 1 :])
 
 
 def rows(w: Weight, index: tuple, dtype, pin=None) -> jax.Array:
