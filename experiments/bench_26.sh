@@ -53,7 +53,7 @@ step 100 'before: decode' env PYTHONPATH="$BASE_TREE" "$PY" bench_26.py run --si
   --out "$OUT" --programs "$DECODE" --repeats "$REPEATS"
 step 220 'after: decode (+ FLOP analysis)' "$PY" bench_26.py run --side after --out "$OUT" \
   --programs "$DECODE" --repeats "$REPEATS" --analyse
-# Mimi and the train step: this branch leaves them as main has them; one side is analysed.
+# Mimi and the train step: both sides timed (the train step 3 times a side); one side is analysed.
 mv "$OUT/before.json" "$OUT/before_decode.json"
 mv "$OUT/after.json" "$OUT/after_decode.json"
 # (about 4 s a train step on the quiet box: 885 GFLOP.)
@@ -64,6 +64,9 @@ step 150 'after: train (+ FLOP analysis)' "$PY" bench_26.py run --side after --o
   --programs train_small --repeats 3 --analyse
 step 70 'before: Mimi' env PYTHONPATH="$BASE_TREE" "$PY" bench_26.py run --side before \
   --out "$OUT" --programs mimi1,mimi8 --repeats "$REPEATS"
+mv "$OUT/before.json" "$OUT/before_mimi.json"
+step 150 'before: train' env PYTHONPATH="$BASE_TREE" "$PY" bench_26.py run --side before \
+  --out "$OUT" --programs train_small --repeats 3
 "$PY" - "$OUT" <<'EOF'
 import json, os, sys
 out = sys.argv[1]

@@ -4,8 +4,9 @@ exact answers and turn-taking from each run's heldout.json; per arm the mean ove
 
   python experiments/seed_table.py control=/runs/default,/runs/ctl-s1,... E=/runs/E-s0,...
 
-Each run directory is a `flmjax main` run (its heldout.json and checkpoint meta); the first arm
-named is the control.
+Each run directory is a `flmjax main` run (its heldout.json) or a directory of `flmjax eval
+duplex` reports, one per held-out set; runs are listed in seed order; the first arm named is the
+control.
 """
 
 from __future__ import annotations
@@ -21,9 +22,17 @@ T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57}  # Student t, two-sided 95
 
 
 def run_metrics(run_dir: str) -> dict[str, dict[str, float]]:
-  """set -> {'exact', 'pause_takeover', 'interrupt_stop', 'takeover'} for one run."""
-  with open(os.path.join(run_dir, 'heldout.json')) as f:
-    chat = json.load(f)['chat']
+  """set -> {'exact', 'pause_takeover', 'interrupt_stop', 'takeover'} for one run: a `flmjax
+  main` run directory (its heldout.json), or a directory of `flmjax eval duplex` reports, one
+  per set (DIR/SET/report.json)."""
+  if os.path.exists(os.path.join(run_dir, 'heldout.json')):
+    with open(os.path.join(run_dir, 'heldout.json')) as f:
+      chat = json.load(f)['chat']
+  else:
+    chat = {}
+    for name in SETS:
+      with open(os.path.join(run_dir, name, 'report.json')) as f:
+        chat[name] = json.load(f)
   out = {}
   for name in SETS:
     tt = chat[name]['turn_taking']

@@ -4,7 +4,8 @@ Trains flmjax/configs/tiny_dual.py, which ships inside the package (synthetic co
 stage then duplex stage; `--steps 2,2` for a smoke run) and shows what the trained model does:
 teacher-forced accuracies per stream on held-out samples, next to the untrained model's, then
 full-duplex streaming chat on the held-out conversation sets (flmjax.data.corpus.HELDOUT_DUPLEX:
-standard, long pauses, 2x slower, another seed and settings). `--parity` instead checks the
+standard, long pauses, 2x slower, another seed and settings), each frame attending to the last
+frames of the longest training window. `--parity` instead checks the
 forward against the golden fixtures.
 """
 
@@ -81,7 +82,11 @@ def main(argv: list[str] | None = None) -> int:
   result = train(tc)
   train_s = time.time() - t0
   table = show_heldout(tc, result, heldout)
-  table['chat'] = heldout_lib.chat(tc, result)
+  # The model never attended further back than its longest training window: streamed over a whole
+  # conversation, later answers degrade (experiments/RESULTS.md, issue 29 arm 5).
+  window = max(tc.stage_window(i) for i in range(len(tc.stages)))
+  table['chat'] = heldout_lib.chat(tc, result, attention_window=window)
+  table['attention_window'] = window
   with open(os.path.join(tc.run_dir, 'heldout.json'), 'w') as f:
     json.dump(table, f, indent=2)
   print(

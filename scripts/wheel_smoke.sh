@@ -20,4 +20,6 @@ env -u PYTHONPATH "$work/venv/bin/flmjax" --help >/dev/null
 env -u PYTHONPATH "$work/venv/bin/flmjax" main --steps 2,2 --run-dir run >"$work/main.log" 2>&1 \
   || { tail -30 "$work/main.log"; exit 1; }
 grep -q '^trained in ' "$work/main.log" || { tail -30 "$work/main.log"; exit 1; }
+# the held-out chat attends over the longest training window (64 frames; RESULTS.md, issue 29)
+grep -q 'attending to the last 64 frames' "$work/main.log" || { tail -30 "$work/main.log"; exit 1; }
 echo "wheel smoke: flmjax --help and flmjax main --steps 2,2 ran from an installed wheel"

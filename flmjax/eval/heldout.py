@@ -18,10 +18,12 @@ def heldout_sets(tc) -> dict[str, tuple]:
   return sets
 
 
-def chat(tc, result, limit: int = 64) -> dict:
+def chat(tc, result, limit: int = 64, attention_window: int | None = None) -> dict:
   """Streams each held-out duplex set (flmjax.data.corpus.HELDOUT_DUPLEX: standard, long pauses,
   2x slower, another seed and settings) through the decoder; prints transcripts of the standard
-  set, then one table: exact answers and turn-taking per set (docs/evaluation.md)."""
+  set, then one table: exact answers and turn-taking per set (docs/evaluation.md).
+  attention_window: each frame attends to the last N frames only (a ring cache of N positions;
+  None: the whole conversation)."""
   from flax import nnx
 
   from flmjax.data.corpus import HELDOUT_DUPLEX
@@ -43,14 +45,21 @@ def chat(tc, result, limit: int = 64) -> dict:
   }
   longest = stream_steps(cfg, max(c['user'].shape[1] for cs in convs.values() for c in cs))
   sampling = SamplingConfig(greedy=True, repetition_penalty_text=1.0, repetition_penalty_audio=1.0)
-  decoder = StreamingDecoder(model, sampling, max_len=longest)  # compiled once for every set
+  if attention_window is None:
+    decoder = StreamingDecoder(model, sampling, max_len=longest)  # compiled once for every set
+  else:
+    decoder = StreamingDecoder(model, sampling, max_len=attention_window, overflow='slide')
   reports = {}
   for name, conversations in convs.items():
     reports[name] = evaluate_duplex(
       model, None, tokenizer, conversations=conversations, decoder=decoder, sampling=sampling
     )
   standard = reports['heldout_duplex']
-  print(f'\nfull-duplex chat, greedy, {limit} held-out conversations a set, streamed as a batch:')
+  window = '' if attention_window is None else f', attending to the last {attention_window} frames'
+  print(
+    f'\nfull-duplex chat, greedy, {limit} held-out conversations a set, streamed as a batch'
+    f'{window}:'
+  )
   for conv in standard['conversations'][:3]:
     print(f'  [{conv["id"]}]')
     for turn in conv['turns']:
