@@ -90,10 +90,8 @@ def layer(
       jnp.einsum('RCd,dn->RCn', y, w).reshape(rows, width, heads, head_dim) for w in p['qkv']
     )
   else:
-    # q|k|v side by side in each row ([R,C',3,n], not [3,R,C',n]: the matmul's output as it
-    # comes), parted by one split (its gradient one concatenate, not three pads and adds).
-    qkv = dense('RCd,sdn->RCsn', y, p['qkv'], dropout)  # [R,C',3,n]
-    q, k, v = (t.reshape(rows, width, heads, head_dim) for t in jnp.split(qkv, 3, axis=2))
+    qkv = dense('RCd,sdn->sRCn', y, p['qkv'], dropout)  # [3,R,C',n]
+    q, k, v = qkv.reshape(3, rows, width, heads, head_dim)  # each [R,C',h,e]
   att, k_cache, v_cache = _attend(q, k, v, k_cache, v_cache, start, split)
   if split:  # one contracted axis n = h·e: over (h, e), XLA:CPU relaid the weight for the dot
     n = heads * head_dim
