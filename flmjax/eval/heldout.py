@@ -43,9 +43,9 @@ def chat(tc, result, limit: int = 64, attention_window: int | None = None) -> di
     name: read_conversations(tc.corpus.manifest(name), cfg.num_codebooks, limit=limit)
     for name in HELDOUT_DUPLEX
   }
-  longest = stream_steps(cfg, max(c['user'].shape[1] for cs in convs.values() for c in cs))
   sampling = SamplingConfig(greedy=True, repetition_penalty_text=1.0, repetition_penalty_audio=1.0)
   if attention_window is None:
+    longest = stream_steps(cfg, max(c['user'].shape[1] for cs in convs.values() for c in cs))
     decoder = StreamingDecoder(model, sampling, max_len=longest)  # compiled once for every set
   else:
     decoder = StreamingDecoder(model, sampling, max_len=attention_window, overflow='slide')
