@@ -169,3 +169,45 @@ def test_resume_past_a_truncated_step_shows_only_flmjax_lines(tmp_path):
   bad = [l for l in resumed.stdout.splitlines() if 'does not restore' in l]
   assert len(bad) == 1 and bad[0].startswith('checkpoint step 2 does not restore (Exception: ')
   assert 'TensorStore details' not in bad[0] and 'resumed from ' in resumed.stdout
+
+
+QUIET_BEFORE_READ = """
+import sys, threading
+import jax.numpy as jnp
+from flmjax.checkpoint.checkpointer import Checkpointer, abstract_on_cpu
+from flmjax.train.state import TrainState
+
+ckpt = Checkpointer(sys.argv[1], use_async=False)
+state = TrainState({'w': jnp.arange(4.0)}, {'m': jnp.zeros(4)})
+ckpt.save(1, state, {'step': 1}, force=True)
+ckpt.wait()
+hooks = (sys.excepthook, threading.excepthook, sys.unraisablehook)
+ckpt.restore(TrainState(*(abstract_on_cpu(x) for x in state)), 1)
+assert (sys.excepthook, threading.excepthook, sys.unraisablehook) != hooks, 'no hooks at read'
+ckpt.close()
+sys.excepthook(RuntimeError, RuntimeError('Event loop is closed'), None)  # dropped
+print('after-read', flush=True)
+sys.excepthook(ValueError, ValueError('still printed'), None)
+"""
+
+
+def test_closed_loop_echoes_are_dropped_from_before_the_first_read(tmp_path):
+  """The hooks that drop orbax's abandoned-read echoes are in place before any array read: a
+  TensorStore thread may print its closed-loop traceback between orbax raising and flmjax
+  catching (CI saw two such tracebacks when the hooks came only after the failure). Other
+  errors still print."""
+  import subprocess
+
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env.update(JAX_PLATFORMS='cpu')
+  out = subprocess.run(
+    [sys.executable, '-c', QUIET_BEFORE_READ, str(tmp_path / 'ckpt')],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == 'after-read'
+  assert 'Event loop is closed' not in out.stderr
+  assert 'ValueError: still printed' in out.stderr

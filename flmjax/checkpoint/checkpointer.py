@@ -85,33 +85,42 @@ def drop_abandoned_reads() -> None:
   abandoned: each is collected unawaited and printed ("Exception ignored in: <coroutine ...>"
   with its whole TensorStore spec, tens of lines), their gathering future logs its exception as
   never retrieved (asyncio's logger), and their completion callbacks find orbax's event loop
-  closed (a traceback each). flmjax names the step in one line; from here on this process drops
-  those echoes, and only them: any other unraisable exception, uncaught error or asyncio record
-  still prints. Collects the abandoned reads now, while the step's failure is being handled."""
+  closed (a traceback each). flmjax names the step in one line. Collects the abandoned reads
+  now, while the step's failure is being handled; the echoes are dropped by the hooks
+  `_quiet_abandoned_reads` installed before the read began."""
+  _quiet_abandoned_reads()
+  gc.collect()
+
+
+def _quiet_abandoned_reads() -> None:
+  """From here on this process drops the echoes of abandoned reads, and only them: any other
+  unraisable exception, uncaught error or asyncio record still prints. Installed before every
+  array read, not after a failed one: a TensorStore thread can complete a sibling read (and
+  print its closed-loop traceback) between orbax raising and flmjax catching the error."""
   asyncio_log = logging.getLogger('asyncio')
   if not any(isinstance(f, _AbandonedReads) for f in asyncio_log.filters):
     asyncio_log.addFilter(_AbandonedReads())
-  if not getattr(sys.unraisablehook, 'flmjax_drops_reads', False):
-    unraisable, excepthook, thread_hook = sys.unraisablehook, sys.excepthook, threading.excepthook
+  if getattr(sys.unraisablehook, 'flmjax_drops_reads', False):
+    return
+  unraisable, excepthook, thread_hook = sys.unraisablehook, sys.excepthook, threading.excepthook
 
-    def quiet_unraisable(u):
-      code = getattr(u.object, 'cr_code', None)  # a coroutine of orbax's
-      ours = code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename
-      if not (ours or _loop_closed(u.exc_value)):
-        unraisable(u)
+  def quiet_unraisable(u):
+    code = getattr(u.object, 'cr_code', None)  # a coroutine of orbax's
+    ours = code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename
+    if not (ours or _loop_closed(u.exc_value)):
+      unraisable(u)
 
-    def quiet_excepthook(kind, value, tb):
-      if not _loop_closed(value):
-        excepthook(kind, value, tb)
+  def quiet_excepthook(kind, value, tb):  # TensorStore's callbacks print through PyErr_Print
+    if not _loop_closed(value):
+      excepthook(kind, value, tb)
 
-    def quiet_thread_hook(args):  # a completion callback on one of TensorStore's threads
-      if not _loop_closed(args.exc_value):
-        thread_hook(args)
+  def quiet_thread_hook(args):  # a completion callback on one of TensorStore's threads
+    if not _loop_closed(args.exc_value):
+      thread_hook(args)
 
-    quiet_unraisable.flmjax_drops_reads = True
-    sys.unraisablehook, sys.excepthook = quiet_unraisable, quiet_excepthook
-    threading.excepthook = quiet_thread_hook
-  gc.collect()
+  quiet_unraisable.flmjax_drops_reads = True
+  sys.unraisablehook, sys.excepthook = quiet_unraisable, quiet_excepthook
+  threading.excepthook = quiet_thread_hook
 
 
 def _loop_closed(e: BaseException | None) -> bool:
@@ -234,6 +243,7 @@ class Checkpointer:
     )
     if not earlier:
       items['data'] = grain.checkpoint.CheckpointRestore(data)
+    _quiet_abandoned_reads()
     out = self.manager.restore(step, args=ocp.args.Composite(**items))
     if data is not None and data_state is not None:
       data.set_state(data_state)
@@ -300,6 +310,7 @@ class Checkpointer:
 
   def restore_params(self, abstract_params, step: int | None = None):
     step = self._step(step)
+    _quiet_abandoned_reads()
     out = self.manager.restore(
       step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
     )
