@@ -95,3 +95,29 @@ def depth_weight_bytes(cfg) -> dict:
   mlps = L * C * 3 * d * f  # step c reads only codebook c's MLP
   outside = D * C * d + C * d * cfg.audio_vocab_size + C * d + d  # linear_in, heads, wpe, ln_f
   return {'once': it * (shared + mlps + outside), 'per_step': it * (C * shared + mlps + outside)}
+
+
+def train_setup(cfg, batch: int, window: int, stage=None, run_dir: str = '/tmp/bench', **kw):
+  """A one-device train step as the benchmarks build it -> (tc, mesh, spec, state, loader):
+  `stage` defaults to 10 steps of random data, `kw` sets any other TrainConfig field. The
+  loader is the stage's; `global_batch(loader, mesh)` places its next batch."""
+  from flmjax import sharding as shd  # here: bench_attention.py runs without flax
+  from flmjax.train import data as data_lib
+  from flmjax.train import state as st
+  from flmjax.train.config import StageConfig, TrainConfig
+
+  stage = stage or StageConfig('bench', 10, random_data=True)
+  tc = TrainConfig(
+    model=cfg, stages=(stage,), run_dir=run_dir, window=window, batch_size=batch, **kw
+  )
+  mesh = shd.make_mesh(1, 1, 1)
+  spec = st.state_spec(tc, mesh)
+  return tc, mesh, spec, st.init_state(spec, tc), data_lib.make_stage_loader(tc, 0)
+
+
+def global_batch(loader, mesh):
+  """The loader's next batch, placed on the mesh as the train step takes it."""
+  from flmjax.train import data as data_lib
+  from flmjax.train import step as sp
+
+  return data_lib.to_global(next(loader), sp.batch_shardings(mesh))

@@ -43,32 +43,22 @@ def bench_train_step(cfg, specs, batch, window, steps):
   """The real training step (flmjax.train) fed by the real pipeline: frames/s of the loop."""
   import jax
   import jax.numpy as jnp
+  from bench_common import global_batch, train_setup
 
-  from flmjax import sharding as shd
-  from flmjax.train import data as data_lib
-  from flmjax.train import state as st
   from flmjax.train import step as sp
-  from flmjax.train.config import StageConfig, TrainConfig
+  from flmjax.train.config import StageConfig
 
-  tc = TrainConfig(
-    model=cfg,
-    stages=(StageConfig('bench', steps, sources=tuple(specs)),),
-    run_dir=tempfile.mkdtemp(),
-    window=window,
-    batch_size=batch,
-    compute_dtype='float32',
+  stage = StageConfig('bench', steps, sources=tuple(specs))
+  tc, mesh, spec, state, loader = train_setup(
+    cfg, batch, window, stage, run_dir=tempfile.mkdtemp(), compute_dtype='float32'
   )
-  mesh = shd.make_mesh(1, 1, 1)
-  spec = st.state_spec(tc, mesh)
-  state = st.init_state(spec, tc)
-  step, shardings = sp.jit_train_step(spec, tc, mesh), sp.batch_shardings(mesh)
-  loader = data_lib.make_stage_loader(tc, 0)
+  step = sp.jit_train_step(spec, tc, mesh)
   lr = jnp.float32(1e-3)
-  state, metrics = step(state, data_lib.to_global(next(loader), shardings), lr)  # compile
+  state, metrics = step(state, global_batch(loader, mesh), lr)  # compile
   jax.block_until_ready(metrics)
   t = time.perf_counter()
   for _ in range(steps):
-    state, metrics = step(state, data_lib.to_global(next(loader), shardings), lr)
+    state, metrics = step(state, global_batch(loader, mesh), lr)
   jax.block_until_ready(metrics)
   dt = (time.perf_counter() - t) / steps
   return batch * (window - 1) / dt, dt

@@ -27,14 +27,12 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bench_common import MatmulPeak
+from bench_common import MatmulPeak, global_batch, train_setup
 
-from flmjax import sharding as shd
 from flmjax.config import ModelConfig
 from flmjax.model import transforms
 from flmjax.model.lora import LoraConfig
 from flmjax.platforms import cpu_unless_accelerator
-from flmjax.train import data as data_lib
 from flmjax.train import state as st
 from flmjax.train import step as sp
 from flmjax.train.config import StageConfig, TrainConfig
@@ -64,22 +62,12 @@ def bench(
   peak: MatmulPeak,
   lora=None,
 ) -> dict:
-  tc = TrainConfig(
-    model=cfg,
-    stages=(StageConfig('bench', 10, random_data=True),),
-    run_dir='/tmp/bench',
-    window=window,
-    batch_size=batch,
-    compute_dtype=dtype,
-    remat=remat,
-    lora=lora,
+  tc, mesh, spec, state, loader = train_setup(
+    cfg, batch, window, compute_dtype=dtype, remat=remat, lora=lora
   )
-  mesh = shd.make_mesh(1, 1, 1)
-  spec = st.state_spec(tc, mesh)
-  state = st.init_state(spec, tc)
   frozen = () if lora is None else (st.init_base(spec, tc),)
   state_bytes = sum(x.nbytes for x in jax.tree.leaves((state, frozen)))
-  batch_arr = data_lib.to_global(next(data_lib.make_stage_loader(tc, 0)), sp.batch_shardings(mesh))
+  batch_arr = global_batch(loader, mesh)
   lr = jnp.float32(1e-4)
   step = sp.jit_train_step(spec, tc, mesh)
   fn = lambda state, batch, lr: step(state, batch, lr, *frozen)

@@ -102,34 +102,20 @@ def traffic(text: str) -> tuple[collections.Counter, collections.Counter, collec
 
 def compiled_step_text(preset: str, scan_layers: bool) -> str:
   import jax.numpy as jnp
+  from bench_common import global_batch, train_setup
 
-  from flmjax import sharding as shd
   from flmjax.config import ModelConfig
   from flmjax.model import params
-  from flmjax.train import data as data_lib
-  from flmjax.train import state as st
   from flmjax.train import step as sp
-  from flmjax.train.config import StageConfig, TrainConfig
 
   params.SCAN_LAYERS = True if scan_layers else None
   cfg, batch, window = {
     'tiny': (ModelConfig.tiny(), 16, 64),
     'small': (ModelConfig.small(), 8, 256),
   }[preset]
-  tc = TrainConfig(
-    model=cfg,
-    stages=(StageConfig('bench', 10, random_data=True),),
-    run_dir='/tmp/bench',
-    window=window,
-    batch_size=batch,
-    compute_dtype='float32',
-  )
-  mesh = shd.make_mesh(1, 1, 1)
-  spec = st.state_spec(tc, mesh)
-  state = st.init_state(spec, tc)
-  batch_arr = data_lib.to_global(next(data_lib.make_stage_loader(tc, 0)), sp.batch_shardings(mesh))
+  tc, mesh, spec, state, loader = train_setup(cfg, batch, window, compute_dtype='float32')
   step = sp.jit_train_step(spec, tc, mesh)
-  return step.lower(state, batch_arr, jnp.float32(1e-4)).compile().as_text()
+  return step.lower(state, global_batch(loader, mesh), jnp.float32(1e-4)).compile().as_text()
 
 
 def main():

@@ -31,7 +31,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bench_common import MatmulPeak, read_bandwidth
+from bench_common import MatmulPeak, global_batch, read_bandwidth, train_setup
 
 from flmjax.platforms import cpu_unless_accelerator
 
@@ -165,28 +165,13 @@ def serve_programs(model, preset, mimi, batches, max_len):
 
 
 def train_program(name, cfg, batch, window):
-  from flmjax import sharding as shd
-  from flmjax.train import data as data_lib
-  from flmjax.train import state as st
   from flmjax.train import step as sp
-  from flmjax.train.config import StageConfig, TrainConfig
-
-  tc = TrainConfig(
-    model=cfg,
-    stages=(StageConfig('roofline', 10, random_data=True),),
-    run_dir='/tmp/roofline',
-    window=window,
-    batch_size=batch,
-    compute_dtype=cfg.dtype,
-    remat='none',
-  )
 
   def build():
-    mesh = shd.make_mesh(1, 1, 1)
-    spec = st.state_spec(tc, mesh)
-    data = next(data_lib.make_stage_loader(tc, 0))
-    args = (st.init_state(spec, tc), data_lib.to_global(data, sp.batch_shardings(mesh)))
-    args += (jnp.float32(1e-4),)
+    tc, mesh, spec, state, loader = train_setup(
+      cfg, batch, window, run_dir='/tmp/roofline', compute_dtype=cfg.dtype, remat='none'
+    )
+    args = (state, global_batch(loader, mesh), jnp.float32(1e-4))
     fn = jax.jit(sp.train_step_fn(spec, tc, mesh), donate_argnums=(0,))
     return fn, args, (0,), lambda a, o: (o[0], a[1], a[2])
 
