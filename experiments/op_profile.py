@@ -30,33 +30,61 @@ from flmjax.platforms import cpu_unless_accelerator
 NOT_OPS = ('ThunkExecutor', 'SlinkyThreadPool', 'end: ')  # the executor's own spans and waits
 
 
-def op_names(hlo_text: str) -> dict[str, str]:
-  """{instruction name: the jax operation that made it} from a compiled program's text. A fusion
-  without metadata of its own is named by its computation's root (else its first named op)."""
-  names, calls, comp_name, comp = {}, {}, {}, None
+def _instructions(hlo_text: str):
+  """(computation, is root, instruction name, the rest of its line) of each instruction."""
+  comp = None
   for line in hlo_text.splitlines():
     head = re.match(r'^(?:ENTRY )?%(\S+) .*\{$', line)
     if head:
       comp = head.group(1)
-      continue
-    m = re.match(r'^\s+(ROOT )?%(\S+) = (.*)$', line)
-    if not m:
-      continue
-    root, inst, rest = m.groups()
-    op = re.search(r'op_name="([^"]*)"', rest)
-    if op:
-      op = re.sub(r'^jit\([^)]*\)/', '', op.group(1))
-      names.setdefault(inst, op)
-      if comp and (root or comp not in comp_name):
-        comp_name[comp] = op
-    elif callee := re.search(r'calls=%([\w.-]+)', rest):
-      calls[inst] = callee.group(1)
-      weight = re.search(r'%params__(\w+?)___value', rest)  # an argument's name: its path
-      if weight:  # (a dot some transformation left without metadata)
-        names[inst] = '(reads ' + re.sub(r'_{3,}', '/', weight.group(1)).strip('_/') + ')'
-  for inst, callee in calls.items():
-    if callee in comp_name:
-      names.setdefault(inst, comp_name[callee])
+    elif comp and (m := re.match(r'^\s+(ROOT )?%(\S+) = (.*)$', line)):
+      yield comp, bool(m.group(1)), m.group(2), m.group(3)
+
+
+def _callees(rest: str) -> list[str]:
+  """The computations an instruction runs (fused, applied, looped or branched to)."""
+  found = re.findall(r'(?:calls|to_apply|body|condition)=%([\w.-]+)', rest)
+  for branches in re.findall(r'branch_computations=\{([^}]*)\}', rest):
+    found += re.findall(r'%([\w.-]+)', branches)
+  return found
+
+
+def _tables(hlo_text: str):
+  """Per instruction: its metadata name, the weight it reads, the computation it fuses and the
+  computation it is in; per computation: its caller and its root's (else first) name."""
+  meta, weight, fused, comp_of, caller, root_name = {}, {}, {}, {}, {}, {}
+  for comp, root, inst, rest in _instructions(hlo_text):
+    comp_of[inst] = comp
+    if op := re.search(r'op_name="([^"]*)"', rest):
+      meta[inst] = re.sub(r'^jit\([^)]*\)/', '', op.group(1))
+      if root or comp not in root_name:
+        root_name[comp] = meta[inst]
+    if w := re.search(r'%((?:params|state)__\w+)', rest):  # an argument: its pytree path
+      path = re.sub(r'___value\w*$', '', w.group(1))
+      weight[inst] = '(reads ' + re.sub(r'_{2,}', '/', path).strip('_/') + ')'
+    if f := re.search(r'calls=%([\w.-]+)', rest):
+      fused[inst] = f.group(1)
+    for callee in _callees(rest):
+      caller.setdefault(callee, inst)
+  return meta, weight, fused, comp_of, caller, root_name
+
+
+def op_names(hlo_text: str) -> dict[str, str]:
+  """{instruction name: the jax operation that made it} from a compiled program's text. An
+  instruction without metadata of its own is named by the weight or cache it reads (an
+  argument's path: dots some transformation left unnamed), else by its fused computation's
+  root, else by the instruction that calls the computation it is in."""
+  meta, weight, fused, comp_of, caller, root_name = _tables(hlo_text)
+  names = {}
+  for inst in comp_of:
+    at, own = inst, None
+    for _ in range(20):  # up through the callers: nesting is shallow
+      own = meta.get(at) or weight.get(at) or root_name.get(fused.get(at, ''))
+      at = caller.get(comp_of[at])
+      if own or at is None:
+        break
+    if own:
+      names[inst] = own
   return names
 
 
