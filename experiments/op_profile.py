@@ -23,7 +23,7 @@ import tempfile
 import time
 
 import jax
-from roofline import Program, decode_programs, mimi_programs, serve_programs, train_program
+from roofline import Program, select_programs
 
 from flmjax.platforms import cpu_unless_accelerator
 
@@ -162,17 +162,16 @@ def main():
   want, batches = set(args.programs.split(',')), [int(b) for b in args.batches.split(',')]
   model = create(getattr(ModelConfig, args.preset)())
   mimi = Mimi.random(MimiConfig.full(), seed=0) if want & {'mimi', 'serve'} else None
-  programs = []
-  if 'greedy' in want:
-    programs += decode_programs(model, args.preset, batches, args.max_len, greedy=True)
-  if 'decode' in want:
-    programs += decode_programs(model, args.preset, batches, args.max_len)
-  if 'mimi' in want:
-    programs += mimi_programs(mimi, batches)
-  if 'serve' in want:
-    programs += serve_programs(model, args.preset, mimi, batches, args.max_len)
-  if 'train' in want:
-    programs += [train_program('small', ModelConfig.small(), 8, 256)]
+  programs = select_programs(
+    want,
+    model,
+    args.preset,
+    mimi,
+    batches,
+    args.max_len,
+    greedy_batches=batches,
+    serve_batches=batches,
+  )
   for program in programs:
     rows, busy, wall_ms = profile(program, args.calls)
     op_ms = sum(r['ms'] for r in rows)

@@ -178,6 +178,27 @@ def train_program(name, cfg, batch, window):
   return Program(f'train step {name} (window {window})', batch, build)
 
 
+def select_programs(want, model, preset, mimi, batches, max_len, *, greedy_batches, serve_batches):
+  """The programs named in `want` (decode, greedy, mimi, serve, train) at these batch sizes."""
+  from flmjax.config import ModelConfig
+
+  programs = []
+  if 'greedy' in want:
+    programs += decode_programs(model, preset, greedy_batches, max_len, greedy=True)
+  if 'decode' in want:
+    programs += decode_programs(model, preset, batches, max_len)
+  if 'mimi' in want:
+    programs += mimi_programs(mimi, batches)
+  if 'serve' in want:
+    programs += serve_programs(model, preset, mimi, serve_batches, max_len)
+  if 'train' in want:
+    programs += [
+      train_program('tiny', ModelConfig.tiny(), 16, 64),
+      train_program('small', ModelConfig.small(), 8, 256),
+    ]
+  return programs
+
+
 # ---- the table ----------------------------------------------------------------------------
 def roofline_row(name, batch, seconds, flops, xla_bytes, nbytes, bandwidth, peak) -> dict:
   byte_s, flop_s = nbytes / bandwidth, flops / peak
@@ -280,21 +301,17 @@ def main():
   cfg = getattr(ModelConfig, args.preset)(dtype=args.dtype, param_dtype=args.dtype)
   model = create(cfg)
   mimi = Mimi.random(MimiConfig.full(), seed=0) if want & {'mimi', 'serve'} else None
-  programs = []
-  if 'greedy' in want:
-    programs += decode_programs(model, args.preset, batches[:1], args.max_len, greedy=True)
-  if 'decode' in want:
-    programs += decode_programs(model, args.preset, batches, args.max_len)
-  if 'mimi' in want:
-    programs += mimi_programs(mimi, batches)
-  if 'serve' in want:
-    serve = [int(b) for b in args.serve_batches.split(',')]
-    programs += serve_programs(model, args.preset, mimi, serve, args.max_len)
-  if 'train' in want:
-    programs += [
-      train_program('tiny', ModelConfig.tiny(), 16, 64),
-      train_program('small', ModelConfig.small(), 8, 256),
-    ]
+  serve = [int(b) for b in args.serve_batches.split(',')]
+  programs = select_programs(
+    want,
+    model,
+    args.preset,
+    mimi,
+    batches,
+    args.max_len,
+    greedy_batches=batches[:1],
+    serve_batches=serve,
+  )
   dev = jax.devices()[0]
   print(f'# roofline: {dev.platform} {dev.device_kind}, jax {jax.__version__}, {args.dtype}')
   limits = machine_limits()

@@ -57,11 +57,10 @@ def gqa_attention(
   logits = logits * (h**-0.5)
   logits = jnp.where(mask[:, None, None, :, :], logits, NEG_INF)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  if t == 1:  # a decoded frame: BKGTH is BTKGH, and XLA:CPU's fast dot takes this order
-    # (probs as the left operand); 'BTKGH' made it V^T·P, an Eigen dot 5x slower (RESULTS.md).
-    out = jnp.einsum(f'BKGTS,{kv_dims}->BKGTH', probs, v)
-  else:
-    out = jnp.einsum(f'BKGTS,{kv_dims}->BTKGH', probs, v)
+  # A decoded frame (T=1): BKGTH is BTKGH, and XLA:CPU's fast dot takes that order (probs as the
+  # left operand); 'BTKGH' made it V^T·P, an Eigen dot 5x slower (RESULTS.md, issue 26).
+  out_dims = 'BKGTH' if t == 1 else 'BTKGH'
+  out = jnp.einsum(f'BKGTS,{kv_dims}->{out_dims}', probs, v)
   return out.reshape(b, t, n, h)
 
 
