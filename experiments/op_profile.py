@@ -146,8 +146,6 @@ def profile(program: Program, calls: int, warmup: int = 2) -> tuple[list[dict], 
 
 
 def main():
-  from flmjax.codec import Mimi
-  from flmjax.codec.mimi_config import MimiConfig
   from flmjax.config import ModelConfig
   from flmjax.model import create
 
@@ -161,16 +159,8 @@ def main():
   args = ap.parse_args()
   want, batches = set(args.programs.split(',')), [int(b) for b in args.batches.split(',')]
   model = create(getattr(ModelConfig, args.preset)())
-  mimi = Mimi.random(MimiConfig.full(), seed=0) if want & {'mimi', 'serve'} else None
   programs = select_programs(
-    want,
-    model,
-    args.preset,
-    mimi,
-    batches,
-    args.max_len,
-    greedy_batches=batches,
-    serve_batches=batches,
+    want, model, args.preset, batches, args.max_len, greedy_batches=batches, serve_batches=batches
   )
   for program in programs:
     rows, busy, wall_ms = profile(program, args.calls)

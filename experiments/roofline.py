@@ -178,10 +178,14 @@ def train_program(name, cfg, batch, window):
   return Program(f'train step {name} (window {window})', batch, build)
 
 
-def select_programs(want, model, preset, mimi, batches, max_len, *, greedy_batches, serve_batches):
-  """The programs named in `want` (decode, greedy, mimi, serve, train) at these batch sizes."""
+def select_programs(want, model, preset, batches, max_len, *, greedy_batches, serve_batches):
+  """The programs named in `want` (decode, greedy, mimi, serve, train) at these batch sizes;
+  Mimi (the full config, random weights) is made only when a program needs it."""
+  from flmjax.codec import Mimi
+  from flmjax.codec.mimi_config import MimiConfig
   from flmjax.config import ModelConfig
 
+  mimi = Mimi.random(MimiConfig.full(), seed=0) if want & {'mimi', 'serve'} else None
   programs = []
   if 'greedy' in want:
     programs += decode_programs(model, preset, greedy_batches, max_len, greedy=True)
@@ -280,8 +284,6 @@ def format_row(r) -> str:
 
 
 def main():
-  from flmjax.codec import Mimi
-  from flmjax.codec.mimi_config import MimiConfig
   from flmjax.config import ModelConfig
   from flmjax.model import create
 
@@ -300,17 +302,9 @@ def main():
   batches = [int(b) for b in args.batches.split(',')]
   cfg = getattr(ModelConfig, args.preset)(dtype=args.dtype, param_dtype=args.dtype)
   model = create(cfg)
-  mimi = Mimi.random(MimiConfig.full(), seed=0) if want & {'mimi', 'serve'} else None
   serve = [int(b) for b in args.serve_batches.split(',')]
   programs = select_programs(
-    want,
-    model,
-    args.preset,
-    mimi,
-    batches,
-    args.max_len,
-    greedy_batches=batches[:1],
-    serve_batches=serve,
+    want, model, args.preset, batches, args.max_len, greedy_batches=batches[:1], serve_batches=serve
   )
   dev = jax.devices()[0]
   print(f'# roofline: {dev.platform} {dev.device_kind}, jax {jax.__version__}, {args.dtype}')
