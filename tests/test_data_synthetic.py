@@ -302,3 +302,40 @@ def test_corpus_build_is_idempotent_per_timing(tmp_path):
   slow = dataclasses.replace(corpus, timing=synthetic.Timing(rate=(2.0, 2.0)))
   slow.build(log=lambda _: None)
   assert json.load(open(done))['args']['timing']['rate'] == [2.0, 2.0]
+
+
+def test_extra_splits_leave_the_rest_of_the_corpus_byte_identical(tmp_path):
+  """Asking for the extra training splits changes no other split, held-out set or the tokenizer;
+  the question-and-answer monologues answer their question; the barge-in-rich conversations cut
+  answers short far more often than the training default's."""
+  kw = dict(seed=5, num_tts_asr=6, num_duplex=30, num_heldout=4)
+  plain = synthetic.generate(str(tmp_path / 'plain'), **kw)
+  extra = synthetic.generate(
+    str(tmp_path / 'extra'), extras={'tts_asr_qa': 20, 'duplex_barge_in': 30}, **kw
+  )
+  assert set(extra) - set(plain) == {'tts_asr_qa', 'duplex_barge_in'}
+  for root, _, files in os.walk(tmp_path / 'plain'):
+    for name in files:
+      rel = os.path.relpath(os.path.join(root, name), tmp_path / 'plain')
+      with open(tmp_path / 'plain' / rel, 'rb') as a, open(tmp_path / 'extra' / rel, 'rb') as b:
+        assert a.read() == b.read(), rel
+  for e in entries(extra['tts_asr_qa']):
+    (q, a) = [s.text.split() for s in e.segments]
+    n = N.index(q[-1])
+    assert q[:3] == ['what', 'comes', q[2]] and a == [
+      'it',
+      'is',
+      N[n + 1 if q[2] == 'after' else n - 1],
+    ]
+
+  def barge_ins(path):
+    return sum(
+      1
+      for e in entries(path)
+      for s, t in zip(e.segments, e.segments[1:])
+      if s.speaker == 'model' and t.speaker == 'user' and t.start < s.end
+    )
+
+  assert barge_ins(extra['duplex_barge_in']) > 2 * barge_ins(extra['duplex'])
+  with pytest.raises(ValueError, match="no extra split 'tts_asr_qb'"):
+    synthetic.generate(str(tmp_path / 'bad'), extras={'tts_asr_qb': 1}, **kw)

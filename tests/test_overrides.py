@@ -1,13 +1,14 @@
 """Issue 28 §5: config overrides from the command line (`--set KEY=VALUE`, typed by draccus into
 the frozen dataclasses), named presets, and the typed data spec."""
 
+import os
 import pathlib
 
 import draccus
 import pytest
 from probe import error_line, run
 
-from flmjax.data.corpus import SyntheticCorpus
+from flmjax.data.corpus import SPLITS, SyntheticCorpus
 from flmjax.data.grid import LossWeights
 from flmjax.data.pipeline import SourceSpec
 from flmjax.model.lora import LoraConfig
@@ -74,6 +75,28 @@ def test_precedence(tmp_path):
   )
   assert tc.window == 96 and tc.batch_size == 16
   assert [s.steps for s in tc.stages] == [3, 9]
+
+
+def test_extra_splits_are_trained_only_where_a_config_asks(tiny, tmp_path):
+  """The default trains no extra split; arm 7's G trains the question-and-answer monologues in
+  both stages and the barge-in-rich conversations in the duplex stage, at their weights."""
+  assert tiny.corpus.extras == () and tiny.corpus.splits == SPLITS
+  g = load_config(
+    str(ROOT / 'experiments' / 'configs' / 'tiny_dual_s1w32_d900_barge_qa.py'), str(tmp_path)
+  )
+  weights = [
+    {os.path.basename(src.path) + '/' + src.layout: src.weight for src in s.sources}
+    for s in g.stages
+  ]
+  assert weights[0] == {
+    'tts_asr/lead': 1.0,
+    'tts_asr/trail': 1.0,
+    'tts_asr_qa/lead': 0.5,
+    'tts_asr_qa/trail': 0.5,
+  }
+  assert weights[1]['duplex_barge_in/lead'] == 0.5 and weights[1]['tts_asr_qa/trail'] == 0.05
+  assert [s.steps for s in g.stages] == [100, 900] and g.stages[0].window == 32
+  assert dict(g.corpus.extras) == {'tts_asr_qa': 1000, 'duplex_barge_in': 2000}
 
 
 @pytest.mark.parametrize(

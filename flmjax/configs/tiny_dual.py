@@ -37,6 +37,8 @@ def get_config(
   duplex_text_weight: float = 1.0,
   asr_tts_window: int | None = None,
   peak_lr: tuple[float, float] = (3e-3, 4e-3),
+  qa: float = 0.0,
+  barge_in: float = 0.0,
 ) -> TrainConfig:
   """layouts: the single-speaker layouts trained (the ablation's arms: both, lead only = the
   paper's no-trail, trail only); mix: the weight of each of them in the duplex stage, beside the
@@ -45,11 +47,17 @@ def get_config(
   duplex_text_weight: scales the duplex stage's text-stream loss (words and WAIT alike, so their
   balance, which decides when the model speaks, is kept) against the audio's;
   asr_tts_window: stage 1's own window (None: `window`; the default corpus's single-speaker
-  grids are at most 29 columns, so 32 holds each whole); peak_lr: (stage 1, duplex)."""
+  grids are at most 29 columns, so 32 holds each whole); peak_lr: (stage 1, duplex);
+  qa: question-and-answer monologues (the corpus's 'tts_asr_qa') as more single-speaker data, at
+  `qa` times the weight of each single-speaker source in both stages (0: none); barge_in: the
+  weight of the barge-in-rich conversations ('duplex_barge_in') in the duplex stage (0: none)."""
   if no_trail:
     layouts = ('lead',)
   # Built when training starts (run_dir/corpus), not here: loading a config has no side effects.
-  corpus = SyntheticCorpus(os.path.join(run_dir, 'corpus'), num_tts_asr=2000, num_duplex=4000)
+  extras = (('tts_asr_qa', 1000),) * (qa > 0) + (('duplex_barge_in', 2000),) * (barge_in > 0)
+  corpus = SyntheticCorpus(
+    os.path.join(run_dir, 'corpus'), num_tts_asr=2000, num_duplex=4000, extras=extras
+  )
   stages = dual_stages(
     corpus.split('tts_asr'),
     corpus.split('duplex'),
@@ -68,6 +76,29 @@ def get_config(
       base, text=base.text * duplex_text_weight, wait=base.wait * duplex_text_weight
     )
     stages = (stages[0], dataclasses.replace(stages[1], loss_weights=weights))
+  if qa > 0:  # each single-speaker source again, on the monologues, at `qa` times its weight
+    qa_path = corpus.split('tts_asr_qa')
+    single = lambda src: src.path == corpus.split('tts_asr')
+    stages = tuple(
+      dataclasses.replace(
+        s,
+        sources=s.sources
+        + tuple(
+          dataclasses.replace(src, path=qa_path, weight=src.weight * qa)
+          for src in s.sources
+          if single(src)
+        ),
+      )
+      for s in stages
+    )
+  if barge_in > 0:
+    conversations = SourceSpec(
+      corpus.split('duplex_barge_in'), layout='lead', offset_frames=LEAD_FRAMES, weight=barge_in
+    )
+    stages = (
+      stages[0],
+      dataclasses.replace(stages[1], sources=stages[1].sources + (conversations,)),
+    )
   if asr_tts_window is not None:
     stages = (dataclasses.replace(stages[0], window=asr_tts_window),) + stages[1:]
   heldout = SourceSpec(corpus.split('heldout_duplex'), layout='lead', offset_frames=LEAD_FRAMES)

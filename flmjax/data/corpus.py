@@ -30,11 +30,18 @@ class SyntheticCorpus:
   num_duplex: int = 400
   num_heldout: int = 64
   timing: Timing = TRAINING  # the conversations' ranges (flmjax.data.timing)
+  # extra training splits, ((name in synthetic.EXTRA_SPLITS, samples), ...); the others do not
+  # change with them
+  extras: tuple[tuple[str, int], ...] = ()
+
+  @property
+  def splits(self) -> tuple[str, ...]:
+    return SPLITS + tuple(name for name, _ in self.extras)
 
   def split(self, name: str) -> str:
     """The prepared directory of split `name`, built or not."""
-    if name not in SPLITS:
-      raise ValueError(f'synthetic corpus: no split {name!r}; the splits are {SPLITS}')
+    if name not in self.splits:
+      raise ValueError(f'synthetic corpus: no split {name!r}; the splits are {self.splits}')
     return os.path.join(os.path.abspath(self.root), 'prepared', name)
 
   @property
@@ -43,9 +50,9 @@ class SyntheticCorpus:
 
   def manifest(self, name: str) -> str:
     """The raw JSONL manifest of split `name` (SPLITS and the held-out variants)."""
-    if name not in SPLITS + HELDOUT_DUPLEX:
+    if name not in self.splits + HELDOUT_DUPLEX:
       raise ValueError(
-        f'synthetic corpus: no manifest {name!r}; there are {SPLITS + HELDOUT_DUPLEX}'
+        f'synthetic corpus: no manifest {name!r}; there are {self.splits + HELDOUT_DUPLEX}'
       )
     return os.path.join(os.path.abspath(self.root), 'raw', f'{name}.jsonl')
 
@@ -64,6 +71,8 @@ class SyntheticCorpus:
       'num_duplex': self.num_duplex,
       'num_heldout': self.num_heldout,
     }
+    if self.extras:  # absent when none, so corpora made before extras existed still match
+      want['extras'] = dict(self.extras)
     # as JSON holds it (tuples become lists), so that the comparison below can hold
     want_json = json.loads(json.dumps(dict(want, timing=dataclasses.asdict(self.timing))))
     if os.path.exists(done):
@@ -74,7 +83,7 @@ class SyntheticCorpus:
     raw = synthetic.generate(os.path.join(root, 'raw'), timing=self.timing, **want)
     tokenizer = load_tokenizer(raw['tokenizer'])
     paths = {'tokenizer': raw['tokenizer']}
-    for split in SPLITS:
+    for split in self.splits:
       out = self.split(split)
       if os.path.exists(out):
         shutil.rmtree(out)

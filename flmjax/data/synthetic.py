@@ -25,7 +25,7 @@ from flmjax.codec.base import CODEBOOK_SIZE, FRAME_RATE, NUM_CODEBOOKS, SAMPLE_R
 from flmjax.codec.toy import ToyCodec
 from flmjax.config import ModelConfig
 from flmjax.data.events import events_from_segments
-from flmjax.data.timing import HELDOUT_VARIANTS, TRAINING, Timing
+from flmjax.data.timing import BARGE_IN_RICH, HELDOUT_VARIANTS, TRAINING, Timing
 from flmjax.data.tokenizer import train_sentencepiece
 
 NUMBERS = (
@@ -189,6 +189,20 @@ def tts_asr_sample(speech: ToySpeech, rng) -> _Track:
   return track
 
 
+def qa_sample(speech: ToySpeech, rng) -> _Track:
+  """One speaker asks one of the 40 questions and answers it ("what comes after nine", "it is
+  ten"): single-speaker data in which a question's answer follows it, as a pretrained backbone
+  has read such text (tts_asr_sample draws the question and the answer apart)."""
+  track = _Track(speech, {'model': int(rng.integers(NUM_SPEAKERS))}, rng)
+  track.pause(int(rng.integers(1, 4)))
+  q, a = question_answer(rng)
+  track.say('model', q)
+  track.pause(int(rng.integers(1, 4)))
+  track.say('model', a)
+  track.pause(int(rng.integers(0, 3)))
+  return track
+
+
 def duplex_sample(
   speech: ToySpeech, rng, answer_style: str = 'it is', timing: Timing = TRAINING
 ) -> _Track:
@@ -231,6 +245,20 @@ def duplex_sample(
   return track
 
 
+# Extra training splits: name -> (kind, sampler, generator stream). Each is drawn by its own
+# generator, np.random.default_rng((corpus seed, stream)), after the tokenizer is trained and
+# without adding to its text, so asking for one leaves every other split, every held-out set and
+# the tokenizer byte-identical (issue 29, arm 7).
+EXTRA_SPLITS = {
+  'tts_asr_qa': ('tts_asr', qa_sample, 2901),
+  'duplex_barge_in': (
+    'duplex',
+    lambda speech, rng: duplex_sample(speech, rng, timing=BARGE_IN_RICH),
+    2902,
+  ),
+}
+
+
 def _write(
   out_dir: str, name: str, kind: str, tracks: list[_Track], write_audio: bool, codec: ToyCodec
 ) -> str:
@@ -271,10 +299,12 @@ def generate(
   vocab_size: int = 200,
   timing: Timing = TRAINING,
   variants: bool = True,
+  extras: dict[str, int] | None = None,
 ) -> dict:
   """Writes the corpus (manifests, codes, tokenizer.model) under out_dir; returns their paths.
   `timing`: the training and standard held-out conversations' ranges; `variants`: also the
-  held-out sets of HELDOUT_VARIANTS (num_heldout each, their own timing and generator seed)."""
+  held-out sets of HELDOUT_VARIANTS (num_heldout each, their own timing and generator seed);
+  `extras`: {name in EXTRA_SPLITS: samples}, extra training splits (none by default)."""
   os.makedirs(out_dir, exist_ok=True)
   rng = np.random.default_rng(seed)
   speech, codec = ToySpeech(), ToyCodec()
@@ -311,6 +341,12 @@ def generate(
     raise ValueError(
       f'synthetic tokenizer has {tok.vocab_size} ids; the tiny config allows {MAX_TEXT_ID}'
     )
+  for name, n in (extras or {}).items():
+    if name not in EXTRA_SPLITS:
+      raise ValueError(f'synthetic corpus: no extra split {name!r}; there are {list(EXTRA_SPLITS)}')
+    kind, sample, stream = EXTRA_SPLITS[name]
+    own = np.random.default_rng((seed, stream))
+    splits[name] = (kind, [sample(speech, own) for _ in range(n)])
   for name, (kind, tracks) in splits.items():
     paths[name] = _write(out_dir, name, kind, tracks, write_audio, codec)
   return paths

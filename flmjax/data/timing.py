@@ -45,6 +45,10 @@ class Timing:
 
 
 TRAINING = Timing()
+# An extra training split's conversations (flmjax.data.synthetic.EXTRA_SPLITS): most questions
+# after the first cut the previous answer short, and half are split by a pause, so a barge-in
+# followed by a pause (the case the long-pause set's missed stops are made of) is common.
+BARGE_IN_RICH = dataclasses.replace(TRAINING, pause_p=0.5, barge_in_p=0.75)
 # The held-out variants: name -> (timing, generator seed offset). 'heldout_other' is never tuned
 # on: another seed and other settings (experiments/RESULTS.md, issue 29's design).
 HELDOUT_VARIANTS = {
