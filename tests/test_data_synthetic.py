@@ -328,14 +328,18 @@ def test_extra_splits_leave_the_rest_of_the_corpus_byte_identical(tmp_path):
       N[n + 1 if q[2] == 'after' else n - 1],
     ]
 
-  def barge_ins(path):
-    return sum(
-      1
+  def barge_ins(path):  # the frames the model keeps speaking after each barge-in starts
+    return [
+      round((s.end - t.start) * synthetic.FRAME_RATE)
       for e in entries(path)
       for s, t in zip(e.segments, e.segments[1:])
       if s.speaker == 'model' and t.speaker == 'user' and t.start < s.end
-    )
+    ]
 
-  assert barge_ins(extra['duplex_barge_in']) > 2 * barge_ins(extra['duplex'])
+  assert len(barge_ins(extra['duplex_barge_in'])) > 2 * len(barge_ins(extra['duplex']))
+  assert set(barge_ins(extra['duplex_barge_in'])) == {1, 2}
+  quick = synthetic.generate(str(tmp_path / 'quick'), extras={'duplex_quick_stop': 30}, **kw)
+  assert set(barge_ins(quick['duplex_quick_stop'])) == {1}
+  assert len(barge_ins(quick['duplex_quick_stop'])) > 2 * len(barge_ins(extra['duplex']))
   with pytest.raises(ValueError, match="no extra split 'tts_asr_qb'"):
     synthetic.generate(str(tmp_path / 'bad'), extras={'tts_asr_qb': 1}, **kw)

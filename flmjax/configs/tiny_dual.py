@@ -39,6 +39,7 @@ def get_config(
   peak_lr: tuple[float, float] = (3e-3, 4e-3),
   qa: float = 0.0,
   barge_in: float = 0.0,
+  barge_in_split: str = 'duplex_barge_in',
 ) -> TrainConfig:
   """layouts: the single-speaker layouts trained (the ablation's arms: both, lead only = the
   paper's no-trail, trail only); mix: the weight of each of them in the duplex stage, beside the
@@ -54,7 +55,7 @@ def get_config(
   if no_trail:
     layouts = ('lead',)
   # Built when training starts (run_dir/corpus), not here: loading a config has no side effects.
-  extras = (('tts_asr_qa', 1000),) * (qa > 0) + (('duplex_barge_in', 2000),) * (barge_in > 0)
+  extras = (('tts_asr_qa', 1000),) * (qa > 0) + ((barge_in_split, 2000),) * (barge_in > 0)
   corpus = SyntheticCorpus(
     os.path.join(run_dir, 'corpus'), num_tts_asr=2000, num_duplex=4000, extras=extras
   )
@@ -93,7 +94,7 @@ def get_config(
     )
   if barge_in > 0:
     conversations = SourceSpec(
-      corpus.split('duplex_barge_in'), layout='lead', offset_frames=LEAD_FRAMES, weight=barge_in
+      corpus.split(barge_in_split), layout='lead', offset_frames=LEAD_FRAMES, weight=barge_in
     )
     stages = (
       stages[0],

@@ -25,7 +25,7 @@ from flmjax.codec.base import CODEBOOK_SIZE, FRAME_RATE, NUM_CODEBOOKS, SAMPLE_R
 from flmjax.codec.toy import ToyCodec
 from flmjax.config import ModelConfig
 from flmjax.data.events import events_from_segments
-from flmjax.data.timing import BARGE_IN_RICH, HELDOUT_VARIANTS, TRAINING, Timing
+from flmjax.data.timing import BARGE_IN_RICH, HELDOUT_VARIANTS, QUICK_STOP, TRAINING, Timing
 from flmjax.data.tokenizer import train_sentencepiece
 
 NUMBERS = (
@@ -255,6 +255,11 @@ EXTRA_SPLITS = {
     'duplex',
     lambda speech, rng: duplex_sample(speech, rng, timing=BARGE_IN_RICH),
     2902,
+  ),
+  'duplex_quick_stop': (
+    'duplex',
+    lambda speech, rng: duplex_sample(speech, rng, timing=QUICK_STOP),
+    2903,
   ),
 }
 

@@ -49,6 +49,9 @@ TRAINING = Timing()
 # after the first cut the previous answer short, and half are split by a pause, so a barge-in
 # followed by a pause (the case the long-pause set's missed stops are made of) is common.
 BARGE_IN_RICH = dataclasses.replace(TRAINING, pause_p=0.5, barge_in_p=0.75)
+# The same, with the model falling silent one frame after a barge-in starts: a barge-in of two
+# frames is stopped only by a model that stops within one (the held-out references do).
+QUICK_STOP = dataclasses.replace(BARGE_IN_RICH, cut_frames=(1, 1))
 # The held-out variants: name -> (timing, generator seed offset). 'heldout_other' is never tuned
 # on: another seed and other settings (experiments/RESULTS.md, issue 29's design).
 HELDOUT_VARIANTS = {
