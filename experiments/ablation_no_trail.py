@@ -67,7 +67,7 @@ def load_config(run_dir: str, corpus_root: str, arm: str, seed: int):
   spec = importlib.util.spec_from_file_location('tiny_dual', CONFIG)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  tc = module.get_config(corpus_root, steps=STEPS, layouts=ARMS[arm], mix=MIX, seed=seed)
+  tc = module.recipe(corpus_root, steps=STEPS, layouts=ARMS[arm], mix=MIX, seed=seed)
   return tc.replace(
     run_dir=run_dir,
     batch_size=BATCH,

@@ -8,6 +8,7 @@ import draccus
 import pytest
 from probe import error_line, run
 
+from flmjax.configs.tiny_dual import recipe
 from flmjax.data.corpus import SPLITS, SyntheticCorpus
 from flmjax.data.grid import LossWeights
 from flmjax.data.pipeline import SourceSpec
@@ -77,17 +78,29 @@ def test_precedence(tmp_path):
   assert [s.steps for s in tc.stages] == [3, 9]
 
 
+def sources(tc: TrainConfig) -> list[dict[str, float]]:
+  """Per stage: {split/layout: weight} of its sources."""
+  return [
+    {os.path.basename(src.path) + '/' + src.layout: src.weight for src in s.sources}
+    for s in tc.stages
+  ]
+
+
 def test_extra_splits_are_trained_only_where_a_config_asks(tiny, tmp_path):
-  """The default trains no extra split; arm 7's G trains the question-and-answer monologues in
-  both stages and the barge-in-rich conversations in the duplex stage, at their weights."""
-  assert tiny.corpus.extras == () and tiny.corpus.splits == SPLITS
+  """The default (issue 29's arm 8) trains the quick-stop conversations in the duplex stage
+  only; the recipe without them trains no extra split; arm 7's G trains the question-and-answer
+  monologues in both stages and the barge-in-rich conversations in the duplex stage."""
+  assert dict(tiny.corpus.extras) == {'duplex_quick_stop': 2000}
+  assert 'duplex_quick_stop/lead' not in sources(tiny)[0]
+  assert sources(tiny)[1]['duplex_quick_stop/lead'] == 0.5
+  assert [s.steps for s in tiny.stages] == [100, 900] and tiny.stages[0].window == 32
+  plain = recipe(str(tmp_path / 'plain'))
+  assert plain.corpus.extras == () and plain.corpus.splits == SPLITS
+  assert [s.steps for s in plain.stages] == [100, 650] and plain.stages[0].window is None
   g = load_config(
     str(ROOT / 'experiments' / 'configs' / 'tiny_dual_s1w32_d900_barge_qa.py'), str(tmp_path)
   )
-  weights = [
-    {os.path.basename(src.path) + '/' + src.layout: src.weight for src in s.sources}
-    for s in g.stages
-  ]
+  weights = sources(g)
   assert weights[0] == {
     'tts_asr/lead': 1.0,
     'tts_asr/trail': 1.0,

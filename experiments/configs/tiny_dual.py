@@ -1,6 +1,6 @@
 """The embedded default, which ships inside the package (flmjax/configs/tiny_dual.py): this file
 keeps `--config experiments/configs/tiny_dual.py` working beside the other configs."""
 
-from flmjax.configs.tiny_dual import LAYOUTS, LEAD_FRAMES, TRAIL_FRAMES, get_config
+from flmjax.configs.tiny_dual import DEFAULT, LAYOUTS, LEAD_FRAMES, TRAIL_FRAMES, get_config, recipe
 
-__all__ = ['LAYOUTS', 'LEAD_FRAMES', 'TRAIL_FRAMES', 'get_config']
+__all__ = ['DEFAULT', 'LAYOUTS', 'LEAD_FRAMES', 'TRAIL_FRAMES', 'get_config', 'recipe']

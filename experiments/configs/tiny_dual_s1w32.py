@@ -3,7 +3,7 @@
 targets at half the cost) and the CPU this saves spent on a longer duplex stage: 700 steps
 instead of 650."""
 
-from flmjax.configs.tiny_dual import get_config as _default
+from flmjax.configs.tiny_dual import recipe as _default
 
 
 def get_config(run_dir: str, **kw):

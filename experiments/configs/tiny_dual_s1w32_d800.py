@@ -2,7 +2,7 @@
 same targets as 64-frame windows at half the cost, arm 3) and a duplex stage of 800 steps
 instead of 650, sized to keep `flmjax main` with its set-up inside 6 minutes on the quiet box."""
 
-from flmjax.configs.tiny_dual import get_config as _default
+from flmjax.configs.tiny_dual import recipe as _default
 
 
 def get_config(run_dir: str, **kw):

@@ -2,7 +2,7 @@
 duplex steps, and barge-in-rich conversations (the corpus's extra 'duplex_barge_in' split) mixed
 into the duplex stage at weight 0.5 beside the conversations' 1.0."""
 
-from flmjax.configs.tiny_dual import get_config as _default
+from flmjax.configs.tiny_dual import recipe as _default
 
 
 def get_config(run_dir: str, **kw):

@@ -2,7 +2,7 @@
 corpus's extra 'tts_asr_qa' split) as single-speaker data at half the weight of each
 single-speaker source, in both stages."""
 
-from flmjax.configs.tiny_dual import get_config as _default
+from flmjax.configs.tiny_dual import recipe as _default
 
 
 def get_config(run_dir: str, **kw):

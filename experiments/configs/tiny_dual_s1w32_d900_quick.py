@@ -2,7 +2,7 @@
 made by a model that falls silent one frame after a barge-in starts (the corpus's extra
 'duplex_quick_stop' split), at weight 0.5 in the duplex stage."""
 
-from flmjax.configs.tiny_dual import get_config as _default
+from flmjax.configs.tiny_dual import recipe as _default
 
 
 def get_config(run_dir: str, **kw):

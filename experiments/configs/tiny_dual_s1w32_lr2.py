@@ -3,7 +3,7 @@
 3e-3): in the control the answers were learnt only once the cosine had brought the lr below
 about 2.5e-3."""
 
-from flmjax.configs.tiny_dual import get_config as _default
+from flmjax.configs.tiny_dual import recipe as _default
 
 
 def get_config(run_dir: str, **kw):

@@ -1,7 +1,7 @@
 """Issue 29, arm 2 (experiments/RESULTS.md): tiny_dual.py with tiny_dual_w128's windows and the
 duplex stage's text-stream loss doubled (words and WAIT alike, so their balance is kept)."""
 
-from flmjax.configs.tiny_dual import get_config as _default
+from flmjax.configs.tiny_dual import recipe as _default
 
 
 def get_config(run_dir: str, **kw):

@@ -7,6 +7,10 @@ Stage 2 (duplex): conversations, the model on speak, the user on listen, the mon
 conversations) that the model cannot memorise it, and the batch of 32 gives the duplex stage
 enough answered questions to learn all 40 of them: with batch 16 or fewer steps the held-out
 answers stay mostly wrong (experiments/RESULTS.md).
+
+`recipe` takes every knob; `get_config` is the default, the recipe with DEFAULT's settings
+(issue 29's arm 8 in experiments/RESULTS.md: stage 1 in 32-frame windows, 900 duplex steps, and
+conversations where the model stops one frame after a barge-in mixed into the duplex stage).
 """
 
 import dataclasses
@@ -24,7 +28,20 @@ TRAIL_FRAMES = 0
 LAYOUTS = SINGLE_SPEAKER_LAYOUTS  # single-speaker data: TTS-style (lead) and ASR-style (trail)
 
 
-def get_config(
+# The default's settings of `recipe` (issue 29, arm 8): each one was chosen by a rule fixed
+# before its runs (experiments/RESULTS.md).
+DEFAULT = dict(
+  asr_tts_window=32, steps=(100, 900), barge_in=0.5, barge_in_split='duplex_quick_stop'
+)
+
+
+def get_config(run_dir: str, **kw) -> TrainConfig:
+  """The embedded default: `recipe` with DEFAULT's settings; keyword arguments (`flmjax main
+  --steps`, a config built on this one) override them."""
+  return recipe(run_dir, **{**DEFAULT, **kw})
+
+
+def recipe(
   run_dir: str,
   *,
   steps=(100, 650),
