@@ -70,17 +70,26 @@ class SyntheticCorpus:
       'num_tts_asr': self.num_tts_asr,
       'num_duplex': self.num_duplex,
       'num_heldout': self.num_heldout,
+      'timing': dataclasses.asdict(self.timing),
     }
     if self.extras:  # absent when none, so corpora made before extras existed still match
       want['extras'] = dict(self.extras)
     # as JSON holds it (tuples become lists), so that the comparison below can hold
-    want_json = json.loads(json.dumps(dict(want, timing=dataclasses.asdict(self.timing))))
+    want_json = json.loads(json.dumps(want))
     if os.path.exists(done):
       with open(done) as f:
         info = json.load(f)
       if info.get('args') == want_json and info.get('version') == VERSION:
         return info['paths']
-    raw = synthetic.generate(os.path.join(root, 'raw'), timing=self.timing, **want)
+    raw = synthetic.generate(
+      os.path.join(root, 'raw'),
+      seed=self.seed,
+      num_tts_asr=self.num_tts_asr,
+      num_duplex=self.num_duplex,
+      num_heldout=self.num_heldout,
+      timing=self.timing,
+      extras=dict(self.extras),
+    )
     tokenizer = load_tokenizer(raw['tokenizer'])
     paths = {'tokenizer': raw['tokenizer']}
     for split in self.splits:
