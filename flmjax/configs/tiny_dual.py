@@ -68,7 +68,9 @@ def recipe(
   grids are at most 29 columns, so 32 holds each whole); peak_lr: (stage 1, duplex);
   qa: question-and-answer monologues (the corpus's 'tts_asr_qa') as more single-speaker data, at
   `qa` times the weight of each single-speaker source in both stages (0: none); barge_in: the
-  weight of the barge-in-rich conversations ('duplex_barge_in') in the duplex stage (0: none)."""
+  weight in the duplex stage of the extra conversations `barge_in_split` (0: none):
+  'duplex_barge_in' (barge-in-rich) or 'duplex_quick_stop' (the same, the model silent one frame
+  after each barge-in starts)."""
   if no_trail:
     layouts = ('lead',)
   # Built when training starts (run_dir/corpus), not here: loading a config has no side effects.

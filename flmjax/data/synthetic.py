@@ -310,6 +310,9 @@ def generate(
   `timing`: the training and standard held-out conversations' ranges; `variants`: also the
   held-out sets of HELDOUT_VARIANTS (num_heldout each, their own timing and generator seed);
   `extras`: {name in EXTRA_SPLITS: samples}, extra training splits (none by default)."""
+  for name in extras or {}:
+    if name not in EXTRA_SPLITS:
+      raise ValueError(f'synthetic corpus: no extra split {name!r}; there are {list(EXTRA_SPLITS)}')
   os.makedirs(out_dir, exist_ok=True)
   rng = np.random.default_rng(seed)
   speech, codec = ToySpeech(), ToyCodec()
@@ -347,8 +350,6 @@ def generate(
       f'synthetic tokenizer has {tok.vocab_size} ids; the tiny config allows {MAX_TEXT_ID}'
     )
   for name, n in (extras or {}).items():
-    if name not in EXTRA_SPLITS:
-      raise ValueError(f'synthetic corpus: no extra split {name!r}; there are {list(EXTRA_SPLITS)}')
     kind, sample, stream = EXTRA_SPLITS[name]
     own = np.random.default_rng((seed, stream))
     splits[name] = (kind, [sample(speech, own) for _ in range(n)])
