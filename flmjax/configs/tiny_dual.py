@@ -96,29 +96,16 @@ def recipe(
       base, text=base.text * duplex_text_weight, wait=base.wait * duplex_text_weight
     )
     stages = (stages[0], dataclasses.replace(stages[1], loss_weights=weights))
+  add = lambda stage, more: dataclasses.replace(stage, sources=stage.sources + tuple(more))
   if qa > 0:  # each single-speaker source again, on the monologues, at `qa` times its weight
-    qa_path = corpus.split('tts_asr_qa')
-    single = lambda src: src.path == corpus.split('tts_asr')
-    stages = tuple(
-      dataclasses.replace(
-        s,
-        sources=s.sources
-        + tuple(
-          dataclasses.replace(src, path=qa_path, weight=src.weight * qa)
-          for src in s.sources
-          if single(src)
-        ),
-      )
-      for s in stages
-    )
+    single, monologues = corpus.split('tts_asr'), corpus.split('tts_asr_qa')
+    again = lambda src: dataclasses.replace(src, path=monologues, weight=src.weight * qa)
+    stages = tuple(add(s, [again(src) for src in s.sources if src.path == single]) for s in stages)
   if barge_in > 0:
     conversations = SourceSpec(
       corpus.split(barge_in_split), layout='lead', offset_frames=LEAD_FRAMES, weight=barge_in
     )
-    stages = (
-      stages[0],
-      dataclasses.replace(stages[1], sources=stages[1].sources + (conversations,)),
-    )
+    stages = (stages[0], add(stages[1], [conversations]))
   if asr_tts_window is not None:
     stages = (dataclasses.replace(stages[0], window=asr_tts_window),) + stages[1:]
   heldout = SourceSpec(corpus.split('heldout_duplex'), layout='lead', offset_frames=LEAD_FRAMES)

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -251,16 +252,8 @@ def duplex_sample(
 # the tokenizer byte-identical (issue 29, arm 7).
 EXTRA_SPLITS = {
   'tts_asr_qa': ('tts_asr', qa_sample, 2901),
-  'duplex_barge_in': (
-    'duplex',
-    lambda speech, rng: duplex_sample(speech, rng, timing=BARGE_IN_RICH),
-    2902,
-  ),
-  'duplex_quick_stop': (
-    'duplex',
-    lambda speech, rng: duplex_sample(speech, rng, timing=QUICK_STOP),
-    2903,
-  ),
+  'duplex_barge_in': ('duplex', functools.partial(duplex_sample, timing=BARGE_IN_RICH), 2902),
+  'duplex_quick_stop': ('duplex', functools.partial(duplex_sample, timing=QUICK_STOP), 2903),
 }
 
 
