@@ -318,3 +318,55 @@ def test_counts_of_pushes_cuts_and_extension_follow_the_window():
     assert out['extended_frames'] == len(targets & set(range(1 + 12, 1 + 28)))
     seen.update(pushed=int(out['pushed_frames']), cut=int(out['cut_tokens']))
   assert seen['pushed'] and seen['cut']  # some windows hold them
+
+
+def _conversation():
+  """A duplex record: a question split by a pause (frames 2-6, then 14-15), an answer from 18
+  that a second question barges into at 20, and its answer at 29."""
+  rng = np.random.default_rng(3)
+  codes = {s: rng.integers(0, 2048, (8, 36)).astype(np.int16) for s in ('model', 'user')}
+  sentences = [
+    ('user', 2, 6, [13, 14, 25]),
+    ('user', 14, 16, [55]),
+    ('model', 18, 23, [8, 3, 42]),
+    ('user', 20, 27, [13, 14, 21, 76]),
+    ('model', 29, 33, [8, 3, 40]),
+  ]
+  return rec_lib.Record('c', 'duplex', codes, sentences)
+
+
+def test_turn_starts_skip_a_pause_and_count_a_barge_in():
+  assert rec_lib.turn_starts(_conversation()) == [2, 20]
+  single = rec_lib.Record(
+    's', 'tts_asr', {'model': np.zeros((8, 9), np.int16)}, [('model', 1, 5, [4])]
+  )
+  assert rec_lib.turn_starts(single) == []
+
+
+@pytest.mark.parametrize('kind', ['duplex', 'tts_asr'])
+def test_whole_turns_train_no_target_before_the_first_turn_in_the_window(kind):
+  """With whole_turns, a duplex window draws what it draws without (same columns, same tokens)
+  and trains the same targets, except those before the first user turn that starts inside it (a
+  window at the conversation's start keeps all); a tts_asr window is unchanged."""
+  record = _conversation()
+  if kind == 'tts_asr':
+    record = rec_lib.Record('s', 'tts_asr', {'model': record.codes['model']}, record.sentences[2:3])
+  w, data = 12, rec_lib.encode_record(record)
+  plain = _WindowedGrid(CFG, SourceSpec('x', offset_frames=2), w, LW)
+  whole = _WindowedGrid(CFG, SourceSpec('x', offset_frames=2, whole_turns=True), w, LW)
+  grid = record_grid(CFG, record, SourceSpec('x', offset_frames=2), 'lead', LW).tokens
+  listen = CFG.grid_offsets[1 + CFG.num_codebooks]  # the user's frame f sits at column f + listen
+  masked = 0
+  for k in range(300):
+    a, b = plain(data, np.random.default_rng(k)), whole(data, np.random.default_rng(k))
+    np.testing.assert_array_equal(a['tokens'], b['tokens'])
+    (start,) = [
+      s for s in range(grid.shape[1] - w + 1) if (grid[:, s : s + w] == a['tokens']).all()
+    ]
+    cut = 0
+    if kind == 'duplex' and start > 0:
+      cut = min([f + listen - start for f in (2, 20) if f + listen >= start], default=w)
+    np.testing.assert_array_equal(b['weights'][:, cut:], a['weights'][:, cut:])
+    assert not b['weights'][:, :cut].any()
+    masked += bool(a['weights'][:, :cut].any())
+  assert (masked > 0) == (kind == 'duplex')  # some windows lose targets, and only conversations

@@ -341,5 +341,20 @@ def test_extra_splits_leave_the_rest_of_the_corpus_byte_identical(tmp_path):
   quick = synthetic.generate(str(tmp_path / 'quick'), extras={'duplex_quick_stop': 30}, **kw)
   assert set(barge_ins(quick['duplex_quick_stop'])) == {1}
   assert len(barge_ins(quick['duplex_quick_stop'])) > 2 * len(barge_ins(extra['duplex']))
+  paused = synthetic.generate(
+    str(tmp_path / 'paused'), extras={'duplex_paused_quick_stop': 30, 'duplex_quick_stop': 30}, **kw
+  )
+  with open(quick['duplex_quick_stop'], 'rb') as a, open(paused['duplex_quick_stop'], 'rb') as b:
+    assert a.read() == b.read()  # each extra split draws from its own generator
+  assert set(barge_ins(paused['duplex_paused_quick_stop'])) == {1}
+
+  def halves(path):  # (questions, user segments): a question split by a pause is two segments
+    user = [s.text for e in entries(path) for s in e.segments if s.speaker == 'user']
+    return sum(t.startswith('what') for t in user), len(user)
+
+  questions, segments = halves(paused['duplex_paused_quick_stop'])
+  assert segments == 2 * questions  # every question is split by a pause
+  questions, segments = halves(paused['duplex'])
+  assert questions < segments < 2 * questions  # the training default splits some of them
   with pytest.raises(ValueError, match="no extra split 'tts_asr_qb'"):
     synthetic.generate(str(tmp_path / 'bad'), extras={'tts_asr_qb': 1}, **kw)

@@ -110,6 +110,13 @@ def test_extra_splits_are_trained_only_where_a_config_asks(tiny, tmp_path):
   assert weights[1]['duplex_barge_in/lead'] == 0.5 and weights[1]['tts_asr_qa/trail'] == 0.05
   assert [s.steps for s in g.stages] == [100, 900] and g.stages[0].window == 32
   assert dict(g.corpus.extras) == {'tts_asr_qa': 1000, 'duplex_barge_in': 2000}
+  m = load_config(
+    str(ROOT / 'experiments' / 'configs' / 'tiny_dual_paused_turns.py'), str(tmp_path)
+  )
+  assert dict(m.corpus.extras) == {'duplex_paused_quick_stop': 2000}
+  whole = {os.path.basename(s.path) for s in m.stages[1].sources if s.whole_turns}
+  assert whole == {'duplex', 'duplex_paused_quick_stop'}  # the conversations, not the monologues
+  assert not any(s.whole_turns for s in m.stages[0].sources + tiny.stages[1].sources)
 
 
 @pytest.mark.parametrize(

@@ -57,6 +57,7 @@ def recipe(
   qa: float = 0.0,
   barge_in: float = 0.0,
   barge_in_split: str = 'duplex_barge_in',
+  whole_turns: bool = False,
 ) -> TrainConfig:
   """layouts: the single-speaker layouts trained (the ablation's arms: both, lead only = the
   paper's no-trail, trail only); mix: the weight of each of them in the duplex stage, beside the
@@ -69,8 +70,10 @@ def recipe(
   qa: question-and-answer monologues (the corpus's 'tts_asr_qa') as more single-speaker data, at
   `qa` times the weight of each single-speaker source in both stages (0: none); barge_in: the
   weight in the duplex stage of the extra conversations `barge_in_split` (0: none):
-  'duplex_barge_in' (barge-in-rich) or 'duplex_quick_stop' (the same, the model silent one frame
-  after each barge-in starts)."""
+  'duplex_barge_in' (barge-in-rich), 'duplex_quick_stop' (the same, the model silent one frame
+  after each barge-in starts) or 'duplex_paused_quick_stop' (that, with every question split by a
+  pause); whole_turns: the duplex stage's conversation windows train no target before their first
+  whole user turn (SourceSpec.whole_turns)."""
   if no_trail:
     layouts = ('lead',)
   # Built when training starts (run_dir/corpus), not here: loading a config has no side effects.
@@ -106,6 +109,13 @@ def recipe(
       corpus.split(barge_in_split), layout='lead', offset_frames=LEAD_FRAMES, weight=barge_in
     )
     stages = (stages[0], add(stages[1], [conversations]))
+  if whole_turns:
+    talks = {corpus.split('duplex'), corpus.split(barge_in_split)}
+    turns = lambda src: dataclasses.replace(src, whole_turns=True) if src.path in talks else src
+    stages = (
+      stages[0],
+      dataclasses.replace(stages[1], sources=tuple(map(turns, stages[1].sources))),
+    )
   if asr_tts_window is not None:
     stages = (dataclasses.replace(stages[0], window=asr_tts_window),) + stages[1:]
   heldout = SourceSpec(corpus.split('heldout_duplex'), layout='lead', offset_frames=LEAD_FRAMES)

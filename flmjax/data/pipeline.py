@@ -37,6 +37,10 @@ class SourceSpec:
   layout: str = 'lead'  # 'lead' | 'trail' | 'mixed' (lead or trail with probability 1/2)
   offset_frames: int = 0  # lead_frames or trail_frames
   speech_stream: str = 'speak'  # tts_asr speech on 'speak' or 'listen'
+  # Duplex samples: a window that starts inside a conversation trains only the targets from the
+  # first user turn that starts inside it, so no answer is trained without its whole question in
+  # view (a random window otherwise often cuts a question and keeps its answer).
+  whole_turns: bool = False
 
   def __post_init__(self):
     if self.layout not in LAYOUTS:
@@ -134,6 +138,8 @@ class _WindowedGrid:
       raw = int(rng.integers(2 - w, size - 1))
       start = min(max(raw, 0), size - w)
       lo, hi = max(raw, start) + 1, min(raw, start) + w  # targets [lo, hi)
+    if self.spec.whole_turns and start > 0 and record.kind == 'duplex':
+      lo = max(lo, self._first_turn(record, start, hi))
     tokens, weights = pad_grid(self.cfg, sample.tokens, sample.weights, start, w)
     weights[:, : lo - start] = 0.0
     weights[:, hi - start :] = 0.0
@@ -154,6 +160,13 @@ class _WindowedGrid:
       ),
       'extended_frames': np.int32(len(range(max(lo, ext.start), min(hi, ext.stop)))),
     }
+
+  def _first_turn(self, record: rec_lib.Record, start: int, end: int) -> int:
+    """The grid column of the first user turn that starts at or after column `start` (the user's
+    frame f sits at column f + its channel's offset), or `end` if none does."""
+    listen = self.cfg.grid_offsets[1 + self.cfg.num_codebooks]
+    columns = [f + listen for f in rec_lib.turn_starts(record) if f + listen >= start]
+    return min(columns, default=end)
 
 
 def _seed(seed: int, source: int, salt: int) -> int:

@@ -34,6 +34,19 @@ def monologue_sentences(record: Record) -> list[tuple[int, int, list[int]]]:
   return [(a, b, ids) for s, a, b, ids in record.sentences if s == speaker]
 
 
+def turn_starts(record: Record) -> list[int]:
+  """The frames where the user's turns start in a duplex sample (none in a tts_asr one): each
+  user sentence's start, except one that only resumes the user's speech after a pause (no model
+  sentence starts in between; the same rule as flmjax.data.events)."""
+  if record.kind != 'duplex':
+    return []
+  user = sorted((a, b) for s, a, b, _ in record.sentences if s == 'user')
+  model = [a for s, a, _, _ in record.sentences if s == 'model']
+  return [
+    a for i, (a, _) in enumerate(user) if i == 0 or any(user[i - 1][1] <= m < a for m in model)
+  ]
+
+
 def encode_record(r: Record) -> bytes:
   return msgpack.packb(
     {

@@ -26,7 +26,14 @@ from flmjax.codec.base import CODEBOOK_SIZE, FRAME_RATE, NUM_CODEBOOKS, SAMPLE_R
 from flmjax.codec.toy import ToyCodec
 from flmjax.config import ModelConfig
 from flmjax.data.events import events_from_segments
-from flmjax.data.timing import BARGE_IN_RICH, HELDOUT_VARIANTS, QUICK_STOP, TRAINING, Timing
+from flmjax.data.timing import (
+  BARGE_IN_RICH,
+  HELDOUT_VARIANTS,
+  PAUSED_QUICK_STOP,
+  QUICK_STOP,
+  TRAINING,
+  Timing,
+)
 from flmjax.data.tokenizer import train_sentencepiece
 
 NUMBERS = (
@@ -254,6 +261,11 @@ EXTRA_SPLITS = {
   'tts_asr_qa': ('tts_asr', qa_sample, 2901),
   'duplex_barge_in': ('duplex', functools.partial(duplex_sample, timing=BARGE_IN_RICH), 2902),
   'duplex_quick_stop': ('duplex', functools.partial(duplex_sample, timing=QUICK_STOP), 2903),
+  'duplex_paused_quick_stop': (
+    'duplex',
+    functools.partial(duplex_sample, timing=PAUSED_QUICK_STOP),
+    2904,
+  ),
 }
 
 

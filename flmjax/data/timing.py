@@ -52,6 +52,9 @@ BARGE_IN_RICH = dataclasses.replace(TRAINING, pause_p=0.5, barge_in_p=0.75)
 # The same, with the model falling silent one frame after a barge-in starts: a barge-in of two
 # frames is stopped only by a model that stops within one (the held-out references do).
 QUICK_STOP = dataclasses.replace(BARGE_IN_RICH, cut_frames=(1, 1))
+# The same again, every question split by a pause: a question's number then often comes a pause
+# after its 'after' or 'before', the case that held-out answers miss (issue 29, arm 10).
+PAUSED_QUICK_STOP = dataclasses.replace(QUICK_STOP, pause_p=1.0)
 # The held-out variants: name -> (timing, generator seed offset). 'heldout_other' is never tuned
 # on: another seed and other settings (experiments/RESULTS.md, issue 29's design).
 HELDOUT_VARIANTS = {
