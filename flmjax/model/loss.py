@@ -124,29 +124,61 @@ def text_cross_entropy(
 
 
 def audio_cross_entropy(
-  depth: DepthTransformer, features: jax.Array, target: jax.Array, *, constrain=None, dropout=None
+  depth: DepthTransformer,
+  features: jax.Array,
+  target: jax.Array,
+  weights: jax.Array,
+  *,
+  constrain=None,
+  dropout=None,
 ):
-  """features [B,T,C,d] (DepthTransformer.features), target [B,T,C] -> (cross-entropy, hit)
-  [B,T,C] (see _ce).
+  """features [B,T,C,d] (DepthTransformer.features), target int [B,T,C], weights float32
+  [B,T,C] -> (Σ weights·ce per codebook float32 [C], hit bool [B,T,C]) (see _ce).
 
-  One codebook at a time, rematerialised in the backward pass: the live logits are [B,T,A],
-  laid out with A minor as the reductions want (a [B,T,C,A] array comes out of the batched head
-  matmul codebook-major and costs transposes). `dropout`: LoRA dropout (key, rate) of a heads
-  adapter, a stream per codebook.
+  One codebook at a time: the live logits are [B,T,A], laid out with A minor as the reductions
+  want (a [B,T,C,A] array comes out of the batched head matmul codebook-major and costs
+  transposes). Under differentiation the weighted sum's gradients come out of the forward pass
+  beside the logits (a fused linear cross-entropy), so the backward pass neither recomputes the
+  logits nor reads them again: it scales the saved [B,T,d] and [d,A] gradients by the sum's
+  cotangent. `dropout`: LoRA dropout (key, rate) of a heads adapter, a stream per codebook.
   """
   heads = values(depth, ('heads',), features.dtype)['heads']  # [C,d,A], maybe a LoraWeight
+  rate = None if dropout is None else dropout[1]
 
-  def one(x, w, tgt, c):  # [B,T,d], [d,A] (a codebook's slice), [B,T], codebook
-    logits = dense('BTd,dA->BTA', x, w, fold(dropout, c))
+  def logits_of(x, w, key, c):  # [B,T,d], [d,A] (a codebook's slice) -> [B,T,A]
+    logits = dense('BTd,dA->BTA', x, w, None if key is None else fold((key, rate), c))
     if constrain is not None:
       logits = constrain(logits, ('batch', 'time', 'audio_vocab'))
-    return _ce(logits, tgt)[:2]
+    return logits
 
-  ce, hit = jax.lax.map(
-    jax.checkpoint(lambda blk: one(*blk)),
-    (jnp.moveaxis(features, 2, 0), heads, jnp.moveaxis(target, 2, 0), jnp.arange(target.shape[2])),
+  @jax.custom_vjp
+  def one(x, w, tgt, wts, key, c):  # -> (Σ wts·ce, hit [B,T])
+    (ce, hit, _), _ = _ce_fwd(logits_of(x, w, key, c), tgt, -1)
+    return jnp.sum(wts * ce), hit
+
+  def one_fwd(x, w, tgt, wts, key, c):
+    logits, pull = jax.vjp(lambda x, w: logits_of(x, w, key, c), x, w)
+    (ce, hit, _), res = _ce_fwd(logits, tgt, -1)
+    dlogits, _ = _ce_bwd(-1, res, (wts, None, None))  # [B,T,A]
+    return (jnp.sum(wts * ce), hit), pull(dlogits)  # residuals: dx [B,T,d], dw like w
+
+  def one_bwd(grads, cts):
+    scale = lambda g: g * cts[0].astype(g.dtype) if jnp.issubdtype(g.dtype, jnp.inexact) else g
+    return (*jax.tree.map(scale, grads), None, None, None, None)
+
+  one.defvjp(one_fwd, one_bwd)
+  key = None if dropout is None else dropout[0]
+  wce, hit = jax.lax.map(
+    lambda blk: one(*blk[:4], key, blk[4]),
+    (
+      jnp.moveaxis(features, 2, 0),
+      heads,
+      jnp.moveaxis(target, 2, 0),
+      jnp.moveaxis(weights, 2, 0),
+      jnp.arange(target.shape[2]),
+    ),
   )
-  return jnp.moveaxis(ce, 0, 2), jnp.moveaxis(hit, 0, 2)  # [B,T,C]
+  return wce, jnp.moveaxis(hit, 0, 2)  # [C], [B,T,C]
 
 
 def loss_sums(
@@ -181,14 +213,15 @@ def loss_sums(
     dropout=fold(dropout, 2),
   )  # [B,T-1]
   speak_tgt = jnp.swapaxes(tgt[:, 1:], 1, 2)  # [B,T-1,C]
-  audio_ce, audio_hit = audio_cross_entropy(
+  audio_w = jnp.swapaxes(w[:, 1:], 1, 2)
+  audio_wce, audio_hit = audio_cross_entropy(
     model.depth_transformer,
     out.depth_features,
     speak_tgt,
+    audio_w,
     constrain=constrain,
     dropout=fold(dropout, 3),
-  )  # [B,T-1,C]
-  audio_w = jnp.swapaxes(w[:, 1:], 1, 2)
+  )  # [C], [B,T-1,C]
 
   s = {}
   tw = w[:, 0]
@@ -204,7 +237,7 @@ def loss_sums(
   s['wait_pred'] = jnp.sum(valid & wait_p, dtype=jnp.float32)
   for name, sl in (('semantic', slice(0, 1)), ('acoustic', slice(1, C))):
     aw, ok = audio_w[..., sl], audio_w[..., sl] > 0
-    s[f'{name}_wce'] = jnp.sum(aw * audio_ce[..., sl])
+    s[f'{name}_wce'] = jnp.sum(audio_wce[sl])
     s[f'{name}_w'] = jnp.sum(aw)
     s[f'{name}_n'] = jnp.sum(ok, dtype=jnp.float32)
     s[f'{name}_correct'] = jnp.sum(ok & audio_hit[..., sl], dtype=jnp.float32)
