@@ -117,6 +117,10 @@ def test_extra_splits_are_trained_only_where_a_config_asks(tiny, tmp_path):
   whole = {os.path.basename(s.path) for s in m.stages[1].sources if s.whole_turns}
   assert whole == {'duplex', 'duplex_paused_quick_stop'}  # the conversations, not the monologues
   assert not any(s.whole_turns for s in m.stages[0].sources + tiny.stages[1].sources)
+  n = load_config(str(ROOT / 'experiments' / 'configs' / 'tiny_dual_rope1e4.py'), str(tmp_path))
+  assert n.model.rope_theta == 1e4 and tiny.model.rope_theta == 1e6
+  default = load_config_file('tiny_dual', str(tmp_path))
+  assert n.replace(model=default.model) == default  # the RoPE base is all that differs
 
 
 @pytest.mark.parametrize(

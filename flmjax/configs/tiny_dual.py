@@ -58,6 +58,7 @@ def recipe(
   barge_in: float = 0.0,
   barge_in_split: str = 'duplex_barge_in',
   whole_turns: bool = False,
+  rope_theta: float | None = None,
 ) -> TrainConfig:
   """layouts: the single-speaker layouts trained (the ablation's arms: both, lead only = the
   paper's no-trail, trail only); mix: the weight of each of them in the duplex stage, beside the
@@ -73,7 +74,8 @@ def recipe(
   'duplex_barge_in' (barge-in-rich), 'duplex_quick_stop' (the same, the model silent one frame
   after each barge-in starts) or 'duplex_paused_quick_stop' (that, with every question split by a
   pause); whole_turns: the duplex stage's conversation windows train no target before their first
-  whole user turn (SourceSpec.whole_turns)."""
+  whole user turn (SourceSpec.whole_turns); rope_theta: the tiny model's RoPE base (None: the
+  preset's 1e6, Qwen2.5's)."""
   if no_trail:
     layouts = ('lead',)
   # Built when training starts (run_dir/corpus), not here: loading a config has no side effects.
@@ -120,7 +122,7 @@ def recipe(
     stages = (dataclasses.replace(stages[0], window=asr_tts_window),) + stages[1:]
   heldout = SourceSpec(corpus.split('heldout_duplex'), layout='lead', offset_frames=LEAD_FRAMES)
   return TrainConfig(
-    model=ModelConfig.tiny(),
+    model=ModelConfig.tiny(**({} if rope_theta is None else {'rope_theta': rope_theta})),
     stages=stages,
     run_dir=run_dir,
     window=window,
