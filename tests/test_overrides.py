@@ -121,6 +121,10 @@ def test_extra_splits_are_trained_only_where_a_config_asks(tiny, tmp_path):
   assert n.model.rope_theta == 1e4 and tiny.model.rope_theta == 1e6
   default = load_config_file('tiny_dual', str(tmp_path))
   assert n.replace(model=default.model) == default  # the RoPE base is all that differs
+  p = load_config(str(ROOT / 'experiments' / 'configs' / 'tiny_dual_layers3.py'), str(tmp_path))
+  assert (
+    p.model == default.model.replace(num_layers=3) and p.replace(model=default.model) == default
+  )
 
 
 @pytest.mark.parametrize(

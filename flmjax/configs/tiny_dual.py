@@ -59,6 +59,7 @@ def recipe(
   barge_in_split: str = 'duplex_barge_in',
   whole_turns: bool = False,
   rope_theta: float | None = None,
+  num_layers: int | None = None,
 ) -> TrainConfig:
   """layouts: the single-speaker layouts trained (the ablation's arms: both, lead only = the
   paper's no-trail, trail only); mix: the weight of each of them in the duplex stage, beside the
@@ -75,7 +76,7 @@ def recipe(
   after each barge-in starts) or 'duplex_paused_quick_stop' (that, with every question split by a
   pause); whole_turns: the duplex stage's conversation windows train no target before their first
   whole user turn (SourceSpec.whole_turns); rope_theta: the tiny model's RoPE base (None: the
-  preset's 1e6, Qwen2.5's)."""
+  preset's 1e6, Qwen2.5's); num_layers: the tiny model's backbone layers (None: the preset's 2)."""
   if no_trail:
     layouts = ('lead',)
   # Built when training starts (run_dir/corpus), not here: loading a config has no side effects.
@@ -121,8 +122,11 @@ def recipe(
   if asr_tts_window is not None:
     stages = (dataclasses.replace(stages[0], window=asr_tts_window),) + stages[1:]
   heldout = SourceSpec(corpus.split('heldout_duplex'), layout='lead', offset_frames=LEAD_FRAMES)
+  model = {
+    k: v for k, v in (('rope_theta', rope_theta), ('num_layers', num_layers)) if v is not None
+  }
   return TrainConfig(
-    model=ModelConfig.tiny(**({} if rope_theta is None else {'rope_theta': rope_theta})),
+    model=ModelConfig.tiny(**model),
     stages=stages,
     run_dir=run_dir,
     window=window,
