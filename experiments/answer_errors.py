@@ -1,7 +1,9 @@
 """Where the held-out answers go wrong (issue 29, arm 10): each answer turn of a `flmjax main`
 run's held-out chat, by where a pause split its question: not split, or split after its first,
 second or third word ("what | comes after nine", "what comes | after nine", "what comes after |
-nine"). Per arm and set: right / turns over the arm's runs, and the rate.
+nine"). Per arm and set: right / turns over the arm's runs, and the rate. Then the "after word 3"
+turns by the question before them: none (the conversation's first), the same direction or the
+other, as right / turns.
 
   python experiments/answer_errors.py H=/runs/H-s3,/runs/H-s4 L=/runs/L-s3,...
 
@@ -33,8 +35,22 @@ def question_split(segments: list[dict], turn_end: int) -> str:
   return 'whole' if len(parts) == 1 else f'after word {len(parts[0]["text"].split())}'
 
 
+def questions(segments: list[dict]) -> list[tuple[int, str]]:
+  """(end frame, direction word) of each whole question of a conversation, in order."""
+  out, words = [], []
+  for s in segments:
+    if s['speaker'] != 'user':
+      continue
+    words = s['text'].split() if s['text'].startswith('what') else words + s['text'].split()
+    if len(words) == 4:  # "what comes after|before N"
+      out.append((round(s['end'] * FRAME_RATE), words[2]))
+  return out
+
+
 def run_counts(run_dir: str) -> collections.Counter:
-  """(set, split, right) -> turns of one run."""
+  """(set, split, right) -> turns of one run; and ('previous', kind, right) -> "after word 3"
+  turns, by whether the question before it asked the same direction ('same', 'other') or there
+  was none ('first')."""
   with open(os.path.join(run_dir, 'heldout.json')) as f:
     chat = json.load(f)['chat']
   counts = collections.Counter()
@@ -42,9 +58,14 @@ def run_counts(run_dir: str) -> collections.Counter:
     with open(os.path.join(run_dir, 'corpus', 'raw', f'{name}.jsonl')) as f:
       segments = {c['id']: c['segments'] for c in map(json.loads, f)}
     for conv in chat[name]['conversations']:
+      asked = questions(segments[conv['id']])
       for turn in conv['turns']:
         split = question_split(segments[conv['id']], turn['frame'])
         counts[name, split, turn['right']] += 1
+        before = [d for end, d in asked if end <= turn['frame']]
+        if split == 'after word 3' and before:
+          kind = 'first' if len(before) == 1 else ('same' if before[-2] == before[-1] else 'other')
+          counts['previous', kind, turn['right']] += 1
   return counts
 
 
@@ -61,6 +82,12 @@ def table(arms: dict[str, list[str]]) -> str:
         right, n = counts[name, split, True], counts[name, split, True] + counts[name, split, False]
         cells.append(f'{right}/{n} ({right / n:.2f})' if n else '-')
       lines.append(f'| {arm} | {name} | ' + ' | '.join(cells) + ' |')
+    previous = ', '.join(
+      f'{kind} {counts["previous", kind, True]}/'
+      f'{counts["previous", kind, True] + counts["previous", kind, False]}'
+      for kind in ('first', 'same', 'other')
+    )
+    lines.append(f'| {arm} | "after word 3" by the question before (all sets) | {previous} | | | |')
   return '\n'.join(lines)
 
 
