@@ -5,6 +5,11 @@ measured matmul FLOP/s (measured in the same run).
   .venv/bin/python experiments/bench_train.py --loop [--presets tiny] [--steps 40]
       [--grad-accum 2] [--log-every 10]
   .venv/bin/python experiments/bench_train.py --presets small --lora-rank 64
+  PYTHONPATH=/path/to/tree .venv/bin/python experiments/bench_train.py --presets tiny_b32,small \
+      --steps 15 --json SIDE.json   # one side of an A/B: PYTHONPATH picks the flmjax that is timed
+
+Each row keeps the last timed step's loss, equal on both sides of an A/B when a change is exact.
+`tiny_b32` is the embedded default's duplex step (batch 32 x 64).
 
 --lora-rank R also times each preset's LoRA step (rank R, alpha R, attn + mlp, a frozen base in
 the benchmark's dtype) right after its full fine-tuning step, and reports both states' bytes
@@ -105,6 +110,7 @@ def bench(
     'frames_per_s': batch * (window - 1) / step_s,
     'xla_flops': xla_flops,
     'model_flops': model_flops(cfg, batch, window - 1),
+    'loss': float(m['loss']),
   }
 
 
@@ -179,6 +185,7 @@ def main():
   args = ap.parse_args()
   shapes = {
     'tiny': (ModelConfig.tiny(), 16, 64),
+    'tiny_b32': (ModelConfig.tiny(), 32, 64),
     'small': (ModelConfig.small(), 8, 256),
     'small_b16': (ModelConfig.small(), 16, 256),
   }
