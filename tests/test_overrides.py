@@ -125,6 +125,20 @@ def test_extra_splits_are_trained_only_where_a_config_asks(tiny, tmp_path):
   assert (
     p.model == default.model.replace(num_layers=3) and p.replace(model=default.model) == default
   )
+  # arm 13: the duplex stage's length and peak learning rate, nothing else
+  arm13 = {
+    name: load_config(str(ROOT / 'experiments' / 'configs' / f'tiny_dual_{name}.py'), str(tmp_path))
+    for name in ('d1150', 'lr6e3', 'd1150_lr6e3')
+  }
+  peak = lambda c: c.stages[1].peak_lr
+  assert [s.steps for s in arm13['d1150'].stages] == [100, 1150]
+  assert [s.steps for s in arm13['lr6e3'].stages] == [100, 900]
+  assert [s.steps for s in arm13['d1150_lr6e3'].stages] == [100, 1150]
+  assert (peak(default), peak(arm13['d1150']), peak(arm13['lr6e3'])) == (4e-3, 4e-3, 6e-3)
+  assert peak(arm13['d1150_lr6e3']) == 6e-3
+  for c in arm13.values():
+    assert c.stages[0] == default.stages[0] and c.model == default.model
+    assert c.stages[1].sources == default.stages[1].sources
 
 
 @pytest.mark.parametrize(
