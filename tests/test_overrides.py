@@ -93,7 +93,8 @@ def test_extra_splits_are_trained_only_where_a_config_asks(tiny, tmp_path):
   assert dict(tiny.corpus.extras) == {'duplex_quick_stop': 2000}
   assert 'duplex_quick_stop/lead' not in sources(tiny)[0]
   assert sources(tiny)[1]['duplex_quick_stop/lead'] == 0.5
-  assert [s.steps for s in tiny.stages] == [100, 900] and tiny.stages[0].window == 32
+  assert [s.steps for s in tiny.stages] == [100, 1150] and tiny.stages[0].window == 32
+  assert [s.peak_lr for s in tiny.stages] == [3e-3, 6e-3]
   plain = recipe(str(tmp_path / 'plain'))
   assert plain.corpus.extras == () and plain.corpus.splits == SPLITS
   assert [s.steps for s in plain.stages] == [100, 650] and plain.stages[0].window is None
@@ -120,11 +121,14 @@ def test_extra_splits_are_trained_only_where_a_config_asks(tiny, tmp_path):
   n = load_config(str(ROOT / 'experiments' / 'configs' / 'tiny_dual_rope1e4.py'), str(tmp_path))
   assert n.model.rope_theta == 1e4 and tiny.model.rope_theta == 1e6
   default = load_config_file('tiny_dual', str(tmp_path))
-  assert n.replace(model=default.model) == default  # the RoPE base is all that differs
+  h = load_config(
+    str(ROOT / 'experiments' / 'configs' / 'tiny_dual_s1w32_d900_quick.py'), str(tmp_path)
+  )  # arm 8's H, the control of arms 9-13: the default but for the duplex stage's steps and lr
+  assert h.model == default.model and h.stages[0] == default.stages[0]
+  assert h.stages[1].sources == default.stages[1].sources
+  assert n.replace(model=h.model) == h  # the RoPE base is all that differs
   p = load_config(str(ROOT / 'experiments' / 'configs' / 'tiny_dual_layers3.py'), str(tmp_path))
-  assert (
-    p.model == default.model.replace(num_layers=3) and p.replace(model=default.model) == default
-  )
+  assert p.model == h.model.replace(num_layers=3) and p.replace(model=h.model) == h
   # arm 13: the duplex stage's length and peak learning rate, nothing else
   arm13 = {
     name: load_config(str(ROOT / 'experiments' / 'configs' / f'tiny_dual_{name}.py'), str(tmp_path))
@@ -134,11 +138,12 @@ def test_extra_splits_are_trained_only_where_a_config_asks(tiny, tmp_path):
   assert [s.steps for s in arm13['d1150'].stages] == [100, 1150]
   assert [s.steps for s in arm13['lr6e3'].stages] == [100, 900]
   assert [s.steps for s in arm13['d1150_lr6e3'].stages] == [100, 1150]
-  assert (peak(default), peak(arm13['d1150']), peak(arm13['lr6e3'])) == (4e-3, 4e-3, 6e-3)
+  assert (peak(h), peak(arm13['d1150']), peak(arm13['lr6e3'])) == (4e-3, 4e-3, 6e-3)
   assert peak(arm13['d1150_lr6e3']) == 6e-3
   for c in arm13.values():
-    assert c.stages[0] == default.stages[0] and c.model == default.model
-    assert c.stages[1].sources == default.stages[1].sources
+    assert c.stages[0] == h.stages[0] and c.model == h.model
+    assert c.stages[1].sources == h.stages[1].sources
+  assert arm13['d1150_lr6e3'] == default.replace(run_dir=arm13['d1150_lr6e3'].run_dir)  # T
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,8 @@
 """Issue 29, arm 13 (experiments/RESULTS.md): the default (arm 8's H) with
 1150 duplex steps instead of 900."""
 
-from flmjax.configs.tiny_dual import get_config as _default
+from flmjax.configs.tiny_dual import ARM8, recipe
 
 
 def get_config(run_dir: str, **kw):
-  return _default(run_dir, **{'steps': (100, 1150), **kw})
+  return recipe(run_dir, **{**ARM8, 'steps': (100, 1150), **kw})

@@ -2,10 +2,10 @@
 a conversation window trains no target before the first user turn that starts inside it
 (SourceSpec.whole_turns), so no answer is trained with its question cut off."""
 
-from flmjax.configs.tiny_dual import get_config as _default
+from flmjax.configs.tiny_dual import ARM8, recipe
 
 
 def get_config(run_dir: str, **kw):
-  return _default(
-    run_dir, **{'barge_in_split': 'duplex_paused_quick_stop', 'whole_turns': True, **kw}
+  return recipe(
+    run_dir, **{**ARM8, 'barge_in_split': 'duplex_paused_quick_stop', 'whole_turns': True, **kw}
   )

@@ -1,8 +1,8 @@
 """Issue 29, arm 11 (experiments/RESULTS.md): the default (arm 8's H) with the tiny model's RoPE
 base at 1e3 instead of the preset's 1e6."""
 
-from flmjax.configs.tiny_dual import get_config as _default
+from flmjax.configs.tiny_dual import ARM8, recipe
 
 
 def get_config(run_dir: str, **kw):
-  return _default(run_dir, **{'rope_theta': 1e3, **kw})
+  return recipe(run_dir, **{**ARM8, 'rope_theta': 1e3, **kw})
