@@ -93,8 +93,8 @@ def test_extra_splits_are_trained_only_where_a_config_asks(tiny, tmp_path):
   assert dict(tiny.corpus.extras) == {'duplex_quick_stop': 2000}
   assert 'duplex_quick_stop/lead' not in sources(tiny)[0]
   assert sources(tiny)[1]['duplex_quick_stop/lead'] == 0.5
-  assert [s.steps for s in tiny.stages] == [100, 900] and tiny.stages[0].window == 32
-  assert [s.peak_lr for s in tiny.stages] == [3e-3, 4e-3]
+  assert [s.steps for s in tiny.stages] == [100, 1000] and tiny.stages[0].window == 32
+  assert [s.peak_lr for s in tiny.stages] == [3e-3, 6e-3]
   plain = recipe(str(tmp_path / 'plain'))
   assert plain.corpus.extras == () and plain.corpus.splits == SPLITS
   assert [s.steps for s in plain.stages] == [100, 650] and plain.stages[0].window is None
@@ -123,8 +123,9 @@ def test_extra_splits_are_trained_only_where_a_config_asks(tiny, tmp_path):
   default = load_config_file('tiny_dual', str(tmp_path))
   h = load_config(
     str(ROOT / 'experiments' / 'configs' / 'tiny_dual_s1w32_d900_quick.py'), str(tmp_path)
-  )  # arm 8's H, the control of arms 9-14
-  assert h == default
+  )  # arm 8's H, the control of arms 9-14: the default but for the duplex stage's steps and lr
+  assert h.model == default.model and h.stages[0] == default.stages[0]
+  assert h.stages[1].sources == default.stages[1].sources
   assert n.replace(model=h.model) == h  # the RoPE base is all that differs
   p = load_config(str(ROOT / 'experiments' / 'configs' / 'tiny_dual_layers3.py'), str(tmp_path))
   assert p.model == h.model.replace(num_layers=3) and p.replace(model=h.model) == h
@@ -140,6 +141,7 @@ def test_extra_splits_are_trained_only_where_a_config_asks(tiny, tmp_path):
   assert (peak(h), peak(arm13['d1150']), peak(arm13['lr6e3'])) == (4e-3, 4e-3, 6e-3)
   assert peak(arm13['d1150_lr6e3']) == peak(arm13['d1000_lr6e3']) == 6e-3
   assert [s.steps for s in arm13['d1000_lr6e3'].stages] == [100, 1000]  # arm 14's U
+  assert arm13['d1000_lr6e3'] == default  # U is the default
   for c in arm13.values():
     assert c.stages[0] == h.stages[0] and c.model == h.model
     assert c.stages[1].sources == h.stages[1].sources
