@@ -130,19 +130,19 @@ def test_extra_splits_are_trained_only_where_a_config_asks(tiny, tmp_path):
   p = load_config(str(ROOT / 'experiments' / 'configs' / 'tiny_dual_layers3.py'), str(tmp_path))
   assert p.model == h.model.replace(num_layers=3) and p.replace(model=h.model) == h
   # arms 13 and 14: the duplex stage's length and peak learning rate, nothing else
-  arm13 = {
+  arms = {
     name: load_config(str(ROOT / 'experiments' / 'configs' / f'tiny_dual_{name}.py'), str(tmp_path))
     for name in ('d1150', 'lr6e3', 'd1150_lr6e3', 'd1000_lr6e3')
   }
   peak = lambda c: c.stages[1].peak_lr
-  assert [s.steps for s in arm13['d1150'].stages] == [100, 1150]
-  assert [s.steps for s in arm13['lr6e3'].stages] == [100, 900]
-  assert [s.steps for s in arm13['d1150_lr6e3'].stages] == [100, 1150]
-  assert (peak(h), peak(arm13['d1150']), peak(arm13['lr6e3'])) == (4e-3, 4e-3, 6e-3)
-  assert peak(arm13['d1150_lr6e3']) == peak(arm13['d1000_lr6e3']) == 6e-3
-  assert [s.steps for s in arm13['d1000_lr6e3'].stages] == [100, 1000]  # arm 14's U
-  assert arm13['d1000_lr6e3'] == default  # U is the default
-  for c in arm13.values():
+  assert [s.steps for s in arms['d1150'].stages] == [100, 1150]
+  assert [s.steps for s in arms['lr6e3'].stages] == [100, 900]
+  assert [s.steps for s in arms['d1150_lr6e3'].stages] == [100, 1150]
+  assert (peak(h), peak(arms['d1150']), peak(arms['lr6e3'])) == (4e-3, 4e-3, 6e-3)
+  assert peak(arms['d1150_lr6e3']) == peak(arms['d1000_lr6e3']) == 6e-3
+  assert [s.steps for s in arms['d1000_lr6e3'].stages] == [100, 1000]  # arm 14's U
+  assert arms['d1000_lr6e3'] == default  # U is the default
+  for c in arms.values():
     assert c.stages[0] == h.stages[0] and c.model == h.model
     assert c.stages[1].sources == h.stages[1].sources
 
