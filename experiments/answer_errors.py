@@ -69,6 +69,12 @@ def run_counts(run_dir: str) -> collections.Counter:
   return counts
 
 
+def rate_cell(counts: collections.Counter, key: tuple) -> str:
+  """'right/n (rate)' of counts[(*key, True)] over both outcomes, or '-' where there are none."""
+  right, n = counts[(*key, True)], counts[(*key, True)] + counts[(*key, False)]
+  return f'{right}/{n} ({right / n:.2f})' if n else '-'
+
+
 def table(arms: dict[str, list[str]]) -> str:
   lines = [
     '| arm | set | ' + ' | '.join(SPLITS) + ' |',
@@ -79,8 +85,7 @@ def table(arms: dict[str, list[str]]) -> str:
     for name in SETS:
       cells = []
       for split in SPLITS:
-        right, n = counts[name, split, True], counts[name, split, True] + counts[name, split, False]
-        cells.append(f'{right}/{n} ({right / n:.2f})' if n else '-')
+        cells.append(rate_cell(counts, (name, split)))
       lines.append(f'| {arm} | {name} | ' + ' | '.join(cells) + ' |')
     previous = ', '.join(
       f'{kind} {counts["previous", kind, True]}/'

@@ -22,8 +22,9 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from answer_errors import SPLITS, question_split  # noqa: E402
+from answer_errors import SPLITS, question_split, rate_cell  # noqa: E402
 
+from flmjax.configs.tiny_dual import LEAD_FRAMES  # noqa: E402
 from flmjax.data import records as rec_lib  # noqa: E402
 from flmjax.data.grid import LossWeights  # noqa: E402
 from flmjax.data.pipeline import SourceSpec, record_grid  # noqa: E402
@@ -32,15 +33,18 @@ from flmjax.decode.session import load_model  # noqa: E402
 ANSWER_TOKENS = 3  # "it is N": a shorter answer was cut by a barge-in and has no number
 
 
-def run_counts(run_dir: str, split: str, limit: int) -> collections.Counter:
-  """(split kind, right) -> answers of one run on one prepared split."""
-  model = load_model(run_dir)
+def text_head(model):
+  """The model's whole-sequence text logits, compiled once per sequence length."""
+  return jax.jit(lambda text, speak, listen: model(text, speak, listen).text_logits)
+
+
+def run_counts(run_dir: str, model, text_logits, split: str, limit: int) -> collections.Counter:
+  """(split kind, right) -> answers of one run's model on one of its prepared splits."""
   cfg = model.cfg
   prepared = os.path.join(run_dir, 'corpus', 'prepared', split)
   with open(os.path.join(run_dir, 'corpus', 'raw', f'{split}.jsonl')) as f:
     segments = {c['id']: c['segments'] for c in map(json.loads, f)}
-  spec = SourceSpec(prepared, layout='lead', offset_frames=2)
-  text_logits = jax.jit(lambda t, s, l: model(t, s, l).text_logits)
+  spec = SourceSpec(prepared, layout='lead', offset_frames=LEAD_FRAMES)
   counts = collections.Counter()
   for record in rec_lib.read_all(prepared)[:limit]:
     grid = record_grid(cfg, record, spec, 'lead', LossWeights())
@@ -68,12 +72,11 @@ def main(argv: list[str]) -> int:
   print('| run | split | ' + ' | '.join(SPLITS) + ' |')
   print('|---|---|' + '---|' * len(SPLITS))
   for run in args.runs:
+    model = load_model(run)  # once a run: its splits share the model and the compiled forward
+    text_logits = text_head(model)
     for split in args.splits.split(','):
-      counts = run_counts(run, split, args.limit)
-      cells = []
-      for kind in SPLITS:
-        right, n = counts[kind, True], counts[kind, True] + counts[kind, False]
-        cells.append(f'{right}/{n} ({right / n:.2f})' if n else '-')
+      counts = run_counts(run, model, text_logits, split, args.limit)
+      cells = [rate_cell(counts, (kind,)) for kind in SPLITS]
       print(f'| {os.path.basename(run.rstrip("/"))} | {split} | ' + ' | '.join(cells) + ' |')
   return 0
 
