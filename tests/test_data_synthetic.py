@@ -279,6 +279,8 @@ def test_timing_ranges_shape_the_held_out_sets(corpus):
   )
   with pytest.raises(ValueError, match='pause_frames'):
     synthetic.Timing(pause_frames=(5, 3))
+  with pytest.raises(ValueError, match=r'split_after=\(4,\): a question has 4 words'):
+    synthetic.Timing(split_after=(4,))
 
 
 def test_corpus_build_is_idempotent_per_timing(tmp_path):
@@ -356,5 +358,27 @@ def test_extra_splits_leave_the_rest_of_the_corpus_byte_identical(tmp_path):
   assert segments == 2 * questions  # every question is split by a pause
   questions, segments = halves(paused['duplex'])
   assert questions < segments < 2 * questions  # the training default splits some of them
+  # issue 29, arm 15: the number comes a pause after 'after'/'before' in every question
+  direction = synthetic.generate(
+    str(tmp_path / 'direction'),
+    extras={'duplex_quick_stop': 30, 'duplex_direction_pause': 30, 'duplex_more': 30},
+    **kw,
+  )
+  for name in ('duplex_quick_stop', 'duplex', 'heldout_duplex', 'tokenizer'):
+    with open(quick[name], 'rb') as a, open(direction[name], 'rb') as b:
+      assert a.read() == b.read(), name
+  pairs = 0
+  for e in entries(direction['duplex_direction_pause']):
+    user = [s for s in e.segments if s.speaker == 'user']
+    for first, rest in zip(user[::2], user[1::2]):
+      assert first.text.split()[:2] == ['what', 'comes'] and len(first.text.split()) == 3
+      assert first.text.split()[2] in ('after', 'before') and rest.text.split()[0] in N
+      assert 3 <= round((rest.start - first.end) * synthetic.FRAME_RATE) <= 15
+      pairs += 1
+  assert pairs > 60 and len(user) % 2 == 0
+  questions, segments = halves(direction['duplex_more'])  # like 'duplex': some questions split
+  assert questions < segments < 2 * questions
+  texts = lambda path: [[s.text for s in e.segments] for e in entries(path)]
+  assert texts(direction['duplex_more']) != texts(direction['duplex'])  # a generator of its own
   with pytest.raises(ValueError, match="no extra split 'tts_asr_qb'"):
     synthetic.generate(str(tmp_path / 'bad'), extras={'tts_asr_qb': 1}, **kw)

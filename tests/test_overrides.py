@@ -145,6 +145,24 @@ def test_extra_splits_are_trained_only_where_a_config_asks(tiny, tmp_path):
   for c in arms.values():
     assert c.stages[0] == h.stages[0] and c.model == h.model
     assert c.stages[1].sources == h.stages[1].sources
+  # arm 15: the default with more conversations in its duplex stage, nothing else
+  v, w = (
+    load_config(str(ROOT / 'experiments' / 'configs' / f'tiny_dual_{name}.py'), str(tmp_path))
+    for name in ('direction_pause', 'fresh5')
+  )
+  for c in (v, w):
+    assert c.stages[0] == default.stages[0] and c.model == default.model
+    assert [s.steps for s in c.stages] == [100, 1000] and peak(c) == 6e-3
+  named = lambda c: [(os.path.basename(s.path), s.layout, s.weight) for s in c.stages[1].sources]
+  assert named(v) == named(default) + [('duplex_direction_pause', 'lead', 1.0)]
+  assert dict(v.corpus.extras) == {'duplex_quick_stop': 2000, 'duplex_direction_pause': 4000}
+  assert dict(w.corpus.extras) == {'duplex_quick_stop': 10000, 'duplex_more': 16000}
+  scaled = [(n, lay, x * 5) for n, lay, x in named(default)]  # the same proportions
+  assert named(w) == [(n, lay, 1.0 if n == 'duplex' else x) for n, lay, x in scaled] + [
+    ('duplex_more', 'lead', 4.0)
+  ]
+  with pytest.raises(ValueError, match='fresh=0; give a whole multiple'):
+    recipe(str(tmp_path), fresh=0)
 
 
 @pytest.mark.parametrize(

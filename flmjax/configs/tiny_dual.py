@@ -60,6 +60,8 @@ def recipe(
   barge_in: float = 0.0,
   barge_in_split: str = 'duplex_barge_in',
   whole_turns: bool = False,
+  direction_pause: float = 0.0,
+  fresh: int = 1,
   rope_theta: float | None = None,
   num_layers: int | None = None,
 ) -> TrainConfig:
@@ -77,12 +79,24 @@ def recipe(
   'duplex_barge_in' (barge-in-rich), 'duplex_quick_stop' (the same, the model silent one frame
   after each barge-in starts) or 'duplex_paused_quick_stop' (that, with every question split by a
   pause); whole_turns: the duplex stage's conversation windows train no target before their first
-  whole user turn (SourceSpec.whole_turns); rope_theta: the tiny model's RoPE base (None: the
-  preset's 1e6, Qwen2.5's); num_layers: the tiny model's backbone layers (None: the preset's 2)."""
+  whole user turn (SourceSpec.whole_turns); direction_pause: the weight in the duplex stage of
+  4000 conversations with every question split by a pause right after its 'after' or 'before'
+  ('duplex_direction_pause'; 0: none); fresh: the duplex stage draws from `fresh` times as many
+  conversations of each kind, in the same proportions ('duplex_more' holds the added ones like
+  'duplex'), so that it sees each about 4.7 / fresh times at 1000 steps; rope_theta: the tiny
+  model's RoPE base (None: the preset's 1e6, Qwen2.5's); num_layers: the tiny model's backbone
+  layers (None: the preset's 2)."""
   if no_trail:
     layouts = ('lead',)
   # Built when training starts (run_dir/corpus), not here: loading a config has no side effects.
-  extras = (('tts_asr_qa', 1000),) * (qa > 0) + ((barge_in_split, 2000),) * (barge_in > 0)
+  if fresh < 1:
+    raise ValueError(f'tiny_dual.recipe: fresh={fresh}; give a whole multiple of the corpus, >= 1')
+  extras = (
+    (('tts_asr_qa', 1000),) * (qa > 0)
+    + ((barge_in_split, 2000 * fresh),) * (barge_in > 0)
+    + (('duplex_direction_pause', 4000 * fresh),) * (direction_pause > 0)
+    + (('duplex_more', 4000 * (fresh - 1)),) * (fresh > 1)
+  )
   corpus = SyntheticCorpus(
     os.path.join(run_dir, 'corpus'), num_tts_asr=2000, num_duplex=4000, extras=extras
   )
@@ -96,7 +110,7 @@ def recipe(
     lead_frames=LEAD_FRAMES,
     trail_frames=TRAIL_FRAMES,
     layouts=layouts,
-    mix=mix,
+    mix=mix * fresh,  # weights are relative: every source but 'duplex' grows with `fresh`
   )
   if duplex_text_weight != 1.0:
     base = LossWeights()
@@ -109,13 +123,17 @@ def recipe(
     single, monologues = corpus.split('tts_asr'), corpus.split('tts_asr_qa')
     again = lambda src: dataclasses.replace(src, path=monologues, weight=src.weight * qa)
     stages = tuple(add(s, [again(src) for src in s.sources if src.path == single]) for s in stages)
-  if barge_in > 0:
-    conversations = SourceSpec(
-      corpus.split(barge_in_split), layout='lead', offset_frames=LEAD_FRAMES, weight=barge_in
-    )
-    stages = (stages[0], add(stages[1], [conversations]))
+  talk = lambda split, weight: SourceSpec(
+    corpus.split(split), layout='lead', offset_frames=LEAD_FRAMES, weight=weight
+  )
+  more = {  # split -> weight beside 'duplex''s 1.0
+    barge_in_split: barge_in * fresh,
+    'duplex_direction_pause': direction_pause * fresh,
+    'duplex_more': fresh - 1.0,
+  }
+  stages = (stages[0], add(stages[1], [talk(k, w) for k, w in more.items() if w > 0]))
   if whole_turns:
-    talks = {corpus.split('duplex'), corpus.split(barge_in_split)}
+    talks = {corpus.split(name) for name in corpus.splits if name.startswith('duplex')}
     turns = lambda src: dataclasses.replace(src, whole_turns=True) if src.path in talks else src
     stages = (
       stages[0],

@@ -28,6 +28,7 @@ from flmjax.config import ModelConfig
 from flmjax.data.events import events_from_segments
 from flmjax.data.timing import (
   BARGE_IN_RICH,
+  DIRECTION_PAUSE,
   HELDOUT_VARIANTS,
   PAUSED_QUICK_STOP,
   QUICK_STOP,
@@ -228,7 +229,10 @@ def duplex_sample(
     q, a = question_answer(rng, answer_style)
     barge_in = answer is not None and rng.random() < timing.barge_in_p
     words = q.split()
-    split = int(rng.integers(1, len(words))) if rng.random() < timing.pause_p else len(words)
+    split = len(words)
+    if rng.random() < timing.pause_p:
+      points = timing.split_after
+      split = int(points[rng.integers(len(points))] if points else rng.integers(1, len(words)))
     first, rest = ' '.join(words[:split]), ' '.join(words[split:])
     if barge_in:
       start = round(track.segments[answer]['start'] * FRAME_RATE)
@@ -266,6 +270,13 @@ EXTRA_SPLITS = {
     functools.partial(duplex_sample, timing=PAUSED_QUICK_STOP),
     2904,
   ),
+  'duplex_direction_pause': (
+    'duplex',
+    functools.partial(duplex_sample, timing=DIRECTION_PAUSE),
+    2905,
+  ),
+  # more conversations like the 'duplex' split's, from a generator of their own
+  'duplex_more': ('duplex', functools.partial(duplex_sample, timing=TRAINING), 2906),
 }
 
 

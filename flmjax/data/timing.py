@@ -15,7 +15,9 @@ class Timing:
   the word's own 1-2 frames, drawn once per conversation; answer_gap: the user's turn end to the
   model's answer; cut_frames: how long the model keeps speaking after a barge-in starts;
   after_answer: silence after an answer; pause_p, barge_in_p: how often a question is split by a
-  pause, and (from the second question on) cuts the previous answer short, drawn independently.
+  pause, and (from the second question on) cuts the previous answer short, drawn independently;
+  split_after: the words a splitting pause may follow, drawn uniformly (a question has 4 words: 3
+  puts the pause between 'after'/'before' and the number); () draws any of 1-3.
   """
 
   pause_frames: tuple[int, int] = (3, 15)
@@ -25,6 +27,7 @@ class Timing:
   after_answer: tuple[int, int] = (2, 5)
   pause_p: float = 0.25
   barge_in_p: float = 0.25
+  split_after: tuple[int, ...] = ()
 
   def __post_init__(self):
     for name in ('pause_frames', 'rate', 'answer_gap', 'cut_frames', 'after_answer'):
@@ -34,6 +37,10 @@ class Timing:
     for name in ('pause_p', 'barge_in_p'):
       if not 0 <= getattr(self, name) <= 1:
         raise ValueError(f'Timing.{name}={getattr(self, name)}: need a probability in [0, 1]')
+    if not all(0 < w < 4 for w in self.split_after):
+      raise ValueError(
+        f'Timing.split_after={self.split_after}: a question has 4 words; give words 1, 2 or 3'
+      )
 
   def frames(self, rng, name: str) -> int:
     low, high = getattr(self, name)
@@ -55,6 +62,9 @@ QUICK_STOP = dataclasses.replace(BARGE_IN_RICH, cut_frames=(1, 1))
 # The same again, every question split by a pause: a question's number then often comes a pause
 # after its 'after' or 'before', the case that held-out answers miss (issue 29, arm 10).
 PAUSED_QUICK_STOP = dataclasses.replace(QUICK_STOP, pause_p=1.0)
+# Every question split by a pause right after its 'after' or 'before', so that its number comes a
+# pause later (issue 29, arm 15).
+DIRECTION_PAUSE = dataclasses.replace(TRAINING, pause_p=1.0, split_after=(3,))
 # The held-out variants: name -> (timing, generator seed offset). 'heldout_other' is never tuned
 # on: another seed and other settings (experiments/RESULTS.md, issue 29's design).
 HELDOUT_VARIANTS = {
