@@ -161,6 +161,18 @@ def test_extra_splits_are_trained_only_where_a_config_asks(tiny, tmp_path):
   assert named(w) == [(n, lay, 1.0 if n == 'duplex' else x) for n, lay, x in scaled] + [
     ('duplex_more', 'lead', 4.0)
   ]
+  # arm 16: V with 1150 duplex steps (x) or a duplex peak lr of 8e-3 (y), nothing else
+  x, y = (
+    load_config(
+      str(ROOT / 'experiments' / 'configs' / f'tiny_dual_direction_pause_{n}.py'), str(tmp_path)
+    )
+    for n in ('d1150', 'lr8e3')
+  )
+  assert x.stages[1].steps == 1150 and peak(x) == 6e-3 and y.stages[1].steps == 1000
+  assert peak(y) == 8e-3 and x.corpus.extras == y.corpus.extras == v.corpus.extras
+  for c in (x, y):
+    assert c.stages[0] == v.stages[0] and c.model == v.model
+    assert c.stages[1].sources == v.stages[1].sources
   with pytest.raises(ValueError, match='fresh=0; give a whole multiple'):
     recipe(str(tmp_path), fresh=0)
 
