@@ -8,6 +8,7 @@ import draccus
 import pytest
 from probe import error_line, run
 
+from flmjax.configs import tiny_dual
 from flmjax.configs.tiny_dual import recipe
 from flmjax.data.corpus import SPLITS, SyntheticCorpus
 from flmjax.data.grid import LossWeights
@@ -87,14 +88,17 @@ def sources(tc: TrainConfig) -> list[dict[str, float]]:
 
 
 def test_extra_splits_are_trained_only_where_a_config_asks(tiny, tmp_path):
-  """The default (issue 29's arm 8) trains the quick-stop conversations in the duplex stage
-  only; the recipe without them trains no extra split; arm 7's G trains the question-and-answer
-  monologues in both stages and the barge-in-rich conversations in the duplex stage."""
-  assert dict(tiny.corpus.extras) == {'duplex_quick_stop': 2000}
+  """The default (issue 29's arm 16) trains the quick-stop and direction-pause conversations in
+  the duplex stage only; the recipe without them trains no extra split; arm 7's G trains the
+  question-and-answer monologues in both stages and the barge-in-rich conversations in the
+  duplex stage."""
+  assert dict(tiny.corpus.extras) == {'duplex_quick_stop': 2000, 'duplex_direction_pause': 4000}
   assert 'duplex_quick_stop/lead' not in sources(tiny)[0]
+  assert 'duplex_direction_pause/lead' not in sources(tiny)[0]
   assert sources(tiny)[1]['duplex_quick_stop/lead'] == 0.5
+  assert sources(tiny)[1]['duplex_direction_pause/lead'] == 1.0
   assert [s.steps for s in tiny.stages] == [100, 1000] and tiny.stages[0].window == 32
-  assert [s.peak_lr for s in tiny.stages] == [3e-3, 6e-3]
+  assert [s.peak_lr for s in tiny.stages] == [3e-3, 8e-3]
   plain = recipe(str(tmp_path / 'plain'))
   assert plain.corpus.extras == () and plain.corpus.splits == SPLITS
   assert [s.steps for s in plain.stages] == [100, 650] and plain.stages[0].window is None
@@ -123,9 +127,8 @@ def test_extra_splits_are_trained_only_where_a_config_asks(tiny, tmp_path):
   default = load_config_file('tiny_dual', str(tmp_path))
   h = load_config(
     str(ROOT / 'experiments' / 'configs' / 'tiny_dual_s1w32_d900_quick.py'), str(tmp_path)
-  )  # arm 8's H, the control of arms 9-14: the default but for the duplex stage's steps and lr
+  )  # arm 8's H, the control of arms 9-14
   assert h.model == default.model and h.stages[0] == default.stages[0]
-  assert h.stages[1].sources == default.stages[1].sources
   assert n.replace(model=h.model) == h  # the RoPE base is all that differs
   p = load_config(str(ROOT / 'experiments' / 'configs' / 'tiny_dual_layers3.py'), str(tmp_path))
   assert p.model == h.model.replace(num_layers=3) and p.replace(model=h.model) == h
@@ -141,23 +144,24 @@ def test_extra_splits_are_trained_only_where_a_config_asks(tiny, tmp_path):
   assert (peak(h), peak(arms['d1150']), peak(arms['lr6e3'])) == (4e-3, 4e-3, 6e-3)
   assert peak(arms['d1150_lr6e3']) == peak(arms['d1000_lr6e3']) == 6e-3
   assert [s.steps for s in arms['d1000_lr6e3'].stages] == [100, 1000]  # arm 14's U
-  assert arms['d1000_lr6e3'] == default  # U is the default
+  u = arms['d1000_lr6e3']
+  assert u == recipe(str(tmp_path), **tiny_dual.ARM14)  # the control of arms 15-16
   for c in arms.values():
     assert c.stages[0] == h.stages[0] and c.model == h.model
     assert c.stages[1].sources == h.stages[1].sources
-  # arm 15: the default with more conversations in its duplex stage, nothing else
+  # arm 15: U with more conversations in its duplex stage, nothing else
   v, w = (
     load_config(str(ROOT / 'experiments' / 'configs' / f'tiny_dual_{name}.py'), str(tmp_path))
     for name in ('direction_pause', 'fresh5')
   )
   for c in (v, w):
-    assert c.stages[0] == default.stages[0] and c.model == default.model
+    assert c.stages[0] == u.stages[0] and c.model == u.model
     assert [s.steps for s in c.stages] == [100, 1000] and peak(c) == 6e-3
   named = lambda c: [(os.path.basename(s.path), s.layout, s.weight) for s in c.stages[1].sources]
-  assert named(v) == named(default) + [('duplex_direction_pause', 'lead', 1.0)]
+  assert named(v) == named(u) + [('duplex_direction_pause', 'lead', 1.0)]
   assert dict(v.corpus.extras) == {'duplex_quick_stop': 2000, 'duplex_direction_pause': 4000}
   assert dict(w.corpus.extras) == {'duplex_quick_stop': 10000, 'duplex_more': 16000}
-  scaled = [(n, lay, x * 5) for n, lay, x in named(default)]  # the same proportions
+  scaled = [(n, lay, x * 5) for n, lay, x in named(u)]  # the same proportions
   assert named(w) == [(n, lay, 1.0 if n == 'duplex' else x) for n, lay, x in scaled] + [
     ('duplex_more', 'lead', 4.0)
   ]
@@ -173,6 +177,7 @@ def test_extra_splits_are_trained_only_where_a_config_asks(tiny, tmp_path):
   for c in (x, y):
     assert c.stages[0] == v.stages[0] and c.model == v.model
     assert c.stages[1].sources == v.stages[1].sources
+  assert y == default  # Y is the default
   with pytest.raises(ValueError, match='fresh=0; give a whole multiple'):
     recipe(str(tmp_path), fresh=0)
 

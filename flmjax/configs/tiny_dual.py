@@ -9,9 +9,10 @@ enough answered questions to learn all 40 of them: with batch 16 or fewer steps 
 answers stay mostly wrong (experiments/RESULTS.md).
 
 `recipe` takes every knob; `get_config` is the default, the recipe with DEFAULT's settings
-(issue 29's arms 8 and 14 in experiments/RESULTS.md: stage 1 in 32-frame windows, 1000 duplex
-steps at peak lr 6e-3, and conversations where the model stops one frame after a barge-in mixed
-into the duplex stage).
+(issue 29's arms 8, 14, 15 and 16 in experiments/RESULTS.md: stage 1 in 32-frame windows, 1000
+duplex steps at peak lr 8e-3, and mixed into the duplex stage, conversations where the model
+stops one frame after a barge-in and conversations with every question split by a pause right
+after its direction word).
 """
 
 import dataclasses
@@ -31,10 +32,12 @@ LAYOUTS = SINGLE_SPEAKER_LAYOUTS  # single-speaker data: TTS-style (lead) and AS
 
 # Issue 29's arm 8 (H): the default from arm 8 to arm 14, and the control of arms 9-14.
 ARM8 = dict(asr_tts_window=32, steps=(100, 900), barge_in=0.5, barge_in_split='duplex_quick_stop')
-# The default's settings of `recipe`: arm 14's U, ARM8 with a longer duplex stage at a higher
-# peak learning rate. Each setting was chosen by a rule fixed before its runs
-# (experiments/RESULTS.md).
-DEFAULT = {**ARM8, 'steps': (100, 1000), 'peak_lr': (3e-3, 6e-3)}
+# Arm 14's U: the default from arm 14 to arm 16, and the control of arms 15-16.
+ARM14 = {**ARM8, 'steps': (100, 1000), 'peak_lr': (3e-3, 6e-3)}
+# The default's settings of `recipe`: arm 16's Y, U with conversations whose questions are split
+# right after their direction word, at a higher duplex peak learning rate. Each setting was
+# chosen by a rule fixed before its runs (experiments/RESULTS.md).
+DEFAULT = {**ARM14, 'direction_pause': 1.0, 'peak_lr': (3e-3, 8e-3)}
 
 
 def get_config(run_dir: str, **kw) -> TrainConfig:
