@@ -370,12 +370,13 @@ def test_extra_splits_leave_the_rest_of_the_corpus_byte_identical(tmp_path):
   pairs = 0
   for e in entries(direction['duplex_direction_pause']):
     user = [s for s in e.segments if s.speaker == 'user']
+    assert len(user) % 2 == 0  # each question in two halves
     for first, rest in zip(user[::2], user[1::2]):
       assert first.text.split()[:2] == ['what', 'comes'] and len(first.text.split()) == 3
       assert first.text.split()[2] in ('after', 'before') and rest.text.split()[0] in N
       assert 3 <= round((rest.start - first.end) * synthetic.FRAME_RATE) <= 15
       pairs += 1
-  assert pairs > 60 and len(user) % 2 == 0
+  assert pairs > 60
   questions, segments = halves(direction['duplex_more'])  # like 'duplex': some questions split
   assert questions < segments < 2 * questions
   texts = lambda path: [[s.text for s in e.segments] for e in entries(path)]
