@@ -94,12 +94,14 @@ def recipe(
   # Built when training starts (run_dir/corpus), not here: loading a config has no side effects.
   if fresh < 1:
     raise ValueError(f'tiny_dual.recipe: fresh={fresh}; give a whole multiple of the corpus, >= 1')
-  extras = (
-    (('tts_asr_qa', 1000),) * (qa > 0)
-    + ((barge_in_split, 2000 * fresh),) * (barge_in > 0)
-    + (('duplex_direction_pause', 4000 * fresh),) * (direction_pause > 0)
-    + (('duplex_more', 4000 * (fresh - 1)),) * (fresh > 1)
-  )
+  # the extra conversation splits: split -> (conversations, weight beside 'duplex''s 1.0)
+  talks = {
+    barge_in_split: (2000 * fresh, barge_in * fresh),
+    'duplex_direction_pause': (4000 * fresh, direction_pause * fresh),
+    'duplex_more': (4000 * (fresh - 1), fresh - 1.0),
+  }
+  talks = {name: n_weight for name, n_weight in talks.items() if n_weight[1] > 0}
+  extras = (('tts_asr_qa', 1000),) * (qa > 0) + tuple((name, n) for name, (n, _) in talks.items())
   corpus = SyntheticCorpus(
     os.path.join(run_dir, 'corpus'), num_tts_asr=2000, num_duplex=4000, extras=extras
   )
@@ -129,15 +131,10 @@ def recipe(
   talk = lambda split, weight: SourceSpec(
     corpus.split(split), layout='lead', offset_frames=LEAD_FRAMES, weight=weight
   )
-  more = {  # split -> weight beside 'duplex''s 1.0
-    barge_in_split: barge_in * fresh,
-    'duplex_direction_pause': direction_pause * fresh,
-    'duplex_more': fresh - 1.0,
-  }
-  stages = (stages[0], add(stages[1], [talk(k, w) for k, w in more.items() if w > 0]))
+  stages = (stages[0], add(stages[1], [talk(name, w) for name, (_, w) in talks.items()]))
   if whole_turns:
-    talks = {corpus.split(name) for name in corpus.splits if name.startswith('duplex')}
-    turns = lambda src: dataclasses.replace(src, whole_turns=True) if src.path in talks else src
+    paths = {corpus.split(name) for name in ('duplex', *talks)}
+    turns = lambda src: dataclasses.replace(src, whole_turns=True) if src.path in paths else src
     stages = (
       stages[0],
       dataclasses.replace(stages[1], sources=tuple(map(turns, stages[1].sources))),
